@@ -1,0 +1,82 @@
+//! Argument groups shared by the subcommands (DESIGN.md, "Interfaces every command keeps").
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// Where the model comes from.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// Local Hugging Face model folder (config.json, *.safetensors, tokenizer files).
+    #[arg(long)]
+    pub hf_dir: Option<PathBuf>,
+    /// Hugging Face Hub repository NAME[@REVISION] (cached by hf-hub; HF_HUB_OFFLINE=1 reads the cache only).
+    #[arg(long)]
+    pub hf_repo: Option<String>,
+}
+
+/// The process grid: in-process ranks, tensor and pipeline parallel sizes.
+#[derive(Args, Debug, Clone)]
+pub struct LayoutArgs {
+    /// Number of in-process ranks.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// Tensor ("model") parallel size.
+    #[arg(long, alias = "tensor-model-parallel-size", default_value_t = 1)]
+    pub model_parallel_size: usize,
+    /// Pipeline parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub pipe_parallel_size: usize,
+}
+
+/// A validated layout.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub world_size: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub dp: usize,
+}
+
+impl LayoutArgs {
+    pub fn layout(&self) -> Result<Layout> {
+        let (w, tp, pp) = (
+            self.world_size,
+            self.model_parallel_size,
+            self.pipe_parallel_size,
+        );
+        if w == 0 || tp == 0 || pp == 0 {
+            bail!("--world-size, --model-parallel-size and --pipe-parallel-size must be positive")
+        }
+        if w % (tp * pp) != 0 {
+            bail!("--world-size {w} is not divisible by model-parallel size {tp} x pipe-parallel size {pp}")
+        }
+        if w > 1 {
+            bail!(
+                "not supported: --world-size {w}, because this build runs a single rank; \
+                 in-process ranks arrive with the parallel runtime"
+            )
+        }
+        Ok(Layout {
+            world_size: w,
+            tp,
+            pp,
+            dp: w / (tp * pp),
+        })
+    }
+}
+
+impl Layout {
+    /// The layout fields every result echoes.
+    pub fn json(&self) -> Value {
+        json!({"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "dp": self.dp})
+    }
+}
+
+/// Prints `value` merged with the layout as the one JSON line that ends stdout.
+pub fn print_json(mut value: Value, layout: &Layout) {
+    if let (Some(obj), Value::Object(l)) = (value.as_object_mut(), layout.json()) {
+        obj.extend(l);
+    }
+    println!("{value}");
+}

@@ -1,0 +1,116 @@
+use crate::args::{print_json, LayoutArgs, ModelArgs};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use zoo::generation::{generate, SamplingConfig};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Text to continue (without it and without --sample-input-file: unconditional, from end-of-document).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// One prompt per line.
+    #[arg(long)]
+    pub sample_input_file: Option<PathBuf>,
+    /// Where to write the samples of --sample-input-file (JSON lines; default: stdout).
+    #[arg(long)]
+    pub sample_output_file: Option<PathBuf>,
+    /// Always pick the most likely token.
+    #[arg(long)]
+    pub greedy: bool,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long = "top_k", alias = "top-k", default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.0)]
+    pub top_p: f64,
+    /// Number of tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub out_seq_length: usize,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Recompute the whole sequence at each step instead of using the KV cache.
+    #[arg(long)]
+    pub no_kv_cache: bool,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let layout = a.layout.layout()?;
+    if a.prompt.is_some() && a.sample_input_file.is_some() {
+        bail!("give either --prompt or --sample-input-file, not both")
+    }
+    let device = Device::Cpu;
+    let (model, tok) = crate::models::load_gpt2(&a.model, &device)?;
+    let cfg = SamplingConfig {
+        greedy: a.greedy,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.out_seq_length,
+        seed: a.seed,
+        stop_token: tok.eod_id,
+        use_cache: !a.no_kv_cache,
+    };
+    cfg.validate()?;
+    let one = |prompt: &str| -> Result<serde_json::Value> {
+        let mut ids = tok.encode(prompt, false)?;
+        if ids.is_empty() {
+            let Some(eod) = tok.eod_id else {
+                bail!("empty prompt and the tokenizer has no end-of-document token to start from")
+            };
+            ids.push(eod);
+        }
+        let out = generate(&model, &ids, &cfg)?;
+        let text = tok.decode(&out)?;
+        Ok(json!({"prompt": prompt, "prompt_ids": ids, "text": text, "token_ids": out}))
+    };
+    if let Some(path) = &a.sample_input_file {
+        let input = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --sample-input-file {}", path.display()))?;
+        let mut lines = Vec::new();
+        for (i, prompt) in input.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            eprintln!("generate: sample {}", i + 1);
+            lines.push(one(prompt)?.to_string());
+        }
+        match &a.sample_output_file {
+            Some(out) => {
+                let mut f = std::fs::File::create(out).with_context(|| {
+                    format!("cannot create --sample-output-file {}", out.display())
+                })?;
+                for l in &lines {
+                    writeln!(f, "{l}").with_context(|| format!("writing {}", out.display()))?;
+                }
+            }
+            None => lines.iter().for_each(|l| println!("{l}")),
+        }
+        if a.json {
+            let out = a
+                .sample_output_file
+                .as_ref()
+                .map(|p| p.display().to_string());
+            print_json(json!({"samples": lines.len(), "output": out}), &layout);
+        }
+        return Ok(());
+    }
+    let result = one(a.prompt.as_deref().unwrap_or(""))?;
+    if a.json {
+        print_json(result, &layout);
+    } else {
+        println!(
+            "{}{}",
+            a.prompt.as_deref().unwrap_or(""),
+            result["text"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! DeepSpeed-class parallel training for candle models.
+//!
+//! A model is presented to the engine as an ordered list of [`module::Layer`]s whose parameters carry
+//! rank-aware metadata ([`parameter::ParamMeta`]); the engine, not the model, drives forward and
+//! backward layer by layer. That single loop is where pipeline stages cut the list, ZeRO gathers and
+//! releases parameters, and gradients are reduced as each layer's backward ends.
+pub mod cross_entropy;
+pub mod init;
+pub mod module;
+pub mod nn;
+pub mod parameter;
+pub mod random;
+
+pub use module::{Activations, ForwardCtx, Layer};
+pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition};

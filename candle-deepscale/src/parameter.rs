@@ -1,0 +1,156 @@
+//! Rank-aware parameters: every trainable tensor carries its logical (unsharded) identity.
+//!
+//! Checkpoint consolidation, universal reshape, grad-norm clipping and ZeRO's flat buffers read this
+//! metadata; nothing downstream guesses from names.
+use candle_core::{DType, Device, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// How a logical parameter is split over the tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Partition {
+    /// Every tensor-parallel rank holds the whole tensor.
+    Replicated,
+    /// Split along `dim` into contiguous blocks of `stride` interleaved pieces (Megatron's
+    /// `partition_dim` / `partition_stride`; stride 1 is a plain contiguous split).
+    Split { dim: usize, stride: usize },
+}
+
+/// Logical description of one parameter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamMeta {
+    /// Logical name, e.g. `layers.3.attention.query_key_value.weight`.
+    pub name: String,
+    /// Logical (unsharded) shape.
+    pub shape: Vec<usize>,
+    pub partition: Partition,
+    /// Parameters shared between layers (the word embedding used as input and as logits) name the
+    /// same tie group; their gradients are summed and they count once.
+    pub tie_group: Option<String>,
+    /// Megatron puts biases and LayerNorm weights in a group without weight decay.
+    pub weight_decay: bool,
+    /// Rows of dim 0 that are real (vocabulary padding excluded); `None` when all are real.
+    pub real_rows: Option<usize>,
+}
+
+impl ParamMeta {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A trainable tensor with its metadata.
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub var: Var,
+    pub meta: ParamMeta,
+}
+
+impl Param {
+    pub fn tensor(&self) -> &Tensor {
+        self.var.as_tensor()
+    }
+}
+
+/// How a parameter is initialised when no checkpoint provides it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Normal { std: f64 },
+    Zeros,
+    Ones,
+}
+
+/// Provides the local tensor of a logical parameter: random initialisation, a checkpoint, ...
+///
+/// A source returns the tensor this rank holds, so tensor-parallel slicing and ZeRO-3 partitioning
+/// happen here, below the model code.
+pub trait ParamSource: Send + Sync {
+    fn tensor(&self, meta: &ParamMeta, init: Init, device: &Device, dtype: DType)
+        -> Result<Tensor>;
+}
+
+/// Builds a model's parameters under a name prefix (like candle's `VarBuilder`), collecting the
+/// metadata as it goes.
+#[derive(Clone)]
+pub struct ParamBuilder<'a> {
+    source: &'a dyn ParamSource,
+    prefix: String,
+    device: Device,
+    dtype: DType,
+}
+
+/// Options of one parameter beyond its name, shape and init.
+#[derive(Debug, Clone, Default)]
+pub struct ParamOpts {
+    pub partition: Option<Partition>,
+    pub tie_group: Option<String>,
+    pub no_weight_decay: bool,
+    pub real_rows: Option<usize>,
+}
+
+impl<'a> ParamBuilder<'a> {
+    pub fn new(source: &'a dyn ParamSource, device: &Device, dtype: DType) -> Self {
+        Self {
+            source,
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// A builder whose names are prefixed by `name.`.
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        let mut b = self.clone();
+        b.prefix = self.full_name(name.as_ref());
+        b
+    }
+
+    pub fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn get(&self, shape: &[usize], name: &str, init: Init, opts: ParamOpts) -> Result<Param> {
+        let meta = ParamMeta {
+            name: self.full_name(name),
+            shape: shape.to_vec(),
+            partition: opts.partition.unwrap_or(Partition::Replicated),
+            tie_group: opts.tie_group,
+            weight_decay: !opts.no_weight_decay,
+            real_rows: opts.real_rows,
+        };
+        let t = self.source.tensor(&meta, init, &self.device, self.dtype)?;
+        let var = Var::from_tensor(&t)?;
+        Ok(Param { var, meta })
+    }
+}
+
+/// Random initialisation from the counter-based generator in [`crate::random`], keyed by the
+/// parameter's logical name: the same seed gives the same weights whatever the layout.
+pub struct RandomInit {
+    pub seed: u64,
+}
+
+impl ParamSource for RandomInit {
+    fn tensor(
+        &self,
+        meta: &ParamMeta,
+        init: Init,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        crate::init::full_init(meta, init, self.seed)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    }
+}

@@ -1,0 +1,134 @@
+use candle_core::{bail, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// BERT hyper-parameters under Hugging Face's names (Megatron's `num_layers` etc. as aliases), plus
+/// the arrangement and which heads exist.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    #[serde(alias = "num_layers")]
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(alias = "ffn_hidden_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout", alias = "hidden_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout", alias = "attention_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps", alias = "layernorm_epsilon")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_std", alias = "init_method_std")]
+    pub initializer_range: f64,
+    /// Megatron v1.1.5 arrangement: LayerNorm before attention/MLP and a final LayerNorm.
+    #[serde(default)]
+    pub pre_layer_norm: bool,
+    #[serde(default = "default_divisible")]
+    pub make_vocab_size_divisible_by: usize,
+    #[serde(default = "yes")]
+    pub add_pooler: bool,
+    #[serde(default = "yes")]
+    pub add_lm_head: bool,
+    #[serde(default = "yes")]
+    pub add_binary_head: bool,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_std() -> f64 {
+    0.02
+}
+fn default_divisible() -> usize {
+    128
+}
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// BERT-base-like defaults for everything but the shape (post-LayerNorm, all heads).
+    pub fn new(layers: usize, hidden: usize, heads: usize, vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: 4 * hidden,
+            hidden_act: default_act(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            initializer_range: 0.02,
+            pre_layer_norm: false,
+            make_vocab_size_divisible_by: 128,
+            add_pooler: true,
+            add_lm_head: true,
+            add_binary_head: true,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn padded_vocab_size(&self, tp: usize) -> usize {
+        let m = self.make_vocab_size_divisible_by.max(1) * tp.max(1);
+        self.vocab_size.div_ceil(m) * m
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            )
+        }
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            bail!(
+                "hidden_act `{}` is not supported (gelu, gelu_new, relu)",
+                self.hidden_act
+            )
+        }
+        if self.add_binary_head && !self.add_pooler {
+            bail!("the binary (next-sentence) head needs the pooler")
+        }
+        Ok(())
+    }
+
+    /// Reads an HF BERT `config.json` (unknown HF keys are ignored; ours keep their defaults).
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
+            Error::Msg(format!(
+                "{}: not a valid BERT config.json: {e}",
+                path.display()
+            ))
+        })?;
+        cfg.validate()
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+}

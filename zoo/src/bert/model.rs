@@ -1,0 +1,506 @@
+use super::Config;
+use candle_core::{DType, Result, Tensor, D};
+use candle_deepscale::module::{Activations, ForwardCtx, Layer};
+use candle_deepscale::nn::{self, Embedding, LayerNorm, Linear};
+use candle_deepscale::parameter::{Init, Param, ParamBuilder, ParamOpts};
+
+fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
+    match act {
+        "gelu" => x.gelu_erf(),
+        "relu" => x.relu(),
+        _ => x.gelu(),
+    }
+}
+
+/// Word, position and token-type embeddings (+ LayerNorm in the post-LN arrangement).
+///
+/// Input: `hidden` = token ids `[b, s]`, `aux` = `[token_type_ids [b, s], attention_mask [b, s]]`
+/// (both optional; mask 1 = attend). Output: hidden `[b, s, h]`, `aux[0]` = additive attention bias
+/// `[b, 1, 1, s]`.
+#[derive(Clone, Debug)]
+pub struct BertEmbedding {
+    pub word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    tokentype_embeddings: Option<Embedding>,
+    layernorm: Option<LayerNorm>,
+    dropout: f64,
+}
+
+impl BertEmbedding {
+    fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
+        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
+        let word_embeddings = Embedding::new(
+            &pb.pp("word_embeddings"),
+            cfg.padded_vocab_size(1),
+            h,
+            std,
+            ParamOpts {
+                tie_group: Some("word_embeddings".into()),
+                real_rows: Some(cfg.vocab_size),
+                ..Default::default()
+            },
+        )?;
+        let position_embeddings = Embedding::new(
+            &pb.pp("position_embeddings"),
+            cfg.max_position_embeddings,
+            h,
+            std,
+            ParamOpts::default(),
+        )?;
+        let tokentype_embeddings = if cfg.type_vocab_size > 0 {
+            Some(Embedding::new(
+                &pb.pp("tokentype_embeddings"),
+                cfg.type_vocab_size,
+                h,
+                std,
+                ParamOpts::default(),
+            )?)
+        } else {
+            None
+        };
+        let layernorm = if cfg.pre_layer_norm {
+            None
+        } else {
+            Some(LayerNorm::new(&pb.pp("layernorm"), h, cfg.layer_norm_eps)?)
+        };
+        Ok(Self {
+            word_embeddings,
+            position_embeddings,
+            tokentype_embeddings,
+            layernorm,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+}
+
+impl Layer for BertEmbedding {
+    fn name(&self) -> String {
+        "embedding".into()
+    }
+
+    fn parameters(&self) -> Vec<&Param> {
+        let mut v = vec![
+            &self.word_embeddings.weight,
+            &self.position_embeddings.weight,
+        ];
+        v.extend(self.tokentype_embeddings.as_ref().map(|e| &e.weight));
+        if let Some(ln) = &self.layernorm {
+            v.extend(ln.parameters());
+        }
+        v
+    }
+
+    fn forward(&self, x: &Activations, ctx: &ForwardCtx) -> Result<Activations> {
+        let ids = &x.hidden;
+        let (b, s) = ids.dims2()?;
+        let max_pos = self.position_embeddings.weight.meta.shape[0];
+        if s > max_pos {
+            candle_core::bail!("sequence of {s} tokens exceeds max_position_embeddings {max_pos}")
+        }
+        let pos = Tensor::arange(0u32, s as u32, ids.device())?;
+        let mut e = self
+            .word_embeddings
+            .forward(ids)?
+            .broadcast_add(&self.position_embeddings.forward(&pos)?)?;
+        if let Some(tt) = &self.tokentype_embeddings {
+            let types = match x.aux.first() {
+                Some(t) => t.clone(),
+                None => Tensor::zeros((b, s), DType::U32, ids.device())?,
+            };
+            e = (e + tt.forward(&types)?)?;
+        }
+        if let Some(ln) = &self.layernorm {
+            e = ln.forward(&e)?;
+        }
+        let e = nn::dropout(&e, self.dropout, ctx, ctx.site_key("embedding"))?;
+        let mask = match x.aux.get(1) {
+            Some(m) => m.to_dtype(DType::F32)?,
+            None => Tensor::ones((b, s), DType::F32, ids.device())?,
+        };
+        // (1 - mask) * most-negative, as HF does: masked keys get zero attention weight.
+        let bias = ((mask.affine(-1.0, 1.0)? * f32::MIN as f64)?).reshape((b, 1, 1, s))?;
+        let bias = bias.to_dtype(e.dtype())?;
+        Ok(Activations::with_aux(e, vec![bias]))
+    }
+}
+
+/// One transformer block, post- or pre-LayerNorm.
+#[derive(Clone, Debug)]
+pub struct BertLayer {
+    index: usize,
+    pre_layer_norm: bool,
+    /// Pre-LN only: before attention.
+    input_layernorm: Option<LayerNorm>,
+    query_key_value: Linear,
+    dense: Linear,
+    /// Post-LN: after the attention residual; pre-LN: before the MLP.
+    post_attention_layernorm: LayerNorm,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+    /// Post-LN only: after the MLP residual.
+    output_layernorm: Option<LayerNorm>,
+    heads: usize,
+    head_dim: usize,
+    act: String,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+impl BertLayer {
+    fn new(cfg: &Config, index: usize, pb: &ParamBuilder) -> Result<Self> {
+        let (h, std, eps) = (cfg.hidden_size, cfg.initializer_range, cfg.layer_norm_eps);
+        let out_std = if cfg.pre_layer_norm {
+            std / (2.0 * cfg.num_hidden_layers as f64).sqrt()
+        } else {
+            std
+        };
+        let att = pb.pp("attention");
+        let mlp = pb.pp("mlp");
+        let pre = cfg.pre_layer_norm;
+        Ok(Self {
+            index,
+            pre_layer_norm: pre,
+            input_layernorm: if pre {
+                Some(LayerNorm::new(&pb.pp("input_layernorm"), h, eps)?)
+            } else {
+                None
+            },
+            query_key_value: Linear::new(&att.pp("query_key_value"), h, 3 * h, true, std)?,
+            dense: Linear::new(&att.pp("dense"), h, h, true, out_std)?,
+            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
+            dense_h_to_4h: Linear::new(
+                &mlp.pp("dense_h_to_4h"),
+                h,
+                cfg.intermediate_size,
+                true,
+                std,
+            )?,
+            dense_4h_to_h: Linear::new(
+                &mlp.pp("dense_4h_to_h"),
+                cfg.intermediate_size,
+                h,
+                true,
+                out_std,
+            )?,
+            output_layernorm: if pre {
+                None
+            } else {
+                Some(LayerNorm::new(&pb.pp("output_layernorm"), h, eps)?)
+            },
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            act: cfg.hidden_act.clone(),
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    fn site(&self, what: &str) -> String {
+        format!("layers.{}.{what}", self.index)
+    }
+
+    fn attention(&self, x: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, hd) = (self.heads, self.head_dim);
+        let qkv = self
+            .query_key_value
+            .forward(x)?
+            .reshape((b, s, nh, 3, hd))?;
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(3, i, 1)?
+                .squeeze(3)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let probs = nn::softmax_last_dim(&scores)?;
+        let probs = nn::dropout(
+            &probs,
+            self.attention_dropout,
+            ctx,
+            ctx.tp_site_key(&self.site("attention")),
+        )?;
+        let y = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        self.dense.forward(&y)
+    }
+
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.dense_4h_to_h
+            .forward(&activation(&self.dense_h_to_4h.forward(x)?, &self.act)?)
+    }
+
+    fn parameters_list(&self) -> Vec<&Param> {
+        let mut v = Vec::new();
+        if let Some(ln) = &self.input_layernorm {
+            v.extend(ln.parameters());
+        }
+        v.extend(self.query_key_value.parameters());
+        v.extend(self.dense.parameters());
+        v.extend(self.post_attention_layernorm.parameters());
+        v.extend(self.dense_h_to_4h.parameters());
+        v.extend(self.dense_4h_to_h.parameters());
+        if let Some(ln) = &self.output_layernorm {
+            v.extend(ln.parameters());
+        }
+        v
+    }
+}
+
+impl Layer for BertLayer {
+    fn name(&self) -> String {
+        format!("layers.{}", self.index)
+    }
+
+    fn parameters(&self) -> Vec<&Param> {
+        self.parameters_list()
+    }
+
+    fn forward(&self, x: &Activations, ctx: &ForwardCtx) -> Result<Activations> {
+        let bias = x.aux.first().ok_or_else(|| {
+            candle_core::Error::Msg("BERT layer input lacks the attention bias".into())
+        })?;
+        let h = &x.hidden;
+        let drop = |t: &Tensor, what: &str| {
+            nn::dropout(t, self.hidden_dropout, ctx, ctx.site_key(&self.site(what)))
+        };
+        let out = if self.pre_layer_norm {
+            let ln_in = self
+                .input_layernorm
+                .as_ref()
+                .expect("pre-LN layer has input_layernorm");
+            let h = (h + drop(&self.attention(&ln_in.forward(h)?, bias, ctx)?, "attn_out")?)?;
+            let m = self.mlp(&self.post_attention_layernorm.forward(&h)?)?;
+            (h + drop(&m, "mlp_out")?)?
+        } else {
+            let ln_out = self
+                .output_layernorm
+                .as_ref()
+                .expect("post-LN layer has output_layernorm");
+            let a = drop(&self.attention(h, bias, ctx)?, "attn_out")?;
+            let h = self.post_attention_layernorm.forward(&(h + a)?)?;
+            let m = drop(&self.mlp(&h)?, "mlp_out")?;
+            ln_out.forward(&(h + m)?)?
+        };
+        Ok(Activations::with_aux(out, x.aux.clone()))
+    }
+}
+
+/// What the head produces: the (final-normed) sequence output, the pooled [CLS] vector, masked-LM
+/// logits over the padded vocabulary and next-sentence logits, as configured.
+#[derive(Debug, Clone)]
+pub struct BertOutput {
+    pub sequence_output: Tensor,
+    pub pooled_output: Option<Tensor>,
+    pub lm_logits: Option<Tensor>,
+    pub binary_logits: Option<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+struct LmHead {
+    dense: Linear,
+    layernorm: LayerNorm,
+    bias: Param,
+}
+
+/// Final LayerNorm (pre-LN), pooler, masked-LM head and binary head.
+#[derive(Clone, Debug)]
+pub struct BertHead {
+    final_layernorm: Option<LayerNorm>,
+    pooler: Option<Linear>,
+    lm_head: Option<LmHead>,
+    binary_head: Option<Linear>,
+    word_embeddings: Param,
+    act: String,
+}
+
+impl BertHead {
+    pub fn outputs(&self, x: &Tensor) -> Result<BertOutput> {
+        let seq = match &self.final_layernorm {
+            Some(ln) => ln.forward(x)?,
+            None => x.clone(),
+        };
+        let pooled = match &self.pooler {
+            Some(p) => Some(p.forward(&seq.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),
+            None => None,
+        };
+        let lm_logits = match &self.lm_head {
+            Some(h) => {
+                let t = activation(&h.dense.forward(&seq)?, &self.act)?;
+                let t = h.layernorm.forward(&t)?;
+                Some(nn::linear(
+                    &t,
+                    self.word_embeddings.tensor(),
+                    Some(h.bias.tensor()),
+                )?)
+            }
+            None => None,
+        };
+        let binary_logits = match (&self.binary_head, &pooled) {
+            (Some(b), Some(p)) => Some(b.forward(p)?),
+            _ => None,
+        };
+        Ok(BertOutput {
+            sequence_output: seq,
+            pooled_output: pooled,
+            lm_logits,
+            binary_logits,
+        })
+    }
+}
+
+impl Layer for BertHead {
+    fn name(&self) -> String {
+        "head".into()
+    }
+
+    fn parameters(&self) -> Vec<&Param> {
+        let mut v = Vec::new();
+        if let Some(ln) = &self.final_layernorm {
+            v.extend(ln.parameters());
+        }
+        if let Some(p) = &self.pooler {
+            v.extend(p.parameters());
+        }
+        if let Some(h) = &self.lm_head {
+            v.extend(h.dense.parameters());
+            v.extend(h.layernorm.parameters());
+            v.push(&h.bias);
+            v.push(&self.word_embeddings);
+        }
+        if let Some(b) = &self.binary_head {
+            v.extend(b.parameters());
+        }
+        v
+    }
+
+    /// Output: `hidden` = masked-LM logits (or the sequence output without an LM head),
+    /// `aux[0]` = next-sentence logits when the binary head exists.
+    fn forward(&self, x: &Activations, _ctx: &ForwardCtx) -> Result<Activations> {
+        let o = self.outputs(&x.hidden)?;
+        let hidden = o.lm_logits.unwrap_or(o.sequence_output);
+        Ok(Activations::with_aux(
+            hidden,
+            o.binary_logits.into_iter().collect(),
+        ))
+    }
+}
+
+/// Megatron BERT as an ordered list of layers: embedding, blocks, head.
+#[derive(Clone, Debug)]
+pub struct Bert {
+    pub config: Config,
+    pub embedding: BertEmbedding,
+    pub layers: Vec<BertLayer>,
+    pub head: BertHead,
+}
+
+impl Bert {
+    pub fn new(config: &Config, pb: &ParamBuilder) -> Result<Self> {
+        config.validate()?;
+        let (h, std, eps) = (
+            config.hidden_size,
+            config.initializer_range,
+            config.layer_norm_eps,
+        );
+        let embedding = BertEmbedding::new(config, &pb.pp("embedding"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::new(config, i, &pb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layernorm = if config.pre_layer_norm {
+            Some(LayerNorm::new(&pb.pp("final_layernorm"), h, eps)?)
+        } else {
+            None
+        };
+        let pooler = if config.add_pooler {
+            Some(Linear::new(&pb.pp("pooler.dense"), h, h, true, std)?)
+        } else {
+            None
+        };
+        let lm_head = if config.add_lm_head {
+            let lp = pb.pp("lm_head");
+            Some(LmHead {
+                dense: Linear::new(&lp.pp("dense"), h, h, true, std)?,
+                layernorm: LayerNorm::new(&lp.pp("layernorm"), h, eps)?,
+                bias: lp.get(
+                    &[config.padded_vocab_size(1)],
+                    "bias",
+                    Init::Zeros,
+                    ParamOpts {
+                        no_weight_decay: true,
+                        real_rows: Some(config.vocab_size),
+                        ..Default::default()
+                    },
+                )?,
+            })
+        } else {
+            None
+        };
+        let binary_head = if config.add_binary_head {
+            Some(Linear::new(&pb.pp("binary_head"), h, 2, true, std)?)
+        } else {
+            None
+        };
+        let head = BertHead {
+            final_layernorm,
+            pooler,
+            lm_head,
+            binary_head,
+            word_embeddings: embedding.word_embeddings.weight.clone(),
+            act: config.hidden_act.clone(),
+        };
+        Ok(Self {
+            config: config.clone(),
+            embedding,
+            layers,
+            head,
+        })
+    }
+
+    pub fn layers(&self) -> Vec<&dyn Layer> {
+        let mut v: Vec<&dyn Layer> = vec![&self.embedding];
+        v.extend(self.layers.iter().map(|b| b as &dyn Layer));
+        v.push(&self.head);
+        v
+    }
+
+    pub fn parameters(&self) -> Vec<&Param> {
+        candle_deepscale::module::unique_parameters(&self.layers())
+    }
+
+    /// Runs the encoder and every configured head on `ids [b, s]`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<BertOutput> {
+        let (b, s) = ids.dims2()?;
+        let types = match token_type_ids {
+            Some(t) => t.clone(),
+            None => Tensor::zeros((b, s), DType::U32, ids.device())?,
+        };
+        let mask = match attention_mask {
+            Some(m) => m.clone(),
+            None => Tensor::ones((b, s), DType::U32, ids.device())?,
+        };
+        let mut x = self
+            .embedding
+            .forward(&Activations::with_aux(ids.clone(), vec![types, mask]), ctx)?;
+        for l in &self.layers {
+            x = l.forward(&x, ctx)?;
+        }
+        self.head.outputs(&x.hidden)
+    }
+}
+
+/// Mean of `hidden [b, s, h]` over positions where `mask [b, s]` is 1 (sentence-transformers pooling).
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    sum.broadcast_div(&m.sum(1)?.clamp(1e-9, f64::MAX)?)
+}

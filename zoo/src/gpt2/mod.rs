@@ -1,0 +1,8 @@
+//! Megatron GPT-2: pre-LayerNorm blocks, learned positions, tanh-GeLU, final LayerNorm and logits
+//! tied to the word embedding.
+mod config;
+pub mod hf;
+mod model;
+
+pub use config::Config;
+pub use model::{Block, FinalHead, Gpt2, Gpt2Embedding, KvCache};

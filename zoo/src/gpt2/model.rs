@@ -1,0 +1,372 @@
+use super::Config;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_deepscale::module::{Activations, ForwardCtx, Layer};
+use candle_deepscale::nn::{self, Embedding, LayerNorm, Linear};
+use candle_deepscale::parameter::{Param, ParamBuilder, ParamOpts};
+
+/// Word + position embeddings and embedding dropout. Input: token ids `[b, s]` (u32).
+#[derive(Clone, Debug)]
+pub struct Gpt2Embedding {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    dropout: f64,
+}
+
+impl Gpt2Embedding {
+    fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let word_embeddings = Embedding::new(
+            &pb.pp("word_embeddings"),
+            cfg.padded_vocab_size(1),
+            h,
+            cfg.init_method_std,
+            ParamOpts {
+                tie_group: Some("word_embeddings".into()),
+                real_rows: Some(cfg.vocab_size),
+                ..Default::default()
+            },
+        )?;
+        let position_embeddings = Embedding::new(
+            &pb.pp("position_embeddings"),
+            cfg.max_position_embeddings,
+            h,
+            cfg.init_method_std,
+            ParamOpts::default(),
+        )?;
+        Ok(Self {
+            word_embeddings,
+            position_embeddings,
+            dropout: cfg.hidden_dropout,
+        })
+    }
+
+    /// Embeds `ids [b, t]` at positions `offset..offset + t`.
+    pub fn embed(&self, ids: &Tensor, offset: usize, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let max_pos = self.position_embeddings.weight.meta.shape[0];
+        if offset + t > max_pos {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {max_pos}",
+                offset + t
+            )
+        }
+        let pos = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
+        let x = self
+            .word_embeddings
+            .forward(ids)?
+            .broadcast_add(&self.position_embeddings.forward(&pos)?)?;
+        nn::dropout(&x, self.dropout, ctx, ctx.site_key("embedding"))
+    }
+}
+
+impl Layer for Gpt2Embedding {
+    fn name(&self) -> String {
+        "embedding".into()
+    }
+
+    fn parameters(&self) -> Vec<&Param> {
+        vec![
+            &self.word_embeddings.weight,
+            &self.position_embeddings.weight,
+        ]
+    }
+
+    fn forward(&self, x: &Activations, ctx: &ForwardCtx) -> Result<Activations> {
+        Ok(Activations::new(self.embed(&x.hidden, 0, ctx)?))
+    }
+}
+
+/// Keys and values of every block for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Number of positions already cached.
+    pub offset: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            offset: 0,
+        }
+    }
+}
+
+/// One pre-LayerNorm transformer block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    index: usize,
+    input_layernorm: LayerNorm,
+    query_key_value: Linear,
+    dense: Linear,
+    post_attention_layernorm: LayerNorm,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+    heads: usize,
+    head_dim: usize,
+    hidden_dropout: f64,
+    attention_dropout: f64,
+}
+
+impl Block {
+    fn new(cfg: &Config, index: usize, pb: &ParamBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let std = cfg.init_method_std;
+        let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
+        let eps = cfg.layernorm_epsilon;
+        let att = pb.pp("attention");
+        let mlp = pb.pp("mlp");
+        Ok(Self {
+            index,
+            input_layernorm: LayerNorm::new(&pb.pp("input_layernorm"), h, eps)?,
+            // Output rows laid out per head as [heads, 3, head_dim] (Megatron checkpoint version 2.0),
+            // so a contiguous row split is head-aligned.
+            query_key_value: Linear::new(&att.pp("query_key_value"), h, 3 * h, true, std)?,
+            dense: Linear::new(&att.pp("dense"), h, h, true, out_std)?,
+            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
+            dense_h_to_4h: Linear::new(
+                &mlp.pp("dense_h_to_4h"),
+                h,
+                cfg.ffn_hidden_size,
+                true,
+                std,
+            )?,
+            dense_4h_to_h: Linear::new(
+                &mlp.pp("dense_4h_to_h"),
+                cfg.ffn_hidden_size,
+                h,
+                true,
+                out_std,
+            )?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            hidden_dropout: cfg.hidden_dropout,
+            attention_dropout: cfg.attention_dropout,
+        })
+    }
+
+    fn site(&self, what: &str) -> String {
+        format!("layers.{}.{what}", self.index)
+    }
+
+    /// Causal self-attention over `x [b, t, h]`, continuing `past` keys/values when given.
+    fn attention(
+        &self,
+        x: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, hd) = (self.heads, self.head_dim);
+        let qkv = self
+            .query_key_value
+            .forward(x)?
+            .reshape((b, t, nh, 3, hd))?;
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(3, i, 1)?
+                .squeeze(3)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        let offset = total - t;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores =
+            scores.broadcast_add(&causal_mask(t, total, offset, x.device(), scores.dtype())?)?;
+        let probs = nn::softmax_last_dim(&scores)?;
+        let probs = nn::dropout(
+            &probs,
+            self.attention_dropout,
+            ctx,
+            ctx.tp_site_key(&self.site("attention")),
+        )?;
+        let y = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        Ok((self.dense.forward(&y)?, (k, v)))
+    }
+
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        self.dense_4h_to_h
+            .forward(&self.dense_h_to_4h.forward(x)?.gelu()?)
+    }
+
+    /// The block on `x [b, t, h]`; with `cache`, attends to and extends the cached keys/values.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let past = cache.as_ref().and_then(|c| c.as_ref());
+        let (a, kv) = self.attention(&self.input_layernorm.forward(x)?, past, ctx)?;
+        if let Some(c) = cache {
+            *c = Some(kv);
+        }
+        let x = (x + nn::dropout(
+            &a,
+            self.hidden_dropout,
+            ctx,
+            ctx.site_key(&self.site("attn_out")),
+        )?)?;
+        let m = self.mlp(&self.post_attention_layernorm.forward(&x)?)?;
+        x + nn::dropout(
+            &m,
+            self.hidden_dropout,
+            ctx,
+            ctx.site_key(&self.site("mlp_out")),
+        )?
+    }
+}
+
+/// Additive causal mask `[t, total]`: query i (at absolute position offset + i) sees keys <= it.
+fn causal_mask(
+    t: usize,
+    total: usize,
+    offset: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(m, (t, total), dev)?.to_dtype(dtype)
+}
+
+impl Layer for Block {
+    fn name(&self) -> String {
+        format!("layers.{}", self.index)
+    }
+
+    fn parameters(&self) -> Vec<&Param> {
+        let mut v = self.input_layernorm.parameters();
+        v.extend(self.query_key_value.parameters());
+        v.extend(self.dense.parameters());
+        v.extend(self.post_attention_layernorm.parameters());
+        v.extend(self.dense_h_to_4h.parameters());
+        v.extend(self.dense_4h_to_h.parameters());
+        v
+    }
+
+    fn forward(&self, x: &Activations, ctx: &ForwardCtx) -> Result<Activations> {
+        Ok(Activations::new(self.forward_cached(&x.hidden, None, ctx)?))
+    }
+}
+
+/// Final LayerNorm and the logits through the (tied) word embedding: `[b, t, padded_vocab]`.
+#[derive(Clone, Debug)]
+pub struct FinalHead {
+    final_layernorm: LayerNorm,
+    word_embeddings: Param,
+}
+
+impl FinalHead {
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        nn::linear(
+            &self.final_layernorm.forward(x)?,
+            self.word_embeddings.tensor(),
+            None,
+        )
+    }
+}
+
+impl Layer for FinalHead {
+    fn name(&self) -> String {
+        "final".into()
+    }
+
+    fn parameters(&self) -> Vec<&Param> {
+        let mut v = self.final_layernorm.parameters();
+        v.push(&self.word_embeddings);
+        v
+    }
+
+    fn forward(&self, x: &Activations, _ctx: &ForwardCtx) -> Result<Activations> {
+        Ok(Activations::new(self.logits(&x.hidden)?))
+    }
+}
+
+/// Megatron GPT-2 as an ordered list of layers: embedding, `num_layers` blocks, final norm + head.
+#[derive(Clone, Debug)]
+pub struct Gpt2 {
+    pub config: Config,
+    pub embedding: Gpt2Embedding,
+    pub blocks: Vec<Block>,
+    pub head: FinalHead,
+}
+
+impl Gpt2 {
+    pub fn new(config: &Config, pb: &ParamBuilder) -> Result<Self> {
+        config.validate()?;
+        let embedding = Gpt2Embedding::new(config, &pb.pp("embedding"))?;
+        let blocks = (0..config.num_layers)
+            .map(|i| Block::new(config, i, &pb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let head = FinalHead {
+            final_layernorm: LayerNorm::new(
+                &pb.pp("final_layernorm"),
+                config.hidden_size,
+                config.layernorm_epsilon,
+            )?,
+            word_embeddings: embedding.word_embeddings.weight.clone(),
+        };
+        Ok(Self {
+            config: config.clone(),
+            embedding,
+            blocks,
+            head,
+        })
+    }
+
+    /// The layer-sequential view the engine drives.
+    pub fn layers(&self) -> Vec<&dyn Layer> {
+        let mut v: Vec<&dyn Layer> = vec![&self.embedding];
+        v.extend(self.blocks.iter().map(|b| b as &dyn Layer));
+        v.push(&self.head);
+        v
+    }
+
+    /// Distinct parameters (the tied word embedding once).
+    pub fn parameters(&self) -> Vec<&Param> {
+        candle_deepscale::module::unique_parameters(&self.layers())
+    }
+
+    /// Padded-vocabulary logits `[b, t, padded_vocab]` for `ids [b, t]`.
+    pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let x = candle_deepscale::module::forward_layers(
+            &self.layers(),
+            Activations::new(ids.clone()),
+            ctx,
+        )?;
+        Ok(x.hidden)
+    }
+
+    /// Incremental decoding: logits for `ids [b, t]` following the `cache.offset` cached positions.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let ctx = ForwardCtx::eval();
+        if cache.layers.len() != self.blocks.len() {
+            *cache = KvCache::new(self.blocks.len());
+        }
+        let mut x = self.embedding.embed(ids, cache.offset, &ctx)?;
+        for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = b.forward_cached(&x, Some(c), &ctx)?;
+        }
+        cache.offset += ids.dim(1)?;
+        self.head.logits(&x)
+    }
+}

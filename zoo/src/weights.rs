@@ -1,0 +1,207 @@
+//! Memory-mapped safetensors checkpoints (single file or sharded with an index), and the
+//! [`ParamSource`]s that feed a model's parameters from them.
+use candle_core::{bail, DType, Device, Error, Result, Tensor};
+use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// One or more memory-mapped safetensors files with a name -> file routing.
+pub struct SafetensorsFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    routing: HashMap<String, usize>,
+}
+
+fn open_mmap(path: &Path) -> Result<Mmap> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: the file is opened read-only; like every safetensors reader we rely on nobody
+    // truncating it while it is mapped.
+    unsafe { Mmap::map(&f) }.map_err(|e| Error::Msg(format!("cannot mmap {}: {e}", path.display())))
+}
+
+impl SafetensorsFiles {
+    /// Opens the given files and indexes their tensor names.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut routing = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let mmap = open_mmap(p)?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                Error::Msg(format!(
+                    "{} is not a valid safetensors file: {e}",
+                    p.display()
+                ))
+            })?;
+            for name in st.names() {
+                routing.insert(name.to_string(), i);
+            }
+            files.push((p.clone(), mmap));
+        }
+        Ok(Self { files, routing })
+    }
+
+    /// Opens a model folder: `model.safetensors.index.json` (sharded), else `model.safetensors`,
+    /// else every `*.safetensors` in it.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            return Self::open(&index_shards(&index)?);
+        }
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Self::open(&[single]);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::Msg(format!("cannot read model folder {}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            bail!(
+                "no weights in {}: expected model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )
+        }
+        Self::open(&found)
+    }
+
+    /// A short description of where the tensors come from, for error messages.
+    pub fn describe(&self) -> String {
+        match self.files.len() {
+            1 => self.files[0].0.display().to_string(),
+            n => format!("{} ({} shards)", self.files[0].0.display(), n),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.routing.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
+        let Some(&i) = self.routing.get(name) else {
+            bail!("tensor `{name}` not found in {}", self.describe())
+        };
+        let (path, mmap) = &self.files[i];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        Ok((view, path))
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.view(name)?.0.shape().to_vec())
+    }
+
+    /// Loads a tensor as f32 on `device`.
+    pub fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let (view, path) = self.view(name)?;
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F64 => DType::F64,
+            other => bail!(
+                "{}: tensor `{name}` has dtype {other:?}; weights must be f32, f16, bf16 or f64",
+                path.display()
+            ),
+        };
+        Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?.to_dtype(DType::F32)
+    }
+}
+
+fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| Error::Msg(format!("cannot read {}: {e}", index.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{} is not valid JSON: {e}", index.display())))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!("{}: no `weight_map` object", index.display())
+    };
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<PathBuf> = Vec::new();
+    for (k, v) in map {
+        let Some(f) = v.as_str() else {
+            bail!("{}: weight_map[`{k}`] is not a file name", index.display())
+        };
+        let p = dir.join(f);
+        if !shards.contains(&p) {
+            shards.push(p);
+        }
+    }
+    for p in &shards {
+        if !p.exists() {
+            bail!(
+                "shard {} named in {} is missing",
+                p.display(),
+                index.display()
+            )
+        }
+    }
+    shards.sort();
+    Ok(shards)
+}
+
+/// Checks a loaded tensor against the logical shape the model expects.
+pub fn check_shape(t: &Tensor, meta: &ParamMeta, key: &str, origin: &str) -> Result<()> {
+    if t.dims() != meta.shape.as_slice() {
+        bail!(
+            "{origin}: tensor `{key}` has shape {:?}, but parameter `{}` needs {:?}",
+            t.dims(),
+            meta.name,
+            meta.shape
+        )
+    }
+    Ok(())
+}
+
+/// Pads dim 0 of `t` with zero rows up to `rows` (vocabulary padding).
+pub fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let have = t.dim(0)?;
+    if have >= rows {
+        return Ok(t.clone());
+    }
+    let mut shape = t.dims().to_vec();
+    shape[0] = rows - have;
+    Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), t.device())?], 0)
+}
+
+/// Native layout: tensors stored under the parameters' logical names, full (unsharded) shapes.
+pub struct NativeSource {
+    pub files: SafetensorsFiles,
+}
+
+impl ParamSource for NativeSource {
+    fn tensor(
+        &self,
+        meta: &ParamMeta,
+        _init: Init,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let t = self.files.load_f32(&meta.name, device)?;
+        check_shape(&t, meta, &meta.name, &self.files.describe())?;
+        t.to_dtype(dtype)
+    }
+}
+
+/// Writes parameters in the native layout (logical names and shapes), one safetensors file.
+pub fn save_native(params: &[&Param], path: &Path) -> Result<()> {
+    let mut map: BTreeMap<String, Tensor> = BTreeMap::new();
+    for p in params {
+        map.insert(p.meta.name.clone(), p.tensor().to_dtype(DType::F32)?);
+    }
+    let hm: HashMap<String, Tensor> = map.into_iter().collect();
+    candle_core::safetensors::save(&hm, path)
+        .map_err(|e| Error::Msg(format!("cannot write {}: {e}", path.display())))
+}
