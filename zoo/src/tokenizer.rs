@@ -10,6 +10,7 @@ use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::bert::BertProcessing;
+use tokenizers::AddedToken;
 
 /// A text tokenizer with the id of its end-of-document token.
 #[derive(Clone)]
@@ -26,8 +27,13 @@ fn tk_err(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// From a `tokenizer.json`.
     pub fn from_json(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| tk_err("cannot load tokenizer", path, e))?;
+        // Sequences are padded, truncated and windowed by the caller, never silently here.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| tk_err("cannot configure tokenizer", path, e))?;
         let eod_id = ["<|endoftext|>", "[SEP]", "</s>"]
             .iter()
             .find_map(|t| inner.token_to_id(t));
@@ -72,6 +78,12 @@ impl Tokenizer {
             ("[CLS]".into(), cls),
         )));
         inner.with_decoder(Some(WordPieceDecoder::default()));
+        let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            .iter()
+            .filter(|t| inner.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        inner.add_special_tokens(&specials);
         Ok(Self {
             inner,
             eod_id: Some(sep),

@@ -176,6 +176,22 @@ pub fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
     Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), t.device())?], 0)
 }
 
+/// Reorders the rows of `t` from `[a, b, r]` blocks to `[b, a, r]` (QKV layouts: HF's
+/// `[3, heads, head_dim]` <-> Megatron's `[heads, 3, head_dim]`).
+pub fn swap_leading(t: &Tensor, a: usize, b: usize) -> Result<Tensor> {
+    let full = t.dims().to_vec();
+    let rows = full[0];
+    if rows % (a * b) != 0 {
+        bail!("cannot split {rows} rows into {a} x {b} blocks")
+    }
+    let mut shape = vec![a, b, rows / (a * b)];
+    shape.extend_from_slice(&full[1..]);
+    t.reshape(shape)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape(full)
+}
+
 /// Native layout: tensors stored under the parameters' logical names, full (unsharded) shapes.
 pub struct NativeSource {
     pub files: SafetensorsFiles,

@@ -3,7 +3,7 @@
 //! HF keeps query/key/value as three Linear layers (fused here per head as `[heads, 3, head_dim]`),
 //! encoder keys with or without the `bert.` prefix, and the pre-training heads under `cls.`.
 use super::Config;
-use crate::weights::{check_shape, pad_rows, SafetensorsFiles};
+use crate::weights::{check_shape, pad_rows, swap_leading, SafetensorsFiles};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource};
 
@@ -58,16 +58,6 @@ fn hf_key(native: &str) -> Option<Key> {
         _ => return None,
     };
     Some(Key::Plain(format!("{l}.{hf}.{wb}")))
-}
-
-fn swap_leading(t: &Tensor, a: usize, b: usize) -> Result<Tensor> {
-    let mut shape = vec![a, b];
-    shape.extend_from_slice(&t.dims()[1..]);
-    let full = t.dims().to_vec();
-    t.reshape(shape)?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape(full)
 }
 
 /// Feeds native BERT parameters from an HF checkpoint.

@@ -4,7 +4,7 @@
 //! keys with or without the `transformer.` prefix, `lm_head` tied or omitted, and `attn.bias` /
 //! `attn.masked_bias` buffers that are not parameters.
 use super::Config;
-use crate::weights::{check_shape, pad_rows, SafetensorsFiles};
+use crate::weights::{check_shape, pad_rows, swap_leading, SafetensorsFiles};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource};
 
@@ -56,15 +56,6 @@ fn hf_key(native: &str) -> Option<(String, Transform)> {
 }
 
 /// Reorders dim 0 from `[a, b, rest]` to `[b, a, rest]`.
-fn swap_leading(t: &Tensor, a: usize, b: usize) -> Result<Tensor> {
-    let mut shape = vec![a, b];
-    shape.extend_from_slice(&t.dims()[1..]);
-    let full = t.dims().to_vec();
-    t.reshape(shape)?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape(full)
-}
 
 /// Feeds native GPT-2 parameters from an HF checkpoint.
 pub struct HfSource {
