@@ -4,8 +4,10 @@
 //! rank-aware metadata ([`parameter::ParamMeta`]); the engine, not the model, drives forward and
 //! backward layer by layer. That single loop is where pipeline stages cut the list, ZeRO gathers and
 //! releases parameters, and gradients are reduced as each layer's backward ends.
+pub mod adamw;
 pub mod cross_entropy;
 pub mod init;
+pub mod lr_schedules;
 pub mod module;
 pub mod nn;
 pub mod parameter;

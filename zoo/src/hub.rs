@@ -137,7 +137,17 @@ pub fn detect_arch(dir: &Path) -> Result<Arch> {
 
 /// Loads an HF GPT-2 folder: model (f32 on `device`) and tokenizer.
 pub fn load_gpt2(dir: &Path, device: &Device) -> Result<(gpt2::Gpt2, Tokenizer)> {
-    let config = gpt2::Config::from_hf_json(&dir.join("config.json"))?;
+    load_gpt2_with(dir, device, |_| {})
+}
+
+/// As [`load_gpt2`], with the config adjusted before the model is built (dropout rates, ...).
+pub fn load_gpt2_with(
+    dir: &Path,
+    device: &Device,
+    adjust: impl FnOnce(&mut gpt2::Config),
+) -> Result<(gpt2::Gpt2, Tokenizer)> {
+    let mut config = gpt2::Config::from_hf_json(&dir.join("config.json"))?;
+    adjust(&mut config);
     let tokenizer = Tokenizer::from_dir(dir)?;
     let source = gpt2::hf::HfSource::new(SafetensorsFiles::open_dir(dir)?, &config)?;
     let model = gpt2::Gpt2::new(&config, &ParamBuilder::new(&source, device, DType::F32))?;

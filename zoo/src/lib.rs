@@ -5,5 +5,6 @@ pub mod evaluation;
 pub mod generation;
 pub mod gpt2;
 pub mod hub;
+pub mod text_data;
 pub mod tokenizer;
 pub mod weights;

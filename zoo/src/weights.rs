@@ -181,7 +181,7 @@ pub fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
 pub fn swap_leading(t: &Tensor, a: usize, b: usize) -> Result<Tensor> {
     let full = t.dims().to_vec();
     let rows = full[0];
-    if rows % (a * b) != 0 {
+    if !rows.is_multiple_of(a * b) {
         bail!("cannot split {rows} rows into {a} x {b} blocks")
     }
     let mut shape = vec![a, b, rows / (a * b)];

@@ -55,8 +55,6 @@ fn hf_key(native: &str) -> Option<(String, Transform)> {
     Some((format!("h.{idx}.{hf}"), tr))
 }
 
-/// Reorders dim 0 from `[a, b, rest]` to `[b, a, rest]`.
-
 /// Feeds native GPT-2 parameters from an HF checkpoint.
 pub struct HfSource {
     files: SafetensorsFiles,
@@ -152,4 +150,28 @@ pub fn to_hf_tensors(
         out.push((format!("{prefix}{key}"), t));
     }
     Ok(out)
+}
+
+/// Writes a Hugging Face GPT-2 folder: `config.json`, `model.safetensors` (with the
+/// `transformer.` prefix), and the tokenizer as `tokenizer.json`.
+pub fn save_hf_dir(
+    model: &super::Gpt2,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    dir: &std::path::Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json())
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, config)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", path.display())))?;
+    let tensors: std::collections::HashMap<String, Tensor> =
+        to_hf_tensors(&model.parameters(), &model.config, true)?
+            .into_iter()
+            .collect();
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path)
+        .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", path.display())))?;
+    tokenizer.save(&dir.join("tokenizer.json"))
 }
