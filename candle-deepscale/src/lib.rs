@@ -5,6 +5,7 @@
 //! backward layer by layer. That single loop is where pipeline stages cut the list, ZeRO gathers and
 //! releases parameters, and gradients are reduced as each layer's backward ends.
 pub mod adamw;
+pub mod comm;
 pub mod cross_entropy;
 pub mod init;
 pub mod lr_schedules;
@@ -12,6 +13,8 @@ pub mod module;
 pub mod nn;
 pub mod parameter;
 pub mod random;
+pub mod tensor_parallel;
+pub mod topology;
 
 pub use module::{Activations, ForwardCtx, Layer};
-pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition};
+pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};

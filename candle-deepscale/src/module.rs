@@ -34,8 +34,6 @@ pub struct ForwardCtx {
     pub train: bool,
     /// Base key of this forward's dropout streams (seed, iteration and micro-batch mixed in).
     pub dropout_key: u64,
-    /// Tensor-parallel rank: dropout inside a tensor-parallel region draws from its own stream.
-    pub tp_rank: usize,
 }
 
 impl ForwardCtx {
@@ -44,7 +42,6 @@ impl ForwardCtx {
         Self {
             train: false,
             dropout_key: 0,
-            tp_rank: 0,
         }
     }
 
@@ -53,7 +50,6 @@ impl ForwardCtx {
         Self {
             train: true,
             dropout_key: random::sub_key(random::mix64(seed), &[iteration, micro_batch]),
-            tp_rank: 0,
         }
     }
 
@@ -62,10 +58,10 @@ impl ForwardCtx {
         random::stream_key(self.dropout_key, site)
     }
 
-    /// Key of the dropout stream at `site` inside a tensor-parallel region (Megatron's
-    /// model-parallel RNG: seed + 2718 + tp_rank).
-    pub fn tp_site_key(&self, site: &str) -> u64 {
-        random::sub_key(self.site_key(site), &[2718 + self.tp_rank as u64])
+    /// Key of the dropout stream at `site` inside a tensor-parallel region, for tensor-parallel
+    /// rank `tp_rank` (Megatron's model-parallel RNG: seed + 2718 + tp_rank).
+    pub fn tp_site_key(&self, site: &str, tp_rank: usize) -> u64 {
+        random::sub_key(self.site_key(site), &[2718 + tp_rank as u64])
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! Checkpoint consolidation, universal reshape, grad-norm clipping and ZeRO's flat buffers read this
 //! metadata; nothing downstream guesses from names.
+use crate::tensor_parallel::TensorParallel;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -59,13 +60,77 @@ pub enum Init {
     Ones,
 }
 
+/// Which contiguous block of a logical tensor a rank holds: block `index` of `count` along `dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub dim: usize,
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// The shard of `meta` held by tensor-parallel rank `rank` of `size` (None when whole).
+    pub fn of(meta: &ParamMeta, rank: usize, size: usize) -> Result<Option<Self>> {
+        match meta.partition {
+            Partition::Replicated => Ok(None),
+            _ if size <= 1 => Ok(None),
+            Partition::Split { dim, stride } => {
+                if stride != 1 {
+                    candle_core::bail!(
+                        "parameter `{}`: partition stride {stride} is not supported",
+                        meta.name
+                    )
+                }
+                let Some(&n) = meta.shape.get(dim) else {
+                    candle_core::bail!(
+                        "parameter `{}`: split dim {dim} of shape {:?}",
+                        meta.name,
+                        meta.shape
+                    )
+                };
+                if !n.is_multiple_of(size) {
+                    candle_core::bail!(
+                        "parameter `{}`: dim {dim} of {:?} is not divisible by tensor-parallel size {size}",
+                        meta.name,
+                        meta.shape
+                    )
+                }
+                Ok(Some(Self {
+                    dim,
+                    index: rank,
+                    count: size,
+                }))
+            }
+        }
+    }
+
+    /// Start and length of the block along `dim` for a logical extent `n`.
+    pub fn range(&self, n: usize) -> (usize, usize) {
+        let len = n / self.count;
+        (self.index * len, len)
+    }
+
+    /// This shard of a whole logical tensor.
+    pub fn narrow(&self, t: &Tensor) -> Result<Tensor> {
+        let (start, len) = self.range(t.dim(self.dim)?);
+        t.narrow(self.dim, start, len)?.contiguous()
+    }
+}
+
 /// Provides the local tensor of a logical parameter: random initialisation, a checkpoint, ...
 ///
-/// A source returns the tensor this rank holds, so tensor-parallel slicing and ZeRO-3 partitioning
-/// happen here, below the model code.
+/// A source returns only the block this rank holds (`shard`), so tensor-parallel slicing (and
+/// ZeRO-3 partitioning) happens here, below the model code, and checkpoint readers read just that
+/// block.
 pub trait ParamSource: Send + Sync {
-    fn tensor(&self, meta: &ParamMeta, init: Init, device: &Device, dtype: DType)
-        -> Result<Tensor>;
+    fn tensor(
+        &self,
+        meta: &ParamMeta,
+        shard: Option<Shard>,
+        init: Init,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor>;
 }
 
 /// Builds a model's parameters under a name prefix (like candle's `VarBuilder`), collecting the
@@ -76,6 +141,7 @@ pub struct ParamBuilder<'a> {
     prefix: String,
     device: Device,
     dtype: DType,
+    tp: Option<TensorParallel>,
 }
 
 /// Options of one parameter beyond its name, shape and init.
@@ -94,7 +160,19 @@ impl<'a> ParamBuilder<'a> {
             prefix: String::new(),
             device: device.clone(),
             dtype,
+            tp: None,
         }
+    }
+
+    /// Builds the parameters of tensor-parallel rank `tp.rank` (split parameters hold their shard).
+    pub fn with_tp(mut self, tp: Option<TensorParallel>) -> Self {
+        self.tp = tp.filter(|t| t.size() > 1);
+        self
+    }
+
+    /// The tensor-parallel group the layers built from here run in.
+    pub fn tp(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
     }
 
     /// A builder whose names are prefixed by `name.`.
@@ -129,7 +207,11 @@ impl<'a> ParamBuilder<'a> {
             weight_decay: !opts.no_weight_decay,
             real_rows: opts.real_rows,
         };
-        let t = self.source.tensor(&meta, init, &self.device, self.dtype)?;
+        let (size, rank) = crate::tensor_parallel::size_rank(self.tp.as_ref());
+        let shard = Shard::of(&meta, rank, size)?;
+        let t = self
+            .source
+            .tensor(&meta, shard, init, &self.device, self.dtype)?;
         let var = Var::from_tensor(&t)?;
         Ok(Param { var, meta })
     }
@@ -145,12 +227,17 @@ impl ParamSource for RandomInit {
     fn tensor(
         &self,
         meta: &ParamMeta,
+        shard: Option<Shard>,
         init: Init,
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
-        crate::init::full_init(meta, init, self.seed)?
-            .to_dtype(dtype)?
-            .to_device(device)
+        // The full master weight from the shared seed, then this rank's block: tp=N equals tp=1.
+        let full = crate::init::full_init(meta, init, self.seed)?;
+        let t = match shard {
+            Some(s) => s.narrow(&full)?,
+            None => full,
+        };
+        t.to_dtype(dtype)?.to_device(device)
     }
 }

@@ -1,7 +1,6 @@
 //! Evaluation tasks. `loss`: mean next-token cross entropy over a text.
 use crate::gpt2::Gpt2;
 use candle_core::{bail, Result, Tensor};
-use candle_deepscale::cross_entropy::token_losses;
 use candle_deepscale::module::ForwardCtx;
 use serde::Serialize;
 
@@ -46,7 +45,7 @@ pub fn lm_loss(model: &Gpt2, tokens: &[u32]) -> Result<LossResult> {
         let input = Tensor::new(&tokens[start..end], &dev)?.unsqueeze(0)?;
         let labels = Tensor::new(&tokens[start + 1..end + 1], &dev)?;
         let logits = model.forward(&input, &ForwardCtx::eval())?;
-        let losses = token_losses(&logits, &labels, vocab)?;
+        let losses = model.token_losses(&logits, &labels)?;
         total += losses
             .to_dtype(candle_core::DType::F64)?
             .sum_all()?

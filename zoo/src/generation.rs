@@ -1,7 +1,7 @@
 //! Autoregressive sampling from GPT-2: greedy, temperature, top-k, top-p (Megatron's
 //! `generate_samples`), incremental with a KV cache or by full recompute.
 use crate::gpt2::{Gpt2, KvCache};
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor};
 use candle_deepscale::module::ForwardCtx;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -146,11 +146,10 @@ pub fn generate(model: &Gpt2, prompt: &[u32], cfg: &SamplingConfig) -> Result<Ve
             let ids = Tensor::new(&tokens[..], &dev)?.unsqueeze(0)?;
             model.forward(&ids, &ForwardCtx::eval())?
         };
-        let last = logits
-            .squeeze(0)?
-            .narrow(0, logits.dim(1)? - 1, 1)?
-            .squeeze(0)?
-            .narrow(D::Minus1, 0, vocab)?
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?;
+        let last = model
+            .full_logits(&last)?
+            .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
         let next = sample_token(&last, cfg, &mut rng);

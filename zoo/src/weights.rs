@@ -1,7 +1,7 @@
 //! Memory-mapped safetensors checkpoints (single file or sharded with an index), and the
 //! [`ParamSource`]s that feed a model's parameters from them.
 use candle_core::{bail, DType, Device, Error, Result, Tensor};
-use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource};
+use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -106,18 +106,86 @@ impl SafetensorsFiles {
     /// Loads a tensor as f32 on `device`.
     pub fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (view, path) = self.view(name)?;
-        let dtype = match view.dtype() {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F64 => DType::F64,
-            other => bail!(
-                "{}: tensor `{name}` has dtype {other:?}; weights must be f32, f16, bf16 or f64",
-                path.display()
-            ),
-        };
+        let dtype = float_dtype(view.dtype(), name, path)?;
         Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?.to_dtype(DType::F32)
     }
+
+    /// Loads elements `[start, start + len)` of dim `dim` as f32, copying only those bytes out of
+    /// the mapping (a tensor-parallel rank never touches the rest of the tensor).
+    pub fn load_slice_f32(
+        &self,
+        name: &str,
+        dim: usize,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (view, path) = self.view(name)?;
+        let dtype = float_dtype(view.dtype(), name, path)?;
+        let shape = view.shape().to_vec();
+        let Some(&n) = shape.get(dim) else {
+            bail!(
+                "{}: tensor `{name}` of shape {shape:?} has no dim {dim}",
+                path.display()
+            )
+        };
+        if start + len > n {
+            bail!(
+                "{}: tensor `{name}` of shape {shape:?}: slice {start}..{} of dim {dim} is out of range",
+                path.display(),
+                start + len
+            )
+        }
+        let es = dtype.size_in_bytes();
+        let outer: usize = shape[..dim].iter().product();
+        let inner: usize = shape[dim + 1..].iter().product::<usize>() * es;
+        let data = view.data();
+        let mut bytes = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            let a = (o * n + start) * inner;
+            bytes.extend_from_slice(&data[a..a + len * inner]);
+        }
+        let mut out_shape = shape;
+        out_shape[dim] = len;
+        Tensor::from_raw_buffer(&bytes, dtype, &out_shape, device)?.to_dtype(DType::F32)
+    }
+
+    /// The whole tensor, or only `shard` of it.
+    pub fn load_shard_f32(
+        &self,
+        name: &str,
+        shard: Option<Shard>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match shard {
+            None => self.load_f32(name, device),
+            Some(s) => {
+                let shape = self.shape(name)?;
+                let Some(&n) = shape.get(s.dim) else {
+                    bail!(
+                        "{}: tensor `{name}` of shape {shape:?} has no dim {}",
+                        self.describe(),
+                        s.dim
+                    )
+                };
+                let (start, len) = s.range(n);
+                self.load_slice_f32(name, s.dim, start, len, device)
+            }
+        }
+    }
+}
+
+fn float_dtype(d: Dtype, name: &str, path: &Path) -> Result<DType> {
+    Ok(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F64 => DType::F64,
+        other => bail!(
+            "{}: tensor `{name}` has dtype {other:?}; weights must be f32, f16, bf16 or f64",
+            path.display()
+        ),
+    })
 }
 
 fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
@@ -152,28 +220,16 @@ fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
-/// Checks a loaded tensor against the logical shape the model expects.
-pub fn check_shape(t: &Tensor, meta: &ParamMeta, key: &str, origin: &str) -> Result<()> {
-    if t.dims() != meta.shape.as_slice() {
+/// Checks a stored tensor's shape against the logical shape the model expects.
+pub fn check_shape(shape: &[usize], meta: &ParamMeta, key: &str, origin: &str) -> Result<()> {
+    if shape != meta.shape.as_slice() {
         bail!(
-            "{origin}: tensor `{key}` has shape {:?}, but parameter `{}` needs {:?}",
-            t.dims(),
+            "{origin}: tensor `{key}` has shape {shape:?}, but parameter `{}` needs {:?}",
             meta.name,
             meta.shape
         )
     }
     Ok(())
-}
-
-/// Pads dim 0 of `t` with zero rows up to `rows` (vocabulary padding).
-pub fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
-    let have = t.dim(0)?;
-    if have >= rows {
-        return Ok(t.clone());
-    }
-    let mut shape = t.dims().to_vec();
-    shape[0] = rows - have;
-    Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), t.device())?], 0)
 }
 
 /// Reorders the rows of `t` from `[a, b, r]` blocks to `[b, a, r]` (QKV layouts: HF's
@@ -201,13 +257,16 @@ impl ParamSource for NativeSource {
     fn tensor(
         &self,
         meta: &ParamMeta,
+        shard: Option<Shard>,
         _init: Init,
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
-        let t = self.files.load_f32(&meta.name, device)?;
-        check_shape(&t, meta, &meta.name, &self.files.describe())?;
-        t.to_dtype(dtype)
+        let origin = self.files.describe();
+        check_shape(&self.files.shape(&meta.name)?, meta, &meta.name, &origin)?;
+        self.files
+            .load_shard_f32(&meta.name, shard, device)?
+            .to_dtype(dtype)
     }
 }
 

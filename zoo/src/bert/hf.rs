@@ -3,9 +3,10 @@
 //! HF keeps query/key/value as three Linear layers (fused here per head as `[heads, 3, head_dim]`),
 //! encoder keys with or without the `bert.` prefix, and the pre-training heads under `cls.`.
 use super::Config;
-use crate::weights::{check_shape, pad_rows, swap_leading, SafetensorsFiles};
+use crate::gpt2::hf::{load_vocab_rows, qkv_heads};
+use crate::weights::{check_shape, swap_leading, SafetensorsFiles};
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource};
+use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Key {
@@ -114,39 +115,65 @@ impl ParamSource for HfSource {
     fn tensor(
         &self,
         meta: &ParamMeta,
+        shard: Option<Shard>,
         _init: Init,
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
         let origin = self.files.describe();
-        let (t, key) = match hf_key(&meta.name) {
+        let f = &self.files;
+        let t = match hf_key(&meta.name) {
             None => bail!("parameter `{}` has no BERT HF counterpart", meta.name),
             Some(Key::Plain(k)) => {
                 let key = self.full(&k);
-                let mut t = self.files.load_f32(&key, device)?;
-                if let Some(real) = meta.real_rows {
-                    if t.dim(0)? != real {
-                        bail!(
-                            "{origin}: tensor `{key}` has {} rows, but the vocabulary is {real}",
-                            t.dim(0)?
-                        )
+                let mut shape = f.shape(&key)?;
+                match meta.real_rows {
+                    Some(real) => {
+                        if shape.first() != Some(&real) {
+                            bail!("{origin}: tensor `{key}` has shape {shape:?}, but the vocabulary is {real}")
+                        }
+                        shape[0] = meta.shape[0];
+                        check_shape(&shape, meta, &key, &origin)?;
+                        let (start, len) =
+                            shard.map_or((0, meta.shape[0]), |s| s.range(meta.shape[0]));
+                        load_vocab_rows(f, &key, real, start, len, device)?
                     }
-                    t = pad_rows(&t, meta.shape[0])?;
+                    None => {
+                        check_shape(&shape, meta, &key, &origin)?;
+                        f.load_shard_f32(&key, shard, device)?
+                    }
                 }
-                (t, key)
             }
             Some(Key::Qkv(keys)) => {
-                let parts = keys
-                    .iter()
-                    .map(|k| self.files.load_f32(&self.full(k), device))
-                    .collect::<Result<Vec<_>>>()?;
-                let t = Tensor::cat(&parts, 0)?;
-                let key = self.full(&keys[0]);
-                check_shape(&t, meta, &key, &origin)?;
-                (swap_leading(&t, 3, self.heads)?, key)
+                let keys: Vec<String> = keys.iter().map(|k| self.full(k)).collect();
+                let mut logical = f.shape(&keys[0])?;
+                for k in &keys[1..] {
+                    if f.shape(k)? != logical {
+                        bail!("{origin}: `{k}` and `{}` differ in shape", keys[0])
+                    }
+                }
+                if let Some(first) = logical.first_mut() {
+                    *first *= 3;
+                }
+                check_shape(&logical, meta, &keys[0], &origin)?;
+                let hd = meta.shape[0] / 3 / self.heads;
+                let (h0, lh) = match shard {
+                    None => (0, self.heads),
+                    Some(s) if s.dim == 0 => (s.index * self.heads / s.count, self.heads / s.count),
+                    Some(s) => bail!(
+                        "parameter `{}`: QKV split on dim {} is not supported",
+                        meta.name,
+                        s.dim
+                    ),
+                };
+                qkv_heads(
+                    |i, start, len| f.load_slice_f32(&keys[i], 0, start, len, device),
+                    h0,
+                    lh,
+                    hd,
+                )?
             }
         };
-        check_shape(&t, meta, &key, &origin)?;
         t.to_dtype(dtype)
     }
 }

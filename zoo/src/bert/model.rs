@@ -2,7 +2,13 @@ use super::Config;
 use candle_core::{DType, Result, Tensor, D};
 use candle_deepscale::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::nn::{self, Embedding, LayerNorm, Linear};
+use candle_deepscale::parameter::Partition;
 use candle_deepscale::parameter::{Init, Param, ParamBuilder, ParamOpts};
+use candle_deepscale::tensor_parallel::layers::{
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+};
+use candle_deepscale::tensor_parallel::mappings::copy_to_tp;
+use candle_deepscale::tensor_parallel::{size_rank, TensorParallel};
 
 fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
     match act {
@@ -19,7 +25,7 @@ fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
 /// `[b, 1, 1, s]`.
 #[derive(Clone, Debug)]
 pub struct BertEmbedding {
-    pub word_embeddings: Embedding,
+    pub word_embeddings: VocabParallelEmbedding,
     position_embeddings: Embedding,
     tokentype_embeddings: Option<Embedding>,
     layernorm: Option<LayerNorm>,
@@ -29,9 +35,9 @@ pub struct BertEmbedding {
 impl BertEmbedding {
     fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
-        let word_embeddings = Embedding::new(
+        let word_embeddings = VocabParallelEmbedding::new(
             &pb.pp("word_embeddings"),
-            cfg.padded_vocab_size(1),
+            cfg.padded_vocab_size(size_rank(pb.tp()).0),
             h,
             std,
             ParamOpts {
@@ -131,12 +137,13 @@ pub struct BertLayer {
     pre_layer_norm: bool,
     /// Pre-LN only: before attention.
     input_layernorm: Option<LayerNorm>,
-    query_key_value: Linear,
-    dense: Linear,
+    query_key_value: ColumnParallelLinear,
+    dense: RowParallelLinear,
     /// Post-LN: after the attention residual; pre-LN: before the MLP.
     post_attention_layernorm: LayerNorm,
-    dense_h_to_4h: Linear,
-    dense_4h_to_h: Linear,
+    dense_h_to_4h: ColumnParallelLinear,
+    dense_4h_to_h: RowParallelLinear,
+    tp_rank: usize,
     /// Post-LN only: after the MLP residual.
     output_layernorm: Option<LayerNorm>,
     heads: usize,
@@ -157,37 +164,55 @@ impl BertLayer {
         let att = pb.pp("attention");
         let mlp = pb.pp("mlp");
         let pre = cfg.pre_layer_norm;
+        let (tp, tp_rank) = size_rank(pb.tp());
+        let f = cfg.intermediate_size;
+        if !cfg.num_attention_heads.is_multiple_of(tp) || !f.is_multiple_of(tp) {
+            candle_core::bail!(
+                "tensor-parallel size {tp} must divide num_attention_heads {} and intermediate_size {f}",
+                cfg.num_attention_heads
+            )
+        }
         Ok(Self {
             index,
+            tp_rank,
             pre_layer_norm: pre,
             input_layernorm: if pre {
                 Some(LayerNorm::new(&pb.pp("input_layernorm"), h, eps)?)
             } else {
                 None
             },
-            query_key_value: Linear::new(&att.pp("query_key_value"), h, 3 * h, true, std)?,
-            dense: Linear::new(&att.pp("dense"), h, h, true, out_std)?,
-            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
-            dense_h_to_4h: Linear::new(
-                &mlp.pp("dense_h_to_4h"),
+            query_key_value: ColumnParallelLinear::new(
+                &att.pp("query_key_value"),
                 h,
-                cfg.intermediate_size,
+                3 * h,
                 true,
                 std,
+                false,
             )?,
-            dense_4h_to_h: Linear::new(
+            dense: RowParallelLinear::new(&att.pp("dense"), h, h, true, out_std, true)?,
+            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
+            dense_h_to_4h: ColumnParallelLinear::new(
+                &mlp.pp("dense_h_to_4h"),
+                h,
+                f,
+                true,
+                std,
+                false,
+            )?,
+            dense_4h_to_h: RowParallelLinear::new(
                 &mlp.pp("dense_4h_to_h"),
-                cfg.intermediate_size,
+                f,
                 h,
                 true,
                 out_std,
+                true,
             )?,
             output_layernorm: if pre {
                 None
             } else {
                 Some(LayerNorm::new(&pb.pp("output_layernorm"), h, eps)?)
             },
-            heads: cfg.num_attention_heads,
+            heads: cfg.num_attention_heads / tp,
             head_dim: cfg.head_dim(),
             act: cfg.hidden_act.clone(),
             hidden_dropout: cfg.hidden_dropout_prob,
@@ -219,7 +244,7 @@ impl BertLayer {
             &probs,
             self.attention_dropout,
             ctx,
-            ctx.tp_site_key(&self.site("attention")),
+            ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         )?;
         let y = probs
             .matmul(&v)?
@@ -295,6 +320,7 @@ impl Layer for BertLayer {
 pub struct BertOutput {
     pub sequence_output: Tensor,
     pub pooled_output: Option<Tensor>,
+    /// Masked-LM logits over this rank's block of the padded vocabulary.
     pub lm_logits: Option<Tensor>,
     pub binary_logits: Option<Tensor>,
 }
@@ -315,6 +341,7 @@ pub struct BertHead {
     binary_head: Option<Linear>,
     word_embeddings: Param,
     act: String,
+    tp: Option<TensorParallel>,
 }
 
 impl BertHead {
@@ -331,6 +358,7 @@ impl BertHead {
             Some(h) => {
                 let t = activation(&h.dense.forward(&seq)?, &self.act)?;
                 let t = h.layernorm.forward(&t)?;
+                let t = copy_to_tp(&t, self.tp.as_ref())?;
                 Some(nn::linear(
                     &t,
                     self.word_embeddings.tensor(),
@@ -426,10 +454,11 @@ impl Bert {
                 dense: Linear::new(&lp.pp("dense"), h, h, true, std)?,
                 layernorm: LayerNorm::new(&lp.pp("layernorm"), h, eps)?,
                 bias: lp.get(
-                    &[config.padded_vocab_size(1)],
+                    &[config.padded_vocab_size(size_rank(pb.tp()).0)],
                     "bias",
                     Init::Zeros,
                     ParamOpts {
+                        partition: Some(Partition::Split { dim: 0, stride: 1 }),
                         no_weight_decay: true,
                         real_rows: Some(config.vocab_size),
                         ..Default::default()
@@ -451,6 +480,7 @@ impl Bert {
             binary_head,
             word_embeddings: embedding.word_embeddings.weight.clone(),
             act: config.hidden_act.clone(),
+            tp: pb.tp().cloned(),
         };
         Ok(Self {
             config: config.clone(),
@@ -458,6 +488,21 @@ impl Bert {
             layers,
             head,
         })
+    }
+
+    /// The tensor-parallel group the model runs in.
+    pub fn tp(&self) -> Option<&TensorParallel> {
+        self.head.tp.as_ref()
+    }
+
+    /// Per-token masked-LM losses of (vocabulary-parallel) `lm_logits` against `labels`.
+    pub fn lm_token_losses(&self, lm_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses(
+            lm_logits,
+            labels,
+            self.config.vocab_size,
+            self.tp(),
+        )
     }
 
     pub fn layers(&self) -> Vec<&dyn Layer> {

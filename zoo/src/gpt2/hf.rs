@@ -4,9 +4,9 @@
 //! keys with or without the `transformer.` prefix, `lm_head` tied or omitted, and `attn.bias` /
 //! `attn.masked_bias` buffers that are not parameters.
 use super::Config;
-use crate::weights::{check_shape, pad_rows, swap_leading, SafetensorsFiles};
+use crate::weights::{check_shape, swap_leading, SafetensorsFiles};
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource};
+use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
 
 /// How a native tensor is derived from an HF one.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,10 +82,56 @@ impl HfSource {
     }
 }
 
+/// Vocabulary rows `[start, start + len)` of an HF embedding with `real` rows, zero rows past it.
+pub(crate) fn load_vocab_rows(
+    files: &SafetensorsFiles,
+    key: &str,
+    real: usize,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let have = real.saturating_sub(start).min(len);
+    let mut zeros = files.shape(key)?;
+    zeros[0] = len - have;
+    let mut parts = Vec::new();
+    if have > 0 {
+        parts.push(files.load_slice_f32(key, 0, start, have, device)?);
+    }
+    if have < len {
+        parts.push(Tensor::zeros(zeros, DType::F32, device)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// The rows of a fused QKV tensor (Megatron `[heads, 3, hd]` order) for heads `[h0, h0 + lh)`, read
+/// from three `[3, heads, hd]`-ordered blocks with `part(i, start, len)` returning rows
+/// `[start, start + len)` of block `i` as `[len, rest..]`.
+pub(crate) fn qkv_heads(
+    part: impl Fn(usize, usize, usize) -> Result<Tensor>,
+    h0: usize,
+    lh: usize,
+    hd: usize,
+) -> Result<Tensor> {
+    let parts = (0..3)
+        .map(|i| {
+            let t = part(i, h0 * hd, lh * hd)?;
+            let mut shape = vec![lh, 1, hd];
+            shape.extend_from_slice(&t.dims()[1..]);
+            t.reshape(shape)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let t = Tensor::cat(&parts, 1)?;
+    let mut shape = vec![lh * 3 * hd];
+    shape.extend_from_slice(&t.dims()[3..]);
+    t.reshape(shape)
+}
+
 impl ParamSource for HfSource {
     fn tensor(
         &self,
         meta: &ParamMeta,
+        shard: Option<Shard>,
         _init: Init,
         device: &Device,
         dtype: DType,
@@ -94,33 +140,64 @@ impl ParamSource for HfSource {
             bail!("parameter `{}` has no GPT-2 HF counterpart", meta.name)
         };
         let key = format!("{}{key}", self.prefix);
-        let t = self.files.load_f32(&key, device)?;
         let origin = self.files.describe();
-        let t = match tr {
-            Transform::None => t,
-            Transform::Conv1d => t.t()?.contiguous()?,
-            Transform::QkvWeight => {
-                let t = t.t()?.contiguous()?;
-                check_shape(&t, meta, &key, &origin)?;
-                swap_leading(&t, 3, self.heads)?
-            }
-            Transform::QkvBias => {
-                check_shape(&t, meta, &key, &origin)?;
-                swap_leading(&t, 3, self.heads)?
-            }
+        let f = &self.files;
+        let hf_shape = f.shape(&key)?;
+        let logical: Vec<usize> = match tr {
+            Transform::Conv1d | Transform::QkvWeight => hf_shape.iter().rev().copied().collect(),
             Transform::PadVocab => {
                 let real = meta.real_rows.unwrap_or(meta.shape[0]);
-                if t.dim(0)? != real || t.rank() != 2 {
+                if hf_shape.len() != 2 || hf_shape[0] != real {
                     bail!(
-                        "{origin}: tensor `{key}` has shape {:?}, but the vocabulary is {real} x {}",
-                        t.dims(),
+                        "{origin}: tensor `{key}` has shape {hf_shape:?}, but the vocabulary is {real} x {}",
                         meta.shape.get(1).copied().unwrap_or(0)
                     )
                 }
-                pad_rows(&t, meta.shape[0])?
+                vec![meta.shape[0], hf_shape[1]]
+            }
+            _ => hf_shape.clone(),
+        };
+        check_shape(&logical, meta, &key, &origin)?;
+        let hd = meta.shape[0] / 3 / self.heads.max(1);
+        let t = match (tr, shard) {
+            (Transform::None, s) => f.load_shard_f32(&key, s, device)?,
+            (Transform::Conv1d, None) => f.load_f32(&key, device)?.t()?.contiguous()?,
+            (Transform::Conv1d, Some(s)) => {
+                // Native dim d is HF dim 1 - d.
+                let (start, len) = s.range(meta.shape[s.dim]);
+                f.load_slice_f32(&key, 1 - s.dim, start, len, device)?
+                    .t()?
+                    .contiguous()?
+            }
+            (Transform::QkvWeight, None) => {
+                swap_leading(&f.load_f32(&key, device)?.t()?.contiguous()?, 3, self.heads)?
+            }
+            (Transform::QkvBias, None) => swap_leading(&f.load_f32(&key, device)?, 3, self.heads)?,
+            (Transform::QkvWeight | Transform::QkvBias, Some(s)) => {
+                let lh = self.heads / s.count;
+                let h = meta.shape[0] / 3;
+                let weight = tr == Transform::QkvWeight;
+                qkv_heads(
+                    |i, start, len| {
+                        if weight {
+                            f.load_slice_f32(&key, 1, i * h + start, len, device)?
+                                .t()?
+                                .contiguous()
+                        } else {
+                            f.load_slice_f32(&key, 0, i * h + start, len, device)
+                        }
+                    },
+                    s.index * lh,
+                    lh,
+                    hd,
+                )?
+            }
+            (Transform::PadVocab, s) => {
+                let real = meta.real_rows.unwrap_or(meta.shape[0]);
+                let (start, len) = s.map_or((0, meta.shape[0]), |s| s.range(meta.shape[0]));
+                load_vocab_rows(f, &key, real, start, len, device)?
             }
         };
-        check_shape(&t, meta, &key, &origin)?;
         t.to_dtype(dtype)
     }
 }

@@ -1,13 +1,19 @@
 use super::Config;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_deepscale::module::{Activations, ForwardCtx, Layer};
-use candle_deepscale::nn::{self, Embedding, LayerNorm, Linear};
+use candle_deepscale::nn::{self, Embedding, LayerNorm};
 use candle_deepscale::parameter::{Param, ParamBuilder, ParamOpts};
+use candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::tensor_parallel::layers::{
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+};
+use candle_deepscale::tensor_parallel::mappings::{copy_to_tp, gather_from_tp};
+use candle_deepscale::tensor_parallel::{size_rank, TensorParallel};
 
 /// Word + position embeddings and embedding dropout. Input: token ids `[b, s]` (u32).
 #[derive(Clone, Debug)]
 pub struct Gpt2Embedding {
-    pub word_embeddings: Embedding,
+    pub word_embeddings: VocabParallelEmbedding,
     pub position_embeddings: Embedding,
     dropout: f64,
 }
@@ -15,9 +21,10 @@ pub struct Gpt2Embedding {
 impl Gpt2Embedding {
     fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        let word_embeddings = Embedding::new(
+        let (tp, _) = size_rank(pb.tp());
+        let word_embeddings = VocabParallelEmbedding::new(
             &pb.pp("word_embeddings"),
-            cfg.padded_vocab_size(1),
+            cfg.padded_vocab_size(tp),
             h,
             cfg.init_method_std,
             ParamOpts {
@@ -98,12 +105,14 @@ impl KvCache {
 pub struct Block {
     index: usize,
     input_layernorm: LayerNorm,
-    query_key_value: Linear,
-    dense: Linear,
+    query_key_value: ColumnParallelLinear,
+    dense: RowParallelLinear,
     post_attention_layernorm: LayerNorm,
-    dense_h_to_4h: Linear,
-    dense_4h_to_h: Linear,
+    dense_h_to_4h: ColumnParallelLinear,
+    dense_4h_to_h: RowParallelLinear,
+    /// Attention heads on this tensor-parallel rank.
     heads: usize,
+    tp_rank: usize,
     head_dim: usize,
     hidden_dropout: f64,
     attention_dropout: f64,
@@ -117,29 +126,47 @@ impl Block {
         let eps = cfg.layernorm_epsilon;
         let att = pb.pp("attention");
         let mlp = pb.pp("mlp");
+        let (tp, tp_rank) = size_rank(pb.tp());
+        let f = cfg.ffn_hidden_size;
+        if !cfg.num_attention_heads.is_multiple_of(tp) || !f.is_multiple_of(tp) {
+            candle_core::bail!(
+                "tensor-parallel size {tp} must divide num_attention_heads {} and ffn_hidden_size {f}",
+                cfg.num_attention_heads
+            )
+        }
         Ok(Self {
             index,
+            tp_rank,
             input_layernorm: LayerNorm::new(&pb.pp("input_layernorm"), h, eps)?,
             // Output rows laid out per head as [heads, 3, head_dim] (Megatron checkpoint version 2.0),
             // so a contiguous row split is head-aligned.
-            query_key_value: Linear::new(&att.pp("query_key_value"), h, 3 * h, true, std)?,
-            dense: Linear::new(&att.pp("dense"), h, h, true, out_std)?,
-            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
-            dense_h_to_4h: Linear::new(
-                &mlp.pp("dense_h_to_4h"),
+            query_key_value: ColumnParallelLinear::new(
+                &att.pp("query_key_value"),
                 h,
-                cfg.ffn_hidden_size,
+                3 * h,
                 true,
                 std,
+                false,
             )?,
-            dense_4h_to_h: Linear::new(
+            dense: RowParallelLinear::new(&att.pp("dense"), h, h, true, out_std, true)?,
+            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
+            dense_h_to_4h: ColumnParallelLinear::new(
+                &mlp.pp("dense_h_to_4h"),
+                h,
+                f,
+                true,
+                std,
+                false,
+            )?,
+            dense_4h_to_h: RowParallelLinear::new(
                 &mlp.pp("dense_4h_to_h"),
-                cfg.ffn_hidden_size,
+                f,
                 h,
                 true,
                 out_std,
+                true,
             )?,
-            heads: cfg.num_attention_heads,
+            heads: cfg.num_attention_heads / tp,
             head_dim: cfg.head_dim(),
             hidden_dropout: cfg.hidden_dropout,
             attention_dropout: cfg.attention_dropout,
@@ -184,7 +211,7 @@ impl Block {
             &probs,
             self.attention_dropout,
             ctx,
-            ctx.tp_site_key(&self.site("attention")),
+            ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         )?;
         let y = probs
             .matmul(&v)?
@@ -273,15 +300,14 @@ impl Layer for Block {
 pub struct FinalHead {
     final_layernorm: LayerNorm,
     word_embeddings: Param,
+    tp: Option<TensorParallel>,
 }
 
 impl FinalHead {
+    /// This rank's block of the padded-vocabulary logits `[b, t, padded_vocab / tp]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        nn::linear(
-            &self.final_layernorm.forward(x)?,
-            self.word_embeddings.tensor(),
-            None,
-        )
+        let x = copy_to_tp(&self.final_layernorm.forward(x)?, self.tp.as_ref())?;
+        nn::linear(&x, self.word_embeddings.tensor(), None)
     }
 }
 
@@ -324,6 +350,7 @@ impl Gpt2 {
                 config.layernorm_epsilon,
             )?,
             word_embeddings: embedding.word_embeddings.weight.clone(),
+            tp: pb.tp().cloned(),
         };
         Ok(Self {
             config: config.clone(),
@@ -346,7 +373,28 @@ impl Gpt2 {
         candle_deepscale::module::unique_parameters(&self.layers())
     }
 
-    /// Padded-vocabulary logits `[b, t, padded_vocab]` for `ids [b, t]`.
+    /// The tensor-parallel group the model runs in.
+    pub fn tp(&self) -> Option<&TensorParallel> {
+        self.head.tp.as_ref()
+    }
+
+    /// Per-token losses `[b * t]` of (vocabulary-parallel) `logits` against `labels`.
+    pub fn token_losses(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        vocab_parallel_token_losses(logits, labels, self.config.vocab_size, self.tp())
+    }
+
+    /// Mean LM loss of `logits` against `labels`.
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        self.token_losses(logits, labels)?.mean_all()
+    }
+
+    /// Whole real-vocabulary logits `[.., vocab_size]` from this rank's block (all-gathered under
+    /// tensor parallelism, padding dropped).
+    pub fn full_logits(&self, logits: &Tensor) -> Result<Tensor> {
+        gather_from_tp(logits, self.tp())?.narrow(candle_core::D::Minus1, 0, self.config.vocab_size)
+    }
+
+    /// This rank's block of the padded-vocabulary logits `[b, t, padded_vocab / tp]` for `ids [b, t]`.
     pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let x = candle_deepscale::module::forward_layers(
             &self.layers(),
@@ -356,7 +404,8 @@ impl Gpt2 {
         Ok(x.hidden)
     }
 
-    /// Incremental decoding: logits for `ids [b, t]` following the `cache.offset` cached positions.
+    /// Incremental decoding: this rank's logits block for `ids [b, t]` following the `cache.offset`
+    /// cached positions.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let ctx = ForwardCtx::eval();
         if cache.layers.len() != self.blocks.len() {

@@ -1,0 +1,393 @@
+//! In-process ranks: N OS threads of one process sharing a rendezvous.
+//!
+//! Each collective on a group is matched by a per-group sequence number; every member deposits its
+//! buffer, and once all are there each member computes the result itself from the same inputs in
+//! group order (so all ranks get bit-identical results). A member that panics, returns an error or
+//! leaves is marked failed and every rank waiting on it gets an error; a deadline bounds every wait.
+use super::{group_index, reduce_bytes, Communicator, ElemKind, ReduceOp};
+use candle_core::{bail, Error, Result};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+struct Slot {
+    op: &'static str,
+    parts: Vec<Option<Arc<Vec<u8>>>>,
+    taken: usize,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<(Vec<usize>, u64), Slot>,
+    mail: HashMap<(usize, usize, u64), VecDeque<Vec<u8>>>,
+    /// Why a rank stopped taking part (error, panic, or it finished).
+    gone: HashMap<usize, String>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A rank that panicked while holding the lock leaves consistent data (we never panic inside).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The world of in-process ranks.
+#[derive(Clone)]
+pub struct InProcessWorld {
+    shared: Arc<Shared>,
+}
+
+/// One rank's communicator.
+pub struct InProcessComm {
+    rank: usize,
+    shared: Arc<Shared>,
+    seqs: Mutex<HashMap<Vec<usize>, u64>>,
+}
+
+impl InProcessWorld {
+    pub fn new(world: usize, timeout: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                world,
+                timeout,
+                state: Mutex::new(State::default()),
+                cv: Condvar::new(),
+            }),
+        }
+    }
+
+    pub fn comm(&self, rank: usize) -> InProcessComm {
+        InProcessComm {
+            rank,
+            shared: self.shared.clone(),
+            seqs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Marks `rank` as no longer taking part, waking everyone waiting on it.
+    pub fn mark_gone(&self, rank: usize, why: String) {
+        self.shared.lock().gone.insert(rank, why);
+        self.shared.cv.notify_all();
+    }
+
+    /// Runs `f` on `world` ranks, each an OS thread (never a rayon task), and returns each rank's
+    /// result. A rank that errors or panics is reported as such, and its peers' pending collectives
+    /// fail instead of hanging.
+    pub fn run<T, F>(world: usize, timeout: Duration, f: F) -> Vec<Result<T>>
+    where
+        T: Send,
+        F: Fn(Arc<InProcessComm>) -> Result<T> + Send + Sync,
+    {
+        let w = Self::new(world, timeout);
+        let f = &f;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let w = w.clone();
+                    std::thread::Builder::new()
+                        .name(format!("rank-{rank}"))
+                        .spawn_scoped(s, move || {
+                            let comm = Arc::new(w.comm(rank));
+                            let r =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
+                            let r = match r {
+                                Ok(r) => r,
+                                Err(p) => {
+                                    let msg = p
+                                        .downcast_ref::<String>()
+                                        .cloned()
+                                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                        .unwrap_or_else(|| "unknown panic".into());
+                                    Err(Error::Msg(format!("rank {rank} panicked: {msg}")))
+                                }
+                            };
+                            let why = match &r {
+                                Ok(_) => "it finished".to_string(),
+                                Err(e) => format!("it failed: {e}"),
+                            };
+                            w.mark_gone(rank, why);
+                            r
+                        })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(rank, h)| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        Err(Error::Msg(format!("rank {rank} thread was lost")))
+                    }),
+                    Err(e) => Err(Error::Msg(format!("cannot start rank {rank}: {e}"))),
+                })
+                .collect()
+        })
+    }
+}
+
+impl InProcessComm {
+    fn next_seq(&self, group: &[usize]) -> u64 {
+        let mut s = self.seqs.lock().unwrap_or_else(|e| e.into_inner());
+        let e = s.entry(group.to_vec()).or_insert(0);
+        *e += 1;
+        *e
+    }
+
+    fn check_group(&self, group: &[usize], op: &str) -> Result<usize> {
+        if let Some(&bad) = group.iter().find(|&&r| r >= self.shared.world) {
+            bail!(
+                "{op}: rank {bad} in group {group:?} is outside the world of {}",
+                self.shared.world
+            )
+        }
+        group_index(group, self.rank, op)
+    }
+
+    /// Deposits `data`, waits for every member, and returns all parts in group order.
+    fn exchange(
+        &self,
+        op: &'static str,
+        group: &[usize],
+        data: Vec<u8>,
+    ) -> Result<Vec<Arc<Vec<u8>>>> {
+        let me = self.check_group(group, op)?;
+        let key = (group.to_vec(), self.next_seq(group));
+        let deadline = Instant::now() + self.shared.timeout;
+        let mut st = self.shared.lock();
+        {
+            let slot = st.slots.entry(key.clone()).or_insert_with(|| Slot {
+                op,
+                parts: vec![None; group.len()],
+                taken: 0,
+            });
+            if slot.op != op {
+                bail!(
+                    "rank {}: collective mismatch on group {group:?}: this rank called {op} while another called {}",
+                    self.rank,
+                    slot.op
+                )
+            }
+            slot.parts[me] = Some(Arc::new(data));
+        }
+        self.shared.cv.notify_all();
+        loop {
+            let slot = st
+                .slots
+                .get(&key)
+                .expect("slot lives until every member took its result");
+            let missing: Vec<usize> = slot
+                .parts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.is_none())
+                .map(|(i, _)| group[i])
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            if let Some((r, why)) = missing
+                .iter()
+                .find_map(|r| st.gone.get(r).map(|w| (*r, w.clone())))
+            {
+                bail!("rank {}: {op} on group {group:?} cannot complete: peer rank {r} is gone ({why})", self.rank)
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "rank {}: {op} on group {group:?} timed out after {:.1} s waiting for rank(s) {missing:?}",
+                    self.rank,
+                    self.shared.timeout.as_secs_f64()
+                )
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let slot = st.slots.get_mut(&key).expect("slot present");
+        let parts: Vec<Arc<Vec<u8>>> = slot
+            .parts
+            .iter()
+            .map(|p| p.clone().expect("complete"))
+            .collect();
+        slot.taken += 1;
+        if slot.taken == group.len() {
+            st.slots.remove(&key);
+        }
+        Ok(parts)
+    }
+}
+
+impl Communicator for InProcessComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn backend(&self) -> &'static str {
+        "in-process"
+    }
+
+    fn all_reduce_bytes(
+        &self,
+        group: &[usize],
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if group.len() == 1 {
+            self.check_group(group, "all_reduce")?;
+            return if op == ReduceOp::Avg {
+                reduce_bytes(&[&buf.to_vec()], buf, kind, op)
+            } else {
+                Ok(())
+            };
+        }
+        let parts = self.exchange("all_reduce", group, buf.to_vec())?;
+        let views: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        reduce_bytes(&views, buf, kind, op)
+    }
+
+    fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
+        if recv.len() != send.len() * group.len() {
+            bail!(
+                "all_gather: receive buffer of {} bytes for {} x {}",
+                recv.len(),
+                group.len(),
+                send.len()
+            )
+        }
+        let parts = self.exchange("all_gather", group, send.to_vec())?;
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != send.len() {
+                bail!(
+                    "all_gather on group {group:?}: rank {} sent {} bytes, this rank {}",
+                    group[i],
+                    p.len(),
+                    send.len()
+                )
+            }
+            recv[i * send.len()..(i + 1) * send.len()].copy_from_slice(p);
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter_bytes(
+        &self,
+        group: &[usize],
+        send: &[u8],
+        recv: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = recv.len();
+        if send.len() != n * group.len() {
+            bail!(
+                "reduce_scatter: send buffer of {} bytes for {} x {n}",
+                send.len(),
+                group.len()
+            )
+        }
+        let me = self.check_group(group, "reduce_scatter")?;
+        let parts = self.exchange("reduce_scatter", group, send.to_vec())?;
+        let views: Vec<&[u8]> = parts.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
+        reduce_bytes(&views, recv, kind, op)
+    }
+
+    fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
+        let r = group_index(group, root, "broadcast root")?;
+        let me = self.check_group(group, "broadcast")?;
+        let data = if me == r { buf.to_vec() } else { Vec::new() };
+        let parts = self.exchange("broadcast", group, data)?;
+        if parts[r].len() != buf.len() {
+            bail!(
+                "broadcast on group {group:?}: root {root} sent {} bytes, this rank expects {}",
+                parts[r].len(),
+                buf.len()
+            )
+        }
+        buf.copy_from_slice(&parts[r]);
+        Ok(())
+    }
+
+    fn send_bytes(&self, dst: usize, tag: u64, buf: &[u8]) -> Result<()> {
+        if dst >= self.shared.world {
+            bail!(
+                "send: destination rank {dst} is outside the world of {}",
+                self.shared.world
+            )
+        }
+        let mut st = self.shared.lock();
+        if let Some(why) = st.gone.get(&dst) {
+            bail!(
+                "rank {}: send to rank {dst} (tag {tag}): the peer is gone ({why})",
+                self.rank
+            )
+        }
+        st.mail
+            .entry((self.rank, dst, tag))
+            .or_default()
+            .push_back(buf.to_vec());
+        drop(st);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv_bytes(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<()> {
+        if src >= self.shared.world {
+            bail!(
+                "recv: source rank {src} is outside the world of {}",
+                self.shared.world
+            )
+        }
+        let deadline = Instant::now() + self.shared.timeout;
+        let key = (src, self.rank, tag);
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(msg) = st.mail.get_mut(&key).and_then(|q| q.pop_front()) {
+                if msg.len() != buf.len() {
+                    bail!(
+                        "rank {}: recv from rank {src} (tag {tag}): got {} bytes, expected {}",
+                        self.rank,
+                        msg.len(),
+                        buf.len()
+                    )
+                }
+                buf.copy_from_slice(&msg);
+                return Ok(());
+            }
+            if let Some(why) = st.gone.get(&src) {
+                bail!("rank {}: recv from rank {src} (tag {tag}) cannot complete: the peer is gone ({why})", self.rank)
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "rank {}: recv from rank {src} (tag {tag}) timed out after {:.1} s",
+                    self.rank,
+                    self.shared.timeout.as_secs_f64()
+                )
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn barrier(&self, group: &[usize]) -> Result<()> {
+        self.exchange("barrier", group, Vec::new()).map(|_| ())
+    }
+}

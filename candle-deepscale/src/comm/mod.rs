@@ -1,0 +1,268 @@
+//! One communicator trait for every backend: in-process ranks (threads), MPI, NCCL.
+//!
+//! Collectives work on a group (a list of global ranks, in group order) and take raw bytes tagged
+//! with an element kind, so the trait stays object-safe; the typed helpers on `dyn Communicator`
+//! are what callers use. Every collective has a deadline: a dead or stuck peer becomes an error
+//! naming the collective and the peer on every other rank, never a hang.
+mod in_process;
+
+pub use in_process::{InProcessComm, InProcessWorld};
+
+use candle_core::{bail, Result, Tensor};
+use std::time::Duration;
+
+/// The default collective deadline (override with `DEEPSCALE_COMM_TIMEOUT` seconds).
+pub fn default_timeout() -> Duration {
+    std::env::var("DEEPSCALE_COMM_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(300))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Avg,
+}
+
+/// Element types that collectives carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemKind {
+    F32,
+    F64,
+    F16,
+    BF16,
+    I32,
+    I64,
+    U32,
+    U8,
+}
+
+impl ElemKind {
+    pub fn size(self) -> usize {
+        match self {
+            ElemKind::F64 | ElemKind::I64 => 8,
+            ElemKind::F32 | ElemKind::I32 | ElemKind::U32 => 4,
+            ElemKind::F16 | ElemKind::BF16 => 2,
+            ElemKind::U8 => 1,
+        }
+    }
+}
+
+/// A type collectives can carry.
+pub trait Element: bytemuck::Pod + Send + Sync + PartialOrd {
+    const KIND: ElemKind;
+}
+
+macro_rules! element {
+    ($($t:ty => $k:ident),*) => {$(impl Element for $t { const KIND: ElemKind = ElemKind::$k; })*};
+}
+element!(f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16, i32 => I32, i64 => I64, u32 => U32, u8 => U8);
+
+/// Reduces `parts` (one byte buffer per group member, group order) element-wise into `out`, in
+/// that fixed order so every rank computes bit-identical results. Half types accumulate in f32.
+pub fn reduce_bytes(parts: &[&[u8]], out: &mut [u8], kind: ElemKind, op: ReduceOp) -> Result<()> {
+    fn go<T: bytemuck::Pod + PartialOrd>(
+        parts: &[&[u8]],
+        out: &mut [u8],
+        op: ReduceOp,
+        add: impl Fn(T, T) -> T,
+        div: impl Fn(T, usize) -> T,
+    ) {
+        let out: &mut [T] = bytemuck::cast_slice_mut(out);
+        let first: &[T] = bytemuck::cast_slice(parts[0]);
+        out.copy_from_slice(first);
+        for p in &parts[1..] {
+            let p: &[T] = bytemuck::cast_slice(p);
+            for (o, x) in out.iter_mut().zip(p) {
+                *o = match op {
+                    ReduceOp::Sum | ReduceOp::Avg => add(*o, *x),
+                    ReduceOp::Max => {
+                        if *x > *o {
+                            *x
+                        } else {
+                            *o
+                        }
+                    }
+                };
+            }
+        }
+        if op == ReduceOp::Avg {
+            out.iter_mut().for_each(|o| *o = div(*o, parts.len()));
+        }
+    }
+    if parts.is_empty() || parts.iter().any(|p| p.len() != out.len()) {
+        bail!("reduction over buffers of different sizes")
+    }
+    match kind {
+        ElemKind::F32 => go::<f32>(parts, out, op, |a, b| a + b, |a, n| a / n as f32),
+        ElemKind::F64 => go::<f64>(parts, out, op, |a, b| a + b, |a, n| a / n as f64),
+        ElemKind::F16 => go::<half::f16>(
+            parts,
+            out,
+            op,
+            |a, b| half::f16::from_f32(a.to_f32() + b.to_f32()),
+            |a, n| half::f16::from_f32(a.to_f32() / n as f32),
+        ),
+        ElemKind::BF16 => go::<half::bf16>(
+            parts,
+            out,
+            op,
+            |a, b| half::bf16::from_f32(a.to_f32() + b.to_f32()),
+            |a, n| half::bf16::from_f32(a.to_f32() / n as f32),
+        ),
+        ElemKind::I32 => go::<i32>(
+            parts,
+            out,
+            op,
+            |a, b| a.wrapping_add(b),
+            |a, n| a / n as i32,
+        ),
+        ElemKind::I64 => go::<i64>(
+            parts,
+            out,
+            op,
+            |a, b| a.wrapping_add(b),
+            |a, n| a / n as i64,
+        ),
+        ElemKind::U32 => go::<u32>(
+            parts,
+            out,
+            op,
+            |a, b| a.wrapping_add(b),
+            |a, n| a / n as u32,
+        ),
+        ElemKind::U8 => go::<u8>(parts, out, op, |a, b| a.wrapping_add(b), |a, n| a / n as u8),
+    }
+    Ok(())
+}
+
+/// A communicator: this rank's view of the world.
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// `in-process`, `mpi`, `nccl`.
+    fn backend(&self) -> &'static str;
+
+    /// In place, over `group`.
+    fn all_reduce_bytes(
+        &self,
+        group: &[usize],
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// `recv` = every member's `send`, concatenated in group order.
+    fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()>;
+    /// Reduces `send` (group size x `recv.len()`) and keeps this member's chunk.
+    fn reduce_scatter_bytes(
+        &self,
+        group: &[usize],
+        send: &[u8],
+        recv: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// `buf` of the member with global rank `root`, to every member.
+    fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()>;
+    fn send_bytes(&self, dst: usize, tag: u64, buf: &[u8]) -> Result<()>;
+    fn recv_bytes(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<()>;
+    fn barrier(&self, group: &[usize]) -> Result<()>;
+}
+
+/// Typed collectives.
+impl dyn Communicator + '_ {
+    pub fn all_reduce<T: Element>(
+        &self,
+        group: &[usize],
+        data: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.all_reduce_bytes(group, bytemuck::cast_slice_mut(data), T::KIND, op)
+    }
+
+    pub fn all_gather<T: Element>(
+        &self,
+        group: &[usize],
+        send: &[T],
+        recv: &mut [T],
+    ) -> Result<()> {
+        if recv.len() != send.len() * group.len() {
+            bail!(
+                "all_gather: receive buffer of {} for {} x {}",
+                recv.len(),
+                group.len(),
+                send.len()
+            )
+        }
+        self.all_gather_bytes(
+            group,
+            bytemuck::cast_slice(send),
+            bytemuck::cast_slice_mut(recv),
+        )
+    }
+
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        group: &[usize],
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        if send.len() != recv.len() * group.len() {
+            bail!(
+                "reduce_scatter: send buffer of {} for {} x {}",
+                send.len(),
+                group.len(),
+                recv.len()
+            )
+        }
+        self.reduce_scatter_bytes(
+            group,
+            bytemuck::cast_slice(send),
+            bytemuck::cast_slice_mut(recv),
+            T::KIND,
+            op,
+        )
+    }
+
+    pub fn broadcast<T: Element>(
+        &self,
+        group: &[usize],
+        data: &mut [T],
+        root: usize,
+    ) -> Result<()> {
+        self.broadcast_bytes(group, bytemuck::cast_slice_mut(data), root)
+    }
+
+    pub fn send<T: Element>(&self, dst: usize, tag: u64, data: &[T]) -> Result<()> {
+        self.send_bytes(dst, tag, bytemuck::cast_slice(data))
+    }
+
+    pub fn recv<T: Element>(&self, src: usize, tag: u64, data: &mut [T]) -> Result<()> {
+        self.recv_bytes(src, tag, bytemuck::cast_slice_mut(data))
+    }
+
+    /// All-reduce of an f32 tensor (any device; the result on the same device).
+    pub fn all_reduce_tensor(&self, group: &[usize], t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        if group.len() == 1 {
+            return Ok(t.clone());
+        }
+        let mut v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        self.all_reduce(group, &mut v, op)?;
+        Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())
+    }
+}
+
+/// The index of `rank` within `group`, or an error naming both.
+pub fn group_index(group: &[usize], rank: usize, what: &str) -> Result<usize> {
+    group.iter().position(|&r| r == rank).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{what}: rank {rank} is not in group {group:?}"))
+    })
+}

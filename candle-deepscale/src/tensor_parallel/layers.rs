@@ -1,0 +1,206 @@
+//! Tensor-parallel layers (Megatron `mpu/layers.py`). With no tensor-parallel group (or a group of
+//! one) they are plain layers and cost nothing extra.
+use super::mappings::{copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp};
+use super::TensorParallel;
+use crate::nn::{embedding, linear};
+use crate::parameter::{Init, Param, ParamBuilder, ParamOpts, Partition};
+use candle_core::{DType, Result, Tensor};
+
+/// `Y = X A + b` with `A` split by output columns: weight `[out/tp, in]`, bias `[out/tp]`.
+#[derive(Clone, Debug)]
+pub struct ColumnParallelLinear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    gather_output: bool,
+    tp: Option<TensorParallel>,
+}
+
+impl ColumnParallelLinear {
+    pub fn new(
+        pb: &ParamBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init_std: f64,
+        gather_output: bool,
+    ) -> Result<Self> {
+        let split = Some(Partition::Split { dim: 0, stride: 1 });
+        let weight = pb.get(
+            &[out_dim, in_dim],
+            "weight",
+            Init::Normal { std: init_std },
+            ParamOpts {
+                partition: split,
+                ..Default::default()
+            },
+        )?;
+        let bias = if bias {
+            Some(pb.get(
+                &[out_dim],
+                "bias",
+                Init::Zeros,
+                ParamOpts {
+                    partition: split,
+                    no_weight_decay: true,
+                    ..Default::default()
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            gather_output,
+            tp: pb.tp().cloned(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = copy_to_tp(x, self.tp.as_ref())?;
+        let y = linear(
+            &x,
+            self.weight.tensor(),
+            self.bias.as_ref().map(|b| b.tensor()),
+        )?;
+        if self.gather_output {
+            gather_from_tp(&y, self.tp.as_ref())
+        } else {
+            Ok(y)
+        }
+    }
+
+    pub fn parameters(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight)
+            .chain(self.bias.as_ref())
+            .collect()
+    }
+}
+
+/// `Y = X A + b` with `A` split by input rows: weight `[out, in/tp]`, bias replicated.
+#[derive(Clone, Debug)]
+pub struct RowParallelLinear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    input_is_parallel: bool,
+    tp: Option<TensorParallel>,
+}
+
+impl RowParallelLinear {
+    pub fn new(
+        pb: &ParamBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init_std: f64,
+        input_is_parallel: bool,
+    ) -> Result<Self> {
+        let weight = pb.get(
+            &[out_dim, in_dim],
+            "weight",
+            Init::Normal { std: init_std },
+            ParamOpts {
+                partition: Some(Partition::Split { dim: 1, stride: 1 }),
+                ..Default::default()
+            },
+        )?;
+        let bias = if bias {
+            Some(pb.get(
+                &[out_dim],
+                "bias",
+                Init::Zeros,
+                ParamOpts {
+                    no_weight_decay: true,
+                    ..Default::default()
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            input_is_parallel,
+            tp: pb.tp().cloned(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.input_is_parallel {
+            x.clone()
+        } else {
+            scatter_to_tp(x, self.tp.as_ref())?
+        };
+        let y = reduce_from_tp(&linear(&x, self.weight.tensor(), None)?, self.tp.as_ref())?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b.tensor()),
+            None => Ok(y),
+        }
+    }
+
+    pub fn parameters(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight)
+            .chain(self.bias.as_ref())
+            .collect()
+    }
+}
+
+/// Embedding split by vocabulary rows: rank r holds rows `[r V/tp, (r+1) V/tp)`; ids outside are
+/// looked up as zero rows and the partial results are all-reduced.
+#[derive(Clone, Debug)]
+pub struct VocabParallelEmbedding {
+    pub weight: Param,
+    tp: Option<TensorParallel>,
+}
+
+impl VocabParallelEmbedding {
+    pub fn new(
+        pb: &ParamBuilder,
+        rows: usize,
+        dim: usize,
+        std: f64,
+        opts: ParamOpts,
+    ) -> Result<Self> {
+        let opts = ParamOpts {
+            partition: Some(Partition::Split { dim: 0, stride: 1 }),
+            ..opts
+        };
+        Ok(Self {
+            weight: pb.get(&[rows, dim], "weight", Init::Normal { std }, opts)?,
+            tp: pb.tp().cloned(),
+        })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let table = self.weight.tensor();
+        let Some(tp) = self.tp.as_ref().filter(|t| t.size() > 1) else {
+            return embedding(table, ids);
+        };
+        let local = table.dim(0)?;
+        let start = (tp.rank * local) as u32;
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let (local_ids, mask): (Vec<u32>, Vec<f32>) = flat
+            .iter()
+            .map(|&i| {
+                if i >= start && i < start + local as u32 {
+                    (i - start, 1.0)
+                } else {
+                    (0, 0.0)
+                }
+            })
+            .unzip();
+        let dev = ids.device();
+        let local_ids = Tensor::from_vec(local_ids, ids.shape(), dev)?;
+        let mut mshape = ids.dims().to_vec();
+        mshape.push(1);
+        let mask = Tensor::from_vec(mask, mshape, dev)?.to_dtype(table.dtype())?;
+        let e = embedding(table, &local_ids)?.broadcast_mul(&mask)?;
+        reduce_from_tp(&e, Some(tp))
+    }
+
+    /// This rank's first vocabulary row.
+    pub fn vocab_start(&self) -> usize {
+        let (_, rank) = super::size_rank(self.tp.as_ref());
+        rank * self.weight.tensor().dims()[0]
+    }
+}
