@@ -236,7 +236,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     // Model.
     let (model, cfg) = match &hf_dir {
         Some(d) => {
-            let (m, _) = zoo::hub::load_gpt2_with(d, &device, |c| {
+            let (m, _) = zoo::hub::load_gpt2_tp(d, &device, None, |c| {
                 c.hidden_dropout = a.hidden_dropout;
                 c.attention_dropout = a.attention_dropout;
             })?;

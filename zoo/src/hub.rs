@@ -5,6 +5,7 @@ use crate::weights::SafetensorsFiles;
 use crate::{bert, gpt2};
 use candle_core::{bail, DType, Device, Error, Result};
 use candle_deepscale::parameter::ParamBuilder;
+use candle_deepscale::tensor_parallel::TensorParallel;
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 
@@ -137,30 +138,45 @@ pub fn detect_arch(dir: &Path) -> Result<Arch> {
 
 /// Loads an HF GPT-2 folder: model (f32 on `device`) and tokenizer.
 pub fn load_gpt2(dir: &Path, device: &Device) -> Result<(gpt2::Gpt2, Tokenizer)> {
-    load_gpt2_with(dir, device, |_| {})
+    load_gpt2_tp(dir, device, None, |_| {})
 }
 
-/// As [`load_gpt2`], with the config adjusted before the model is built (dropout rates, ...).
-pub fn load_gpt2_with(
+/// As [`load_gpt2`], as one rank of the tensor-parallel group `tp` (reading only its slices), with
+/// the config adjusted before the model is built (dropout rates, ...).
+pub fn load_gpt2_tp(
     dir: &Path,
     device: &Device,
+    tp: Option<TensorParallel>,
     adjust: impl FnOnce(&mut gpt2::Config),
 ) -> Result<(gpt2::Gpt2, Tokenizer)> {
     let mut config = gpt2::Config::from_hf_json(&dir.join("config.json"))?;
     adjust(&mut config);
     let tokenizer = Tokenizer::from_dir(dir)?;
     let source = gpt2::hf::HfSource::new(SafetensorsFiles::open_dir(dir)?, &config)?;
-    let model = gpt2::Gpt2::new(&config, &ParamBuilder::new(&source, device, DType::F32))?;
+    let pb = ParamBuilder::new(&source, device, DType::F32).with_tp(tp);
+    let model = gpt2::Gpt2::new(&config, &pb)?;
     Ok((model, tokenizer))
 }
 
 /// Loads an HF BERT folder: model (heads as present in the checkpoint) and tokenizer.
 pub fn load_bert(dir: &Path, device: &Device) -> Result<(bert::Bert, Tokenizer)> {
+    load_bert_tp(dir, device, None)
+}
+
+/// As [`load_bert`], as one rank of the tensor-parallel group `tp`.
+pub fn load_bert_tp(
+    dir: &Path,
+    device: &Device,
+    tp: Option<TensorParallel>,
+) -> Result<(bert::Bert, Tokenizer)> {
     let mut config = bert::Config::from_hf_json(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let files = SafetensorsFiles::open_dir(dir)?;
     bert::hf::HfSource::detect_heads(&files, &mut config);
     let source = bert::hf::HfSource::new(files, &config)?;
-    let model = bert::Bert::new(&config, &ParamBuilder::new(&source, device, DType::F32))?;
+    let model = bert::Bert::new(
+        &config,
+        &ParamBuilder::new(&source, device, DType::F32).with_tp(tp),
+    )?;
     Ok((model, tokenizer))
 }

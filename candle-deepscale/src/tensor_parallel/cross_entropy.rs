@@ -43,21 +43,24 @@ pub fn vocab_parallel_token_losses(
         .flatten_all()?
         .to_dtype(DType::U32)?
         .to_vec1::<u32>()?;
-    let (idx, mask): (Vec<u32>, Vec<f32>) = labels
+    let (idx, mask): (Vec<u32>, Vec<u8>) = labels
         .iter()
         .map(|&l| {
             let l = l as usize;
             if l >= start && l < start + local {
-                ((l - start) as u32, 1.0)
+                ((l - start) as u32, 1)
             } else {
-                (0, 0.0)
+                (0, 0)
             }
         })
         .unzip();
     let n = idx.len();
     let idx = Tensor::from_vec(idx, (n, 1), &dev)?;
     let mask = Tensor::from_vec(mask, (n, 1), &dev)?;
-    let target = reduce_from_tp(&shifted.gather(&idx, 1)?.mul(&mask)?, Some(tp))?;
+    // Select, not multiply: a shard of pure padding holds -inf, and -inf * 0 is NaN.
+    let picked = shifted.gather(&idx, 1)?;
+    let target = mask.where_cond(&picked, &picked.zeros_like()?)?;
+    let target = reduce_from_tp(&target, Some(tp))?;
     sum_exp.log()?.sub(&target)?.squeeze(1)
 }
 
