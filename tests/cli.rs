@@ -412,3 +412,96 @@ fn pretrain_gpt2_logs_metrics_lowers_loss_and_exports_hf() {
     );
     assert_error(&bad, &["/nonexistent/vocab.json"]);
 }
+
+#[test]
+fn evaluate_and_generate_agree_across_tensor_parallel_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_dir(tmp.path());
+    let d = tmp.path().to_str().unwrap();
+    let text = "Tensor parallel evaluation must give the same loss whatever the layout, window after window of text.";
+    let mut losses = Vec::new();
+    let mut tokens = Vec::new();
+    for (world, tp) in [("1", "1"), ("2", "2"), ("4", "4"), ("4", "2")] {
+        let v = last_json(&deepscale(
+            &[
+                "evaluate",
+                "--task",
+                "loss",
+                "--hf-dir",
+                d,
+                "--text",
+                text,
+                "--world-size",
+                world,
+                "--model-parallel-size",
+                tp,
+                "--json",
+            ],
+            &[],
+        ));
+        assert_eq!(v["world_size"].to_string(), world);
+        assert_eq!(v["tp"].to_string(), tp);
+        assert_eq!(
+            v["dp"],
+            world.parse::<usize>().unwrap() / tp.parse::<usize>().unwrap()
+        );
+        losses.push(v["loss"].as_f64().unwrap());
+        let g = last_json(&deepscale(
+            &[
+                "generate",
+                "--hf-dir",
+                d,
+                "--prompt",
+                "Hello",
+                "--greedy",
+                "--out-seq-length",
+                "16",
+                "--world-size",
+                world,
+                "--tensor-model-parallel-size",
+                tp,
+                "--json",
+            ],
+            &[],
+        ));
+        tokens.push(g["token_ids"].clone());
+    }
+    for (l, t) in losses.iter().zip(&tokens) {
+        assert!((l - losses[0]).abs() <= 1e-5 * losses[0], "{losses:?}");
+        assert_eq!(t, &tokens[0]);
+    }
+    let bad = deepscale(
+        &[
+            "evaluate",
+            "--task",
+            "loss",
+            "--hf-dir",
+            d,
+            "--text",
+            text,
+            "--world-size",
+            "3",
+            "--model-parallel-size",
+            "2",
+        ],
+        &[],
+    );
+    assert_error(&bad, &["--world-size 3"]);
+    let bad = deepscale(
+        &[
+            "evaluate",
+            "--task",
+            "loss",
+            "--hf-dir",
+            d,
+            "--text",
+            text,
+            "--world-size",
+            "8",
+            "--model-parallel-size",
+            "8",
+        ],
+        &[],
+    );
+    assert_error(&bad, &["tensor-parallel size 8"]);
+}

@@ -51,10 +51,10 @@ impl LayoutArgs {
         if w % (tp * pp) != 0 {
             bail!("--world-size {w} is not divisible by model-parallel size {tp} x pipe-parallel size {pp}")
         }
-        if w > 1 {
+        if pp > 1 {
             bail!(
-                "not supported: --world-size {w}, because this build runs a single rank; \
-                 in-process ranks arrive with the parallel runtime"
+                "not supported: --pipe-parallel-size {pp}, because the pipeline engine is not built yet \
+                 (tensor and data parallel layouts are)"
             )
         }
         Ok(Layout {

@@ -41,23 +41,29 @@ pub fn run(a: EvaluateArgs) -> Result<()> {
     };
     match a.task {
         Task::Loss => {
-            let (model, tok) = crate::models::load_gpt2(&a.model, &Device::Cpu)?;
-            let ids = tok.encode(&text, false)?;
-            let r = zoo::evaluation::lm_loss(&model, &ids)?;
+            let dir = crate::models::gpt2_dir(&a.model)?;
+            let r = crate::launch::launch(&layout, |ctx| {
+                let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+                let ids = tok.encode(&text, false)?;
+                Ok(zoo::evaluation::lm_loss_dp(
+                    &model,
+                    &ids,
+                    ctx.dp()?.as_ref(),
+                )?)
+            })?;
             eprintln!(
                 "evaluate: loss {:.6} (ppl {:.3}) over {} tokens",
                 r.loss, r.perplexity, r.tokens
             );
-            let mut v = serde_json::to_value(&r)?;
-            v["task"] = json!("loss");
-            if !a.json {
+            if a.json {
+                let mut v = serde_json::to_value(&r)?;
+                v["task"] = json!("loss");
+                print_json(v, &layout);
+            } else {
                 println!(
                     "loss {:.6} perplexity {:.4} tokens {}",
                     r.loss, r.perplexity, r.tokens
                 );
-            }
-            if a.json {
-                print_json(v, &layout);
             }
         }
     }

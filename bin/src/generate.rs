@@ -49,39 +49,52 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_some() && a.sample_input_file.is_some() {
         bail!("give either --prompt or --sample-input-file, not both")
     }
-    let device = Device::Cpu;
-    let (model, tok) = crate::models::load_gpt2(&a.model, &device)?;
-    let cfg = SamplingConfig {
-        greedy: a.greedy,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        max_new_tokens: a.out_seq_length,
-        seed: a.seed,
-        stop_token: tok.eod_id,
-        use_cache: !a.no_kv_cache,
+    let prompts: Vec<String> = match &a.sample_input_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --sample-input-file {}", path.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect(),
+        None => vec![a.prompt.clone().unwrap_or_default()],
     };
-    cfg.validate()?;
-    let one = |prompt: &str| -> Result<serde_json::Value> {
-        let mut ids = tok.encode(prompt, false)?;
-        if ids.is_empty() {
-            let Some(eod) = tok.eod_id else {
-                bail!("empty prompt and the tokenizer has no end-of-document token to start from")
-            };
-            ids.push(eod);
-        }
-        let out = generate(&model, &ids, &cfg)?;
-        let text = tok.decode(&out)?;
-        Ok(json!({"prompt": prompt, "prompt_ids": ids, "text": text, "token_ids": out}))
-    };
-    if let Some(path) = &a.sample_input_file {
-        let input = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --sample-input-file {}", path.display()))?;
-        let mut lines = Vec::new();
-        for (i, prompt) in input.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-            eprintln!("generate: sample {}", i + 1);
-            lines.push(one(prompt)?.to_string());
-        }
+    let dir = crate::models::gpt2_dir(&a.model)?;
+    // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.
+    let results = crate::launch::launch(&layout, |ctx| {
+        let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+        let cfg = SamplingConfig {
+            greedy: a.greedy,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            max_new_tokens: a.out_seq_length,
+            seed: a.seed,
+            stop_token: tok.eod_id,
+            use_cache: !a.no_kv_cache,
+        };
+        cfg.validate()?;
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                if ctx.is_root() && prompts.len() > 1 {
+                    eprintln!("generate: sample {}", i + 1);
+                }
+                let mut ids = tok.encode(prompt, false)?;
+                if ids.is_empty() {
+                    let Some(eod) = tok.eod_id else {
+                        bail!("empty prompt and the tokenizer has no end-of-document token to start from")
+                    };
+                    ids.push(eod);
+                }
+                let out = generate(&model, &ids, &cfg)?;
+                let text = tok.decode(&out)?;
+                Ok(json!({"prompt": prompt, "prompt_ids": ids, "text": text, "token_ids": out}))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    if a.sample_input_file.is_some() {
+        let lines: Vec<String> = results.iter().map(|r| r.to_string()).collect();
         match &a.sample_output_file {
             Some(out) => {
                 let mut f = std::fs::File::create(out).with_context(|| {
@@ -102,7 +115,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let result = one(a.prompt.as_deref().unwrap_or(""))?;
+    let result = results.into_iter().next().unwrap_or_default();
     if a.json {
         print_json(result, &layout);
     } else {

@@ -2,6 +2,7 @@
 mod args;
 mod evaluate;
 mod generate;
+mod launch;
 mod metrics;
 mod models;
 mod pretrain_gpt2;

@@ -185,6 +185,13 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 
 pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
+    if layout.world_size > 1 {
+        bail!(
+            "not supported: --world-size {} for pretrain-gpt2 yet, because distributed training \
+             arrives with the training engine (generate and evaluate run on several ranks already)",
+            layout.world_size
+        )
+    }
     let device = Device::Cpu;
     let assets = assets_dir();
     let vocab = a

@@ -266,3 +266,37 @@ pub fn group_index(group: &[usize], rank: usize, what: &str) -> Result<usize> {
         candle_core::Error::Msg(format!("{what}: rank {rank} is not in group {group:?}"))
     })
 }
+
+/// A group of ranks as seen from one member: the communicator, the members' global ranks in group
+/// order, and this rank's index among them.
+#[derive(Clone)]
+pub struct ProcessGroup {
+    pub comm: std::sync::Arc<dyn Communicator>,
+    pub group: Vec<usize>,
+    pub rank: usize,
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProcessGroup(member {} of {:?})", self.rank, self.group)
+    }
+}
+
+impl ProcessGroup {
+    pub fn new(comm: std::sync::Arc<dyn Communicator>, group: Vec<usize>) -> Result<Self> {
+        let rank = group_index(&group, comm.rank(), "process group")?;
+        Ok(Self { comm, group, rank })
+    }
+
+    pub fn size(&self) -> usize {
+        self.group.len()
+    }
+
+    /// Sum (or max/avg) of `data` over the group, in place.
+    pub fn all_reduce<T: Element>(&self, data: &mut [T], op: ReduceOp) -> Result<()> {
+        if self.size() == 1 && op != ReduceOp::Avg {
+            return Ok(());
+        }
+        self.comm.all_reduce(&self.group, data, op)
+    }
+}

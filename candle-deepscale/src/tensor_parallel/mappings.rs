@@ -50,7 +50,7 @@ fn all_gather_last(tp: &TensorParallel, t: &Tensor) -> Result<Tensor> {
 
 fn own_slice_last(tp: &TensorParallel, t: &Tensor) -> Result<Tensor> {
     let w = t.dim(D::Minus1)?;
-    if w % tp.size() != 0 {
+    if !w.is_multiple_of(tp.size()) {
         bail!(
             "last dimension {w} is not divisible by tensor-parallel size {}",
             tp.size()
@@ -108,7 +108,7 @@ impl CustomOp1 for ScatterToTp {
         let dims = l.shape().dims().to_vec();
         let w = *dims.last().unwrap_or(&1);
         let n = self.0.size();
-        if w % n != 0 {
+        if !w.is_multiple_of(n) {
             bail!("scatter-to-tp: last dimension {w} is not divisible by tensor-parallel size {n}")
         }
         let lw = w / n;
