@@ -40,11 +40,18 @@ pub struct Layout {
 
 impl LayoutArgs {
     pub fn layout(&self) -> Result<Layout> {
-        let (w, tp, pp) = (
+        let (mut w, tp, pp) = (
             self.world_size,
             self.model_parallel_size,
             self.pipe_parallel_size,
         );
+        if let Some(n) = crate::launch::mpi_world_size() {
+            // Under mpirun the processes are the ranks.
+            if w != 1 && w != n {
+                bail!("--world-size {w} disagrees with the {n} processes mpirun started")
+            }
+            w = n;
+        }
         if w == 0 || tp == 0 || pp == 0 {
             bail!("--world-size, --model-parallel-size and --pipe-parallel-size must be positive")
         }

@@ -42,7 +42,7 @@ pub fn run(a: EvaluateArgs) -> Result<()> {
     match a.task {
         Task::Loss => {
             let dir = crate::models::gpt2_dir(&a.model)?;
-            let r = crate::launch::launch(&layout, |ctx| {
+            let Some(r) = crate::launch::launch(&layout, |ctx| {
                 let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
                 let ids = tok.encode(&text, false)?;
                 Ok(zoo::evaluation::lm_loss_dp(
@@ -50,7 +50,10 @@ pub fn run(a: EvaluateArgs) -> Result<()> {
                     &ids,
                     ctx.dp()?.as_ref(),
                 )?)
-            })?;
+            })?
+            else {
+                return Ok(());
+            };
             eprintln!(
                 "evaluate: loss {:.6} (ppl {:.3}) over {} tokens",
                 r.loss, r.perplexity, r.tokens

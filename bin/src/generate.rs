@@ -60,7 +60,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let dir = crate::models::gpt2_dir(&a.model)?;
     // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.
-    let results = crate::launch::launch(&layout, |ctx| {
+    let Some(results) = crate::launch::launch(&layout, |ctx| {
         let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
         let cfg = SamplingConfig {
             greedy: a.greedy,
@@ -92,7 +92,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 Ok(json!({"prompt": prompt, "prompt_ids": ids, "text": text, "token_ids": out}))
             })
             .collect::<Result<Vec<_>>>()
-    })?;
+    })?
+    else {
+        return Ok(());
+    };
     if a.sample_input_file.is_some() {
         let lines: Vec<String> = results.iter().map(|r| r.to_string()).collect();
         match &a.sample_output_file {

@@ -37,19 +37,64 @@ impl RankCtx {
     }
 }
 
-/// Runs `f` on every rank of `layout` and returns rank 0's result. When ranks fail, the error
-/// returned is the root cause (a rank's own failure), not a peer's "rank X is gone".
+/// The world size given by an MPI launcher, if this process was started by one.
+pub fn mpi_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .and_then(|s| s.parse().ok())
+}
+
+#[cfg(feature = "mpi")]
+fn launch_mpi<T>(topo: Topology, f: impl Fn(RankCtx) -> Result<T>) -> Result<Option<T>> {
+    use candle_deepscale::comm::mpi::MpiComm;
+    let comm = Arc::new(MpiComm::init(default_timeout())?);
+    let rank = comm.rank();
+    if comm.world_size() != topo.world_size() {
+        comm.abort(&format!(
+            "mpirun started {} processes but the layout needs {}",
+            comm.world_size(),
+            topo.world_size()
+        ))
+    }
+    let dyn_comm: Arc<dyn Communicator> = comm.clone();
+    match f(RankCtx {
+        rank,
+        topo,
+        comm: Some(dyn_comm),
+    }) {
+        Ok(v) => Ok((rank == 0).then_some(v)),
+        // Open MPI cannot recover a communicator once a member leaves mid-collective.
+        Err(e) if comm.world_size() > 1 => comm.abort(&format!("{e:#}")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `f` on every rank of `layout` and returns rank 0's result (`None` on the other processes of
+/// an MPI job). When in-process ranks fail, the error returned is the root cause (a rank's own
+/// failure), not a peer's "rank X is gone"; under MPI a failing rank aborts the job.
 pub fn launch<T: Send>(
     layout: &Layout,
     f: impl Fn(RankCtx) -> Result<T> + Send + Sync,
-) -> Result<T> {
+) -> Result<Option<T>> {
     let topo = Topology::new(layout.pp, layout.dp, layout.tp)?;
+    if mpi_world_size().is_some() {
+        #[cfg(feature = "mpi")]
+        return launch_mpi(topo, f);
+        #[cfg(not(feature = "mpi"))]
+        if layout.world_size > 1 {
+            anyhow::bail!(
+                "started by mpirun, but this deepscale was built without the `mpi` feature (cargo build --features mpi)"
+            )
+        }
+    }
     if layout.world_size == 1 {
         return f(RankCtx {
             rank: 0,
             topo,
             comm: None,
-        });
+        })
+        .map(Some);
     }
     let results = InProcessWorld::run(layout.world_size, default_timeout(), |comm| {
         let rank = comm.rank();
@@ -77,5 +122,6 @@ pub fn launch<T: Send>(
     {
         return Err(anyhow!("{cause}"));
     }
-    root.ok_or_else(|| anyhow!("rank 0 produced no result"))
+    root.map(Some)
+        .ok_or_else(|| anyhow!("rank 0 produced no result"))
 }

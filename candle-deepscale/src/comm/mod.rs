@@ -5,6 +5,8 @@
 //! are what callers use. Every collective has a deadline: a dead or stuck peer becomes an error
 //! naming the collective and the peer on every other rank, never a hang.
 mod in_process;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 pub use in_process::{InProcessComm, InProcessWorld};
 

@@ -1,0 +1,316 @@
+//! The Open MPI backend (feature `mpi`): one rank per process, launched by `mpirun`.
+//!
+//! Open MPI has no fault tolerance, so every operation is issued non-blocking and polled against a
+//! deadline; a rank that times out (or whose caller fails, see [`MpiComm::abort`]) ends the whole job
+//! with `MPI_Abort` and a message naming the collective: never a hang. Sub-group communicators are
+//! created on first use with `MPI_Comm_create_group`, which only the group's members call.
+use super::{group_index, reduce_bytes, Communicator, ElemKind, ReduceOp};
+use candle_core::{bail, Error, Result};
+use mpi::collective::SystemOperation;
+use mpi::environment::{Threading, Universe};
+use mpi::request::{Request, Scope};
+use mpi::topology::{Communicator as _, Group as _, SimpleCommunicator};
+use mpi::traits::*;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// True when this process was started by an MPI launcher.
+pub fn launched_by_mpirun() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}
+
+pub struct MpiComm {
+    world: SimpleCommunicator,
+    groups: Mutex<HashMap<Vec<usize>, SimpleCommunicator>>,
+    /// MPI runs at `MPI_THREAD_SERIALIZED`: one call at a time.
+    lock: Mutex<()>,
+    timeout: Duration,
+    rank: usize,
+    size: usize,
+    // Dropped last: finalises MPI.
+    _universe: Universe,
+}
+
+// SAFETY: every MPI call goes through `lock` (MPI_THREAD_SERIALIZED), and the handles are plain
+// integers/pointers owned by the MPI library for the life of the universe.
+unsafe impl Send for MpiComm {}
+unsafe impl Sync for MpiComm {}
+
+impl MpiComm {
+    /// Initialises MPI (once per process).
+    pub fn init(timeout: Duration) -> Result<Self> {
+        let Some((universe, level)) = mpi::initialize_with_threading(Threading::Serialized) else {
+            bail!("MPI is already initialised in this process")
+        };
+        if level < Threading::Serialized {
+            bail!("this MPI library offers threading level {level:?}; DeepScale needs Serialized")
+        }
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        Ok(Self {
+            world,
+            groups: Mutex::new(HashMap::new()),
+            lock: Mutex::new(()),
+            timeout,
+            rank,
+            size,
+            _universe: universe,
+        })
+    }
+
+    /// Ends the whole job with a message: the only safe way out of a failed collective in MPI.
+    pub fn abort(&self, msg: &str) -> ! {
+        eprintln!("deepscale rank {}: {msg}; aborting the MPI job", self.rank);
+        self.world.abort(1)
+    }
+
+    fn with_group<R>(
+        &self,
+        group: &[usize],
+        op: &str,
+        f: impl FnOnce(&SimpleCommunicator) -> R,
+    ) -> Result<R> {
+        group_index(group, self.rank, op)?;
+        if let Some(&bad) = group.iter().find(|&&r| r >= self.size) {
+            bail!(
+                "{op}: rank {bad} in group {group:?} is outside the world of {}",
+                self.size
+            )
+        }
+        if group.len() == self.size && group.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(f(&self.world));
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if !groups.contains_key(group) {
+            let ranks: Vec<i32> = group.iter().map(|&r| r as i32).collect();
+            let g = self.world.group().include(&ranks);
+            // A tag per group keeps concurrent creations of different groups apart.
+            let tag = (group
+                .iter()
+                .fold(17usize, |h, r| h.wrapping_mul(31).wrapping_add(*r))
+                % 30000) as i32;
+            let comm = self
+                .world
+                .split_by_subgroup_with_tag(&g, tag)
+                .ok_or_else(|| {
+                    Error::Msg(format!(
+                        "{op}: cannot create a communicator for group {group:?}"
+                    ))
+                })?;
+            groups.insert(group.to_vec(), comm);
+        }
+        Ok(f(&groups[group]))
+    }
+
+    /// Polls `req` until it completes or the deadline passes (then aborts the job).
+    fn wait<'a, R: ?Sized, S: Scope<'a>>(
+        &self,
+        op: &str,
+        group: &[usize],
+        mut req: Request<'a, R, S>,
+    ) {
+        let deadline = Instant::now() + self.timeout;
+        let mut spins = 0u32;
+        loop {
+            match req.test() {
+                Ok(_) => return,
+                Err(r) => req = r,
+            }
+            if Instant::now() >= deadline {
+                self.abort(&format!(
+                    "{op} on group {group:?} timed out after {:.1} s (a peer died or stalled)",
+                    self.timeout.as_secs_f64()
+                ))
+            }
+            spins += 1;
+            if spins > 1000 {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn gather_all(&self, op: &'static str, group: &[usize], send: &[u8]) -> Result<Vec<u8>> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recv = vec![0u8; send.len() * group.len()];
+        self.with_group(group, op, |c| {
+            mpi::request::scope(|scope| {
+                let req = c.immediate_all_gather_into(scope, send, &mut recv[..]);
+                self.wait(op, group, req);
+            })
+        })?;
+        Ok(recv)
+    }
+}
+
+fn native_op(op: ReduceOp) -> SystemOperation {
+    match op {
+        ReduceOp::Max => SystemOperation::max(),
+        _ => SystemOperation::sum(),
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn all_reduce_bytes(
+        &self,
+        group: &[usize],
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        if group.len() == 1 {
+            return group_index(group, self.rank, "all_reduce").map(|_| ());
+        }
+        if matches!(kind, ElemKind::F32 | ElemKind::F64) && op != ReduceOp::Avg {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let send = buf.to_vec();
+            return self.with_group(group, "all_reduce", |c| {
+                mpi::request::scope(|scope| {
+                    let req = match kind {
+                        ElemKind::F32 => c.immediate_all_reduce_into(
+                            scope,
+                            bytemuck::cast_slice::<u8, f32>(&send),
+                            bytemuck::cast_slice_mut::<u8, f32>(buf),
+                            native_op(op),
+                        ),
+                        _ => {
+                            let req = c.immediate_all_reduce_into(
+                                scope,
+                                bytemuck::cast_slice::<u8, f64>(&send),
+                                bytemuck::cast_slice_mut::<u8, f64>(buf),
+                                native_op(op),
+                            );
+                            self.wait("all_reduce", group, req);
+                            return;
+                        }
+                    };
+                    self.wait("all_reduce", group, req);
+                })
+            });
+        }
+        // Other types and averages: gather, then reduce locally in group order (bit-identical).
+        let all = self.gather_all("all_reduce", group, buf)?;
+        let parts: Vec<&[u8]> = all.chunks(buf.len()).collect();
+        reduce_bytes(&parts, buf, kind, op)
+    }
+
+    fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
+        if recv.len() != send.len() * group.len() {
+            bail!(
+                "all_gather: receive buffer of {} bytes for {} x {}",
+                recv.len(),
+                group.len(),
+                send.len()
+            )
+        }
+        recv.copy_from_slice(&self.gather_all("all_gather", group, send)?);
+        Ok(())
+    }
+
+    fn reduce_scatter_bytes(
+        &self,
+        group: &[usize],
+        send: &[u8],
+        recv: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = recv.len();
+        if send.len() != n * group.len() {
+            bail!(
+                "reduce_scatter: send buffer of {} bytes for {} x {n}",
+                send.len(),
+                group.len()
+            )
+        }
+        let me = group_index(group, self.rank, "reduce_scatter")?;
+        let mut all = send.to_vec();
+        self.all_reduce_bytes(group, &mut all, kind, op)?;
+        recv.copy_from_slice(&all[me * n..(me + 1) * n]);
+        Ok(())
+    }
+
+    fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
+        let r = group_index(group, root, "broadcast root")? as i32;
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.with_group(group, "broadcast", |c| {
+            mpi::request::scope(|scope| {
+                let req = c.process_at_rank(r).immediate_broadcast_into(scope, buf);
+                self.wait("broadcast", group, req);
+            })
+        })
+    }
+
+    fn send_bytes(&self, dst: usize, tag: u64, buf: &[u8]) -> Result<()> {
+        if dst >= self.size {
+            bail!(
+                "send: destination rank {dst} is outside the world of {}",
+                self.size
+            )
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        mpi::request::scope(|scope| {
+            let req = self
+                .world
+                .process_at_rank(dst as i32)
+                .immediate_send_with_tag(scope, buf, (tag % 30000) as i32);
+            self.wait(
+                &format!("send to rank {dst} (tag {tag})"),
+                &[self.rank, dst],
+                req,
+            );
+        });
+        Ok(())
+    }
+
+    fn recv_bytes(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<()> {
+        if src >= self.size {
+            bail!(
+                "recv: source rank {src} is outside the world of {}",
+                self.size
+            )
+        }
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        mpi::request::scope(|scope| {
+            let req = self
+                .world
+                .process_at_rank(src as i32)
+                .immediate_receive_into_with_tag(scope, buf, (tag % 30000) as i32);
+            self.wait(
+                &format!("recv from rank {src} (tag {tag})"),
+                &[src, self.rank],
+                req,
+            );
+        });
+        Ok(())
+    }
+
+    fn barrier(&self, group: &[usize]) -> Result<()> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.with_group(group, "barrier", |c| {
+            let req = c.immediate_barrier();
+            self.wait("barrier", group, req);
+        })
+    }
+}
