@@ -5,102 +5,14 @@ use candle_deepscale::topology::Topology;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Rank r's input: 12 values that differ per rank and per position.
-fn input(rank: usize) -> Vec<f32> {
-    (0..12)
-        .map(|i| (rank as f32 + 1.0) * 0.37 + (i as f32) * 1.3 - (rank * i) as f32 * 0.11)
-        .collect()
-}
-
-fn reference_reduce(group: &[usize], op: ReduceOp) -> Vec<f32> {
-    let mut out = input(group[0]);
-    for &r in &group[1..] {
-        for (o, x) in out.iter_mut().zip(input(r)) {
-            *o = match op {
-                ReduceOp::Max => o.max(x),
-                _ => *o + x,
-            };
-        }
-    }
-    if op == ReduceOp::Avg {
-        out.iter_mut().for_each(|o| *o /= group.len() as f32);
-    }
-    out
-}
+#[path = "common/collectives.rs"]
+mod collectives;
 
 #[test]
 fn collectives_on_grid_subgroups_match_reference() {
     let topo = Topology::new(2, 2, 2).unwrap();
     let results = InProcessWorld::run(8, Duration::from_secs(30), |comm| {
-        let c: &dyn Communicator = comm.as_ref();
-        let r = c.rank();
-        for group in [
-            topo.model_group(r),
-            topo.data_group(r),
-            topo.pipe_group(r),
-            (0..8).collect(),
-        ] {
-            for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg] {
-                let mut v = input(r);
-                c.all_reduce(&group, &mut v, op)?;
-                assert_eq!(
-                    v,
-                    reference_reduce(&group, op),
-                    "all_reduce {op:?} on {group:?}"
-                );
-            }
-            let mut all = vec![0f32; 12 * group.len()];
-            c.all_gather(&group, &input(r), &mut all)?;
-            let want: Vec<f32> = group.iter().flat_map(|&g| input(g)).collect();
-            assert_eq!(all, want, "all_gather on {group:?}");
-
-            let me = group.iter().position(|&g| g == r).unwrap();
-            let chunk = 12 / group.len();
-            let send: Vec<f32> = (0..group.len())
-                .flat_map(|_| input(r)[..chunk].to_vec())
-                .collect();
-            let mut part = vec![0f32; chunk];
-            // Every member sends group.len() copies of its first `chunk` values: chunk i reduced.
-            c.reduce_scatter(&group, &send, &mut part, ReduceOp::Sum)?;
-            assert_eq!(
-                part,
-                reference_reduce(&group, ReduceOp::Sum)[..chunk].to_vec(),
-                "reduce_scatter on {group:?} (member {me})"
-            );
-
-            let root = *group.last().unwrap();
-            let mut b = if r == root { input(r) } else { vec![0f32; 12] };
-            c.broadcast(&group, &mut b, root)?;
-            assert_eq!(b, input(root), "broadcast on {group:?}");
-            c.barrier(&group)?;
-        }
-        // Other element types.
-        let mut d = vec![r as f64; 3];
-        c.all_reduce(&topo.data_group(r), &mut d, ReduceOp::Sum)?;
-        assert_eq!(
-            d[0],
-            topo.data_group(r).iter().map(|&x| x as f64).sum::<f64>()
-        );
-        let mut h = vec![half::bf16::from_f32(1.5); 4];
-        c.all_reduce(&topo.model_group(r), &mut h, ReduceOp::Sum)?;
-        assert_eq!(h[0].to_f32(), 3.0);
-        let mut i = vec![r as i64; 2];
-        c.all_reduce(&(0..8).collect::<Vec<_>>(), &mut i, ReduceOp::Max)?;
-        assert_eq!(i, [7, 7]);
-        // Point to point around the pipeline: stage 0 sends, stage 1 receives, twice in order.
-        if let Some(next) = topo.next_stage(r) {
-            c.send(next, 7, &input(r))?;
-            c.send(next, 7, &[r as f32])?;
-        }
-        if let Some(prev) = topo.prev_stage(r) {
-            let mut got = vec![0f32; 12];
-            c.recv(prev, 7, &mut got)?;
-            assert_eq!(got, input(prev));
-            let mut one = [0f32];
-            c.recv(prev, 7, &mut one)?;
-            assert_eq!(one[0], prev as f32);
-        }
-        Ok(())
+        collectives::check_collectives(comm.as_ref(), &topo)
     });
     for (r, res) in results.into_iter().enumerate() {
         res.unwrap_or_else(|e| panic!("rank {r}: {e}"));

@@ -4,9 +4,10 @@
 //! deadline; a rank that times out (or whose caller fails, see [`MpiComm::abort`]) ends the whole job
 //! with `MPI_Abort` and a message naming the collective: never a hang. Sub-group communicators are
 //! created on first use with `MPI_Comm_create_group`, which only the group's members call.
+//! Reductions gather every member's buffer and reduce in group order, so results are bit-identical
+//! on every rank and to the in-process backend (at the price of gather volume on large groups).
 use super::{group_index, reduce_bytes, Communicator, ElemKind, ReduceOp};
 use candle_core::{bail, Error, Result};
-use mpi::collective::SystemOperation;
 use mpi::environment::{Threading, Universe};
 use mpi::request::{Request, Scope};
 use mpi::topology::{Communicator as _, Group as _, SimpleCommunicator};
@@ -152,13 +153,6 @@ impl MpiComm {
     }
 }
 
-fn native_op(op: ReduceOp) -> SystemOperation {
-    match op {
-        ReduceOp::Max => SystemOperation::max(),
-        _ => SystemOperation::sum(),
-    }
-}
-
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
         self.rank
@@ -182,34 +176,8 @@ impl Communicator for MpiComm {
         if group.len() == 1 {
             return group_index(group, self.rank, "all_reduce").map(|_| ());
         }
-        if matches!(kind, ElemKind::F32 | ElemKind::F64) && op != ReduceOp::Avg {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            let send = buf.to_vec();
-            return self.with_group(group, "all_reduce", |c| {
-                mpi::request::scope(|scope| {
-                    let req = match kind {
-                        ElemKind::F32 => c.immediate_all_reduce_into(
-                            scope,
-                            bytemuck::cast_slice::<u8, f32>(&send),
-                            bytemuck::cast_slice_mut::<u8, f32>(buf),
-                            native_op(op),
-                        ),
-                        _ => {
-                            let req = c.immediate_all_reduce_into(
-                                scope,
-                                bytemuck::cast_slice::<u8, f64>(&send),
-                                bytemuck::cast_slice_mut::<u8, f64>(buf),
-                                native_op(op),
-                            );
-                            self.wait("all_reduce", group, req);
-                            return;
-                        }
-                    };
-                    self.wait("all_reduce", group, req);
-                })
-            });
-        }
-        // Other types and averages: gather, then reduce locally in group order (bit-identical).
+        // Gather, then reduce locally in group order: every rank gets bit-identical results, equal
+        // to the in-process backend's, whatever MPI's own reduction tree would associate.
         let all = self.gather_all("all_reduce", group, buf)?;
         let parts: Vec<&[u8]> = all.chunks(buf.len()).collect();
         reduce_bytes(&parts, buf, kind, op)

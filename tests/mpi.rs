@@ -1,0 +1,283 @@
+//! The MPI backend under `mpirun` (feature `mpi`): collectives at 2 and 4 processes, tensor
+//! parallelism equal to one rank, the CLI at tp=2, and a failing or stalled rank ending the job.
+//!
+//! A custom harness: run plainly, it drives `mpirun -np N <this binary>`; started by mpirun (with
+//! DEEPSCALE_MPI_WORKER set) it is a worker rank.
+mod common;
+
+#[path = "common/collectives.rs"]
+mod collectives;
+
+use candle_core::{Device, Tensor};
+use candle_deepscale::comm::mpi::MpiComm;
+use candle_deepscale::comm::{Communicator, ReduceOp};
+use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::topology::Topology;
+use common::tp::{assert_trace_matches, run_bert, run_gpt2, Trace, STEPS};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn save_trace(t: &Trace, path: &Path) {
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    m.insert(
+        "losses".into(),
+        Tensor::new(t.losses.as_slice(), &Device::Cpu).unwrap(),
+    );
+    m.insert("logits".into(), t.logits.clone());
+    for (k, v) in &t.grads {
+        m.insert(format!("grad.{k}"), v.clone());
+    }
+    for (k, v) in &t.params {
+        m.insert(format!("param.{k}"), v.clone());
+    }
+    candle_core::safetensors::save(&m, path).unwrap();
+}
+
+fn load_trace(path: &Path) -> Trace {
+    let m = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let pick = |prefix: &str| -> BTreeMap<String, Tensor> {
+        m.iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    };
+    Trace {
+        losses: m["losses"].to_vec1().unwrap(),
+        logits: m["logits"].clone(),
+        grads: pick("grad."),
+        params: pick("param."),
+    }
+}
+
+/// Worker side: one rank of an mpirun job.
+fn worker(case: &str, out: &Path) {
+    let comm = Arc::new(MpiComm::init(candle_deepscale::comm::default_timeout()).unwrap());
+    let (rank, size) = (comm.rank(), comm.world_size());
+    let dyn_comm: Arc<dyn Communicator> = comm.clone();
+    match case {
+        "collectives" => {
+            let topo = Topology::from_world(size, 2, 1).unwrap();
+            collectives::check_collectives(dyn_comm.as_ref(), &topo).unwrap();
+            std::fs::write(out.join(format!("rank{rank}.ok")), "ok").unwrap();
+        }
+        "tp-gpt2" | "tp-bert" => {
+            let tp = TensorParallel::new(dyn_comm, (0..size).collect()).unwrap();
+            let t = if case == "tp-gpt2" {
+                run_gpt2(Some(tp), STEPS)
+            } else {
+                run_bert(Some(tp), STEPS)
+            };
+            save_trace(&t, &out.join(format!("rank{rank}.safetensors")));
+        }
+        "fail" => {
+            if rank == 1 {
+                comm.abort("simulated failure on rank 1");
+            }
+            let mut v = vec![1f32; 4];
+            dyn_comm.all_reduce(&[0, 1], &mut v, ReduceOp::Sum).unwrap();
+            // Unreachable: rank 1 never joins.
+            std::fs::write(out.join("completed"), "should not happen").unwrap();
+        }
+        "stall" => {
+            if rank == 1 {
+                std::thread::sleep(Duration::from_secs(20));
+                return;
+            }
+            let mut v = vec![1f32; 4];
+            dyn_comm.all_reduce(&[0, 1], &mut v, ReduceOp::Sum).unwrap();
+        }
+        other => panic!("unknown worker case {other}"),
+    }
+}
+
+fn mpirun(np: usize, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "-np",
+        &np.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .arg(program)
+    .args(args)
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output()
+        .expect("mpirun must be installed (scripts/install-system-deps.sh)")
+}
+
+fn run_worker(np: usize, case: &str, env: &[(&str, &str)]) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    let mut e = vec![
+        ("DEEPSCALE_MPI_WORKER", case),
+        ("DEEPSCALE_MPI_OUT", dir.path().to_str().unwrap()),
+    ];
+    e.extend_from_slice(env);
+    let out = mpirun(np, &me, &[], &e);
+    (out, dir)
+}
+
+fn expect_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: mpirun failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn collectives(np: usize) {
+    let (out, dir) = run_worker(np, "collectives", &[]);
+    expect_ok(&out, "collectives");
+    for r in 0..np {
+        assert!(
+            dir.path().join(format!("rank{r}.ok")).exists(),
+            "rank {r} did not finish its checks"
+        );
+    }
+}
+
+fn tp_equivalence(case: &str) {
+    let (out, dir) = run_worker(2, case, &[]);
+    expect_ok(&out, case);
+    let reference = if case == "tp-gpt2" {
+        run_gpt2(None, STEPS)
+    } else {
+        run_bert(None, STEPS)
+    };
+    for r in 0..2 {
+        let t = load_trace(&dir.path().join(format!("rank{r}.safetensors")));
+        assert_trace_matches(&t, &reference, case, 2, r);
+    }
+}
+
+fn failing_rank_aborts_the_job() {
+    let t = Instant::now();
+    let (out, dir) = run_worker(2, "fail", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job must fail");
+    assert!(stderr.contains("simulated failure on rank 1"), "{stderr}");
+    assert!(!dir.path().join("completed").exists());
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+fn stalled_rank_times_out() {
+    let t = Instant::now();
+    let (out, _dir) = run_worker(2, "stall", &[("DEEPSCALE_COMM_TIMEOUT", "1")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job must fail");
+    assert!(
+        stderr.contains("all_reduce on group [0, 1] timed out"),
+        "{stderr}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+fn cli_under_mpirun_equals_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::random_gpt2(&common::tiny_gpt2_config(), 31);
+    common::write_hf_gpt2_dir(&model, tmp.path(), "transformer.", 1);
+    let d = tmp.path().to_str().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_deepscale"));
+    let text = "Under mpirun the loss is the same as on one rank.";
+    let last = |o: &Output| -> serde_json::Value {
+        expect_ok(o, "deepscale");
+        let s = String::from_utf8_lossy(&o.stdout);
+        serde_json::from_str(s.lines().last().unwrap()).unwrap()
+    };
+    let eval = [
+        "evaluate", "--task", "loss", "--hf-dir", d, "--text", text, "--json",
+    ];
+    let one = last(&Command::new(bin).args(eval).output().unwrap());
+    let mut tp2 = eval.to_vec();
+    tp2.extend(["--model-parallel-size", "2"]);
+    let two = last(&mpirun(2, bin, &tp2, &[]));
+    assert_eq!(two["tp"], 2);
+    assert_eq!(two["world_size"], 2);
+    let (a, b) = (one["loss"].as_f64().unwrap(), two["loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-5 * a, "{a} vs {b}");
+    let gen = [
+        "generate",
+        "--hf-dir",
+        d,
+        "--prompt",
+        "abc",
+        "--greedy",
+        "--out-seq-length",
+        "10",
+        "--json",
+    ];
+    let one = last(&Command::new(bin).args(gen).output().unwrap());
+    let mut g2 = gen.to_vec();
+    g2.extend(["--model-parallel-size", "2"]);
+    assert_eq!(
+        last(&mpirun(2, bin, &g2, &[]))["token_ids"],
+        one["token_ids"]
+    );
+}
+
+fn main() {
+    if let Ok(case) = std::env::var("DEEPSCALE_MPI_WORKER") {
+        let out = std::env::var("DEEPSCALE_MPI_OUT").expect("DEEPSCALE_MPI_OUT");
+        worker(&case, Path::new(&out));
+        return;
+    }
+    type Case = (&'static str, Box<dyn Fn()>);
+    let cases: Vec<Case> = vec![
+        ("mpi_collectives_2_processes", Box::new(|| collectives(2))),
+        ("mpi_collectives_4_processes", Box::new(|| collectives(4))),
+        (
+            "mpi_gpt2_tp2_equals_tp1",
+            Box::new(|| tp_equivalence("tp-gpt2")),
+        ),
+        (
+            "mpi_bert_tp2_equals_tp1",
+            Box::new(|| tp_equivalence("tp-bert")),
+        ),
+        (
+            "mpi_failing_rank_aborts_the_job",
+            Box::new(failing_rank_aborts_the_job),
+        ),
+        (
+            "mpi_stalled_rank_times_out",
+            Box::new(stalled_rank_times_out),
+        ),
+        (
+            "mpi_cli_under_mpirun_equals_one_rank",
+            Box::new(cli_under_mpirun_equals_one_rank),
+        ),
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    for (name, case) in cases {
+        let t = Instant::now();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(case)) {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    println!("mpi: {passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
