@@ -27,6 +27,9 @@ pub struct LayoutArgs {
     /// Pipeline parallel size.
     #[arg(long, default_value_t = 1)]
     pub pipe_parallel_size: usize,
+    /// Seconds any collective may wait for its peers before failing (default: $DEEPSCALE_COMM_TIMEOUT or 300).
+    #[arg(long)]
+    pub comm_timeout: Option<f64>,
 }
 
 /// A validated layout.
@@ -36,6 +39,8 @@ pub struct Layout {
     pub tp: usize,
     pub pp: usize,
     pub dp: usize,
+    /// Deadline of every collective.
+    pub timeout: std::time::Duration,
 }
 
 impl LayoutArgs {
@@ -64,11 +69,17 @@ impl LayoutArgs {
                  (tensor and data parallel layouts are)"
             )
         }
+        let timeout = match self.comm_timeout {
+            Some(t) if t > 0.0 && t.is_finite() => std::time::Duration::from_secs_f64(t),
+            Some(t) => bail!("--comm-timeout must be a positive number of seconds, got {t}"),
+            None => candle_deepscale::comm::default_timeout(),
+        };
         Ok(Layout {
             world_size: w,
             tp,
             pp,
             dp: w / (tp * pp),
+            timeout,
         })
     }
 }

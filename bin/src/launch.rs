@@ -1,7 +1,7 @@
 //! Starting the ranks of a layout: in-process threads (`--world-size N`) or a single rank.
 use crate::args::Layout;
 use anyhow::{anyhow, Result};
-use candle_deepscale::comm::{default_timeout, Communicator, InProcessWorld, ProcessGroup};
+use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
 use candle_deepscale::tensor_parallel::TensorParallel;
 use candle_deepscale::topology::Topology;
 use std::sync::Arc;
@@ -46,9 +46,13 @@ pub fn mpi_world_size() -> Option<usize> {
 }
 
 #[cfg(feature = "mpi")]
-fn launch_mpi<T>(topo: Topology, f: impl Fn(RankCtx) -> Result<T>) -> Result<Option<T>> {
+fn launch_mpi<T>(
+    topo: Topology,
+    timeout: std::time::Duration,
+    f: impl Fn(RankCtx) -> Result<T>,
+) -> Result<Option<T>> {
     use candle_deepscale::comm::mpi::MpiComm;
-    let comm = Arc::new(MpiComm::init(default_timeout())?);
+    let comm = Arc::new(MpiComm::init(timeout)?);
     let rank = comm.rank();
     if comm.world_size() != topo.world_size() {
         comm.abort(&format!(
@@ -80,7 +84,7 @@ pub fn launch<T: Send>(
     let topo = Topology::new(layout.pp, layout.dp, layout.tp)?;
     if mpi_world_size().is_some() {
         #[cfg(feature = "mpi")]
-        return launch_mpi(topo, f);
+        return launch_mpi(topo, layout.timeout, f);
         #[cfg(not(feature = "mpi"))]
         if layout.world_size > 1 {
             anyhow::bail!(
@@ -96,7 +100,7 @@ pub fn launch<T: Send>(
         })
         .map(Some);
     }
-    let results = InProcessWorld::run(layout.world_size, default_timeout(), |comm| {
+    let results = InProcessWorld::run(layout.world_size, layout.timeout, |comm| {
         let rank = comm.rank();
         let comm: Arc<dyn Communicator> = comm;
         f(RankCtx {

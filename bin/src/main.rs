@@ -1,5 +1,6 @@
 //! `deepscale`: the Megatron/DeepSpeed example scripts as one binary.
 mod args;
+mod bench;
 mod evaluate;
 mod generate;
 mod launch;
@@ -29,15 +30,20 @@ enum Command {
     /// Pretrain GPT-2 (Megatron's pretrain_gpt2.py); with no flags, a small model on the shipped sample data.
     #[command(name = "pretrain-gpt2")]
     PretrainGpt2(Box<pretrain_gpt2::PretrainGpt2Args>),
+    /// Benchmarks: collective bandwidth (`bench comm`), tensor-parallel step cost (`bench tp`).
+    Bench(bench::BenchArgs),
 }
 
 /// Keeps freed tensor buffers in the heap for reuse: glibc otherwise serves every large tensor
 /// with a fresh mmap and returns it on free, and the page faults cost about 3x a training step.
+/// One arena: rank threads would otherwise each grow (and fault in) their own heaps, which made
+/// tp=2 on in-process ranks 2x slower than with a shared one.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
@@ -50,6 +56,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::PretrainGpt2(a) => pretrain_gpt2::run(*a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
