@@ -6,6 +6,7 @@
 //! releases parameters, and gradients are reduced as each layer's backward ends.
 pub mod adamw;
 pub mod comm;
+pub mod config;
 pub mod cross_entropy;
 pub mod init;
 pub mod lr_schedules;
