@@ -397,7 +397,7 @@ impl BatchSizes {
         gas: Option<usize>,
         dp: usize,
     ) -> Result<Self> {
-        if [train, micro, gas].iter().any(|v| *v == Some(0)) || dp == 0 {
+        if [train, micro, gas].contains(&Some(0)) || dp == 0 {
             bail!("batch sizes and the data-parallel size must be positive")
         }
         let (t, m, g) = match (train, micro, gas) {
