@@ -29,6 +29,20 @@ pub enum BenchWhat {
     Comm(CommArgs),
     /// Training-step cost at several tensor-parallel sizes.
     Tp(TpArgs),
+    /// One AdamW step over a model's worth of parameters: the fused flat kernel against
+    /// candle_nn::AdamW, and its bytes/s against the machine's measured memory bandwidth.
+    Adam(AdamArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AdamArgs {
+    /// GPT-2 preset whose parameters are updated.
+    #[arg(long, default_value = "gpt2-125m")]
+    pub model: String,
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +80,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Comm(c) => comm(c),
         BenchWhat::Tp(t) => tp(t),
+        BenchWhat::Adam(a) => adam(a),
     }
 }
 
@@ -217,6 +232,122 @@ fn tp(a: TpArgs) -> Result<()> {
         println!(
             "{}",
             json!({"bench": "tp", "model": a.model, "batch": a.batch_size, "seq": a.seq_length, "results": results})
+        );
+    }
+    Ok(())
+}
+
+/// STREAM-triad memory bandwidth (a = b + s c over 3 x 256 MiB, bytes read + written per second),
+/// best of 6 passes on all cores.
+fn memory_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 64 << 20;
+    let b: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let c: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut a: Vec<f32> = vec![0f32; n];
+    a.par_chunks_mut(1 << 16).for_each(|x| x.fill(1.0));
+    let mut best = f64::MAX;
+    for k in 0..6 {
+        let s = 0.5 + k as f32;
+        let t = Instant::now();
+        a.par_chunks_mut(1 << 16)
+            .zip(b.par_chunks(1 << 16))
+            .zip(c.par_chunks(1 << 16))
+            .for_each(|((a, b), c)| {
+                for ((x, y), z) in a.iter_mut().zip(b).zip(c) {
+                    *x = y + s * z;
+                }
+            });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&a);
+    (3 * n * 4) as f64 / best
+}
+
+fn adam(a: AdamArgs) -> Result<()> {
+    use candle_core::Var;
+    use candle_deepscale::cpu_adam::{adam_step, AdamStep};
+    use candle_nn::Optimizer;
+    let cfg = gpt2::Config::preset(&a.model)?;
+    let src = RandomInit { seed: 1 };
+    let model = Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
+    let params = model.parameters();
+    let n: usize = params.iter().map(|p| p.meta.numel()).sum();
+    let iters = a.iters.max(1);
+    let bw = memory_bandwidth();
+
+    // Fused flat kernel.
+    let mut p: Vec<f32> = Vec::with_capacity(n);
+    for q in &params {
+        p.extend(q.tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    let g: Vec<f32> = (0..n).map(|i| ((i % 997) as f32 - 498.0) * 1e-4).collect();
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let mut fused = Vec::new();
+    for step in 1..=iters as u64 + 1 {
+        let s = AdamStep {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            adam_w_mode: true,
+            step,
+            grad_scale: 1.0,
+        };
+        let t = Instant::now();
+        adam_step(&mut p, &g, &mut m, &mut v, &s);
+        if step > 1 {
+            fused.push(t.elapsed().as_secs_f64());
+        }
+    }
+    drop((p, m, v));
+
+    // candle_nn::AdamW on the model's own tensors (what a stock candle training loop does).
+    let vars: Vec<Var> = params.iter().map(|q| q.var.clone()).collect();
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr: 1e-4,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
+    // Gradients equal to `g`: the backward of sum(param * g).
+    let mut off = 0;
+    let mut total = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    for q in &params {
+        let k = q.meta.numel();
+        let gq = Tensor::from_slice(&g[off..off + k], q.tensor().shape(), &Device::Cpu)?;
+        total = (total + q.tensor().mul(&gq)?.sum_all()?)?;
+        off += k;
+    }
+    let grads = total.backward()?;
+    let mut stock = Vec::new();
+    for i in 0..iters + 1 {
+        let t = Instant::now();
+        opt.step(&grads)?;
+        if i > 0 {
+            stock.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let (f, c) = (median(fused), median(stock));
+    let bytes = 28.0 * n as f64;
+    eprintln!(
+        "AdamW over {n} parameters: fused {:.1} ms, candle_nn::AdamW {:.1} ms ({:.1}x); fused moves {:.1} GB/s = {:.0}% of the measured {:.1} GB/s STREAM-triad bandwidth",
+        f * 1e3,
+        c * 1e3,
+        c / f,
+        bytes / f / 1e9,
+        100.0 * bytes / f / bw,
+        bw / 1e9
+    );
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "adam", "params": n, "fused_ms": f * 1e3, "candle_nn_adamw_ms": c * 1e3,
+                   "speedup_vs_candle": c / f, "fused_gbps": bytes / f / 1e9, "memory_bandwidth_gbps": bw / 1e9,
+                   "fraction_of_bandwidth": bytes / f / bw})
         );
     }
     Ok(())

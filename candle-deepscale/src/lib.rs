@@ -7,8 +7,10 @@
 pub mod adamw;
 pub mod comm;
 pub mod config;
+pub mod cpu_adam;
 pub mod cross_entropy;
 pub mod init;
+pub mod loss_scaler;
 pub mod lr_schedules;
 pub mod module;
 pub mod nn;
