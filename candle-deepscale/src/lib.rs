@@ -5,6 +5,7 @@
 //! backward layer by layer. That single loop is where pipeline stages cut the list, ZeRO gathers and
 //! releases parameters, and gradients are reduced as each layer's backward ends.
 pub mod adamw;
+pub mod attention;
 pub mod comm;
 pub mod config;
 pub mod cpu_adam;

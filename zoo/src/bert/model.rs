@@ -1,5 +1,6 @@
 use super::Config;
 use candle_core::{DType, Result, Tensor, D};
+use candle_deepscale::attention::{self_attention, AttentionDropout, Mask};
 use candle_deepscale::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::nn::{self, Embedding, LayerNorm, Linear};
 use candle_deepscale::parameter::Partition;
@@ -225,31 +226,20 @@ impl BertLayer {
     }
 
     fn attention(&self, x: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let (nh, hd) = (self.heads, self.head_dim);
-        let qkv = self
-            .query_key_value
-            .forward(x)?
-            .reshape((b, s, nh, 3, hd))?;
-        let part = |i: usize| -> Result<Tensor> {
-            qkv.narrow(3, i, 1)?
-                .squeeze(3)?
-                .transpose(1, 2)?
-                .contiguous()
+        let dropout = AttentionDropout {
+            p: self.attention_dropout,
+            key: ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let probs = nn::softmax_last_dim(&scores)?;
-        let probs = nn::dropout(
-            &probs,
-            self.attention_dropout,
+        let qkv = self.query_key_value.forward(x)?;
+        let (y, _) = self_attention(
+            &qkv,
+            self.heads,
+            self.head_dim,
+            None,
+            Mask::Bias(bias),
+            dropout,
             ctx,
-            ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         )?;
-        let y = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
         self.dense.forward(&y)
     }
 

@@ -1,5 +1,6 @@
 use super::Config;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
+use candle_deepscale::attention::{self_attention, AttentionDropout, Mask};
 use candle_deepscale::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::nn::{self, Embedding, LayerNorm};
 use candle_deepscale::parameter::{Param, ParamBuilder, ParamOpts};
@@ -184,40 +185,21 @@ impl Block {
         past: Option<&(Tensor, Tensor)>,
         ctx: &ForwardCtx,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, hd) = (self.heads, self.head_dim);
-        let qkv = self
-            .query_key_value
-            .forward(x)?
-            .reshape((b, t, nh, 3, hd))?;
-        let part = |i: usize| -> Result<Tensor> {
-            qkv.narrow(3, i, 1)?
-                .squeeze(3)?
-                .transpose(1, 2)?
-                .contiguous()
+        let dropout = AttentionDropout {
+            p: self.attention_dropout,
+            key: ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
-        let total = k.dim(2)?;
-        let offset = total - t;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores =
-            scores.broadcast_add(&causal_mask(t, total, offset, x.device(), scores.dtype())?)?;
-        let probs = nn::softmax_last_dim(&scores)?;
-        let probs = nn::dropout(
-            &probs,
-            self.attention_dropout,
+        let qkv = self.query_key_value.forward(x)?;
+        let (y, kv) = self_attention(
+            &qkv,
+            self.heads,
+            self.head_dim,
+            past,
+            Mask::Causal,
+            dropout,
             ctx,
-            ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         )?;
-        let y = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        Ok((self.dense.forward(&y)?, (k, v)))
+        Ok((self.dense.forward(&y)?, kv))
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
@@ -251,28 +233,6 @@ impl Block {
             ctx.site_key(&self.site("mlp_out")),
         )?
     }
-}
-
-/// Additive causal mask `[t, total]`: query i (at absolute position offset + i) sees keys <= it.
-fn causal_mask(
-    t: usize,
-    total: usize,
-    offset: usize,
-    dev: &Device,
-    dtype: DType,
-) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(m, (t, total), dev)?.to_dtype(dtype)
 }
 
 impl Layer for Block {
