@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test command: system deps, real fixtures, then the whole suite (the MPI suite under mpirun too).
+# The test command: system deps, real fixtures, then the whole suite in one build (the MPI suite,
+# which drives `mpirun -np 2|4`, included: building with the feature once avoids a second build
+# of the dependencies under another feature set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system-deps.sh
 bash scripts/fetch-test-assets.sh
-cargo test --workspace --all-targets
 # Open MPI refuses root unless told; CI containers run as root.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-cargo test -p deepscale --features mpi --test mpi
+cargo test --workspace --all-targets --features deepscale/mpi
