@@ -5,8 +5,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::adamw::{grad_norm, AdamW, AdamWConfig};
 use candle_deepscale::cross_entropy::lm_cross_entropy;
+use candle_deepscale::engine::forward_backward;
 use candle_deepscale::lr_schedules::{AnnealingLr, DecayStyle};
-use candle_deepscale::module::ForwardCtx;
+use candle_deepscale::module::{Activations, ForwardCtx};
 use candle_deepscale::parameter::{ParamBuilder, RandomInit};
 use clap::Args;
 use serde_json::json;
@@ -71,6 +72,12 @@ pub struct PretrainGpt2Args {
     pub attention_dropout: f64,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// Keep only each transformer layer's input in forward and recompute it in backward.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Layers per checkpoint (Megatron's --checkpoint-num-layers); every layer is its own checkpoint.
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_num_layers: usize,
     /// Training text: .txt (blank-line separated documents) or .jsonl. Default: the shipped sample.
     #[arg(long, alias = "train-data")]
     pub data_path: Option<PathBuf>,
@@ -185,6 +192,13 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 
 pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
+    if a.checkpoint_num_layers != 1 {
+        bail!(
+            "not supported: --checkpoint-num-layers {}, because the engine checkpoints every layer \
+             on its own (use 1)",
+            a.checkpoint_num_layers
+        )
+    }
     if layout.world_size > 1 {
         bail!(
             "not supported: --world-size {} for pretrain-gpt2 yet, because distributed training \
@@ -365,12 +379,18 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             &device,
         )?;
         let ctx = ForwardCtx::train(a.seed, iter, 0);
-        let loss = lm_cross_entropy(&model.forward(&x, &ctx)?, &y, cfg.vocab_size, None)?;
-        let loss_v = loss.to_scalar::<f32>()? as f64;
+        // The engine's layer-by-layer loop; with --checkpoint-activations only layer inputs are kept.
+        let (loss_v, grads) = forward_backward(
+            &model.layers(),
+            Activations::new(x),
+            &ctx,
+            a.checkpoint_activations,
+            |out| model.loss(&out.hidden, &y),
+        )?;
+        let loss_v = loss_v as f64;
         if !loss_v.is_finite() {
             bail!("iteration {iter}: the loss is {loss_v}; lower --lr or check the data")
         }
-        let grads = loss.backward()?;
         let norm = grad_norm(&params, &grads)?;
         let scale = if a.clip_grad > 0.0 && norm > a.clip_grad {
             a.clip_grad / (norm + 1e-6)

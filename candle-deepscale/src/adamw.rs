@@ -1,7 +1,7 @@
 //! AdamW with Megatron's parameter groups (no weight decay for biases and LayerNorm weights), one
 //! tensor at a time. It is the reference the fused flat-buffer optimizer is checked against.
+use crate::engine::GradLookup;
 use crate::parameter::Param;
-use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,14 +72,14 @@ impl AdamW {
 
     /// One update from `grads`, each gradient first multiplied by `grad_scale` (clipping, loss-scale
     /// removal). Parameters without a gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &impl GradLookup, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for s in &mut self.states {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
+            let Some(g) = grads.grad(s.var.as_tensor()) else {
                 continue;
             };
             let mut g = (g * grad_scale)?;
@@ -104,10 +104,10 @@ impl AdamW {
 }
 
 /// Global L2 norm of the gradients of `params` (each distinct tensor once).
-pub fn grad_norm(params: &[&Param], grads: &GradStore) -> Result<f64> {
+pub fn grad_norm(params: &[&Param], grads: &impl GradLookup) -> Result<f64> {
     let mut sq = 0f64;
     for p in params {
-        if let Some(g) = grads.get(p.tensor()) {
+        if let Some(g) = grads.grad(p.tensor()) {
             sq += g
                 .to_dtype(candle_core::DType::F64)?
                 .sqr()?

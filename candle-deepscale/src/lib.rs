@@ -10,6 +10,7 @@ pub mod comm;
 pub mod config;
 pub mod cpu_adam;
 pub mod cross_entropy;
+pub mod engine;
 pub mod init;
 pub mod loss_scaler;
 pub mod lr_schedules;
