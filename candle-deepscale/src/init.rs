@@ -1,19 +1,90 @@
 //! Deterministic initialisation of logical parameters.
-use crate::parameter::{Init, ParamMeta};
+//!
+//! Values come from the counter-based generator keyed by the parameter's logical name, so a rank
+//! generates exactly its block, identical to the same block of the full initialisation, without
+//! materialising the rest.
+use crate::parameter::{Init, ParamMeta, Shard};
 use crate::random;
 use candle_core::{Device, Result, Tensor};
 
 /// The whole logical tensor of `meta` initialised from `seed` (f32, CPU).
 pub fn full_init(meta: &ParamMeta, init: Init, seed: u64) -> Result<Tensor> {
-    let n = meta.numel();
+    shard_init(meta, None, init, seed)
+}
+
+/// Block `shard` of the logical tensor (the whole tensor when `None`), f32 on the CPU.
+pub fn shard_init(meta: &ParamMeta, shard: Option<Shard>, init: Init, seed: u64) -> Result<Tensor> {
+    let shape = &meta.shape;
+    let (dim, start, len) = match shard {
+        Some(s) => {
+            let (start, len) = s.range(shape[s.dim]);
+            (s.dim, start, len)
+        }
+        None => (0, 0, shape.first().copied().unwrap_or(1)),
+    };
+    let mut local = shape.clone();
+    if !local.is_empty() {
+        local[dim] = len;
+    }
+    let n: usize = local.iter().product();
     let data = match init {
         Init::Zeros => vec![0f32; n],
         Init::Ones => vec![1f32; n],
         Init::Normal { std } => {
+            let key = random::stream_key(seed, &meta.name);
             let mut v = vec![0f32; n];
-            random::fill_normal(&mut v, random::stream_key(seed, &meta.name), 0, std);
+            if shape.is_empty() {
+                random::fill_normal(&mut v, key, 0, std);
+            } else {
+                // Element i of the logical tensor draws value i of the stream: copy, for every
+                // index of the dims before `dim`, the contiguous run [start, start + len) x inner.
+                let inner: usize = shape[dim + 1..].iter().product();
+                let full_d = shape[dim];
+                for (o, run) in v.chunks_mut(len * inner).enumerate() {
+                    let offset = ((o * full_d + start) * inner) as u64;
+                    random::fill_normal(run, key, offset, std);
+                }
+            }
             v
         }
     };
-    Tensor::from_vec(data, meta.shape.as_slice(), &Device::Cpu)
+    Tensor::from_vec(data, local, &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parameter::Partition;
+
+    #[test]
+    fn a_shard_equals_the_same_block_of_the_full_init() {
+        for (dim, shape) in [
+            (0usize, vec![12usize, 5]),
+            (1, vec![6, 8]),
+            (1, vec![3, 8, 2]),
+            (0, vec![16]),
+        ] {
+            let meta = ParamMeta {
+                name: "layers.0.mlp.dense_h_to_4h.weight".into(),
+                shape: shape.clone(),
+                partition: Partition::Split { dim, stride: 1 },
+                tie_group: None,
+                weight_decay: true,
+                real_rows: None,
+            };
+            let full = full_init(&meta, Init::Normal { std: 0.02 }, 5).unwrap();
+            for index in 0..4 {
+                let s = Shard {
+                    dim,
+                    index,
+                    count: 4,
+                };
+                let part = shard_init(&meta, Some(s), Init::Normal { std: 0.02 }, 5).unwrap();
+                let want = s.narrow(&full).unwrap();
+                let a: Vec<f32> = part.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(a, b, "shape {shape:?} dim {dim} block {index}");
+            }
+        }
+    }
 }

@@ -232,12 +232,10 @@ impl ParamSource for RandomInit {
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
-        // The full master weight from the shared seed, then this rank's block: tp=N equals tp=1.
-        let full = crate::init::full_init(meta, init, self.seed)?;
-        let t = match shard {
-            Some(s) => s.narrow(&full)?,
-            None => full,
-        };
-        t.to_dtype(dtype)?.to_device(device)
+        // This rank's block of the master weight the shared seed defines (tp=N equals tp=1),
+        // generated without the rest.
+        crate::init::shard_init(meta, shard, init, self.seed)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 }
