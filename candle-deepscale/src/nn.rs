@@ -3,7 +3,7 @@
 //! candle's fused `LayerNorm::forward` and `softmax_last_dim` record no backward, so parameters
 //! upstream of them silently get no gradient; these are written with differentiable ops.
 use crate::module::ForwardCtx;
-use crate::parameter::{Init, Param, ParamBuilder, ParamOpts};
+use crate::parameter::{Init, Param, ParamBuilder, ParamOpts, Partition};
 use crate::random;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -22,25 +22,7 @@ impl Linear {
         bias: bool,
         init_std: f64,
     ) -> Result<Self> {
-        let weight = pb.get(
-            &[out_dim, in_dim],
-            "weight",
-            Init::Normal { std: init_std },
-            ParamOpts::default(),
-        )?;
-        let bias = if bias {
-            Some(pb.get(
-                &[out_dim],
-                "bias",
-                Init::Zeros,
-                ParamOpts {
-                    no_weight_decay: true,
-                    ..Default::default()
-                },
-            )?)
-        } else {
-            None
-        };
+        let (weight, bias) = linear_params(pb, in_dim, out_dim, bias, init_std, None, None)?;
         Ok(Self { weight, bias })
     }
 
@@ -57,6 +39,39 @@ impl Linear {
             .chain(self.bias.as_ref())
             .collect()
     }
+}
+
+/// A linear layer's weight `[out, in]` (normal init) and optional zero bias `[out]` (no weight
+/// decay), each with its tensor-parallel partition.
+pub fn linear_params(
+    pb: &ParamBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    init_std: f64,
+    weight_partition: Option<Partition>,
+    bias_partition: Option<Partition>,
+) -> Result<(Param, Option<Param>)> {
+    let weight = pb.get(
+        &[out_dim, in_dim],
+        "weight",
+        Init::Normal { std: init_std },
+        ParamOpts {
+            partition: weight_partition,
+            ..Default::default()
+        },
+    )?;
+    let opts = ParamOpts {
+        partition: bias_partition,
+        no_weight_decay: true,
+        ..Default::default()
+    };
+    let bias = if bias {
+        Some(pb.get(&[out_dim], "bias", Init::Zeros, opts)?)
+    } else {
+        None
+    };
+    Ok((weight, bias))
 }
 
 /// `x W^T + b` for `x` of any rank >= 2, as one 2-D GEMM.

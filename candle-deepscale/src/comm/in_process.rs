@@ -4,7 +4,10 @@
 //! buffer, and once all are there each member computes the result itself from the same inputs in
 //! group order (so all ranks get bit-identical results). A member that panics, returns an error or
 //! leaves is marked failed and every rank waiting on it gets an error; a deadline bounds every wait.
-use super::{group_index, reduce_bytes, Communicator, ElemKind, ReduceOp};
+use super::{
+    check_all_gather, check_reduce_scatter, group_index, reduce_bytes, Communicator, ElemKind,
+    ReduceOp,
+};
 use candle_core::{bail, Error, Result};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -256,14 +259,7 @@ impl Communicator for InProcessComm {
     }
 
     fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
-        if recv.len() != send.len() * group.len() {
-            bail!(
-                "all_gather: receive buffer of {} bytes for {} x {}",
-                recv.len(),
-                group.len(),
-                send.len()
-            )
-        }
+        check_all_gather(group, send.len(), recv.len())?;
         let parts = self.exchange("all_gather", group, send.to_vec())?;
         for (i, p) in parts.iter().enumerate() {
             if p.len() != send.len() {
@@ -288,13 +284,7 @@ impl Communicator for InProcessComm {
         op: ReduceOp,
     ) -> Result<()> {
         let n = recv.len();
-        if send.len() != n * group.len() {
-            bail!(
-                "reduce_scatter: send buffer of {} bytes for {} x {n}",
-                send.len(),
-                group.len()
-            )
-        }
+        check_reduce_scatter(group, send.len(), recv.len())?;
         let me = self.check_group(group, "reduce_scatter")?;
         let parts = self.exchange("reduce_scatter", group, send.to_vec())?;
         let views: Vec<&[u8]> = parts.iter().map(|p| &p[me * n..(me + 1) * n]).collect();

@@ -192,14 +192,6 @@ impl dyn Communicator + '_ {
         send: &[T],
         recv: &mut [T],
     ) -> Result<()> {
-        if recv.len() != send.len() * group.len() {
-            bail!(
-                "all_gather: receive buffer of {} for {} x {}",
-                recv.len(),
-                group.len(),
-                send.len()
-            )
-        }
         self.all_gather_bytes(
             group,
             bytemuck::cast_slice(send),
@@ -214,14 +206,6 @@ impl dyn Communicator + '_ {
         recv: &mut [T],
         op: ReduceOp,
     ) -> Result<()> {
-        if send.len() != recv.len() * group.len() {
-            bail!(
-                "reduce_scatter: send buffer of {} for {} x {}",
-                send.len(),
-                group.len(),
-                recv.len()
-            )
-        }
         self.reduce_scatter_bytes(
             group,
             bytemuck::cast_slice(send),
@@ -260,6 +244,28 @@ impl dyn Communicator + '_ {
         self.all_reduce(group, &mut v, op)?;
         Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())
     }
+}
+
+/// `all_gather` buffers: `recv` holds one `send` per member.
+pub fn check_all_gather(group: &[usize], send_len: usize, recv_len: usize) -> Result<()> {
+    if recv_len != send_len * group.len() {
+        bail!(
+            "all_gather: receive buffer of {recv_len} for {} x {send_len}",
+            group.len()
+        )
+    }
+    Ok(())
+}
+
+/// `reduce_scatter` buffers: `send` holds one `recv`-sized chunk per member.
+pub fn check_reduce_scatter(group: &[usize], send_len: usize, recv_len: usize) -> Result<()> {
+    if send_len != recv_len * group.len() {
+        bail!(
+            "reduce_scatter: send buffer of {send_len} for {} x {recv_len}",
+            group.len()
+        )
+    }
+    Ok(())
 }
 
 /// The index of `rank` within `group`, or an error naming both.

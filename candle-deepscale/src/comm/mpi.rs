@@ -6,7 +6,10 @@
 //! created on first use with `MPI_Comm_create_group`, which only the group's members call.
 //! Reductions gather every member's buffer and reduce in group order, so results are bit-identical
 //! on every rank and to the in-process backend (at the price of gather volume on large groups).
-use super::{group_index, reduce_bytes, Communicator, ElemKind, ReduceOp};
+use super::{
+    check_all_gather, check_reduce_scatter, group_index, reduce_bytes, Communicator, ElemKind,
+    ReduceOp,
+};
 use candle_core::{bail, Error, Result};
 use mpi::environment::{Threading, Universe};
 use mpi::request::{Request, Scope};
@@ -184,14 +187,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
-        if recv.len() != send.len() * group.len() {
-            bail!(
-                "all_gather: receive buffer of {} bytes for {} x {}",
-                recv.len(),
-                group.len(),
-                send.len()
-            )
-        }
+        check_all_gather(group, send.len(), recv.len())?;
         recv.copy_from_slice(&self.gather_all("all_gather", group, send)?);
         Ok(())
     }
@@ -205,13 +201,7 @@ impl Communicator for MpiComm {
         op: ReduceOp,
     ) -> Result<()> {
         let n = recv.len();
-        if send.len() != n * group.len() {
-            bail!(
-                "reduce_scatter: send buffer of {} bytes for {} x {n}",
-                send.len(),
-                group.len()
-            )
-        }
+        check_reduce_scatter(group, send.len(), recv.len())?;
         let me = group_index(group, self.rank, "reduce_scatter")?;
         let mut all = send.to_vec();
         self.all_reduce_bytes(group, &mut all, kind, op)?;

@@ -2,7 +2,7 @@
 //! one) they are plain layers and cost nothing extra.
 use super::mappings::{copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp};
 use super::TensorParallel;
-use crate::nn::{embedding, linear};
+use crate::nn::{embedding, linear, linear_params};
 use crate::parameter::{Init, Param, ParamBuilder, ParamOpts, Partition};
 use candle_core::{DType, Result, Tensor};
 
@@ -25,29 +25,7 @@ impl ColumnParallelLinear {
         gather_output: bool,
     ) -> Result<Self> {
         let split = Some(Partition::Split { dim: 0, stride: 1 });
-        let weight = pb.get(
-            &[out_dim, in_dim],
-            "weight",
-            Init::Normal { std: init_std },
-            ParamOpts {
-                partition: split,
-                ..Default::default()
-            },
-        )?;
-        let bias = if bias {
-            Some(pb.get(
-                &[out_dim],
-                "bias",
-                Init::Zeros,
-                ParamOpts {
-                    partition: split,
-                    no_weight_decay: true,
-                    ..Default::default()
-                },
-            )?)
-        } else {
-            None
-        };
+        let (weight, bias) = linear_params(pb, in_dim, out_dim, bias, init_std, split, split)?;
         Ok(Self {
             weight,
             bias,
@@ -95,28 +73,9 @@ impl RowParallelLinear {
         init_std: f64,
         input_is_parallel: bool,
     ) -> Result<Self> {
-        let weight = pb.get(
-            &[out_dim, in_dim],
-            "weight",
-            Init::Normal { std: init_std },
-            ParamOpts {
-                partition: Some(Partition::Split { dim: 1, stride: 1 }),
-                ..Default::default()
-            },
-        )?;
-        let bias = if bias {
-            Some(pb.get(
-                &[out_dim],
-                "bias",
-                Init::Zeros,
-                ParamOpts {
-                    no_weight_decay: true,
-                    ..Default::default()
-                },
-            )?)
-        } else {
-            None
-        };
+        // Split by input columns; the bias is added after the reduction, so it is replicated.
+        let split = Some(Partition::Split { dim: 1, stride: 1 });
+        let (weight, bias) = linear_params(pb, in_dim, out_dim, bias, init_std, split, None)?;
         Ok(Self {
             weight,
             bias,
