@@ -152,6 +152,30 @@ impl InProcessComm {
         group_index(group, self.rank, op)
     }
 
+    /// Sleeps until woken or `deadline`; past it, the error `what()` with the rank and timeout.
+    fn wait<'a>(
+        &self,
+        st: MutexGuard<'a, State>,
+        deadline: Instant,
+        what: impl FnOnce() -> String,
+    ) -> Result<MutexGuard<'a, State>> {
+        let now = Instant::now();
+        if now >= deadline {
+            bail!(
+                "rank {}: {} after {:.1} s",
+                self.rank,
+                what(),
+                self.shared.timeout.as_secs_f64()
+            )
+        }
+        Ok(self
+            .shared
+            .cv
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0)
+    }
+
     /// Deposits `data`, waits for every member, and returns all parts in group order.
     fn exchange(
         &self,
@@ -200,20 +224,9 @@ impl InProcessComm {
             {
                 bail!("rank {}: {op} on group {group:?} cannot complete: peer rank {r} is gone ({why})", self.rank)
             }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!(
-                    "rank {}: {op} on group {group:?} timed out after {:.1} s waiting for rank(s) {missing:?}",
-                    self.rank,
-                    self.shared.timeout.as_secs_f64()
-                )
-            }
-            st = self
-                .shared
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.wait(st, deadline, || {
+                format!("{op} on group {group:?} timed out waiting for rank(s) {missing:?}")
+            })?;
         }
         let slot = st.slots.get_mut(&key).expect("slot present");
         let parts: Vec<Arc<Vec<u8>>> = slot
@@ -356,20 +369,9 @@ impl Communicator for InProcessComm {
             if let Some(why) = st.gone.get(&src) {
                 bail!("rank {}: recv from rank {src} (tag {tag}) cannot complete: the peer is gone ({why})", self.rank)
             }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!(
-                    "rank {}: recv from rank {src} (tag {tag}) timed out after {:.1} s",
-                    self.rank,
-                    self.shared.timeout.as_secs_f64()
-                )
-            }
-            st = self
-                .shared
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = self.wait(st, deadline, || {
+                format!("recv from rank {src} (tag {tag}) timed out")
+            })?;
         }
     }
 
