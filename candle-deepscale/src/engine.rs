@@ -5,9 +5,16 @@
 //! layer at a time from the gradient of its output. This loop is where pipeline stages cut the list,
 //! ZeRO-3 gathers and releases a layer's parameters, and gradients are reduced as soon as a layer's
 //! backward ends. Per-layer backward gives the same gradients as one whole-graph backward.
+use crate::activation_checkpointing::{CheckpointPolicy, Saved};
+use crate::adamw::AdamWConfig;
+use crate::comm::{ProcessGroup, ReduceOp};
+use crate::config::{DeepSpeedConfig, Fp16Config};
+use crate::loss_scaler::LossScaler;
+use crate::lr_schedules::LrSchedule;
 use crate::module::{Activations, ForwardCtx, Layer};
+use crate::zero::{StateBytes, ZeroOptimizer};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, TensorId, Var};
+use candle_core::{bail, Result, Tensor, TensorId, Var};
 use std::collections::HashMap;
 
 /// Gradients of parameters by tensor id (a tied parameter's contributions summed).
@@ -105,9 +112,109 @@ fn surrogate(out: &Activations, grads: &[Option<Tensor>]) -> Result<Option<Tenso
     Ok(total)
 }
 
+/// Called after each layer's backward with its index, the layer and its gradients.
+pub type LayerHook<'a> = dyn FnMut(usize, &dyn Layer, Option<&GradStore>) -> Result<()> + 'a;
+
+/// What the forward pass keeps of one layer for backward.
+enum Kept {
+    /// The layer's graph from a leaf input (no checkpointing).
+    Graph(Leaves, Activations),
+    /// The input of a checkpointed chunk of layers.
+    Input(Saved),
+    /// Nothing: the layer is recomputed from its chunk's input.
+    None,
+}
+
+fn detached(y: &Activations) -> Activations {
+    Activations::with_aux(
+        y.hidden.detach(),
+        y.aux.iter().map(|t| t.detach()).collect(),
+    )
+}
+
 /// One micro-batch through `layers`: forward, `loss_fn` on the last output, then backward layer by
-/// layer. With `checkpoint_activations` only each layer's input is kept and its forward recomputed
-/// in backward. Returns the loss and the parameter gradients.
+/// layer from the loss times `loss_scale`. `policy` says which inputs are kept (checkpointed chunks
+/// are recomputed in backward). After each layer's backward, `on_layer(index, layer, grads)`
+/// receives the gradients (None when nothing flowed into that layer). Returns the unscaled loss.
+pub fn backward_pass(
+    layers: &[&dyn Layer],
+    input: Activations,
+    ctx: &ForwardCtx,
+    policy: &CheckpointPolicy,
+    loss_scale: f64,
+    loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
+    on_layer: &mut LayerHook<'_>,
+) -> Result<f32> {
+    let k = policy.num_layers;
+    let mut kept: Vec<Kept> = Vec::with_capacity(layers.len());
+    let mut x = input;
+    for (i, layer) in layers.iter().enumerate() {
+        if k > 0 {
+            kept.push(if i % k == 0 {
+                Kept::Input(policy.save(&x)?)
+            } else {
+                Kept::None
+            });
+            x = detached(&layer.forward(&x, ctx)?);
+        } else {
+            let leaf = leaves(&x)?;
+            let y = layer.forward(&leaf.act, ctx)?;
+            x = detached(&y);
+            kept.push(Kept::Graph(leaf, y));
+        }
+    }
+    let last = leaves(&x)?;
+    let loss = loss_fn(&last.act)?;
+    let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+    let scaled = if loss_scale == 1.0 {
+        loss
+    } else {
+        (loss * loss_scale)?
+    };
+    let mut grads_out = leaf_grads(&last, &scaled.backward()?);
+    drop(scaled);
+
+    let mut end = layers.len();
+    while end > 0 {
+        let start = (end - 1).checked_div(k).map_or(end - 1, |c| c * k);
+        // The graphs of layers start..end: kept, or recomputed from the chunk's saved input.
+        let mut graphs: Vec<(Leaves, Activations)> = Vec::with_capacity(end - start);
+        match std::mem::replace(&mut kept[start], Kept::None) {
+            Kept::Graph(leaf, y) => graphs.push((leaf, y)),
+            Kept::Input(saved) => {
+                let mut x = policy.restore(&saved)?;
+                drop(saved);
+                for layer in &layers[start..end] {
+                    let leaf = leaves(&x)?;
+                    let y = layer.forward(&leaf.act, ctx)?;
+                    x = detached(&y);
+                    graphs.push((leaf, y));
+                }
+            }
+            Kept::None => candle_core::bail!("engine: layer {start} has no saved input"),
+        }
+        for i in (start..end).rev() {
+            let Some((leaf, out)) = graphs.pop() else {
+                candle_core::bail!("engine: missing graph of layer {i}")
+            };
+            let Some(s) = surrogate(&out, &grads_out)? else {
+                // Nothing downstream depends on this layer's output.
+                grads_out = vec![None; leaf.vars.len()];
+                on_layer(i, layers[i], None)?;
+                continue;
+            };
+            let store = s.backward()?;
+            on_layer(i, layers[i], Some(&store))?;
+            grads_out = leaf_grads(&leaf, &store);
+        }
+        end = start;
+    }
+    Ok(loss_value)
+}
+
+/// One micro-batch through `layers` with every layer's graph kept, or (`checkpoint_activations`)
+/// only each layer's input with its forward recomputed in backward. Returns the loss and the
+/// parameter gradients.
 pub fn forward_backward(
     layers: &[&dyn Layer],
     input: Activations,
@@ -115,43 +222,432 @@ pub fn forward_backward(
     checkpoint_activations: bool,
     loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
 ) -> Result<(f32, Grads)> {
-    let mut inputs: Vec<Leaves> = Vec::with_capacity(layers.len());
-    let mut outputs: Vec<Option<Activations>> = Vec::with_capacity(layers.len());
-    let mut x = input;
-    for layer in layers {
-        let leaf = leaves(&x)?;
-        let y = layer.forward(&leaf.act, ctx)?;
-        x = Activations::with_aux(
-            y.hidden.detach(),
-            y.aux.iter().map(|t| t.detach()).collect(),
-        );
-        outputs.push((!checkpoint_activations).then_some(y));
-        inputs.push(leaf);
-    }
-    let last = leaves(&x)?;
-    let loss = loss_fn(&last.act)?;
-    let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-    let mut grads_out = leaf_grads(&last, &loss.backward()?);
-    drop(loss);
-
     let mut grads = Grads::default();
-    for (i, layer) in layers.iter().enumerate().rev() {
-        let out = match outputs[i].take() {
-            Some(y) => y,
-            None => layer.forward(&inputs[i].act, ctx)?,
-        };
-        let Some(s) = surrogate(&out, &grads_out)? else {
-            // Nothing downstream depends on this layer's output.
-            grads_out = vec![None; inputs[i].vars.len()];
-            continue;
-        };
-        let store = s.backward()?;
-        for p in layer.parameters() {
-            if let Some(g) = store.get(p.tensor()) {
-                grads.add(p.tensor(), g)?;
+    let policy = CheckpointPolicy::every(usize::from(checkpoint_activations));
+    let loss = backward_pass(
+        layers,
+        input,
+        ctx,
+        &policy,
+        1.0,
+        loss_fn,
+        &mut |_, layer, store| {
+            if let Some(store) = store {
+                for p in layer.parameters() {
+                    if let Some(g) = store.get(p.tensor()) {
+                        grads.add(p.tensor(), g)?;
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok((loss, grads))
+}
+
+/// What an engine is told: DeepSpeed's config sections, resolved for one data-parallel size.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub train_micro_batch_size_per_gpu: usize,
+    pub gradient_accumulation_steps: usize,
+    /// 0, 1 or 2.
+    pub zero_stage: u8,
+    /// Elements per gradient bucket.
+    pub reduce_bucket_size: usize,
+    pub optimizer: AdamWConfig,
+    pub lr_schedule: LrSchedule,
+    /// Global gradient-norm clip (0 = off).
+    pub gradient_clipping: f64,
+    /// fp16 loss scaling (None: no scaling).
+    pub fp16: Option<Fp16Config>,
+    /// bf16 requested (no loss scaling; parameters keep an fp32 master copy when not fp32).
+    pub bf16: bool,
+    /// Layers per activation checkpoint (0 = keep every layer's graph).
+    pub checkpoint_num_layers: usize,
+    pub partition_activations: bool,
+    pub cpu_checkpointing: bool,
+    /// Base of the dropout streams.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            train_micro_batch_size_per_gpu: 1,
+            gradient_accumulation_steps: 1,
+            zero_stage: 0,
+            reduce_bucket_size: 500_000_000,
+            optimizer: AdamWConfig::default(),
+            lr_schedule: LrSchedule::Constant(AdamWConfig::default().lr),
+            gradient_clipping: 0.0,
+            fp16: None,
+            bf16: false,
+            checkpoint_num_layers: 0,
+            partition_activations: false,
+            cpu_checkpointing: false,
+            seed: 1234,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The engine settings of a DeepSpeed config for `dp` data-parallel ranks, DeepSpeed's defaults
+    /// where a key is absent. Activation checkpointing itself is switched on by the model's flags
+    /// (`checkpoint_num_layers`); the config's section says how inputs are kept.
+    pub fn from_deepspeed(ds: &DeepSpeedConfig, dp: usize) -> Result<Self> {
+        let mut c = Self::default();
+        let batch = ds.batch(dp, None, None)?;
+        c.train_micro_batch_size_per_gpu = batch.micro_batch;
+        c.gradient_accumulation_steps = batch.accumulation;
+        if let Some(o) = &ds.optimizer {
+            let crate::config::OptimizerKind::Adam { adam_w_mode } = o.kind()?;
+            let p = &o.params;
+            let d = AdamWConfig::default();
+            let [beta1, beta2] = p.betas.unwrap_or([d.beta1, d.beta2]);
+            c.optimizer = AdamWConfig {
+                lr: p.lr.unwrap_or(d.lr),
+                beta1,
+                beta2,
+                eps: p.eps.unwrap_or(d.eps),
+                // DeepSpeed's Adam defaults to no weight decay.
+                weight_decay: p.weight_decay.unwrap_or(0.0),
+                adam_w_mode,
+            };
+            c.lr_schedule = LrSchedule::Constant(c.optimizer.lr);
+        }
+        if let Some(s) = &ds.scheduler {
+            c.lr_schedule = LrSchedule::from_config(s)?;
+        }
+        c.gradient_clipping = ds.gradient_clipping.unwrap_or(0.0);
+        c.fp16 = ds.fp16.clone().filter(|f| f.enabled);
+        c.bf16 = ds.bf16.as_ref().is_some_and(|b| b.enabled);
+        if let Some(z) = &ds.zero_optimization {
+            if z.stage > 2 {
+                bail!(
+                    "not supported: zero_optimization.stage {}, because this engine implements \
+                     ZeRO stages 0, 1 and 2",
+                    z.stage
+                )
+            }
+            for (what, o) in [
+                ("offload_optimizer", z.effective_offload_optimizer()),
+                ("offload_param", z.effective_offload_param()),
+            ] {
+                if o.is_some_and(|o| o.device.as_deref() != Some("none")) {
+                    bail!(
+                        "not supported: zero_optimization.{what}, because this engine keeps model \
+                         states in memory (offload is not implemented yet)"
+                    )
+                }
+            }
+            c.zero_stage = z.stage;
+            if let Some(b) = z.reduce_bucket_size {
+                c.reduce_bucket_size = b.max(1) as usize;
             }
         }
-        grads_out = leaf_grads(&inputs[i], &store);
+        if let Some(a) = &ds.activation_checkpointing {
+            c.partition_activations = a.partition_activations.unwrap_or(false);
+            c.cpu_checkpointing = a.cpu_checkpointing.unwrap_or(false);
+        }
+        Ok(c)
     }
-    Ok((loss_value, grads))
+}
+
+/// The outcome of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// 1-based iteration (optimizer steps attempted, skipped ones included).
+    pub iteration: u64,
+    /// Mean loss over the global batch (NaN when the micro-batches were run by the caller).
+    pub loss: f64,
+    pub lr: f64,
+    /// The loss scale the step's gradients were computed with.
+    pub loss_scale: f64,
+    /// Global gradient norm before clipping (unscaled).
+    pub grad_norm: f64,
+    /// fp16 overflow: the update was skipped.
+    pub skipped: bool,
+}
+
+/// DeepSpeed's engine for a layer-sequential model: data parallel with ZeRO 0/1/2 over `dp`,
+/// tensor parallel inside the layers over `tp`, fused AdamW, loss scaling, gradient accumulation,
+/// clipping and activation checkpointing. The model knows nothing of any of it.
+pub struct Engine<'m> {
+    layers: Vec<&'m dyn Layer>,
+    pub config: EngineConfig,
+    zero: ZeroOptimizer,
+    scaler: LossScaler,
+    policy: CheckpointPolicy,
+    dp: Option<ProcessGroup>,
+    tp: Option<ProcessGroup>,
+    micro_step: usize,
+    iteration: u64,
+    updates: u64,
+    skipped: u64,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(
+        layers: Vec<&'m dyn Layer>,
+        config: EngineConfig,
+        dp: Option<ProcessGroup>,
+        tp: Option<ProcessGroup>,
+    ) -> Result<Self> {
+        if config.gradient_accumulation_steps == 0 || config.train_micro_batch_size_per_gpu == 0 {
+            bail!("micro-batch size and gradient_accumulation_steps must be positive")
+        }
+        let dp = dp.filter(|g| g.size() > 1);
+        let tp = tp.filter(|g| g.size() > 1);
+        let zero = ZeroOptimizer::new(
+            &layers,
+            config.zero_stage,
+            config.reduce_bucket_size,
+            config.optimizer,
+            dp.clone(),
+            tp.clone(),
+        )?;
+        let scaler = match &config.fp16 {
+            Some(f) => LossScaler::from_config(f),
+            None => LossScaler::fixed(1.0),
+        };
+        let policy = CheckpointPolicy {
+            num_layers: config.checkpoint_num_layers,
+            partition: tp.clone().filter(|_| config.partition_activations),
+            cpu: config.cpu_checkpointing,
+        };
+        Ok(Self {
+            layers,
+            config,
+            zero,
+            scaler,
+            policy,
+            dp,
+            tp,
+            micro_step: 0,
+            iteration: 0,
+            updates: 0,
+            skipped: 0,
+        })
+    }
+
+    pub fn dp_size(&self) -> usize {
+        self.dp.as_ref().map_or(1, |g| g.size())
+    }
+
+    pub fn dp_rank(&self) -> usize {
+        self.dp.as_ref().map_or(0, |g| g.rank)
+    }
+
+    /// Optimizer steps attempted so far.
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    /// Steps skipped because of fp16 overflow.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.cur_scale
+    }
+
+    /// The learning rate the next optimizer step uses.
+    pub fn lr(&self) -> f64 {
+        self.config.lr_schedule.lr(self.updates)
+    }
+
+    pub fn optimizer(&self) -> &ZeroOptimizer {
+        &self.zero
+    }
+
+    /// Forward and backward of one micro-batch (training mode, loss scaled), gradients accumulated
+    /// into the ZeRO buffers and reduced bucket by bucket as backward goes. Returns this rank's
+    /// unscaled loss.
+    pub fn forward_backward(
+        &mut self,
+        input: Activations,
+        ctx: &ForwardCtx,
+        loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
+    ) -> Result<f32> {
+        let last = self.micro_step + 1 >= self.config.gradient_accumulation_steps;
+        let zero = &mut self.zero;
+        let loss = backward_pass(
+            &self.layers,
+            input,
+            ctx,
+            &self.policy,
+            self.scaler.cur_scale,
+            loss_fn,
+            &mut |i, layer, store| {
+                if let Some(store) = store {
+                    let mut seen = std::collections::HashSet::new();
+                    for p in layer.parameters() {
+                        if !seen.insert(p.tensor().id()) {
+                            continue;
+                        }
+                        if let Some(g) = store.get(p.tensor()) {
+                            zero.accumulate(p.tensor(), g)?;
+                        }
+                    }
+                }
+                let ready: Vec<usize> = zero.layout().ready_after(i).collect();
+                for b in ready {
+                    zero.reduce_bucket(b, last)?;
+                }
+                Ok(())
+            },
+        )?;
+        self.micro_step += 1;
+        Ok(loss)
+    }
+
+    /// The optimizer step at the end of an accumulation: unscale, clip, check for overflow (fp16:
+    /// skip and lower the scale), AdamW on the partitions, all-gather, clear the gradients.
+    pub fn step(&mut self) -> Result<StepReport> {
+        if self.micro_step != self.config.gradient_accumulation_steps {
+            bail!(
+                "step after {} micro-batches; gradient_accumulation_steps is {}",
+                self.micro_step,
+                self.config.gradient_accumulation_steps
+            )
+        }
+        let loss_scale = self.scaler.cur_scale;
+        let unscale = 1.0
+            / (self.config.gradient_accumulation_steps as f64 * self.dp_size() as f64 * loss_scale);
+        let grad_norm = self.zero.grad_norm(unscale)?;
+        let overflow = !grad_norm.is_finite();
+        self.iteration += 1;
+        if overflow && self.config.fp16.is_none() {
+            bail!(
+                "iteration {}: the gradient norm is {grad_norm}; lower the learning rate or check \
+                 the data",
+                self.iteration
+            )
+        }
+        let skipped = self.scaler.update(overflow);
+        let lr = self.lr();
+        if skipped {
+            self.skipped += 1;
+        } else {
+            let clip = self.config.gradient_clipping;
+            let coef = if clip > 0.0 && grad_norm > clip {
+                clip / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
+            self.zero.step(lr, unscale * coef)?;
+            self.updates += 1;
+        }
+        self.zero.zero_grad();
+        self.micro_step = 0;
+        Ok(StepReport {
+            iteration: self.iteration,
+            loss: f64::NAN,
+            lr,
+            loss_scale,
+            grad_norm,
+            skipped,
+        })
+    }
+
+    /// One iteration over this rank's `gradient_accumulation_steps` micro-batches, each an input
+    /// and the loss of the last layer's output; the report's loss is the global batch mean.
+    pub fn train_batch<F>(&mut self, micro_batches: Vec<(Activations, F)>) -> Result<StepReport>
+    where
+        F: FnOnce(&Activations) -> Result<Tensor>,
+    {
+        let gas = self.config.gradient_accumulation_steps;
+        if micro_batches.len() != gas {
+            bail!(
+                "train_batch got {} micro-batches; gradient_accumulation_steps is {gas}",
+                micro_batches.len()
+            )
+        }
+        let mut sum = 0f64;
+        for (m, (x, loss_fn)) in micro_batches.into_iter().enumerate() {
+            let ctx = ForwardCtx::train(
+                self.config.seed,
+                self.iteration + 1,
+                (self.dp_rank() * gas + m) as u64,
+            );
+            sum += self.forward_backward(x, &ctx, loss_fn)? as f64;
+        }
+        let loss = self.dp_mean(sum / gas as f64)?;
+        let mut report = self.step()?;
+        report.loss = loss;
+        Ok(report)
+    }
+
+    /// Evaluation loss of one batch on this rank (no dropout, no graph kept).
+    pub fn eval_batch(
+        &self,
+        input: Activations,
+        loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
+    ) -> Result<f32> {
+        let ctx = ForwardCtx::eval();
+        let mut x = input;
+        for layer in &self.layers {
+            x = detached(&layer.forward(&x, &ctx)?);
+        }
+        loss_fn(&x)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()
+    }
+
+    /// The mean of `v` over the data-parallel group.
+    pub fn dp_mean(&self, v: f64) -> Result<f64> {
+        let mut buf = [v];
+        if let Some(dp) = &self.dp {
+            dp.all_reduce(&mut buf, ReduceOp::Avg)?;
+        }
+        Ok(buf[0])
+    }
+
+    /// Measured model-state bytes of this rank (parameters, gradient buffers, optimizer state).
+    pub fn state_bytes(&self) -> StateBytes {
+        self.zero.state_bytes()
+    }
+
+    /// DeepSpeed's formula for this rank's layout.
+    pub fn formula_bytes(&self) -> StateBytes {
+        self.zero.formula_bytes()
+    }
+
+    /// The largest measured model-state bytes over the data- and tensor-parallel groups.
+    pub fn max_state_bytes(&self) -> Result<u64> {
+        let mut buf = [self.state_bytes().total() as f64];
+        for g in [&self.dp, &self.tp].into_iter().flatten() {
+            g.all_reduce(&mut buf, ReduceOp::Max)?;
+        }
+        Ok(buf[0] as u64)
+    }
+
+    /// One line: the layout and its measured model state against the formula.
+    pub fn describe_memory(&self) -> String {
+        let (m, f) = (self.state_bytes(), self.formula_bytes());
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let dtype = self
+            .zero
+            .params()
+            .first()
+            .map_or(candle_core::DType::F32, |p| p.tensor().dtype());
+        let layout = if dtype == candle_core::DType::F32 {
+            "fp32 parameters updated in place, K = 8"
+        } else {
+            "half parameters with an fp32 master copy, K = 12"
+        };
+        format!(
+            "model state per rank (ZeRO-{}, dp {}, {layout}): measured {:.2} MiB (parameters {:.2}, \
+             gradients {:.2}, optimizer {:.2}) vs formula {:.2} MiB ({:+.2}%)",
+            self.zero.stage(),
+            self.dp_size(),
+            mib(m.total()),
+            mib(m.parameters),
+            mib(m.gradients),
+            mib(m.optimizer),
+            mib(f.total()),
+            100.0 * (m.total() as f64 / f.total().max(1) as f64 - 1.0)
+        )
+    }
 }

@@ -4,6 +4,7 @@
 //! rank-aware metadata ([`parameter::ParamMeta`]); the engine, not the model, drives forward and
 //! backward layer by layer. That single loop is where pipeline stages cut the list, ZeRO gathers and
 //! releases parameters, and gradients are reduced as each layer's backward ends.
+pub mod activation_checkpointing;
 pub mod adamw;
 pub mod attention;
 pub mod comm;
@@ -20,6 +21,7 @@ pub mod parameter;
 pub mod random;
 pub mod tensor_parallel;
 pub mod topology;
+pub mod zero;
 
 pub use module::{Activations, ForwardCtx, Layer};
 pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};

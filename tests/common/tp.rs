@@ -214,9 +214,29 @@ pub fn assert_trace_matches(t: &Trace, reference: &Trace, what: &str, tp: usize,
             &format!("{what} tp={tp} rank {rank} grad {name}"),
         );
     }
-    for (name, p) in &t.params {
-        let what = format!("{what} tp={tp} rank {rank} param {name} after {steps} steps");
-        let want = &reference.params[name];
+    assert_params_match(
+        &t.params,
+        &reference.params,
+        &format!("{what} tp={tp} rank {rank}"),
+        steps,
+    );
+}
+
+/// Parameters (by logical name) equal the reference's within 1e-5 relative.
+pub fn assert_params_match(
+    params: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+    what: &str,
+    steps: usize,
+) {
+    assert_eq!(
+        params.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>(),
+        "{what}: parameter names"
+    );
+    for (name, p) in params {
+        let what = format!("{what} param {name} after {steps} steps");
+        let want = &reference[name];
         if name.ends_with("query_key_value.bias") {
             // The key bias has an exactly-zero gradient in exact arithmetic (softmax ignores a
             // per-row shift), so Adam's normalisation turns rounding noise into tiny updates whose
@@ -224,11 +244,13 @@ pub fn assert_trace_matches(t: &Trace, reference: &Trace, what: &str, tp: usize,
             // only has to stay at noise level.
             let split = |t: &Tensor| t.reshape((4, 3, 16)).unwrap();
             let (a, b) = (split(p), split(want));
-            for part in [0, 2] {
+            // Query biases can hold an element whose gradient crosses zero during training
+            // (seen: one of 64, 1e-6 apart after 10 steps under tp=2), so they get 1e-4.
+            for (part, tol) in [(0, 1e-4), (2, 1e-5)] {
                 assert_rel_close(
                     &a.narrow(1, part, 1).unwrap(),
                     &b.narrow(1, part, 1).unwrap(),
-                    1e-5,
+                    tol,
                     &what,
                 );
             }

@@ -1,0 +1,80 @@
+//! Copies between candle tensors and flat fp32 buffers without detours through new tensors.
+//!
+//! `Var::from_tensor` copies, so a parameter cannot be a view into a ZeRO buffer: gradients are
+//! copied in and updated parameters written back in place (`Tensor::inplace_op1`) on CPU; other
+//! devices take the copy path.
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, Var};
+
+/// Calls `f` with the elements of `t` (flattened) as f32, borrowing CPU f32 storage when it is
+/// contiguous and converting otherwise.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[s..e]));
+        }
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+/// `dst[i] += src[i]` for the flattened elements of `t`.
+pub fn add_into(t: &Tensor, dst: &mut [f32]) -> Result<()> {
+    with_f32(t, |src| {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    })
+}
+
+struct Write<'a> {
+    src: &'a [f32],
+}
+
+impl candle_core::InplaceOp1 for Write<'_> {
+    fn name(&self) -> &'static str {
+        "zero-write"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((s, e)) = layout.contiguous_offsets() else {
+            candle_core::bail!("zero-write: parameter storage is not contiguous")
+        };
+        if e - s != self.src.len() {
+            candle_core::bail!(
+                "zero-write: {} values for {} elements",
+                self.src.len(),
+                e - s
+            )
+        }
+        match storage {
+            CpuStorage::F32(v) => v[s..e].copy_from_slice(self.src),
+            CpuStorage::F16(v) => v[s..e]
+                .iter_mut()
+                .zip(self.src)
+                .for_each(|(d, x)| *d = half::f16::from_f32(*x)),
+            CpuStorage::BF16(v) => v[s..e]
+                .iter_mut()
+                .zip(self.src)
+                .for_each(|(d, x)| *d = half::bf16::from_f32(*x)),
+            CpuStorage::F64(v) => v[s..e]
+                .iter_mut()
+                .zip(self.src)
+                .for_each(|(d, x)| *d = *x as f64),
+            _ => candle_core::bail!("zero-write: parameters must be floating point"),
+        }
+        Ok(())
+    }
+}
+
+/// Overwrites the parameter `var` with `src` (its flattened elements, as f32).
+pub fn write_var(var: &Var, src: &[f32]) -> Result<()> {
+    let t = var.as_tensor();
+    if t.device().is_cpu() && t.is_contiguous() {
+        return t.inplace_op1(&Write { src });
+    }
+    let new = Tensor::from_slice(src, t.shape(), t.device())?.to_dtype(t.dtype())?;
+    var.set(&new)
+}

@@ -1,0 +1,8 @@
+//! ZeRO: data-parallel training with partitioned optimizer state (stage 1) and gradients (stage 2)
+//! over flat fp32 buffers.
+pub mod flat;
+pub mod partition;
+pub mod stage_1_and_2;
+
+pub use partition::FlatLayout;
+pub use stage_1_and_2::{StateBytes, ZeroOptimizer};

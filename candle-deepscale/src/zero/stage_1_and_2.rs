@@ -1,0 +1,388 @@
+//! ZeRO stages 0, 1 and 2 over flat fp32 buffers (DeepSpeed's `stage_1_and_2.py`).
+//!
+//! Stage 0 keeps every gradient and all optimizer state on every rank and all-reduces gradients;
+//! stage 1 partitions the optimizer state (each rank updates its piece of every bucket, then the
+//! updated pieces are all-gathered); stage 2 also partitions the gradients: each bucket is
+//! reduce-scattered as soon as backward has produced it, so a rank never holds the whole gradient.
+//! Parameters are updated in place in their own tensors (fp32) or, for fp16/bf16 parameters, in an
+//! fp32 master copy of the rank's partition that is written back rounded.
+use super::flat::{add_into, with_f32, write_var};
+use super::partition::FlatLayout;
+use crate::adamw::AdamWConfig;
+use crate::comm::{ProcessGroup, ReduceOp};
+use crate::cpu_adam::{adam_step, AdamStep};
+use crate::module::Layer;
+use crate::parameter::{Param, Partition};
+use candle_core::{bail, DType, Result, Tensor, TensorId};
+use std::collections::HashMap;
+
+/// A stretch of a rank's piece with one weight-decay and grad-norm setting.
+#[derive(Debug, Clone)]
+struct Segment {
+    bucket: usize,
+    piece_offset: usize,
+    len: usize,
+    decay: bool,
+    counts_in_norm: bool,
+}
+
+/// Model-state bytes of one rank: measured from the buffers held, and DeepSpeed's formula.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StateBytes {
+    pub parameters: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+}
+
+impl StateBytes {
+    pub fn total(&self) -> u64 {
+        self.parameters + self.gradients + self.optimizer
+    }
+}
+
+pub struct ZeroOptimizer {
+    stage: u8,
+    layout: FlatLayout,
+    params: Vec<Param>,
+    index: HashMap<TensorId, usize>,
+    /// Stage 0/1: the whole padded flat buffer. Stage 2: this rank's partition.
+    grads: Vec<f32>,
+    /// Stage 2: buckets of local gradients being filled by the running backward.
+    staging: HashMap<usize, Vec<f32>>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    /// fp32 copy of this rank's partition when parameters are fp16/bf16.
+    master: Option<Vec<f32>>,
+    segments: Vec<Segment>,
+    dp: Option<ProcessGroup>,
+    tp: Option<ProcessGroup>,
+    pub config: AdamWConfig,
+    step: u64,
+}
+
+impl ZeroOptimizer {
+    /// The optimizer of the distinct parameters of `layers`, partitioned over `dp` at `stage`
+    /// (0, 1 or 2), with gradient buckets of about `bucket_elems` elements. `tp` is the
+    /// tensor-parallel group, consulted by the gradient norm.
+    pub fn new(
+        layers: &[&dyn Layer],
+        stage: u8,
+        bucket_elems: usize,
+        config: AdamWConfig,
+        dp: Option<ProcessGroup>,
+        tp: Option<ProcessGroup>,
+    ) -> Result<Self> {
+        if stage > 2 {
+            bail!("ZeroOptimizer handles ZeRO stages 0, 1 and 2, got {stage}")
+        }
+        let dp = dp.filter(|g| g.size() > 1);
+        let tp = tp.filter(|g| g.size() > 1);
+        let mut params: Vec<Param> = Vec::new();
+        let mut index = HashMap::new();
+        let mut layer_params = Vec::with_capacity(layers.len());
+        for l in layers {
+            let mut ids = Vec::new();
+            for p in l.parameters() {
+                let id = p.tensor().id();
+                let i = *index.entry(id).or_insert_with(|| {
+                    params.push(p.clone());
+                    params.len() - 1
+                });
+                if !ids.contains(&i) {
+                    ids.push(i);
+                }
+            }
+            layer_params.push(ids);
+        }
+        for p in &params {
+            if !p.tensor().dtype().is_float() {
+                bail!("parameter `{}` is not floating point", p.meta.name)
+            }
+        }
+        let numels: Vec<usize> = params.iter().map(|p| p.tensor().elem_count()).collect();
+        let (parts, rank) = match (&dp, stage) {
+            (Some(g), 1 | 2) => (g.size(), g.rank),
+            _ => (1, 0),
+        };
+        let layout = FlatLayout::new(&layer_params, &numels, bucket_elems, parts, rank);
+        let tp_rank = tp.as_ref().map_or(0, |g| g.rank);
+        // Split parameters count on every tensor-parallel rank; replicated ones once (rank 0).
+        let counts =
+            |p: &Param| matches!(p.meta.partition, Partition::Split { .. }) || tp_rank == 0;
+        let mut segments: Vec<Segment> = Vec::new();
+        for r in &layout.runs {
+            let p = &params[r.param];
+            let (decay, counts_in_norm) = (p.meta.weight_decay, counts(p));
+            match segments.last_mut() {
+                Some(s)
+                    if s.bucket == r.bucket
+                        && s.piece_offset + s.len == r.piece_offset
+                        && s.decay == decay
+                        && s.counts_in_norm == counts_in_norm =>
+                {
+                    s.len += r.len
+                }
+                _ => segments.push(Segment {
+                    bucket: r.bucket,
+                    piece_offset: r.piece_offset,
+                    len: r.len,
+                    decay,
+                    counts_in_norm,
+                }),
+            }
+        }
+        let grads = vec![
+            0f32;
+            if stage == 2 {
+                layout.partition_len
+            } else {
+                layout.full_len
+            }
+        ];
+        let master = if params.iter().all(|p| p.tensor().dtype() == DType::F32) {
+            None
+        } else {
+            let mut m = vec![0f32; layout.partition_len];
+            for r in &layout.runs {
+                let at = layout.buckets[r.bucket].part_offset + r.piece_offset;
+                with_f32(params[r.param].tensor(), |v| {
+                    m[at..at + r.len].copy_from_slice(&v[r.param_offset..r.param_offset + r.len])
+                })?;
+            }
+            Some(m)
+        };
+        Ok(Self {
+            stage,
+            exp_avg: vec![0f32; layout.partition_len],
+            exp_avg_sq: vec![0f32; layout.partition_len],
+            layout,
+            params,
+            index,
+            grads,
+            staging: HashMap::new(),
+            master,
+            segments,
+            dp,
+            tp,
+            config,
+            step: 0,
+        })
+    }
+
+    pub fn stage(&self) -> u8 {
+        self.stage
+    }
+
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    /// The distinct parameters, in flat-buffer order of first appearance in the layers.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Adds a local gradient of the parameter `param` (a tensor of the layers) to the buffers.
+    pub fn accumulate(&mut self, param: &Tensor, grad: &Tensor) -> Result<()> {
+        let Some(&i) = self.index.get(&param.id()) else {
+            bail!("gradient for a tensor that is not a parameter of the engine's layers")
+        };
+        let fp = &self.layout.params[i];
+        if grad.elem_count() != fp.numel {
+            bail!(
+                "gradient of `{}` has {} elements, the parameter {}",
+                self.params[i].meta.name,
+                grad.elem_count(),
+                fp.numel
+            )
+        }
+        let b = &self.layout.buckets[fp.bucket];
+        let dst = if self.stage == 2 {
+            let buf = self
+                .staging
+                .entry(fp.bucket)
+                .or_insert_with(|| vec![0f32; b.padded]);
+            &mut buf[fp.offset..fp.offset + fp.numel]
+        } else {
+            &mut self.grads[b.offset + fp.offset..b.offset + fp.offset + fp.numel]
+        };
+        add_into(grad, dst)
+    }
+
+    /// Bucket `b`'s local gradients are complete for this micro-batch: stage 2 reduce-scatters them
+    /// into the partition; stages 0 and 1 all-reduce them at the accumulation boundary (`last`).
+    pub fn reduce_bucket(&mut self, b: usize, last: bool) -> Result<()> {
+        let bucket = &self.layout.buckets[b];
+        if self.stage == 2 {
+            let local = self
+                .staging
+                .remove(&b)
+                .unwrap_or_else(|| vec![0f32; bucket.padded]);
+            let dst = &mut self.grads[bucket.part_offset..bucket.part_offset + bucket.piece];
+            match &self.dp {
+                Some(dp) => {
+                    let mut piece = vec![0f32; bucket.piece];
+                    dp.comm
+                        .reduce_scatter(&dp.group, &local, &mut piece, ReduceOp::Sum)?;
+                    dst.iter_mut().zip(&piece).for_each(|(d, s)| *d += s);
+                }
+                None => dst.iter_mut().zip(&local).for_each(|(d, s)| *d += s),
+            }
+        } else if last {
+            if let Some(dp) = &self.dp {
+                let buf = &mut self.grads[bucket.offset..bucket.offset + bucket.padded];
+                dp.comm.all_reduce(&dp.group, buf, ReduceOp::Sum)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This rank's piece of bucket `b`'s reduced gradients.
+    fn grad_piece(&self, b: usize) -> &[f32] {
+        let bk = &self.layout.buckets[b];
+        let start = if self.stage == 2 {
+            bk.part_offset
+        } else {
+            bk.offset + self.layout.rank * bk.piece
+        };
+        &self.grads[start..start + bk.piece]
+    }
+
+    /// Global L2 norm of the summed gradients times `scale`: tensor-parallel replicas count once,
+    /// partitions are summed over the data-parallel group. Infinite or NaN on overflow.
+    pub fn grad_norm(&self, scale: f64) -> Result<f64> {
+        let mut sq = 0f64;
+        for s in self.segments.iter().filter(|s| s.counts_in_norm) {
+            let g = &self.grad_piece(s.bucket)[s.piece_offset..s.piece_offset + s.len];
+            sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+        }
+        let mut buf = [sq];
+        if self.layout.parts > 1 {
+            if let Some(dp) = &self.dp {
+                dp.all_reduce(&mut buf, ReduceOp::Sum)?;
+            }
+        }
+        if let Some(tp) = &self.tp {
+            tp.all_reduce(&mut buf, ReduceOp::Sum)?;
+        }
+        Ok(buf[0].sqrt() * scale)
+    }
+
+    /// One AdamW step at learning rate `lr` with every summed gradient multiplied by `grad_scale`,
+    /// then the updated partitions all-gathered into every rank's parameters.
+    pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        for b in 0..self.layout.buckets.len() {
+            let bk = self.layout.buckets[b].clone();
+            let mut piece = match &self.master {
+                Some(m) => m[bk.part_offset..bk.part_offset + bk.piece].to_vec(),
+                None => {
+                    let mut v = vec![0f32; bk.piece];
+                    for r in self.layout.runs.iter().filter(|r| r.bucket == b) {
+                        with_f32(self.params[r.param].tensor(), |p| {
+                            v[r.piece_offset..r.piece_offset + r.len]
+                                .copy_from_slice(&p[r.param_offset..r.param_offset + r.len])
+                        })?;
+                    }
+                    v
+                }
+            };
+            let start = if self.stage == 2 {
+                bk.part_offset
+            } else {
+                bk.offset + self.layout.rank * bk.piece
+            };
+            for s in self.segments.iter().filter(|s| s.bucket == b) {
+                let (lo, hi) = (s.piece_offset, s.piece_offset + s.len);
+                let (plo, phi) = (bk.part_offset + lo, bk.part_offset + hi);
+                adam_step(
+                    &mut piece[lo..hi],
+                    &self.grads[start + lo..start + hi],
+                    &mut self.exp_avg[plo..phi],
+                    &mut self.exp_avg_sq[plo..phi],
+                    &AdamStep {
+                        lr: lr as f32,
+                        beta1: c.beta1 as f32,
+                        beta2: c.beta2 as f32,
+                        eps: c.eps as f32,
+                        weight_decay: if s.decay { c.weight_decay as f32 } else { 0.0 },
+                        adam_w_mode: c.adam_w_mode,
+                        step: self.step,
+                        grad_scale: grad_scale as f32,
+                    },
+                );
+            }
+            if let Some(m) = &mut self.master {
+                m[bk.part_offset..bk.part_offset + bk.piece].copy_from_slice(&piece);
+            }
+            let full = match (&self.dp, self.layout.parts > 1) {
+                (Some(dp), true) => {
+                    let mut full = vec![0f32; bk.padded];
+                    dp.comm.all_gather(&dp.group, &piece, &mut full)?;
+                    full
+                }
+                _ => piece,
+            };
+            for &p in &bk.params {
+                let fp = &self.layout.params[p];
+                write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the gradient buffers for the next accumulation.
+    pub fn zero_grad(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        self.staging.clear();
+    }
+
+    /// Measured model-state bytes held by this rank: parameter tensors, the gradient buffer, and
+    /// Adam's moments plus the fp32 master copy where parameters are not fp32.
+    pub fn state_bytes(&self) -> StateBytes {
+        let parameters = self
+            .params
+            .iter()
+            .map(|p| (p.tensor().elem_count() * p.tensor().dtype().size_in_bytes()) as u64)
+            .sum();
+        let opt = self.exp_avg.len()
+            + self.exp_avg_sq.len()
+            + self.master.as_ref().map_or(0, |m| m.len());
+        StateBytes {
+            parameters,
+            gradients: 4 * self.grads.len() as u64,
+            optimizer: 4 * opt as u64,
+        }
+    }
+
+    /// DeepSpeed's formula for the layout this optimizer uses (Ψ = local parameter count, N = the
+    /// data-parallel size): P·Ψ + G·Ψ (/N at stage 2) + K·Ψ (/N at stages 1 and 2), with P the
+    /// parameter dtype's size, G = 4 (fp32 gradient buffers) and K = 8 (Adam's m and v) + 4 when an
+    /// fp32 master copy is kept.
+    pub fn formula_bytes(&self) -> StateBytes {
+        let psi: f64 = self
+            .params
+            .iter()
+            .map(|p| p.tensor().elem_count() as f64)
+            .sum();
+        let p_size = self
+            .params
+            .first()
+            .map_or(4, |p| p.tensor().dtype().size_in_bytes()) as f64;
+        let n = self.dp.as_ref().map_or(1, |g| g.size()) as f64;
+        let k = if self.master.is_some() { 12.0 } else { 8.0 };
+        let g_div = if self.stage >= 2 { n } else { 1.0 };
+        let k_div = if self.stage >= 1 { n } else { 1.0 };
+        StateBytes {
+            parameters: (p_size * psi) as u64,
+            gradients: (4.0 * psi / g_div) as u64,
+            optimizer: (k * psi / k_div) as u64,
+        }
+    }
+}

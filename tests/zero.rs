@@ -1,0 +1,470 @@
+//! The training engine: every data-parallel layout (ZeRO 0, 1, 2; with tensor parallelism) equals
+//! the one-rank run on the same model, data and seed; accumulation, activation checkpointing and the
+//! fused optimizer change nothing; model-state bytes follow DeepSpeed's formula; fp16 overflow skips.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_deepscale::adamw::{AdamW, AdamWConfig};
+use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
+use candle_deepscale::config::{DeepSpeedConfig, Fp16Config};
+use candle_deepscale::engine::{forward_backward, Engine, EngineConfig, StepReport};
+use candle_deepscale::lr_schedules::LrSchedule;
+use candle_deepscale::module::Activations;
+use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::topology::Topology;
+use candle_deepscale::zero::StateBytes;
+use common::tp::{assert_params_match, gather};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use zoo::gpt2::Gpt2;
+
+const STEPS: usize = 10;
+const GLOBAL_BATCH: usize = 4;
+const SEQ: usize = 12;
+
+/// Global batch of iteration `step`: GLOBAL_BATCH sequences of SEQ + 1 tokens.
+fn global_batch(step: usize) -> Tensor {
+    let data: Vec<u32> = (0..GLOBAL_BATCH * (SEQ + 1))
+        .map(|i| ((i * 31 + step * 17 + (i / 13) * 5 + 3) % 257) as u32)
+        .collect();
+    Tensor::from_vec(data, (GLOBAL_BATCH, SEQ + 1), &Device::Cpu).unwrap()
+}
+
+fn base_config() -> EngineConfig {
+    EngineConfig {
+        train_micro_batch_size_per_gpu: GLOBAL_BATCH,
+        gradient_accumulation_steps: 1,
+        reduce_bucket_size: 6000,
+        optimizer: AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+        lr_schedule: LrSchedule::Constant(1e-3),
+        gradient_clipping: 1.0,
+        ..Default::default()
+    }
+}
+
+struct RankRun {
+    losses: Vec<f64>,
+    norms: Vec<f64>,
+    params: BTreeMap<String, Tensor>,
+    measured: StateBytes,
+    formula: StateBytes,
+}
+
+/// Trains the tiny GPT-2 for `steps` on `tp x dp` in-process ranks with `cfg` (the micro-batch and
+/// accumulation must make up GLOBAL_BATCH with dp).
+fn train(tp: usize, dp: usize, cfg: EngineConfig, steps: usize, dtype: DType) -> Vec<RankRun> {
+    let (micro, gas) = (
+        cfg.train_micro_batch_size_per_gpu,
+        cfg.gradient_accumulation_steps,
+    );
+    assert_eq!(micro * gas * dp, GLOBAL_BATCH);
+    let topo = Topology::new(1, dp, tp).unwrap();
+    let results = InProcessWorld::run(tp * dp, Duration::from_secs(120), |comm| {
+        let rank = comm.rank();
+        let comm: Arc<dyn Communicator> = comm;
+        let group = |g: Vec<usize>| ProcessGroup::new(comm.clone(), g).unwrap();
+        let tp_group = group(topo.model_group(rank));
+        let dp_group = group(topo.data_group(rank));
+        let dp_rank = dp_group.rank;
+        let src = RandomInit { seed: 5 };
+        let model = Gpt2::new(
+            &common::tiny_gpt2_config(),
+            &ParamBuilder::new(&src, &Device::Cpu, dtype).with_tp(Some(tp_group.clone())),
+        )
+        .unwrap();
+        let mut engine = Engine::new(
+            model.layers(),
+            cfg.clone(),
+            Some(dp_group),
+            Some(tp_group.clone()),
+        )
+        .unwrap();
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        for step in 0..steps {
+            let mine = global_batch(step)
+                .narrow(0, dp_rank * micro * gas, micro * gas)
+                .unwrap();
+            let model = &model;
+            let micro_batches = (0..gas)
+                .map(|m| {
+                    let t = mine.narrow(0, m * micro, micro).unwrap();
+                    let x = t.narrow(1, 0, SEQ).unwrap();
+                    let y = t.narrow(1, 1, SEQ).unwrap();
+                    (Activations::new(x), move |out: &Activations| {
+                        model.loss(&out.hidden.to_dtype(DType::F32)?, &y)
+                    })
+                })
+                .collect();
+            let r: StepReport = engine.train_batch(micro_batches)?;
+            losses.push(r.loss);
+            norms.push(r.grad_norm);
+        }
+        let params = model
+            .parameters()
+            .iter()
+            .map(|p| {
+                let t = p.tensor().to_dtype(DType::F32).unwrap();
+                (p.meta.name.clone(), gather(Some(&tp_group), p, &t))
+            })
+            .collect();
+        Ok(RankRun {
+            losses,
+            norms,
+            params,
+            measured: engine.state_bytes(),
+            formula: engine.formula_bytes(),
+        })
+    });
+    results.into_iter().map(|r| r.unwrap()).collect()
+}
+
+fn assert_runs_match(runs: &[RankRun], reference: &RankRun, what: &str) {
+    for (rank, r) in runs.iter().enumerate() {
+        for s in 0..STEPS {
+            let (a, b) = (r.losses[s], reference.losses[s]);
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{what} rank {rank} step {s}: loss {a} vs {b}"
+            );
+            let (a, b) = (r.norms[s], reference.norms[s]);
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{what} rank {rank} step {s}: grad norm {a} vs {b}"
+            );
+        }
+        assert_params_match(
+            &r.params,
+            &reference.params,
+            &format!("{what} rank {rank}"),
+            STEPS,
+        );
+    }
+}
+
+fn one_rank() -> RankRun {
+    let mut r = train(1, 1, base_config(), STEPS, DType::F32);
+    r.remove(0)
+}
+
+fn stage(s: u8, micro: usize, gas: usize) -> EngineConfig {
+    EngineConfig {
+        zero_stage: s,
+        train_micro_batch_size_per_gpu: micro,
+        gradient_accumulation_steps: gas,
+        ..base_config()
+    }
+}
+
+#[test]
+fn data_parallel_zero_0_1_2_equal_one_rank() {
+    let reference = one_rank();
+    assert!(
+        reference.losses[STEPS - 1] < reference.losses[0],
+        "the reference run learns: {:?}",
+        reference.losses
+    );
+    assert!(reference.norms[0] > 1.0, "clipping is exercised");
+    for s in [0, 1, 2] {
+        let runs = train(1, 2, stage(s, 2, 1), STEPS, DType::F32);
+        assert_runs_match(&runs, &reference, &format!("dp=2 ZeRO-{s}"));
+    }
+}
+
+#[test]
+fn tp2_dp2_zero2_equals_one_rank() {
+    let reference = one_rank();
+    let runs = train(2, 2, stage(2, 2, 1), STEPS, DType::F32);
+    assert_runs_match(&runs, &reference, "tp=2 x dp=2 ZeRO-2");
+}
+
+#[test]
+fn accumulation_and_activation_checkpointing_change_nothing() {
+    let reference = one_rank();
+    let acc = train(1, 1, stage(0, 1, 4), STEPS, DType::F32);
+    assert_runs_match(&acc, &reference, "accumulation 4 x micro 1");
+    let acc2 = train(1, 2, stage(2, 1, 2), STEPS, DType::F32);
+    assert_runs_match(&acc2, &reference, "dp=2 ZeRO-2 accumulation 2 x micro 1");
+    for k in [1, 2] {
+        let cfg = EngineConfig {
+            checkpoint_num_layers: k,
+            ..base_config()
+        };
+        let ck = train(1, 1, cfg, STEPS, DType::F32);
+        assert_runs_match(&ck, &reference, &format!("checkpoint every {k} layers"));
+    }
+    // Saved inputs split over the tensor-parallel group and kept in host memory.
+    let cfg = EngineConfig {
+        checkpoint_num_layers: 1,
+        partition_activations: true,
+        cpu_checkpointing: true,
+        ..stage(1, 2, 1)
+    };
+    let ck = train(2, 2, cfg, STEPS, DType::F32);
+    assert_runs_match(&ck, &reference, "tp=2 x dp=2 partitioned CPU checkpoints");
+}
+
+#[test]
+fn model_state_bytes_follow_the_zero_formula() {
+    let mut totals = BTreeMap::new();
+    for n in [2, 4] {
+        for s in [0u8, 1, 2] {
+            let runs = train(1, n, stage(s, GLOBAL_BATCH / n, 1), 1, DType::F32);
+            for (rank, r) in runs.iter().enumerate() {
+                let (m, f) = (r.measured.total() as f64, r.formula.total() as f64);
+                assert!(
+                    (m / f - 1.0).abs() < 0.02,
+                    "ZeRO-{s} N={n} rank {rank}: measured {m} vs formula {f}"
+                );
+            }
+            totals.insert((n, s), runs[0].measured.total());
+        }
+        // fp32 in place: 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N.
+        assert!(totals[&(n, 0)] > totals[&(n, 1)] && totals[&(n, 1)] > totals[&(n, 2)]);
+    }
+    assert!(totals[&(4, 2)] < totals[&(2, 2)]);
+    let psi = (totals[&(2, 0)] / 16) as f64;
+    let s2 = totals[&(4, 2)] as f64;
+    assert!((s2 / (psi * (4.0 + 12.0 / 4.0)) - 1.0).abs() < 0.02);
+}
+
+/// Tiny GPT-2 trained by the reference per-tensor AdamW and by candle_nn::AdamW.
+fn reference_optimizers(
+    steps: usize,
+    cfg: AdamWConfig,
+) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    let src = RandomInit { seed: 5 };
+    let build = || {
+        Gpt2::new(
+            &common::tiny_gpt2_config(),
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+        )
+        .unwrap()
+    };
+    let (a, b) = (build(), build());
+    let pa = a.parameters();
+    let mut opt_a = AdamW::new(&pa, cfg).unwrap();
+    use candle_nn::Optimizer;
+    let mut opt_b = candle_nn::AdamW::new(
+        b.parameters().iter().map(|p| p.var.clone()).collect(),
+        candle_nn::ParamsAdamW {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        },
+    )
+    .unwrap();
+    for step in 0..steps {
+        let t = global_batch(step);
+        let (x, y) = (t.narrow(1, 0, SEQ).unwrap(), t.narrow(1, 1, SEQ).unwrap());
+        let ctx = candle_deepscale::module::ForwardCtx::eval();
+        let (_, grads) =
+            forward_backward(&a.layers(), Activations::new(x.clone()), &ctx, false, |o| {
+                a.loss(&o.hidden, &y)
+            })
+            .unwrap();
+        opt_a.step(&grads, 1.0).unwrap();
+        let loss = b.loss(&b.forward(&x, &ctx).unwrap(), &y).unwrap();
+        opt_b.backward_step(&loss).unwrap();
+    }
+    let snap = |m: &Gpt2| {
+        m.parameters()
+            .iter()
+            .map(|p| (p.meta.name.clone(), gather(None, p, p.tensor())))
+            .collect()
+    };
+    (snap(&a), snap(&b))
+}
+
+#[test]
+fn fused_adamw_equals_reference_and_candle_nn() {
+    for wd in [0.0, 0.01] {
+        let opt = AdamWConfig {
+            lr: 2e-3,
+            weight_decay: wd,
+            ..Default::default()
+        };
+        let cfg = EngineConfig {
+            optimizer: opt,
+            lr_schedule: LrSchedule::Constant(opt.lr),
+            gradient_clipping: 0.0,
+            ..base_config()
+        };
+        let engine = train(1, 1, cfg, 5, DType::F32).remove(0);
+        let (reference, candle_nn) = reference_optimizers(5, opt);
+        assert_params_match(
+            &engine.params,
+            &reference,
+            &format!("fused vs reference wd {wd}"),
+            5,
+        );
+        if wd == 0.0 {
+            // candle_nn::AdamW decays every tensor; without decay the two are the same algorithm.
+            assert_params_match(&engine.params, &candle_nn, "fused vs candle_nn::AdamW", 5);
+        }
+    }
+}
+
+#[test]
+fn weight_decay_skips_biases_and_layernorm_weights() {
+    let src = RandomInit { seed: 5 };
+    let model = Gpt2::new(
+        &common::tiny_gpt2_config(),
+        &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+    )
+    .unwrap();
+    let before: Vec<Tensor> = model
+        .parameters()
+        .iter()
+        .map(|p| p.tensor().copy().unwrap())
+        .collect();
+    let (lr, wd) = (0.1, 0.5);
+    let cfg = EngineConfig {
+        optimizer: AdamWConfig {
+            lr,
+            weight_decay: wd,
+            ..Default::default()
+        },
+        lr_schedule: LrSchedule::Constant(lr),
+        ..base_config()
+    };
+    let mut engine = Engine::new(model.layers(), cfg, None, None).unwrap();
+    let t = global_batch(0);
+    // A loss with zero gradient everywhere: only weight decay moves parameters.
+    engine
+        .train_batch(vec![(
+            Activations::new(t.narrow(1, 0, SEQ).unwrap()),
+            |o: &Activations| o.hidden.sum_all()? * 0.0,
+        )])
+        .unwrap();
+    let mut decayed = 0;
+    for (p, b) in model.parameters().iter().zip(&before) {
+        let name = &p.meta.name;
+        let no_decay = name.ends_with(".bias") || name.contains("layernorm");
+        let want = if no_decay {
+            b.clone()
+        } else {
+            (b * (1.0 - lr * wd)).unwrap()
+        };
+        let diff = common::max_abs_diff(p.tensor(), &want);
+        assert!(diff < 1e-7, "{name}: off by {diff} (no decay: {no_decay})");
+        decayed += usize::from(!no_decay);
+    }
+    assert!(decayed > 0);
+}
+
+#[test]
+fn adam_is_adamw_unless_adam_w_mode_false() {
+    let parse = |opt: &str| {
+        let ds = DeepSpeedConfig::from_json_str(
+            &format!(r#"{{"train_batch_size": 4, "optimizer": {opt}}}"#),
+            "test",
+        )
+        .unwrap();
+        EngineConfig::from_deepspeed(&ds, 1).unwrap().optimizer
+    };
+    let adam = parse(r#"{"type": "Adam", "params": {"lr": 0.001, "weight_decay": 0.01}}"#);
+    let adamw = parse(r#"{"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.01}}"#);
+    let l2 = parse(
+        r#"{"type": "Adam", "params": {"lr": 0.001, "weight_decay": 0.01, "adam_w_mode": false}}"#,
+    );
+    assert_eq!(adam, adamw);
+    assert!(adam.adam_w_mode && !l2.adam_w_mode);
+    // The same trajectory, and a different one with L2.
+    let run = |opt: AdamWConfig| {
+        let cfg = EngineConfig {
+            optimizer: opt,
+            lr_schedule: LrSchedule::Constant(opt.lr),
+            ..base_config()
+        };
+        train(1, 1, cfg, 3, DType::F32).remove(0)
+    };
+    let (a, w, l) = (run(adam), run(adamw), run(l2));
+    assert_params_match(&a.params, &w.params, "Adam vs AdamW", 3);
+    let name = "layers.0.mlp.dense_h_to_4h.weight";
+    assert!(common::max_abs_diff(&a.params[name], &l.params[name]) > 0.0);
+}
+
+#[test]
+fn fp16_overflow_skips_steps_and_lowers_the_scale() {
+    let cfg = EngineConfig {
+        fp16: Some(Fp16Config {
+            enabled: true,
+            loss_scale: Some(0.0),
+            initial_scale_power: Some(24),
+            loss_scale_window: Some(1000),
+            hysteresis: Some(1),
+            min_loss_scale: Some(1.0),
+        }),
+        ..stage(2, 2, 1)
+    };
+    let runs = train(1, 2, cfg.clone(), 1, DType::F16);
+    let src = RandomInit { seed: 5 };
+    let init = Gpt2::new(
+        &common::tiny_gpt2_config(),
+        &ParamBuilder::new(&src, &Device::Cpu, DType::F16),
+    )
+    .unwrap();
+    // The first step at 2^24 overflows in fp16: skipped, parameters untouched.
+    for p in init.parameters() {
+        let want = gather(None, p, &p.tensor().to_dtype(DType::F32).unwrap());
+        assert_eq!(
+            common::max_abs_diff(&runs[0].params[&p.meta.name], &want),
+            0.0,
+            "{}",
+            p.meta.name
+        );
+    }
+    // Train on: the scale halves at each overflow until steps go through and the loss falls.
+    let src = RandomInit { seed: 5 };
+    let model = Gpt2::new(
+        &common::tiny_gpt2_config(),
+        &ParamBuilder::new(&src, &Device::Cpu, DType::F16),
+    )
+    .unwrap();
+    let mut engine = Engine::new(model.layers(), stage_fp16(cfg), None, None).unwrap();
+    let mut reports = Vec::new();
+    for step in 0..30 {
+        let t = global_batch(step % 2);
+        let x = t.narrow(1, 0, SEQ).unwrap();
+        let y = t.narrow(1, 1, SEQ).unwrap();
+        let m = &model;
+        reports.push(
+            engine
+                .train_batch(vec![(Activations::new(x), move |o: &Activations| {
+                    m.loss(&o.hidden.to_dtype(DType::F32)?, &y)
+                })])
+                .unwrap(),
+        );
+    }
+    let skipped: Vec<&StepReport> = reports.iter().filter(|r| r.skipped).collect();
+    assert!(!skipped.is_empty() && reports[0].skipped);
+    for w in reports.windows(2) {
+        if w[0].skipped {
+            assert_eq!(w[1].loss_scale, (w[0].loss_scale / 2.0).max(1.0));
+        } else {
+            assert_eq!(
+                w[1].loss_scale, w[0].loss_scale,
+                "window 1000: no growth yet"
+            );
+        }
+    }
+    let applied: Vec<&StepReport> = reports.iter().filter(|r| !r.skipped).collect();
+    assert!(applied.len() > 10, "{} steps applied", applied.len());
+    assert!(applied.last().unwrap().loss < applied[0].loss);
+    assert_eq!(engine.skipped_steps() as usize, skipped.len());
+}
+
+/// One rank, micro-batch 4: the fp16 configuration on a single engine.
+fn stage_fp16(cfg: EngineConfig) -> EngineConfig {
+    EngineConfig {
+        train_micro_batch_size_per_gpu: GLOBAL_BATCH,
+        ..cfg
+    }
+}
