@@ -1,11 +1,13 @@
 //! `deepscale`: the Megatron/DeepSpeed example scripts as one binary.
 mod args;
 mod bench;
+mod deepspeed_args;
 mod evaluate;
 mod generate;
 mod launch;
 mod metrics;
 mod models;
+mod plot;
 mod pretrain_gpt2;
 
 use clap::{Parser, Subcommand};

@@ -1,17 +1,20 @@
-//! `deepscale pretrain-gpt2`: Megatron's pretrain_gpt2.py flags on the candle engine.
+//! `deepscale pretrain-gpt2`: Megatron's pretrain_gpt2.py flags on the DeepScale engine (data
+//! parallel with ZeRO 0/1/2 over in-process or MPI ranks, tensor parallel inside the layers).
 use crate::args::{print_json, LayoutArgs, ModelArgs};
+use crate::deepspeed_args::DeepSpeedArgs;
+use crate::launch::{launch, RankCtx};
 use crate::metrics::{peak_rss_bytes, MetricsWriter};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::adamw::{grad_norm, AdamW, AdamWConfig};
-use candle_deepscale::cross_entropy::lm_cross_entropy;
-use candle_deepscale::engine::forward_backward;
-use candle_deepscale::lr_schedules::{AnnealingLr, DecayStyle};
-use candle_deepscale::module::{Activations, ForwardCtx};
+use candle_deepscale::adamw::AdamWConfig;
+use candle_deepscale::config::{BatchSizes, DeepSpeedConfig, Fp16Config};
+use candle_deepscale::engine::{Engine, EngineConfig};
+use candle_deepscale::lr_schedules::{AnnealingLr, DecayStyle, LrSchedule};
+use candle_deepscale::module::Activations;
 use candle_deepscale::parameter::{ParamBuilder, RandomInit};
 use clap::Args;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use zoo::generation::{generate, SamplingConfig};
 use zoo::gpt2::{self, Gpt2};
@@ -38,9 +41,12 @@ pub struct PretrainGpt2Args {
     pub max_position_embeddings: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub make_vocab_size_divisible_by: usize,
-    /// Micro-batch size per data-parallel rank.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
+    /// Micro-batch size per data-parallel rank (default: the DeepSpeed config's, else 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Gradient accumulation steps (default: the DeepSpeed config's, else 1).
+    #[arg(long)]
+    pub gas: Option<usize>,
     #[arg(long, default_value_t = 200)]
     pub train_iters: u64,
     #[arg(long, default_value_t = 1e-3)]
@@ -63,9 +69,9 @@ pub struct PretrainGpt2Args {
     pub adam_beta2: f64,
     #[arg(long, default_value_t = 1e-8)]
     pub adam_eps: f64,
-    /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub clip_grad: f64,
+    /// Global gradient-norm clip, 0 = off (default: the config's gradient_clipping, else 1.0).
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
     #[arg(long, default_value_t = 0.1)]
     pub hidden_dropout: f64,
     #[arg(long, default_value_t = 0.1)]
@@ -75,7 +81,7 @@ pub struct PretrainGpt2Args {
     /// Keep only each transformer layer's input in forward and recompute it in backward.
     #[arg(long)]
     pub checkpoint_activations: bool,
-    /// Layers per checkpoint (Megatron's --checkpoint-num-layers); every layer is its own checkpoint.
+    /// Layers per activation checkpoint (Megatron's --checkpoint-num-layers).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_num_layers: usize,
     /// Training text: .txt (blank-line separated documents) or .jsonl. Default: the shipped sample.
@@ -110,6 +116,11 @@ pub struct PretrainGpt2Args {
     pub sample_prompt: String,
     #[arg(long, default_value_t = 24)]
     pub sample_length: usize,
+    /// Train with fp16 parameters, fp32 master weights and dynamic loss scaling.
+    #[arg(long)]
+    pub fp16: bool,
+    #[command(flatten)]
+    pub ds: DeepSpeedArgs,
     /// Print one JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -190,23 +201,156 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     v
 }
 
+/// The engine settings from the flags and the DeepSpeed config (flags that disagree with the
+/// config are errors; the config's optimizer and scheduler win where it has them, as in
+/// Megatron + DeepSpeed).
+fn engine_config(
+    a: &PretrainGpt2Args,
+    ds: Option<&DeepSpeedConfig>,
+    dp: usize,
+) -> Result<(EngineConfig, BatchSizes)> {
+    let batch = match ds {
+        Some(d) => d.batch(dp, a.batch_size, a.gas)?,
+        None => BatchSizes::resolve(None, Some(a.batch_size.unwrap_or(4)), a.gas, dp)?,
+    };
+    let mut c =
+        match ds {
+            Some(d) => {
+                let mut d = d.clone();
+                // The batch (flags included) is resolved above.
+                d.train_batch_size = Some(batch.train_batch_size);
+                d.train_micro_batch_size_per_gpu = Some(batch.micro_batch);
+                d.gradient_accumulation_steps = Some(batch.accumulation);
+                // Stages beyond 2 and offload are refused below with the flag-aware message.
+                let stage = d.zero_stage();
+                if let Some(z) = d.zero_optimization.as_mut() {
+                    z.stage = z.stage.min(2);
+                }
+                let c = EngineConfig::from_deepspeed(&d, dp)?;
+                if stage > 2 {
+                    bail!(
+                    "not supported: zero_optimization.stage {stage} in {}, because this engine \
+                     implements ZeRO stages 0, 1 and 2",
+                    a.ds.deepscale_config.as_deref().unwrap_or(Path::new("?")).display()
+                )
+                }
+                c
+            }
+            None => EngineConfig::default(),
+        };
+    c.train_micro_batch_size_per_gpu = batch.micro_batch;
+    c.gradient_accumulation_steps = batch.accumulation;
+    if ds.and_then(|d| d.optimizer.as_ref()).is_none() {
+        c.optimizer = AdamWConfig {
+            lr: a.lr,
+            beta1: a.adam_beta1,
+            beta2: a.adam_beta2,
+            eps: a.adam_eps,
+            weight_decay: a.weight_decay,
+            adam_w_mode: true,
+        };
+    }
+    if ds.and_then(|d| d.scheduler.as_ref()).is_none() {
+        let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters);
+        c.lr_schedule = LrSchedule::Annealing(AnnealingLr {
+            max_lr: a.lr,
+            min_lr: a.min_lr,
+            warmup_iters: (a.warmup * decay_iters as f64) as u64,
+            decay_iters,
+            style: match a.lr_decay_style {
+                DecayStyleArg::Constant => DecayStyle::Constant,
+                DecayStyleArg::Linear => DecayStyle::Linear,
+                DecayStyleArg::Cosine => DecayStyle::Cosine,
+            },
+        });
+    }
+    c.gradient_clipping = match (a.clip_grad, ds.and_then(|d| d.gradient_clipping)) {
+        (Some(f), Some(g)) if f != g => {
+            bail!("--clip-grad {f} disagrees with the DeepSpeed config's gradient_clipping {g}")
+        }
+        (f, g) => f.or(g).unwrap_or(1.0),
+    };
+    if a.fp16 && c.fp16.is_none() {
+        if ds.and_then(|d| d.fp16.as_ref()).is_some() {
+            bail!("--fp16 disagrees with the DeepSpeed config's fp16.enabled false")
+        }
+        c.fp16 = Some(Fp16Config {
+            enabled: true,
+            ..Default::default()
+        });
+    }
+    if a.checkpoint_activations {
+        if a.checkpoint_num_layers == 0 {
+            bail!("--checkpoint-num-layers must be at least 1")
+        }
+        c.checkpoint_num_layers = a.checkpoint_num_layers;
+    } else if c.partition_activations || c.cpu_checkpointing {
+        // DeepSpeed reads these only when Megatron checkpoints activations.
+        c.partition_activations = false;
+        c.cpu_checkpointing = false;
+    }
+    a.ds.apply(ds, &mut c)?;
+    c.seed = a.seed;
+    Ok((c, batch))
+}
+
+/// What every rank reads: data, tokenizer, model shape.
+struct Shared {
+    tok: Tokenizer,
+    train: TokenSamples,
+    valid: Option<TokenSamples>,
+    cfg: gpt2::Config,
+    hf_dir: Option<PathBuf>,
+    engine: EngineConfig,
+    batch: BatchSizes,
+    dtype: DType,
+    /// This machine's f32 GEMM rate, measured once before the ranks start (MFU denominator).
+    gemm_peak: f64,
+}
+
+struct Summary {
+    first_loss: Option<f64>,
+    last_loss: f64,
+    last_valid: Option<f64>,
+    n_params: usize,
+    tokens_per_s: f64,
+    model_state_bytes: u64,
+    sample: Option<String>,
+    skipped: u64,
+}
+
 pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
-    if a.checkpoint_num_layers != 1 {
+    a.ds.refuse_unsupported()?;
+    let ds = a.ds.config()?;
+    let (engine_cfg, batch) = engine_config(&a, ds.as_ref(), layout.dp)?;
+    if a.save_hf.is_some() && layout.tp > 1 {
         bail!(
-            "not supported: --checkpoint-num-layers {}, because the engine checkpoints every layer \
-             on its own (use 1)",
-            a.checkpoint_num_layers
+            "not supported: --save-hf with --model-parallel-size {}, because consolidating \
+             tensor-parallel shards into one HF folder is not implemented yet (train with tp 1)",
+            layout.tp
         )
     }
-    if layout.world_size > 1 {
-        bail!(
-            "not supported: --world-size {} for pretrain-gpt2 yet, because distributed training \
-             arrives with the training engine (generate and evaluate run on several ranks already)",
-            layout.world_size
-        )
+    if a.seq_length == 0 || a.train_iters == 0 {
+        bail!("--seq-length and --train-iters must be positive")
     }
-    let device = Device::Cpu;
+    for n in a.ds.notes() {
+        eprintln!("note: {n}");
+    }
+    if a.ds.data_impl.is_some() {
+        eprintln!("note: --data-impl: the data file's kind is read from what is on disk");
+    }
+    let dtype = if engine_cfg.fp16.is_some() {
+        DType::F16
+    } else {
+        if engine_cfg.bf16 {
+            eprintln!(
+                "note: bf16: candle's CPU backend has no bf16 matmul, so the model computes in fp32 \
+                 (bf16 parameters need a GPU)"
+            );
+        }
+        DType::F32
+    };
     let assets = assets_dir();
     let vocab = a
         .vocab_file
@@ -220,21 +364,32 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         .data_path
         .clone()
         .unwrap_or_else(|| assets.join("data/sample.jsonl"));
-    if a.batch_size == 0 || a.seq_length == 0 || a.train_iters == 0 {
-        bail!("--batch-size, --seq-length and --train-iters must be positive")
-    }
-
     let hf_dir = match (&a.model.hf_dir, &a.model.hf_repo) {
         (None, None) => None,
         (d, r) => Some(zoo::hub::resolve(d.as_deref(), r.as_deref())?),
     };
+    if hf_dir.is_some() && dtype != DType::F32 {
+        bail!("not supported: --fp16 with --hf-dir, because HF weights are loaded in fp32 (drop --fp16)")
+    }
     let tok = match &hf_dir {
         Some(d) => Tokenizer::from_dir(d)?,
         None => Tokenizer::gpt2_bpe(&vocab, &merges)
             .context("loading the GPT-2 tokenizer (--vocab-file, --merge-file)")?,
     };
 
-    // Data.
+    // Data: tokenized once, shared by the in-process ranks.
+    if !data.is_file() {
+        let prefix = data.display();
+        if Path::new(&format!("{prefix}.bin")).is_file()
+            || Path::new(&format!("{prefix}.idx")).is_file()
+        {
+            bail!(
+                "not supported: --data-path {prefix} is a Megatron indexed dataset (.bin/.idx), \
+                 because pretrain-gpt2 reads .txt/.jsonl files so far"
+            )
+        }
+        bail!("--data-path {prefix}: no such file")
+    }
     let docs = read_documents(&data, &a.text_key)?;
     let n_docs = docs.len();
     let [train_docs, valid_docs, _] = split_documents(docs, &a.split)?;
@@ -253,40 +408,29 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         train.num_tokens(),
         valid.as_ref().map_or(0, |v| v.len())
     );
-
-    // Model.
-    let (model, cfg) = match &hf_dir {
+    let cfg = match &hf_dir {
         Some(d) => {
-            let (m, _) = zoo::hub::load_gpt2_tp(d, &device, None, |c| {
-                c.hidden_dropout = a.hidden_dropout;
-                c.attention_dropout = a.attention_dropout;
-            })?;
-            let cfg = m.config.clone();
-            (m, cfg)
+            let mut c = gpt2::Config::from_hf_json(&d.join("config.json"))?;
+            c.hidden_dropout = a.hidden_dropout;
+            c.attention_dropout = a.attention_dropout;
+            c
         }
-        None => {
-            let cfg = gpt2::Config {
-                num_layers: a.num_layers,
-                hidden_size: a.hidden_size,
-                num_attention_heads: a.num_attention_heads,
-                ffn_hidden_size: 4 * a.hidden_size,
-                seq_length: a.seq_length,
-                max_position_embeddings: a.max_position_embeddings.unwrap_or(a.seq_length),
-                vocab_size: tok.vocab_size(),
-                make_vocab_size_divisible_by: a.make_vocab_size_divisible_by,
-                layernorm_epsilon: 1e-5,
-                hidden_dropout: a.hidden_dropout,
-                attention_dropout: a.attention_dropout,
-                init_method_std: 0.02,
-            };
-            cfg.validate()?;
-            let src = RandomInit { seed: a.seed };
-            (
-                Gpt2::new(&cfg, &ParamBuilder::new(&src, &device, DType::F32))?,
-                cfg,
-            )
-        }
+        None => gpt2::Config {
+            num_layers: a.num_layers,
+            hidden_size: a.hidden_size,
+            num_attention_heads: a.num_attention_heads,
+            ffn_hidden_size: 4 * a.hidden_size,
+            seq_length: a.seq_length,
+            max_position_embeddings: a.max_position_embeddings.unwrap_or(a.seq_length),
+            vocab_size: tok.vocab_size(),
+            make_vocab_size_divisible_by: a.make_vocab_size_divisible_by,
+            layernorm_epsilon: 1e-5,
+            hidden_dropout: a.hidden_dropout,
+            attention_dropout: a.attention_dropout,
+            init_method_std: 0.02,
+        },
     };
+    cfg.validate()?;
     if a.seq_length > cfg.max_position_embeddings {
         bail!(
             "--seq-length {} exceeds max_position_embeddings {}",
@@ -294,137 +438,184 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             cfg.max_position_embeddings
         )
     }
-    let params = model.parameters();
-    let n_params: usize = params.iter().map(|p| p.meta.numel()).sum();
-    // fp32 parameters updated in place: 4 (param) + 4 (grad) + 8 (Adam m, v) bytes each.
-    let model_state_bytes = 16 * n_params as u64;
-    eprintln!(
-        "model: GPT-2 {} layers, hidden {}, heads {}, vocab {} (padded {}), {} parameters; model state {:.1} MiB per rank (16 bytes/param, ZeRO 0)",
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.vocab_size,
-        cfg.padded_vocab_size(1),
-        n_params,
-        model_state_bytes as f64 / (1 << 20) as f64
-    );
-
-    let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters);
-    let sched = AnnealingLr {
-        max_lr: a.lr,
-        min_lr: a.min_lr,
-        warmup_iters: (a.warmup * decay_iters as f64) as u64,
-        decay_iters,
-        style: match a.lr_decay_style {
-            DecayStyleArg::Constant => DecayStyle::Constant,
-            DecayStyleArg::Linear => DecayStyle::Linear,
-            DecayStyleArg::Cosine => DecayStyle::Cosine,
-        },
+    let shared = Shared {
+        tok,
+        train,
+        valid,
+        cfg,
+        hf_dir,
+        engine: engine_cfg,
+        batch,
+        dtype,
+        gemm_peak: gemm_peak(&Device::Cpu)?,
     };
-    let mut opt = AdamW::new(
-        &params,
-        AdamWConfig {
-            lr: a.lr,
-            beta1: a.adam_beta1,
-            beta2: a.adam_beta2,
-            eps: a.adam_eps,
-            weight_decay: a.weight_decay,
-            adam_w_mode: true,
-        },
-    )?;
-    let mut metrics = match &a.metrics_file {
-        Some(p) => Some(MetricsWriter::create(p)?),
-        None => None,
-    };
-    let peak = gemm_peak(&device)?;
-    let fpt = flops_per_token(&cfg, a.seq_length);
-    let tokens_per_iter = (a.batch_size * a.seq_length) as f64;
-    let order = shuffled(train.len(), a.seed);
-    let base = json!({
-        "world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
-        "zero_stage": 0, "model_state_bytes": model_state_bytes,
-    });
+    let summary = launch(&layout, |ctx| train_rank(&a, &shared, &ctx))?;
+    let Some(s) = summary else { return Ok(()) };
+    if a.json {
+        print_json(
+            json!({
+                "iterations": a.train_iters,
+                "initial_loss": s.first_loss,
+                "final_loss": s.last_loss,
+                "valid_loss": s.last_valid,
+                "parameters": s.n_params,
+                "tokens_per_s": s.tokens_per_s,
+                "model_state_bytes": s.model_state_bytes,
+                "zero_stage": shared.engine.zero_stage,
+                "train_batch_size": shared.batch.train_batch_size,
+                "skipped_steps": s.skipped,
+                "sample": s.sample,
+            }),
+            &layout,
+        );
+    }
+    Ok(())
+}
 
-    let evaluate = |valid: &TokenSamples| -> Result<f64> {
-        let mut sum = 0.0;
-        let n = a.eval_iters.max(1);
-        for i in 0..n {
-            let (x, y) = batch(
-                valid,
-                &(0..valid.len()).collect::<Vec<_>>(),
-                (i as usize) * a.batch_size,
-                a.batch_size,
-                &device,
-            )?;
-            let logits = model.forward(&x, &ForwardCtx::eval())?;
-            sum += lm_cross_entropy(&logits, &y, cfg.vocab_size, None)?.to_scalar::<f32>()? as f64;
+fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summary> {
+    let device = Device::Cpu;
+    let root = ctx.is_root();
+    let tp = ctx.tp()?;
+    let dp = ctx.dp()?;
+    let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
+    let model = match &sh.hf_dir {
+        Some(d) => {
+            zoo::hub::load_gpt2_tp(d, &device, tp.clone(), |c| {
+                c.hidden_dropout = a.hidden_dropout;
+                c.attention_dropout = a.attention_dropout;
+            })?
+            .0
         }
-        Ok(sum / n as f64)
+        None => {
+            let src = RandomInit { seed: a.seed };
+            Gpt2::new(
+                &sh.cfg,
+                &ParamBuilder::new(&src, &device, sh.dtype).with_tp(tp.clone()),
+            )?
+        }
+    };
+    let cfg = &model.config;
+    let n_params: usize = model.parameters().iter().map(|p| p.meta.numel()).sum();
+    let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
+    let max_state = engine.max_state_bytes()?;
+    let (micro, gas) = (sh.batch.micro_batch, sh.batch.accumulation);
+    if root {
+        eprintln!(
+            "model: GPT-2 {} layers, hidden {}, heads {}, vocab {} (padded {}), {} parameters, {:?}",
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.vocab_size,
+            cfg.padded_vocab_size(ctx.topo.tp),
+            n_params,
+            sh.dtype
+        );
+        eprintln!(
+            "layout: world {} = tp {} x dp {}; batch {} = micro {micro} x accumulation {gas} x dp {dp_size}; ZeRO-{}",
+            ctx.topo.world_size(),
+            ctx.topo.tp,
+            dp_size,
+            sh.batch.train_batch_size,
+            sh.engine.zero_stage
+        );
+        eprintln!("{}", engine.describe_memory());
+    }
+    let mut metrics = match (&a.metrics_file, root) {
+        (Some(p), true) => Some(MetricsWriter::create(p)?),
+        _ => None,
+    };
+    let peak = sh.gemm_peak;
+    let fpt = flops_per_token(cfg, a.seq_length);
+    let tokens_per_iter = (sh.batch.train_batch_size * a.seq_length) as f64;
+    let order = shuffled(sh.train.len(), a.seed);
+    let base = json!({
+        "world_size": ctx.topo.world_size(), "tp": ctx.topo.tp, "pp": ctx.topo.pp, "dp": dp_size,
+        "zero_stage": sh.engine.zero_stage, "model_state_bytes": max_state,
+    });
+    let evaluate = |engine: &Engine, valid: &TokenSamples| -> Result<f64> {
+        let n = a.eval_iters.max(1) as usize;
+        let all: Vec<usize> = (0..valid.len()).collect();
+        let mut sum = 0.0;
+        for i in 0..n {
+            let (x, y) = batch(valid, &all, (i * dp_size + dp_rank) * micro, micro, &device)?;
+            sum += engine.eval_batch(Activations::new(x), |o| model.loss(&o.hidden, &y))? as f64;
+        }
+        Ok(engine.dp_mean(sum / n as f64)?)
     };
 
+    let bar = if root {
+        indicatif::ProgressBar::new(a.train_iters)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} iterations, {eta} left, {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut curve, mut valid_curve) = (Vec::new(), Vec::new());
     let mut first_loss = None;
     let mut last_loss = f64::NAN;
     let mut last_valid = None;
     let train_start = Instant::now();
     let mut window_start = Instant::now();
-    let mut window_loss = 0.0;
+    let (mut window_loss, mut window_n) = (0.0, 0u64);
+    let log_every = a.log_interval.max(1);
     for iter in 1..=a.train_iters {
-        let lr = sched.lr(iter - 1);
-        opt.set_lr(lr);
-        let (x, y) = batch(
-            &train,
-            &order,
-            ((iter - 1) as usize) * a.batch_size,
-            a.batch_size,
-            &device,
-        )?;
-        let ctx = ForwardCtx::train(a.seed, iter, 0);
-        // The engine's layer-by-layer loop; with --checkpoint-activations only layer inputs are kept.
-        let (loss_v, grads) = forward_backward(
-            &model.layers(),
-            Activations::new(x),
-            &ctx,
-            a.checkpoint_activations,
-            |out| model.loss(&out.hidden, &y),
-        )?;
-        let loss_v = loss_v as f64;
-        if !loss_v.is_finite() {
-            bail!("iteration {iter}: the loss is {loss_v}; lower --lr or check the data")
+        // This rank's slice of the global batch: the 1-rank order cut among the dp ranks.
+        let start = ((iter - 1) as usize) * sh.batch.train_batch_size + dp_rank * micro * gas;
+        let mut micro_batches = Vec::with_capacity(gas);
+        for m in 0..gas {
+            let (x, y) = batch(&sh.train, &order, start + m * micro, micro, &device)?;
+            let model = &model;
+            micro_batches.push((Activations::new(x), move |o: &Activations| {
+                model.loss(&o.hidden, &y)
+            }));
         }
-        let norm = grad_norm(&params, &grads)?;
-        let scale = if a.clip_grad > 0.0 && norm > a.clip_grad {
-            a.clip_grad / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        opt.step(&grads, scale)?;
-        first_loss.get_or_insert(loss_v);
-        last_loss = loss_v;
-        window_loss += loss_v;
-        if iter % a.log_interval.max(1) == 0 || iter == a.train_iters {
-            let n = if iter % a.log_interval.max(1) == 0 {
-                a.log_interval.max(1)
-            } else {
-                iter % a.log_interval.max(1)
-            };
-            let ms = window_start.elapsed().as_secs_f64() * 1000.0 / n as f64;
+        let r = engine.train_batch(micro_batches)?;
+        if !r.loss.is_finite() && sh.engine.fp16.is_none() {
+            bail!(
+                "iteration {iter}: the loss is {}; lower --lr or check the data",
+                r.loss
+            )
+        }
+        first_loss.get_or_insert(r.loss);
+        last_loss = r.loss;
+        window_loss += r.loss;
+        window_n += 1;
+        curve.push((iter, r.loss));
+        bar.inc(1);
+        bar.set_message(format!("loss {:.3}", r.loss));
+        if iter % log_every == 0 || iter == a.train_iters {
+            let ms = window_start.elapsed().as_secs_f64() * 1000.0 / window_n as f64;
             let tps = tokens_per_iter / (ms / 1000.0);
+            // Per-rank FLOP rate against this machine's measured GEMM peak (ranks share its cores).
             let mfu = tps * fpt / peak;
-            eprintln!(
-                " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {lr:.3E} | lm loss: {:.6E} | loss scale: 1.0 | grad norm: {norm:.3} | tokens/s: {tps:.0} | MFU: {:.1}%",
-                a.train_iters,
-                window_loss / n as f64,
-                mfu * 100.0
-            );
+            if root {
+                bar.suspend(|| {
+                    eprintln!(
+                        " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}%",
+                        a.train_iters,
+                        r.lr,
+                        window_loss / window_n as f64,
+                        r.loss_scale,
+                        r.grad_norm,
+                        engine.skipped_steps(),
+                        mfu * 100.0
+                    )
+                });
+            }
             if let Some(m) = metrics.as_mut() {
                 let mut line = base.clone();
                 let o = line.as_object_mut().expect("object");
                 for (k, v) in [
                     ("iteration", json!(iter)),
-                    ("loss", json!(loss_v)),
-                    ("lr", json!(lr)),
-                    ("loss_scale", json!(1.0)),
-                    ("grad_norm", json!(norm)),
+                    ("loss", json!(r.loss)),
+                    ("lr", json!(r.lr)),
+                    ("loss_scale", json!(r.loss_scale)),
+                    ("grad_norm", json!(r.grad_norm)),
+                    ("skipped", json!(r.skipped)),
                     ("ms_per_step", json!(ms)),
                     ("tokens_per_s", json!(tps)),
                     ("mfu", json!(mfu)),
@@ -435,74 +626,92 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
                 m.write(&line)?;
             }
             window_loss = 0.0;
+            window_n = 0;
             window_start = Instant::now();
         }
         let eval_now =
             (a.eval_interval > 0 && iter % a.eval_interval == 0) || iter == a.train_iters;
-        if let (true, Some(v)) = (eval_now, &valid) {
-            let vl = evaluate(v)?;
-            eprintln!(
-                " validation loss at iteration {iter} | lm loss: {vl:.6E} | lm loss PPL: {:.3E}",
-                vl.exp()
-            );
+        if let (true, Some(v)) = (eval_now, &sh.valid) {
+            let vl = evaluate(&engine, v)?;
+            if root {
+                bar.suspend(|| {
+                    eprintln!(
+                        " validation loss at iteration {iter} | lm loss: {vl:.6E} | lm loss PPL: {:.3E}",
+                        vl.exp()
+                    )
+                });
+            }
             if let Some(m) = metrics.as_mut() {
                 let mut line = base.clone();
                 line["iteration"] = json!(iter);
                 line["valid_loss"] = json!(vl);
                 m.write(&line)?;
             }
+            valid_curve.push((iter, vl));
             last_valid = Some(vl);
         }
     }
+    bar.finish_and_clear();
     let elapsed = train_start.elapsed().as_secs_f64();
-    eprintln!(
-        "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {last_loss:.4}",
-        a.train_iters,
-        first_loss.unwrap_or(f64::NAN)
-    );
-    if let Some(m) = metrics.as_ref() {
-        m.finish()?;
-    }
-
-    if let Some(dir) = &a.save_hf {
-        zoo::gpt2::hf::save_hf_dir(&model, &tok, dir)?;
+    if root {
         eprintln!(
-            "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
-            dir.display(),
-            dir.display()
+            "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {last_loss:.4}",
+            a.train_iters,
+            first_loss.unwrap_or(f64::NAN)
         );
     }
+    if let (Some(m), Some(path)) = (metrics.as_ref(), &a.metrics_file) {
+        m.finish()?;
+        let png = path.with_extension("png");
+        crate::plot::loss_curve(
+            &png,
+            &format!(
+                "GPT-2 {}L/{}H, tp {} x dp {}, ZeRO-{}",
+                cfg.num_layers, cfg.hidden_size, ctx.topo.tp, dp_size, sh.engine.zero_stage
+            ),
+            &curve,
+            &valid_curve,
+        )?;
+        eprintln!("loss curve: {}", png.display());
+    }
+    if root {
+        if let Some(dir) = &a.save_hf {
+            zoo::gpt2::hf::save_hf_dir(&model, &sh.tok, dir)?;
+            eprintln!(
+                "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
+    // Every rank generates (tensor-parallel layers need their whole group); rank 0 reports.
     let mut sample = None;
     if !a.sample_prompt.is_empty() && a.sample_length > 0 {
-        let ids = tok.encode(&a.sample_prompt, false)?;
+        let ids = sh.tok.encode(&a.sample_prompt, false)?;
         let out = generate(
             &model,
             &ids,
             &SamplingConfig {
                 greedy: true,
                 max_new_tokens: a.sample_length,
-                stop_token: tok.eod_id,
+                stop_token: sh.tok.eod_id,
                 ..Default::default()
             },
         )?;
-        let text = format!("{}{}", a.sample_prompt, tok.decode(&out)?);
-        eprintln!("sample (greedy): {text}");
+        let text = format!("{}{}", a.sample_prompt, sh.tok.decode(&out)?);
+        if root {
+            eprintln!("sample (greedy): {text}");
+        }
         sample = Some(text);
     }
-    if a.json {
-        print_json(
-            json!({
-                "iterations": a.train_iters,
-                "initial_loss": first_loss,
-                "final_loss": last_loss,
-                "valid_loss": last_valid,
-                "parameters": n_params,
-                "tokens_per_s": tokens_per_iter * a.train_iters as f64 / elapsed,
-                "model_state_bytes": model_state_bytes,
-                "sample": sample,
-            }),
-            &layout,
-        );
-    }
-    Ok(())
+    Ok(Summary {
+        first_loss,
+        last_loss,
+        last_valid,
+        n_params,
+        tokens_per_s: tokens_per_iter * a.train_iters as f64 / elapsed,
+        model_state_bytes: max_state,
+        sample,
+        skipped: engine.skipped_steps(),
+    })
 }

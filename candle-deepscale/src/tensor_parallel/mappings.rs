@@ -60,6 +60,16 @@ fn own_slice_last(tp: &TensorParallel, t: &Tensor) -> Result<Tensor> {
     t.narrow(D::Minus1, tp.rank * local, local)?.contiguous()
 }
 
+/// Half-precision activations cross the group as f32 (the conversions are differentiable, so
+/// gradients come back in the activation's dtype).
+fn in_f32(x: &Tensor, op: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype == candle_core::DType::F32 {
+        return op(&x.contiguous()?);
+    }
+    op(&x.to_dtype(candle_core::DType::F32)?.contiguous()?)?.to_dtype(dtype)
+}
+
 struct CopyToTp(TensorParallel);
 struct ReduceFromTp(TensorParallel);
 struct ScatterToTp(TensorParallel);
@@ -155,7 +165,7 @@ impl CustomOp1 for GatherFromTp {
 /// Identity forward, all-reduce of the gradient backward (entering a tensor-parallel region).
 pub fn copy_to_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
     match tp {
-        Some(tp) if tp.size() > 1 => x.contiguous()?.apply_op1(CopyToTp(tp.clone())),
+        Some(tp) if tp.size() > 1 => in_f32(x, |x| x.apply_op1(CopyToTp(tp.clone()))),
         _ => Ok(x.clone()),
     }
 }
@@ -163,7 +173,7 @@ pub fn copy_to_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
 /// All-reduce forward, identity backward (leaving a row-parallel region).
 pub fn reduce_from_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
     match tp {
-        Some(tp) if tp.size() > 1 => x.contiguous()?.apply_op1(ReduceFromTp(tp.clone())),
+        Some(tp) if tp.size() > 1 => in_f32(x, |x| x.apply_op1(ReduceFromTp(tp.clone()))),
         _ => Ok(x.clone()),
     }
 }
@@ -171,7 +181,7 @@ pub fn reduce_from_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor>
 /// Keeps this rank's slice of the last dim; backward all-gathers.
 pub fn scatter_to_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
     match tp {
-        Some(tp) if tp.size() > 1 => x.contiguous()?.apply_op1(ScatterToTp(tp.clone())),
+        Some(tp) if tp.size() > 1 => in_f32(x, |x| x.apply_op1(ScatterToTp(tp.clone()))),
         _ => Ok(x.clone()),
     }
 }
@@ -179,7 +189,7 @@ pub fn scatter_to_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> 
 /// All-gathers the last dim; backward keeps this rank's slice.
 pub fn gather_from_tp(x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
     match tp {
-        Some(tp) if tp.size() > 1 => x.contiguous()?.apply_op1(GatherFromTp(tp.clone())),
+        Some(tp) if tp.size() > 1 => in_f32(x, |x| x.apply_op1(GatherFromTp(tp.clone()))),
         _ => Ok(x.clone()),
     }
 }

@@ -1,0 +1,299 @@
+//! `deepscale pretrain-gpt2` on several in-process ranks: the tp x dp ZeRO-2 run equals the 1-rank
+//! run; DeepSpeed configs and Megatron's flags are read, checked against each other, or refused.
+use std::path::Path;
+use std::process::{Command, Output};
+
+const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+
+fn deepscale(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepscale"))
+        .args(args)
+        .env("DEEPSCALE_ASSETS", ASSETS)
+        .output()
+        .expect("run deepscale")
+}
+
+fn ok(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "deepscale failed: {stderr}");
+    stderr
+}
+
+fn fails_with(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected an error; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "error message lacks `{n}`: {stderr}");
+    }
+}
+
+/// A tiny model on the shipped corpus, no dropout, `iters` iterations logged one by one.
+fn tiny(iters: &str, metrics: &Path) -> Vec<String> {
+    [
+        "pretrain-gpt2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "32",
+        "--train-iters",
+        iters,
+        "--lr",
+        "5e-3",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--eval-iters",
+        "1",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--sample-length",
+        "0",
+        "--metrics-file",
+        metrics.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String], extra: &[&str]) -> Output {
+    let mut all: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    all.extend_from_slice(extra);
+    deepscale(&all)
+}
+
+/// The training lines of a metrics file (validation lines carry `valid_loss` instead of `loss`).
+fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l.get("loss").is_some())
+        .collect()
+}
+
+#[test]
+fn tp2_dp2_zero2_run_equals_the_one_rank_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m1, m4) = (tmp.path().join("one.jsonl"), tmp.path().join("four.jsonl"));
+    ok(&run(&tiny("5", &m1), &["--batch-size", "4"]));
+    let stderr = ok(&run(
+        &tiny("5", &m4),
+        &[
+            "--batch-size",
+            "2",
+            "--world-size",
+            "4",
+            "--model-parallel-size",
+            "2",
+            "--zero-stage",
+            "2",
+            "--zero-reduce-bucket-size",
+            "20000",
+        ],
+    ));
+    assert!(
+        stderr.contains("ZeRO-2") && stderr.contains("vs formula"),
+        "{stderr}"
+    );
+    let (one, four) = (metrics(&m1), metrics(&m4));
+    assert_eq!(one.len(), 5);
+    assert_eq!(four.len(), 5);
+    for (a, b) in four.iter().zip(&one) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb,
+            "iteration {}: loss {la} vs {lb}",
+            a["iteration"]
+        );
+        assert_eq!(
+            (a["tp"].as_u64(), a["dp"].as_u64(), a["zero_stage"].as_u64()),
+            (Some(2), Some(2), Some(2))
+        );
+        assert!(
+            a["model_state_bytes"].as_u64().unwrap() < b["model_state_bytes"].as_u64().unwrap()
+        );
+    }
+    assert!(one[4]["loss"].as_f64().unwrap() < one[0]["loss"].as_f64().unwrap());
+    // The loss curve lands next to the metrics file.
+    let png = std::fs::read(tmp.path().join("four.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ds.json");
+    std::fs::write(
+        &config,
+        r#"{
+  "train_batch_size": 4,
+  "gradient_accumulation_steps": 2,
+  "zero_optimization": {"stage": 2, "reduce_bucket_size": 20000, "allgather_bucket_size": 20000,
+                        "contiguous_gradients": true, "reduce_scatter": true},
+  "optimizer": {"type": "Adam", "params": {"lr": 0.005, "weight_decay": 0.01}},
+  "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.005, "warmup_num_steps": 2}},
+  "gradient_clipping": 1.0,
+  "activation_checkpointing": {"partition_activations": true, "cpu_checkpointing": true}
+}"#,
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let m = tmp.path().join("m.jsonl");
+    let data = format!("{ASSETS}/data/sample.jsonl");
+    // Every accepted seed-script flag at once; each one that is built in says so.
+    let stderr = ok(&run(
+        &tiny("3", &m),
+        &[
+            "--world-size",
+            "4",
+            "--model-parallel-size",
+            "2",
+            "--deepspeed",
+            "--deepspeed_config",
+            cfg,
+            "--gas",
+            "2",
+            "--zero-stage",
+            "2",
+            "--zero-reduce-bucket-size",
+            "20000",
+            "--zero-allgather-bucket-size",
+            "20000",
+            "--zero-contigious-gradients",
+            "--zero-reduce-scatter",
+            "--checkpoint-activations",
+            "--deepspeed-activation-checkpointing",
+            "--partition-activations",
+            "--checkpoint-in-cpu",
+            "--contigious-checkpointing",
+            "--synchronize-each-layer",
+            "--cpu-optimizer",
+            "--data-impl",
+            "mmap",
+            "--split",
+            "949,50,1",
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--distributed-backend",
+            "nccl",
+            "--train-data",
+            &data,
+            "--lazy-loader",
+            "--loose-json",
+            "--text-key",
+            "text",
+        ],
+    ));
+    for flag in [
+        "--zero-contigious-gradients",
+        "--zero-reduce-scatter",
+        "--zero-allgather-bucket-size",
+        "--deepspeed-activation-checkpointing",
+        "--contigious-checkpointing",
+        "--synchronize-each-layer",
+        "--cpu-optimizer",
+        "--lazy-loader",
+        "--distributed-backend",
+        "--data-impl",
+    ] {
+        assert!(
+            stderr.contains(&format!("note: {flag}")),
+            "no note for {flag}: {stderr}"
+        );
+    }
+    let lines = metrics(&m);
+    // WarmupLR, log warmup over 2 steps: 0 at the first step, the max from the second on.
+    assert_eq!(lines[0]["lr"].as_f64(), Some(0.0));
+    assert!((lines[2]["lr"].as_f64().unwrap() - 0.005).abs() < 1e-12);
+    assert_eq!(lines[0]["zero_stage"].as_u64(), Some(2));
+
+    // Flags against the config: each disagreement is an error naming both.
+    let base = tiny("1", &m);
+    let with = |extra: &[&str]| {
+        let mut v = vec!["--deepscale", "--deepscale-config", cfg];
+        v.extend_from_slice(extra);
+        run(&base, &v)
+    };
+    fails_with(
+        &with(&["--batch-size", "3"]),
+        &["inconsistent batch sizes", "train_batch_size 4"],
+    );
+    fails_with(
+        &with(&["--gas", "4"]),
+        &["--gas 4", "gradient_accumulation_steps 2"],
+    );
+    fails_with(
+        &with(&["--zero-stage", "1"]),
+        &["--zero-stage 1", "zero_optimization.stage 2"],
+    );
+    fails_with(
+        &with(&["--clip-grad", "0.5"]),
+        &["--clip-grad 0.5", "gradient_clipping 1"],
+    );
+    fails_with(
+        &run(&base, &["--deepscale"]),
+        &["--deepscale needs --deepscale-config"],
+    );
+    // The shipped ZeRO-3 config parses, and stage 3 is refused with the reason.
+    let z3 = format!("{ASSETS}/megatron-lm-v1.1.5-zero3/ds_zero_stage_3_config.json");
+    fails_with(
+        &run(&base, &["--deepscale", "--deepscale-config", &z3]),
+        &["not supported"],
+    );
+    // Missing files are named.
+    fails_with(
+        &run(&base, &["--deepscale-config", "/nonexistent/ds.json"]),
+        &["/nonexistent/ds.json"],
+    );
+    fails_with(
+        &run(&base, &["--data-path", "/nonexistent/corpus"]),
+        &["/nonexistent/corpus"],
+    );
+    fails_with(
+        &run(&base, &["--merge-file", "/nonexistent/merges.txt"]),
+        &["/nonexistent/merges.txt"],
+    );
+}
+
+#[test]
+fn unsupported_seed_script_flags_are_refused_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m.jsonl");
+    let dir = tmp.path().to_str().unwrap();
+    let base = tiny("1", &m);
+    for (extra, flag) in [
+        (vec!["--save", dir], "--save"),
+        (vec!["--save-interval", "10"], "--save"),
+        (vec!["--load", dir], "--load"),
+        (vec!["--no-load-optim"], "--no-load-optim"),
+        (vec!["--scattered-embeddings"], "--scattered-embeddings"),
+        (vec!["--split-transformers"], "--split-transformers"),
+        (
+            vec!["--memory-centric-tiled-linear"],
+            "--memory-centric-tiled-linear",
+        ),
+        (vec!["--tile-factor", "4"], "--tile-factor"),
+        (
+            vec!["--tokenizer-type", "BertWordPieceLowerCase"],
+            "--tokenizer-type",
+        ),
+    ] {
+        fails_with(&run(&base, &extra), &["not supported", flag, "because"]);
+    }
+}
