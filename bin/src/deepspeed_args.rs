@@ -120,8 +120,8 @@ impl DeepSpeedArgs {
             "native checkpoints are not implemented yet (use --save-hf to export the trained model)",
         )?;
         refuse(
-            self.load.is_some() || self.no_load_optim,
-            "--load/--no-load-optim",
+            self.load.is_some(),
+            "--load",
             "native checkpoints are not implemented yet (use --hf-dir to start from HF weights)",
         )?;
         refuse(
