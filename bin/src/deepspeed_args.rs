@@ -235,6 +235,10 @@ impl DeepSpeedArgs {
             "--synchronize-each-layer: CPU work is synchronous at every layer",
         );
         note(
+            self.no_load_optim,
+            "--no-load-optim: nothing is loaded without --load",
+        );
+        note(
             self.cpu_optimizer,
             "--cpu-optimizer: the fused AdamW is DeepSpeedCPUAdam's kernel",
         );
