@@ -2,6 +2,7 @@
 //!
 //! - `bench comm`: bandwidth of each collective over 1-64 MiB messages, in-process ranks or under
 //!   mpirun (nccl-tests' algbw/busbw convention).
+//! - `bench train`: one rank's training step: engine vs stock candle vs the previous loop.
 //! - `bench tp`: training-step time (forward, backward, AdamW) of one GPT-2 at several tensor-parallel
 //!   sizes on in-process ranks, as ratios to tp=1.
 use crate::args::Layout;
@@ -32,6 +33,10 @@ pub enum BenchWhat {
     /// One AdamW step over a model's worth of parameters: the fused flat kernel against
     /// candle_nn::AdamW, and its bytes/s against the machine's measured memory bandwidth.
     Adam(AdamArgs),
+    /// One rank's training step three ways in one run: the engine (per-layer backward, fused
+    /// AdamW on flat buffers), stock candle (whole-graph backward, candle_nn::AdamW) and the
+    /// previous version's loop (whole-graph backward, per-tensor AdamW).
+    Train(TpArgs),
 }
 
 #[derive(Args, Debug)]
@@ -78,6 +83,7 @@ pub struct TpArgs {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
+        BenchWhat::Train(t) => train(t),
         BenchWhat::Comm(c) => comm(c),
         BenchWhat::Tp(t) => tp(t),
         BenchWhat::Adam(a) => adam(a),
@@ -169,8 +175,8 @@ fn comm(a: CommArgs) -> Result<()> {
     Ok(())
 }
 
-fn tp(a: TpArgs) -> Result<()> {
-    let cfg = match a.model.as_str() {
+fn bench_config(a: &TpArgs) -> Result<gpt2::Config> {
+    Ok(match a.model.as_str() {
         "small" => gpt2::Config {
             seq_length: a.seq_length,
             max_position_embeddings: a.seq_length.max(128),
@@ -184,7 +190,11 @@ fn tp(a: TpArgs) -> Result<()> {
             attention_dropout: 0.0,
             ..gpt2::Config::preset(p)?
         },
-    };
+    })
+}
+
+fn tp(a: TpArgs) -> Result<()> {
+    let cfg = bench_config(&a)?;
     let mut results: Vec<Value> = Vec::new();
     let mut base = None;
     for &tp in &a.tp {
@@ -347,6 +357,86 @@ fn adam(a: AdamArgs) -> Result<()> {
             json!({"bench": "adam", "params": n, "fused_ms": f * 1e3, "candle_nn_adamw_ms": c * 1e3,
                    "speedup_vs_candle": c / f, "fused_gbps": bytes / f / 1e9, "memory_bandwidth_gbps": bw / 1e9,
                    "fraction_of_bandwidth": bytes / f / bw})
+        );
+    }
+    Ok(())
+}
+
+fn train(a: TpArgs) -> Result<()> {
+    use candle_deepscale::engine::{Engine, EngineConfig};
+    use candle_deepscale::module::Activations;
+    use candle_nn::Optimizer;
+    let cfg = bench_config(&a)?;
+    let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
+    let ids: Vec<u32> = (0..b * (s + 1))
+        .map(|i| (i * 7919 % 50257) as u32)
+        .collect();
+    let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
+    let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+    let src = RandomInit { seed: 1 };
+    let build = || Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32));
+    let opt = AdamWConfig::default();
+    let (m_engine, m_stock, m_prev) = (build()?, build()?, build()?);
+    let mut engine = Engine::new(
+        m_engine.layers(),
+        EngineConfig {
+            train_micro_batch_size_per_gpu: b,
+            optimizer: opt,
+            ..Default::default()
+        },
+        None,
+        None,
+    )?;
+    let mut nn_opt = candle_nn::AdamW::new(
+        m_stock.parameters().iter().map(|p| p.var.clone()).collect(),
+        candle_nn::ParamsAdamW {
+            lr: opt.lr,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            weight_decay: opt.weight_decay,
+        },
+    )?;
+    let prev_params = m_prev.parameters();
+    let mut ref_opt = AdamW::new(&prev_params, opt)?;
+    // Interleaved rounds (engine, stock, previous) so all three see the same machine state.
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..iters + 1 {
+        let t0 = Instant::now();
+        engine.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
+            m_engine.loss(&o.hidden, &y)
+        })])?;
+        let t1 = Instant::now();
+        let loss = m_stock.loss(&m_stock.forward(&x, &ForwardCtx::eval())?, &y)?;
+        nn_opt.backward_step(&loss)?;
+        let t2 = Instant::now();
+        let loss = m_prev.loss(&m_prev.forward(&x, &ForwardCtx::eval())?, &y)?;
+        ref_opt.step(&loss.backward()?, 1.0)?;
+        let t3 = Instant::now();
+        if round > 0 {
+            for (v, d) in times.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+                v.push(d.as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let [engine_ms, stock_ms, previous_ms] = times.map(median);
+    let tps = |ms: f64| (b * s) as f64 / (ms / 1e3);
+    eprintln!(
+        "{} b{b} x s{s}: engine {engine_ms:.1} ms ({:.1} tokens/s), stock candle {stock_ms:.1} ms ({:.1}), previous loop {previous_ms:.1} ms ({:.1}); engine {:.2}x stock, {:.2}x previous",
+        a.model,
+        tps(engine_ms),
+        tps(stock_ms),
+        tps(previous_ms),
+        stock_ms / engine_ms,
+        previous_ms / engine_ms
+    );
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "train", "model": a.model, "batch": b, "seq": s,
+                "engine_tokens_per_s": tps(engine_ms), "stock_candle_tokens_per_s": tps(stock_ms),
+                "previous_tokens_per_s": tps(previous_ms),
+                "engine_ms": engine_ms, "stock_candle_ms": stock_ms, "previous_ms": previous_ms})
         );
     }
     Ok(())

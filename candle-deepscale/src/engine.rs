@@ -132,8 +132,8 @@ fn detached(y: &Activations) -> Activations {
     )
 }
 
-/// One micro-batch through `layers`: forward, `loss_fn` on the last output, then backward layer by
-/// layer from the loss times `loss_scale`. `policy` says which inputs are kept (checkpointed chunks
+/// One micro-batch through `layers`: forward, `loss_fn` on the last layer's output, then backward
+/// layer by layer from the loss times `loss_scale` (the last layer and the loss in one backward). `policy` says which inputs are kept (checkpointed chunks
 /// are recomputed in backward). After each layer's backward, `on_layer(index, layer, grads)`
 /// receives the gradients (None when nothing flowed into that layer). Returns the unscaled loss.
 pub fn backward_pass(
@@ -146,9 +146,12 @@ pub fn backward_pass(
     on_layer: &mut LayerHook<'_>,
 ) -> Result<f32> {
     let k = policy.num_layers;
+    let Some((last_layer, body)) = layers.split_last() else {
+        candle_core::bail!("engine: no layers")
+    };
     let mut kept: Vec<Kept> = Vec::with_capacity(layers.len());
     let mut x = input;
-    for (i, layer) in layers.iter().enumerate() {
+    for (i, layer) in body.iter().enumerate() {
         if k > 0 {
             kept.push(if i % k == 0 {
                 Kept::Input(policy.save(&x)?)
@@ -163,18 +166,23 @@ pub fn backward_pass(
             kept.push(Kept::Graph(leaf, y));
         }
     }
+    // The last layer (the head) runs straight into the loss: one backward covers both, and its
+    // output (vocabulary-sized logits) never needs a leaf copy or a surrogate product.
     let last = leaves(&x)?;
-    let loss = loss_fn(&last.act)?;
+    let loss = loss_fn(&last_layer.forward(&last.act, ctx)?)?;
     let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
     let scaled = if loss_scale == 1.0 {
         loss
     } else {
         (loss * loss_scale)?
     };
-    let mut grads_out = leaf_grads(&last, &scaled.backward()?);
+    let store = scaled.backward()?;
     drop(scaled);
+    on_layer(body.len(), *last_layer, Some(&store))?;
+    let mut grads_out = leaf_grads(&last, &store);
+    drop(store);
 
-    let mut end = layers.len();
+    let mut end = body.len();
     while end > 0 {
         let start = (end - 1).checked_div(k).map_or(end - 1, |c| c * k);
         // The graphs of layers start..end: kept, or recomputed from the chunk's saved input.
