@@ -184,7 +184,8 @@ mod tests {
                 // Backward order: parameter 5 (layer 3) first, the tied 0 with layer 0's bucket.
                 assert_eq!(l.buckets[0].params[0], 5);
                 assert_eq!(l.buckets.last().unwrap().ready_after_layer, 0);
-                assert!(l.buckets.last().unwrap().params.contains(&0));
+                let tied = &l.buckets[l.params[0].bucket];
+                assert!(tied.params.contains(&0) && tied.ready_after_layer == 0);
                 for b in &l.buckets {
                     assert_eq!(b.padded % parts, 0);
                     assert!(b.padded - b.len < parts);
