@@ -1,5 +1,5 @@
 //! The MPI backend under `mpirun` (feature `mpi`): collectives at 2 and 4 processes, tensor
-//! parallelism equal to one rank, the CLI at tp=2, and a failing or stalled rank ending the job.
+//! parallelism equal to one rank, the CLI at tp=2, pretraining at tp 2 x dp 2 with ZeRO-2, and a failing or stalled rank ending the job.
 //!
 //! A custom harness: run plainly, it drives `mpirun -np N <this binary>`; started by mpirun (with
 //! DEEPSCALE_MPI_WORKER set) it is a worker rank.
@@ -231,6 +231,86 @@ fn cli_under_mpirun_equals_one_rank() {
     );
 }
 
+/// `pretrain-gpt2` on 4 MPI processes (tp 2 x dp 2, ZeRO-2) logs the losses of the 1-rank run.
+fn pretrain_under_mpirun_equals_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_deepscale"));
+    let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+    let run = |metrics: &Path, extra: &[&str], np: Option<usize>| {
+        let m = metrics.to_str().unwrap().to_string();
+        let mut args: Vec<&str> = vec![
+            "pretrain-gpt2",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "2",
+            "--seq-length",
+            "32",
+            "--train-iters",
+            "4",
+            "--lr",
+            "5e-3",
+            "--log-interval",
+            "1",
+            "--eval-interval",
+            "0",
+            "--eval-iters",
+            "1",
+            "--hidden-dropout",
+            "0",
+            "--attention-dropout",
+            "0",
+            "--sample-length",
+            "0",
+            "--metrics-file",
+            &m,
+        ];
+        args.extend_from_slice(extra);
+        let out = match np {
+            Some(n) => mpirun(n, bin, &args, &[("DEEPSCALE_ASSETS", assets)]),
+            None => Command::new(bin)
+                .args(&args)
+                .env("DEEPSCALE_ASSETS", assets)
+                .output()
+                .unwrap(),
+        };
+        expect_ok(&out, "pretrain-gpt2");
+        std::fs::read_to_string(metrics)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l.get("loss").is_some())
+            .collect::<Vec<_>>()
+    };
+    let one = run(&tmp.path().join("one.jsonl"), &["--batch-size", "4"], None);
+    let four = run(
+        &tmp.path().join("four.jsonl"),
+        &[
+            "--batch-size",
+            "2",
+            "--model-parallel-size",
+            "2",
+            "--zero-stage",
+            "2",
+            "--zero-reduce-bucket-size",
+            "20000",
+        ],
+        Some(4),
+    );
+    assert_eq!(one.len(), 4);
+    assert_eq!(four.len(), 4);
+    for (a, b) in four.iter().zip(&one) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() <= 1e-5 * lb, "loss {la} vs {lb}");
+        assert_eq!(
+            (a["world_size"].as_u64(), a["dp"].as_u64()),
+            (Some(4), Some(2))
+        );
+    }
+}
+
 fn main() {
     if let Ok(case) = std::env::var("DEEPSCALE_MPI_WORKER") {
         let out = std::env::var("DEEPSCALE_MPI_OUT").expect("DEEPSCALE_MPI_OUT");
@@ -260,6 +340,10 @@ fn main() {
         (
             "mpi_cli_under_mpirun_equals_one_rank",
             Box::new(cli_under_mpirun_equals_one_rank),
+        ),
+        (
+            "mpi_pretrain_tp2_dp2_zero2_equals_one_rank",
+            Box::new(pretrain_under_mpirun_equals_one_rank),
         ),
     ];
     let (mut passed, mut failed) = (0, 0);
