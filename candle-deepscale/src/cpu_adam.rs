@@ -21,6 +21,46 @@ pub struct AdamStep {
 
 const CHUNK: usize = 1 << 14;
 
+/// Per-step constants of the element loop.
+struct Consts {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    gs: f32,
+    l2: f32,
+    decay: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+}
+
+/// The element loop. Zipped iterators carry no bounds checks, so it vectorises; inlined into the
+/// AVX2 copy below it runs 8 lanes wide (no FMA contraction: results equal the SSE build bit for bit).
+#[inline(always)]
+fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Consts) {
+    for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let grad = g * c.gs + c.l2 * *p;
+        *m = c.b1 * *m + (1.0 - c.b1) * grad;
+        *v = c.b2 * *v + (1.0 - c.b2) * grad * grad;
+        *p = *p * c.decay - c.step_size * *m / (v.sqrt() * c.inv_sqrt_bc2 + c.eps);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn update_avx2(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Consts) {
+    update(p, g, m, v, c)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Updates `params`, `exp_avg` and `exp_avg_sq` in place from `grads`.
 pub fn adam_step(
     params: &mut [f32],
@@ -46,19 +86,31 @@ pub fn adam_step(
         1.0
     };
     let l2 = if s.adam_w_mode { 0.0 } else { s.weight_decay };
+    let c = Consts {
+        b1,
+        b2,
+        eps,
+        gs,
+        l2,
+        decay,
+        step_size,
+        inv_sqrt_bc2,
+    };
+    let avx2 = has_avx2();
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(exp_avg.par_chunks_mut(CHUNK))
         .zip(exp_avg_sq.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
-            // Zipped iterators carry no bounds checks, so the loop vectorises.
-            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let grad = g * gs + l2 * *p;
-                *m = b1 * *m + (1.0 - b1) * grad;
-                *v = b2 * *v + (1.0 - b2) * grad * grad;
-                *p = *p * decay - step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps);
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 (checked at run time).
+                unsafe { update_avx2(p, g, m, v, &c) };
+                return;
             }
+            let _ = avx2;
+            update(p, g, m, v, &c)
         });
 }
 
