@@ -4,10 +4,12 @@ mod bench;
 mod deepspeed_args;
 mod evaluate;
 mod generate;
+mod inspect_data;
 mod launch;
 mod metrics;
 mod models;
 mod plot;
+mod preprocess_data;
 mod pretrain_gpt2;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +34,12 @@ enum Command {
     /// Pretrain GPT-2 (Megatron's pretrain_gpt2.py); with no flags, a small model on the shipped sample data.
     #[command(name = "pretrain-gpt2")]
     PretrainGpt2(Box<pretrain_gpt2::PretrainGpt2Args>),
+    /// Tokenize loose JSON into Megatron mmap indexed datasets (tools/preprocess_data.py).
+    #[command(name = "preprocess-data")]
+    PreprocessData(preprocess_data::PreprocessDataArgs),
+    /// Show what a Megatron mmap dataset holds.
+    #[command(name = "inspect-data")]
+    InspectData(inspect_data::InspectDataArgs),
     /// Benchmarks: collective bandwidth (`bench comm`), tensor-parallel step cost (`bench tp`).
     Bench(bench::BenchArgs),
 }
@@ -58,6 +66,8 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::PretrainGpt2(a) => pretrain_gpt2::run(*a),
+        Command::PreprocessData(a) => preprocess_data::run(a),
+        Command::InspectData(a) => inspect_data::run(a),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {

@@ -84,9 +84,11 @@ pub struct PretrainGpt2Args {
     /// Layers per activation checkpoint (Megatron's --checkpoint-num-layers).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_num_layers: usize,
-    /// Training text: .txt (blank-line separated documents) or .jsonl. Default: the shipped sample.
-    #[arg(long, alias = "train-data")]
-    pub data_path: Option<PathBuf>,
+    /// A .txt (blank-line separated documents) or .jsonl file tokenized on the fly, a Megatron
+    /// dataset prefix (PREFIX.bin/.idx from preprocess-data), or `W1 PREFIX1 W2 PREFIX2 ...` to
+    /// blend. Default: the shipped sample.
+    #[arg(long, alias = "train-data", num_args = 1..)]
+    pub data_path: Vec<String>,
     /// JSON field holding the text in .jsonl data.
     #[arg(long, default_value = "text")]
     pub text_key: String,
@@ -172,18 +174,34 @@ fn gemm_peak(device: &Device) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best)
 }
 
-fn batch(
-    samples: &TokenSamples,
-    order: &[usize],
-    start: usize,
-    b: usize,
-    dev: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let seq = samples.sample(0).len() - 1;
-    let mut x = Vec::with_capacity(b * seq);
-    let mut y = Vec::with_capacity(b * seq);
+/// Training or validation samples of seq + 1 tokens.
+enum Samples {
+    /// A text file tokenized on the fly, visited in a seeded order.
+    Text {
+        samples: TokenSamples,
+        order: Vec<usize>,
+    },
+    /// Megatron's GPT-2 dataset over mmap indexed data (shuffled by its own index).
+    Indexed(zoo::gpt2_dataset::BlendedDataset),
+}
+
+impl Samples {
+    /// Sample `i` (wrapping around).
+    fn get(&self, i: usize) -> Result<Vec<u32>> {
+        Ok(match self {
+            Samples::Text { samples, order } => samples.sample(order[i % order.len()]).to_vec(),
+            Samples::Indexed(d) => d.sample(i % d.len())?,
+        })
+    }
+}
+
+fn batch(samples: &Samples, start: usize, b: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    let mut seq = 0;
     for k in 0..b {
-        let s = samples.sample(order[(start + k) % order.len()]);
+        let s = samples.get(start + k)?;
+        seq = s.len() - 1;
         x.extend_from_slice(&s[..seq]);
         y.extend_from_slice(&s[1..]);
     }
@@ -297,8 +315,8 @@ fn engine_config(
 /// What every rank reads: data, tokenizer, model shape.
 struct Shared {
     tok: Tokenizer,
-    train: TokenSamples,
-    valid: Option<TokenSamples>,
+    train: Samples,
+    valid: Option<Samples>,
     cfg: gpt2::Config,
     hf_dir: Option<PathBuf>,
     engine: EngineConfig,
@@ -360,10 +378,6 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         .merge_file
         .clone()
         .unwrap_or_else(|| assets.join("gpt2/gpt2-merges.txt"));
-    let data = a
-        .data_path
-        .clone()
-        .unwrap_or_else(|| assets.join("data/sample.jsonl"));
     let hf_dir = match (&a.model.hf_dir, &a.model.hf_repo) {
         (None, None) => None,
         (d, r) => Some(zoo::hub::resolve(d.as_deref(), r.as_deref())?),
@@ -377,37 +391,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             .context("loading the GPT-2 tokenizer (--vocab-file, --merge-file)")?,
     };
 
-    // Data: tokenized once, shared by the in-process ranks.
-    if !data.is_file() {
-        let prefix = data.display();
-        if Path::new(&format!("{prefix}.bin")).is_file()
-            || Path::new(&format!("{prefix}.idx")).is_file()
-        {
-            bail!(
-                "not supported: --data-path {prefix} is a Megatron indexed dataset (.bin/.idx), \
-                 because pretrain-gpt2 reads .txt/.jsonl files so far"
-            )
-        }
-        bail!("--data-path {prefix}: no such file")
-    }
-    let docs = read_documents(&data, &a.text_key)?;
-    let n_docs = docs.len();
-    let [train_docs, valid_docs, _] = split_documents(docs, &a.split)?;
-    let train = TokenSamples::new(tokenize_documents(&train_docs, &tok)?, a.seq_length)
-        .with_context(|| format!("training split of {}", data.display()))?;
-    let valid = if valid_docs.is_empty() {
-        None
-    } else {
-        TokenSamples::new(tokenize_documents(&valid_docs, &tok)?, a.seq_length).ok()
-    };
-    eprintln!(
-        "data: {} documents from {} -> {} training samples ({} tokens), {} validation samples",
-        n_docs,
-        data.display(),
-        train.len(),
-        train.num_tokens(),
-        valid.as_ref().map_or(0, |v| v.len())
-    );
+    let (train, valid) = load_data(&a, &tok, &assets, &batch)?;
     let cfg = match &hf_dir {
         Some(d) => {
             let mut c = gpt2::Config::from_hf_json(&d.join("config.json"))?;
@@ -527,17 +511,15 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     let peak = sh.gemm_peak;
     let fpt = flops_per_token(cfg, a.seq_length);
     let tokens_per_iter = (sh.batch.train_batch_size * a.seq_length) as f64;
-    let order = shuffled(sh.train.len(), a.seed);
     let base = json!({
         "world_size": ctx.topo.world_size(), "tp": ctx.topo.tp, "pp": ctx.topo.pp, "dp": dp_size,
         "zero_stage": sh.engine.zero_stage, "model_state_bytes": max_state,
     });
-    let evaluate = |engine: &Engine, valid: &TokenSamples| -> Result<f64> {
+    let evaluate = |engine: &Engine, valid: &Samples| -> Result<f64> {
         let n = a.eval_iters.max(1) as usize;
-        let all: Vec<usize> = (0..valid.len()).collect();
         let mut sum = 0.0;
         for i in 0..n {
-            let (x, y) = batch(valid, &all, (i * dp_size + dp_rank) * micro, micro, &device)?;
+            let (x, y) = batch(valid, (i * dp_size + dp_rank) * micro, micro, &device)?;
             sum += engine.eval_batch(Activations::new(x), |o| model.loss(&o.hidden, &y))? as f64;
         }
         Ok(engine.dp_mean(sum / n as f64)?)
@@ -567,7 +549,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         let start = ((iter - 1) as usize) * sh.batch.train_batch_size + dp_rank * micro * gas;
         let mut micro_batches = Vec::with_capacity(gas);
         for m in 0..gas {
-            let (x, y) = batch(&sh.train, &order, start + m * micro, micro, &device)?;
+            let (x, y) = batch(&sh.train, start + m * micro, micro, &device)?;
             let model = &model;
             micro_batches.push((Activations::new(x), move |o: &Activations| {
                 model.loss(&o.hidden, &y)
@@ -714,4 +696,86 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         sample,
         skipped: engine.skipped_steps(),
     })
+}
+
+/// `--data-path`: a text file tokenized here, or Megatron datasets with as many samples as the run
+/// needs (train: iterations x global batch; valid: evaluations x eval-iters x global batch).
+fn load_data(
+    a: &PretrainGpt2Args,
+    tok: &Tokenizer,
+    assets: &Path,
+    batch: &BatchSizes,
+) -> Result<(Samples, Option<Samples>)> {
+    let values = if a.data_path.is_empty() {
+        vec![assets.join("data/sample.jsonl").display().to_string()]
+    } else {
+        a.data_path.clone()
+    };
+    if let [one] = values.as_slice() {
+        let path = PathBuf::from(one);
+        if path.is_file() {
+            let docs = read_documents(&path, &a.text_key)?;
+            let n_docs = docs.len();
+            let [train_docs, valid_docs, _] = split_documents(docs, &a.split)?;
+            let train = TokenSamples::new(tokenize_documents(&train_docs, tok)?, a.seq_length)
+                .with_context(|| format!("training split of {}", path.display()))?;
+            let valid = if valid_docs.is_empty() {
+                None
+            } else {
+                TokenSamples::new(tokenize_documents(&valid_docs, tok)?, a.seq_length).ok()
+            };
+            eprintln!(
+                "data: {n_docs} documents from {} -> {} training samples ({} tokens), {} validation samples",
+                path.display(),
+                train.len(),
+                train.num_tokens(),
+                valid.as_ref().map_or(0, |v| v.len())
+            );
+            let order = shuffled(train.len(), a.seed);
+            let valid = valid.map(|v| Samples::Text {
+                order: (0..v.len()).collect(),
+                samples: v,
+            });
+            return Ok((
+                Samples::Text {
+                    samples: train,
+                    order,
+                },
+                valid,
+            ));
+        }
+    }
+    let prefixes = zoo::gpt2_dataset::parse_data_path(&values)?;
+    for (_, p) in &prefixes {
+        if !zoo::indexed_dataset::exists(p) {
+            bail!(
+                "--data-path {}: no such file, and no Megatron dataset {}.bin/.idx",
+                p.display(),
+                p.display()
+            )
+        }
+    }
+    let gb = batch.train_batch_size;
+    let evals = a.train_iters.checked_div(a.eval_interval).map_or(1, |n| n + 1);
+    let samples = [
+        a.train_iters as usize * gb,
+        evals as usize * a.eval_iters.max(1) as usize * gb,
+        a.eval_iters.max(1) as usize * gb,
+    ];
+    let [train, valid, _] = zoo::gpt2_dataset::build_train_valid_test(
+        &prefixes,
+        &a.split,
+        samples,
+        a.seq_length,
+        a.seed,
+    )?;
+    let train =
+        train.with_context(|| format!("--split {}: the training split is empty", a.split))?;
+    eprintln!(
+        "data: {} Megatron dataset(s) -> {} training samples, {} validation samples",
+        prefixes.len(),
+        train.len(),
+        valid.as_ref().map_or(0, |v| v.len())
+    );
+    Ok((Samples::Indexed(train), valid.map(Samples::Indexed)))
 }
