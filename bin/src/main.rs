@@ -11,6 +11,7 @@ mod models;
 mod plot;
 mod preprocess_data;
 mod pretrain_gpt2;
+mod training;
 
 use clap::{Parser, Subcommand};
 

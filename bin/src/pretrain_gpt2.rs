@@ -3,7 +3,8 @@
 use crate::args::{print_json, LayoutArgs, ModelArgs};
 use crate::deepspeed_args::DeepSpeedArgs;
 use crate::launch::{launch, RankCtx};
-use crate::metrics::{peak_rss_bytes, MetricsWriter};
+use crate::metrics::MetricsWriter;
+use crate::training::{train_loop, LoopSpec};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::adamw::AdamWConfig;
@@ -504,7 +505,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         );
         eprintln!("{}", engine.describe_memory());
     }
-    let mut metrics = match (&a.metrics_file, root) {
+    let metrics = match (&a.metrics_file, root) {
         (Some(p), true) => Some(MetricsWriter::create(p)?),
         _ => None,
     };
@@ -525,137 +526,39 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         Ok(engine.dp_mean(sum / n as f64)?)
     };
 
-    let bar = if root {
-        indicatif::ProgressBar::new(a.train_iters)
-    } else {
-        indicatif::ProgressBar::hidden()
+    let spec = LoopSpec {
+        train_iters: a.train_iters,
+        log_interval: a.log_interval,
+        eval_interval: a.eval_interval,
+        tokens_per_iter,
+        flops_per_token: fpt,
+        gemm_peak: peak,
+        metrics_file: a.metrics_file.as_deref(),
+        root,
+        base,
+        title: format!(
+            "GPT-2 {}L/{}H, tp {} x dp {}, ZeRO-{}",
+            cfg.num_layers, cfg.hidden_size, ctx.topo.tp, dp_size, sh.engine.zero_stage
+        ),
+        fp16: sh.engine.fp16.is_some(),
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} iterations, {eta} left, {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let (mut curve, mut valid_curve) = (Vec::new(), Vec::new());
-    let mut first_loss = None;
-    let mut last_loss = f64::NAN;
-    let mut last_valid = None;
-    let train_start = Instant::now();
-    let mut window_start = Instant::now();
-    let (mut window_loss, mut window_n) = (0.0, 0u64);
-    let log_every = a.log_interval.max(1);
-    for iter in 1..=a.train_iters {
+    let micro_batches = |iter: u64| -> Result<Vec<_>> {
         // This rank's slice of the global batch: the 1-rank order cut among the dp ranks.
         let start = ((iter - 1) as usize) * sh.batch.train_batch_size + dp_rank * micro * gas;
-        let mut micro_batches = Vec::with_capacity(gas);
-        for m in 0..gas {
-            let (x, y) = batch(&sh.train, start + m * micro, micro, &device)?;
-            let model = &model;
-            micro_batches.push((Activations::new(x), move |o: &Activations| {
-                model.loss(&o.hidden, &y)
-            }));
-        }
-        let r = engine.train_batch(micro_batches)?;
-        if !r.loss.is_finite() && sh.engine.fp16.is_none() {
-            bail!(
-                "iteration {iter}: the loss is {}; lower --lr or check the data",
-                r.loss
-            )
-        }
-        first_loss.get_or_insert(r.loss);
-        last_loss = r.loss;
-        window_loss += r.loss;
-        window_n += 1;
-        curve.push((iter, r.loss));
-        bar.inc(1);
-        bar.set_message(format!("loss {:.3}", r.loss));
-        if iter % log_every == 0 || iter == a.train_iters {
-            let ms = window_start.elapsed().as_secs_f64() * 1000.0 / window_n as f64;
-            let tps = tokens_per_iter / (ms / 1000.0);
-            // Per-rank FLOP rate against this machine's measured GEMM peak (ranks share its cores).
-            let mfu = tps * fpt / peak;
-            if root {
-                bar.suspend(|| {
-                    eprintln!(
-                        " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}%",
-                        a.train_iters,
-                        r.lr,
-                        window_loss / window_n as f64,
-                        r.loss_scale,
-                        r.grad_norm,
-                        engine.skipped_steps(),
-                        mfu * 100.0
-                    )
-                });
-            }
-            if let Some(m) = metrics.as_mut() {
-                let mut line = base.clone();
-                let o = line.as_object_mut().expect("object");
-                for (k, v) in [
-                    ("iteration", json!(iter)),
-                    ("loss", json!(r.loss)),
-                    ("lr", json!(r.lr)),
-                    ("loss_scale", json!(r.loss_scale)),
-                    ("grad_norm", json!(r.grad_norm)),
-                    ("skipped", json!(r.skipped)),
-                    ("ms_per_step", json!(ms)),
-                    ("tokens_per_s", json!(tps)),
-                    ("mfu", json!(mfu)),
-                    ("peak_bytes", json!(peak_rss_bytes())),
-                ] {
-                    o.insert(k.into(), v);
-                }
-                m.write(&line)?;
-            }
-            window_loss = 0.0;
-            window_n = 0;
-            window_start = Instant::now();
-        }
-        let eval_now =
-            (a.eval_interval > 0 && iter % a.eval_interval == 0) || iter == a.train_iters;
-        if let (true, Some(v)) = (eval_now, &sh.valid) {
-            let vl = evaluate(&engine, v)?;
-            if root {
-                bar.suspend(|| {
-                    eprintln!(
-                        " validation loss at iteration {iter} | lm loss: {vl:.6E} | lm loss PPL: {:.3E}",
-                        vl.exp()
-                    )
-                });
-            }
-            if let Some(m) = metrics.as_mut() {
-                let mut line = base.clone();
-                line["iteration"] = json!(iter);
-                line["valid_loss"] = json!(vl);
-                m.write(&line)?;
-            }
-            valid_curve.push((iter, vl));
-            last_valid = Some(vl);
-        }
-    }
-    bar.finish_and_clear();
-    let elapsed = train_start.elapsed().as_secs_f64();
-    if root {
-        eprintln!(
-            "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {last_loss:.4}",
-            a.train_iters,
-            first_loss.unwrap_or(f64::NAN)
-        );
-    }
-    if let (Some(m), Some(path)) = (metrics.as_ref(), &a.metrics_file) {
-        m.finish()?;
-        let png = path.with_extension("png");
-        crate::plot::loss_curve(
-            &png,
-            &format!(
-                "GPT-2 {}L/{}H, tp {} x dp {}, ZeRO-{}",
-                cfg.num_layers, cfg.hidden_size, ctx.topo.tp, dp_size, sh.engine.zero_stage
-            ),
-            &curve,
-            &valid_curve,
-        )?;
-        eprintln!("loss curve: {}", png.display());
-    }
+        (0..gas)
+            .map(|m| {
+                let (x, y) = batch(&sh.train, start + m * micro, micro, &device)?;
+                let model = &model;
+                Ok((Activations::new(x), move |o: &Activations| {
+                    model.loss(&o.hidden, &y)
+                }))
+            })
+            .collect()
+    };
+    let eval = |engine: &Engine| -> Result<Option<f64>> {
+        sh.valid.as_ref().map(|v| evaluate(engine, v)).transpose()
+    };
+    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval)?;
     if root {
         if let Some(dir) = &a.save_hf {
             zoo::gpt2::hf::save_hf_dir(&model, &sh.tok, dir)?;
@@ -687,11 +590,11 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         sample = Some(text);
     }
     Ok(Summary {
-        first_loss,
-        last_loss,
-        last_valid,
+        first_loss: r.first_loss,
+        last_loss: r.last_loss,
+        last_valid: r.last_valid,
         n_params,
-        tokens_per_s: tokens_per_iter * a.train_iters as f64 / elapsed,
+        tokens_per_s: tokens_per_iter * a.train_iters as f64 / r.elapsed,
         model_state_bytes: max_state,
         sample,
         skipped: engine.skipped_steps(),
@@ -756,7 +659,10 @@ fn load_data(
         }
     }
     let gb = batch.train_batch_size;
-    let evals = a.train_iters.checked_div(a.eval_interval).map_or(1, |n| n + 1);
+    let evals = a
+        .train_iters
+        .checked_div(a.eval_interval)
+        .map_or(1, |n| n + 1);
     let samples = [
         a.train_iters as usize * gb,
         evals as usize * a.eval_iters.max(1) as usize * gb,
