@@ -1,22 +1,18 @@
 //! `deepscale pretrain-gpt2`: Megatron's pretrain_gpt2.py flags on the DeepScale engine (data
 //! parallel with ZeRO 0/1/2 over in-process or MPI ranks, tensor parallel inside the layers).
 use crate::args::{print_json, LayoutArgs, ModelArgs};
-use crate::deepspeed_args::DeepSpeedArgs;
 use crate::launch::{launch, RankCtx};
 use crate::metrics::MetricsWriter;
-use crate::training::{train_loop, LoopSpec};
+use crate::training::{engine_config, gemm_peak, train_loop, LoopSpec, TrainingArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::adamw::AdamWConfig;
-use candle_deepscale::config::{BatchSizes, DeepSpeedConfig, Fp16Config};
+use candle_deepscale::config::BatchSizes;
 use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::lr_schedules::{AnnealingLr, DecayStyle, LrSchedule};
 use candle_deepscale::module::Activations;
 use candle_deepscale::parameter::{ParamBuilder, RandomInit};
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use zoo::generation::{generate, SamplingConfig};
 use zoo::gpt2::{self, Gpt2};
 use zoo::text_data::{read_documents, split_documents, tokenize_documents, TokenSamples};
@@ -42,75 +38,12 @@ pub struct PretrainGpt2Args {
     pub max_position_embeddings: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub make_vocab_size_divisible_by: usize,
-    /// Micro-batch size per data-parallel rank (default: the DeepSpeed config's, else 4).
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Gradient accumulation steps (default: the DeepSpeed config's, else 1).
-    #[arg(long)]
-    pub gas: Option<usize>,
-    #[arg(long, default_value_t = 200)]
-    pub train_iters: u64,
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 1e-5)]
-    pub min_lr: f64,
-    #[arg(long, value_enum, default_value = "cosine")]
-    pub lr_decay_style: DecayStyleArg,
-    /// Defaults to --train-iters.
-    #[arg(long)]
-    pub lr_decay_iters: Option<u64>,
-    /// Warmup as a fraction of the decay iterations (Megatron's --warmup).
-    #[arg(long, default_value_t = 0.05)]
-    pub warmup: f64,
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
-    pub adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
-    pub adam_eps: f64,
-    /// Global gradient-norm clip, 0 = off (default: the config's gradient_clipping, else 1.0).
-    #[arg(long)]
-    pub clip_grad: Option<f64>,
-    #[arg(long, default_value_t = 0.1)]
-    pub hidden_dropout: f64,
-    #[arg(long, default_value_t = 0.1)]
-    pub attention_dropout: f64,
-    #[arg(long, default_value_t = 1234)]
-    pub seed: u64,
-    /// Keep only each transformer layer's input in forward and recompute it in backward.
-    #[arg(long)]
-    pub checkpoint_activations: bool,
-    /// Layers per activation checkpoint (Megatron's --checkpoint-num-layers).
-    #[arg(long, default_value_t = 1)]
-    pub checkpoint_num_layers: usize,
-    /// A .txt (blank-line separated documents) or .jsonl file tokenized on the fly, a Megatron
-    /// dataset prefix (PREFIX.bin/.idx from preprocess-data), or `W1 PREFIX1 W2 PREFIX2 ...` to
-    /// blend. Default: the shipped sample.
-    #[arg(long, alias = "train-data", num_args = 1..)]
-    pub data_path: Vec<String>,
-    /// JSON field holding the text in .jsonl data.
-    #[arg(long, default_value = "text")]
-    pub text_key: String,
-    /// train,valid,test weights over documents.
-    #[arg(long, default_value = "949,50,1")]
-    pub split: String,
     /// GPT-2 vocab.json. Default: assets/gpt2/gpt2-vocab.json.
     #[arg(long)]
     pub vocab_file: Option<PathBuf>,
     /// GPT-2 merges.txt. Default: assets/gpt2/gpt2-merges.txt.
     #[arg(long)]
     pub merge_file: Option<PathBuf>,
-    #[arg(long, default_value_t = 10)]
-    pub log_interval: u64,
-    #[arg(long, default_value_t = 100)]
-    pub eval_interval: u64,
-    #[arg(long, default_value_t = 4)]
-    pub eval_iters: u64,
-    /// JSON lines of training metrics (rank 0).
-    #[arg(long)]
-    pub metrics_file: Option<PathBuf>,
     /// After training, write the model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer).
     #[arg(long)]
     pub save_hf: Option<PathBuf>,
@@ -119,21 +52,8 @@ pub struct PretrainGpt2Args {
     pub sample_prompt: String,
     #[arg(long, default_value_t = 24)]
     pub sample_length: usize,
-    /// Train with fp16 parameters, fp32 master weights and dynamic loss scaling.
-    #[arg(long)]
-    pub fp16: bool,
     #[command(flatten)]
-    pub ds: DeepSpeedArgs,
-    /// Print one JSON summary as the last line of stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum DecayStyleArg {
-    Constant,
-    Linear,
-    Cosine,
+    pub train: TrainingArgs,
 }
 
 /// The folder of the shipped assets: $DEEPSCALE_ASSETS, ./assets, or the source tree's.
@@ -157,22 +77,6 @@ fn flops_per_token(cfg: &gpt2::Config, seq: usize) -> f64 {
     );
     let n = l * (4.0 * h * h + 2.0 * h * f) + cfg.padded_vocab_size(1) as f64 * h;
     6.0 * n + 12.0 * l * seq as f64 * h
-}
-
-/// Measured f32 GEMM throughput of this machine (FLOP/s), the MFU denominator.
-fn gemm_peak(device: &Device) -> Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    a.matmul(&b)?;
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        c.sum_all()?.to_scalar::<f32>()?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * (n as f64).powi(3) / best)
 }
 
 /// Training or validation samples of seq + 1 tokens.
@@ -220,99 +124,6 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     v
 }
 
-/// The engine settings from the flags and the DeepSpeed config (flags that disagree with the
-/// config are errors; the config's optimizer and scheduler win where it has them, as in
-/// Megatron + DeepSpeed).
-fn engine_config(
-    a: &PretrainGpt2Args,
-    ds: Option<&DeepSpeedConfig>,
-    dp: usize,
-) -> Result<(EngineConfig, BatchSizes)> {
-    let batch = match ds {
-        Some(d) => d.batch(dp, a.batch_size, a.gas)?,
-        None => BatchSizes::resolve(None, Some(a.batch_size.unwrap_or(4)), a.gas, dp)?,
-    };
-    let mut c =
-        match ds {
-            Some(d) => {
-                let mut d = d.clone();
-                // The batch (flags included) is resolved above.
-                d.train_batch_size = Some(batch.train_batch_size);
-                d.train_micro_batch_size_per_gpu = Some(batch.micro_batch);
-                d.gradient_accumulation_steps = Some(batch.accumulation);
-                // Stages beyond 2 and offload are refused below with the flag-aware message.
-                let stage = d.zero_stage();
-                if let Some(z) = d.zero_optimization.as_mut() {
-                    z.stage = z.stage.min(2);
-                }
-                let c = EngineConfig::from_deepspeed(&d, dp)?;
-                if stage > 2 {
-                    bail!(
-                    "not supported: zero_optimization.stage {stage} in {}, because this engine \
-                     implements ZeRO stages 0, 1 and 2",
-                    a.ds.deepscale_config.as_deref().unwrap_or(Path::new("?")).display()
-                )
-                }
-                c
-            }
-            None => EngineConfig::default(),
-        };
-    c.train_micro_batch_size_per_gpu = batch.micro_batch;
-    c.gradient_accumulation_steps = batch.accumulation;
-    if ds.and_then(|d| d.optimizer.as_ref()).is_none() {
-        c.optimizer = AdamWConfig {
-            lr: a.lr,
-            beta1: a.adam_beta1,
-            beta2: a.adam_beta2,
-            eps: a.adam_eps,
-            weight_decay: a.weight_decay,
-            adam_w_mode: true,
-        };
-    }
-    if ds.and_then(|d| d.scheduler.as_ref()).is_none() {
-        let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters);
-        c.lr_schedule = LrSchedule::Annealing(AnnealingLr {
-            max_lr: a.lr,
-            min_lr: a.min_lr,
-            warmup_iters: (a.warmup * decay_iters as f64) as u64,
-            decay_iters,
-            style: match a.lr_decay_style {
-                DecayStyleArg::Constant => DecayStyle::Constant,
-                DecayStyleArg::Linear => DecayStyle::Linear,
-                DecayStyleArg::Cosine => DecayStyle::Cosine,
-            },
-        });
-    }
-    c.gradient_clipping = match (a.clip_grad, ds.and_then(|d| d.gradient_clipping)) {
-        (Some(f), Some(g)) if f != g => {
-            bail!("--clip-grad {f} disagrees with the DeepSpeed config's gradient_clipping {g}")
-        }
-        (f, g) => f.or(g).unwrap_or(1.0),
-    };
-    if a.fp16 && c.fp16.is_none() {
-        if ds.and_then(|d| d.fp16.as_ref()).is_some() {
-            bail!("--fp16 disagrees with the DeepSpeed config's fp16.enabled false")
-        }
-        c.fp16 = Some(Fp16Config {
-            enabled: true,
-            ..Default::default()
-        });
-    }
-    if a.checkpoint_activations {
-        if a.checkpoint_num_layers == 0 {
-            bail!("--checkpoint-num-layers must be at least 1")
-        }
-        c.checkpoint_num_layers = a.checkpoint_num_layers;
-    } else if c.partition_activations || c.cpu_checkpointing {
-        // DeepSpeed reads these only when Megatron checkpoints activations.
-        c.partition_activations = false;
-        c.cpu_checkpointing = false;
-    }
-    a.ds.apply(ds, &mut c)?;
-    c.seed = a.seed;
-    Ok((c, batch))
-}
-
 /// What every rank reads: data, tokenizer, model shape.
 struct Shared {
     tok: Tokenizer,
@@ -340,9 +151,9 @@ struct Summary {
 
 pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
-    a.ds.refuse_unsupported()?;
-    let ds = a.ds.config()?;
-    let (engine_cfg, batch) = engine_config(&a, ds.as_ref(), layout.dp)?;
+    a.train.ds.refuse_unsupported()?;
+    let ds = a.train.ds.config()?;
+    let (engine_cfg, batch) = engine_config(&a.train, ds.as_ref(), layout.dp)?;
     if a.save_hf.is_some() && layout.tp > 1 {
         bail!(
             "not supported: --save-hf with --model-parallel-size {}, because consolidating \
@@ -350,13 +161,13 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             layout.tp
         )
     }
-    if a.seq_length == 0 || a.train_iters == 0 {
+    if a.seq_length == 0 || a.train.train_iters == 0 {
         bail!("--seq-length and --train-iters must be positive")
     }
-    for n in a.ds.notes() {
+    for n in a.train.ds.notes() {
         eprintln!("note: {n}");
     }
-    if a.ds.data_impl.is_some() {
+    if a.train.ds.data_impl.is_some() {
         eprintln!("note: --data-impl: the data file's kind is read from what is on disk");
     }
     let dtype = if engine_cfg.fp16.is_some() {
@@ -396,8 +207,8 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let cfg = match &hf_dir {
         Some(d) => {
             let mut c = gpt2::Config::from_hf_json(&d.join("config.json"))?;
-            c.hidden_dropout = a.hidden_dropout;
-            c.attention_dropout = a.attention_dropout;
+            c.hidden_dropout = a.train.hidden_dropout;
+            c.attention_dropout = a.train.attention_dropout;
             c
         }
         None => gpt2::Config {
@@ -410,8 +221,8 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             vocab_size: tok.vocab_size(),
             make_vocab_size_divisible_by: a.make_vocab_size_divisible_by,
             layernorm_epsilon: 1e-5,
-            hidden_dropout: a.hidden_dropout,
-            attention_dropout: a.attention_dropout,
+            hidden_dropout: a.train.hidden_dropout,
+            attention_dropout: a.train.attention_dropout,
             init_method_std: 0.02,
         },
     };
@@ -436,10 +247,10 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     };
     let summary = launch(&layout, |ctx| train_rank(&a, &shared, &ctx))?;
     let Some(s) = summary else { return Ok(()) };
-    if a.json {
+    if a.train.json {
         print_json(
             json!({
-                "iterations": a.train_iters,
+                "iterations": a.train.train_iters,
                 "initial_loss": s.first_loss,
                 "final_loss": s.last_loss,
                 "valid_loss": s.last_valid,
@@ -466,13 +277,13 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     let model = match &sh.hf_dir {
         Some(d) => {
             zoo::hub::load_gpt2_tp(d, &device, tp.clone(), |c| {
-                c.hidden_dropout = a.hidden_dropout;
-                c.attention_dropout = a.attention_dropout;
+                c.hidden_dropout = a.train.hidden_dropout;
+                c.attention_dropout = a.train.attention_dropout;
             })?
             .0
         }
         None => {
-            let src = RandomInit { seed: a.seed };
+            let src = RandomInit { seed: a.train.seed };
             Gpt2::new(
                 &sh.cfg,
                 &ParamBuilder::new(&src, &device, sh.dtype).with_tp(tp.clone()),
@@ -505,7 +316,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         );
         eprintln!("{}", engine.describe_memory());
     }
-    let metrics = match (&a.metrics_file, root) {
+    let metrics = match (&a.train.metrics_file, root) {
         (Some(p), true) => Some(MetricsWriter::create(p)?),
         _ => None,
     };
@@ -517,7 +328,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         "zero_stage": sh.engine.zero_stage, "model_state_bytes": max_state,
     });
     let evaluate = |engine: &Engine, valid: &Samples| -> Result<f64> {
-        let n = a.eval_iters.max(1) as usize;
+        let n = a.train.eval_iters.max(1) as usize;
         let mut sum = 0.0;
         for i in 0..n {
             let (x, y) = batch(valid, (i * dp_size + dp_rank) * micro, micro, &device)?;
@@ -527,13 +338,13 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     };
 
     let spec = LoopSpec {
-        train_iters: a.train_iters,
-        log_interval: a.log_interval,
-        eval_interval: a.eval_interval,
+        train_iters: a.train.train_iters,
+        log_interval: a.train.log_interval,
+        eval_interval: a.train.eval_interval,
         tokens_per_iter,
         flops_per_token: fpt,
         gemm_peak: peak,
-        metrics_file: a.metrics_file.as_deref(),
+        metrics_file: a.train.metrics_file.as_deref(),
         root,
         base,
         title: format!(
@@ -594,7 +405,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         last_loss: r.last_loss,
         last_valid: r.last_valid,
         n_params,
-        tokens_per_s: tokens_per_iter * a.train_iters as f64 / r.elapsed,
+        tokens_per_s: tokens_per_iter * a.train.train_iters as f64 / r.elapsed,
         model_state_bytes: max_state,
         sample,
         skipped: engine.skipped_steps(),
@@ -609,17 +420,17 @@ fn load_data(
     assets: &Path,
     batch: &BatchSizes,
 ) -> Result<(Samples, Option<Samples>)> {
-    let values = if a.data_path.is_empty() {
+    let values = if a.train.data_path.is_empty() {
         vec![assets.join("data/sample.jsonl").display().to_string()]
     } else {
-        a.data_path.clone()
+        a.train.data_path.clone()
     };
     if let [one] = values.as_slice() {
         let path = PathBuf::from(one);
         if path.is_file() {
-            let docs = read_documents(&path, &a.text_key)?;
+            let docs = read_documents(&path, &a.train.text_key)?;
             let n_docs = docs.len();
-            let [train_docs, valid_docs, _] = split_documents(docs, &a.split)?;
+            let [train_docs, valid_docs, _] = split_documents(docs, &a.train.split)?;
             let train = TokenSamples::new(tokenize_documents(&train_docs, tok)?, a.seq_length)
                 .with_context(|| format!("training split of {}", path.display()))?;
             let valid = if valid_docs.is_empty() {
@@ -634,7 +445,7 @@ fn load_data(
                 train.num_tokens(),
                 valid.as_ref().map_or(0, |v| v.len())
             );
-            let order = shuffled(train.len(), a.seed);
+            let order = shuffled(train.len(), a.train.seed);
             let valid = valid.map(|v| Samples::Text {
                 order: (0..v.len()).collect(),
                 samples: v,
@@ -660,23 +471,24 @@ fn load_data(
     }
     let gb = batch.train_batch_size;
     let evals = a
+        .train
         .train_iters
-        .checked_div(a.eval_interval)
+        .checked_div(a.train.eval_interval)
         .map_or(1, |n| n + 1);
     let samples = [
-        a.train_iters as usize * gb,
-        evals as usize * a.eval_iters.max(1) as usize * gb,
-        a.eval_iters.max(1) as usize * gb,
+        a.train.train_iters as usize * gb,
+        evals as usize * a.train.eval_iters.max(1) as usize * gb,
+        a.train.eval_iters.max(1) as usize * gb,
     ];
     let [train, valid, _] = zoo::gpt2_dataset::build_train_valid_test(
         &prefixes,
-        &a.split,
+        &a.train.split,
         samples,
         a.seq_length,
-        a.seed,
+        a.train.seed,
     )?;
     let train =
-        train.with_context(|| format!("--split {}: the training split is empty", a.split))?;
+        train.with_context(|| format!("--split {}: the training split is empty", a.train.split))?;
     eprintln!(
         "data: {} Megatron dataset(s) -> {} training samples, {} validation samples",
         prefixes.len(),

@@ -1,14 +1,211 @@
 //! The pretraining loop the `pretrain-*` commands share: iterations through the engine, Megatron's
 //! log line every --log-interval, validation every --eval-interval and at the end, the metrics
 //! JSONL, a progress bar and the loss-curve PNG.
+use crate::deepspeed_args::DeepSpeedArgs;
 use crate::metrics::{peak_rss_bytes, MetricsWriter};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
-use candle_deepscale::engine::Engine;
+use candle_core::{Device, Tensor};
+use candle_deepscale::adamw::AdamWConfig;
+use candle_deepscale::config::{BatchSizes, DeepSpeedConfig, Fp16Config};
+use candle_deepscale::engine::{Engine, EngineConfig};
+use candle_deepscale::lr_schedules::{AnnealingLr, DecayStyle, LrSchedule};
 use candle_deepscale::module::Activations;
+use clap::Args;
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The Megatron training flags every pretrain command shares.
+#[derive(Args, Debug, Clone)]
+pub struct TrainingArgs {
+    /// Micro-batch size per data-parallel rank (default: the DeepSpeed config's, else 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Gradient accumulation steps (default: the DeepSpeed config's, else 1).
+    #[arg(long)]
+    pub gas: Option<usize>,
+    #[arg(long, default_value_t = 200)]
+    pub train_iters: u64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    pub min_lr: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub lr_decay_style: DecayStyleArg,
+    /// Defaults to --train-iters.
+    #[arg(long)]
+    pub lr_decay_iters: Option<u64>,
+    /// Warmup as a fraction of the decay iterations (Megatron's --warmup).
+    #[arg(long, default_value_t = 0.05)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    /// Global gradient-norm clip, 0 = off (default: the config's gradient_clipping, else 1.0).
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    #[arg(long, default_value_t = 0.1)]
+    pub hidden_dropout: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub attention_dropout: f64,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Keep only each transformer layer's input in forward and recompute it in backward.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Layers per activation checkpoint (Megatron's --checkpoint-num-layers).
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_num_layers: usize,
+    /// A .txt (blank-line separated documents) or .jsonl file tokenized on the fly, a Megatron
+    /// dataset prefix (PREFIX.bin/.idx from preprocess-data), or `W1 PREFIX1 W2 PREFIX2 ...` to
+    /// blend. Default: the shipped sample.
+    #[arg(long, alias = "train-data", num_args = 1..)]
+    pub data_path: Vec<String>,
+    /// JSON field holding the text in .jsonl data.
+    #[arg(long, default_value = "text")]
+    pub text_key: String,
+    /// train,valid,test weights over documents.
+    #[arg(long, default_value = "949,50,1")]
+    pub split: String,
+    #[arg(long, default_value_t = 10)]
+    pub log_interval: u64,
+    #[arg(long, default_value_t = 100)]
+    pub eval_interval: u64,
+    #[arg(long, default_value_t = 4)]
+    pub eval_iters: u64,
+    /// JSON lines of training metrics (rank 0).
+    #[arg(long)]
+    pub metrics_file: Option<PathBuf>,
+    /// Train with fp16 parameters, fp32 master weights and dynamic loss scaling.
+    #[arg(long)]
+    pub fp16: bool,
+    #[command(flatten)]
+    pub ds: DeepSpeedArgs,
+    /// Print one JSON summary as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DecayStyleArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Measured f32 GEMM throughput of this machine (FLOP/s), the MFU denominator.
+pub fn gemm_peak(device: &Device) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    a.matmul(&b)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        c.sum_all()?.to_scalar::<f32>()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best)
+}
+
+/// The engine settings from the flags and the DeepSpeed config (flags that disagree with the
+/// config are errors; the config's optimizer and scheduler win where it has them, as in
+/// Megatron + DeepSpeed).
+pub fn engine_config(
+    a: &TrainingArgs,
+    ds: Option<&DeepSpeedConfig>,
+    dp: usize,
+) -> Result<(EngineConfig, BatchSizes)> {
+    let batch = match ds {
+        Some(d) => d.batch(dp, a.batch_size, a.gas)?,
+        None => BatchSizes::resolve(None, Some(a.batch_size.unwrap_or(4)), a.gas, dp)?,
+    };
+    let mut c =
+        match ds {
+            Some(d) => {
+                let mut d = d.clone();
+                // The batch (flags included) is resolved above.
+                d.train_batch_size = Some(batch.train_batch_size);
+                d.train_micro_batch_size_per_gpu = Some(batch.micro_batch);
+                d.gradient_accumulation_steps = Some(batch.accumulation);
+                // Stages beyond 2 and offload are refused below with the flag-aware message.
+                let stage = d.zero_stage();
+                if let Some(z) = d.zero_optimization.as_mut() {
+                    z.stage = z.stage.min(2);
+                }
+                let c = EngineConfig::from_deepspeed(&d, dp)?;
+                if stage > 2 {
+                    bail!(
+                    "not supported: zero_optimization.stage {stage} in {}, because this engine \
+                     implements ZeRO stages 0, 1 and 2",
+                    a.ds.deepscale_config.as_deref().unwrap_or(Path::new("?")).display()
+                )
+                }
+                c
+            }
+            None => EngineConfig::default(),
+        };
+    c.train_micro_batch_size_per_gpu = batch.micro_batch;
+    c.gradient_accumulation_steps = batch.accumulation;
+    if ds.and_then(|d| d.optimizer.as_ref()).is_none() {
+        c.optimizer = AdamWConfig {
+            lr: a.lr,
+            beta1: a.adam_beta1,
+            beta2: a.adam_beta2,
+            eps: a.adam_eps,
+            weight_decay: a.weight_decay,
+            adam_w_mode: true,
+        };
+    }
+    if ds.and_then(|d| d.scheduler.as_ref()).is_none() {
+        let decay_iters = a.lr_decay_iters.unwrap_or(a.train_iters);
+        c.lr_schedule = LrSchedule::Annealing(AnnealingLr {
+            max_lr: a.lr,
+            min_lr: a.min_lr,
+            warmup_iters: (a.warmup * decay_iters as f64) as u64,
+            decay_iters,
+            style: match a.lr_decay_style {
+                DecayStyleArg::Constant => DecayStyle::Constant,
+                DecayStyleArg::Linear => DecayStyle::Linear,
+                DecayStyleArg::Cosine => DecayStyle::Cosine,
+            },
+        });
+    }
+    c.gradient_clipping = match (a.clip_grad, ds.and_then(|d| d.gradient_clipping)) {
+        (Some(f), Some(g)) if f != g => {
+            bail!("--clip-grad {f} disagrees with the DeepSpeed config's gradient_clipping {g}")
+        }
+        (f, g) => f.or(g).unwrap_or(1.0),
+    };
+    if a.fp16 && c.fp16.is_none() {
+        if ds.and_then(|d| d.fp16.as_ref()).is_some() {
+            bail!("--fp16 disagrees with the DeepSpeed config's fp16.enabled false")
+        }
+        c.fp16 = Some(Fp16Config {
+            enabled: true,
+            ..Default::default()
+        });
+    }
+    if a.checkpoint_activations {
+        if a.checkpoint_num_layers == 0 {
+            bail!("--checkpoint-num-layers must be at least 1")
+        }
+        c.checkpoint_num_layers = a.checkpoint_num_layers;
+    } else if c.partition_activations || c.cpu_checkpointing {
+        // DeepSpeed reads these only when Megatron checkpoints activations.
+        c.partition_activations = false;
+        c.cpu_checkpointing = false;
+    }
+    a.ds.apply(ds, &mut c)?;
+    c.seed = a.seed;
+    Ok((c, batch))
+}
 
 /// How the loop runs.
 pub struct LoopSpec<'a> {

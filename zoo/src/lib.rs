@@ -1,6 +1,7 @@
 //! The DeepScale model zoo: Megatron GPT-2 and BERT, their HF loaders, tokenizers, generation and
 //! evaluation.
 pub mod bert;
+pub mod bert_dataset;
 pub mod evaluation;
 pub mod generation;
 pub mod gpt2;
