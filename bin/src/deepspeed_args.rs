@@ -134,11 +134,6 @@ impl DeepSpeedArgs {
             "--memory-centric-tiled-linear/--tile-factor",
             "tiled linear layers only pay off with ZeRO-3 parameter offload, which this engine does not have yet",
         )?;
-        if let Some(t) = &self.tokenizer_type {
-            if t != "GPT2BPETokenizer" {
-                bail!("not supported: --tokenizer-type {t}, because pretrain-gpt2 uses GPT2BPETokenizer")
-            }
-        }
         if let Some(d) = &self.data_impl {
             if !matches!(d.as_str(), "mmap" | "lazy" | "cached" | "infer") {
                 bail!("--data-impl must be mmap, lazy, cached or infer, got `{d}`")

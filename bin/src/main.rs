@@ -10,6 +10,7 @@ mod metrics;
 mod models;
 mod plot;
 mod preprocess_data;
+mod pretrain_bert;
 mod pretrain_gpt2;
 mod training;
 
@@ -35,6 +36,9 @@ enum Command {
     /// Pretrain GPT-2 (Megatron's pretrain_gpt2.py); with no flags, a small model on the shipped sample data.
     #[command(name = "pretrain-gpt2")]
     PretrainGpt2(Box<pretrain_gpt2::PretrainGpt2Args>),
+    /// Pretrain BERT (Megatron's pretrain_bert.py): masked LM and the binary head.
+    #[command(name = "pretrain-bert")]
+    PretrainBert(Box<pretrain_bert::PretrainBertArgs>),
     /// Tokenize loose JSON into Megatron mmap indexed datasets (tools/preprocess_data.py).
     #[command(name = "preprocess-data")]
     PreprocessData(preprocess_data::PreprocessDataArgs),
@@ -67,6 +71,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::PretrainGpt2(a) => pretrain_gpt2::run(*a),
+        Command::PretrainBert(a) => pretrain_bert::run(*a),
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::InspectData(a) => inspect_data::run(a),
         Command::Bench(a) => bench::run(a),

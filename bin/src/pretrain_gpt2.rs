@@ -68,17 +68,6 @@ pub fn assets_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets"))
 }
 
-/// FLOPs per token, forward + backward: 6N + 12 L T C (N = matmul parameters, LM head included).
-fn flops_per_token(cfg: &gpt2::Config, seq: usize) -> f64 {
-    let (h, l, f) = (
-        cfg.hidden_size as f64,
-        cfg.num_layers as f64,
-        cfg.ffn_hidden_size as f64,
-    );
-    let n = l * (4.0 * h * h + 2.0 * h * f) + cfg.padded_vocab_size(1) as f64 * h;
-    6.0 * n + 12.0 * l * seq as f64 * h
-}
-
 /// Training or validation samples of seq + 1 tokens.
 enum Samples {
     /// A text file tokenized on the fly, visited in a seeded order.
@@ -152,6 +141,13 @@ struct Summary {
 pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
     a.train.ds.refuse_unsupported()?;
+    if let Some(t) = &a.train.ds.tokenizer_type {
+        if t != "GPT2BPETokenizer" {
+            bail!(
+                "not supported: --tokenizer-type {t}, because pretrain-gpt2 uses GPT2BPETokenizer"
+            )
+        }
+    }
     let ds = a.train.ds.config()?;
     let (engine_cfg, batch) = engine_config(&a.train, ds.as_ref(), layout.dp)?;
     if a.save_hf.is_some() && layout.tp > 1 {
@@ -321,7 +317,13 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         _ => None,
     };
     let peak = sh.gemm_peak;
-    let fpt = flops_per_token(cfg, a.seq_length);
+    let fpt = crate::training::flops_per_token(
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.ffn_hidden_size,
+        cfg.padded_vocab_size(1),
+        a.seq_length,
+    );
     let tokens_per_iter = (sh.batch.train_batch_size * a.seq_length) as f64;
     let base = json!({
         "world_size": ctx.topo.world_size(), "tp": ctx.topo.tp, "pp": ctx.topo.pp, "dp": dp_size,

@@ -207,6 +207,14 @@ pub fn engine_config(
     Ok((c, batch))
 }
 
+/// FLOPs per token of a transformer, forward + backward: 6N + 12 L T C (N = matmul parameters,
+/// the LM head included; the PaLM/nanoGPT convention).
+pub fn flops_per_token(layers: usize, hidden: usize, ffn: usize, vocab: usize, seq: usize) -> f64 {
+    let (h, l, f) = (hidden as f64, layers as f64, ffn as f64);
+    let n = l * (4.0 * h * h + 2.0 * h * f) + vocab as f64 * h;
+    6.0 * n + 12.0 * l * seq as f64 * h
+}
+
 /// How the loop runs.
 pub struct LoopSpec<'a> {
     pub train_iters: u64,
