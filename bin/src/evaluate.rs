@@ -9,6 +9,10 @@ use std::path::PathBuf;
 pub enum Task {
     /// Mean next-token cross entropy over --text or --text-file.
     Loss,
+    /// LAMBADA last-word accuracy over --valid-data (jsonl with "text").
+    Lambada,
+    /// WikiText-103 perplexity over --valid-data with --overlapping-eval windows.
+    Wikitext103,
 }
 
 #[derive(Args, Debug)]
@@ -25,12 +29,130 @@ pub struct EvaluateArgs {
     /// A file whose whole content is scored.
     #[arg(long)]
     pub text_file: Option<PathBuf>,
+    /// LAMBADA (jsonl, one {"text": ...} per line) or WikiText-103 (raw text) file.
+    #[arg(long)]
+    pub valid_data: Option<PathBuf>,
+    /// LAMBADA: the target is the whole last word, tokenized on its own (Megatron's --strict-lambada);
+    /// otherwise the last token of the tokenized text.
+    #[arg(long)]
+    pub strict_lambada: bool,
+    /// WikiText-103: new tokens scored per window (Megatron's --overlapping-eval; default: the sequence length).
+    #[arg(long)]
+    pub overlapping_eval: Option<usize>,
+    /// Window length (default: the model's max positions).
+    #[arg(long)]
+    pub seq_length: Option<usize>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: EvaluateArgs) -> Result<()> {
+    match a.task {
+        Task::Loss => loss(a),
+        Task::Lambada | Task::Wikitext103 => zero_shot(a),
+    }
+}
+
+/// Megatron's LAMBADA examples: (context, target) token lists.
+fn lambada_examples(
+    text: &str,
+    path: &std::path::Path,
+    tok: &zoo::tokenizer::Tokenizer,
+    strict: bool,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+        let t = v["text"].as_str().with_context(|| {
+            format!("{} line {}: no string field `text`", path.display(), i + 1)
+        })?;
+        if strict {
+            let last = t.split_whitespace().last().unwrap_or("");
+            let start = t.rfind(last).unwrap_or(t.len());
+            out.push((
+                tok.encode(t[..start].trim(), false)?,
+                tok.encode(&format!(" {last}"), false)?,
+            ));
+        } else {
+            let mut ids = tok.encode(t, false)?;
+            let Some(last) = ids.pop() else {
+                bail!("{} line {}: empty text", path.display(), i + 1)
+            };
+            out.push((ids, vec![last]));
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no examples", path.display())
+    }
+    Ok(out)
+}
+
+fn zero_shot(a: EvaluateArgs) -> Result<()> {
+    let layout = a.layout.layout()?;
+    let Some(path) = &a.valid_data else {
+        bail!("--task {:?} needs --valid-data FILE", a.task)
+    };
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --valid-data {}", path.display()))?;
+    let dir = crate::models::gpt2_dir(&a.model)?;
+    let task = a.task;
+    let Some(v) = crate::launch::launch(&layout, |ctx| {
+        let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+        let dp = ctx.dp()?;
+        Ok(match task {
+            Task::Lambada => {
+                let ex = lambada_examples(&raw, path, &tok, a.strict_lambada)?;
+                let r = zoo::evaluation::lambada_accuracy(&model, &ex, dp.as_ref())?;
+                eprintln!(
+                    "lambada: accuracy {:.4} ({} / {})",
+                    r.accuracy, r.correct, r.total
+                );
+                serde_json::to_value(&r)?
+            }
+            _ => {
+                let text = zoo::evaluation::wikitext_detokenize(&raw);
+                let ids = tok.encode(&text, false)?;
+                let seq = a.seq_length.unwrap_or(model.config.max_position_embeddings);
+                let overlap = a.overlapping_eval.unwrap_or(seq);
+                let r = zoo::evaluation::wikitext_perplexity(
+                    &model,
+                    &text,
+                    &ids,
+                    seq,
+                    overlap,
+                    dp.as_ref(),
+                )?;
+                eprintln!(
+                    "wikitext103: loss {:.6}, perplexity {:.4}, adjusted perplexity {:.4} (token ratio {:.4})",
+                    r.loss, r.perplexity, r.adjusted_perplexity, r.token_ratio
+                );
+                serde_json::to_value(&r)?
+            }
+        })
+    })?
+    else {
+        return Ok(());
+    };
+    let mut v = v;
+    v["task"] = json!(match task {
+        Task::Lambada => "lambada",
+        _ => "wikitext103",
+    });
+    if a.json {
+        print_json(v, &layout);
+    } else {
+        println!("{v}");
+    }
+    Ok(())
+}
+
+fn loss(a: EvaluateArgs) -> Result<()> {
     let layout = a.layout.layout()?;
     let text = match (&a.text, &a.text_file) {
         (Some(t), None) => t.clone(),
@@ -39,36 +161,32 @@ pub fn run(a: EvaluateArgs) -> Result<()> {
         (Some(_), Some(_)) => bail!("give either --text or --text-file, not both"),
         (None, None) => bail!("--task loss needs --text or --text-file"),
     };
-    match a.task {
-        Task::Loss => {
-            let dir = crate::models::gpt2_dir(&a.model)?;
-            let Some(r) = crate::launch::launch(&layout, |ctx| {
-                let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
-                let ids = tok.encode(&text, false)?;
-                Ok(zoo::evaluation::lm_loss_dp(
-                    &model,
-                    &ids,
-                    ctx.dp()?.as_ref(),
-                )?)
-            })?
-            else {
-                return Ok(());
-            };
-            eprintln!(
-                "evaluate: loss {:.6} (ppl {:.3}) over {} tokens",
-                r.loss, r.perplexity, r.tokens
-            );
-            if a.json {
-                let mut v = serde_json::to_value(&r)?;
-                v["task"] = json!("loss");
-                print_json(v, &layout);
-            } else {
-                println!(
-                    "loss {:.6} perplexity {:.4} tokens {}",
-                    r.loss, r.perplexity, r.tokens
-                );
-            }
-        }
+    let dir = crate::models::gpt2_dir(&a.model)?;
+    let Some(r) = crate::launch::launch(&layout, |ctx| {
+        let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+        let ids = tok.encode(&text, false)?;
+        Ok(zoo::evaluation::lm_loss_dp(
+            &model,
+            &ids,
+            ctx.dp()?.as_ref(),
+        )?)
+    })?
+    else {
+        return Ok(());
+    };
+    eprintln!(
+        "evaluate: loss {:.6} (ppl {:.3}) over {} tokens",
+        r.loss, r.perplexity, r.tokens
+    );
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["task"] = json!("loss");
+        print_json(v, &layout);
+    } else {
+        println!(
+            "loss {:.6} perplexity {:.4} tokens {}",
+            r.loss, r.perplexity, r.tokens
+        );
     }
     Ok(())
 }
