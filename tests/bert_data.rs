@@ -246,4 +246,13 @@ fn pretrain_bert_from_text_and_from_a_sentence_dataset() {
         "{v}"
     );
     assert!(v["valid_loss"].as_f64().is_some());
+    // fp16 parameters with dynamic loss scaling train too.
+    let mut args = common.to_vec();
+    args.extend(["--fp16", "--world-size", "2", "--zero-stage", "2"]);
+    let v = deepscale(&args);
+    assert!(
+        v["final_loss"].as_f64().unwrap().is_finite()
+            && v["final_loss"].as_f64() < v["initial_loss"].as_f64(),
+        "{v}"
+    );
 }

@@ -99,6 +99,7 @@ struct Shared {
     gas: usize,
     global: usize,
     gemm_peak: f64,
+    dtype: DType,
 }
 
 pub fn run(a: PretrainBertArgs) -> Result<()> {
@@ -109,9 +110,6 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
     let (engine, batch) = engine_config(t, ds.as_ref(), layout.dp)?;
     for n in t.ds.notes() {
         eprintln!("note: {n}");
-    }
-    if engine.fp16.is_some() {
-        bail!("not supported: fp16 for pretrain-bert yet, because its masked-LM head is only checked in fp32 (drop --fp16 or the config's fp16 section)")
     }
     let vocab = a
         .vocab_file
@@ -186,6 +184,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
             cfg.max_position_embeddings
         )
     }
+    let engine_fp16 = engine.fp16.is_some();
     let sh = Shared {
         train,
         valid,
@@ -195,6 +194,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         gas: batch.accumulation,
         global: gb,
         gemm_peak: gemm_peak(&Device::Cpu)?,
+        dtype: if engine_fp16 { DType::F16 } else { DType::F32 },
     };
     let Some(s) = launch(&layout, |ctx| train_rank(&a, &sh, &ctx))? else {
         return Ok(());
@@ -268,7 +268,7 @@ fn train_rank(
     let src = RandomInit { seed: t.seed };
     let model = Bert::new(
         &sh.cfg,
-        &ParamBuilder::new(&src, &device, DType::F32).with_tp(tp.clone()),
+        &ParamBuilder::new(&src, &device, sh.dtype).with_tp(tp.clone()),
     )?;
     let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
     let max_state = engine.max_state_bytes()?;
@@ -306,7 +306,7 @@ fn train_rank(
             "BERT {}L/{}H, tp {} x dp {dp_size}, ZeRO-{}",
             sh.cfg.num_hidden_layers, sh.cfg.hidden_size, ctx.topo.tp, sh.engine.zero_stage
         ),
-        fp16: false,
+        fp16: sh.engine.fp16.is_some(),
     };
     let model = &model;
     let micro_batches = |iter: u64| -> Result<Vec<_>> {
