@@ -4,7 +4,7 @@ use crate::engine::GradLookup;
 use crate::parameter::Param;
 use candle_core::{Result, Tensor, Var};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     pub lr: f64,
     pub beta1: f64,

@@ -361,6 +361,18 @@ impl EngineConfig {
     }
 }
 
+/// The engine's own counters and loss scaler: what a checkpoint needs besides parameters and
+/// optimizer state to continue exactly.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineState {
+    /// Optimizer steps attempted (skipped ones included).
+    pub iteration: u64,
+    /// Updates applied (the LR schedule's and Adam's step count).
+    pub updates: u64,
+    pub skipped: u64,
+    pub loss_scaler: LossScaler,
+}
+
 /// The outcome of one optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -467,6 +479,49 @@ impl<'m> Engine<'m> {
 
     pub fn optimizer(&self) -> &ZeroOptimizer {
         &self.zero
+    }
+
+    /// The data-parallel group (None at dp = 1).
+    pub fn dp_group(&self) -> Option<&ProcessGroup> {
+        self.dp.as_ref()
+    }
+
+    /// The tensor-parallel group (None at tp = 1).
+    pub fn tp_group(&self) -> Option<&ProcessGroup> {
+        self.tp.as_ref()
+    }
+
+    pub fn state(&self) -> EngineState {
+        EngineState {
+            iteration: self.iteration,
+            updates: self.updates,
+            skipped: self.skipped,
+            loss_scaler: self.scaler.clone(),
+        }
+    }
+
+    /// Continues from `state`; `optimizer(param)` gives each parameter's whole local Adam state
+    /// (m, v; flattened), None to start it at zero. Parameters must already hold their values.
+    pub fn restore(
+        &mut self,
+        state: &EngineState,
+        optimizer: impl FnMut(&crate::parameter::Param) -> Result<Option<(Vec<f32>, Vec<f32>)>>,
+    ) -> Result<()> {
+        self.zero.load_state(state.updates, optimizer)?;
+        self.iteration = state.iteration;
+        self.updates = state.updates;
+        self.skipped = state.skipped;
+        self.scaler = state.loss_scaler.clone();
+        self.micro_step = 0;
+        Ok(())
+    }
+
+    /// Waits for every rank of the data x tensor grid.
+    pub fn barrier(&self) -> Result<()> {
+        for g in [&self.dp, &self.tp].into_iter().flatten() {
+            g.comm.barrier(&g.group)?;
+        }
+        Ok(())
     }
 
     /// Forward and backward of one micro-batch (training mode, loss scaled), gradients accumulated

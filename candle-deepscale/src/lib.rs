@@ -7,6 +7,7 @@
 pub mod activation_checkpointing;
 pub mod adamw;
 pub mod attention;
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cpu_adam;

@@ -6,7 +6,7 @@
 //! hysteresis budget is restored). Static: a fixed scale; an overflow still skips the step.
 use crate::config::Fp16Config;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossScaler {
     pub cur_scale: f64,
     dynamic: bool,

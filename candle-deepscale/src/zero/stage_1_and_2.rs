@@ -40,6 +40,16 @@ impl StateBytes {
     }
 }
 
+/// One stretch of a parameter's optimizer state held by this rank.
+pub struct OptimizerRun<'a> {
+    pub param: &'a Param,
+    /// Offset within the parameter's flattened local tensor.
+    pub offset: usize,
+    pub exp_avg: &'a [f32],
+    pub exp_avg_sq: &'a [f32],
+    pub master: Option<&'a [f32]>,
+}
+
 pub struct ZeroOptimizer {
     stage: u8,
     layout: FlatLayout,
@@ -334,6 +344,67 @@ impl ZeroOptimizer {
                 write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
             }
         }
+        Ok(())
+    }
+
+    /// This rank's optimizer state, run by run: the parameter, the offset of the run within the
+    /// parameter (flattened local tensor), and Adam's m, v and the fp32 master values of the run.
+    pub fn state_runs(&self) -> Vec<OptimizerRun<'_>> {
+        self.layout
+            .runs
+            .iter()
+            .map(|r| {
+                let at = self.layout.buckets[r.bucket].part_offset + r.piece_offset;
+                OptimizerRun {
+                    param: &self.params[r.param],
+                    offset: r.param_offset,
+                    exp_avg: &self.exp_avg[at..at + r.len],
+                    exp_avg_sq: &self.exp_avg_sq[at..at + r.len],
+                    master: self.master.as_ref().map(|m| &m[at..at + r.len]),
+                }
+            })
+            .collect()
+    }
+
+    /// Restores the optimizer state: `state(param)` gives the whole local (m, v) of a parameter,
+    /// flattened, or None to leave it at zero; `step` is the number of updates taken. The fp32
+    /// master copy (half parameters) is re-read from the parameters, which must be loaded first.
+    pub fn load_state(
+        &mut self,
+        step: u64,
+        mut state: impl FnMut(&Param) -> Result<Option<(Vec<f32>, Vec<f32>)>>,
+    ) -> Result<()> {
+        let mut cache: HashMap<usize, Option<(Vec<f32>, Vec<f32>)>> = HashMap::new();
+        for r in &self.layout.runs {
+            let p = &self.params[r.param];
+            if !cache.contains_key(&r.param) {
+                let s = state(p)?;
+                if let Some((m, v)) = &s {
+                    let n = p.tensor().elem_count();
+                    if m.len() != n || v.len() != n {
+                        bail!(
+                            "optimizer state of `{}`: {} / {} values for {n} elements",
+                            p.meta.name,
+                            m.len(),
+                            v.len()
+                        )
+                    }
+                }
+                cache.insert(r.param, s);
+            }
+            let at = self.layout.buckets[r.bucket].part_offset + r.piece_offset;
+            let src = r.param_offset..r.param_offset + r.len;
+            if let Some(Some((m, v))) = cache.get(&r.param) {
+                self.exp_avg[at..at + r.len].copy_from_slice(&m[src.clone()]);
+                self.exp_avg_sq[at..at + r.len].copy_from_slice(&v[src.clone()]);
+            }
+            if let Some(master) = &mut self.master {
+                with_f32(p.tensor(), |v| {
+                    master[at..at + r.len].copy_from_slice(&v[src])
+                })?;
+            }
+        }
+        self.step = step;
         Ok(())
     }
 
