@@ -12,6 +12,7 @@ use crate::adamw::AdamWConfig;
 use crate::engine::{Engine, EngineState};
 use crate::lr_schedules::LrSchedule;
 use crate::parameter::{Init, ParamMeta, ParamSource, Partition, Shard};
+use crate::zero::AdamState;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -179,6 +180,9 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Optimizer keys by (kind, parameter): (tensor-parallel rank, offset, key).
+type OptimKeys = HashMap<(String, String), Vec<(usize, usize, String)>>;
+
 /// A checkpoint opened for loading.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -186,7 +190,7 @@ pub struct Checkpoint {
     files: MmapedSafetensors,
     meta: HashMap<String, ParamMeta>,
     /// Optimizer keys by (kind, parameter): (tp rank, offset, key).
-    optim: HashMap<(String, String), Vec<(usize, usize, String)>>,
+    optim: OptimKeys,
 }
 
 /// True when `dir` is a native checkpoint (a save directory with `latest`, or a tag).
@@ -235,7 +239,7 @@ impl Checkpoint {
         // SAFETY: read-only maps of files this process does not modify while loading.
         let files = unsafe { MmapedSafetensors::multi(&paths) }
             .map_err(|e| candle_core::Error::Msg(format!("checkpoint {}: {e}", dir.display())))?;
-        let mut optim: HashMap<(String, String), Vec<(usize, usize, String)>> = HashMap::new();
+        let mut optim = OptimKeys::new();
         for (key, _) in files.tensors() {
             // optim/<kind>/tp<rank>/<name>@<offset>
             let parsed = key.strip_prefix("optim/").and_then(|rest| {
@@ -384,7 +388,7 @@ impl Checkpoint {
         &self,
         meta: &ParamMeta,
         shard: Option<Shard>,
-    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    ) -> Result<Option<AdamState>> {
         let (Some(m), Some(v)) = (
             self.optimizer_logical("exp_avg", &meta.name)?,
             self.optimizer_logical("exp_avg_sq", &meta.name)?,

@@ -505,7 +505,7 @@ impl<'m> Engine<'m> {
     pub fn restore(
         &mut self,
         state: &EngineState,
-        optimizer: impl FnMut(&crate::parameter::Param) -> Result<Option<(Vec<f32>, Vec<f32>)>>,
+        optimizer: impl FnMut(&crate::parameter::Param) -> Result<Option<crate::zero::AdamState>>,
     ) -> Result<()> {
         self.zero.load_state(state.updates, optimizer)?;
         self.iteration = state.iteration;

@@ -5,4 +5,4 @@ pub mod partition;
 pub mod stage_1_and_2;
 
 pub use partition::FlatLayout;
-pub use stage_1_and_2::{OptimizerRun, StateBytes, ZeroOptimizer};
+pub use stage_1_and_2::{AdamState, OptimizerRun, StateBytes, ZeroOptimizer};

@@ -40,6 +40,9 @@ impl StateBytes {
     }
 }
 
+/// A parameter's whole local Adam state (m, v), flattened.
+pub type AdamState = (Vec<f32>, Vec<f32>);
+
 /// One stretch of a parameter's optimizer state held by this rank.
 pub struct OptimizerRun<'a> {
     pub param: &'a Param,
@@ -372,12 +375,12 @@ impl ZeroOptimizer {
     pub fn load_state(
         &mut self,
         step: u64,
-        mut state: impl FnMut(&Param) -> Result<Option<(Vec<f32>, Vec<f32>)>>,
+        mut state: impl FnMut(&Param) -> Result<Option<AdamState>>,
     ) -> Result<()> {
-        let mut cache: HashMap<usize, Option<(Vec<f32>, Vec<f32>)>> = HashMap::new();
+        let mut cache: HashMap<usize, Option<AdamState>> = HashMap::new();
         for r in &self.layout.runs {
             let p = &self.params[r.param];
-            if !cache.contains_key(&r.param) {
+            if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(r.param) {
                 let s = state(p)?;
                 if let Some((m, v)) = &s {
                     let n = p.tensor().elem_count();
@@ -390,7 +393,7 @@ impl ZeroOptimizer {
                         )
                     }
                 }
-                cache.insert(r.param, s);
+                e.insert(s);
             }
             let at = self.layout.buckets[r.bucket].part_offset + r.piece_offset;
             let src = r.param_offset..r.param_offset + r.len;
