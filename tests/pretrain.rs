@@ -277,12 +277,8 @@ fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
 fn unsupported_seed_script_flags_are_refused_with_a_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m.jsonl");
-    let dir = tmp.path().to_str().unwrap();
     let base = tiny("1", &m);
     for (extra, flag) in [
-        (vec!["--save", dir], "--save"),
-        (vec!["--save-interval", "10"], "--save"),
-        (vec!["--load", dir], "--load"),
         (vec!["--scattered-embeddings"], "--scattered-embeddings"),
         (vec!["--split-transformers"], "--split-transformers"),
         (
@@ -297,4 +293,111 @@ fn unsupported_seed_script_flags_are_refused_with_a_reason() {
     ] {
         fails_with(&run(&base, &extra), &["not supported", flag, "because"]);
     }
+}
+
+#[test]
+fn save_then_load_continues_bit_exactly_and_other_commands_load_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let (m_whole, m_resumed) = (
+        tmp.path().join("whole.jsonl"),
+        tmp.path().join("resumed.jsonl"),
+    );
+    let layout = [
+        "--world-size",
+        "2",
+        "--zero-stage",
+        "2",
+        "--lr-decay-iters",
+        "6",
+    ];
+    // Dropout on: the resumed run must draw the same masks.
+    let tiny = |iters: &str, m: &Path| -> Vec<String> {
+        let mut v = tiny(iters, m);
+        let at = v.iter().position(|a| a == "--hidden-dropout").unwrap();
+        v[at + 1] = "0.1".into();
+        v
+    };
+    let mut whole = layout.to_vec();
+    whole.extend(["--train-iters", "6"]);
+    let mut args = tiny("6", &m_whole);
+    args.retain(|a| a != "--train-iters" && a != "6");
+    ok(&run(&args, &whole));
+    // Interrupted after 3 of 6 iterations, then resumed from the checkpoint.
+    let mut first = layout.to_vec();
+    first.extend([
+        "--train-iters",
+        "3",
+        "--save",
+        ck.to_str().unwrap(),
+        "--save-interval",
+        "2",
+        "--keep-last",
+        "1",
+    ]);
+    let scratch = tmp.path().join("scratch.jsonl");
+    let mut args = tiny("3", &scratch);
+    args.retain(|a| a != "--train-iters" && a != "3");
+    ok(&run(&args, &first));
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap(),
+        "global_step3"
+    );
+    assert!(
+        !ck.join("global_step2").exists(),
+        "--keep-last 1 pruned the older tag"
+    );
+    let mut second = layout.to_vec();
+    second.extend(["--train-iters", "6", "--load", ck.to_str().unwrap()]);
+    let mut args = tiny("6", &m_resumed);
+    args.retain(|a| a != "--train-iters" && a != "6");
+    let stderr = ok(&run(&args, &second));
+    assert!(stderr.contains("loaded"), "{stderr}");
+    let (a, b) = (metrics(&m_whole), metrics(&m_resumed));
+    assert_eq!(b.len(), 3);
+    for (x, y) in a[3..].iter().zip(&b) {
+        assert_eq!(x["iteration"], y["iteration"]);
+        assert_eq!(x["loss"], y["loss"], "resumed losses are bit-identical");
+    }
+    // generate and evaluate take the checkpoint at another layout.
+    let g = deepscale(&[
+        "generate",
+        "--load",
+        ck.to_str().unwrap(),
+        "--prompt",
+        "This License",
+        "--greedy",
+        "--out-seq-length",
+        "4",
+        "--world-size",
+        "2",
+        "--model-parallel-size",
+        "2",
+        "--json",
+    ]);
+    let out = String::from_utf8_lossy(&g.stdout).to_string();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+    let e = deepscale(&[
+        "evaluate",
+        "--task",
+        "loss",
+        "--load",
+        ck.to_str().unwrap(),
+        "--text",
+        "This License is free.",
+        "--json",
+    ]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    fails_with(
+        &deepscale(&[
+            "generate",
+            "--load",
+            tmp.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        &["not a DeepScale checkpoint"],
+    );
 }

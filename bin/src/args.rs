@@ -13,6 +13,10 @@ pub struct ModelArgs {
     /// Hugging Face Hub repository NAME[@REVISION] (cached by hf-hub; HF_HUB_OFFLINE=1 reads the cache only).
     #[arg(long)]
     pub hf_repo: Option<String>,
+    /// A native DeepScale checkpoint (a --save directory or one of its tags); it carries the model
+    /// config and tokenizer and loads at any layout.
+    #[arg(long)]
+    pub load: Option<PathBuf>,
 }
 
 /// The process grid: in-process ranks, tensor and pipeline parallel sizes.

@@ -64,7 +64,7 @@ pub struct DeepSpeedArgs {
     /// nccl, gloo or mpi (ranks are in-process threads, or MPI processes under mpirun).
     #[arg(long)]
     pub distributed_backend: Option<String>,
-    /// Do not restore optimizer state from --load.
+    /// With --load: start Adam's state afresh (parameters, counters and scaler are still loaded).
     #[arg(long)]
     pub no_load_optim: bool,
     /// Megatron's lazy loader for loose JSON (the data file is streamed and tokenized once).
@@ -84,11 +84,12 @@ pub struct DeepSpeedArgs {
     /// Save native checkpoints here.
     #[arg(long)]
     pub save: Option<PathBuf>,
-    /// Resume from a native checkpoint.
-    #[arg(long)]
-    pub load: Option<PathBuf>,
+    /// Save every this many iterations (and at the end).
     #[arg(long)]
     pub save_interval: Option<u64>,
+    /// Keep only the newest N checkpoints under --save.
+    #[arg(long)]
+    pub keep_last: Option<usize>,
 }
 
 fn agree<T: PartialEq + std::fmt::Display + Copy>(
@@ -114,16 +115,9 @@ impl DeepSpeedArgs {
             }
             Ok(())
         };
-        refuse(
-            self.save.is_some() || self.save_interval.is_some(),
-            "--save/--save-interval",
-            "native checkpoints are not implemented yet (use --save-hf to export the trained model)",
-        )?;
-        refuse(
-            self.load.is_some(),
-            "--load",
-            "native checkpoints are not implemented yet (use --hf-dir to start from HF weights)",
-        )?;
+        if self.save_interval.is_some() && self.save.is_none() {
+            bail!("--save-interval needs --save DIR")
+        }
         refuse(
             self.scattered_embeddings || self.split_transformers,
             "--scattered-embeddings/--split-transformers",
@@ -228,10 +222,6 @@ impl DeepSpeedArgs {
         note(
             self.synchronize_each_layer,
             "--synchronize-each-layer: CPU work is synchronous at every layer",
-        );
-        note(
-            self.no_load_optim,
-            "--no-load-optim: nothing is loaded without --load",
         );
         note(
             self.cpu_optimizer,

@@ -54,6 +54,9 @@ pub struct PretrainBertArgs {
     /// Masked LM only: one segment, no binary head.
     #[arg(long)]
     pub bert_no_binary_head: bool,
+    /// Continue from a native checkpoint (model config, tokenizer, parameters, optimizer).
+    #[arg(long)]
+    pub load: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainingArgs,
 }
@@ -100,6 +103,8 @@ struct Shared {
     global: usize,
     gemm_peak: f64,
     dtype: DType,
+    tok: Tokenizer,
+    ckpt: Option<candle_deepscale::checkpoint::Checkpoint>,
 }
 
 pub fn run(a: PretrainBertArgs) -> Result<()> {
@@ -108,6 +113,9 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
     t.ds.refuse_unsupported()?;
     let ds = t.ds.config()?;
     let (engine, batch) = engine_config(t, ds.as_ref(), layout.dp)?;
+    if t.ds.no_load_optim && a.load.is_none() {
+        eprintln!("note: --no-load-optim: nothing is loaded without --load");
+    }
     for n in t.ds.notes() {
         eprintln!("note: {n}");
     }
@@ -115,13 +123,24 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         .vocab_file
         .clone()
         .unwrap_or_else(|| assets_dir().join("bert/bert-uncased-vocab.txt"));
+    let ckpt = match &a.load {
+        Some(d) => Some(
+            candle_deepscale::checkpoint::Checkpoint::open(d)
+                .with_context(|| format!("--load {}", d.display()))?,
+        ),
+        None => None,
+    };
     // --tokenizer-type (a seed-script flag, shared with pretrain-gpt2): BERT's WordPiece here.
     let tok = match t.ds.tokenizer_type.as_deref().unwrap_or("BertWordPieceLowerCase") {
         "BertWordPieceLowerCase" => Tokenizer::bert_wordpiece(&vocab, true),
         "BertWordPieceCase" => Tokenizer::bert_wordpiece(&vocab, false),
         other => bail!("--tokenizer-type {other}: pretrain-bert takes BertWordPieceLowerCase or BertWordPieceCase"),
     }
-    .with_context(|| format!("loading the BERT vocabulary {}", vocab.display()))?;
+    .with_context(|| format!("loading the BERT vocabulary {}", vocab.display()));
+    let tok = match &ckpt {
+        Some(c) => Tokenizer::from_json(&c.dir.join("tokenizer.json"))?,
+        None => tok?,
+    };
     let special = Special::from_tokenizer(&tok)?;
     let docs = documents(&a, &tok)?;
     let [train_r, valid_r, _] = split_ranges(docs.num_documents(), &t.split)?;
@@ -161,21 +180,37 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         train.len(),
         valid.as_ref().map_or(0, |v| v.len())
     );
-    let cfg = bert::Config {
-        hidden_dropout_prob: t.hidden_dropout,
-        attention_probs_dropout_prob: t.attention_dropout,
-        max_position_embeddings: a.max_position_embeddings,
-        make_vocab_size_divisible_by: a.make_vocab_size_divisible_by,
-        pre_layer_norm: true,
-        add_pooler: !a.bert_no_binary_head,
-        add_lm_head: true,
-        add_binary_head: !a.bert_no_binary_head,
-        ..bert::Config::new(
-            a.num_layers,
-            a.hidden_size,
-            a.num_attention_heads,
-            tok.vocab_size(),
-        )
+    let cfg = match &ckpt {
+        Some(c) => {
+            if c.manifest.model["type"] != "bert" {
+                bail!(
+                    "--load {}: a {} checkpoint, not BERT",
+                    c.dir.display(),
+                    c.manifest.model["type"]
+                )
+            }
+            let mut cfg: bert::Config = serde_json::from_value(c.manifest.model["config"].clone())
+                .with_context(|| format!("--load {}: model config", c.dir.display()))?;
+            cfg.hidden_dropout_prob = t.hidden_dropout;
+            cfg.attention_probs_dropout_prob = t.attention_dropout;
+            cfg
+        }
+        None => bert::Config {
+            hidden_dropout_prob: t.hidden_dropout,
+            attention_probs_dropout_prob: t.attention_dropout,
+            max_position_embeddings: a.max_position_embeddings,
+            make_vocab_size_divisible_by: a.make_vocab_size_divisible_by,
+            pre_layer_norm: true,
+            add_pooler: !a.bert_no_binary_head,
+            add_lm_head: true,
+            add_binary_head: !a.bert_no_binary_head,
+            ..bert::Config::new(
+                a.num_layers,
+                a.hidden_size,
+                a.num_attention_heads,
+                tok.vocab_size(),
+            )
+        },
     };
     if a.seq_length > cfg.max_position_embeddings {
         bail!(
@@ -195,6 +230,8 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         global: gb,
         gemm_peak: gemm_peak(&Device::Cpu)?,
         dtype: if engine_fp16 { DType::F16 } else { DType::F32 },
+        tok,
+        ckpt,
     };
     let Some(s) = launch(&layout, |ctx| train_rank(&a, &sh, &ctx))? else {
         return Ok(());
@@ -265,12 +302,19 @@ fn train_rank(
     let root = ctx.is_root();
     let (tp, dp) = (ctx.tp()?, ctx.dp()?);
     let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
-    let src = RandomInit { seed: t.seed };
+    let init = RandomInit { seed: t.seed };
+    let src: &dyn candle_deepscale::parameter::ParamSource = match &sh.ckpt {
+        Some(c) => c,
+        None => &init,
+    };
     let model = Bert::new(
         &sh.cfg,
-        &ParamBuilder::new(&src, &device, sh.dtype).with_tp(tp.clone()),
+        &ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone()),
     )?;
     let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
+    if let Some(c) = &sh.ckpt {
+        c.restore(&mut engine, !t.ds.no_load_optim)?;
+    }
     let max_state = engine.max_state_bytes()?;
     let (micro, gas) = (sh.micro, sh.gas);
     if root {
@@ -286,6 +330,7 @@ fn train_rank(
         _ => None,
     };
     let spec = LoopSpec {
+        start_iter: engine.iteration(),
         train_iters: t.train_iters,
         log_interval: t.log_interval,
         eval_interval: t.eval_interval,
@@ -330,6 +375,15 @@ fn train_rank(
         }
         Ok(Some(engine.dp_mean(sum / n as f64)?))
     };
-    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval)?;
+    let saver = crate::training::Saver {
+        args: t,
+        model: json!({"type": "bert", "config": sh.cfg}),
+        tokenizer: Some(sh.tok.to_json()?.into_bytes()),
+        global_batch: sh.global,
+        root,
+    };
+    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
+        saver.after(e, i)
+    })?;
     Ok((r.first_loss, r.last_loss, r.last_valid, max_state))
 }

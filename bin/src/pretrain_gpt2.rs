@@ -120,6 +120,8 @@ struct Shared {
     valid: Option<Samples>,
     cfg: gpt2::Config,
     hf_dir: Option<PathBuf>,
+    /// `--load`: parameters, optimizer and counters come from here.
+    ckpt: Option<candle_deepscale::checkpoint::Checkpoint>,
     engine: EngineConfig,
     batch: BatchSizes,
     dtype: DType,
@@ -160,6 +162,9 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     if a.seq_length == 0 || a.train.train_iters == 0 {
         bail!("--seq-length and --train-iters must be positive")
     }
+    if a.train.ds.no_load_optim && a.model.load.is_none() {
+        eprintln!("note: --no-load-optim: nothing is loaded without --load");
+    }
     for n in a.train.ds.notes() {
         eprintln!("note: {n}");
     }
@@ -186,6 +191,19 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         .merge_file
         .clone()
         .unwrap_or_else(|| assets.join("gpt2/gpt2-merges.txt"));
+    let ckpt = match &a.model.load {
+        Some(dir) if a.model.hf_dir.is_some() || a.model.hf_repo.is_some() => {
+            bail!(
+                "give --load {} or --hf-dir/--hf-repo, not both",
+                dir.display()
+            )
+        }
+        Some(dir) => Some(
+            candle_deepscale::checkpoint::Checkpoint::open(dir)
+                .with_context(|| format!("--load {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let hf_dir = match (&a.model.hf_dir, &a.model.hf_repo) {
         (None, None) => None,
         (d, r) => Some(zoo::hub::resolve(d.as_deref(), r.as_deref())?),
@@ -193,21 +211,37 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     if hf_dir.is_some() && dtype != DType::F32 {
         bail!("not supported: --fp16 with --hf-dir, because HF weights are loaded in fp32 (drop --fp16)")
     }
-    let tok = match &hf_dir {
-        Some(d) => Tokenizer::from_dir(d)?,
-        None => Tokenizer::gpt2_bpe(&vocab, &merges)
+    let tok = match (&hf_dir, &ckpt) {
+        (Some(d), _) => Tokenizer::from_dir(d)?,
+        (_, Some(c)) => Tokenizer::from_json(&c.dir.join("tokenizer.json"))?,
+        (None, None) => Tokenizer::gpt2_bpe(&vocab, &merges)
             .context("loading the GPT-2 tokenizer (--vocab-file, --merge-file)")?,
     };
 
     let (train, valid) = load_data(&a, &tok, &assets, &batch)?;
-    let cfg = match &hf_dir {
-        Some(d) => {
+    let cfg = match (&hf_dir, &ckpt) {
+        (_, Some(c)) => {
+            let m = &c.manifest.model;
+            if m["type"] != "gpt2" {
+                bail!(
+                    "--load {}: a {} checkpoint, not GPT-2",
+                    c.dir.display(),
+                    m["type"]
+                )
+            }
+            let mut cfg: gpt2::Config = serde_json::from_value(m["config"].clone())
+                .with_context(|| format!("--load {}: model config", c.dir.display()))?;
+            cfg.hidden_dropout = a.train.hidden_dropout;
+            cfg.attention_dropout = a.train.attention_dropout;
+            cfg
+        }
+        (Some(d), None) => {
             let mut c = gpt2::Config::from_hf_json(&d.join("config.json"))?;
             c.hidden_dropout = a.train.hidden_dropout;
             c.attention_dropout = a.train.attention_dropout;
             c
         }
-        None => gpt2::Config {
+        (None, None) => gpt2::Config {
             num_layers: a.num_layers,
             hidden_size: a.hidden_size,
             num_attention_heads: a.num_attention_heads,
@@ -236,6 +270,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         valid,
         cfg,
         hf_dir,
+        ckpt,
         engine: engine_cfg,
         batch,
         dtype,
@@ -279,16 +314,38 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
             .0
         }
         None => {
-            let src = RandomInit { seed: a.train.seed };
+            let init = RandomInit { seed: a.train.seed };
+            let src: &dyn candle_deepscale::parameter::ParamSource = match &sh.ckpt {
+                Some(c) => c,
+                None => &init,
+            };
             Gpt2::new(
                 &sh.cfg,
-                &ParamBuilder::new(&src, &device, sh.dtype).with_tp(tp.clone()),
+                &ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone()),
             )?
         }
     };
     let cfg = &model.config;
     let n_params: usize = model.parameters().iter().map(|p| p.meta.numel()).sum();
     let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
+    if let Some(c) = &sh.ckpt {
+        c.restore(&mut engine, !a.train.ds.no_load_optim)?;
+        if root {
+            eprintln!(
+                "loaded {} (iteration {}, saved at tp {} x dp {}, ZeRO-{}){}",
+                c.dir.display(),
+                c.manifest.iteration,
+                c.manifest.tp,
+                c.manifest.dp,
+                c.manifest.zero_stage,
+                if a.train.ds.no_load_optim {
+                    "; optimizer state not loaded"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     let max_state = engine.max_state_bytes()?;
     let (micro, gas) = (sh.batch.micro_batch, sh.batch.accumulation);
     if root {
@@ -340,6 +397,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     };
 
     let spec = LoopSpec {
+        start_iter: engine.iteration(),
         train_iters: a.train.train_iters,
         log_interval: a.train.log_interval,
         eval_interval: a.train.eval_interval,
@@ -371,7 +429,16 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     let eval = |engine: &Engine| -> Result<Option<f64>> {
         sh.valid.as_ref().map(|v| evaluate(engine, v)).transpose()
     };
-    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval)?;
+    let saver = crate::training::Saver {
+        args: &a.train,
+        model: json!({"type": "gpt2", "config": cfg}),
+        tokenizer: Some(sh.tok.to_json()?.into_bytes()),
+        global_batch: sh.batch.train_batch_size,
+        root,
+    };
+    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
+        saver.after(e, i)
+    })?;
     if root {
         if let Some(dir) = &a.save_hf {
             zoo::gpt2::hf::save_hf_dir(&model, &sh.tok, dir)?;

@@ -217,6 +217,8 @@ pub fn flops_per_token(layers: usize, hidden: usize, ffn: usize, vocab: usize, s
 
 /// How the loop runs.
 pub struct LoopSpec<'a> {
+    /// Iterations already done (a resumed run starts after them).
+    pub start_iter: u64,
     pub train_iters: u64,
     pub log_interval: u64,
     pub eval_interval: u64,
@@ -246,13 +248,14 @@ pub struct LoopResult {
 
 /// Runs `spec.train_iters` iterations: `micro_batches(iter)` gives this rank's micro-batches of
 /// iteration `iter` (1-based), `evaluate` the validation loss (mean over the data-parallel group;
-/// None without validation data).
+/// None without validation data), `after_iteration` runs after each (checkpoints).
 pub fn train_loop<'m, F>(
     spec: &LoopSpec,
     engine: &mut Engine<'m>,
     mut metrics: Option<MetricsWriter>,
     mut micro_batches: impl FnMut(u64) -> Result<Vec<(Activations, F)>>,
     mut evaluate: impl FnMut(&Engine<'m>) -> Result<Option<f64>>,
+    mut after_iteration: impl FnMut(&Engine<'m>, u64) -> Result<()>,
 ) -> Result<LoopResult>
 where
     F: FnOnce(&Activations) -> Result<Tensor, candle_core::Error>,
@@ -277,7 +280,8 @@ where
     let mut window_start = Instant::now();
     let (mut window_loss, mut window_n) = (0.0, 0u64);
     let log_every = a.log_interval.max(1);
-    for iter in 1..=a.train_iters {
+    bar.set_position(a.start_iter);
+    for iter in a.start_iter + 1..=a.train_iters {
         let r = engine.train_batch(micro_batches(iter)?)?;
         if !r.loss.is_finite() && !spec.fp16 {
             bail!(
@@ -355,13 +359,14 @@ where
             valid_curve.push((iter, vl));
             last_valid = Some(vl);
         }
+        bar.suspend(|| after_iteration(engine, iter))?;
     }
     bar.finish_and_clear();
     let elapsed = train_start.elapsed().as_secs_f64();
     if a.root {
         eprintln!(
             "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {last_loss:.4}",
-            a.train_iters,
+            a.train_iters - a.start_iter,
             first_loss.unwrap_or(f64::NAN)
         );
     }
@@ -377,4 +382,51 @@ where
         last_valid,
         elapsed,
     })
+}
+
+/// `--save` / `--save-interval` / `--keep-last`: saves after iteration `iter` when it is due (every
+/// interval and at the last iteration).
+pub struct Saver<'a> {
+    pub args: &'a TrainingArgs,
+    pub model: serde_json::Value,
+    pub tokenizer: Option<Vec<u8>>,
+    pub global_batch: usize,
+    pub root: bool,
+}
+
+impl Saver<'_> {
+    pub fn after(&self, engine: &Engine, iter: u64) -> Result<()> {
+        let Some(dir) = &self.args.ds.save else {
+            return Ok(());
+        };
+        let due = self
+            .args
+            .ds
+            .save_interval
+            .is_some_and(|n| n > 0 && iter % n == 0)
+            || iter == self.args.train_iters;
+        if !due {
+            return Ok(());
+        }
+        let tag = candle_deepscale::checkpoint::save(
+            engine,
+            &candle_deepscale::checkpoint::SaveSpec {
+                dir,
+                consumed_samples: iter * self.global_batch as u64,
+                seed: self.args.seed,
+                lr_schedule: engine.config.lr_schedule,
+                model: self.model.clone(),
+                extra_files: self
+                    .tokenizer
+                    .iter()
+                    .map(|t| ("tokenizer.json".to_string(), t.clone()))
+                    .collect(),
+                keep_last: self.args.ds.keep_last,
+            },
+        )?;
+        if self.root {
+            eprintln!(" saved checkpoint at iteration {iter} to {}", tag.display());
+        }
+        Ok(())
+    }
 }

@@ -134,6 +134,13 @@ impl Tokenizer {
     }
 
     /// Writes `tokenizer.json`.
+    /// The tokenizer as `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot serialise the tokenizer: {e}")))
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         self.inner
             .save(path, false)
