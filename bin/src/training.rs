@@ -403,7 +403,7 @@ impl Saver<'_> {
             .args
             .ds
             .save_interval
-            .is_some_and(|n| n > 0 && iter % n == 0)
+            .is_some_and(|n| n > 0 && iter.is_multiple_of(n))
             || iter == self.args.train_iters;
         if !due {
             return Ok(());
