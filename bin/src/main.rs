@@ -1,6 +1,7 @@
 //! `deepscale`: the Megatron/DeepSpeed example scripts as one binary.
 mod args;
 mod bench;
+mod convert;
 mod deepspeed_args;
 mod evaluate;
 mod generate;
@@ -39,6 +40,8 @@ enum Command {
     /// Pretrain BERT (Megatron's pretrain_bert.py): masked LM and the binary head.
     #[command(name = "pretrain-bert")]
     PretrainBert(Box<pretrain_bert::PretrainBertArgs>),
+    /// Convert checkpoints: native -> one safetensors model or an HF folder; HF -> native at any tp.
+    Convert(convert::ConvertArgs),
     /// Tokenize loose JSON into Megatron mmap indexed datasets (tools/preprocess_data.py).
     #[command(name = "preprocess-data")]
     PreprocessData(preprocess_data::PreprocessDataArgs),
@@ -72,6 +75,7 @@ fn main() {
         Command::Evaluate(a) => evaluate::run(a),
         Command::PretrainGpt2(a) => pretrain_gpt2::run(*a),
         Command::PretrainBert(a) => pretrain_bert::run(*a),
+        Command::Convert(a) => convert::run(a),
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::InspectData(a) => inspect_data::run(a),
         Command::Bench(a) => bench::run(a),

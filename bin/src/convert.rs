@@ -1,0 +1,334 @@
+//! `deepscale convert`: consolidate a native checkpoint into one safetensors model (DeepSpeed's
+//! zero_to_fp32 job), export a Hugging Face folder, or import an HF checkpoint as a native one at
+//! any tensor-parallel size.
+use crate::args::{print_json, LayoutArgs};
+use crate::launch::launch;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_deepscale::checkpoint::{self, Checkpoint, SaveSpec};
+use candle_deepscale::engine::{Engine, EngineConfig};
+use candle_deepscale::lr_schedules::LrSchedule;
+use candle_deepscale::parameter::{Param, ParamBuilder, ParamSource};
+use candle_deepscale::tensor_parallel::TensorParallel;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use zoo::bert::{self, Bert};
+use zoo::gpt2::{self, Gpt2};
+use zoo::tokenizer::Tokenizer;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum From {
+    Hf,
+    Megatron,
+    Deepspeed,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum To {
+    /// One safetensors model with the logical parameter names (consolidated, padding stripped).
+    Safetensors,
+    /// A Hugging Face folder (config.json, safetensors in HF's names and layout, tokenizer.json).
+    Hf,
+    /// A native checkpoint at --model-parallel-size.
+    Native,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum DtypeArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// A native checkpoint (a --save directory or a tag).
+    #[arg(long)]
+    pub load: Option<PathBuf>,
+    /// The kind of --input.
+    #[arg(long, value_enum)]
+    pub from: Option<From>,
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub to: To,
+    /// Output file (safetensors) or directory (hf, native).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: DtypeArg,
+    /// Largest safetensors file, e.g. 5GB, 500MB or bytes; larger models are sharded with an index.
+    #[arg(long)]
+    pub max_shard_size: Option<String>,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+enum Model {
+    Gpt2(Gpt2),
+    Bert(Bert),
+}
+
+impl Model {
+    fn params(&self) -> Vec<&Param> {
+        match self {
+            Model::Gpt2(m) => m.parameters(),
+            Model::Bert(m) => m.parameters(),
+        }
+    }
+}
+
+enum Source {
+    Native(Checkpoint),
+    Hf(PathBuf),
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [
+        ("GB", 1u64 << 30),
+        ("MB", 1 << 20),
+        ("KB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
+    let n: f64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("--max-shard-size `{s}`: expected e.g. 5GB, 500MB or a byte count")
+    })?;
+    if n <= 0.0 {
+        bail!("--max-shard-size must be positive")
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+impl ConvertArgs {
+    fn dtype(&self) -> DType {
+        match self.dtype {
+            DtypeArg::Fp32 => DType::F32,
+            DtypeArg::Fp16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+
+    fn source(&self) -> Result<Source> {
+        match (&self.load, self.from, &self.input) {
+            (Some(d), None, None) => Ok(Source::Native(
+                Checkpoint::open(d).with_context(|| format!("--load {}", d.display()))?,
+            )),
+            (None, Some(From::Hf), Some(d)) => Ok(Source::Hf(d.clone())),
+            (None, Some(f @ (From::Megatron | From::Deepspeed)), Some(_)) => bail!(
+                "not supported: --from {f:?}, because the torch .pt importers are not built yet \
+                 (native and HF checkpoints convert today)"
+            ),
+            (None, Some(_), None) => bail!("--from needs --input DIR"),
+            _ => bail!("give --load DIR (native) or --from hf --input DIR"),
+        }
+    }
+}
+
+/// This rank's model (tensor-parallel slice `tp`) and the tokenizer.
+fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)> {
+    match src {
+        Source::Native(ck) => {
+            let m = &ck.manifest.model;
+            let tok = Tokenizer::from_json(&ck.dir.join("tokenizer.json"))?;
+            let pb =
+                ParamBuilder::new(ck as &dyn ParamSource, &Device::Cpu, DType::F32).with_tp(tp);
+            let model = match m["type"].as_str() {
+                Some("gpt2") => Model::Gpt2(Gpt2::new(
+                    &serde_json::from_value::<gpt2::Config>(m["config"].clone())?,
+                    &pb,
+                )?),
+                Some("bert") => Model::Bert(Bert::new(
+                    &serde_json::from_value::<bert::Config>(m["config"].clone())?,
+                    &pb,
+                )?),
+                other => bail!("{}: unknown model type {other:?}", ck.dir.display()),
+            };
+            Ok((model, tok))
+        }
+        Source::Hf(dir) => Ok(match zoo::hub::detect_arch(dir)? {
+            zoo::hub::Arch::Gpt2 => {
+                let (m, t) = zoo::hub::load_gpt2_tp(dir, &Device::Cpu, tp, |_| {})?;
+                (Model::Gpt2(m), t)
+            }
+            zoo::hub::Arch::Bert => {
+                let (m, t) = zoo::hub::load_bert_tp(dir, &Device::Cpu, tp)?;
+                (Model::Bert(m), t)
+            }
+        }),
+    }
+}
+
+/// Writes `tensors` as `<stem>.safetensors`, or as numbered shards with an index when they exceed
+/// `max`. Returns the files written.
+fn write_sharded(
+    dir: &Path,
+    stem: &str,
+    tensors: Vec<(String, Tensor)>,
+    max: Option<u64>,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut cur = 0u64;
+    for (n, t) in tensors {
+        if let Some(m) = max {
+            if cur > 0 && cur + size(&t) > m {
+                shards.push(Vec::new());
+                cur = 0;
+            }
+        }
+        cur += size(&t);
+        shards.last_mut().expect("one shard").push((n, t));
+    }
+    let mut files = Vec::new();
+    if shards.len() == 1 {
+        let path = dir.join(format!("{stem}.safetensors"));
+        let map: HashMap<String, Tensor> = shards.pop().expect("one").into_iter().collect();
+        candle_core::safetensors::save(&map, &path)?;
+        files.push(path);
+        return Ok(files);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let name = format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1);
+        for (k, _) in &shard {
+            weight_map.insert(k.clone(), json!(name));
+        }
+        let path = dir.join(&name);
+        candle_core::safetensors::save(&shard.into_iter().collect::<HashMap<_, _>>(), &path)?;
+        files.push(path);
+    }
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    std::fs::write(
+        &index,
+        json!({"metadata": {"total_size": total}, "weight_map": weight_map}).to_string(),
+    )
+    .with_context(|| format!("cannot write {}", index.display()))?;
+    files.push(index);
+    Ok(files)
+}
+
+pub fn run(a: ConvertArgs) -> Result<()> {
+    let src = a.source()?;
+    let dtype = a.dtype();
+    let max = a.max_shard_size.as_deref().map(parse_size).transpose()?;
+    let files: Vec<PathBuf> = match a.to {
+        To::Safetensors | To::Hf => {
+            let (model, tok) = build(&src, None)?;
+            let cast = |v: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
+                v.into_iter()
+                    .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.contiguous()?)))
+                    .collect()
+            };
+            if a.to == To::Safetensors {
+                // Logical names and shapes, vocabulary padding stripped.
+                let tensors = model
+                    .params()
+                    .iter()
+                    .map(|p| {
+                        let t = match p.meta.real_rows {
+                            Some(r) => p.tensor().narrow(0, 0, r)?,
+                            None => p.tensor().clone(),
+                        };
+                        Ok((p.meta.name.clone(), t))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let (dir, stem) = (
+                    a.output.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                    a.output
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or("model".into()),
+                );
+                write_sharded(&dir, &stem, cast(tensors)?, max)?
+            } else {
+                let (tensors, config) = match &model {
+                    Model::Gpt2(m) => (
+                        gpt2::hf::to_hf_tensors(&m.parameters(), &m.config, true)?,
+                        m.config.to_hf_json(),
+                    ),
+                    Model::Bert(m) => {
+                        let mut c = serde_json::to_value(&m.config)?;
+                        c["model_type"] = json!("bert");
+                        c["architectures"] = json!(["BertForPreTraining"]);
+                        (
+                            bert::hf::to_hf_tensors(&m.parameters(), &m.config, true)?,
+                            c,
+                        )
+                    }
+                };
+                let mut files = write_sharded(&a.output, "model", cast(tensors)?, max)?;
+                let cfg = a.output.join("config.json");
+                std::fs::write(&cfg, serde_json::to_string_pretty(&config)?)
+                    .with_context(|| format!("cannot write {}", cfg.display()))?;
+                let tk = a.output.join("tokenizer.json");
+                tok.save(&tk)?;
+                files.extend([cfg, tk]);
+                files
+            }
+        }
+        To::Native => {
+            if dtype != DType::F32 {
+                bail!("not supported: --dtype {:?} for native checkpoints, because they keep fp32 parameters", a.dtype)
+            }
+            let layout = a.layout.layout()?;
+            let out = a.output.clone();
+            launch(&layout, |ctx| {
+                let (model, tok) = build(&src, ctx.tp()?)?;
+                let (layers, kind, config) = match &model {
+                    Model::Gpt2(m) => (m.layers(), "gpt2", serde_json::to_value(&m.config)?),
+                    Model::Bert(m) => (m.layers(), "bert", serde_json::to_value(&m.config)?),
+                };
+                let mut engine =
+                    Engine::new(layers, EngineConfig::default(), ctx.dp()?, ctx.tp()?)?;
+                if let Source::Native(ck) = &src {
+                    // Native -> native keeps the counters and the optimizer state, re-partitioned.
+                    ck.restore(&mut engine, true)?;
+                }
+                let (seed, schedule) = match &src {
+                    Source::Native(ck) => (ck.manifest.seed, ck.manifest.lr_schedule),
+                    Source::Hf(_) => (
+                        1234,
+                        LrSchedule::Constant(EngineConfig::default().optimizer.lr),
+                    ),
+                };
+                let tag = checkpoint::save(
+                    &engine,
+                    &SaveSpec {
+                        dir: &out,
+                        consumed_samples: 0,
+                        seed,
+                        lr_schedule: schedule,
+                        model: json!({"type": kind, "config": config}),
+                        extra_files: vec![("tokenizer.json".into(), tok.to_json()?.into_bytes())],
+                        keep_last: None,
+                    },
+                )?;
+                Ok(vec![tag])
+            })?
+            .unwrap_or_default()
+        }
+    };
+    for f in &files {
+        eprintln!("wrote {}", f.display());
+    }
+    if a.json {
+        let layout = a.layout.layout()?;
+        print_json(
+            json!({"to": format!("{:?}", a.to).to_lowercase(), "output": a.output.display().to_string(),
+                   "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>()}),
+            &layout,
+        );
+    }
+    Ok(())
+}
