@@ -112,10 +112,7 @@ fn consolidate_export_and_import_round_trip() {
             .unwrap();
         assert_eq!(diff, 0.0, "{}", meta.name);
     }
-    assert_eq!(
-        map["embedding.word_embeddings.weight"].as_str().is_some(),
-        true
-    );
+    assert!(map["embedding.word_embeddings.weight"].as_str().is_some());
 
     // (b) An HF folder in HF's key names and Conv1D layout, vocabulary padding stripped.
     let hf = tmp.path().join("hf");

@@ -70,7 +70,7 @@ pub struct ConvertArgs {
 
 enum Model {
     Gpt2(Gpt2),
-    Bert(Bert),
+    Bert(Box<Bert>),
 }
 
 impl Model {
@@ -83,7 +83,7 @@ impl Model {
 }
 
 enum Source {
-    Native(Checkpoint),
+    Native(Box<Checkpoint>),
     Hf(PathBuf),
 }
 
@@ -118,9 +118,9 @@ impl ConvertArgs {
 
     fn source(&self) -> Result<Source> {
         match (&self.load, self.from, &self.input) {
-            (Some(d), None, None) => Ok(Source::Native(
+            (Some(d), None, None) => Ok(Source::Native(Box::new(
                 Checkpoint::open(d).with_context(|| format!("--load {}", d.display()))?,
-            )),
+            ))),
             (None, Some(From::Hf), Some(d)) => Ok(Source::Hf(d.clone())),
             (None, Some(f @ (From::Megatron | From::Deepspeed)), Some(_)) => bail!(
                 "not supported: --from {f:?}, because the torch .pt importers are not built yet \
@@ -138,17 +138,17 @@ fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)>
         Source::Native(ck) => {
             let m = &ck.manifest.model;
             let tok = Tokenizer::from_json(&ck.dir.join("tokenizer.json"))?;
-            let pb =
-                ParamBuilder::new(ck as &dyn ParamSource, &Device::Cpu, DType::F32).with_tp(tp);
+            let pb = ParamBuilder::new(ck.as_ref() as &dyn ParamSource, &Device::Cpu, DType::F32)
+                .with_tp(tp);
             let model = match m["type"].as_str() {
                 Some("gpt2") => Model::Gpt2(Gpt2::new(
                     &serde_json::from_value::<gpt2::Config>(m["config"].clone())?,
                     &pb,
                 )?),
-                Some("bert") => Model::Bert(Bert::new(
+                Some("bert") => Model::Bert(Box::new(Bert::new(
                     &serde_json::from_value::<bert::Config>(m["config"].clone())?,
                     &pb,
-                )?),
+                )?)),
                 other => bail!("{}: unknown model type {other:?}", ck.dir.display()),
             };
             Ok((model, tok))
@@ -160,7 +160,7 @@ fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)>
             }
             zoo::hub::Arch::Bert => {
                 let (m, t) = zoo::hub::load_bert_tp(dir, &Device::Cpu, tp)?;
-                (Model::Bert(m), t)
+                (Model::Bert(Box::new(m)), t)
             }
         }),
     }
