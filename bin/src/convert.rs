@@ -69,7 +69,7 @@ pub struct ConvertArgs {
 }
 
 enum Model {
-    Gpt2(Gpt2),
+    Gpt2(Box<Gpt2>),
     Bert(Box<Bert>),
 }
 
@@ -141,10 +141,10 @@ fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)>
             let pb = ParamBuilder::new(ck.as_ref() as &dyn ParamSource, &Device::Cpu, DType::F32)
                 .with_tp(tp);
             let model = match m["type"].as_str() {
-                Some("gpt2") => Model::Gpt2(Gpt2::new(
+                Some("gpt2") => Model::Gpt2(Box::new(Gpt2::new(
                     &serde_json::from_value::<gpt2::Config>(m["config"].clone())?,
                     &pb,
-                )?),
+                )?)),
                 Some("bert") => Model::Bert(Box::new(Bert::new(
                     &serde_json::from_value::<bert::Config>(m["config"].clone())?,
                     &pb,
@@ -156,7 +156,7 @@ fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)>
         Source::Hf(dir) => Ok(match zoo::hub::detect_arch(dir)? {
             zoo::hub::Arch::Gpt2 => {
                 let (m, t) = zoo::hub::load_gpt2_tp(dir, &Device::Cpu, tp, |_| {})?;
-                (Model::Gpt2(m), t)
+                (Model::Gpt2(Box::new(m)), t)
             }
             zoo::hub::Arch::Bert => {
                 let (m, t) = zoo::hub::load_bert_tp(dir, &Device::Cpu, tp)?;
