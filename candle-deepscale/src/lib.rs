@@ -19,6 +19,7 @@ pub mod lr_schedules;
 pub mod module;
 pub mod nn;
 pub mod parameter;
+pub mod pipe;
 pub mod random;
 pub mod tensor_parallel;
 pub mod topology;

@@ -70,6 +70,12 @@ pub trait Layer: Send + Sync {
     /// Unique name within the model, the prefix of its parameters (`embedding`, `layers.3`, ...).
     fn name(&self) -> String;
 
+    /// The layer's kind, matched by the `type:REGEX` pipeline partition method (DeepSpeed matches
+    /// the layer class name, e.g. `ParallelTransformerLayerPipe`). Defaults to the name.
+    fn type_name(&self) -> String {
+        self.name()
+    }
+
     /// Parameters used by this layer; a tied parameter appears in every layer that uses it.
     fn parameters(&self) -> Vec<&Param>;
 

@@ -81,6 +81,10 @@ impl BertEmbedding {
 }
 
 impl Layer for BertEmbedding {
+    fn type_name(&self) -> String {
+        "BertEmbeddingPipe".into()
+    }
+
     fn name(&self) -> String {
         "embedding".into()
     }
@@ -266,6 +270,10 @@ impl BertLayer {
 }
 
 impl Layer for BertLayer {
+    fn type_name(&self) -> String {
+        "ParallelTransformerLayerPipe".into()
+    }
+
     fn name(&self) -> String {
         format!("layers.{}", self.index)
     }
@@ -371,6 +379,10 @@ impl BertHead {
 }
 
 impl Layer for BertHead {
+    fn type_name(&self) -> String {
+        "BertHeadPipe".into()
+    }
+
     fn name(&self) -> String {
         "head".into()
     }

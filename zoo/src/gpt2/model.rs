@@ -68,6 +68,10 @@ impl Gpt2Embedding {
 }
 
 impl Layer for Gpt2Embedding {
+    fn type_name(&self) -> String {
+        "EmbeddingPipe".into()
+    }
+
     fn name(&self) -> String {
         "embedding".into()
     }
@@ -236,6 +240,10 @@ impl Block {
 }
 
 impl Layer for Block {
+    fn type_name(&self) -> String {
+        "ParallelTransformerLayerPipe".into()
+    }
+
     fn name(&self) -> String {
         format!("layers.{}", self.index)
     }
@@ -272,6 +280,10 @@ impl FinalHead {
 }
 
 impl Layer for FinalHead {
+    fn type_name(&self) -> String {
+        "FinalHeadPipe".into()
+    }
+
     fn name(&self) -> String {
         "final".into()
     }

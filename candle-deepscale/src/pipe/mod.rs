@@ -1,0 +1,6 @@
+//! Pipeline parallelism: the 1F1B schedule as data and the partitioning of a layer list into stages.
+pub mod partition;
+pub mod schedule;
+
+pub use partition::{partition_layers, PartitionMethod};
+pub use schedule::{Instruction, TrainSchedule};
