@@ -132,26 +132,39 @@ fn detached(y: &Activations) -> Activations {
     )
 }
 
-/// One micro-batch through `layers`: forward, `loss_fn` on the last layer's output, then backward
-/// layer by layer from the loss times `loss_scale` (the last layer and the loss in one backward). `policy` says which inputs are kept (checkpointed chunks
-/// are recomputed in backward). After each layer's backward, `on_layer(index, layer, grads)`
-/// receives the gradients (None when nothing flowed into that layer). Returns the unscaled loss.
-pub fn backward_pass(
+/// What a stage's forward of one micro-batch keeps for its backward.
+pub struct StageState {
+    kept: Vec<Kept>,
+    /// Layers run as "body" (all of them, or all but the head when the stage computes the loss).
+    body_len: usize,
+    /// With a loss: the head's input leaves and the scaled loss.
+    head: Option<(Leaves, Tensor)>,
+    ctx: ForwardCtx,
+}
+
+/// Forward of one micro-batch through `layers` (a whole model or one pipeline stage). With
+/// `loss = Some((scale, loss_fn))` the last layer runs straight into `loss_fn` (its output, the
+/// vocabulary-sized logits, never needs a leaf copy) and the loss is kept scaled for backward;
+/// otherwise the detached output is returned (to send downstream). `policy` says which inputs are
+/// kept (checkpointed chunks are recomputed in backward).
+pub fn stage_forward<F>(
     layers: &[&dyn Layer],
     input: Activations,
     ctx: &ForwardCtx,
     policy: &CheckpointPolicy,
-    loss_scale: f64,
-    loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
-    on_layer: &mut LayerHook<'_>,
-) -> Result<f32> {
+    loss: Option<(f64, F)>,
+) -> Result<(StageState, Option<Activations>, Option<f32>)>
+where
+    F: FnOnce(&Activations) -> Result<Tensor>,
+{
     let k = policy.num_layers;
-    let Some((last_layer, body)) = layers.split_last() else {
+    let body_len = layers.len() - usize::from(loss.is_some());
+    if layers.is_empty() {
         candle_core::bail!("engine: no layers")
-    };
-    let mut kept: Vec<Kept> = Vec::with_capacity(layers.len());
+    }
+    let mut kept: Vec<Kept> = Vec::with_capacity(body_len);
     let mut x = input;
-    for (i, layer) in body.iter().enumerate() {
+    for (i, layer) in layers[..body_len].iter().enumerate() {
         if k > 0 {
             kept.push(if i % k == 0 {
                 Kept::Input(policy.save(&x)?)
@@ -166,23 +179,50 @@ pub fn backward_pass(
             kept.push(Kept::Graph(leaf, y));
         }
     }
-    // The last layer (the head) runs straight into the loss: one backward covers both, and its
-    // output (vocabulary-sized logits) never needs a leaf copy or a surrogate product.
-    let last = leaves(&x)?;
-    let loss = loss_fn(&last_layer.forward(&last.act, ctx)?)?;
-    let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-    let scaled = if loss_scale == 1.0 {
-        loss
-    } else {
-        (loss * loss_scale)?
+    let mut state = StageState {
+        kept,
+        body_len,
+        head: None,
+        ctx: ctx.clone(),
     };
-    let store = scaled.backward()?;
-    drop(scaled);
-    on_layer(body.len(), *last_layer, Some(&store))?;
-    let mut grads_out = leaf_grads(&last, &store);
-    drop(store);
+    match loss {
+        Some((scale, loss_fn)) => {
+            let last = leaves(&x)?;
+            let loss = loss_fn(&layers[body_len].forward(&last.act, ctx)?)?;
+            let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
+            state.head = Some((last, scaled));
+            Ok((state, None, Some(value)))
+        }
+        None => Ok((state, Some(x), None)),
+    }
+}
 
-    let mut end = body.len();
+/// Backward of a [`stage_forward`]: from the kept loss, or from `grads_out` (the gradients of the
+/// stage's output tensors, as received from downstream). After each layer's backward,
+/// `on_layer(index, layer, grads)` receives its gradients (None when nothing flowed). Returns the
+/// gradients of the stage's input tensors (None where nothing flowed or not float).
+pub fn stage_backward(
+    layers: &[&dyn Layer],
+    state: StageState,
+    mut grads_out: Vec<Option<Tensor>>,
+    policy: &CheckpointPolicy,
+    on_layer: &mut LayerHook<'_>,
+) -> Result<Vec<Option<Tensor>>> {
+    let StageState {
+        mut kept,
+        body_len,
+        head,
+        ctx,
+    } = state;
+    let k = policy.num_layers;
+    if let Some((last, scaled)) = head {
+        let store = scaled.backward()?;
+        drop(scaled);
+        on_layer(body_len, layers[body_len], Some(&store))?;
+        grads_out = leaf_grads(&last, &store);
+    }
+    let mut end = body_len;
     while end > 0 {
         let start = (end - 1).checked_div(k).map_or(end - 1, |c| c * k);
         // The graphs of layers start..end: kept, or recomputed from the chunk's saved input.
@@ -194,7 +234,7 @@ pub fn backward_pass(
                 drop(saved);
                 for layer in &layers[start..end] {
                     let leaf = leaves(&x)?;
-                    let y = layer.forward(&leaf.act, ctx)?;
+                    let y = layer.forward(&leaf.act, &ctx)?;
                     x = detached(&y);
                     graphs.push((leaf, y));
                 }
@@ -217,7 +257,25 @@ pub fn backward_pass(
         }
         end = start;
     }
-    Ok(loss_value)
+    Ok(grads_out)
+}
+
+/// One micro-batch through `layers`: forward, `loss_fn` on the last layer's output, then backward
+/// layer by layer from the loss times `loss_scale` (the last layer and the loss in one backward).
+/// `policy` says which inputs are kept; after each layer's backward `on_layer(index, layer,
+/// grads)` receives its gradients. Returns the unscaled loss.
+pub fn backward_pass(
+    layers: &[&dyn Layer],
+    input: Activations,
+    ctx: &ForwardCtx,
+    policy: &CheckpointPolicy,
+    loss_scale: f64,
+    loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
+    on_layer: &mut LayerHook<'_>,
+) -> Result<f32> {
+    let (state, _, loss) = stage_forward(layers, input, ctx, policy, Some((loss_scale, loss_fn)))?;
+    stage_backward(layers, state, Vec::new(), policy, on_layer)?;
+    loss.ok_or_else(|| candle_core::Error::Msg("engine: no loss".into()))
 }
 
 /// One micro-batch through `layers` with every layer's graph kept, or (`checkpoint_activations`)
