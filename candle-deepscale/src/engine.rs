@@ -431,6 +431,15 @@ pub struct EngineState {
     pub loss_scaler: LossScaler,
 }
 
+/// This rank's place in a pipeline: its stage group (the stages of its data/tensor coordinate,
+/// in order) and, on the first and last stage, the group that shares tied weights.
+#[derive(Debug, Clone)]
+pub struct PipeContext {
+    pub stages: ProcessGroup,
+    /// First and last stage (for the word embedding used as input and as logits).
+    pub tied: Option<ProcessGroup>,
+}
+
 /// The outcome of one optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -462,6 +471,7 @@ pub struct Engine<'m> {
     iteration: u64,
     updates: u64,
     skipped: u64,
+    pipe: Option<PipeContext>,
 }
 
 impl<'m> Engine<'m> {
@@ -505,7 +515,40 @@ impl<'m> Engine<'m> {
             iteration: 0,
             updates: 0,
             skipped: 0,
+            pipe: None,
         })
+    }
+
+    /// Runs this engine as one pipeline stage: `layers` are the stage's layers; `train_batch`
+    /// executes the 1F1B schedule (micro-batches = gradient_accumulation_steps) with the other
+    /// stages, tied weights are summed between the first and last stage, and the gradient norm
+    /// spans every stage. ZeRO 0 and 1 compose with it (as in DeepSpeed).
+    pub fn with_pipeline(mut self, pipe: PipeContext) -> Result<Self> {
+        let stages = pipe.stages.size();
+        if stages <= 1 {
+            return Ok(self);
+        }
+        if self.config.zero_stage >= 2 {
+            bail!(
+                "not supported: ZeRO stage {} with a pipeline, because stage 2 reduce-scatters \
+                 gradients while tied weights still need their cross-stage sum (use ZeRO 0 or 1, \
+                 as DeepSpeed requires)",
+                self.config.zero_stage
+            )
+        }
+        let last = pipe.stages.rank + 1 == stages;
+        // The tied weight's copy on the last stage does not count twice in the norm.
+        self.zero
+            .set_pipeline(pipe.stages.clone(), |p| last && p.meta.tie_group.is_some());
+        self.pipe = Some(pipe);
+        Ok(self)
+    }
+
+    /// Pipeline stage index and count (0 and 1 without a pipeline).
+    pub fn stage(&self) -> (usize, usize) {
+        self.pipe
+            .as_ref()
+            .map_or((0, 1), |p| (p.stages.rank, p.stages.size()))
     }
 
     pub fn dp_size(&self) -> usize {
@@ -678,6 +721,9 @@ impl<'m> Engine<'m> {
     where
         F: FnOnce(&Activations) -> Result<Tensor>,
     {
+        if self.pipe.is_some() {
+            return self.train_batch_pipe(micro_batches);
+        }
         let gas = self.config.gradient_accumulation_steps;
         if micro_batches.len() != gas {
             bail!(
@@ -695,6 +741,200 @@ impl<'m> Engine<'m> {
             sum += self.forward_backward(x, &ctx, loss_fn)? as f64;
         }
         let loss = self.dp_mean(sum / gas as f64)?;
+        let mut report = self.step()?;
+        report.loss = loss;
+        Ok(report)
+    }
+
+    /// [`Engine::train_batch`] as one pipeline stage: runs this stage's 1F1B instruction stream.
+    /// The first stage reads the micro-batches' inputs, the last their loss functions.
+    fn train_batch_pipe<F>(&mut self, micro_batches: Vec<(Activations, F)>) -> Result<StepReport>
+    where
+        F: FnOnce(&Activations) -> Result<Tensor>,
+    {
+        use crate::pipe::{p2p, Instruction, TrainSchedule};
+        use std::collections::HashMap;
+        let pipe = self.pipe.clone().expect("pipeline engine");
+        let gas = self.config.gradient_accumulation_steps;
+        if micro_batches.len() != gas {
+            bail!(
+                "train_batch got {} micro-batches; gradient_accumulation_steps is {gas}",
+                micro_batches.len()
+            )
+        }
+        let (stage, stages) = (pipe.stages.rank, pipe.stages.size());
+        let comm = pipe.stages.comm.clone();
+        let (prev, next) = (
+            stage.checked_sub(1).map(|s| pipe.stages.group[s]),
+            pipe.stages.group.get(stage + 1).copied(),
+        );
+        let first = stage == 0;
+        let last = stage + 1 == stages;
+        let mut inputs: Vec<Option<Activations>> = Vec::with_capacity(gas);
+        let mut loss_fns: Vec<Option<F>> = Vec::with_capacity(gas);
+        for (x, f) in micro_batches {
+            inputs.push(Some(x));
+            loss_fns.push(Some(f));
+        }
+        let (act_tag, grad_tag) = (
+            |m: usize| 1000 + 2 * m as u64,
+            |m: usize| 1001 + 2 * m as u64,
+        );
+        let mut stage_in: HashMap<usize, Activations> = HashMap::new();
+        let mut states: HashMap<usize, StageState> = HashMap::new();
+        let mut outputs: HashMap<usize, Activations> = HashMap::new();
+        let mut sent: HashMap<usize, Vec<Tensor>> = HashMap::new();
+        let mut grads_out: HashMap<usize, Vec<Option<Tensor>>> = HashMap::new();
+        let mut grads_in: HashMap<usize, (Vec<Tensor>, Vec<Option<Tensor>>)> = HashMap::new();
+        let mut loss_sum = 0f64;
+        let mut backwards = 0usize;
+        let dev = candle_core::Device::Cpu;
+        let schedule = TrainSchedule::new(gas, stages, stage);
+        for instruction in schedule.steps().into_iter().flatten() {
+            match instruction {
+                Instruction::LoadMicroBatch { micro_batch: m, .. } => {
+                    if first {
+                        let x = inputs[m].take().ok_or_else(|| {
+                            candle_core::Error::Msg(format!("micro-batch {m} loaded twice"))
+                        })?;
+                        stage_in.insert(m, x);
+                    }
+                }
+                Instruction::RecvActivation { micro_batch: m, .. } => {
+                    let src = prev.expect("a previous stage");
+                    stage_in.insert(
+                        m,
+                        p2p::recv_activations(comm.as_ref(), src, act_tag(m), &dev)?,
+                    );
+                }
+                Instruction::ForwardPass { micro_batch: m, .. } => {
+                    let x = stage_in.remove(&m).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "stage {stage}: no input for micro-batch {m}"
+                        ))
+                    })?;
+                    let keep_in: Vec<Tensor> =
+                        std::iter::once(&x.hidden).chain(&x.aux).cloned().collect();
+                    let ctx = ForwardCtx::train(
+                        self.config.seed,
+                        self.iteration + 1,
+                        (self.dp_rank() * gas + m) as u64,
+                    );
+                    let loss = if last {
+                        let f = loss_fns[m].take().ok_or_else(|| {
+                            candle_core::Error::Msg(format!("micro-batch {m}: no loss"))
+                        })?;
+                        Some((self.scaler.cur_scale, f))
+                    } else {
+                        None
+                    };
+                    let (state, out, value) =
+                        stage_forward(&self.layers, x, &ctx, &self.policy, loss)?;
+                    if let Some(v) = value {
+                        loss_sum += v as f64;
+                    }
+                    if let Some(out) = out {
+                        outputs.insert(m, out);
+                    }
+                    states.insert(m, state);
+                    grads_in.insert(m, (keep_in, Vec::new()));
+                }
+                Instruction::SendActivation { micro_batch: m, .. } => {
+                    let out = outputs.remove(&m).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "stage {stage}: no output of micro-batch {m}"
+                        ))
+                    })?;
+                    p2p::send_activations(
+                        comm.as_ref(),
+                        next.expect("a next stage"),
+                        act_tag(m),
+                        &out,
+                    )?;
+                    sent.insert(m, std::iter::once(out.hidden).chain(out.aux).collect());
+                }
+                Instruction::RecvGrad { micro_batch: m, .. } => {
+                    let shapes = sent.remove(&m).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "stage {stage}: micro-batch {m} was not sent"
+                        ))
+                    })?;
+                    let g = p2p::recv_grads(
+                        comm.as_ref(),
+                        next.expect("a next stage"),
+                        grad_tag(m),
+                        &shapes,
+                    )?;
+                    grads_out.insert(m, g);
+                }
+                Instruction::BackwardPass { micro_batch: m, .. } => {
+                    let state = states.remove(&m).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "stage {stage}: micro-batch {m} not forwarded"
+                        ))
+                    })?;
+                    let go = grads_out.remove(&m).unwrap_or_default();
+                    backwards += 1;
+                    let boundary = backwards == gas;
+                    let zero = &mut self.zero;
+                    let g = stage_backward(
+                        &self.layers,
+                        state,
+                        go,
+                        &self.policy,
+                        &mut |i, layer, store| {
+                            if let Some(store) = store {
+                                let mut seen = std::collections::HashSet::new();
+                                for p in layer.parameters() {
+                                    if seen.insert(p.tensor().id()) {
+                                        if let Some(g) = store.get(p.tensor()) {
+                                            zero.accumulate(p.tensor(), g)?;
+                                        }
+                                    }
+                                }
+                            }
+                            let ready: Vec<usize> = zero.layout().ready_after(i).collect();
+                            for b in ready {
+                                zero.reduce_bucket(b, boundary)?;
+                            }
+                            Ok(())
+                        },
+                    )?;
+                    if let Some(e) = grads_in.get_mut(&m) {
+                        e.1 = g;
+                    }
+                }
+                Instruction::SendGrad { micro_batch: m, .. } => {
+                    let (input, g) = grads_in.remove(&m).unwrap_or_default();
+                    p2p::send_grads(
+                        comm.as_ref(),
+                        prev.expect("a previous stage"),
+                        grad_tag(m),
+                        &input,
+                        &g,
+                    )?;
+                }
+                Instruction::ReduceTiedGrads => {
+                    if let Some(tied) = pipe.tied.as_ref().filter(|g| g.size() > 1) {
+                        let idx: Vec<usize> = (0..self.zero.params().len())
+                            .filter(|&i| self.zero.params()[i].meta.tie_group.is_some())
+                            .collect();
+                        for i in idx {
+                            let g = self.zero.param_grad_mut(i)?;
+                            tied.comm.all_reduce(&tied.group, g, ReduceOp::Sum)?;
+                        }
+                    }
+                }
+                // Data-parallel reduction ran bucket by bucket during the last backward; the step
+                // follows the schedule.
+                Instruction::ReduceGrads | Instruction::OptimizerStep => {}
+            }
+        }
+        self.micro_step = gas;
+        // The loss lives on the last stage: share it along the pipeline, then average over dp.
+        let mut l = [if last { loss_sum / gas as f64 } else { 0.0 }];
+        pipe.stages.all_reduce(&mut l, ReduceOp::Sum)?;
+        let loss = self.dp_mean(l[0])?;
         let mut report = self.step()?;
         report.loss = loss;
         Ok(report)

@@ -1,4 +1,5 @@
 //! Pipeline parallelism: the 1F1B schedule as data and the partitioning of a layer list into stages.
+pub mod p2p;
 pub mod partition;
 pub mod schedule;
 

@@ -69,6 +69,8 @@ pub struct ZeroOptimizer {
     segments: Vec<Segment>,
     dp: Option<ProcessGroup>,
     tp: Option<ProcessGroup>,
+    /// The pipeline group (stages of this data/tensor coordinate), for the gradient norm.
+    pp: Option<ProcessGroup>,
     pub config: AdamWConfig,
     step: u64,
 }
@@ -120,30 +122,9 @@ impl ZeroOptimizer {
         let layout = FlatLayout::new(&layer_params, &numels, bucket_elems, parts, rank);
         let tp_rank = tp.as_ref().map_or(0, |g| g.rank);
         // Split parameters count on every tensor-parallel rank; replicated ones once (rank 0).
-        let counts =
-            |p: &Param| matches!(p.meta.partition, Partition::Split { .. }) || tp_rank == 0;
-        let mut segments: Vec<Segment> = Vec::new();
-        for r in &layout.runs {
-            let p = &params[r.param];
-            let (decay, counts_in_norm) = (p.meta.weight_decay, counts(p));
-            match segments.last_mut() {
-                Some(s)
-                    if s.bucket == r.bucket
-                        && s.piece_offset + s.len == r.piece_offset
-                        && s.decay == decay
-                        && s.counts_in_norm == counts_in_norm =>
-                {
-                    s.len += r.len
-                }
-                _ => segments.push(Segment {
-                    bucket: r.bucket,
-                    piece_offset: r.piece_offset,
-                    len: r.len,
-                    decay,
-                    counts_in_norm,
-                }),
-            }
-        }
+        let segments = build_segments(&layout, &params, |p| {
+            matches!(p.meta.partition, Partition::Split { .. }) || tp_rank == 0
+        });
         let grads = vec![
             0f32;
             if stage == 2 {
@@ -177,9 +158,30 @@ impl ZeroOptimizer {
             segments,
             dp,
             tp,
+            pp: None,
             config,
             step: 0,
         })
+    }
+
+    /// Pipeline stage: the gradient norm also sums over `pp` (the other stages), and parameters for
+    /// which `duplicate(param)` holds (a tied weight's copy on the last stage) do not count.
+    pub fn set_pipeline(&mut self, pp: ProcessGroup, duplicate: impl Fn(&Param) -> bool) {
+        let tp_rank = self.tp.as_ref().map_or(0, |g| g.rank);
+        self.segments = build_segments(&self.layout, &self.params, |p| {
+            (matches!(p.meta.partition, Partition::Split { .. }) || tp_rank == 0) && !duplicate(p)
+        });
+        self.pp = Some(pp).filter(|g| g.size() > 1);
+    }
+
+    /// The reduced gradient of parameter `i` (stages 0 and 1, which keep every gradient).
+    pub fn param_grad_mut(&mut self, i: usize) -> Result<&mut [f32]> {
+        if self.stage == 2 {
+            bail!("ZeRO-2 keeps only this rank's gradient partition")
+        }
+        let fp = &self.layout.params[i];
+        let at = self.layout.buckets[fp.bucket].offset + fp.offset;
+        Ok(&mut self.grads[at..at + fp.numel])
     }
 
     pub fn stage(&self) -> u8 {
@@ -280,8 +282,8 @@ impl ZeroOptimizer {
                 dp.all_reduce(&mut buf, ReduceOp::Sum)?;
             }
         }
-        if let Some(tp) = &self.tp {
-            tp.all_reduce(&mut buf, ReduceOp::Sum)?;
+        for g in [&self.tp, &self.pp].into_iter().flatten() {
+            g.all_reduce(&mut buf, ReduceOp::Sum)?;
         }
         Ok(buf[0].sqrt() * scale)
     }
@@ -459,4 +461,36 @@ impl ZeroOptimizer {
             optimizer: (k * psi / k_div) as u64,
         }
     }
+}
+
+/// Runs of this rank's partition with one weight-decay and grad-norm setting; `counts(param)` says
+/// whether a parameter counts in the gradient norm on this rank.
+fn build_segments(
+    layout: &FlatLayout,
+    params: &[Param],
+    counts: impl Fn(&Param) -> bool,
+) -> Vec<Segment> {
+    let mut segments: Vec<Segment> = Vec::new();
+    for r in &layout.runs {
+        let p = &params[r.param];
+        let (decay, counts_in_norm) = (p.meta.weight_decay, counts(p));
+        match segments.last_mut() {
+            Some(s)
+                if s.bucket == r.bucket
+                    && s.piece_offset + s.len == r.piece_offset
+                    && s.decay == decay
+                    && s.counts_in_norm == counts_in_norm =>
+            {
+                s.len += r.len
+            }
+            _ => segments.push(Segment {
+                bucket: r.bucket,
+                piece_offset: r.piece_offset,
+                len: r.len,
+                decay,
+                counts_in_norm,
+            }),
+        }
+    }
+    segments
 }

@@ -1,0 +1,172 @@
+//! Pipeline parallelism: pp=2, pp=4, pp=2 x tp=2 and pp=2 x tp=2 x dp=2 (8 in-process ranks) with
+//! the 1F1B schedule equal the 1-rank run over 10 steps (losses, gradient norms, parameters; the
+//! tied word embedding equal on the first and last stage).
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
+use candle_deepscale::engine::{Engine, EngineConfig, PipeContext};
+use candle_deepscale::lr_schedules::LrSchedule;
+use candle_deepscale::module::{Activations, Layer};
+use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::pipe::{partition_layers, PartitionMethod};
+use candle_deepscale::topology::Topology;
+use common::tp::{assert_params_match, gather};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use zoo::gpt2::Gpt2;
+
+const STEPS: usize = 10;
+const GLOBAL: usize = 4;
+const SEQ: usize = 12;
+
+fn batch(step: usize) -> Tensor {
+    let data: Vec<u32> = (0..GLOBAL * (SEQ + 1))
+        .map(|i| ((i * 31 + step * 17 + (i / 13) * 5 + 3) % 257) as u32)
+        .collect();
+    Tensor::from_vec(data, (GLOBAL, SEQ + 1), &Device::Cpu).unwrap()
+}
+
+struct Run {
+    losses: Vec<f64>,
+    norms: Vec<f64>,
+    params: BTreeMap<String, Tensor>,
+}
+
+fn train(pp: usize, dp: usize, tp: usize, zero: u8) -> Vec<Run> {
+    let gas = GLOBAL / dp; // micro-batch 1 per pipeline micro-step
+    let micro = if pp == 1 && dp == 1 { GLOBAL } else { 1 };
+    let gas = if micro == GLOBAL { 1 } else { gas };
+    let topo = Topology::new(pp, dp, tp).unwrap();
+    let res = InProcessWorld::run(pp * dp * tp, Duration::from_secs(120), |comm| {
+        let rank = comm.rank();
+        let comm: Arc<dyn Communicator> = comm;
+        let g = |v: Vec<usize>| ProcessGroup::new(comm.clone(), v).unwrap();
+        let (tp_g, dp_g, pp_g) = (
+            g(topo.model_group(rank)),
+            g(topo.data_group(rank)),
+            g(topo.pipe_group(rank)),
+        );
+        let (stage, dp_rank) = (pp_g.rank, dp_g.rank);
+        let src = RandomInit { seed: 5 };
+        let model = Gpt2::new(
+            &common::tiny_gpt2_config(),
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_tp(Some(tp_g.clone())),
+        )?;
+        let all = model.layers();
+        let bounds = partition_layers(&all, pp, &PartitionMethod::Uniform)?;
+        let mine: Vec<&dyn Layer> = all[bounds[stage]..bounds[stage + 1]].to_vec();
+        let cfg = EngineConfig {
+            zero_stage: zero,
+            train_micro_batch_size_per_gpu: micro,
+            gradient_accumulation_steps: gas,
+            reduce_bucket_size: 6000,
+            lr_schedule: LrSchedule::Constant(2e-3),
+            gradient_clipping: 1.0,
+            ..Default::default()
+        };
+        let tied =
+            (stage == 0 || stage + 1 == pp).then(|| g(vec![pp_g.group[0], pp_g.group[pp - 1]]));
+        let mut engine = Engine::new(mine.clone(), cfg, Some(dp_g), Some(tp_g.clone()))?
+            .with_pipeline(PipeContext { stages: pp_g, tied })?;
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        for step in 0..STEPS {
+            let t = batch(step).narrow(0, dp_rank * micro * gas, micro * gas)?;
+            let m = &model;
+            let mbs = (0..gas)
+                .map(|k| {
+                    let s = t.narrow(0, k * micro, micro).unwrap();
+                    let (x, y) = (s.narrow(1, 0, SEQ).unwrap(), s.narrow(1, 1, SEQ).unwrap());
+                    (Activations::new(x), move |o: &Activations| {
+                        m.loss(&o.hidden, &y)
+                    })
+                })
+                .collect();
+            let r = engine.train_batch(mbs)?;
+            losses.push(r.loss);
+            norms.push(r.grad_norm);
+        }
+        let params = candle_deepscale::module::unique_parameters(&mine)
+            .iter()
+            .map(|p| (p.meta.name.clone(), gather(Some(&tp_g), p, p.tensor())))
+            .collect();
+        Ok(Run {
+            losses,
+            norms,
+            params,
+        })
+    });
+    res.into_iter().map(|r| r.unwrap()).collect()
+}
+
+fn check(pp: usize, dp: usize, tp: usize, zero: u8, reference: &Run) {
+    let runs = train(pp, dp, tp, zero);
+    let what = format!("pp={pp} dp={dp} tp={tp} ZeRO-{zero}");
+    let mut merged: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (rank, r) in runs.iter().enumerate() {
+        for s in 0..STEPS {
+            let (a, b) = (r.losses[s], reference.losses[s]);
+            assert!(
+                (a - b).abs() <= 1e-5 * b,
+                "{what} rank {rank} step {s}: loss {a} vs {b}"
+            );
+            let (a, b) = (r.norms[s], reference.norms[s]);
+            assert!(
+                (a - b).abs() <= 1e-5 * b,
+                "{what} rank {rank} step {s}: grad norm {a} vs {b}"
+            );
+        }
+        for (n, t) in &r.params {
+            if let Some(prev) = merged.get(n) {
+                // The tied embedding on the first and last stage stays identical.
+                assert_eq!(
+                    common::max_abs_diff(prev, t),
+                    0.0,
+                    "{what}: {n} differs between stages"
+                );
+            }
+            merged.insert(n.clone(), t.clone());
+        }
+    }
+    assert_params_match(&merged, &reference.params, &what, STEPS);
+}
+
+#[test]
+fn pipelines_equal_one_rank() {
+    let reference = train(1, 1, 1, 0).remove(0);
+    assert!(reference.losses[STEPS - 1] < reference.losses[0]);
+    check(2, 1, 1, 0, &reference);
+    check(4, 1, 1, 1, &reference);
+    check(2, 1, 2, 0, &reference);
+    check(2, 2, 2, 1, &reference);
+}
+
+#[test]
+fn zero_2_with_a_pipeline_is_refused_with_the_reason() {
+    let res = InProcessWorld::run(2, Duration::from_secs(30), |comm| {
+        let comm: Arc<dyn Communicator> = comm;
+        let pp = ProcessGroup::new(comm.clone(), vec![0, 1])?;
+        let src = RandomInit { seed: 5 };
+        let model = Gpt2::new(
+            &common::tiny_gpt2_config(),
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+        )?;
+        let cfg = EngineConfig {
+            zero_stage: 2,
+            ..Default::default()
+        };
+        let e = Engine::new(model.layers(), cfg, None, None)?.with_pipeline(PipeContext {
+            stages: pp,
+            tied: None,
+        });
+        Ok(e.err().map(|e| e.to_string()).unwrap_or_default())
+    });
+    for r in res {
+        let e = r.unwrap();
+        assert!(
+            e.contains("not supported: ZeRO stage 2 with a pipeline"),
+            "{e}"
+        );
+    }
+}
