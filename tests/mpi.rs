@@ -285,6 +285,31 @@ fn pretrain_under_mpirun_equals_one_rank() {
             .collect::<Vec<_>>()
     };
     let one = run(&tmp.path().join("one.jsonl"), &["--batch-size", "4"], None);
+    // And a pipeline: pp 2 x tp 2 on 4 processes, 2 micro-batches of 2.
+    let pipe = run(
+        &tmp.path().join("pipe.jsonl"),
+        &[
+            "--batch-size",
+            "2",
+            "--gas",
+            "2",
+            "--model-parallel-size",
+            "2",
+            "--pipe-parallel-size",
+            "2",
+            "--partition-method",
+            "uniform",
+        ],
+        Some(4),
+    );
+    for (a, b) in pipe.iter().zip(&one) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb,
+            "pipeline under MPI: loss {la} vs {lb}"
+        );
+        assert_eq!(a["pp"].as_u64(), Some(2));
+    }
     let four = run(
         &tmp.path().join("four.jsonl"),
         &[
@@ -342,7 +367,7 @@ fn main() {
             Box::new(cli_under_mpirun_equals_one_rank),
         ),
         (
-            "mpi_pretrain_tp2_dp2_zero2_equals_one_rank",
+            "mpi_pretrain_tp2_dp2_zero2_and_pp2_tp2_equal_one_rank",
             Box::new(pretrain_under_mpirun_equals_one_rank),
         ),
     ];

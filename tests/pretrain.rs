@@ -401,3 +401,99 @@ fn save_then_load_continues_bit_exactly_and_other_commands_load_it() {
         &["not a DeepScale checkpoint"],
     );
 }
+
+#[test]
+fn pipeline_layouts_equal_the_one_rank_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = tmp.path().join("one.jsonl");
+    ok(&run(&tiny("4", &one), &["--batch-size", "4"]));
+    for (name, extra) in [
+        (
+            "pp2dp2",
+            vec![
+                "--batch-size",
+                "1",
+                "--gas",
+                "2",
+                "--world-size",
+                "4",
+                "--pipe-parallel-size",
+                "2",
+                "--zero-stage",
+                "1",
+            ],
+        ),
+        (
+            "pp2tp2",
+            vec![
+                "--batch-size",
+                "2",
+                "--gas",
+                "2",
+                "--world-size",
+                "4",
+                "--pipe-parallel-size",
+                "2",
+                "--model-parallel-size",
+                "2",
+                "--partition-method",
+                "uniform",
+            ],
+        ),
+    ] {
+        let m = tmp.path().join(format!("{name}.jsonl"));
+        let stderr = ok(&run(&tiny("4", &m), &extra));
+        assert!(stderr.contains("pipeline: 2 stages"), "{stderr}");
+        for (a, b) in metrics(&m).iter().zip(&metrics(&one)) {
+            let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!(
+                (la - lb).abs() <= 1e-5 * lb,
+                "{name} iteration {}: {la} vs {lb}",
+                a["iteration"]
+            );
+            assert_eq!(a["pp"].as_u64(), Some(2));
+        }
+    }
+    // ZeRO-2 with a pipeline and pipeline checkpoints are refused with the reason.
+    fails_with(
+        &run(
+            &tiny("1", &one),
+            &[
+                "--world-size",
+                "2",
+                "--pipe-parallel-size",
+                "2",
+                "--zero-stage",
+                "2",
+            ],
+        ),
+        &["not supported: ZeRO stage 2 with a pipeline"],
+    );
+    let ck = tmp.path().join("ck");
+    fails_with(
+        &run(
+            &tiny("1", &one),
+            &[
+                "--world-size",
+                "2",
+                "--pipe-parallel-size",
+                "2",
+                "--save",
+                ck.to_str().unwrap(),
+            ],
+        ),
+        &["not supported: --save with --pipe-parallel-size 2"],
+    );
+    fails_with(
+        &deepscale(&[
+            "generate",
+            "--pipe-parallel-size",
+            "2",
+            "--world-size",
+            "2",
+            "--prompt",
+            "x",
+        ]),
+        &["not supported: --pipe-parallel-size 2 for generate"],
+    );
+}

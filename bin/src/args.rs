@@ -48,6 +48,19 @@ pub struct Layout {
 }
 
 impl LayoutArgs {
+    /// The layout of a command that has no pipeline form (yet): pp > 1 is refused, naming it.
+    pub fn layout_without_pipeline(&self, command: &str) -> Result<Layout> {
+        let l = self.layout()?;
+        if l.pp > 1 {
+            bail!(
+                "not supported: --pipe-parallel-size {} for {command}, because only pretrain-gpt2 \
+                 runs pipelined so far",
+                l.pp
+            )
+        }
+        Ok(l)
+    }
+
     pub fn layout(&self) -> Result<Layout> {
         let (mut w, tp, pp) = (
             self.world_size,
@@ -66,12 +79,6 @@ impl LayoutArgs {
         }
         if w % (tp * pp) != 0 {
             bail!("--world-size {w} is not divisible by model-parallel size {tp} x pipe-parallel size {pp}")
-        }
-        if pp > 1 {
-            bail!(
-                "not supported: --pipe-parallel-size {pp}, because the pipeline engine is not built yet \
-                 (tensor and data parallel layouts are)"
-            )
         }
         let timeout = match self.comm_timeout {
             Some(t) if t > 0.0 && t.is_finite() => std::time::Duration::from_secs_f64(t),

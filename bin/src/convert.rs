@@ -281,7 +281,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             if dtype != DType::F32 {
                 bail!("not supported: --dtype {:?} for native checkpoints, because they keep fp32 parameters", a.dtype)
             }
-            let layout = a.layout.layout()?;
+            let layout = a.layout.layout_without_pipeline("convert")?;
             let out = a.output.clone();
             launch(&layout, |ctx| {
                 let (model, tok) = build(&src, ctx.tp()?)?;
@@ -323,7 +323,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         eprintln!("wrote {}", f.display());
     }
     if a.json {
-        let layout = a.layout.layout()?;
+        let layout = a.layout.layout_without_pipeline("convert")?;
         print_json(
             json!({"to": format!("{:?}", a.to).to_lowercase(), "output": a.output.display().to_string(),
                    "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>()}),

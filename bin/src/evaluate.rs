@@ -94,7 +94,7 @@ fn lambada_examples(
 }
 
 fn zero_shot(a: EvaluateArgs) -> Result<()> {
-    let layout = a.layout.layout()?;
+    let layout = a.layout.layout_without_pipeline("evaluate")?;
     let Some(path) = &a.valid_data else {
         bail!("--task {:?} needs --valid-data FILE", a.task)
     };
@@ -153,7 +153,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
 }
 
 fn loss(a: EvaluateArgs) -> Result<()> {
-    let layout = a.layout.layout()?;
+    let layout = a.layout.layout_without_pipeline("evaluate")?;
     let text = match (&a.text, &a.text_file) {
         (Some(t), None) => t.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)

@@ -45,7 +45,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let layout = a.layout.layout()?;
+    let layout = a.layout.layout_without_pipeline("generate")?;
     if a.prompt.is_some() && a.sample_input_file.is_some() {
         bail!("give either --prompt or --sample-input-file, not both")
     }

@@ -31,6 +31,25 @@ impl RankCtx {
         self.group(self.topo.data_group(self.rank))
     }
 
+    /// The pipeline: this rank's stages in order (None at pp = 1) and, on the first and last
+    /// stage, the group sharing the tied word embedding.
+    pub fn pipe(&self) -> Result<Option<candle_deepscale::engine::PipeContext>> {
+        let stages = self.topo.pipe_group(self.rank);
+        let Some(group) = self.group(stages.clone())? else {
+            return Ok(None);
+        };
+        let at = group.rank;
+        let tied = if at == 0 || at + 1 == stages.len() {
+            self.group(vec![stages[0], stages[stages.len() - 1]])?
+        } else {
+            None
+        };
+        Ok(Some(candle_deepscale::engine::PipeContext {
+            stages: group,
+            tied,
+        }))
+    }
+
     /// Rank 0 prints and writes files.
     pub fn is_root(&self) -> bool {
         self.rank == 0

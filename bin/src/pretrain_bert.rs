@@ -108,7 +108,7 @@ struct Shared {
 }
 
 pub fn run(a: PretrainBertArgs) -> Result<()> {
-    let layout = a.layout.layout()?;
+    let layout = a.layout.layout_without_pipeline("pretrain-bert")?;
     let t = &a.train;
     t.ds.refuse_unsupported()?;
     let ds = t.ds.config()?;

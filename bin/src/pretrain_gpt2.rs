@@ -52,6 +52,10 @@ pub struct PretrainGpt2Args {
     pub sample_prompt: String,
     #[arg(long, default_value_t = 24)]
     pub sample_length: usize,
+    /// How layers are cut into pipeline stages: uniform, parameters or type:REGEX (default: the
+    /// config's pipeline.partition, else type:transformer as GPT2ModelPipe does).
+    #[arg(long)]
+    pub partition_method: Option<String>,
     #[command(flatten)]
     pub train: TrainingArgs,
 }
@@ -125,6 +129,8 @@ struct Shared {
     engine: EngineConfig,
     batch: BatchSizes,
     dtype: DType,
+    /// How layers are cut into pipeline stages.
+    partition: candle_deepscale::pipe::PartitionMethod,
     /// This machine's f32 GEMM rate, measured once before the ranks start (MFU denominator).
     gemm_peak: f64,
 }
@@ -152,6 +158,21 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     }
     let ds = a.train.ds.config()?;
     let (engine_cfg, batch) = engine_config(&a.train, ds.as_ref(), layout.dp)?;
+    if layout.pp > 1 {
+        let refuse = |on: bool, what: &str| -> Result<()> {
+            if on {
+                bail!(
+                    "not supported: {what} with --pipe-parallel-size {}, because checkpoints and \
+                     exports of pipeline stages are not built yet",
+                    layout.pp
+                )
+            }
+            Ok(())
+        };
+        refuse(a.train.ds.save.is_some(), "--save")?;
+        refuse(a.model.load.is_some(), "--load")?;
+        refuse(a.save_hf.is_some(), "--save-hf")?;
+    }
     if a.save_hf.is_some() && layout.tp > 1 {
         bail!(
             "not supported: --save-hf with --model-parallel-size {}, because consolidating \
@@ -275,6 +296,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         batch,
         dtype,
         gemm_peak: gemm_peak(&Device::Cpu)?,
+        partition: partition_method(&a, ds.as_ref(), layout.pp)?,
     };
     let summary = launch(&layout, |ctx| train_rank(&a, &shared, &ctx))?;
     let Some(s) = summary else { return Ok(()) };
@@ -327,7 +349,30 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     };
     let cfg = &model.config;
     let n_params: usize = model.parameters().iter().map(|p| p.meta.numel()).sum();
-    let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
+    // A pipeline stage trains only its layers (the whole model is built on every rank for now).
+    let all_layers = model.layers();
+    let pipe = ctx.pipe()?;
+    let layers = match &pipe {
+        Some(p) => {
+            let bounds = candle_deepscale::pipe::partition_layers(
+                &all_layers,
+                p.stages.size(),
+                &sh.partition,
+            )?;
+            if root {
+                eprintln!(
+                    "pipeline: {} stages, layer boundaries {bounds:?}",
+                    p.stages.size()
+                );
+            }
+            all_layers[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec()
+        }
+        None => all_layers,
+    };
+    let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
+    if let Some(p) = pipe {
+        engine = engine.with_pipeline(p)?;
+    }
     if let Some(c) = &sh.ckpt {
         c.restore(&mut engine, !a.train.ds.no_load_optim)?;
         if root {
@@ -360,8 +405,9 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
             sh.dtype
         );
         eprintln!(
-            "layout: world {} = tp {} x dp {}; batch {} = micro {micro} x accumulation {gas} x dp {dp_size}; ZeRO-{}",
+            "layout: world {} = pp {} x tp {} x dp {}; batch {} = micro {micro} x accumulation {gas} x dp {dp_size}; ZeRO-{}",
             ctx.topo.world_size(),
+            ctx.topo.pp,
             ctx.topo.tp,
             dp_size,
             sh.batch.train_batch_size,
@@ -451,7 +497,11 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     }
     // Every rank generates (tensor-parallel layers need their whole group); rank 0 reports.
     let mut sample = None;
-    if !a.sample_prompt.is_empty() && a.sample_length > 0 {
+    if !a.sample_prompt.is_empty() && a.sample_length > 0 && ctx.topo.pp > 1 {
+        if root {
+            eprintln!("note: no greedy sample at --pipe-parallel-size > 1 (generation is not pipelined yet)");
+        }
+    } else if !a.sample_prompt.is_empty() && a.sample_length > 0 {
         let ids = sh.tok.encode(&a.sample_prompt, false)?;
         let out = generate(
             &model,
@@ -565,4 +615,31 @@ fn load_data(
         valid.as_ref().map_or(0, |v| v.len())
     );
     Ok((Samples::Indexed(train), valid.map(Samples::Indexed)))
+}
+
+/// `--partition-method` against the config's `pipeline` section (which must agree with the flags).
+fn partition_method(
+    a: &PretrainGpt2Args,
+    ds: Option<&candle_deepscale::config::DeepSpeedConfig>,
+    pp: usize,
+) -> Result<candle_deepscale::pipe::PartitionMethod> {
+    let section = ds.and_then(|d| d.pipeline.as_ref());
+    if let Some(stages) = section
+        .and_then(|p| p.stages.as_ref())
+        .and_then(|v| v.as_u64())
+    {
+        if stages as usize != pp {
+            bail!("the DeepSpeed config's pipeline.stages {stages} disagrees with --pipe-parallel-size {pp}")
+        }
+    }
+    let method = match (
+        &a.partition_method,
+        section.and_then(|p| p.partition.clone()),
+    ) {
+        (Some(f), Some(c)) if !f.eq_ignore_ascii_case(&c) => {
+            bail!("--partition-method {f} disagrees with the DeepSpeed config's pipeline.partition {c}")
+        }
+        (f, c) => f.clone().or(c).unwrap_or_else(|| "type:transformer".into()),
+    };
+    Ok(method.parse()?)
 }

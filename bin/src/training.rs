@@ -202,6 +202,17 @@ pub fn engine_config(
         c.partition_activations = false;
         c.cpu_checkpointing = false;
     }
+    if let Some(k) = ds
+        .and_then(|d| d.pipeline.as_ref())
+        .and_then(|p| p.activation_checkpoint_interval)
+        .filter(|k| *k > 0)
+    {
+        // The pipeline section's interval is DeepSpeed's form of --checkpoint-num-layers.
+        if a.checkpoint_activations && a.checkpoint_num_layers != k {
+            bail!("--checkpoint-num-layers {} disagrees with the DeepSpeed config's pipeline.activation_checkpoint_interval {k}", a.checkpoint_num_layers)
+        }
+        c.checkpoint_num_layers = k;
+    }
     a.ds.apply(ds, &mut c)?;
     c.seed = a.seed;
     Ok((c, batch))

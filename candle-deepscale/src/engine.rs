@@ -947,13 +947,42 @@ impl<'m> Engine<'m> {
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
         let ctx = ForwardCtx::eval();
-        let mut x = input;
+        // In a pipeline the batch flows stage to stage; the last computes the loss and shares it.
+        let pipe = self.pipe.as_ref();
+        let (stage, stages) = self.stage();
+        let tag = 999;
+        let mut x = match (pipe, stage) {
+            (Some(p), s) if s > 0 => crate::pipe::p2p::recv_activations(
+                p.stages.comm.as_ref(),
+                p.stages.group[s - 1],
+                tag,
+                input.hidden.device(),
+            )?,
+            _ => input,
+        };
         for layer in &self.layers {
             x = detached(&layer.forward(&x, &ctx)?);
         }
-        loss_fn(&x)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()
+        let Some(p) = pipe else {
+            return loss_fn(&x)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>();
+        };
+        let mut loss = [0f64];
+        if stage + 1 < stages {
+            crate::pipe::p2p::send_activations(
+                p.stages.comm.as_ref(),
+                p.stages.group[stage + 1],
+                tag,
+                &x,
+            )?;
+        } else {
+            loss[0] = loss_fn(&x)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        p.stages.all_reduce(&mut loss, ReduceOp::Sum)?;
+        Ok(loss[0] as f32)
     }
 
     /// The mean of `v` over the data-parallel group.
@@ -978,7 +1007,11 @@ impl<'m> Engine<'m> {
     /// The largest measured model-state bytes over the data- and tensor-parallel groups.
     pub fn max_state_bytes(&self) -> Result<u64> {
         let mut buf = [self.state_bytes().total() as f64];
-        for g in [&self.dp, &self.tp].into_iter().flatten() {
+        let pp = self.pipe.as_ref().map(|p| &p.stages);
+        for g in [self.dp.as_ref(), self.tp.as_ref(), pp]
+            .into_iter()
+            .flatten()
+        {
             g.all_reduce(&mut buf, ReduceOp::Max)?;
         }
         Ok(buf[0] as u64)
