@@ -2,6 +2,7 @@
 //!
 //! - `bench comm`: bandwidth of each collective over 1-64 MiB messages, in-process ranks or under
 //!   mpirun (nccl-tests' algbw/busbw convention).
+//! - `bench pipe`: pipeline bubble per stage and pp=2 against pp=1.
 //! - `bench train`: one rank's training step: engine vs stock candle vs the previous loop.
 //! - `bench tp`: training-step time (forward, backward, AdamW) of one GPT-2 at several tensor-parallel
 //!   sizes on in-process ranks, as ratios to tp=1.
@@ -37,6 +38,21 @@ pub enum BenchWhat {
     /// AdamW on flat buffers), stock candle (whole-graph backward, candle_nn::AdamW) and the
     /// previous version's loop (whole-graph backward, per-tensor AdamW).
     Train(TpArgs),
+    /// Pipeline bubble: each stage's idle fraction against (p-1)/(m+p-1), and pp=2 step cost
+    /// against pp=1.
+    Pipe(PipeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PipeArgs {
+    #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4])]
+    pub stages: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4, 8, 16])]
+    pub micro_batches: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +100,7 @@ pub struct TpArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Train(t) => train(t),
+        BenchWhat::Pipe(p) => pipe(p),
         BenchWhat::Comm(c) => comm(c),
         BenchWhat::Tp(t) => tp(t),
         BenchWhat::Adam(a) => adam(a),
@@ -437,6 +454,127 @@ fn train(a: TpArgs) -> Result<()> {
                 "engine_tokens_per_s": tps(engine_ms), "stock_candle_tokens_per_s": tps(stock_ms),
                 "previous_tokens_per_s": tps(previous_ms),
                 "engine_ms": engine_ms, "stock_candle_ms": stock_ms, "previous_ms": previous_ms})
+        );
+    }
+    Ok(())
+}
+
+/// One configuration of `bench pipe`: per-stage (busy, wall) medians over `iters` steps.
+fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f64)> {
+    use candle_deepscale::engine::{Engine, EngineConfig};
+    use candle_deepscale::module::Activations;
+    // Eight equal blocks and a small vocabulary, so stages are balanced and the bubble shows.
+    let cfg = gpt2::Config {
+        seq_length: 64,
+        max_position_embeddings: 64,
+        hidden_dropout: 0.0,
+        attention_dropout: 0.0,
+        ..gpt2::Config::new(8, 128, 4, 1000)
+    };
+    let layout = Layout {
+        world_size: stages,
+        tp: 1,
+        pp: stages,
+        dp: 1,
+        timeout: candle_deepscale::comm::default_timeout(),
+    };
+    let (b, s) = (2usize, 64usize);
+    let res = launch(&layout, |ctx| {
+        let src = RandomInit { seed: 1 };
+        let model = Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
+        let all = model.layers();
+        let pipe = ctx.pipe()?;
+        let layers = match &pipe {
+            Some(p) => {
+                let bounds = candle_deepscale::pipe::partition_layers(
+                    &all,
+                    stages,
+                    &candle_deepscale::pipe::PartitionMethod::Parameters,
+                )?;
+                all[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec()
+            }
+            None => all,
+        };
+        let mut engine = Engine::new(
+            layers,
+            EngineConfig {
+                train_micro_batch_size_per_gpu: b,
+                gradient_accumulation_steps: m,
+                ..Default::default()
+            },
+            None,
+            None,
+        )?;
+        if let Some(p) = pipe.clone() {
+            engine = engine.with_pipeline(p)?;
+        }
+        let ids: Vec<u32> = (0..b * (s + 1)).map(|i| (i * 7919 % 1000) as u32).collect();
+        let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
+        let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+        let (mut busy, mut wall) = (Vec::new(), Vec::new());
+        for i in 0..iters + 1 {
+            let t0 = Instant::now();
+            let mbs = (0..m)
+                .map(|_| {
+                    let (m_, y) = (&model, y.clone());
+                    (Activations::new(x.clone()), move |o: &Activations| {
+                        m_.loss(&o.hidden, &y)
+                    })
+                })
+                .collect();
+            engine.train_batch(mbs)?;
+            let total = t0.elapsed().as_secs_f64();
+            if i > 0 {
+                let (bz, w) = engine.pipeline_timing().unwrap_or((total, total));
+                busy.push(bz);
+                wall.push(w);
+            }
+        }
+        // Every stage's figures, gathered to rank 0.
+        let mine = [median(busy), median(wall)];
+        let mut all = vec![0f64; 2 * stages];
+        match (&pipe, &ctx.comm) {
+            (Some(p), Some(c)) => c.all_gather(&p.stages.group, &mine, &mut all)?,
+            _ => all.copy_from_slice(&mine),
+        }
+        Ok(all)
+    })?;
+    let all = res.unwrap_or_default();
+    let per: Vec<(f64, f64)> = all.chunks(2).map(|c| (c[0], c[1])).collect();
+    let wall = per.iter().map(|p| p.1).fold(0.0, f64::max);
+    Ok((per, wall))
+}
+
+fn pipe(a: PipeArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for &p in &a.stages {
+        for &m in &a.micro_batches {
+            let (per, wall) = pipe_run(p, m, a.iters)?;
+            let expected = (p - 1) as f64 / (m + p - 1) as f64;
+            let idle: Vec<f64> = per.iter().map(|(b, w)| 1.0 - b / w.max(1e-12)).collect();
+            eprintln!(
+                "pp={p} m={m:>2}: idle per stage {:?} (expected {expected:.3}), {:.1} ms/step",
+                idle.iter()
+                    .map(|x| (x * 1000.0).round() / 1000.0)
+                    .collect::<Vec<_>>(),
+                wall * 1e3
+            );
+            rows.push(json!({"pp": p, "micro_batches": m, "idle": idle, "expected_idle": expected, "ms_per_step": wall * 1e3}));
+        }
+    }
+    // Step cost of pp=2 against pp=1 on the same model and batch (m = 8).
+    let (_, one) = pipe_run(1, 8, a.iters)?;
+    let (_, two) = pipe_run(2, 8, a.iters)?;
+    eprintln!(
+        "m=8: pp=1 {:.1} ms/step, pp=2 {:.1} ms/step ({:.2}x)",
+        one * 1e3,
+        two * 1e3,
+        two / one
+    );
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "pipe", "rows": rows, "pp1_ms": one * 1e3, "pp2_ms": two * 1e3})
         );
     }
     Ok(())

@@ -472,6 +472,8 @@ pub struct Engine<'m> {
     updates: u64,
     skipped: u64,
     pipe: Option<PipeContext>,
+    /// Last pipelined batch: seconds spent in forward/backward passes, and in the whole batch.
+    pipe_timing: Option<(f64, f64)>,
 }
 
 impl<'m> Engine<'m> {
@@ -516,6 +518,7 @@ impl<'m> Engine<'m> {
             updates: 0,
             skipped: 0,
             pipe: None,
+            pipe_timing: None,
         })
     }
 
@@ -542,6 +545,12 @@ impl<'m> Engine<'m> {
             .set_pipeline(pipe.stages.clone(), |p| last && p.meta.tie_group.is_some());
         self.pipe = Some(pipe);
         Ok(self)
+    }
+
+    /// The last pipelined `train_batch`: (seconds computing forward/backward, seconds in total);
+    /// the difference is this stage's bubble and communication.
+    pub fn pipeline_timing(&self) -> Option<(f64, f64)> {
+        self.pipe_timing
     }
 
     /// Pipeline stage index and count (0 and 1 without a pipeline).
@@ -790,7 +799,14 @@ impl<'m> Engine<'m> {
         let mut backwards = 0usize;
         let dev = candle_core::Device::Cpu;
         let schedule = TrainSchedule::new(gas, stages, stage);
+        let started = std::time::Instant::now();
+        let mut busy = 0f64;
         for instruction in schedule.steps().into_iter().flatten() {
+            let t0 = std::time::Instant::now();
+            let computes = matches!(
+                instruction,
+                Instruction::ForwardPass { .. } | Instruction::BackwardPass { .. }
+            );
             match instruction {
                 Instruction::LoadMicroBatch { micro_batch: m, .. } => {
                     if first {
@@ -929,7 +945,11 @@ impl<'m> Engine<'m> {
                 // follows the schedule.
                 Instruction::ReduceGrads | Instruction::OptimizerStep => {}
             }
+            if computes {
+                busy += t0.elapsed().as_secs_f64();
+            }
         }
+        self.pipe_timing = Some((busy, started.elapsed().as_secs_f64()));
         self.micro_step = gas;
         // The loss lives on the last stage: share it along the pipeline, then average over dp.
         let mut l = [if last { loss_sum / gas as f64 } else { 0.0 }];
