@@ -5,7 +5,7 @@
 #   MODEL=tiny (default, runs here) | 345m | 1.5b;  WORLD (default 8), PP_SIZE (2), MP_SIZE (2)
 #   GAS (accumulation; default: the config's train_batch_size / (micro x dp)), ITERS, DATA,
 #   CHECKPOINT_PATH (passes --save/--load), DEEPSCALE (the binary)
-# Pipeline parallelism is being built: until it lands, PP_SIZE=1 runs this script.
+# ZeRO-2 with PP_SIZE > 1 is refused (as in DeepSpeed); use it with PP_SIZE=1.
 set -euo pipefail
 script_dir=$(cd "$(dirname "$0")" && pwd)
 assets=$(dirname "$script_dir")
