@@ -246,6 +246,67 @@ fn pretrain_bert_from_text_and_from_a_sentence_dataset() {
         "{v}"
     );
     assert!(v["valid_loss"].as_f64().is_some());
+    // A pipeline: 2 stages x 2 data-parallel ranks, 2 micro-batches each.
+    let base = [
+        "pretrain-bert",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "48",
+        "--train-iters",
+        "3",
+        "--lr",
+        "5e-3",
+        "--lr-decay-style",
+        "constant",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "1",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--json",
+    ];
+    // Same micro-batches without the pipeline (the masked-LM mean is per micro-batch, as in
+    // Megatron, so the split must match).
+    let one = deepscale(
+        &[
+            &base[..],
+            &["--batch-size", "1", "--gas", "2", "--world-size", "2"],
+        ]
+        .concat(),
+    );
+    let piped = deepscale(
+        &[
+            &base[..],
+            &[
+                "--batch-size",
+                "1",
+                "--gas",
+                "2",
+                "--world-size",
+                "4",
+                "--pipe-parallel-size",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(piped["pp"].as_u64(), Some(2));
+    let (a, b) = (
+        piped["final_loss"].as_f64().unwrap(),
+        one["final_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * b,
+        "BERT pp=2 x dp=2 {a} vs dp=2 {b}"
+    );
     // fp16 parameters with dynamic loss scaling train too.
     let mut args = common.to_vec();
     args.extend(["--fp16", "--world-size", "2", "--zero-stage", "2"]);

@@ -108,7 +108,14 @@ struct Shared {
 }
 
 pub fn run(a: PretrainBertArgs) -> Result<()> {
-    let layout = a.layout.layout_without_pipeline("pretrain-bert")?;
+    let layout = a.layout.layout()?;
+    if layout.pp > 1 && (a.load.is_some() || a.train.ds.save.is_some()) {
+        bail!(
+            "not supported: --save/--load with --pipe-parallel-size {}, because checkpoints of \
+             pipeline stages are not built yet",
+            layout.pp
+        )
+    }
     let t = &a.train;
     t.ds.refuse_unsupported()?;
     let ds = t.ds.config()?;
@@ -311,7 +318,25 @@ fn train_rank(
         &sh.cfg,
         &ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone()),
     )?;
-    let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
+    // A pipeline stage trains its share of the layers (uniform: embedding, blocks and head
+    // spread evenly; the whole model is built on every rank for now).
+    let all = model.layers();
+    let pipe = ctx.pipe()?;
+    let layers = match &pipe {
+        Some(p) => {
+            let bounds = candle_deepscale::pipe::partition_layers(
+                &all,
+                p.stages.size(),
+                &candle_deepscale::pipe::PartitionMethod::Uniform,
+            )?;
+            all[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec()
+        }
+        None => all,
+    };
+    let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
+    if let Some(p) = pipe {
+        engine = engine.with_pipeline(p)?;
+    }
     if let Some(c) = &sh.ckpt {
         c.restore(&mut engine, !t.ds.no_load_optim)?;
     }
