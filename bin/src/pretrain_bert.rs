@@ -322,17 +322,12 @@ fn train_rank(
     // spread evenly; the whole model is built on every rank for now).
     let all = model.layers();
     let pipe = ctx.pipe()?;
-    let layers = match &pipe {
-        Some(p) => {
-            let bounds = candle_deepscale::pipe::partition_layers(
-                &all,
-                p.stages.size(),
-                &candle_deepscale::pipe::PartitionMethod::Uniform,
-            )?;
-            all[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec()
-        }
-        None => all,
-    };
+    let layers = crate::training::stage_layers(
+        all,
+        pipe.as_ref(),
+        &candle_deepscale::pipe::PartitionMethod::Uniform,
+        root,
+    )?;
     let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
     if let Some(p) = pipe {
         engine = engine.with_pipeline(p)?;

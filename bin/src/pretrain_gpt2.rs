@@ -352,23 +352,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     // A pipeline stage trains only its layers (the whole model is built on every rank for now).
     let all_layers = model.layers();
     let pipe = ctx.pipe()?;
-    let layers = match &pipe {
-        Some(p) => {
-            let bounds = candle_deepscale::pipe::partition_layers(
-                &all_layers,
-                p.stages.size(),
-                &sh.partition,
-            )?;
-            if root {
-                eprintln!(
-                    "pipeline: {} stages, layer boundaries {bounds:?}",
-                    p.stages.size()
-                );
-            }
-            all_layers[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec()
-        }
-        None => all_layers,
-    };
+    let layers = crate::training::stage_layers(all_layers, pipe.as_ref(), &sh.partition, root)?;
     let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
     if let Some(p) = pipe {
         engine = engine.with_pipeline(p)?;

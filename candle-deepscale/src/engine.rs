@@ -311,6 +311,33 @@ pub fn forward_backward(
     Ok((loss, grads))
 }
 
+/// The engine's per-layer hook: layer `i`'s gradients go into the ZeRO buffers, and the buckets
+/// they complete are reduced (at the accumulation boundary `last` for stages 0 and 1).
+fn into_zero(
+    zero: &mut ZeroOptimizer,
+    last: bool,
+    i: usize,
+    layer: &dyn Layer,
+    store: Option<&GradStore>,
+) -> Result<()> {
+    if let Some(store) = store {
+        let mut seen = std::collections::HashSet::new();
+        for p in layer.parameters() {
+            if !seen.insert(p.tensor().id()) {
+                continue;
+            }
+            if let Some(g) = store.get(p.tensor()) {
+                zero.accumulate(p.tensor(), g)?;
+            }
+        }
+    }
+    let ready: Vec<usize> = zero.layout().ready_after(i).collect();
+    for b in ready {
+        zero.reduce_bucket(b, last)?;
+    }
+    Ok(())
+}
+
 /// What an engine is told: DeepSpeed's config sections, resolved for one data-parallel size.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -652,24 +679,7 @@ impl<'m> Engine<'m> {
             &self.policy,
             self.scaler.cur_scale,
             loss_fn,
-            &mut |i, layer, store| {
-                if let Some(store) = store {
-                    let mut seen = std::collections::HashSet::new();
-                    for p in layer.parameters() {
-                        if !seen.insert(p.tensor().id()) {
-                            continue;
-                        }
-                        if let Some(g) = store.get(p.tensor()) {
-                            zero.accumulate(p.tensor(), g)?;
-                        }
-                    }
-                }
-                let ready: Vec<usize> = zero.layout().ready_after(i).collect();
-                for b in ready {
-                    zero.reduce_bucket(b, last)?;
-                }
-                Ok(())
-            },
+            &mut |i, layer, store| into_zero(zero, last, i, layer, store),
         )?;
         self.micro_step += 1;
         Ok(loss)
@@ -898,23 +908,7 @@ impl<'m> Engine<'m> {
                         state,
                         go,
                         &self.policy,
-                        &mut |i, layer, store| {
-                            if let Some(store) = store {
-                                let mut seen = std::collections::HashSet::new();
-                                for p in layer.parameters() {
-                                    if seen.insert(p.tensor().id()) {
-                                        if let Some(g) = store.get(p.tensor()) {
-                                            zero.accumulate(p.tensor(), g)?;
-                                        }
-                                    }
-                                }
-                            }
-                            let ready: Vec<usize> = zero.layout().ready_after(i).collect();
-                            for b in ready {
-                                zero.reduce_bucket(b, boundary)?;
-                            }
-                            Ok(())
-                        },
+                        &mut |i, layer, store| into_zero(zero, boundary, i, layer, store),
                     )?;
                     if let Some(e) = grads_in.get_mut(&m) {
                         e.1 = g;
