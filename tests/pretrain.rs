@@ -484,16 +484,4 @@ fn pipeline_layouts_equal_the_one_rank_run() {
         ),
         &["not supported: --save with --pipe-parallel-size 2"],
     );
-    fails_with(
-        &deepscale(&[
-            "generate",
-            "--pipe-parallel-size",
-            "2",
-            "--world-size",
-            "2",
-            "--prompt",
-            "x",
-        ]),
-        &["not supported: --pipe-parallel-size 2 for generate"],
-    );
 }

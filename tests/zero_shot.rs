@@ -18,7 +18,7 @@ fn overlapping_windows_score_every_target_once_with_megatrons_context() {
     let model = common::random_gpt2(&common::tiny_gpt2_config(), 11);
     let tokens = text_tokens(90);
     for (seq, overlap) in [(32, 32), (32, 8), (20, 5), (64, 64)] {
-        let got = overlapping_windows_loss(&model, &tokens, seq, overlap, None).unwrap();
+        let got = overlapping_windows_loss(&model, &tokens, seq, overlap, None, None).unwrap();
         // Directly: target j is predicted from the start of the first window that scores it.
         let mut want = 0f64;
         for j in 1..tokens.len() {
@@ -75,7 +75,7 @@ fn lambada_counts_exactly_the_words_greedy_decoding_reproduces() {
         }
         examples.push((context, target));
     }
-    let r = lambada_accuracy(&model, &examples, None).unwrap();
+    let r = lambada_accuracy(&model, &examples, None, None).unwrap();
     assert_eq!((r.correct, r.total), (expected, 6));
 }
 
@@ -102,8 +102,21 @@ fn evaluate_lambada_and_wikitext_agree_across_layouts() {
     let lambada = format!("{assets}/lambada_sample.jsonl");
     let wiki = format!("{assets}/wikitext_sample.txt");
     let mut seen = Vec::new();
-    for (world, tp) in [("1", "1"), ("2", "2"), ("4", "2")] {
-        let layout = ["--world-size", world, "--model-parallel-size", tp];
+    for (world, tp, pp) in [
+        ("1", "1", "1"),
+        ("2", "2", "1"),
+        ("4", "2", "1"),
+        ("2", "1", "2"),
+        ("4", "2", "2"),
+    ] {
+        let layout = [
+            "--world-size",
+            world,
+            "--model-parallel-size",
+            tp,
+            "--pipe-parallel-size",
+            pp,
+        ];
         let mut a = vec![
             "evaluate",
             "--task",
@@ -153,6 +166,52 @@ fn evaluate_lambada_and_wikitext_agree_across_layouts() {
             seen[0].1
         );
     }
+    // Generation and the plain loss through a pipeline (pp 2 x tp 2) match one rank.
+    let gen = |layout: &[&str]| {
+        let mut g = vec![
+            "generate",
+            "--hf-dir",
+            d,
+            "--prompt",
+            "abc",
+            "--greedy",
+            "--out-seq-length",
+            "6",
+            "--json",
+        ];
+        g.extend_from_slice(layout);
+        deepscale(&g)["token_ids"].clone()
+    };
+    assert_eq!(
+        gen(&[
+            "--world-size",
+            "4",
+            "--model-parallel-size",
+            "2",
+            "--pipe-parallel-size",
+            "2"
+        ]),
+        gen(&[])
+    );
+    let loss = |layout: &[&str]| {
+        let mut g = vec![
+            "evaluate",
+            "--task",
+            "loss",
+            "--hf-dir",
+            d,
+            "--text",
+            "Pipelines score the same text.",
+            "--json",
+        ];
+        g.extend_from_slice(layout);
+        deepscale(&g)["loss"].as_f64().unwrap()
+    };
+    let (a, b) = (
+        loss(&["--world-size", "2", "--pipe-parallel-size", "2"]),
+        loss(&[]),
+    );
+    assert!((a - b).abs() <= 1e-5 * b, "{a} vs {b}");
     // The detokenized text is what is scored.
     let raw = std::fs::read_to_string(&wiki).unwrap();
     let text = zoo::evaluation::wikitext_detokenize(&raw);

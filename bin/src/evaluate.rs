@@ -94,7 +94,7 @@ fn lambada_examples(
 }
 
 fn zero_shot(a: EvaluateArgs) -> Result<()> {
-    let layout = a.layout.layout_without_pipeline("evaluate")?;
+    let layout = a.layout.layout()?;
     let Some(path) = &a.valid_data else {
         bail!("--task {:?} needs --valid-data FILE", a.task)
     };
@@ -105,10 +105,13 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
     let Some(v) = crate::launch::launch(&layout, |ctx| {
         let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
         let dp = ctx.dp()?;
+        let pipe = ctx.pipe()?;
+        let stage = crate::models::stage(&model, pipe.as_ref())?;
+        let stage = stage.as_ref();
         Ok(match task {
             Task::Lambada => {
                 let ex = lambada_examples(&raw, path, &tok, a.strict_lambada)?;
-                let r = zoo::evaluation::lambada_accuracy(&model, &ex, dp.as_ref())?;
+                let r = zoo::evaluation::lambada_accuracy(&model, &ex, dp.as_ref(), stage)?;
                 eprintln!(
                     "lambada: accuracy {:.4} ({} / {})",
                     r.accuracy, r.correct, r.total
@@ -127,6 +130,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
                     seq,
                     overlap,
                     dp.as_ref(),
+                    stage,
                 )?;
                 eprintln!(
                     "wikitext103: loss {:.6}, perplexity {:.4}, adjusted perplexity {:.4} (token ratio {:.4})",
@@ -153,7 +157,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
 }
 
 fn loss(a: EvaluateArgs) -> Result<()> {
-    let layout = a.layout.layout_without_pipeline("evaluate")?;
+    let layout = a.layout.layout()?;
     let text = match (&a.text, &a.text_file) {
         (Some(t), None) => t.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -165,10 +169,13 @@ fn loss(a: EvaluateArgs) -> Result<()> {
     let Some(r) = crate::launch::launch(&layout, |ctx| {
         let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
         let ids = tok.encode(&text, false)?;
+        let pipe = ctx.pipe()?;
+        let stage = crate::models::stage(&model, pipe.as_ref())?;
         Ok(zoo::evaluation::lm_loss_dp(
             &model,
             &ids,
             ctx.dp()?.as_ref(),
+            stage.as_ref(),
         )?)
     })?
     else {

@@ -5,7 +5,7 @@ use clap::Args;
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
-use zoo::generation::{generate, SamplingConfig};
+use zoo::generation::{generate_on, SamplingConfig};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -45,7 +45,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let layout = a.layout.layout_without_pipeline("generate")?;
+    let layout = a.layout.layout()?;
     if a.prompt.is_some() && a.sample_input_file.is_some() {
         bail!("give either --prompt or --sample-input-file, not both")
     }
@@ -62,6 +62,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.
     let Some(results) = crate::launch::launch(&layout, |ctx| {
         let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+        let pipe = ctx.pipe()?;
+        let stage = crate::models::stage(&model, pipe.as_ref())?;
         let cfg = SamplingConfig {
             greedy: a.greedy,
             temperature: a.temperature,
@@ -87,7 +89,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     };
                     ids.push(eod);
                 }
-                let out = generate(&model, &ids, &cfg)?;
+                let out = generate_on(&model, stage.as_ref(), &ids, &cfg)?;
                 let text = tok.decode(&out)?;
                 Ok(json!({"prompt": prompt, "prompt_ids": ids, "text": text, "token_ids": out}))
             })

@@ -82,3 +82,21 @@ fn load_native_gpt2(
         .with_tp(tp);
     Ok((Gpt2::new(&cfg, &pb)?, tok))
 }
+
+/// This rank's pipeline stage of `model` for inference (None without a pipeline): the layers cut
+/// by balanced parameter counts.
+pub fn stage<'a>(
+    model: &'a Gpt2,
+    pipe: Option<&'a candle_deepscale::engine::PipeContext>,
+) -> Result<Option<candle_deepscale::pipe::Stage<'a>>> {
+    let Some(p) = pipe else {
+        return Ok(None);
+    };
+    let layers = crate::training::stage_layers(
+        model.layers(),
+        Some(p),
+        &candle_deepscale::pipe::PartitionMethod::Parameters,
+        false,
+    )?;
+    Ok(Some(candle_deepscale::pipe::Stage { layers, pipe: p }))
+}

@@ -960,42 +960,22 @@ impl<'m> Engine<'m> {
         input: Activations,
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
-        let ctx = ForwardCtx::eval();
         // In a pipeline the batch flows stage to stage; the last computes the loss and shares it.
-        let pipe = self.pipe.as_ref();
-        let (stage, stages) = self.stage();
-        let tag = 999;
-        let mut x = match (pipe, stage) {
-            (Some(p), s) if s > 0 => crate::pipe::p2p::recv_activations(
-                p.stages.comm.as_ref(),
-                p.stages.group[s - 1],
-                tag,
-                input.hidden.device(),
-            )?,
-            _ => input,
-        };
-        for layer in &self.layers {
-            x = detached(&layer.forward(&x, &ctx)?);
-        }
-        let Some(p) = pipe else {
-            return loss_fn(&x)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>();
-        };
-        let mut loss = [0f64];
-        if stage + 1 < stages {
-            crate::pipe::p2p::send_activations(
-                p.stages.comm.as_ref(),
-                p.stages.group[stage + 1],
-                tag,
-                &x,
-            )?;
-        } else {
-            loss[0] = loss_fn(&x)?
+        let out = crate::pipe::pipeline_forward(
+            &self.layers,
+            self.pipe.as_ref(),
+            input,
+            &ForwardCtx::eval(),
+        )?;
+        let mut loss = [match out {
+            Some(x) => loss_fn(&x)?
                 .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+                .to_scalar::<f64>()?,
+            None => 0.0,
+        }];
+        if let Some(p) = self.pipe.as_ref() {
+            p.stages.all_reduce(&mut loss, ReduceOp::Sum)?;
         }
-        p.stages.all_reduce(&mut loss, ReduceOp::Sum)?;
         Ok(loss[0] as f32)
     }
 

@@ -3,7 +3,31 @@ use crate::gpt2::Gpt2;
 use candle_core::{bail, Result, Tensor};
 use candle_deepscale::comm::ProcessGroup;
 use candle_deepscale::module::ForwardCtx;
+use candle_deepscale::pipe::Stage;
 use serde::Serialize;
+
+/// Logits of `ids` on this rank: the whole model, or (`stage`) this pipeline stage's part, which
+/// yields logits on the last stage only.
+fn logits(model: &Gpt2, stage: Option<&Stage>, ids: &Tensor) -> Result<Option<Tensor>> {
+    match stage {
+        None => Ok(Some(model.forward(ids, &ForwardCtx::eval())?)),
+        Some(s) => Ok(candle_deepscale::pipe::pipeline_forward(
+            &s.layers,
+            Some(s.pipe),
+            candle_deepscale::module::Activations::new(ids.clone()),
+            &ForwardCtx::eval(),
+        )?
+        .map(|a| a.hidden)),
+    }
+}
+
+/// Sums what the last pipeline stage computed onto every stage (no-op without a pipeline).
+fn share(stage: Option<&Stage>, v: &mut [f64]) -> Result<()> {
+    match stage {
+        Some(s) => s.share(v),
+        None => Ok(()),
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LossResult {
@@ -21,11 +45,16 @@ pub struct LossResult {
 /// successors, so every token but the first is scored exactly once. With a data-parallel group the
 /// windows are shared out round-robin and the sums all-reduced.
 pub fn lm_loss(model: &Gpt2, tokens: &[u32]) -> Result<LossResult> {
-    lm_loss_dp(model, tokens, None)
+    lm_loss_dp(model, tokens, None, None)
 }
 
 /// [`lm_loss`] over the windows this data-parallel rank owns, summed over `dp`.
-pub fn lm_loss_dp(model: &Gpt2, tokens: &[u32], dp: Option<&ProcessGroup>) -> Result<LossResult> {
+pub fn lm_loss_dp(
+    model: &Gpt2,
+    tokens: &[u32],
+    dp: Option<&ProcessGroup>,
+    stage: Option<&Stage>,
+) -> Result<LossResult> {
     if tokens.len() < 2 {
         bail!(
             "the text has {} token(s); the loss needs at least 2",
@@ -58,15 +87,19 @@ pub fn lm_loss_dp(model: &Gpt2, tokens: &[u32], dp: Option<&ProcessGroup>) -> Re
         }
         let input = Tensor::new(&tokens[start..end], &dev)?.unsqueeze(0)?;
         let labels = Tensor::new(&tokens[start + 1..end + 1], &dev)?;
-        let logits = model.forward(&input, &ForwardCtx::eval())?;
-        let losses = model.token_losses(&logits, &labels)?;
-        total += losses
-            .to_dtype(candle_core::DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        if let Some(logits) = logits(model, stage, &input)? {
+            let losses = model.token_losses(&logits, &labels)?;
+            total += losses
+                .to_dtype(candle_core::DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
         count += end - start;
         start = end;
     }
+    let mut t = [total];
+    share(stage, &mut t)?;
+    total = t[0];
     if let Some(g) = dp {
         let mut sums = [total, count as f64];
         g.all_reduce(&mut sums, candle_deepscale::comm::ReduceOp::Sum)?;
@@ -138,6 +171,7 @@ pub fn overlapping_windows_loss(
     seq_len: usize,
     overlap: usize,
     dp: Option<&ProcessGroup>,
+    stage: Option<&Stage>,
 ) -> Result<f64> {
     if tokens.len() < 2 {
         bail!(
@@ -177,9 +211,10 @@ pub fn overlapping_windows_loss(
         let n = chunk.len() - 1;
         let input = Tensor::new(&chunk[..n], &dev)?.unsqueeze(0)?;
         let labels = Tensor::new(&chunk[1..], &dev)?;
-        let losses: Vec<f32> = model
-            .token_losses(&model.forward(&input, &ForwardCtx::eval())?, &labels)?
-            .to_vec1()?;
+        let Some(out) = logits(model, stage, &input)? else {
+            continue;
+        };
+        let losses: Vec<f32> = model.token_losses(&out, &labels)?.to_vec1()?;
         // Later windows score only the targets no earlier window scored.
         let first = if w == 0 || overlap == seq_len {
             0
@@ -191,12 +226,12 @@ pub fn overlapping_windows_loss(
             .map(|x| *x as f64)
             .sum::<f64>();
     }
+    let mut v = [total];
+    share(stage, &mut v)?;
     if let Some(g) = dp {
-        let mut v = [total];
         g.all_reduce(&mut v, candle_deepscale::comm::ReduceOp::Sum)?;
-        total = v[0];
     }
-    Ok(total)
+    Ok(v[0])
 }
 
 /// Perplexity of a (detokenized) text the way Megatron's zero-shot WikiText-103 task reports it.
@@ -207,8 +242,9 @@ pub fn wikitext_perplexity(
     seq_len: usize,
     overlap: usize,
     dp: Option<&ProcessGroup>,
+    stage: Option<&Stage>,
 ) -> Result<WikitextResult> {
-    let total = overlapping_windows_loss(model, tokens, seq_len, overlap, dp)?;
+    let total = overlapping_windows_loss(model, tokens, seq_len, overlap, dp, stage)?;
     let num_tokenized_tokens = tokens.len();
     let num_original_tokens = text.trim().split(' ').count();
     let loss = total / (num_tokenized_tokens - 1) as f64;
@@ -238,6 +274,7 @@ pub fn lambada_accuracy(
     model: &Gpt2,
     examples: &[(Vec<u32>, Vec<u32>)],
     dp: Option<&ProcessGroup>,
+    stage: Option<&Stage>,
 ) -> Result<AccuracyResult> {
     let dev = model
         .embedding
@@ -263,7 +300,10 @@ pub fn lambada_accuracy(
         }
         let n = all.len() - 1;
         let input = Tensor::new(&all[..n], &dev)?.unsqueeze(0)?;
-        let logits = model.full_logits(&model.forward(&input, &ForwardCtx::eval())?)?;
+        let Some(out) = logits(model, stage, &input)? else {
+            continue;
+        };
+        let logits = model.full_logits(&out)?;
         let pred: Vec<u32> = logits
             .squeeze(0)?
             .argmax(candle_core::D::Minus1)?
@@ -273,6 +313,9 @@ pub fn lambada_accuracy(
             correct += 1;
         }
     }
+    let mut c = [correct as f64];
+    share(stage, &mut c)?;
+    let correct = c[0] as usize;
     let mut counts = [correct as f64, examples.len() as f64];
     if let Some(g) = dp {
         let mut c = [correct as f64];

@@ -106,6 +106,17 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u
 
 /// Generates up to `cfg.max_new_tokens` tokens after `prompt`; returns the new tokens.
 pub fn generate(model: &Gpt2, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
+    generate_on(model, None, prompt, cfg)
+}
+
+/// [`generate`] on this rank's part of the model: with `stage`, every step runs through the
+/// pipeline (the sequence is recomputed), the last stage samples and every stage receives the token.
+pub fn generate_on(
+    model: &Gpt2,
+    stage: Option<&candle_deepscale::pipe::Stage>,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+) -> Result<Vec<u32>> {
     cfg.validate()?;
     if prompt.is_empty() {
         bail!("generation needs at least one prompt token")
@@ -134,6 +145,34 @@ pub fn generate(model: &Gpt2, prompt: &[u32], cfg: &SamplingConfig) -> Result<Ve
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     for step in 0..budget {
+        if let Some(st) = stage {
+            let ids = Tensor::new(&tokens[..], &dev)?.unsqueeze(0)?;
+            let stage_out = candle_deepscale::pipe::pipeline_forward(
+                &st.layers,
+                Some(st.pipe),
+                candle_deepscale::module::Activations::new(ids),
+                &ForwardCtx::eval(),
+            )?;
+            let mut next = [0f64];
+            if let Some(o) = stage_out {
+                let logits = o.hidden;
+                let last = logits.narrow(1, logits.dim(1)? - 1, 1)?;
+                let last = model
+                    .full_logits(&last)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                next[0] = sample_token(&last, cfg, &mut rng) as f64;
+            }
+            st.share(&mut next)?;
+            let next = next[0] as u32;
+            tokens.push(next);
+            out.push(next);
+            if cfg.stop_token == Some(next) {
+                break;
+            }
+            continue;
+        }
         let logits = if cfg.use_cache {
             let fresh = if step == 0 {
                 &tokens[..]
