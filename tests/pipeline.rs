@@ -170,3 +170,27 @@ fn zero_2_with_a_pipeline_is_refused_with_the_reason() {
         );
     }
 }
+
+#[test]
+fn partition_methods_cut_a_gpt2_where_expected() {
+    // Embedding, 6 transformer blocks, head (final LayerNorm + tied logits).
+    let cfg = zoo::gpt2::Config {
+        seq_length: 64,
+        max_position_embeddings: 64,
+        ..zoo::gpt2::Config::new(6, 64, 4, 257)
+    };
+    let model = common::random_gpt2(&cfg, 1);
+    let layers = model.layers();
+    let part = |m: &str, p: usize| {
+        partition_layers(&layers, p, &m.parse::<PartitionMethod>().unwrap()).unwrap()
+    };
+    assert_eq!(part("uniform", 2), vec![0, 4, 8]);
+    assert_eq!(part("uniform", 3), vec![0, 3, 6, 8]);
+    // Three blocks per stage; embedding and head go with the ends.
+    assert_eq!(part("type:transformer", 2), vec![0, 4, 8]);
+    assert_eq!(part("type:transformer", 3), vec![0, 3, 5, 8]);
+    // Parameters: embedding 384x64 + 64x64 = 28672, a block 49984, the head (LayerNorm + the
+    // tied 384x64 word embedding) 24704: balanced at 2 stages = 178624 | 174656.
+    assert_eq!(part("parameters", 2), vec![0, 4, 8]);
+    assert!(partition_layers(&layers, 9, &PartitionMethod::Uniform).is_err());
+}
