@@ -194,3 +194,53 @@ fn partition_methods_cut_a_gpt2_where_expected() {
     assert_eq!(part("parameters", 2), vec![0, 4, 8]);
     assert!(partition_layers(&layers, 9, &PartitionMethod::Uniform).is_err());
 }
+
+#[test]
+fn gpt2_model_pipe_builds_only_its_stage() {
+    let cfg = zoo::gpt2::Config {
+        seq_length: 64,
+        max_position_embeddings: 64,
+        ..zoo::gpt2::Config::new(6, 64, 4, 257)
+    };
+    let whole = common::random_gpt2(&cfg, 1);
+    for method in ["uniform", "parameters", "type:transformer"] {
+        let m: PartitionMethod = method.parse().unwrap();
+        for stages in [2, 3] {
+            // The shape-only partition equals the one over the built model's layers.
+            let bounds = zoo::gpt2::Gpt2Pipe::partition(&cfg, stages, &m).unwrap();
+            assert_eq!(
+                bounds,
+                partition_layers(&whole.layers(), stages, &m).unwrap(),
+                "{method} x {stages}"
+            );
+        }
+    }
+    let src = RandomInit { seed: 1 };
+    let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32);
+    let middle = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 2..5).unwrap();
+    let names: Vec<String> = candle_deepscale::module::unique_parameters(&middle.layers())
+        .iter()
+        .map(|p| p.meta.name.clone())
+        .collect();
+    assert_eq!(middle.layers().len(), 3);
+    assert!(
+        names.iter().all(|n| n.starts_with("layers.1.")
+            || n.starts_with("layers.2.")
+            || n.starts_with("layers.3.")),
+        "{names:?}"
+    );
+    // The last stage holds the head with its own tied copy of the word embedding, equal to the
+    // first stage's.
+    let last = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 5..8).unwrap();
+    let first = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 0..2).unwrap();
+    let wte = |s: &zoo::gpt2::Gpt2Pipe| {
+        candle_deepscale::module::unique_parameters(&s.layers())
+            .into_iter()
+            .find(|p| p.meta.name == "embedding.word_embeddings.weight")
+            .map(|p| p.tensor().clone())
+            .unwrap()
+    };
+    assert_eq!(common::max_abs_diff(&wte(&last), &wte(&first)), 0.0);
+    assert_eq!(last.layers().len(), 3);
+    assert!(zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 7..9).is_err());
+}

@@ -14,7 +14,7 @@ use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use zoo::generation::{generate, SamplingConfig};
-use zoo::gpt2::{self, Gpt2};
+use zoo::gpt2::{self, Gpt2, Gpt2Pipe};
 use zoo::text_data::{read_documents, split_documents, tokenize_documents, TokenSamples};
 use zoo::tokenizer::Tokenizer;
 
@@ -327,32 +327,45 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     let tp = ctx.tp()?;
     let dp = ctx.dp()?;
     let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
-    let model = match &sh.hf_dir {
-        Some(d) => {
-            zoo::hub::load_gpt2_tp(d, &device, tp.clone(), |c| {
-                c.hidden_dropout = a.train.hidden_dropout;
-                c.attention_dropout = a.train.attention_dropout;
-            })?
-            .0
-        }
-        None => {
-            let init = RandomInit { seed: a.train.seed };
-            let src: &dyn candle_deepscale::parameter::ParamSource = match &sh.ckpt {
-                Some(c) => c,
-                None => &init,
-            };
-            Gpt2::new(
-                &sh.cfg,
-                &ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone()),
-            )?
-        }
-    };
-    let cfg = &model.config;
-    let n_params: usize = model.parameters().iter().map(|p| p.meta.numel()).sum();
-    // A pipeline stage trains only its layers (the whole model is built on every rank for now).
-    let all_layers = model.layers();
     let pipe = ctx.pipe()?;
-    let layers = crate::training::stage_layers(all_layers, pipe.as_ref(), &sh.partition, root)?;
+    let init = RandomInit { seed: a.train.seed };
+    let hf_source = match &sh.hf_dir {
+        Some(d) => Some(zoo::gpt2::hf::HfSource::new(
+            zoo::weights::SafetensorsFiles::open_dir(d)?,
+            &sh.cfg,
+        )?),
+        None => None,
+    };
+    let src: &dyn candle_deepscale::parameter::ParamSource = match (&hf_source, &sh.ckpt) {
+        (Some(h), _) => h,
+        (None, Some(c)) => c,
+        (None, None) => &init,
+    };
+    let pb = ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone());
+    // A pipeline stage builds (and reads) only its own layers: GPT2ModelPipe.
+    let net = match &pipe {
+        Some(p) => {
+            let bounds = Gpt2Pipe::partition(&sh.cfg, p.stages.size(), &sh.partition)?;
+            if root {
+                eprintln!(
+                    "pipeline: {} stages, layer boundaries {bounds:?}",
+                    p.stages.size()
+                );
+            }
+            Net::Stage(Gpt2Pipe::new(
+                &sh.cfg,
+                &pb,
+                bounds[p.stages.rank]..bounds[p.stages.rank + 1],
+            )?)
+        }
+        None => Net::Whole(Box::new(Gpt2::new(&sh.cfg, &pb)?)),
+    };
+    let cfg = &sh.cfg;
+    let layers = net.layers();
+    let n_params: usize = candle_deepscale::module::unique_parameters(&layers)
+        .iter()
+        .map(|p| p.meta.numel())
+        .sum();
     let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
     if let Some(p) = pipe {
         engine = engine.with_pipeline(p)?;
@@ -421,7 +434,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         let mut sum = 0.0;
         for i in 0..n {
             let (x, y) = batch(valid, (i * dp_size + dp_rank) * micro, micro, &device)?;
-            sum += engine.eval_batch(Activations::new(x), |o| model.loss(&o.hidden, &y))? as f64;
+            sum += engine.eval_batch(Activations::new(x), |o| net.loss(&o.hidden, &y))? as f64;
         }
         Ok(engine.dp_mean(sum / n as f64)?)
     };
@@ -449,9 +462,9 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         (0..gas)
             .map(|m| {
                 let (x, y) = batch(&sh.train, start + m * micro, micro, &device)?;
-                let model = &model;
+                let net = &net;
                 Ok((Activations::new(x), move |o: &Activations| {
-                    model.loss(&o.hidden, &y)
+                    net.loss(&o.hidden, &y)
                 }))
             })
             .collect()
@@ -471,7 +484,9 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     })?;
     if root {
         if let Some(dir) = &a.save_hf {
-            zoo::gpt2::hf::save_hf_dir(&model, &sh.tok, dir)?;
+            if let Net::Whole(model) = &net {
+                zoo::gpt2::hf::save_hf_dir(model, &sh.tok, dir)?;
+            }
             eprintln!(
                 "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
                 dir.display(),
@@ -483,12 +498,14 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     let mut sample = None;
     if !a.sample_prompt.is_empty() && a.sample_length > 0 && ctx.topo.pp > 1 {
         if root {
-            eprintln!("note: no greedy sample at --pipe-parallel-size > 1 (generation is not pipelined yet)");
+            eprintln!("note: no greedy sample at --pipe-parallel-size > 1 (run `deepscale generate` at any layout)");
         }
-    } else if !a.sample_prompt.is_empty() && a.sample_length > 0 {
+    } else if let (Net::Whole(model), true) =
+        (&net, !a.sample_prompt.is_empty() && a.sample_length > 0)
+    {
         let ids = sh.tok.encode(&a.sample_prompt, false)?;
         let out = generate(
-            &model,
+            model,
             &ids,
             &SamplingConfig {
                 greedy: true,
@@ -626,4 +643,26 @@ fn partition_method(
         (f, c) => f.clone().or(c).unwrap_or_else(|| "type:transformer".into()),
     };
     Ok(method.parse()?)
+}
+
+/// The model a rank trains: the whole GPT-2, or its pipeline stage.
+enum Net {
+    Whole(Box<Gpt2>),
+    Stage(Gpt2Pipe),
+}
+
+impl Net {
+    fn layers(&self) -> Vec<&dyn candle_deepscale::module::Layer> {
+        match self {
+            Net::Whole(m) => m.layers(),
+            Net::Stage(s) => s.layers(),
+        }
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Net::Whole(m) => m.loss(logits, labels),
+            Net::Stage(s) => s.loss(logits, labels),
+        }
+    }
 }

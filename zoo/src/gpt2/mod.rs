@@ -3,6 +3,8 @@
 mod config;
 pub mod hf;
 mod model;
+pub mod pipe;
 
 pub use config::Config;
 pub use model::{Block, FinalHead, Gpt2, Gpt2Embedding, KvCache};
+pub use pipe::Gpt2Pipe;

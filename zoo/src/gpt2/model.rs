@@ -20,7 +20,7 @@ pub struct Gpt2Embedding {
 }
 
 impl Gpt2Embedding {
-    fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let (tp, _) = size_rank(pb.tp());
         let word_embeddings = VocabParallelEmbedding::new(
@@ -124,7 +124,7 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(cfg: &Config, index: usize, pb: &ParamBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, index: usize, pb: &ParamBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let std = cfg.init_method_std;
         let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
@@ -272,6 +272,19 @@ pub struct FinalHead {
 }
 
 impl FinalHead {
+    /// The final LayerNorm and logits through the (tied) word embedding `word_embeddings`.
+    pub fn new(
+        final_layernorm: LayerNorm,
+        word_embeddings: candle_deepscale::parameter::Param,
+        tp: Option<TensorParallel>,
+    ) -> Self {
+        Self {
+            final_layernorm,
+            word_embeddings,
+            tp,
+        }
+    }
+
     /// This rank's block of the padded-vocabulary logits `[b, t, padded_vocab / tp]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = copy_to_tp(&self.final_layernorm.forward(x)?, self.tp.as_ref())?;
