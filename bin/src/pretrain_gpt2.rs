@@ -352,11 +352,11 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
                     p.stages.size()
                 );
             }
-            Net::Stage(Gpt2Pipe::new(
+            Net::Stage(Box::new(Gpt2Pipe::new(
                 &sh.cfg,
                 &pb,
                 bounds[p.stages.rank]..bounds[p.stages.rank + 1],
-            )?)
+            )?))
         }
         None => Net::Whole(Box::new(Gpt2::new(&sh.cfg, &pb)?)),
     };
@@ -648,7 +648,7 @@ fn partition_method(
 /// The model a rank trains: the whole GPT-2, or its pipeline stage.
 enum Net {
     Whole(Box<Gpt2>),
-    Stage(Gpt2Pipe),
+    Stage(Box<Gpt2Pipe>),
 }
 
 impl Net {
