@@ -359,6 +359,33 @@ fn save_then_load_continues_bit_exactly_and_other_commands_load_it() {
         assert_eq!(x["iteration"], y["iteration"]);
         assert_eq!(x["loss"], y["loss"], "resumed losses are bit-identical");
     }
+    // The checkpoint also continues as a pipeline (each stage reads only its layers).
+    let m_pipe = tmp.path().join("pipe.jsonl");
+    let mut piped = vec![
+        "--zero-stage",
+        "1",
+        "--lr-decay-iters",
+        "6",
+        "--batch-size",
+        "4",
+        "--world-size",
+        "4",
+        "--pipe-parallel-size",
+        "2",
+        "--load",
+        ck.to_str().unwrap(),
+    ];
+    piped.extend(["--train-iters", "6"]);
+    let mut args = tiny("6", &m_pipe);
+    args.retain(|a| a != "--train-iters" && a != "6");
+    ok(&run(&args, &piped));
+    for (x, y) in a[3..].iter().zip(&metrics(&m_pipe)) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!(
+            (lx - ly).abs() <= 1e-5 * lx,
+            "pipelined resume: {ly} vs {lx}"
+        );
+    }
     // generate and evaluate take the checkpoint at another layout.
     let g = deepscale(&[
         "generate",
