@@ -65,13 +65,7 @@ pub fn lm_loss_dp(
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         bail!("token id {bad} is outside the model's vocabulary of {vocab}")
     }
-    let dev = model
-        .embedding
-        .word_embeddings
-        .weight
-        .tensor()
-        .device()
-        .clone();
+    let dev = model.device();
     let window = model.config.max_position_embeddings;
     let (dp_size, dp_rank) = dp.map_or((1, 0), |g| (g.size(), g.rank));
     let mut total = 0f64;
@@ -190,13 +184,7 @@ pub fn overlapping_windows_loss(
             model.config.max_position_embeddings
         )
     }
-    let dev = model
-        .embedding
-        .word_embeddings
-        .weight
-        .tensor()
-        .device()
-        .clone();
+    let dev = model.device();
     let targets = tokens.len() - 1;
     let windows = (targets.saturating_sub(overlap)).div_ceil(overlap) + 1;
     let (dp_size, dp_rank) = dp.map_or((1, 0), |g| (g.size(), g.rank));
@@ -276,13 +264,7 @@ pub fn lambada_accuracy(
     dp: Option<&ProcessGroup>,
     stage: Option<&Stage>,
 ) -> Result<AccuracyResult> {
-    let dev = model
-        .embedding
-        .word_embeddings
-        .weight
-        .tensor()
-        .device()
-        .clone();
+    let dev = model.device();
     let max = model.config.max_position_embeddings;
     let (dp_size, dp_rank) = dp.map_or((1, 0), |g| (g.size(), g.rank));
     let mut correct = 0usize;

@@ -133,13 +133,7 @@ pub fn generate_on(
             prompt.len()
         )
     }
-    let dev = model
-        .embedding
-        .word_embeddings
-        .weight
-        .tensor()
-        .device()
-        .clone();
+    let dev = model.device();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut cache = KvCache::new(model.blocks.len());
     let mut tokens = prompt.to_vec();

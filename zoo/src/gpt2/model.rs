@@ -345,6 +345,16 @@ impl Gpt2 {
         })
     }
 
+    /// The device the model's parameters live on.
+    pub fn device(&self) -> candle_core::Device {
+        self.embedding
+            .word_embeddings
+            .weight
+            .tensor()
+            .device()
+            .clone()
+    }
+
     /// The layer-sequential view the engine drives.
     pub fn layers(&self) -> Vec<&dyn Layer> {
         let mut v: Vec<&dyn Layer> = vec![&self.embedding];
