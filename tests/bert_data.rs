@@ -307,6 +307,35 @@ fn pretrain_bert_from_text_and_from_a_sentence_dataset() {
         (a - b).abs() <= 1e-5 * b,
         "BERT pp=2 x dp=2 {a} vs dp=2 {b}"
     );
+    // A pipeline checkpoint (each stage writes its layers) continues without the pipeline.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let ck = tmp2.path().join("ck");
+    let ck = ck.to_str().unwrap();
+    let pp2 = [
+        "--batch-size",
+        "1",
+        "--gas",
+        "2",
+        "--world-size",
+        "4",
+        "--pipe-parallel-size",
+        "2",
+    ];
+    deepscale(&[&base[..], &pp2, &["--save", ck]].concat());
+    let dp2 = ["--batch-size", "1", "--gas", "2", "--world-size", "2"];
+    let mut four = base.to_vec();
+    let at = four.iter().position(|a| *a == "--train-iters").unwrap();
+    four[at + 1] = "4";
+    let whole = deepscale(&[&four[..], &dp2].concat());
+    let resumed = deepscale(&[&four[..], &dp2, &["--load", ck]].concat());
+    let (a, b) = (
+        resumed["final_loss"].as_f64().unwrap(),
+        whole["final_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * b,
+        "BERT resumed from pp=2 {a} vs uninterrupted {b}"
+    );
     // fp16 parameters with dynamic loss scaling train too.
     let mut args = common.to_vec();
     args.extend(["--fp16", "--world-size", "2", "--zero-stage", "2"]);

@@ -107,6 +107,7 @@ fn run(
                     model: serde_json::json!({"type": "gpt2", "config": model.config}),
                     extra_files: vec![],
                     keep_last: Some(2),
+                    first_layer: 0,
                 },
             )?;
         }

@@ -31,6 +31,10 @@ pub struct LayoutArgs {
     /// Pipeline parallel size.
     #[arg(long, default_value_t = 1)]
     pub pipe_parallel_size: usize,
+    /// How layers are cut into pipeline stages: uniform, parameters or type:REGEX (default: the
+    /// DeepSpeed config's pipeline.partition, else type:transformer as GPT2ModelPipe does).
+    #[arg(long)]
+    pub partition_method: Option<String>,
     /// Seconds any collective may wait for its peers before failing (default: $DEEPSCALE_COMM_TIMEOUT or 300).
     #[arg(long)]
     pub comm_timeout: Option<f64>,
@@ -92,6 +96,36 @@ impl LayoutArgs {
             dp: w / (tp * pp),
             timeout,
         })
+    }
+}
+
+impl LayoutArgs {
+    /// `--partition-method` against the DeepSpeed config's `pipeline` section (which must agree
+    /// with the flags).
+    pub fn partition_method(
+        &self,
+        ds: Option<&candle_deepscale::config::DeepSpeedConfig>,
+    ) -> Result<candle_deepscale::pipe::PartitionMethod> {
+        let section = ds.and_then(|d| d.pipeline.as_ref());
+        if let Some(stages) = section
+            .and_then(|p| p.stages.as_ref())
+            .and_then(|v| v.as_u64())
+        {
+            let pp = self.pipe_parallel_size;
+            if stages as usize != pp {
+                bail!("the DeepSpeed config's pipeline.stages {stages} disagrees with --pipe-parallel-size {pp}")
+            }
+        }
+        let method = match (
+            &self.partition_method,
+            section.and_then(|p| p.partition.clone()),
+        ) {
+            (Some(f), Some(c)) if !f.eq_ignore_ascii_case(&c) => {
+                bail!("--partition-method {f} disagrees with the DeepSpeed config's pipeline.partition {c}")
+            }
+            (f, c) => f.clone().or(c).unwrap_or_else(|| "type:transformer".into()),
+        };
+        Ok(method.parse()?)
     }
 }
 

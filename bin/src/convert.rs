@@ -312,6 +312,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                         model: json!({"type": kind, "config": config}),
                         extra_files: vec![("tokenizer.json".into(), tok.to_json()?.into_bytes())],
                         keep_last: None,
+                        first_layer: 0,
                     },
                 )?;
                 Ok(vec![tag])

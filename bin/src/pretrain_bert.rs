@@ -18,7 +18,7 @@ use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
-use zoo::bert::{self, Bert};
+use zoo::bert::{self, BertPipe};
 use zoo::bert_dataset::{BertConfig, BertDataset, Documents, InMemoryDocuments, Special};
 use zoo::gpt2_dataset::split_ranges;
 use zoo::indexed_dataset::MMapIndexedDataset;
@@ -105,17 +105,11 @@ struct Shared {
     dtype: DType,
     tok: Tokenizer,
     ckpt: Option<candle_deepscale::checkpoint::Checkpoint>,
+    partition: candle_deepscale::pipe::PartitionMethod,
 }
 
 pub fn run(a: PretrainBertArgs) -> Result<()> {
     let layout = a.layout.layout()?;
-    if layout.pp > 1 && (a.load.is_some() || a.train.ds.save.is_some()) {
-        bail!(
-            "not supported: --save/--load with --pipe-parallel-size {}, because checkpoints of \
-             pipeline stages are not built yet",
-            layout.pp
-        )
-    }
     let t = &a.train;
     t.ds.refuse_unsupported()?;
     let ds = t.ds.config()?;
@@ -237,6 +231,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         global: gb,
         gemm_peak: gemm_peak(&Device::Cpu)?,
         dtype: if engine_fp16 { DType::F16 } else { DType::F32 },
+        partition: a.layout.partition_method(ds.as_ref())?,
         tok,
         ckpt,
     };
@@ -284,7 +279,7 @@ fn batch(
 
 /// Masked-LM loss over the masked positions plus the binary head's loss.
 fn loss(
-    model: &Bert,
+    model: &BertPipe,
     out: &Activations,
     labels: &Tensor,
     loss_mask: &Tensor,
@@ -314,21 +309,21 @@ fn train_rank(
         Some(c) => c,
         None => &init,
     };
-    let model = Bert::new(
+    // A pipeline stage builds (and reads from --load) only its layers.
+    let pipe = ctx.pipe()?;
+    let (stage, stages) = pipe
+        .as_ref()
+        .map_or((0, 1), |p| (p.stages.rank, p.stages.size()));
+    let bounds = BertPipe::partition(&sh.cfg, stages, &sh.partition)?;
+    if root && stages > 1 {
+        eprintln!("pipeline: {stages} stages, layer boundaries {bounds:?}");
+    }
+    let model = BertPipe::new(
         &sh.cfg,
         &ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone()),
+        bounds[stage]..bounds[stage + 1],
     )?;
-    // A pipeline stage trains its share of the layers (uniform: embedding, blocks and head
-    // spread evenly; the whole model is built on every rank for now).
-    let all = model.layers();
-    let pipe = ctx.pipe()?;
-    let layers = crate::training::stage_layers(
-        all,
-        pipe.as_ref(),
-        &candle_deepscale::pipe::PartitionMethod::Uniform,
-        root,
-    )?;
-    let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
+    let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
     if let Some(p) = pipe {
         engine = engine.with_pipeline(p)?;
     }
@@ -338,7 +333,15 @@ fn train_rank(
     let max_state = engine.max_state_bytes()?;
     let (micro, gas) = (sh.micro, sh.gas);
     if root {
-        let n: usize = model.parameters().iter().map(|p| p.meta.numel()).sum();
+        let n: usize = candle_deepscale::module::unique_parameters(&model.layers())
+            .iter()
+            .map(|p| p.meta.numel())
+            .sum();
+        let n = if stages > 1 {
+            format!("{n} (stage 0)")
+        } else {
+            n.to_string()
+        };
         eprintln!(
             "model: BERT {} layers, hidden {}, heads {}, vocab {}, {} parameters; layout tp {} x dp {dp_size}; batch {} = micro {micro} x accumulation {gas} x dp {dp_size}",
             sh.cfg.num_hidden_layers, sh.cfg.hidden_size, sh.cfg.num_attention_heads, sh.cfg.vocab_size, n, ctx.topo.tp, sh.global
@@ -401,6 +404,7 @@ fn train_rank(
         tokenizer: Some(sh.tok.to_json()?.into_bytes()),
         global_batch: sh.global,
         root,
+        first_layer: model.range.start,
     };
     let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
         saver.after(e, i)

@@ -52,10 +52,6 @@ pub struct PretrainGpt2Args {
     pub sample_prompt: String,
     #[arg(long, default_value_t = 24)]
     pub sample_length: usize,
-    /// How layers are cut into pipeline stages: uniform, parameters or type:REGEX (default: the
-    /// config's pipeline.partition, else type:transformer as GPT2ModelPipe does).
-    #[arg(long)]
-    pub partition_method: Option<String>,
     #[command(flatten)]
     pub train: TrainingArgs,
 }
@@ -158,19 +154,12 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     }
     let ds = a.train.ds.config()?;
     let (engine_cfg, batch) = engine_config(&a.train, ds.as_ref(), layout.dp)?;
-    if layout.pp > 1 {
-        let refuse = |on: bool, what: &str| -> Result<()> {
-            if on {
-                bail!(
-                    "not supported: {what} with --pipe-parallel-size {}, because saving pipeline \
-                     stages is not built yet (--load works at any layout)",
-                    layout.pp
-                )
-            }
-            Ok(())
-        };
-        refuse(a.train.ds.save.is_some(), "--save")?;
-        refuse(a.save_hf.is_some(), "--save-hf")?;
+    if a.save_hf.is_some() && layout.pp > 1 {
+        bail!(
+            "not supported: --save-hf with --pipe-parallel-size {}, because one rank would need \
+             every stage's layers (save with --save, then: deepscale convert --load DIR --to hf)",
+            layout.pp
+        )
     }
     if a.save_hf.is_some() && layout.tp > 1 {
         bail!(
@@ -295,7 +284,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         batch,
         dtype,
         gemm_peak: gemm_peak(&Device::Cpu)?,
-        partition: partition_method(&a, ds.as_ref(), layout.pp)?,
+        partition: a.layout.partition_method(ds.as_ref())?,
     };
     let summary = launch(&layout, |ctx| train_rank(&a, &shared, &ctx))?;
     let Some(s) = summary else { return Ok(()) };
@@ -477,6 +466,7 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         tokenizer: Some(sh.tok.to_json()?.into_bytes()),
         global_batch: sh.batch.train_batch_size,
         root,
+        first_layer: net.first_layer(),
     };
     let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
         saver.after(e, i)
@@ -617,33 +607,6 @@ fn load_data(
     Ok((Samples::Indexed(train), valid.map(Samples::Indexed)))
 }
 
-/// `--partition-method` against the config's `pipeline` section (which must agree with the flags).
-fn partition_method(
-    a: &PretrainGpt2Args,
-    ds: Option<&candle_deepscale::config::DeepSpeedConfig>,
-    pp: usize,
-) -> Result<candle_deepscale::pipe::PartitionMethod> {
-    let section = ds.and_then(|d| d.pipeline.as_ref());
-    if let Some(stages) = section
-        .and_then(|p| p.stages.as_ref())
-        .and_then(|v| v.as_u64())
-    {
-        if stages as usize != pp {
-            bail!("the DeepSpeed config's pipeline.stages {stages} disagrees with --pipe-parallel-size {pp}")
-        }
-    }
-    let method = match (
-        &a.partition_method,
-        section.and_then(|p| p.partition.clone()),
-    ) {
-        (Some(f), Some(c)) if !f.eq_ignore_ascii_case(&c) => {
-            bail!("--partition-method {f} disagrees with the DeepSpeed config's pipeline.partition {c}")
-        }
-        (f, c) => f.clone().or(c).unwrap_or_else(|| "type:transformer".into()),
-    };
-    Ok(method.parse()?)
-}
-
 /// The model a rank trains: the whole GPT-2, or its pipeline stage.
 enum Net {
     Whole(Box<Gpt2>),
@@ -651,6 +614,13 @@ enum Net {
 }
 
 impl Net {
+    fn first_layer(&self) -> usize {
+        match self {
+            Net::Whole(_) => 0,
+            Net::Stage(s) => s.range.start,
+        }
+    }
+
     fn layers(&self) -> Vec<&dyn candle_deepscale::module::Layer> {
         match self {
             Net::Whole(m) => m.layers(),

@@ -423,6 +423,8 @@ pub struct Saver<'a> {
     pub tokenizer: Option<Vec<u8>>,
     pub global_batch: usize,
     pub root: bool,
+    /// Pipelines: the index of this stage's first layer.
+    pub first_layer: usize,
 }
 
 impl Saver<'_> {
@@ -453,6 +455,7 @@ impl Saver<'_> {
                     .map(|t| ("tokenizer.json".to_string(), t.clone()))
                     .collect(),
                 keep_last: self.args.ds.keep_last,
+                first_layer: self.first_layer,
             },
         )?;
         if self.root {

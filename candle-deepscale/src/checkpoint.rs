@@ -42,8 +42,20 @@ pub struct Manifest {
     pub seed: u64,
     /// The model: `{"type": "gpt2" | "bert", "config": {...}}`.
     pub model: serde_json::Value,
-    /// The rank files.
+    /// The rank files (and, for pipelines, the per-layer model files).
     pub files: Vec<String>,
+    /// Pipelines: the stage boundaries in the layer list (stage s held `bounds[s]..bounds[s+1]`).
+    #[serde(default)]
+    pub pipeline_bounds: Option<Vec<usize>>,
+}
+
+/// What one pipeline stage contributes to the manifest (written beside the files, merged by
+/// global rank 0).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StagePart {
+    layers: std::ops::Range<usize>,
+    params: Vec<ParamMeta>,
+    files: Vec<String>,
 }
 
 fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> candle_core::Error {
@@ -71,6 +83,27 @@ pub fn rank_file(tp_rank: usize, dp_rank: usize) -> String {
     format!("mp_rank_{tp_rank:02}_dp_rank_{dp_rank:03}.safetensors")
 }
 
+/// A pipeline rank's file (its optimizer state).
+pub fn pipe_rank_file(stage: usize, tp_rank: usize, dp_rank: usize) -> String {
+    format!("pp_rank_{stage:02}_mp_rank_{tp_rank:02}_dp_rank_{dp_rank:03}.safetensors")
+}
+
+/// A pipeline layer's weights at one tensor-parallel rank (DeepSpeed's `layer_LL-model_TT`).
+pub fn layer_file(layer: usize, tp_rank: usize) -> String {
+    format!("layer_{layer:02}-model_{tp_rank:02}.safetensors")
+}
+
+fn stage_part_file(stage: usize) -> String {
+    format!("stage_{stage:02}.json")
+}
+
+fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path)?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| err("cannot sync", path, e))
+}
+
 /// What a save needs besides the engine.
 pub struct SaveSpec<'a> {
     pub dir: &'a Path,
@@ -82,6 +115,8 @@ pub struct SaveSpec<'a> {
     pub extra_files: Vec<(String, Vec<u8>)>,
     /// Keep only this many newest tags (None: keep all).
     pub keep_last: Option<usize>,
+    /// Pipelines: the index of this stage's first layer in the model's layer list.
+    pub first_layer: usize,
 }
 
 /// Saves the engine's parameters and state as tag `global_step<iteration>`; every rank calls it.
@@ -93,17 +128,38 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
     std::fs::create_dir_all(&tag_dir).map_err(|e| err("cannot create", &tag_dir, e))?;
     let (tp_size, tp_rank) = engine.tp_group().map_or((1, 0), |g| (g.size(), g.rank));
     let (dp_size, dp_rank) = (engine.dp_size(), engine.dp_rank());
+    let (stage, stages) = engine.stage();
+    // On a later stage the tied copy (the word embedding used for the logits) is saved by the
+    // first stage, which holds the same values.
+    let skip = |p: &crate::parameter::Param| stage > 0 && p.meta.tie_group.is_some();
+    let mut own_files = Vec::new();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let params = engine.optimizer().params();
+    let model_key = |name: &str| format!("model/tp{tp_rank}/{name}");
     if dp_rank == 0 {
-        for p in params {
-            tensors.insert(
-                format!("model/tp{tp_rank}/{}", p.meta.name),
-                p.tensor().clone(),
-            );
+        if stages > 1 {
+            // One file per layer, so a reader can take the layers it needs.
+            let mut seen = std::collections::HashSet::new();
+            for (i, layer) in engine.layers().iter().enumerate() {
+                let mut lt = HashMap::new();
+                for p in layer.parameters() {
+                    if !skip(p) && seen.insert(p.meta.name.clone()) {
+                        lt.insert(model_key(&p.meta.name), p.tensor().clone());
+                    }
+                }
+                let file = layer_file(spec.first_layer + i, tp_rank);
+                save_tensors(&lt, &tag_dir.join(&file))?;
+                own_files.push(file);
+            }
+        } else {
+            for p in engine.optimizer().params() {
+                tensors.insert(model_key(&p.meta.name), p.tensor().clone());
+            }
         }
     }
     for run in engine.optimizer().state_runs() {
+        if skip(run.param) {
+            continue;
+        }
         let name = &run.param.meta.name;
         for (kind, values) in [("exp_avg", run.exp_avg), ("exp_avg_sq", run.exp_avg_sq)] {
             tensors.insert(
@@ -112,17 +168,57 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
             );
         }
     }
-    let path = tag_dir.join(rank_file(tp_rank, dp_rank));
-    candle_core::safetensors::save(&tensors, &path)?;
-    std::fs::File::open(&path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| err("cannot sync", &path, e))?;
+    let file = if stages > 1 {
+        pipe_rank_file(stage, tp_rank, dp_rank)
+    } else {
+        rank_file(tp_rank, dp_rank)
+    };
+    save_tensors(&tensors, &tag_dir.join(&file))?;
+    let params = engine.optimizer().params();
+    if stages > 1 && tp_rank == 0 && dp_rank == 0 {
+        // This stage's share of the manifest: its parameters and the files its ranks wrote.
+        let mut files: Vec<String> = (spec.first_layer..spec.first_layer + engine.layers().len())
+            .flat_map(|l| (0..tp_size).map(move |t| layer_file(l, t)))
+            .collect();
+        files.extend(
+            (0..tp_size).flat_map(|t| (0..dp_size).map(move |d| pipe_rank_file(stage, t, d))),
+        );
+        let part = StagePart {
+            layers: spec.first_layer..spec.first_layer + engine.layers().len(),
+            params: params.iter().map(|p| p.meta.clone()).collect(),
+            files,
+        };
+        let json = serde_json::to_vec(&part).map_err(|e| err("encoding", &tag_dir, e))?;
+        write_atomic(&tag_dir.join(stage_part_file(stage)), &json)?;
+    }
     // Every rank's file is complete before the manifest and `latest` name the tag.
     engine.barrier()?;
-    if tp_rank == 0 && dp_rank == 0 {
-        let files = (0..tp_size)
-            .flat_map(|t| (0..dp_size).map(move |d| rank_file(t, d)))
-            .collect();
+    if stage == 0 && tp_rank == 0 && dp_rank == 0 {
+        let (params, files, bounds) = if stages > 1 {
+            let mut metas: Vec<ParamMeta> = Vec::new();
+            let mut files = Vec::new();
+            let mut bounds = vec![0];
+            for s in 0..stages {
+                let path = tag_dir.join(stage_part_file(s));
+                let text =
+                    std::fs::read_to_string(&path).map_err(|e| err("cannot read", &path, e))?;
+                let part: StagePart =
+                    serde_json::from_str(&text).map_err(|e| err("corrupt", &path, e))?;
+                for m in part.params {
+                    if !metas.iter().any(|x| x.name == m.name) {
+                        metas.push(m);
+                    }
+                }
+                files.extend(part.files);
+                bounds.push(part.layers.end);
+            }
+            (metas, files, Some(bounds))
+        } else {
+            let files = (0..tp_size)
+                .flat_map(|t| (0..dp_size).map(move |d| rank_file(t, d)))
+                .collect();
+            (params.iter().map(|p| p.meta.clone()).collect(), files, None)
+        };
         let manifest = Manifest {
             format: FORMAT.into(),
             version: 1,
@@ -130,16 +226,17 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
             iteration,
             consumed_samples: spec.consumed_samples,
             tp: tp_size,
-            pp: 1,
+            pp: stages,
             dp: dp_size,
             zero_stage: engine.optimizer().stage(),
-            params: params.iter().map(|p| p.meta.clone()).collect(),
+            params,
             engine: engine.state(),
             optimizer: engine.optimizer().config,
             lr_schedule: spec.lr_schedule,
             seed: spec.seed,
             model: spec.model.clone(),
             files,
+            pipeline_bounds: bounds,
         };
         for (name, bytes) in &spec.extra_files {
             write_atomic(&tag_dir.join(name), bytes)?;

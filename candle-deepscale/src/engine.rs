@@ -653,12 +653,22 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// Waits for every rank of the data x tensor grid.
+    /// Waits for every rank of the grid (data, then tensor, then pipeline groups: once a rank
+    /// passes, every rank has arrived).
     pub fn barrier(&self) -> Result<()> {
-        for g in [&self.dp, &self.tp].into_iter().flatten() {
+        let stages = self.pipe.as_ref().map(|p| &p.stages);
+        for g in [self.dp.as_ref(), self.tp.as_ref(), stages]
+            .into_iter()
+            .flatten()
+        {
             g.comm.barrier(&g.group)?;
         }
         Ok(())
+    }
+
+    /// The layers this engine (this pipeline stage) runs.
+    pub fn layers(&self) -> &[&'m dyn Layer] {
+        &self.layers
     }
 
     /// Forward and backward of one micro-batch (training mode, loss scaled), gradients accumulated

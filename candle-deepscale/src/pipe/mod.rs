@@ -1,8 +1,10 @@
 //! Pipeline parallelism: the 1F1B schedule as data and the partitioning of a layer list into stages.
+pub mod module;
 pub mod p2p;
 pub mod partition;
 pub mod schedule;
 
+pub use module::{LayerSpec, PipeSpec, PipelineModule, SharedLayer, TiedLayerSpec};
 pub use partition::{partition_layers, PartitionMethod};
 pub use schedule::{Instruction, TrainSchedule};
 

@@ -102,34 +102,44 @@ pub fn partition_layers(
     stages: usize,
     method: &PartitionMethod,
 ) -> Result<Vec<usize>> {
+    let items: Vec<(String, u64)> = layers
+        .iter()
+        .map(|l| {
+            let n = l
+                .parameters()
+                .iter()
+                .map(|p| p.tensor().elem_count() as u64)
+                .sum();
+            (l.type_name(), n)
+        })
+        .collect();
+    partition_items(&items, stages, method)
+}
+
+/// Stage boundaries of a layer list given as (type name, parameter count) per layer, so a
+/// pipeline can be cut before anything is built.
+pub fn partition_items(
+    items: &[(String, u64)],
+    stages: usize,
+    method: &PartitionMethod,
+) -> Result<Vec<usize>> {
     if stages == 0 {
         bail!("the pipeline needs at least one stage")
     }
-    if layers.len() < stages {
+    if items.len() < stages {
         bail!(
             "{} layers cannot fill {stages} pipeline stages",
-            layers.len()
+            items.len()
         )
     }
     Ok(match method {
-        PartitionMethod::Uniform => partition_uniform(layers.len(), stages),
+        PartitionMethod::Uniform => partition_uniform(items.len(), stages),
         PartitionMethod::Parameters => {
-            let w: Vec<u64> = layers
-                .iter()
-                .map(|l| {
-                    l.parameters()
-                        .iter()
-                        .map(|p| p.tensor().elem_count() as u64)
-                        .sum()
-                })
-                .collect();
+            let w: Vec<u64> = items.iter().map(|i| i.1).collect();
             partition_balanced(&w, stages)
         }
         PartitionMethod::Type(re) => {
-            let w: Vec<u64> = layers
-                .iter()
-                .map(|l| u64::from(re.is_match(&l.type_name())))
-                .collect();
+            let w: Vec<u64> = items.iter().map(|i| u64::from(re.is_match(&i.0))).collect();
             if w.iter().sum::<u64>() < stages as u64 {
                 bail!(
                     "partition method type:{re}: only {} layers match, fewer than {stages} stages",

@@ -4,6 +4,8 @@
 mod config;
 pub mod hf;
 mod model;
+pub mod pipe;
 
 pub use config::Config;
 pub use model::{mean_pool, Bert, BertEmbedding, BertHead, BertLayer, BertOutput};
+pub use pipe::BertPipe;

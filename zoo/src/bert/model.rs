@@ -34,7 +34,7 @@ pub struct BertEmbedding {
 }
 
 impl BertEmbedding {
-    fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
         let word_embeddings = VocabParallelEmbedding::new(
             &pb.pp("word_embeddings"),
@@ -159,7 +159,7 @@ pub struct BertLayer {
 }
 
 impl BertLayer {
-    fn new(cfg: &Config, index: usize, pb: &ParamBuilder) -> Result<Self> {
+    pub fn new(cfg: &Config, index: usize, pb: &ParamBuilder) -> Result<Self> {
         let (h, std, eps) = (cfg.hidden_size, cfg.initializer_range, cfg.layer_norm_eps);
         let out_std = if cfg.pre_layer_norm {
             std / (2.0 * cfg.num_hidden_layers as f64).sqrt()
@@ -328,6 +328,8 @@ struct LmHead {
     dense: Linear,
     layernorm: LayerNorm,
     bias: Param,
+    /// Tied with the embedding's word embeddings.
+    word_embeddings: Param,
 }
 
 /// Final LayerNorm (pre-LN), pooler, masked-LM head and binary head.
@@ -337,12 +339,69 @@ pub struct BertHead {
     pooler: Option<Linear>,
     lm_head: Option<LmHead>,
     binary_head: Option<Linear>,
-    word_embeddings: Param,
     act: String,
     tp: Option<TensorParallel>,
 }
 
 impl BertHead {
+    /// The final LayerNorm (pre-LN), pooler, masked-LM and binary heads the config asks for; the
+    /// LM head's logits go through `word_embeddings` (tied with the embedding's).
+    /// `word_embeddings` is required when the config has an LM head.
+    pub fn new(config: &Config, pb: &ParamBuilder, word_embeddings: Option<Param>) -> Result<Self> {
+        let (h, std, eps) = (
+            config.hidden_size,
+            config.initializer_range,
+            config.layer_norm_eps,
+        );
+        let final_layernorm = if config.pre_layer_norm {
+            Some(LayerNorm::new(&pb.pp("final_layernorm"), h, eps)?)
+        } else {
+            None
+        };
+        let pooler = if config.add_pooler {
+            Some(Linear::new(&pb.pp("pooler.dense"), h, h, true, std)?)
+        } else {
+            None
+        };
+        let lm_head = if config.add_lm_head {
+            let lp = pb.pp("lm_head");
+            let Some(word_embeddings) = word_embeddings else {
+                candle_core::bail!("BERT's LM head needs the (tied) word embeddings")
+            };
+            Some(LmHead {
+                word_embeddings,
+                dense: Linear::new(&lp.pp("dense"), h, h, true, std)?,
+                layernorm: LayerNorm::new(&lp.pp("layernorm"), h, eps)?,
+                bias: lp.get(
+                    &[config.padded_vocab_size(size_rank(pb.tp()).0)],
+                    "bias",
+                    Init::Zeros,
+                    ParamOpts {
+                        partition: Some(Partition::Split { dim: 0, stride: 1 }),
+                        no_weight_decay: true,
+                        real_rows: Some(config.vocab_size),
+                        ..Default::default()
+                    },
+                )?,
+            })
+        } else {
+            None
+        };
+        let binary_head = if config.add_binary_head {
+            Some(Linear::new(&pb.pp("binary_head"), h, 2, true, std)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            final_layernorm,
+            pooler,
+            lm_head,
+            binary_head,
+            act: config.hidden_act.clone(),
+            tp: pb.tp().cloned(),
+        })
+    }
+
     pub fn outputs(&self, x: &Tensor) -> Result<BertOutput> {
         let seq = match &self.final_layernorm {
             Some(ln) => ln.forward(x)?,
@@ -359,7 +418,7 @@ impl BertHead {
                 let t = copy_to_tp(&t, self.tp.as_ref())?;
                 Some(nn::linear(
                     &t,
-                    self.word_embeddings.tensor(),
+                    h.word_embeddings.tensor(),
                     Some(h.bias.tensor()),
                 )?)
             }
@@ -399,7 +458,7 @@ impl Layer for BertHead {
             v.extend(h.dense.parameters());
             v.extend(h.layernorm.parameters());
             v.push(&h.bias);
-            v.push(&self.word_embeddings);
+            v.push(&h.word_embeddings);
         }
         if let Some(b) = &self.binary_head {
             v.extend(b.parameters());
@@ -431,59 +490,11 @@ pub struct Bert {
 impl Bert {
     pub fn new(config: &Config, pb: &ParamBuilder) -> Result<Self> {
         config.validate()?;
-        let (h, std, eps) = (
-            config.hidden_size,
-            config.initializer_range,
-            config.layer_norm_eps,
-        );
         let embedding = BertEmbedding::new(config, &pb.pp("embedding"))?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| BertLayer::new(config, i, &pb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let final_layernorm = if config.pre_layer_norm {
-            Some(LayerNorm::new(&pb.pp("final_layernorm"), h, eps)?)
-        } else {
-            None
-        };
-        let pooler = if config.add_pooler {
-            Some(Linear::new(&pb.pp("pooler.dense"), h, h, true, std)?)
-        } else {
-            None
-        };
-        let lm_head = if config.add_lm_head {
-            let lp = pb.pp("lm_head");
-            Some(LmHead {
-                dense: Linear::new(&lp.pp("dense"), h, h, true, std)?,
-                layernorm: LayerNorm::new(&lp.pp("layernorm"), h, eps)?,
-                bias: lp.get(
-                    &[config.padded_vocab_size(size_rank(pb.tp()).0)],
-                    "bias",
-                    Init::Zeros,
-                    ParamOpts {
-                        partition: Some(Partition::Split { dim: 0, stride: 1 }),
-                        no_weight_decay: true,
-                        real_rows: Some(config.vocab_size),
-                        ..Default::default()
-                    },
-                )?,
-            })
-        } else {
-            None
-        };
-        let binary_head = if config.add_binary_head {
-            Some(Linear::new(&pb.pp("binary_head"), h, 2, true, std)?)
-        } else {
-            None
-        };
-        let head = BertHead {
-            final_layernorm,
-            pooler,
-            lm_head,
-            binary_head,
-            word_embeddings: embedding.word_embeddings.weight.clone(),
-            act: config.hidden_act.clone(),
-            tp: pb.tp().cloned(),
-        };
+        let head = BertHead::new(config, pb, Some(embedding.word_embeddings.weight.clone()))?;
         Ok(Self {
             config: config.clone(),
             embedding,
