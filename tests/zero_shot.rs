@@ -102,12 +102,14 @@ fn evaluate_lambada_and_wikitext_agree_across_layouts() {
     let lambada = format!("{assets}/lambada_sample.jsonl");
     let wiki = format!("{assets}/wikitext_sample.txt");
     let mut seen = Vec::new();
-    for (world, tp, pp) in [
-        ("1", "1", "1"),
-        ("2", "2", "1"),
-        ("4", "2", "1"),
-        ("2", "1", "2"),
-        ("4", "2", "2"),
+    // Each pipeline stage builds and reads only its layers (4 stages of 4 layers: uniform).
+    for (world, tp, pp, method) in [
+        ("1", "1", "1", "type:transformer"),
+        ("2", "2", "1", "type:transformer"),
+        ("4", "2", "1", "type:transformer"),
+        ("2", "1", "2", "type:transformer"),
+        ("4", "2", "2", "parameters"),
+        ("4", "1", "4", "uniform"),
     ] {
         let layout = [
             "--world-size",
@@ -116,6 +118,8 @@ fn evaluate_lambada_and_wikitext_agree_across_layouts() {
             tp,
             "--pipe-parallel-size",
             pp,
+            "--partition-method",
+            method,
         ];
         let mut a = vec![
             "evaluate",

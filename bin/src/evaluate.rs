@@ -101,17 +101,25 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
     let raw = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --valid-data {}", path.display()))?;
     let dir = crate::models::gpt2_dir(&a.model)?;
+    let method = a.layout.partition_method(None)?;
     let task = a.task;
     let Some(v) = crate::launch::launch(&layout, |ctx| {
-        let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+        let rank = crate::models::RankGpt2::load(
+            &dir,
+            &Device::Cpu,
+            ctx.tp()?,
+            ctx.pipe()?,
+            &method,
+            ctx.is_root(),
+        )?;
+        let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let dp = ctx.dp()?;
-        let pipe = ctx.pipe()?;
-        let stage = crate::models::stage(&model, pipe.as_ref())?;
+        let stage = rank.stage();
         let stage = stage.as_ref();
         Ok(match task {
             Task::Lambada => {
                 let ex = lambada_examples(&raw, path, &tok, a.strict_lambada)?;
-                let r = zoo::evaluation::lambada_accuracy(&model, &ex, dp.as_ref(), stage)?;
+                let r = zoo::evaluation::lambada_accuracy(model, &ex, dp.as_ref(), stage)?;
                 eprintln!(
                     "lambada: accuracy {:.4} ({} / {})",
                     r.accuracy, r.correct, r.total
@@ -121,10 +129,12 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
             _ => {
                 let text = zoo::evaluation::wikitext_detokenize(&raw);
                 let ids = tok.encode(&text, false)?;
-                let seq = a.seq_length.unwrap_or(model.config.max_position_embeddings);
+                let seq = a
+                    .seq_length
+                    .unwrap_or(model.config().max_position_embeddings);
                 let overlap = a.overlapping_eval.unwrap_or(seq);
                 let r = zoo::evaluation::wikitext_perplexity(
-                    &model,
+                    model,
                     &text,
                     &ids,
                     seq,
@@ -166,13 +176,21 @@ fn loss(a: EvaluateArgs) -> Result<()> {
         (None, None) => bail!("--task loss needs --text or --text-file"),
     };
     let dir = crate::models::gpt2_dir(&a.model)?;
+    let method = a.layout.partition_method(None)?;
     let Some(r) = crate::launch::launch(&layout, |ctx| {
-        let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
+        let rank = crate::models::RankGpt2::load(
+            &dir,
+            &Device::Cpu,
+            ctx.tp()?,
+            ctx.pipe()?,
+            &method,
+            ctx.is_root(),
+        )?;
+        let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let ids = tok.encode(&text, false)?;
-        let pipe = ctx.pipe()?;
-        let stage = crate::models::stage(&model, pipe.as_ref())?;
+        let stage = rank.stage();
         Ok(zoo::evaluation::lm_loss_dp(
-            &model,
+            model,
             &ids,
             ctx.dp()?.as_ref(),
             stage.as_ref(),

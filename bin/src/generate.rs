@@ -59,11 +59,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => vec![a.prompt.clone().unwrap_or_default()],
     };
     let dir = crate::models::gpt2_dir(&a.model)?;
+    let method = a.layout.partition_method(None)?;
     // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.
     let Some(results) = crate::launch::launch(&layout, |ctx| {
-        let (model, tok) = crate::models::load_gpt2(&dir, &Device::Cpu, ctx.tp()?)?;
-        let pipe = ctx.pipe()?;
-        let stage = crate::models::stage(&model, pipe.as_ref())?;
+        let rank = crate::models::RankGpt2::load(
+            &dir,
+            &Device::Cpu,
+            ctx.tp()?,
+            ctx.pipe()?,
+            &method,
+            ctx.is_root(),
+        )?;
+        let (model, tok) = (rank.model.as_ref(), &rank.tok);
+        let stage = rank.stage();
         let cfg = SamplingConfig {
             greedy: a.greedy,
             temperature: a.temperature,
@@ -89,7 +97,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     };
                     ids.push(eod);
                 }
-                let out = generate_on(&model, stage.as_ref(), &ids, &cfg)?;
+                let out = generate_on(model, stage.as_ref(), &ids, &cfg)?;
                 let text = tok.decode(&out)?;
                 Ok(json!({"prompt": prompt, "prompt_ids": ids, "text": text, "token_ids": out}))
             })

@@ -1,10 +1,15 @@
 //! Model loading for the subcommands.
 use crate::args::ModelArgs;
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use candle_core::Device;
+use candle_deepscale::checkpoint::{is_checkpoint, Checkpoint};
+use candle_deepscale::engine::PipeContext;
+use candle_deepscale::parameter::{ParamBuilder, ParamSource};
+use candle_deepscale::pipe::{PartitionMethod, Stage};
 use candle_deepscale::tensor_parallel::TensorParallel;
 use std::path::{Path, PathBuf};
-use zoo::gpt2::Gpt2;
+use zoo::gpt2::{Gpt2, Gpt2Lm, Gpt2Pipe};
 use zoo::hub::{self, Arch};
 use zoo::tokenizer::Tokenizer;
 
@@ -48,15 +53,20 @@ pub fn load_gpt2(
         hub::load_gpt2_tp(dir, device, tp, |_| {})
             .with_context(|| format!("loading GPT-2 from {}", dir.display()))?
     };
-    if tok.vocab_size() > model.config.padded_vocab_size(1) {
+    check_vocab(dir, &tok, &model.config)?;
+    Ok((model, tok))
+}
+
+fn check_vocab(dir: &Path, tok: &Tokenizer, cfg: &zoo::gpt2::Config) -> Result<()> {
+    if tok.vocab_size() > cfg.padded_vocab_size(1) {
         bail!(
             "the tokenizer in {} has {} tokens but the model's vocabulary is {}",
             dir.display(),
             tok.vocab_size(),
-            model.config.vocab_size
+            cfg.vocab_size
         )
     }
-    Ok((model, tok))
+    Ok(())
 }
 
 /// A GPT-2 from a native checkpoint, at this rank's tensor-parallel slice (any saved layout).
@@ -65,8 +75,15 @@ fn load_native_gpt2(
     device: &Device,
     tp: Option<TensorParallel>,
 ) -> Result<(Gpt2, Tokenizer)> {
-    let ck = candle_deepscale::checkpoint::Checkpoint::open(dir)
-        .with_context(|| format!("--load {}", dir.display()))?;
+    let (ck, cfg, tok) = open_native_gpt2(dir)?;
+    let pb = candle_deepscale::parameter::ParamBuilder::new(&ck, device, candle_core::DType::F32)
+        .with_tp(tp);
+    Ok((Gpt2::new(&cfg, &pb)?, tok))
+}
+
+/// A native GPT-2 checkpoint: the opened checkpoint, its model config and tokenizer.
+fn open_native_gpt2(dir: &Path) -> Result<(Checkpoint, zoo::gpt2::Config, Tokenizer)> {
+    let ck = Checkpoint::open(dir).with_context(|| format!("--load {}", dir.display()))?;
     let m = &ck.manifest.model;
     if m["type"] != "gpt2" {
         bail!(
@@ -78,25 +95,74 @@ fn load_native_gpt2(
     let cfg: zoo::gpt2::Config = serde_json::from_value(m["config"].clone())
         .with_context(|| format!("--load {}: model config", ck.dir.display()))?;
     let tok = Tokenizer::from_json(&ck.dir.join("tokenizer.json"))?;
-    let pb = candle_deepscale::parameter::ParamBuilder::new(&ck, device, candle_core::DType::F32)
-        .with_tp(tp);
-    Ok((Gpt2::new(&cfg, &pb)?, tok))
+    Ok((ck, cfg, tok))
 }
 
-/// This rank's pipeline stage of `model` for inference (None without a pipeline): the layers cut
-/// by balanced parameter counts.
-pub fn stage<'a>(
-    model: &'a Gpt2,
-    pipe: Option<&'a candle_deepscale::engine::PipeContext>,
-) -> Result<Option<candle_deepscale::pipe::Stage<'a>>> {
-    let Some(p) = pipe else {
-        return Ok(None);
-    };
-    let layers = crate::training::stage_layers(
-        model.layers(),
-        Some(p),
-        &candle_deepscale::pipe::PartitionMethod::Parameters,
-        false,
-    )?;
-    Ok(Some(candle_deepscale::pipe::Stage { layers, pipe: p }))
+/// A GPT-2 on one rank for inference: the whole model, or (pp > 1) only this rank's pipeline
+/// stage, built and read from `dir` (HF folder or native checkpoint) without the other stages.
+pub struct RankGpt2 {
+    pub model: Box<dyn Gpt2Lm>,
+    pub tok: Tokenizer,
+    pipe: Option<PipeContext>,
+}
+
+impl RankGpt2 {
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        tp: Option<TensorParallel>,
+        pipe: Option<PipeContext>,
+        method: &PartitionMethod,
+        root: bool,
+    ) -> Result<Self> {
+        let Some(p) = pipe.clone() else {
+            let (m, tok) = load_gpt2(dir, device, tp)?;
+            return Ok(Self {
+                model: Box::new(m),
+                tok,
+                pipe,
+            });
+        };
+        let build = |cfg: &zoo::gpt2::Config, src: &dyn ParamSource| -> Result<Gpt2Pipe> {
+            let bounds = Gpt2Pipe::partition(cfg, p.stages.size(), method)?;
+            if root {
+                eprintln!(
+                    "pipeline: {} stages, layer boundaries {bounds:?}",
+                    p.stages.size()
+                );
+            }
+            let pb = ParamBuilder::new(src, device, DType::F32).with_tp(tp.clone());
+            Ok(Gpt2Pipe::new(
+                cfg,
+                &pb,
+                bounds[p.stages.rank]..bounds[p.stages.rank + 1],
+            )?)
+        };
+        let (model, tok) = if is_checkpoint(dir) {
+            let (ck, cfg, tok) = open_native_gpt2(dir)?;
+            (build(&cfg, &ck)?, tok)
+        } else {
+            let cfg = zoo::gpt2::Config::from_hf_json(&dir.join("config.json"))?;
+            let tok = Tokenizer::from_dir(dir)?;
+            let src =
+                zoo::gpt2::hf::HfSource::new(zoo::weights::SafetensorsFiles::open_dir(dir)?, &cfg)?;
+            let m = build(&cfg, &src)
+                .with_context(|| format!("loading GPT-2 from {}", dir.display()))?;
+            (m, tok)
+        };
+        check_vocab(dir, &tok, &model.config)?;
+        Ok(Self {
+            model: Box::new(model),
+            tok,
+            pipe,
+        })
+    }
+
+    /// This rank's pipeline stage (None without a pipeline).
+    pub fn stage(&self) -> Option<Stage<'_>> {
+        self.pipe.as_ref().map(|p| Stage {
+            layers: self.model.layers(),
+            pipe: p,
+        })
+    }
 }

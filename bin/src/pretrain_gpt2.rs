@@ -13,7 +13,7 @@ use candle_deepscale::parameter::{ParamBuilder, RandomInit};
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use zoo::generation::{generate, SamplingConfig};
+use zoo::generation::SamplingConfig;
 use zoo::gpt2::{self, Gpt2, Gpt2Pipe};
 use zoo::text_data::{read_documents, split_documents, tokenize_documents, TokenSamples};
 use zoo::tokenizer::Tokenizer;
@@ -485,16 +485,24 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     }
     // Every rank generates (tensor-parallel layers need their whole group); rank 0 reports.
     let mut sample = None;
-    if !a.sample_prompt.is_empty() && a.sample_length > 0 && ctx.topo.pp > 1 {
-        if root {
-            eprintln!("note: no greedy sample at --pipe-parallel-size > 1 (run `deepscale generate` at any layout)");
-        }
-    } else if let (Net::Whole(model), true) =
-        (&net, !a.sample_prompt.is_empty() && a.sample_length > 0)
-    {
+    if !a.sample_prompt.is_empty() && a.sample_length > 0 {
+        // At pp > 1 the prompt runs through the stages and the last stage samples.
+        let pipe = ctx.pipe()?;
+        let (model, stage): (&dyn zoo::gpt2::Gpt2Lm, _) = match (&net, pipe.as_ref()) {
+            (Net::Stage(s), Some(p)) => (
+                &**s,
+                Some(candle_deepscale::pipe::Stage {
+                    layers: s.layers(),
+                    pipe: p,
+                }),
+            ),
+            (Net::Whole(m), _) => (&**m, None),
+            (Net::Stage(s), None) => (&**s, None),
+        };
         let ids = sh.tok.encode(&a.sample_prompt, false)?;
-        let out = generate(
+        let out = zoo::generation::generate_on(
             model,
+            stage.as_ref(),
             &ids,
             &SamplingConfig {
                 greedy: true,

@@ -226,26 +226,6 @@ pub fn flops_per_token(layers: usize, hidden: usize, ffn: usize, vocab: usize, s
     6.0 * n + 12.0 * l * seq as f64 * h
 }
 
-/// This rank's pipeline stage of `all` (everything without a pipeline).
-pub fn stage_layers<'a>(
-    all: Vec<&'a dyn candle_deepscale::module::Layer>,
-    pipe: Option<&candle_deepscale::engine::PipeContext>,
-    method: &candle_deepscale::pipe::PartitionMethod,
-    root: bool,
-) -> Result<Vec<&'a dyn candle_deepscale::module::Layer>> {
-    let Some(p) = pipe else {
-        return Ok(all);
-    };
-    let bounds = candle_deepscale::pipe::partition_layers(&all, p.stages.size(), method)?;
-    if root {
-        eprintln!(
-            "pipeline: {} stages, layer boundaries {bounds:?}",
-            p.stages.size()
-        );
-    }
-    Ok(all[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec())
-}
-
 /// How the loop runs.
 pub struct LoopSpec<'a> {
     /// Iterations already done (a resumed run starts after them).

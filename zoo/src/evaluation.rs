@@ -1,5 +1,5 @@
 //! Evaluation tasks. `loss`: mean next-token cross entropy over a text.
-use crate::gpt2::Gpt2;
+use crate::gpt2::Gpt2Lm;
 use candle_core::{bail, Result, Tensor};
 use candle_deepscale::comm::ProcessGroup;
 use candle_deepscale::module::ForwardCtx;
@@ -8,9 +8,16 @@ use serde::Serialize;
 
 /// Logits of `ids` on this rank: the whole model, or (`stage`) this pipeline stage's part, which
 /// yields logits on the last stage only.
-fn logits(model: &Gpt2, stage: Option<&Stage>, ids: &Tensor) -> Result<Option<Tensor>> {
+fn logits(model: &dyn Gpt2Lm, stage: Option<&Stage>, ids: &Tensor) -> Result<Option<Tensor>> {
     match stage {
-        None => Ok(Some(model.forward(ids, &ForwardCtx::eval())?)),
+        None => Ok(Some(
+            candle_deepscale::module::forward_layers(
+                &model.layers(),
+                candle_deepscale::module::Activations::new(ids.clone()),
+                &ForwardCtx::eval(),
+            )?
+            .hidden,
+        )),
         Some(s) => Ok(candle_deepscale::pipe::pipeline_forward(
             &s.layers,
             Some(s.pipe),
@@ -44,13 +51,13 @@ pub struct LossResult {
 /// cut into consecutive windows of `max_position_embeddings` inputs; each window predicts its
 /// successors, so every token but the first is scored exactly once. With a data-parallel group the
 /// windows are shared out round-robin and the sums all-reduced.
-pub fn lm_loss(model: &Gpt2, tokens: &[u32]) -> Result<LossResult> {
+pub fn lm_loss(model: &dyn Gpt2Lm, tokens: &[u32]) -> Result<LossResult> {
     lm_loss_dp(model, tokens, None, None)
 }
 
 /// [`lm_loss`] over the windows this data-parallel rank owns, summed over `dp`.
 pub fn lm_loss_dp(
-    model: &Gpt2,
+    model: &dyn Gpt2Lm,
     tokens: &[u32],
     dp: Option<&ProcessGroup>,
     stage: Option<&Stage>,
@@ -61,12 +68,12 @@ pub fn lm_loss_dp(
             tokens.len()
         )
     }
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         bail!("token id {bad} is outside the model's vocabulary of {vocab}")
     }
     let dev = model.device();
-    let window = model.config.max_position_embeddings;
+    let window = model.config().max_position_embeddings;
     let (dp_size, dp_rank) = dp.map_or((1, 0), |g| (g.size(), g.rank));
     let mut total = 0f64;
     let mut count = 0usize;
@@ -160,7 +167,7 @@ pub struct WikitextResult {
 /// `seq_len + 1` tokens and scores only its last `overlap` targets (all of them in window 0).
 /// Returns the summed loss of this data-parallel rank's windows (round-robin), summed over `dp`.
 pub fn overlapping_windows_loss(
-    model: &Gpt2,
+    model: &dyn Gpt2Lm,
     tokens: &[u32],
     seq_len: usize,
     overlap: usize,
@@ -178,10 +185,10 @@ pub fn overlapping_windows_loss(
     } else {
         overlap.min(seq_len)
     };
-    if seq_len == 0 || seq_len > model.config.max_position_embeddings {
+    if seq_len == 0 || seq_len > model.config().max_position_embeddings {
         bail!(
             "sequence length {seq_len} must be between 1 and the model's {} positions",
-            model.config.max_position_embeddings
+            model.config().max_position_embeddings
         )
     }
     let dev = model.device();
@@ -224,7 +231,7 @@ pub fn overlapping_windows_loss(
 
 /// Perplexity of a (detokenized) text the way Megatron's zero-shot WikiText-103 task reports it.
 pub fn wikitext_perplexity(
-    model: &Gpt2,
+    model: &dyn Gpt2Lm,
     text: &str,
     tokens: &[u32],
     seq_len: usize,
@@ -259,13 +266,13 @@ pub struct AccuracyResult {
 /// greedy prediction gets every token of the word right (Megatron's `_LambadaDataset` + accuracy).
 /// Examples are shared round-robin over `dp` and the counts summed.
 pub fn lambada_accuracy(
-    model: &Gpt2,
+    model: &dyn Gpt2Lm,
     examples: &[(Vec<u32>, Vec<u32>)],
     dp: Option<&ProcessGroup>,
     stage: Option<&Stage>,
 ) -> Result<AccuracyResult> {
     let dev = model.device();
-    let max = model.config.max_position_embeddings;
+    let max = model.config().max_position_embeddings;
     let (dp_size, dp_rank) = dp.map_or((1, 0), |g| (g.size(), g.rank));
     let mut correct = 0usize;
     for (i, (context, target)) in examples.iter().enumerate() {

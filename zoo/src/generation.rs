@@ -1,6 +1,6 @@
 //! Autoregressive sampling from GPT-2: greedy, temperature, top-k, top-p (Megatron's
 //! `generate_samples`), incremental with a KV cache or by full recompute.
-use crate::gpt2::{Gpt2, KvCache};
+use crate::gpt2::{Gpt2Lm, KvCache};
 use candle_core::{bail, DType, Result, Tensor};
 use candle_deepscale::module::ForwardCtx;
 use rand::rngs::StdRng;
@@ -105,14 +105,14 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u
 }
 
 /// Generates up to `cfg.max_new_tokens` tokens after `prompt`; returns the new tokens.
-pub fn generate(model: &Gpt2, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
+pub fn generate(model: &dyn Gpt2Lm, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
     generate_on(model, None, prompt, cfg)
 }
 
 /// [`generate`] on this rank's part of the model: with `stage`, every step runs through the
 /// pipeline (the sequence is recomputed), the last stage samples and every stage receives the token.
 pub fn generate_on(
-    model: &Gpt2,
+    model: &dyn Gpt2Lm,
     stage: Option<&candle_deepscale::pipe::Stage>,
     prompt: &[u32],
     cfg: &SamplingConfig,
@@ -121,11 +121,11 @@ pub fn generate_on(
     if prompt.is_empty() {
         bail!("generation needs at least one prompt token")
     }
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("prompt token id {bad} is outside the vocabulary of {vocab}")
     }
-    let max_pos = model.config.max_position_embeddings;
+    let max_pos = model.config().max_position_embeddings;
     let budget = max_pos.saturating_sub(prompt.len()).min(cfg.max_new_tokens);
     if prompt.len() > max_pos {
         bail!(
@@ -135,7 +135,7 @@ pub fn generate_on(
     }
     let dev = model.device();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut cache = KvCache::new(model.blocks.len());
+    let mut cache = KvCache::new(model.config().num_layers);
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     for step in 0..budget {
@@ -167,17 +167,22 @@ pub fn generate_on(
             }
             continue;
         }
-        let logits = if cfg.use_cache {
+        let logits = if let (true, Some(whole)) = (cfg.use_cache, model.whole()) {
             let fresh = if step == 0 {
                 &tokens[..]
             } else {
                 &tokens[tokens.len() - 1..]
             };
             let ids = Tensor::new(fresh, &dev)?.unsqueeze(0)?;
-            model.forward_cached(&ids, &mut cache)?
+            whole.forward_cached(&ids, &mut cache)?
         } else {
             let ids = Tensor::new(&tokens[..], &dev)?.unsqueeze(0)?;
-            model.forward(&ids, &ForwardCtx::eval())?
+            candle_deepscale::module::forward_layers(
+                &model.layers(),
+                candle_deepscale::module::Activations::new(ids),
+                &ForwardCtx::eval(),
+            )?
+            .hidden
         };
         let last = logits.narrow(1, logits.dim(1)? - 1, 1)?;
         let last = model

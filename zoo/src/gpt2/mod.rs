@@ -2,9 +2,11 @@
 //! tied to the word embedding.
 mod config;
 pub mod hf;
+mod lm;
 mod model;
 pub mod pipe;
 
 pub use config::Config;
+pub use lm::Gpt2Lm;
 pub use model::{Block, FinalHead, Gpt2, Gpt2Embedding, KvCache};
 pub use pipe::Gpt2Pipe;

@@ -110,6 +110,11 @@ impl Gpt2Pipe {
         self.module.layers()
     }
 
+    /// The tensor-parallel group the stage runs in.
+    pub fn tp(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
+    }
+
     /// Mean next-token loss of (vocabulary-parallel) logits; on the last stage.
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         vocab_parallel_token_losses(logits, labels, self.config.vocab_size, self.tp.as_ref())?
