@@ -54,6 +54,16 @@ pub struct ConvertArgs {
     pub input: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub to: To,
+    /// --from megatron|deepspeed: the GPT-2 vocab.json and merges.txt the checkpoint was trained
+    /// with (default: the shipped GPT-2 files).
+    #[arg(long)]
+    pub vocab_file: Option<PathBuf>,
+    #[arg(long)]
+    pub merge_file: Option<PathBuf>,
+    /// --from megatron|deepspeed: the real vocabulary size when it differs from the tokenizer's
+    /// (the checkpoint's embedding holds it plus Megatron's padding).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
     /// Output file (safetensors) or directory (hf, native).
     #[arg(long)]
     pub output: PathBuf,
@@ -85,6 +95,8 @@ impl Model {
 enum Source {
     Native(Box<Checkpoint>),
     Hf(PathBuf),
+    /// A Megatron or DeepSpeed .pt checkpoint, merged into logical tensors.
+    Imported(Box<zoo::gpt2::megatron::Imported>, Tokenizer),
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -122,10 +134,36 @@ impl ConvertArgs {
                 Checkpoint::open(d).with_context(|| format!("--load {}", d.display()))?,
             ))),
             (None, Some(From::Hf), Some(d)) => Ok(Source::Hf(d.clone())),
-            (None, Some(f @ (From::Megatron | From::Deepspeed)), Some(_)) => bail!(
-                "not supported: --from {f:?}, because the torch .pt importers are not built yet \
-                 (native and HF checkpoints convert today)"
-            ),
+            (None, Some(f @ (From::Megatron | From::Deepspeed)), Some(d)) => {
+                let assets = crate::pretrain_gpt2::assets_dir();
+                let vocab = self
+                    .vocab_file
+                    .clone()
+                    .unwrap_or_else(|| assets.join("gpt2/gpt2-vocab.json"));
+                let merges = self
+                    .merge_file
+                    .clone()
+                    .unwrap_or_else(|| assets.join("gpt2/gpt2-merges.txt"));
+                let tok = Tokenizer::gpt2_bpe(&vocab, &merges)?;
+                let n = self.vocab_size.unwrap_or(tok.vocab_size());
+                let imported = if f == From::Megatron {
+                    zoo::gpt2::megatron::import_megatron(d, n)
+                } else {
+                    zoo::gpt2::megatron::import_deepspeed(d, n)
+                }
+                .with_context(|| format!("--from {f:?} --input {}", d.display()))?;
+                eprintln!(
+                    "read {}: GPT-2 {} layers, hidden {}, heads {}{}",
+                    imported.description,
+                    imported.config.num_layers,
+                    imported.config.hidden_size,
+                    imported.config.num_attention_heads,
+                    imported
+                        .iteration
+                        .map_or(String::new(), |i| format!(", iteration {i}"))
+                );
+                Ok(Source::Imported(Box::new(imported), tok))
+            }
             (None, Some(_), None) => bail!("--from needs --input DIR"),
             _ => bail!("give --load DIR (native) or --from hf --input DIR"),
         }
@@ -152,6 +190,13 @@ fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)>
                 other => bail!("{}: unknown model type {other:?}", ck.dir.display()),
             };
             Ok((model, tok))
+        }
+        Source::Imported(imp, tok) => {
+            let pb = ParamBuilder::new(&imp.tensors, &Device::Cpu, DType::F32).with_tp(tp);
+            Ok((
+                Model::Gpt2(Box::new(Gpt2::new(&imp.config, &pb)?)),
+                tok.clone(),
+            ))
         }
         Source::Hf(dir) => Ok(match zoo::hub::detect_arch(dir)? {
             zoo::hub::Arch::Gpt2 => {
@@ -297,7 +342,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 }
                 let (seed, schedule) = match &src {
                     Source::Native(ck) => (ck.manifest.seed, ck.manifest.lr_schedule),
-                    Source::Hf(_) => (
+                    Source::Hf(_) | Source::Imported(..) => (
                         1234,
                         LrSchedule::Constant(EngineConfig::default().optimizer.lr),
                     ),

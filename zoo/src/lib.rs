@@ -10,4 +10,5 @@ pub mod hub;
 pub mod indexed_dataset;
 pub mod text_data;
 pub mod tokenizer;
+pub mod torch_pickle;
 pub mod weights;

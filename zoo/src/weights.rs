@@ -280,3 +280,67 @@ pub fn save_native(params: &[&Param], path: &Path) -> Result<()> {
     candle_core::safetensors::save(&hm, path)
         .map_err(|e| Error::Msg(format!("cannot write {}: {e}", path.display())))
 }
+
+/// Logical tensors by parameter name (vocabulary padding rows dropped), e.g. an imported
+/// checkpoint; as a [`ParamSource`] it pads and cuts them for any layout.
+#[derive(Debug, Clone, Default)]
+pub struct LogicalTensors {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl LogicalTensors {
+    pub fn new(tensors: HashMap<String, Tensor>) -> Self {
+        Self { tensors }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn insert(&mut self, name: &str, t: Tensor) {
+        self.tensors.insert(name.to_string(), t);
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(|s| s.as_str()).collect();
+        v.sort();
+        v
+    }
+}
+
+impl ParamSource for LogicalTensors {
+    fn tensor(
+        &self,
+        meta: &ParamMeta,
+        shard: Option<Shard>,
+        _init: Init,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let mut t = self
+            .tensors
+            .get(&meta.name)
+            .ok_or_else(|| Error::Msg(format!("no tensor for parameter `{}`", meta.name)))?
+            .to_dtype(DType::F32)?;
+        if let (Some(_), Some(&rows)) = (meta.real_rows, meta.shape.first()) {
+            let have = t.dim(0)?;
+            if have < rows {
+                t = t.pad_with_zeros(0, 0, rows - have)?;
+            }
+        }
+        check_shape(t.dims(), meta, &meta.name, "imported checkpoint")?;
+        let t = match shard {
+            Some(s) => s.narrow(&t)?,
+            None => t,
+        };
+        t.to_dtype(dtype)?.to_device(device)
+    }
+}

@@ -3,6 +3,7 @@
 mod config;
 pub mod hf;
 mod lm;
+pub mod megatron;
 mod model;
 pub mod pipe;
 
