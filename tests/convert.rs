@@ -193,4 +193,40 @@ fn consolidate_export_and_import_round_trip() {
         ]),
         want
     );
+    // HF -> native at pp 2 x tp 2: each stage writes its layers; same parameters, same text.
+    let piped = tmp.path().join("piped");
+    deepscale(&[
+        "convert",
+        "--from",
+        "hf",
+        "--input",
+        s(&hf),
+        "--to",
+        "native",
+        "--output",
+        s(&piped),
+        "--world-size",
+        "4",
+        "--model-parallel-size",
+        "2",
+        "--pipe-parallel-size",
+        "2",
+        "--partition-method",
+        "uniform",
+    ]);
+    let p = Checkpoint::open(&piped).unwrap();
+    assert_eq!((p.manifest.tp, p.manifest.pp), (2, 2));
+    assert!(p.dir.join("layer_03-model_01.safetensors").is_file());
+    for meta in &orig.manifest.params {
+        let d = (orig.logical(&meta.name).unwrap() - p.logical(&meta.name).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{}", meta.name);
+    }
+    assert_eq!(gen(&["--load", s(&piped)]), want);
 }

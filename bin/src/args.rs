@@ -52,19 +52,6 @@ pub struct Layout {
 }
 
 impl LayoutArgs {
-    /// The layout of a command that has no pipeline form (yet): pp > 1 is refused, naming it.
-    pub fn layout_without_pipeline(&self, command: &str) -> Result<Layout> {
-        let l = self.layout()?;
-        if l.pp > 1 {
-            bail!(
-                "not supported: --pipe-parallel-size {} for {command}, because only pretrain-gpt2 \
-                 runs pipelined so far",
-                l.pp
-            )
-        }
-        Ok(l)
-    }
-
     pub fn layout(&self) -> Result<Layout> {
         let (mut w, tp, pp) = (
             self.world_size,

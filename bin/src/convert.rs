@@ -170,45 +170,59 @@ impl ConvertArgs {
     }
 }
 
-/// This rank's model (tensor-parallel slice `tp`) and the tokenizer.
-fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)> {
+/// The architecture and config of a source.
+enum Arch {
+    Gpt2(gpt2::Config),
+    Bert(bert::Config),
+}
+
+/// Calls `f` with the source's architecture, a [`ParamSource`] over its weights and its tokenizer.
+fn with_source<R>(
+    src: &Source,
+    f: impl FnOnce(&Arch, &dyn ParamSource, &Tokenizer) -> Result<R>,
+) -> Result<R> {
     match src {
         Source::Native(ck) => {
             let m = &ck.manifest.model;
             let tok = Tokenizer::from_json(&ck.dir.join("tokenizer.json"))?;
-            let pb = ParamBuilder::new(ck.as_ref() as &dyn ParamSource, &Device::Cpu, DType::F32)
-                .with_tp(tp);
-            let model = match m["type"].as_str() {
-                Some("gpt2") => Model::Gpt2(Box::new(Gpt2::new(
-                    &serde_json::from_value::<gpt2::Config>(m["config"].clone())?,
-                    &pb,
-                )?)),
-                Some("bert") => Model::Bert(Box::new(Bert::new(
-                    &serde_json::from_value::<bert::Config>(m["config"].clone())?,
-                    &pb,
-                )?)),
+            let arch = match m["type"].as_str() {
+                Some("gpt2") => Arch::Gpt2(serde_json::from_value(m["config"].clone())?),
+                Some("bert") => Arch::Bert(serde_json::from_value(m["config"].clone())?),
                 other => bail!("{}: unknown model type {other:?}", ck.dir.display()),
             };
-            Ok((model, tok))
+            f(&arch, ck.as_ref(), &tok)
         }
-        Source::Imported(imp, tok) => {
-            let pb = ParamBuilder::new(&imp.tensors, &Device::Cpu, DType::F32).with_tp(tp);
-            Ok((
-                Model::Gpt2(Box::new(Gpt2::new(&imp.config, &pb)?)),
-                tok.clone(),
-            ))
+        Source::Imported(imp, tok) => f(&Arch::Gpt2(imp.config.clone()), &imp.tensors, tok),
+        Source::Hf(dir) => {
+            let tok = Tokenizer::from_dir(dir)?;
+            let files = zoo::weights::SafetensorsFiles::open_dir(dir)?;
+            match zoo::hub::detect_arch(dir)? {
+                zoo::hub::Arch::Gpt2 => {
+                    let config = gpt2::Config::from_hf_json(&dir.join("config.json"))?;
+                    let source = gpt2::hf::HfSource::new(files, &config)?;
+                    f(&Arch::Gpt2(config), &source, &tok)
+                }
+                zoo::hub::Arch::Bert => {
+                    let mut config = bert::Config::from_hf_json(&dir.join("config.json"))?;
+                    bert::hf::HfSource::detect_heads(&files, &mut config);
+                    let source = bert::hf::HfSource::new(files, &config)?;
+                    f(&Arch::Bert(config), &source, &tok)
+                }
+            }
         }
-        Source::Hf(dir) => Ok(match zoo::hub::detect_arch(dir)? {
-            zoo::hub::Arch::Gpt2 => {
-                let (m, t) = zoo::hub::load_gpt2_tp(dir, &Device::Cpu, tp, |_| {})?;
-                (Model::Gpt2(Box::new(m)), t)
-            }
-            zoo::hub::Arch::Bert => {
-                let (m, t) = zoo::hub::load_bert_tp(dir, &Device::Cpu, tp)?;
-                (Model::Bert(Box::new(m)), t)
-            }
-        }),
     }
+}
+
+/// This rank's model (tensor-parallel slice `tp`) and the tokenizer.
+fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)> {
+    with_source(src, |arch, ps, tok| {
+        let pb = ParamBuilder::new(ps, &Device::Cpu, DType::F32).with_tp(tp);
+        let model = match arch {
+            Arch::Gpt2(c) => Model::Gpt2(Box::new(Gpt2::new(c, &pb)?)),
+            Arch::Bert(c) => Model::Bert(Box::new(Bert::new(c, &pb)?)),
+        };
+        Ok((model, tok.clone()))
+    })
 }
 
 /// Writes `tensors` as `<stem>.safetensors`, or as numbered shards with an index when they exceed
@@ -326,41 +340,76 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             if dtype != DType::F32 {
                 bail!("not supported: --dtype {:?} for native checkpoints, because they keep fp32 parameters", a.dtype)
             }
-            let layout = a.layout.layout_without_pipeline("convert")?;
+            let layout = a.layout.layout()?;
+            let method = a.layout.partition_method(None)?;
             let out = a.output.clone();
             launch(&layout, |ctx| {
-                let (model, tok) = build(&src, ctx.tp()?)?;
-                let (layers, kind, config) = match &model {
-                    Model::Gpt2(m) => (m.layers(), "gpt2", serde_json::to_value(&m.config)?),
-                    Model::Bert(m) => (m.layers(), "bert", serde_json::to_value(&m.config)?),
-                };
-                let mut engine =
-                    Engine::new(layers, EngineConfig::default(), ctx.dp()?, ctx.tp()?)?;
-                if let Source::Native(ck) = &src {
-                    // Native -> native keeps the counters and the optimizer state, re-partitioned.
-                    ck.restore(&mut engine, true)?;
-                }
-                let (seed, schedule) = match &src {
-                    Source::Native(ck) => (ck.manifest.seed, ck.manifest.lr_schedule),
-                    Source::Hf(_) | Source::Imported(..) => (
-                        1234,
-                        LrSchedule::Constant(EngineConfig::default().optimizer.lr),
-                    ),
-                };
-                let tag = checkpoint::save(
-                    &engine,
-                    &SaveSpec {
-                        dir: &out,
-                        consumed_samples: 0,
-                        seed,
-                        lr_schedule: schedule,
-                        model: json!({"type": kind, "config": config}),
-                        extra_files: vec![("tokenizer.json".into(), tok.to_json()?.into_bytes())],
-                        keep_last: None,
-                        first_layer: 0,
-                    },
-                )?;
-                Ok(vec![tag])
+                let pipe = ctx.pipe()?;
+                let (stage, stages) = pipe
+                    .as_ref()
+                    .map_or((0, 1), |p| (p.stages.rank, p.stages.size()));
+                with_source(&src, |arch, ps, tok| {
+                    // Each pipeline stage builds and writes only its layers.
+                    let pb = ParamBuilder::new(ps, &Device::Cpu, DType::F32).with_tp(ctx.tp()?);
+                    let (bounds, kind, config) = match arch {
+                        Arch::Gpt2(c) => (
+                            zoo::gpt2::Gpt2Pipe::partition(c, stages, &method)?,
+                            "gpt2",
+                            serde_json::to_value(c)?,
+                        ),
+                        Arch::Bert(c) => (
+                            zoo::bert::BertPipe::partition(c, stages, &method)?,
+                            "bert",
+                            serde_json::to_value(c)?,
+                        ),
+                    };
+                    let range = bounds[stage]..bounds[stage + 1];
+                    let (g, b);
+                    let layers = match arch {
+                        Arch::Gpt2(c) => {
+                            g = zoo::gpt2::Gpt2Pipe::new(c, &pb, range.clone())?;
+                            g.layers()
+                        }
+                        Arch::Bert(c) => {
+                            b = zoo::bert::BertPipe::new(c, &pb, range.clone())?;
+                            b.layers()
+                        }
+                    };
+                    let mut engine =
+                        Engine::new(layers, EngineConfig::default(), ctx.dp()?, ctx.tp()?)?;
+                    if let Some(p) = pipe.clone() {
+                        engine = engine.with_pipeline(p)?;
+                    }
+                    if let Source::Native(ck) = &src {
+                        // Native -> native keeps the counters and the optimizer state,
+                        // re-partitioned.
+                        ck.restore(&mut engine, true)?;
+                    }
+                    let (seed, schedule) = match &src {
+                        Source::Native(ck) => (ck.manifest.seed, ck.manifest.lr_schedule),
+                        Source::Hf(_) | Source::Imported(..) => (
+                            1234,
+                            LrSchedule::Constant(EngineConfig::default().optimizer.lr),
+                        ),
+                    };
+                    let tag = checkpoint::save(
+                        &engine,
+                        &SaveSpec {
+                            dir: &out,
+                            consumed_samples: 0,
+                            seed,
+                            lr_schedule: schedule,
+                            model: json!({"type": kind, "config": config}),
+                            extra_files: vec![(
+                                "tokenizer.json".into(),
+                                tok.to_json()?.into_bytes(),
+                            )],
+                            keep_last: None,
+                            first_layer: range.start,
+                        },
+                    )?;
+                    Ok(vec![tag])
+                })
             })?
             .unwrap_or_default()
         }
@@ -369,7 +418,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         eprintln!("wrote {}", f.display());
     }
     if a.json {
-        let layout = a.layout.layout_without_pipeline("convert")?;
+        let layout = a.layout.layout()?;
         print_json(
             json!({"to": format!("{:?}", a.to).to_lowercase(), "output": a.output.display().to_string(),
                    "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>()}),
