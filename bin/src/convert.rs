@@ -96,7 +96,7 @@ enum Source {
     Native(Box<Checkpoint>),
     Hf(PathBuf),
     /// A Megatron or DeepSpeed .pt checkpoint, merged into logical tensors.
-    Imported(Box<zoo::gpt2::megatron::Imported>, Tokenizer),
+    Imported(Box<(zoo::gpt2::megatron::Imported, Tokenizer)>),
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -162,7 +162,7 @@ impl ConvertArgs {
                         .iteration
                         .map_or(String::new(), |i| format!(", iteration {i}"))
                 );
-                Ok(Source::Imported(Box::new(imported), tok))
+                Ok(Source::Imported(Box::new((imported, tok))))
             }
             (None, Some(_), None) => bail!("--from needs --input DIR"),
             _ => bail!("give --load DIR (native) or --from hf --input DIR"),
@@ -192,7 +192,7 @@ fn with_source<R>(
             };
             f(&arch, ck.as_ref(), &tok)
         }
-        Source::Imported(imp, tok) => f(&Arch::Gpt2(imp.config.clone()), &imp.tensors, tok),
+        Source::Imported(it) => f(&Arch::Gpt2(it.0.config.clone()), &it.0.tensors, &it.1),
         Source::Hf(dir) => {
             let tok = Tokenizer::from_dir(dir)?;
             let files = zoo::weights::SafetensorsFiles::open_dir(dir)?;
@@ -387,7 +387,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                     }
                     let (seed, schedule) = match &src {
                         Source::Native(ck) => (ck.manifest.seed, ck.manifest.lr_schedule),
-                        Source::Hf(_) | Source::Imported(..) => (
+                        Source::Hf(_) | Source::Imported(_) => (
                             1234,
                             LrSchedule::Constant(EngineConfig::default().optimizer.lr),
                         ),

@@ -118,7 +118,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
         let stage = stage.as_ref();
         Ok(match task {
             Task::Lambada => {
-                let ex = lambada_examples(&raw, path, &tok, a.strict_lambada)?;
+                let ex = lambada_examples(&raw, path, tok, a.strict_lambada)?;
                 let r = zoo::evaluation::lambada_accuracy(model, &ex, dp.as_ref(), stage)?;
                 eprintln!(
                     "lambada: accuracy {:.4} ({} / {})",

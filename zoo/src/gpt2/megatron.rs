@@ -99,7 +99,7 @@ fn merge(
     heads: usize,
 ) -> Result<LogicalTensors> {
     let mp = parts.len();
-    if heads % mp != 0 {
+    if !heads.is_multiple_of(mp) {
         bail!("{heads} attention heads do not split over {mp} model-parallel partitions")
     }
     let mut out = HashMap::new();
