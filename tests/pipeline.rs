@@ -203,20 +203,38 @@ fn gpt2_model_pipe_builds_only_its_stage() {
         ..zoo::gpt2::Config::new(6, 64, 4, 257)
     };
     let whole = common::random_gpt2(&cfg, 1);
+    let src = RandomInit { seed: 1 };
+    let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32);
+    // GPT2ModelPipe's list: tied embedding, 6 transformer layers, LayerNorm, tied logits.
+    let all = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 0..9).unwrap();
+    let types: Vec<String> = all.layers().iter().map(|l| l.type_name()).collect();
+    assert_eq!(types[0], "EmbeddingPipe");
+    assert_eq!(types[7], "LayerNorm");
+    assert_eq!(types[8], "EmbeddingPipe");
     for method in ["uniform", "parameters", "type:transformer"] {
         let m: PartitionMethod = method.parse().unwrap();
         for stages in [2, 3] {
-            // The shape-only partition equals the one over the built model's layers.
+            // The shape-only partition equals the one over the built layers.
             let bounds = zoo::gpt2::Gpt2Pipe::partition(&cfg, stages, &m).unwrap();
             assert_eq!(
                 bounds,
-                partition_layers(&whole.layers(), stages, &m).unwrap(),
+                partition_layers(&all.layers(), stages, &m).unwrap(),
                 "{method} x {stages}"
             );
         }
     }
-    let src = RandomInit { seed: 1 };
-    let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32);
+    // Built whole, the pipe form computes what the plain model does.
+    let ids = Tensor::new(&[[1u32, 5, 9, 200, 3]], &Device::Cpu).unwrap();
+    let ctx = candle_deepscale::module::ForwardCtx::eval();
+    let plain = whole.forward(&ids, &ctx).unwrap();
+    let piped = candle_deepscale::module::forward_layers(
+        &all.layers(),
+        candle_deepscale::module::Activations::new(ids.clone()),
+        &ctx,
+    )
+    .unwrap()
+    .hidden;
+    assert_eq!(common::max_abs_diff(&plain, &piped), 0.0);
     let middle = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 2..5).unwrap();
     let names: Vec<String> = candle_deepscale::module::unique_parameters(&middle.layers())
         .iter()
@@ -231,7 +249,7 @@ fn gpt2_model_pipe_builds_only_its_stage() {
     );
     // The last stage holds the head with its own tied copy of the word embedding, equal to the
     // first stage's.
-    let last = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 5..8).unwrap();
+    let last = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 5..9).unwrap();
     let first = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 0..2).unwrap();
     let wte = |s: &zoo::gpt2::Gpt2Pipe| {
         candle_deepscale::module::unique_parameters(&s.layers())
@@ -241,6 +259,6 @@ fn gpt2_model_pipe_builds_only_its_stage() {
             .unwrap()
     };
     assert_eq!(common::max_abs_diff(&wte(&last), &wte(&first)), 0.0);
-    assert_eq!(last.layers().len(), 3);
-    assert!(zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 7..9).is_err());
+    assert_eq!(last.layers().len(), 4);
+    assert!(zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 8..10).is_err());
 }

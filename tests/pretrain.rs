@@ -530,11 +530,12 @@ fn pipeline_checkpoints_save_per_layer_resume_exactly_and_load_at_other_layouts(
         &with_iters("3", &scratch, &pp2),
         &["--save", ck.to_str().unwrap()],
     ));
-    // Per-layer model files (embedding, 2 blocks, head) at each tp rank, per-rank optimizer files.
+    // Per-layer model files (embedding, 2 blocks, final LayerNorm, tied logits) at each tp rank,
+    // per-rank optimizer files.
     let tag = ck.join("global_step3");
     for f in [
         "layer_00-model_00.safetensors",
-        "layer_03-model_01.safetensors",
+        "layer_04-model_01.safetensors",
         "pp_rank_01_mp_rank_01_dp_rank_000.safetensors",
         "manifest.json",
     ] {
@@ -543,7 +544,7 @@ fn pipeline_checkpoints_save_per_layer_resume_exactly_and_load_at_other_layouts(
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tag.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["pp"], 2);
-    assert_eq!(manifest["pipeline_bounds"], serde_json::json!([0, 2, 4]));
+    assert_eq!(manifest["pipeline_bounds"], serde_json::json!([0, 2, 5]));
     let names: Vec<&str> = manifest["params"]
         .as_array()
         .unwrap()

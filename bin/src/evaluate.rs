@@ -1,6 +1,5 @@
 use crate::args::{print_json, LayoutArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::path::PathBuf;
@@ -104,14 +103,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
     let method = a.layout.partition_method(None)?;
     let task = a.task;
     let Some(v) = crate::launch::launch(&layout, |ctx| {
-        let rank = crate::models::RankGpt2::load(
-            &dir,
-            &Device::Cpu,
-            ctx.tp()?,
-            ctx.pipe()?,
-            &method,
-            ctx.is_root(),
-        )?;
+        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method)?;
         let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let dp = ctx.dp()?;
         let stage = rank.stage();
@@ -178,14 +170,7 @@ fn loss(a: EvaluateArgs) -> Result<()> {
     let dir = crate::models::gpt2_dir(&a.model)?;
     let method = a.layout.partition_method(None)?;
     let Some(r) = crate::launch::launch(&layout, |ctx| {
-        let rank = crate::models::RankGpt2::load(
-            &dir,
-            &Device::Cpu,
-            ctx.tp()?,
-            ctx.pipe()?,
-            &method,
-            ctx.is_root(),
-        )?;
+        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method)?;
         let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let ids = tok.encode(&text, false)?;
         let stage = rank.stage();

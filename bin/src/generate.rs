@@ -1,6 +1,5 @@
 use crate::args::{print_json, LayoutArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use serde_json::json;
 use std::io::Write;
@@ -62,14 +61,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let method = a.layout.partition_method(None)?;
     // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.
     let Some(results) = crate::launch::launch(&layout, |ctx| {
-        let rank = crate::models::RankGpt2::load(
-            &dir,
-            &Device::Cpu,
-            ctx.tp()?,
-            ctx.pipe()?,
-            &method,
-            ctx.is_root(),
-        )?;
+        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method)?;
         let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let stage = rank.stage();
         let cfg = SamplingConfig {

@@ -158,6 +158,22 @@ impl RankGpt2 {
         })
     }
 
+    /// [`RankGpt2::load`] on the CPU for the rank `ctx`.
+    pub fn for_rank(
+        dir: &Path,
+        ctx: &crate::launch::RankCtx,
+        method: &PartitionMethod,
+    ) -> Result<Self> {
+        Self::load(
+            dir,
+            &Device::Cpu,
+            ctx.tp()?,
+            ctx.pipe()?,
+            method,
+            ctx.is_root(),
+        )
+    }
+
     /// This rank's pipeline stage (None without a pipeline).
     pub fn stage(&self) -> Option<Stage<'_>> {
         self.pipe.as_ref().map(|p| Stage {

@@ -1,10 +1,10 @@
 //! `GPT2ModelPipe` (the 3D snapshot's pipeline model) as a list of layer specs: the tied word
-//! embedding, the transformer layers, and the final LayerNorm with the logits through the tied
+//! embedding, the transformer layers, the final LayerNorm, and the logits through the tied
 //! embedding. A stage builds — and reads from a checkpoint or HF folder — only its own layers.
-use super::model::{Block, FinalHead, Gpt2Embedding};
+use super::model::{Block, Gpt2Embedding};
 use super::Config;
 use candle_core::{Result, Tensor};
-use candle_deepscale::module::Layer;
+use candle_deepscale::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::nn::LayerNorm;
 use candle_deepscale::parameter::{Param, ParamBuilder};
 use candle_deepscale::pipe::module::partition_specs;
@@ -12,13 +12,59 @@ use candle_deepscale::pipe::{
     LayerSpec, PartitionMethod, PipeSpec, PipelineModule, SharedLayer, TiedLayerSpec,
 };
 use candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::tensor_parallel::mappings::copy_to_tp;
 use candle_deepscale::tensor_parallel::TensorParallel;
 use std::ops::Range;
 
 /// The key (and parameter `tie_group`) of the word embedding shared by the first and last stage.
 pub const TIED_KEY: &str = "word_embeddings";
 
-/// Layer `i` of the list [embedding, block 0 .. block N-1, head].
+/// The final LayerNorm as a layer of its own (`LayerSpec(LayerNorm, ...)` in GPT2ModelPipe).
+struct FinalLayerNorm(LayerNorm);
+
+impl Layer for FinalLayerNorm {
+    fn name(&self) -> String {
+        "final_layernorm".into()
+    }
+    fn type_name(&self) -> String {
+        "LayerNorm".into()
+    }
+    fn parameters(&self) -> Vec<&Param> {
+        self.0.parameters()
+    }
+    fn forward(&self, x: &Activations, _: &ForwardCtx) -> Result<Activations> {
+        Ok(Activations::new(self.0.forward(&x.hidden)?))
+    }
+}
+
+/// The logits through the tied word embedding (GPT2ModelPipe's `_logits_helper`): this rank's
+/// block of the padded vocabulary.
+struct TiedLogits {
+    word_embeddings: Param,
+    tp: Option<TensorParallel>,
+}
+
+impl Layer for TiedLogits {
+    fn name(&self) -> String {
+        "logits".into()
+    }
+    fn type_name(&self) -> String {
+        "EmbeddingPipe".into()
+    }
+    fn parameters(&self) -> Vec<&Param> {
+        vec![&self.word_embeddings]
+    }
+    fn forward(&self, x: &Activations, _: &ForwardCtx) -> Result<Activations> {
+        let h = copy_to_tp(&x.hidden, self.tp.as_ref())?;
+        Ok(Activations::new(candle_deepscale::nn::linear(
+            &h,
+            self.word_embeddings.tensor(),
+            None,
+        )?))
+    }
+}
+
+/// Layer `i` of the list [embedding, block 0 .. block N-1, final LayerNorm, logits].
 pub struct Gpt2Pipe {
     pub config: Config,
     /// The layers this stage holds, as indices of the full list.
@@ -28,14 +74,15 @@ pub struct Gpt2Pipe {
 }
 
 impl Gpt2Pipe {
-    /// Layers in the full list: embedding, the blocks, the head.
+    /// Layers in the full list: embedding, the blocks, the final LayerNorm, the logits.
     pub fn num_layers(config: &Config) -> usize {
-        config.num_layers + 2
+        config.num_layers + 3
     }
 
-    /// The layer specs: `EmbeddingPipe` (tied), `ParallelTransformerLayerPipe` x N and
-    /// `FinalHeadPipe` (tied: final LayerNorm, logits through the word embedding). Parameter
-    /// counts are the unpartitioned ones, for `parameters` partitioning.
+    /// The layer specs, as the 3D snapshot's GPT2ModelPipe lists them: `EmbeddingPipe` (tied),
+    /// `ParallelTransformerLayerPipe` x N, `LayerNorm`, and `EmbeddingPipe` again (tied: the
+    /// logits through the word embedding). Parameter counts are the unpartitioned ones, for
+    /// `parameters` partitioning.
     pub fn specs(config: &Config) -> Vec<PipeSpec<'_>> {
         let (h, v, f) = (
             config.hidden_size as u64,
@@ -62,19 +109,26 @@ impl Gpt2Pipe {
             );
         }
         specs.push(
+            LayerSpec::new("LayerNorm", 2 * h, |pb| {
+                Ok(FinalLayerNorm(LayerNorm::new(
+                    &pb.pp("final_layernorm"),
+                    config.hidden_size,
+                    config.layernorm_epsilon,
+                )?))
+            })
+            .into(),
+        );
+        specs.push(
             TiedLayerSpec::new(
                 TIED_KEY,
-                "FinalHeadPipe",
-                v * h + 2 * h,
+                "EmbeddingPipe",
+                v * h,
                 embedding,
                 |e: std::sync::Arc<Gpt2Embedding>, pb| {
-                    let ln = LayerNorm::new(
-                        &pb.pp("final_layernorm"),
-                        config.hidden_size,
-                        config.layernorm_epsilon,
-                    )?;
-                    let wte: Param = e.word_embeddings.weight.clone();
-                    Ok(FinalHead::new(ln, wte, pb.tp().cloned()))
+                    Ok(TiedLogits {
+                        word_embeddings: e.word_embeddings.weight.clone(),
+                        tp: pb.tp().cloned(),
+                    })
                 },
             )
             .into(),
@@ -83,7 +137,7 @@ impl Gpt2Pipe {
     }
 
     /// Stage boundaries for `stages` stages, from the model's shape alone (nothing is built):
-    /// `type:REGEX` matches `EmbeddingPipe`, `ParallelTransformerLayerPipe`, `FinalHeadPipe`;
+    /// `type:REGEX` matches `EmbeddingPipe`, `ParallelTransformerLayerPipe`, `LayerNorm`;
     /// `parameters` counts each layer's parameters (the tied embedding on both ends).
     pub fn partition(
         config: &Config,
