@@ -10,7 +10,7 @@ use candle_deepscale::config::{DeepSpeedConfig, Fp16Config};
 use candle_deepscale::engine::{forward_backward, Engine, EngineConfig, StepReport};
 use candle_deepscale::lr_schedules::LrSchedule;
 use candle_deepscale::module::Activations;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::parameter::{ParamBuilder, RandomInit, Zero3Construction};
 use candle_deepscale::topology::Topology;
 use candle_deepscale::zero::StateBytes;
 use common::tp::{assert_params_match, gather};
@@ -58,6 +58,19 @@ struct RankRun {
 /// Trains the tiny GPT-2 for `steps` on `tp x dp` in-process ranks with `cfg` (the micro-batch and
 /// accumulation must make up GLOBAL_BATCH with dp).
 fn train(tp: usize, dp: usize, cfg: EngineConfig, steps: usize, dtype: DType) -> Vec<RankRun> {
+    train_with(tp, dp, cfg, steps, dtype, false)
+}
+
+/// [`train`]; with `zero3_init` (stage 3) the model is built partitioned (`zero.Init`): no rank
+/// ever holds a whole weight; without it a whole model is partitioned when the engine starts.
+fn train_with(
+    tp: usize,
+    dp: usize,
+    cfg: EngineConfig,
+    steps: usize,
+    dtype: DType,
+    zero3_init: bool,
+) -> Vec<RankRun> {
     let (micro, gas) = (
         cfg.train_micro_batch_size_per_gpu,
         cfg.gradient_accumulation_steps,
@@ -72,9 +85,16 @@ fn train(tp: usize, dp: usize, cfg: EngineConfig, steps: usize, dtype: DType) ->
         let dp_group = group(topo.data_group(rank));
         let dp_rank = dp_group.rank;
         let src = RandomInit { seed: 5 };
+        let zero3 = zero3_init.then_some(Zero3Construction {
+            parts: dp,
+            rank: dp_rank,
+            persistence_threshold: cfg.stage3.param_persistence_threshold,
+        });
         let model = Gpt2::new(
             &common::tiny_gpt2_config(),
-            &ParamBuilder::new(&src, &Device::Cpu, dtype).with_tp(Some(tp_group.clone())),
+            &ParamBuilder::new(&src, &Device::Cpu, dtype)
+                .with_tp(Some(tp_group.clone()))
+                .with_zero3(zero3),
         )
         .unwrap();
         let mut engine = Engine::new(
@@ -104,14 +124,18 @@ fn train(tp: usize, dp: usize, cfg: EngineConfig, steps: usize, dtype: DType) ->
             losses.push(r.loss);
             norms.push(r.grad_norm);
         }
-        let params = model
-            .parameters()
-            .iter()
-            .map(|p| {
-                let t = p.tensor().to_dtype(DType::F32).unwrap();
-                (p.meta.name.clone(), gather(Some(&tp_group), p, &t))
-            })
-            .collect();
+        // ZeRO-3 keeps parameters partitioned: gather them (every rank takes part).
+        let params = engine.gathered(|| {
+            Ok(model
+                .parameters()
+                .iter()
+                .map(|p| {
+                    // A copy: the parameter's storage is released after the scope.
+                    let t = p.tensor().to_dtype(DType::F32).unwrap().copy().unwrap();
+                    (p.meta.name.clone(), gather(Some(&tp_group), p, &t))
+                })
+                .collect())
+        })?;
         Ok(RankRun {
             losses,
             norms,
@@ -173,6 +197,52 @@ fn data_parallel_zero_0_1_2_equal_one_rank() {
         let runs = train(1, 2, stage(s, 2, 1), STEPS, DType::F32);
         assert_runs_match(&runs, &reference, &format!("dp=2 ZeRO-{s}"));
     }
+}
+
+fn stage3(micro: usize, gas: usize) -> EngineConfig {
+    let mut c = stage(3, micro, gas);
+    // Small enough that the tiny model's matrices are partitioned, its LayerNorms and biases kept.
+    c.stage3.param_persistence_threshold = 1000;
+    c
+}
+
+#[test]
+fn zero_3_equals_one_rank() {
+    let reference = one_rank();
+    for (name, tp, dp, cfg, init) in [
+        ("dp=2 ZeRO-3 (zero.Init)", 1, 2, stage3(2, 1), true),
+        ("dp=4 ZeRO-3 (zero.Init, tight live cap)", 1, 4, {
+            let mut c = stage3(1, 1);
+            c.stage3.max_live_parameters = 30_000;
+            c.stage3.prefetch_bucket_size = 20_000;
+            c.stage3.max_reuse_distance = 0;
+            c
+        }, true),
+        ("tp=2 x dp=2 ZeRO-3 (partitioned at start)", 2, 2, stage3(2, 1), false),
+        ("dp=2 ZeRO-3 accumulation 2, checkpoint every layer", 1, 2, EngineConfig {
+            checkpoint_num_layers: 1,
+            ..stage3(1, 2)
+        }, true),
+    ] {
+        let runs = train_with(tp, dp, cfg, STEPS, DType::F32, init);
+        assert_runs_match(&runs, &reference, name);
+        for (rank, r) in runs.iter().enumerate() {
+            let (m, f) = (r.measured.total() as f64, r.formula.total() as f64);
+            assert!(
+                (m / f - 1.0).abs() < 0.02,
+                "{name} rank {rank}: measured {m} vs stage-3 formula {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn zero_3_holds_a_fraction_of_stage_2() {
+    let two = train(1, 4, stage(2, 1, 1), 1, DType::F32);
+    let three = train_with(1, 4, stage3(1, 1), 1, DType::F32, true);
+    let (a, b) = (two[0].measured.total(), three[0].measured.total());
+    // 4Ψ + 12Ψ/4 against 16Ψ/4 plus the small persistent tensors.
+    assert!((b as f64) < 0.65 * a as f64, "ZeRO-3 {b} vs ZeRO-2 {a}");
 }
 
 #[test]

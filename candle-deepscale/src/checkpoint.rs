@@ -135,7 +135,19 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
     let mut own_files = Vec::new();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let model_key = |name: &str| format!("model/tp{tp_rank}/{name}");
-    if dp_rank == 0 {
+    let stage3 = engine.optimizer().stage() == 3;
+    if stage3 {
+        // ZeRO-3: no rank holds whole parameters; each writes its fp32 pieces, which the loader
+        // assembles like the optimizer state.
+        for run in engine.optimizer().state_runs() {
+            if let Some(values) = run.master {
+                tensors.insert(
+                    format!("optim/param/tp{tp_rank}/{}@{}", run.param.meta.name, run.offset),
+                    Tensor::from_slice(values, values.len(), &Device::Cpu)?,
+                );
+            }
+        }
+    } else if dp_rank == 0 {
         if stages > 1 {
             // One file per layer, so a reader can take the layers it needs.
             let mut seen = std::collections::HashSet::new();
@@ -412,6 +424,15 @@ impl Checkpoint {
 
     /// The logical value of parameter `name` (real vocabulary rows only), in f32.
     pub fn logical(&self, name: &str) -> Result<Tensor> {
+        if self.manifest.zero_stage == 3 {
+            // Saved as the ranks' fp32 pieces.
+            return self.optimizer_logical("param", name)?.ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "checkpoint {}: no pieces of parameter `{name}`",
+                    self.dir.display()
+                ))
+            });
+        }
         let meta = self.param_meta(name)?;
         let blocks = (0..self.split_count(meta))
             .map(|t| {

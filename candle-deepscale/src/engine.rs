@@ -12,7 +12,7 @@ use crate::config::{DeepSpeedConfig, Fp16Config};
 use crate::loss_scaler::LossScaler;
 use crate::lr_schedules::LrSchedule;
 use crate::module::{Activations, ForwardCtx, Layer};
-use crate::zero::{StateBytes, ZeroOptimizer};
+use crate::zero::{Stage3Config, StateBytes, ZeroOptimizer};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, TensorId, Var};
 use std::collections::HashMap;
@@ -115,6 +115,45 @@ fn surrogate(out: &Activations, grads: &[Option<Tensor>]) -> Result<Option<Tenso
 /// Called after each layer's backward with its index, the layer and its gradients.
 pub type LayerHook<'a> = dyn FnMut(usize, &dyn Layer, Option<&GradStore>) -> Result<()> + 'a;
 
+/// What the per-layer loop tells the engine: a layer is about to run (ZeRO-3 gathers its
+/// parameters), is done for now (they may be released), and has finished its backward.
+pub trait StageHooks {
+    fn fetch(&mut self, _layer: usize, _backward: bool) -> Result<()> {
+        Ok(())
+    }
+    fn release(&mut self, _layer: usize, _backward: bool) -> Result<()> {
+        Ok(())
+    }
+    fn grads(&mut self, layer: usize, l: &dyn Layer, store: Option<&GradStore>) -> Result<()>;
+}
+
+/// Hooks that only receive gradients.
+pub struct OnGrads<'a>(pub &'a mut LayerHook<'a>);
+
+impl StageHooks for OnGrads<'_> {
+    fn grads(&mut self, i: usize, l: &dyn Layer, store: Option<&GradStore>) -> Result<()> {
+        (self.0)(i, l, store)
+    }
+}
+
+/// The engine's hooks: ZeRO-3 fetches and releases; gradients go into the ZeRO buffers.
+struct ZeroHooks<'a> {
+    zero: &'a mut ZeroOptimizer,
+    last: bool,
+}
+
+impl StageHooks for ZeroHooks<'_> {
+    fn fetch(&mut self, i: usize, backward: bool) -> Result<()> {
+        self.zero.fetch_layer(i, backward)
+    }
+    fn release(&mut self, i: usize, backward: bool) -> Result<()> {
+        self.zero.release_layer(i, backward)
+    }
+    fn grads(&mut self, i: usize, l: &dyn Layer, store: Option<&GradStore>) -> Result<()> {
+        into_zero(self.zero, self.last, i, l, store)
+    }
+}
+
 /// What the forward pass keeps of one layer for backward.
 enum Kept {
     /// The layer's graph from a leaf input (no checkpointing).
@@ -153,6 +192,7 @@ pub fn stage_forward<F>(
     ctx: &ForwardCtx,
     policy: &CheckpointPolicy,
     loss: Option<(f64, F)>,
+    hooks: &mut dyn StageHooks,
 ) -> Result<(StageState, Option<Activations>, Option<f32>)>
 where
     F: FnOnce(&Activations) -> Result<Tensor>,
@@ -165,6 +205,7 @@ where
     let mut kept: Vec<Kept> = Vec::with_capacity(body_len);
     let mut x = input;
     for (i, layer) in layers[..body_len].iter().enumerate() {
+        hooks.fetch(i, false)?;
         if k > 0 {
             kept.push(if i % k == 0 {
                 Kept::Input(policy.save(&x)?)
@@ -178,6 +219,7 @@ where
             x = detached(&y);
             kept.push(Kept::Graph(leaf, y));
         }
+        hooks.release(i, false)?;
     }
     let mut state = StageState {
         kept,
@@ -188,6 +230,8 @@ where
     match loss {
         Some((scale, loss_fn)) => {
             let last = leaves(&x)?;
+            // The head stays fetched: its backward follows (released there).
+            hooks.fetch(body_len, false)?;
             let loss = loss_fn(&layers[body_len].forward(&last.act, ctx)?)?;
             let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
             let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
@@ -207,7 +251,7 @@ pub fn stage_backward(
     state: StageState,
     mut grads_out: Vec<Option<Tensor>>,
     policy: &CheckpointPolicy,
-    on_layer: &mut LayerHook<'_>,
+    hooks: &mut dyn StageHooks,
 ) -> Result<Vec<Option<Tensor>>> {
     let StageState {
         mut kept,
@@ -219,7 +263,8 @@ pub fn stage_backward(
     if let Some((last, scaled)) = head {
         let store = scaled.backward()?;
         drop(scaled);
-        on_layer(body_len, layers[body_len], Some(&store))?;
+        hooks.grads(body_len, layers[body_len], Some(&store))?;
+        hooks.release(body_len, true)?;
         grads_out = leaf_grads(&last, &store);
     }
     let mut end = body_len;
@@ -232,11 +277,13 @@ pub fn stage_backward(
             Kept::Input(saved) => {
                 let mut x = policy.restore(&saved)?;
                 drop(saved);
-                for layer in &layers[start..end] {
+                for (j, layer) in layers[start..end].iter().enumerate() {
+                    hooks.fetch(start + j, true)?;
                     let leaf = leaves(&x)?;
                     let y = layer.forward(&leaf.act, &ctx)?;
                     x = detached(&y);
                     graphs.push((leaf, y));
+                    hooks.release(start + j, true)?;
                 }
             }
             Kept::None => candle_core::bail!("engine: layer {start} has no saved input"),
@@ -248,11 +295,13 @@ pub fn stage_backward(
             let Some(s) = surrogate(&out, &grads_out)? else {
                 // Nothing downstream depends on this layer's output.
                 grads_out = vec![None; leaf.vars.len()];
-                on_layer(i, layers[i], None)?;
+                hooks.grads(i, layers[i], None)?;
                 continue;
             };
+            hooks.fetch(i, true)?;
             let store = s.backward()?;
-            on_layer(i, layers[i], Some(&store))?;
+            hooks.grads(i, layers[i], Some(&store))?;
+            hooks.release(i, true)?;
             grads_out = leaf_grads(&leaf, &store);
         }
         end = start;
@@ -271,10 +320,17 @@ pub fn backward_pass(
     policy: &CheckpointPolicy,
     loss_scale: f64,
     loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
-    on_layer: &mut LayerHook<'_>,
+    hooks: &mut dyn StageHooks,
 ) -> Result<f32> {
-    let (state, _, loss) = stage_forward(layers, input, ctx, policy, Some((loss_scale, loss_fn)))?;
-    stage_backward(layers, state, Vec::new(), policy, on_layer)?;
+    let (state, _, loss) = stage_forward(
+        layers,
+        input,
+        ctx,
+        policy,
+        Some((loss_scale, loss_fn)),
+        hooks,
+    )?;
+    stage_backward(layers, state, Vec::new(), policy, hooks)?;
     loss.ok_or_else(|| candle_core::Error::Msg("engine: no loss".into()))
 }
 
@@ -297,7 +353,7 @@ pub fn forward_backward(
         &policy,
         1.0,
         loss_fn,
-        &mut |_, layer, store| {
+        &mut OnGrads(&mut |_, layer, store| {
             if let Some(store) = store {
                 for p in layer.parameters() {
                     if let Some(g) = store.get(p.tensor()) {
@@ -306,7 +362,7 @@ pub fn forward_backward(
                 }
             }
             Ok(())
-        },
+        }),
     )?;
     Ok((loss, grads))
 }
@@ -341,6 +397,8 @@ fn into_zero(
 /// What an engine is told: DeepSpeed's config sections, resolved for one data-parallel size.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// ZeRO-3's knobs (used at stage 3).
+    pub stage3: Stage3Config,
     pub train_micro_batch_size_per_gpu: usize,
     pub gradient_accumulation_steps: usize,
     /// 0, 1 or 2.
@@ -369,6 +427,7 @@ impl Default for EngineConfig {
             train_micro_batch_size_per_gpu: 1,
             gradient_accumulation_steps: 1,
             zero_stage: 0,
+            stage3: Stage3Config::default(),
             reduce_bucket_size: 500_000_000,
             optimizer: AdamWConfig::default(),
             lr_schedule: LrSchedule::Constant(AdamWConfig::default().lr),
@@ -415,13 +474,17 @@ impl EngineConfig {
         c.fp16 = ds.fp16.clone().filter(|f| f.enabled);
         c.bf16 = ds.bf16.as_ref().is_some_and(|b| b.enabled);
         if let Some(z) = &ds.zero_optimization {
-            if z.stage > 2 {
-                bail!(
-                    "not supported: zero_optimization.stage {}, because this engine implements \
-                     ZeRO stages 0, 1 and 2",
-                    z.stage
-                )
-            }
+            let d = Stage3Config::default();
+            let pick = |v: Option<u64>, d: usize| v.map_or(d, |v| v as usize);
+            c.stage3 = Stage3Config {
+                prefetch_bucket_size: pick(z.stage3_prefetch_bucket_size, d.prefetch_bucket_size),
+                max_live_parameters: pick(z.stage3_max_live_parameters, d.max_live_parameters),
+                max_reuse_distance: pick(z.stage3_max_reuse_distance, d.max_reuse_distance),
+                param_persistence_threshold: pick(
+                    z.stage3_param_persistence_threshold,
+                    d.param_persistence_threshold,
+                ),
+            };
             for (what, o) in [
                 ("offload_optimizer", z.effective_offload_optimizer()),
                 ("offload_param", z.effective_offload_param()),
@@ -522,6 +585,7 @@ impl<'m> Engine<'m> {
             config.optimizer,
             dp.clone(),
             tp.clone(),
+            config.stage3,
         )?;
         let scaler = match &config.fp16 {
             Some(f) => LossScaler::from_config(f),
@@ -557,6 +621,13 @@ impl<'m> Engine<'m> {
         let stages = pipe.stages.size();
         if stages <= 1 {
             return Ok(self);
+        }
+        if self.config.zero_stage == 3 {
+            bail!(
+                "not supported: ZeRO stage 3 with a pipeline, because each stage would gather \
+                 parameters around micro-batches interleaved by the 1F1B schedule (DeepSpeed \
+                 does not combine them either); use ZeRO 0 or 1 with pipelines"
+            )
         }
         if self.config.zero_stage >= 2 {
             bail!(
@@ -681,7 +752,6 @@ impl<'m> Engine<'m> {
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
         let last = self.micro_step + 1 >= self.config.gradient_accumulation_steps;
-        let zero = &mut self.zero;
         let loss = backward_pass(
             &self.layers,
             input,
@@ -689,7 +759,10 @@ impl<'m> Engine<'m> {
             &self.policy,
             self.scaler.cur_scale,
             loss_fn,
-            &mut |i, layer, store| into_zero(zero, last, i, layer, store),
+            &mut ZeroHooks {
+                zero: &mut self.zero,
+                last,
+            },
         )?;
         self.micro_step += 1;
         Ok(loss)
@@ -729,6 +802,8 @@ impl<'m> Engine<'m> {
             } else {
                 1.0
             };
+            // Stage 3: gathered copies would be stale after the update.
+            self.zero.release_all()?;
             self.zero.step(lr, unscale * coef)?;
             self.updates += 1;
         }
@@ -864,8 +939,17 @@ impl<'m> Engine<'m> {
                     } else {
                         None
                     };
-                    let (state, out, value) =
-                        stage_forward(&self.layers, x, &ctx, &self.policy, loss)?;
+                    let (state, out, value) = stage_forward(
+                        &self.layers,
+                        x,
+                        &ctx,
+                        &self.policy,
+                        loss,
+                        &mut ZeroHooks {
+                            zero: &mut self.zero,
+                            last: false,
+                        },
+                    )?;
                     if let Some(v) = value {
                         loss_sum += v as f64;
                     }
@@ -912,13 +996,15 @@ impl<'m> Engine<'m> {
                     let go = grads_out.remove(&m).unwrap_or_default();
                     backwards += 1;
                     let boundary = backwards == gas;
-                    let zero = &mut self.zero;
                     let g = stage_backward(
                         &self.layers,
                         state,
                         go,
                         &self.policy,
-                        &mut |i, layer, store| into_zero(zero, boundary, i, layer, store),
+                        &mut ZeroHooks {
+                            zero: &mut self.zero,
+                            last: boundary,
+                        },
                     )?;
                     if let Some(e) = grads_in.get_mut(&m) {
                         e.1 = g;
@@ -970,6 +1056,19 @@ impl<'m> Engine<'m> {
         input: Activations,
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
+        if self.zero.stage() == 3 {
+            // Stage 3: each layer's parameters are gathered around its forward.
+            let ctx = ForwardCtx::eval();
+            let mut x = input;
+            for (i, l) in self.layers.iter().enumerate() {
+                self.zero.fetch_layer(i, false)?;
+                let y = l.forward(&x, &ctx);
+                self.zero.release_layer(i, false)?;
+                x = detached(&y?);
+            }
+            self.zero.release_all()?;
+            return loss_fn(&x)?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>();
+        }
         // In a pipeline the batch flows stage to stage; the last computes the loss and shares it.
         let out = crate::pipe::pipeline_forward(
             &self.layers,
@@ -996,6 +1095,12 @@ impl<'m> Engine<'m> {
             dp.all_reduce(&mut buf, ReduceOp::Avg)?;
         }
         Ok(buf[0])
+    }
+
+    /// DeepSpeed's `GatheredParameters`: under ZeRO-3 every parameter is whole while `f` runs
+    /// (every data-parallel rank must call it); at other stages it just runs `f`.
+    pub fn gathered<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.zero.gathered(f)
     }
 
     /// Measured model-state bytes of this rank (parameters, gradient buffers, optimizer state).

@@ -51,6 +51,46 @@ pub fn shard_init(meta: &ParamMeta, shard: Option<Shard>, init: Init, seed: u64)
     Tensor::from_vec(data, local, &Device::Cpu)
 }
 
+/// Elements `start..start + len` of the flattened block `shard` (the whole tensor when `None`),
+/// generated without the rest: ZeRO-3 builds one data-parallel rank's piece of a parameter.
+pub fn flat_range_init(
+    meta: &ParamMeta,
+    shard: Option<Shard>,
+    init: Init,
+    seed: u64,
+    start: usize,
+    len: usize,
+) -> Vec<f32> {
+    match init {
+        Init::Zeros => vec![0f32; len],
+        Init::Ones => vec![1f32; len],
+        Init::Normal { std } => {
+            let key = random::stream_key(seed, &meta.name);
+            let mut v = vec![0f32; len];
+            let shape = &meta.shape;
+            let Some(s) = shard.filter(|_| !shape.is_empty()) else {
+                random::fill_normal(&mut v, key, start as u64, std);
+                return v;
+            };
+            // The block is, for each index of the dims before `s.dim`, a contiguous run of
+            // `blen * inner` logical elements starting at `bstart * inner`.
+            let (bstart, blen) = s.range(shape[s.dim]);
+            let inner: usize = shape[s.dim + 1..].iter().product();
+            let (run, full_run) = (blen * inner, shape[s.dim] * inner);
+            let mut at = 0;
+            while at < len {
+                let local = start + at;
+                let (o, within) = (local / run, local % run);
+                let n = (run - within).min(len - at);
+                let logical = o * full_run + bstart * inner + within;
+                random::fill_normal(&mut v[at..at + n], key, logical as u64, std);
+                at += n;
+            }
+            v
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +124,12 @@ mod tests {
                 let a: Vec<f32> = part.flatten_all().unwrap().to_vec1().unwrap();
                 let b: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
                 assert_eq!(a, b, "shape {shape:?} dim {dim} block {index}");
+                // Any flat range of the block, generated alone, equals the same range.
+                for (start, len) in [(0, a.len()), (1, a.len() - 1), (a.len() / 3, a.len() / 2)] {
+                    let r =
+                        flat_range_init(&meta, Some(s), Init::Normal { std: 0.02 }, 5, start, len);
+                    assert_eq!(r, a[start..start + len].to_vec(), "range {start}+{len}");
+                }
             }
         }
     }

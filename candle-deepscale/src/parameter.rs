@@ -44,6 +44,9 @@ impl ParamMeta {
 pub struct Param {
     pub var: Var,
     pub meta: ParamMeta,
+    /// ZeRO-3 construction: the tensor's storage is released and this holds the rank's piece of
+    /// the flattened parameter until the engine takes it.
+    pub partitioned: Option<std::sync::Arc<std::sync::Mutex<Option<Vec<f32>>>>>,
 }
 
 impl Param {
@@ -131,6 +134,23 @@ pub trait ParamSource: Send + Sync {
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor>;
+
+    /// Elements `start..start + len` of the flattened local tensor, as f32 (ZeRO-3 builds one
+    /// rank's piece). The default reads the local tensor and cuts; sources that can produce a
+    /// range alone (random initialisation) override it.
+    fn flat_range(
+        &self,
+        meta: &ParamMeta,
+        shard: Option<Shard>,
+        init: Init,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        self.tensor(meta, shard, init, &Device::Cpu, DType::F32)?
+            .flatten_all()?
+            .narrow(0, start, len)?
+            .to_vec1()
+    }
 }
 
 /// Builds a model's parameters under a name prefix (like candle's `VarBuilder`), collecting the
@@ -142,6 +162,17 @@ pub struct ParamBuilder<'a> {
     device: Device,
     dtype: DType,
     tp: Option<TensorParallel>,
+    zero3: Option<Zero3Construction>,
+}
+
+/// ZeRO-3 construction (DeepSpeed's `zero.Init`): parameters of at least `persistence_threshold`
+/// elements are built as this rank's piece only.
+#[derive(Debug, Clone, Copy)]
+pub struct Zero3Construction {
+    /// The data-parallel size and this rank's index.
+    pub parts: usize,
+    pub rank: usize,
+    pub persistence_threshold: usize,
 }
 
 /// Options of one parameter beyond its name, shape and init.
@@ -161,7 +192,14 @@ impl<'a> ParamBuilder<'a> {
             device: device.clone(),
             dtype,
             tp: None,
+            zero3: None,
         }
+    }
+
+    /// Builds large parameters partitioned over the data-parallel ranks (ZeRO-3): never whole.
+    pub fn with_zero3(mut self, z: Option<Zero3Construction>) -> Self {
+        self.zero3 = z.filter(|z| z.parts >= 1);
+        self
     }
 
     /// Builds the parameters of tensor-parallel rank `tp.rank` (split parameters hold their shard).
@@ -209,11 +247,39 @@ impl<'a> ParamBuilder<'a> {
         };
         let (size, rank) = crate::tensor_parallel::size_rank(self.tp.as_ref());
         let shard = Shard::of(&meta, rank, size)?;
+        if let Some(z) = self.zero3.filter(|z| {
+            let local: usize = meta.shape.iter().product::<usize>() / shard.map_or(1, |s| s.count);
+            local >= z.persistence_threshold.max(1)
+        }) {
+            // ZeRO-3: only this data-parallel rank's piece is produced; the tensor keeps its
+            // shape with its storage released (gathered by the engine around each use).
+            let mut local = meta.shape.clone();
+            if let Some(s) = shard {
+                local[s.dim] = s.range(meta.shape[s.dim]).1;
+            }
+            let numel: usize = local.iter().product();
+            let piece = numel.div_ceil(z.parts);
+            let start = (z.rank * piece).min(numel);
+            let len = piece.min(numel - start);
+            let mut v = self.source.flat_range(&meta, shard, init, start, len)?;
+            v.resize(piece, 0.0);
+            let var = Var::zeros(local.as_slice(), self.dtype, &self.device)?;
+            crate::zero::stage3::release_var(&var)?;
+            return Ok(Param {
+                var,
+                meta,
+                partitioned: Some(std::sync::Arc::new(std::sync::Mutex::new(Some(v)))),
+            });
+        }
         let t = self
             .source
             .tensor(&meta, shard, init, &self.device, self.dtype)?;
         let var = Var::from_tensor(&t)?;
-        Ok(Param { var, meta })
+        Ok(Param {
+            var,
+            meta,
+            partitioned: None,
+        })
     }
 }
 
@@ -237,5 +303,18 @@ impl ParamSource for RandomInit {
         crate::init::shard_init(meta, shard, init, self.seed)?
             .to_dtype(dtype)?
             .to_device(device)
+    }
+
+    fn flat_range(
+        &self,
+        meta: &ParamMeta,
+        shard: Option<Shard>,
+        init: Init,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(crate::init::flat_range_init(
+            meta, shard, init, self.seed, start, len,
+        ))
     }
 }

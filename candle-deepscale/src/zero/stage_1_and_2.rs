@@ -54,9 +54,9 @@ pub struct OptimizerRun<'a> {
 }
 
 pub struct ZeroOptimizer {
-    stage: u8,
-    layout: FlatLayout,
-    params: Vec<Param>,
+    pub(super) stage: u8,
+    pub(super) layout: FlatLayout,
+    pub(super) params: Vec<Param>,
     index: HashMap<TensorId, usize>,
     /// Stage 0/1: the whole padded flat buffer. Stage 2: this rank's partition.
     grads: Vec<f32>,
@@ -64,10 +64,13 @@ pub struct ZeroOptimizer {
     staging: HashMap<usize, Vec<f32>>,
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
-    /// fp32 copy of this rank's partition when parameters are fp16/bf16.
-    master: Option<Vec<f32>>,
+    /// fp32 copy of this rank's partition when parameters are fp16/bf16; at stage 3 the
+    /// partitioned parameters themselves.
+    pub(super) master: Option<Vec<f32>>,
     segments: Vec<Segment>,
-    dp: Option<ProcessGroup>,
+    pub(super) dp: Option<ProcessGroup>,
+    /// Stage 3: which parameters are gathered, and the knobs that decide it.
+    pub(super) stage3: Option<super::stage3::Stage3>,
     tp: Option<ProcessGroup>,
     /// The pipeline group (stages of this data/tensor coordinate), for the gradient norm.
     pp: Option<ProcessGroup>,
@@ -77,8 +80,9 @@ pub struct ZeroOptimizer {
 
 impl ZeroOptimizer {
     /// The optimizer of the distinct parameters of `layers`, partitioned over `dp` at `stage`
-    /// (0, 1 or 2), with gradient buckets of about `bucket_elems` elements. `tp` is the
-    /// tensor-parallel group, consulted by the gradient norm.
+    /// (0, 1, 2 or 3), with gradient buckets of about `bucket_elems` elements (stage 3: one per
+    /// parameter, each partitioned on its own as `zero.Init` does). `tp` is the tensor-parallel
+    /// group, consulted by the gradient norm.
     pub fn new(
         layers: &[&dyn Layer],
         stage: u8,
@@ -86,9 +90,10 @@ impl ZeroOptimizer {
         config: AdamWConfig,
         dp: Option<ProcessGroup>,
         tp: Option<ProcessGroup>,
+        stage3: super::stage3::Stage3Config,
     ) -> Result<Self> {
-        if stage > 2 {
-            bail!("ZeroOptimizer handles ZeRO stages 0, 1 and 2, got {stage}")
+        if stage > 3 {
+            bail!("ZeRO stages are 0, 1, 2 and 3, got {stage}")
         }
         let dp = dp.filter(|g| g.size() > 1);
         let tp = tp.filter(|g| g.size() > 1);
@@ -113,12 +118,21 @@ impl ZeroOptimizer {
             if !p.tensor().dtype().is_float() {
                 bail!("parameter `{}` is not floating point", p.meta.name)
             }
+            if stage == 3 && p.tensor().dtype() != DType::F32 {
+                bail!(
+                    "not supported: ZeRO stage 3 with {:?} parameter `{}`, because stage 3 \
+                     gathers fp32 parameters only so far (use fp32, or ZeRO 0-2 for fp16/bf16)",
+                    p.tensor().dtype(),
+                    p.meta.name
+                )
+            }
         }
         let numels: Vec<usize> = params.iter().map(|p| p.tensor().elem_count()).collect();
         let (parts, rank) = match (&dp, stage) {
-            (Some(g), 1 | 2) => (g.size(), g.rank),
+            (Some(g), 1..=3) => (g.size(), g.rank),
             _ => (1, 0),
         };
+        let bucket_elems = if stage == 3 { 1 } else { bucket_elems };
         let layout = FlatLayout::new(&layer_params, &numels, bucket_elems, parts, rank);
         let tp_rank = tp.as_ref().map_or(0, |g| g.rank);
         // Split parameters count on every tensor-parallel rank; replicated ones once (rank 0).
@@ -127,13 +141,15 @@ impl ZeroOptimizer {
         });
         let grads = vec![
             0f32;
-            if stage == 2 {
+            if stage >= 2 {
                 layout.partition_len
             } else {
                 layout.full_len
             }
         ];
-        let master = if params.iter().all(|p| p.tensor().dtype() == DType::F32) {
+        let master = if stage == 3 {
+            Some(super::stage3::take_partitions(&layout, &params)?)
+        } else if params.iter().all(|p| p.tensor().dtype() == DType::F32) {
             None
         } else {
             let mut m = vec![0f32; layout.partition_len];
@@ -144,6 +160,11 @@ impl ZeroOptimizer {
                 })?;
             }
             Some(m)
+        };
+        let stage3 = if stage == 3 {
+            Some(super::stage3::Stage3::new(stage3, &params, layer_params)?)
+        } else {
+            None
         };
         Ok(Self {
             stage,
@@ -157,6 +178,7 @@ impl ZeroOptimizer {
             master,
             segments,
             dp,
+            stage3,
             tp,
             pp: None,
             config,
@@ -176,7 +198,7 @@ impl ZeroOptimizer {
 
     /// The reduced gradient of parameter `i` (stages 0 and 1, which keep every gradient).
     pub fn param_grad_mut(&mut self, i: usize) -> Result<&mut [f32]> {
-        if self.stage == 2 {
+        if self.stage >= 2 {
             bail!("ZeRO-2 keeps only this rank's gradient partition")
         }
         let fp = &self.layout.params[i];
@@ -217,7 +239,7 @@ impl ZeroOptimizer {
             )
         }
         let b = &self.layout.buckets[fp.bucket];
-        let dst = if self.stage == 2 {
+        let dst = if self.stage >= 2 {
             let buf = self
                 .staging
                 .entry(fp.bucket)
@@ -233,7 +255,7 @@ impl ZeroOptimizer {
     /// into the partition; stages 0 and 1 all-reduce them at the accumulation boundary (`last`).
     pub fn reduce_bucket(&mut self, b: usize, last: bool) -> Result<()> {
         let bucket = &self.layout.buckets[b];
-        if self.stage == 2 {
+        if self.stage >= 2 {
             let local = self
                 .staging
                 .remove(&b)
@@ -260,7 +282,7 @@ impl ZeroOptimizer {
     /// This rank's piece of bucket `b`'s reduced gradients.
     fn grad_piece(&self, b: usize) -> &[f32] {
         let bk = &self.layout.buckets[b];
-        let start = if self.stage == 2 {
+        let start = if self.stage >= 2 {
             bk.part_offset
         } else {
             bk.offset + self.layout.rank * bk.piece
@@ -308,7 +330,7 @@ impl ZeroOptimizer {
                     v
                 }
             };
-            let start = if self.stage == 2 {
+            let start = if self.stage >= 2 {
                 bk.part_offset
             } else {
                 bk.offset + self.layout.rank * bk.piece
@@ -335,6 +357,13 @@ impl ZeroOptimizer {
             }
             if let Some(m) = &mut self.master {
                 m[bk.part_offset..bk.part_offset + bk.piece].copy_from_slice(&piece);
+            }
+            // Stage 3 keeps parameters partitioned (gathered around each use), except the
+            // persistent small ones, which are whole on every rank like stages 0-2.
+            if let Some(s3) = &self.stage3 {
+                if !bk.params.iter().any(|&p| s3.is_persistent(p)) {
+                    continue;
+                }
             }
             let full = match (&self.dp, self.layout.parts > 1) {
                 (Some(dp), true) => {
@@ -403,7 +432,7 @@ impl ZeroOptimizer {
                 self.exp_avg[at..at + r.len].copy_from_slice(&m[src.clone()]);
                 self.exp_avg_sq[at..at + r.len].copy_from_slice(&v[src.clone()]);
             }
-            if let Some(master) = &mut self.master {
+            if let (Some(master), None) = (&mut self.master, &self.stage3) {
                 with_f32(p.tensor(), |v| {
                     master[at..at + r.len].copy_from_slice(&v[src])
                 })?;
@@ -411,6 +440,14 @@ impl ZeroOptimizer {
         }
         self.step = step;
         Ok(())
+    }
+
+    pub(super) fn grads_len(&self) -> usize {
+        self.grads.len()
+    }
+
+    pub(super) fn moments_len(&self) -> usize {
+        self.exp_avg.len() + self.exp_avg_sq.len()
     }
 
     /// Clears the gradient buffers for the next accumulation.
@@ -422,6 +459,9 @@ impl ZeroOptimizer {
     /// Measured model-state bytes held by this rank: parameter tensors, the gradient buffer, and
     /// Adam's moments plus the fp32 master copy where parameters are not fp32.
     pub fn state_bytes(&self) -> StateBytes {
+        if self.stage3.is_some() {
+            return super::stage3::state_bytes(self);
+        }
         let parameters = self
             .params
             .iter()
@@ -442,6 +482,9 @@ impl ZeroOptimizer {
     /// parameter dtype's size, G = 4 (fp32 gradient buffers) and K = 8 (Adam's m and v) + 4 when an
     /// fp32 master copy is kept.
     pub fn formula_bytes(&self) -> StateBytes {
+        if self.stage3.is_some() {
+            return super::stage3::formula_bytes(self);
+        }
         let psi: f64 = self
             .params
             .iter()
