@@ -53,6 +53,8 @@ struct RankRun {
     params: BTreeMap<String, Tensor>,
     measured: StateBytes,
     formula: StateBytes,
+    /// ZeRO-3: gathered elements resident at the end, the peak, all-gathered in total.
+    stage3: Option<(usize, usize, u64)>,
 }
 
 /// Trains the tiny GPT-2 for `steps` on `tp x dp` in-process ranks with `cfg` (the micro-batch and
@@ -124,6 +126,7 @@ fn train_with(
             losses.push(r.loss);
             norms.push(r.grad_norm);
         }
+        let stage3 = engine.optimizer().stage3_stats();
         // ZeRO-3 keeps parameters partitioned: gather them (every rank takes part).
         let params = engine.gathered(|| {
             Ok(model
@@ -142,6 +145,7 @@ fn train_with(
             params,
             measured: engine.state_bytes(),
             formula: engine.formula_bytes(),
+            stage3,
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -211,21 +215,50 @@ fn zero_3_equals_one_rank() {
     let reference = one_rank();
     for (name, tp, dp, cfg, init) in [
         ("dp=2 ZeRO-3 (zero.Init)", 1, 2, stage3(2, 1), true),
-        ("dp=4 ZeRO-3 (zero.Init, tight live cap)", 1, 4, {
-            let mut c = stage3(1, 1);
-            c.stage3.max_live_parameters = 30_000;
-            c.stage3.prefetch_bucket_size = 20_000;
-            c.stage3.max_reuse_distance = 0;
-            c
-        }, true),
-        ("tp=2 x dp=2 ZeRO-3 (partitioned at start)", 2, 2, stage3(2, 1), false),
-        ("dp=2 ZeRO-3 accumulation 2, checkpoint every layer", 1, 2, EngineConfig {
-            checkpoint_num_layers: 1,
-            ..stage3(1, 2)
-        }, true),
+        (
+            "dp=4 ZeRO-3 (zero.Init, tight live cap)",
+            1,
+            4,
+            {
+                let mut c = stage3(1, 1);
+                c.stage3.max_live_parameters = 30_000;
+                c.stage3.prefetch_bucket_size = 20_000;
+                c.stage3.max_reuse_distance = 0;
+                c
+            },
+            true,
+        ),
+        (
+            "tp=2 x dp=2 ZeRO-3 (partitioned at start)",
+            2,
+            2,
+            stage3(2, 1),
+            false,
+        ),
+        (
+            "dp=2 ZeRO-3 accumulation 2, checkpoint every layer",
+            1,
+            2,
+            EngineConfig {
+                checkpoint_num_layers: 1,
+                ..stage3(1, 2)
+            },
+            true,
+        ),
     ] {
+        let tight = cfg.stage3.max_live_parameters < 1_000_000;
         let runs = train_with(tp, dp, cfg, STEPS, DType::F32, init);
         assert_runs_match(&runs, &reference, name);
+        let (resident, peak, gathered) = runs[0].stage3.unwrap();
+        assert_eq!(resident, 0, "{name}: everything released after the step");
+        // The tiny model's partitioned weights: about 127k elements (tp 1).
+        if tight {
+            assert!(peak < 80_000, "{name}: peak {peak} gathered elements");
+            assert!(
+                gathered > 2 * 127_000 * STEPS as u64,
+                "{name}: re-gathered in backward"
+            );
+        }
         for (rank, r) in runs.iter().enumerate() {
             let (m, f) = (r.measured.total() as f64, r.formula.total() as f64);
             assert!(
@@ -639,6 +672,7 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             params,
             measured: engine.state_bytes(),
             formula: engine.formula_bytes(),
+            stage3: engine.optimizer().stage3_stats(),
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -654,4 +688,95 @@ fn bert_tp2_and_dp2_zero2_equal_one_rank() {
         &reference,
         "BERT dp=2 ZeRO-2",
     );
+}
+
+/// One rank's ZeRO-3 partition of the gpt2-40b preset at dp = 512, built here without the other
+/// 511 (the weights are never whole: each rank generates only its piece of every parameter).
+#[test]
+fn gpt2_40b_partition_at_dp_512_builds_alone_and_matches_the_formula() {
+    let (n, rank) = (512usize, 7usize);
+    let cfg = zoo::gpt2::Config::preset("gpt2-40b").unwrap();
+    let stage3 = candle_deepscale::zero::Stage3Config::default();
+    let src = RandomInit { seed: 1 };
+    let model = Gpt2::new(
+        &cfg,
+        &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_zero3(Some(Zero3Construction {
+            parts: n,
+            rank,
+            persistence_threshold: stage3.param_persistence_threshold,
+        })),
+    )
+    .unwrap();
+    let comm: Arc<dyn Communicator> = Arc::new(candle_deepscale::comm::ShapeOnly {
+        rank,
+        world_size: n,
+    });
+    let dp = ProcessGroup::new(comm, (0..n).collect()).unwrap();
+    let engine = Engine::new(
+        model.layers(),
+        EngineConfig {
+            zero_stage: 3,
+            stage3,
+            ..EngineConfig::default()
+        },
+        Some(dp),
+        None,
+    )
+    .unwrap();
+    let psi: usize = model.parameters().iter().map(|p| p.meta.numel()).sum();
+    assert!(psi > 40_000_000_000, "{psi} parameters");
+    let (m, f) = (engine.state_bytes(), engine.formula_bytes());
+    assert!(
+        (m.total() as f64 / f.total() as f64 - 1.0).abs() < 0.02,
+        "measured {m:?} vs formula {f:?}"
+    );
+    // 16Ψ/N plus the persistent LayerNorms and biases: about 1.3 GB of a 650 GB model state.
+    assert!(m.total() < 16 * psi as u64 / n as u64 * 103 / 100);
+    // The weights themselves are not resident (only the small persistent ones are).
+    let resident: usize = model
+        .parameters()
+        .iter()
+        .map(|p| candle_deepscale::zero::stage3::resident_len(p.tensor()))
+        .sum();
+    assert!(resident < 10_000_000, "{resident} elements resident");
+}
+
+/// fp16 parameters under ZeRO-3 (gathered from the fp32 pieces, rounded) follow the ZeRO-2 fp16
+/// run, whose fp32 master pieces are all-gathered and rounded the same way.
+#[test]
+fn zero_3_fp16_follows_zero_2_fp16() {
+    let fp16 = Some(Fp16Config {
+        enabled: true,
+        loss_scale: Some(0.0),
+        initial_scale_power: Some(8),
+        loss_scale_window: Some(1000),
+        hysteresis: Some(2),
+        min_loss_scale: Some(1.0),
+    });
+    let two = train(
+        1,
+        2,
+        EngineConfig {
+            fp16: fp16.clone(),
+            ..stage(2, 2, 1)
+        },
+        3,
+        DType::F16,
+    );
+    let three = train_with(
+        1,
+        2,
+        EngineConfig {
+            fp16,
+            ..stage3(2, 1)
+        },
+        3,
+        DType::F16,
+        true,
+    );
+    for s in 0..3 {
+        let (a, b) = (three[0].losses[s], two[0].losses[s]);
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {s}: {a} vs {b}");
+    }
+    assert_params_match(&three[0].params, &two[0].params, "fp16 ZeRO-3 vs ZeRO-2", 3);
 }

@@ -142,7 +142,10 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
         for run in engine.optimizer().state_runs() {
             if let Some(values) = run.master {
                 tensors.insert(
-                    format!("optim/param/tp{tp_rank}/{}@{}", run.param.meta.name, run.offset),
+                    format!(
+                        "optim/param/tp{tp_rank}/{}@{}",
+                        run.param.meta.name, run.offset
+                    ),
                     Tensor::from_slice(values, values.len(), &Device::Cpu)?,
                 );
             }

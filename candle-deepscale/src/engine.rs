@@ -1067,7 +1067,9 @@ impl<'m> Engine<'m> {
                 x = detached(&y?);
             }
             self.zero.release_all()?;
-            return loss_fn(&x)?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>();
+            return loss_fn(&x)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>();
         }
         // In a pipeline the batch flows stage to stage; the last computes the loss and shares it.
         let out = crate::pipe::pipeline_forward(

@@ -262,6 +262,13 @@ impl<'a> ParamBuilder<'a> {
             let start = (z.rank * piece).min(numel);
             let len = piece.min(numel - start);
             let mut v = self.source.flat_range(&meta, shard, init, start, len)?;
+            if self.dtype != DType::F32 {
+                // The pieces hold what a whole half-precision parameter would: rounded values.
+                v = Tensor::from_vec(v, len, &Device::Cpu)?
+                    .to_dtype(self.dtype)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?;
+            }
             v.resize(piece, 0.0);
             let var = Var::zeros(local.as_slice(), self.dtype, &self.device)?;
             crate::zero::stage3::release_var(&var)?;

@@ -7,8 +7,10 @@
 mod in_process;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+mod shape_only;
 
 pub use in_process::{InProcessComm, InProcessWorld};
+pub use shape_only::ShapeOnly;
 
 use candle_core::{bail, Result, Tensor};
 use std::time::Duration;

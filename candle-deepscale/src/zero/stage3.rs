@@ -38,9 +38,10 @@ impl Default for Stage3Config {
     }
 }
 
-/// Moves `data` into the CPU f32 storage of `var` and returns what was there. The tensor's shape
-/// is untouched: an empty storage is a released parameter.
-struct Swap(Mutex<Vec<f32>>);
+/// Puts `data` (f32 values, converted to the parameter's dtype) into the CPU storage of `var`,
+/// dropping what was there. The tensor's shape is untouched: an empty storage is a released
+/// parameter.
+struct Swap(Mutex<Option<Vec<f32>>>);
 
 impl candle_core::InplaceOp1 for Swap {
     fn name(&self) -> &'static str {
@@ -48,28 +49,29 @@ impl candle_core::InplaceOp1 for Swap {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, _: &Layout) -> Result<()> {
+        let data = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("zero3-swap lock".into()))?
+            .take()
+            .unwrap_or_default();
         match storage {
-            CpuStorage::F32(v) => {
-                let mut d = self.0.lock().map_err(|_| candle_core::Error::Msg("zero3-swap lock".into()))?;
-                std::mem::swap(v, &mut *d);
-                Ok(())
-            }
-            _ => bail!("ZeRO-3 parameters are fp32 CPU tensors"),
+            CpuStorage::F32(v) => *v = data,
+            CpuStorage::F16(v) => *v = data.iter().map(|x| half::f16::from_f32(*x)).collect(),
+            CpuStorage::BF16(v) => *v = data.iter().map(|x| half::bf16::from_f32(*x)).collect(),
+            _ => bail!("ZeRO-3 parameters are fp32, fp16 or bf16 CPU tensors"),
         }
+        Ok(())
     }
 }
 
-fn swap_storage(var: &Var, data: Vec<f32>) -> Result<Vec<f32>> {
-    let op = Swap(Mutex::new(data));
-    var.as_tensor().inplace_op1(&op)?;
-    op.0
-        .into_inner()
-        .map_err(|_| candle_core::Error::Msg("zero3-swap lock".into()))
+fn set_storage(var: &Var, data: Vec<f32>) -> Result<()> {
+    var.as_tensor().inplace_op1(&Swap(Mutex::new(Some(data))))
 }
 
 /// Frees the storage of `var` (its shape stays): the parameter must be gathered before use.
 pub fn release_var(var: &Var) -> Result<()> {
-    swap_storage(var, Vec::new()).map(drop)
+    set_storage(var, Vec::new())
 }
 
 /// Elements resident in the storage of `t` (0 for a released parameter).
@@ -77,6 +79,8 @@ pub fn resident_len(t: &candle_core::Tensor) -> usize {
     let (storage, _) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+        candle_core::Storage::Cpu(CpuStorage::F16(v)) => v.len(),
+        candle_core::Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
         _ => t.elem_count(),
     }
 }
@@ -114,7 +118,8 @@ pub(super) fn take_partitions(layout: &FlatLayout, params: &[Param]) -> Result<V
                         b.piece
                     )
                 }
-                master[at..at + r.len].copy_from_slice(&piece[r.piece_offset..r.piece_offset + r.len]);
+                master[at..at + r.len]
+                    .copy_from_slice(&piece[r.piece_offset..r.piece_offset + r.len]);
             }
             None => with_f32(p.tensor(), |v| {
                 master[at..at + r.len].copy_from_slice(&v[r.param_offset..r.param_offset + r.len])
@@ -221,9 +226,12 @@ impl Stage3 {
     }
 
     fn layer_elems(&self, l: usize) -> usize {
-        self.layer_params
-            .get(l)
-            .map_or(0, |ps| ps.iter().filter(|&&p| !self.persistent[p]).map(|&p| self.numel[p]).sum())
+        self.layer_params.get(l).map_or(0, |ps| {
+            ps.iter()
+                .filter(|&&p| !self.persistent[p])
+                .map(|&p| self.numel[p])
+                .sum()
+        })
     }
 }
 
@@ -268,7 +276,7 @@ fn gather_params(zero: &ZeroOptimizer, todo: &[usize]) -> Result<()> {
             full.extend_from_slice(&recv[at..at + piece]);
         }
         full.truncate(numel);
-        swap_storage(&zero.params[p].var, full)?;
+        set_storage(&zero.params[p].var, full)?;
         within += piece;
     }
     Ok(())
@@ -297,8 +305,14 @@ impl ZeroOptimizer {
         let mut budget = s3.config.prefetch_bucket_size;
         let mut next = l;
         loop {
-            let n = if backward { next.checked_sub(1) } else { Some(next + 1) };
-            let Some(n) = n.filter(|&n| n < s3.layer_params.len()) else { break };
+            let n = if backward {
+                next.checked_sub(1)
+            } else {
+                Some(next + 1)
+            };
+            let Some(n) = n.filter(|&n| n < s3.layer_params.len()) else {
+                break;
+            };
             let e = s3.layer_elems(n);
             let needed: usize = todo.iter().map(|&p| s3.numel[p]).sum();
             if e > budget || live.elems + needed + e > s3.config.max_live_parameters {
@@ -428,23 +442,37 @@ impl ZeroOptimizer {
 /// Measured stage-3 model state: the fp32 partition (parameters), persistent and currently
 /// gathered tensors, the gradient partition and Adam's moments.
 pub(super) fn state_bytes(z: &ZeroOptimizer) -> StateBytes {
-    let resident: usize = z.params.iter().map(|p| resident_len(p.tensor())).sum();
+    let resident: usize = z
+        .params
+        .iter()
+        .map(|p| resident_len(p.tensor()) * p.tensor().dtype().size_in_bytes())
+        .sum();
     let master = z.master.as_ref().map_or(0, |m| m.len());
     StateBytes {
-        parameters: 4 * (master + resident) as u64,
+        parameters: (4 * master + resident) as u64,
         gradients: 4 * z.grads_len() as u64,
         optimizer: 4 * z.moments_len() as u64,
     }
 }
 
-/// DeepSpeed's stage-3 formula for fp32 parameters updated in place: 4Ψ/N parameters (plus the
-/// persistent ones, whole on every rank), 4Ψ/N gradients, 8Ψ/N for Adam's moments.
+/// DeepSpeed's stage-3 formula, 16Ψ/N: 4Ψ/N fp32 parameters (the partition; plus the persistent
+/// ones, whole on every rank in their dtype), 4Ψ/N gradients, 8Ψ/N for Adam's moments. (For
+/// fp16 DeepSpeed splits the same 16 bytes as 2 + 2 + 12; here gradients are fp32 and the fp32
+/// partition is the master.)
 pub(super) fn formula_bytes(z: &ZeroOptimizer) -> StateBytes {
-    let psi: f64 = z.params.iter().map(|p| p.tensor().elem_count() as f64).sum();
+    let psi: f64 = z
+        .params
+        .iter()
+        .map(|p| p.tensor().elem_count() as f64)
+        .sum();
     let n = z.layout.parts as f64;
     let persistent = z.stage3.as_ref().map_or(0, |s| s.persistent_elems()) as f64;
+    let p_size = z
+        .params
+        .first()
+        .map_or(4, |p| p.tensor().dtype().size_in_bytes()) as f64;
     StateBytes {
-        parameters: (4.0 * (psi / n + persistent)) as u64,
+        parameters: (4.0 * psi / n + p_size * persistent) as u64,
         gradients: (4.0 * psi / n) as u64,
         optimizer: (8.0 * psi / n) as u64,
     }

@@ -118,14 +118,6 @@ impl ZeroOptimizer {
             if !p.tensor().dtype().is_float() {
                 bail!("parameter `{}` is not floating point", p.meta.name)
             }
-            if stage == 3 && p.tensor().dtype() != DType::F32 {
-                bail!(
-                    "not supported: ZeRO stage 3 with {:?} parameter `{}`, because stage 3 \
-                     gathers fp32 parameters only so far (use fp32, or ZeRO 0-2 for fp16/bf16)",
-                    p.tensor().dtype(),
-                    p.meta.name
-                )
-            }
         }
         let numels: Vec<usize> = params.iter().map(|p| p.tensor().elem_count()).collect();
         let (parts, rank) = match (&dp, stage) {
