@@ -8,7 +8,7 @@ use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
 use candle_deepscale::engine::{Engine, EngineConfig};
 use candle_deepscale::lr_schedules::LrSchedule;
 use candle_deepscale::module::{Activations, ForwardCtx};
-use candle_deepscale::parameter::{ParamBuilder, ParamSource, RandomInit};
+use candle_deepscale::parameter::{ParamBuilder, ParamSource, RandomInit, Zero3Construction};
 use candle_deepscale::topology::Topology;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +33,11 @@ fn config(stage: u8, dp: usize) -> EngineConfig {
         reduce_bucket_size: 6000,
         lr_schedule: LrSchedule::Constant(2e-3),
         gradient_clipping: 1.0,
+        stage3: candle_deepscale::zero::Stage3Config {
+            // The tiny model's matrices partitioned, its LayerNorms and biases whole.
+            param_persistence_threshold: 1000,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -67,9 +72,16 @@ fn run(
             Some(c) => c,
             None => &init,
         };
+        let zero3 = (stage == 3).then_some(Zero3Construction {
+            parts: dp,
+            rank: dp_rank,
+            persistence_threshold: 1000,
+        });
         let model = Gpt2::new(
             &common::tiny_gpt2_config(),
-            &ParamBuilder::new(src, &Device::Cpu, DType::F32).with_tp(Some(tp_g.clone())),
+            &ParamBuilder::new(src, &Device::Cpu, DType::F32)
+                .with_tp(Some(tp_g.clone()))
+                .with_zero3(zero3),
         )?;
         let mut engine = Engine::new(
             model.layers(),
@@ -81,7 +93,11 @@ fn run(
             c.restore(&mut engine, true)?;
         }
         let probe = batch(1000).0;
-        let logits = model.full_logits(&model.forward(&probe, &ForwardCtx::eval())?)?;
+        let logits = engine.gathered(|| {
+            model
+                .full_logits(&model.forward(&probe, &ForwardCtx::eval())?)?
+                .copy()
+        })?;
         let start = engine.iteration() as usize;
         let mut losses = Vec::new();
         for step in start..start + steps {
@@ -111,16 +127,18 @@ fn run(
                 },
             )?;
         }
-        let params = model
-            .parameters()
-            .iter()
-            .map(|p| {
-                (
-                    p.meta.name.clone(),
-                    common::tp::gather(Some(&tp_g), p, p.tensor()),
-                )
-            })
-            .collect();
+        let params = engine.gathered(|| {
+            Ok(model
+                .parameters()
+                .iter()
+                .map(|p| {
+                    (
+                        p.meta.name.clone(),
+                        common::tp::gather(Some(&tp_g), p, &p.tensor().copy().unwrap()),
+                    )
+                })
+                .collect())
+        })?;
         Ok(Out {
             losses,
             logits,
@@ -186,7 +204,15 @@ fn a_checkpoint_loads_into_other_layouts_and_training_goes_on() {
     let saved = run(2, 2, 2, 4, None, Some(tmp.path()));
     let cont = run(2, 2, 2, 3, Some(tmp.path()), None);
     let _ = saved;
-    for (tp, dp, stage) in [(1, 1, 0), (4, 1, 0), (1, 2, 1), (2, 1, 0), (1, 4, 2)] {
+    for (tp, dp, stage) in [
+        (1, 1, 0),
+        (4, 1, 0),
+        (1, 2, 1),
+        (2, 1, 0),
+        (1, 4, 2),
+        (2, 2, 3),
+        (1, 4, 3),
+    ] {
         let other = run(tp, dp, stage, 3, Some(tmp.path()), None);
         let r = rel(&other.logits, &cont.logits);
         assert!(
@@ -197,6 +223,23 @@ fn a_checkpoint_loads_into_other_layouts_and_training_goes_on() {
             assert!(
                 (a - b).abs() <= 1e-5 * b,
                 "tp {tp} dp {dp} ZeRO-{stage} step {s}: {a} vs {b}"
+            );
+        }
+    }
+    // A ZeRO-3 checkpoint (each rank's fp32 pieces) loads into one rank and into ZeRO-3 again.
+    let tmp3 = tempfile::tempdir().unwrap();
+    run(2, 2, 3, 4, None, Some(tmp3.path()));
+    for (tp, dp, stage) in [(1, 1, 0), (1, 2, 3)] {
+        let other = run(tp, dp, stage, 3, Some(tmp3.path()), None);
+        let r = rel(&other.logits, &cont.logits);
+        assert!(
+            r < 1e-5,
+            "from ZeRO-3 into tp {tp} dp {dp} ZeRO-{stage}: logits differ by {r}"
+        );
+        for (s, (a, b)) in other.losses.iter().zip(&cont.losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b,
+                "from ZeRO-3 into tp {tp} dp {dp} ZeRO-{stage} step {s}: {a} vs {b}"
             );
         }
     }

@@ -119,11 +119,6 @@ impl DeepSpeedArgs {
             bail!("--save-interval needs --save DIR")
         }
         refuse(
-            self.scattered_embeddings || self.split_transformers,
-            "--scattered-embeddings/--split-transformers",
-            "they belong to ZeRO-3's partitioned model construction, which this engine does not have yet",
-        )?;
-        refuse(
             self.memory_centric_tiled_linear || self.tile_factor.is_some(),
             "--memory-centric-tiled-linear/--tile-factor",
             "tiled linear layers only pay off with ZeRO-3 parameter offload, which this engine does not have yet",
@@ -163,8 +158,8 @@ impl DeepSpeedArgs {
             "--zero-stage",
             "zero_optimization.stage",
         )? {
-            if s > 2 {
-                bail!("not supported: ZeRO stage {s}, because this engine implements stages 0, 1 and 2")
+            if s > 3 {
+                bail!("--zero-stage {s}: ZeRO stages are 0, 1, 2 and 3")
             }
             c.zero_stage = s;
         }
@@ -230,6 +225,14 @@ impl DeepSpeedArgs {
         note(
             self.lazy_loader || self.loose_json,
             "--lazy-loader/--loose-json: .jsonl is read one object per line",
+        );
+        note(
+            self.scattered_embeddings,
+            "--scattered-embeddings: under ZeRO-3 every parameter, the embeddings included, is built partitioned over the data-parallel ranks",
+        );
+        note(
+            self.split_transformers,
+            "--split-transformers: ZeRO-3 gathers parameters layer by layer, with prefetch and a live-parameter cap",
         );
         note(
             self.distributed_backend.is_some(),

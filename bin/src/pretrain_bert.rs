@@ -320,7 +320,9 @@ fn train_rank(
     }
     let model = BertPipe::new(
         &sh.cfg,
-        &ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone()),
+        &ParamBuilder::new(src, &device, sh.dtype)
+            .with_tp(tp.clone())
+            .with_zero3(crate::training::zero3_construction(&sh.engine, dp.as_ref())),
         bounds[stage]..bounds[stage + 1],
     )?;
     let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;

@@ -329,7 +329,9 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         (None, Some(c)) => c,
         (None, None) => &init,
     };
-    let pb = ParamBuilder::new(src, &device, sh.dtype).with_tp(tp.clone());
+    let pb = ParamBuilder::new(src, &device, sh.dtype)
+        .with_tp(tp.clone())
+        .with_zero3(crate::training::zero3_construction(&sh.engine, dp.as_ref()));
     // A pipeline stage builds (and reads) only its own layers: GPT2ModelPipe.
     let net = match &pipe {
         Some(p) => {
@@ -471,17 +473,19 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
     let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
         saver.after(e, i)
     })?;
-    if root {
-        if let Some(dir) = &a.save_hf {
-            if let Net::Whole(model) = &net {
+    if let Some(dir) = &a.save_hf {
+        // Under ZeRO-3 every rank takes part in gathering the parameters; rank 0 writes.
+        engine.gathered(|| {
+            if let (Net::Whole(model), true) = (&net, root) {
                 zoo::gpt2::hf::save_hf_dir(model, &sh.tok, dir)?;
+                eprintln!(
+                    "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
+                    dir.display(),
+                    dir.display()
+                );
             }
-            eprintln!(
-                "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
-                dir.display(),
-                dir.display()
-            );
-        }
+            Ok(())
+        })?;
     }
     // Every rank generates (tensor-parallel layers need their whole group); rank 0 reports.
     let mut sample = None;
@@ -500,17 +504,19 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
             (Net::Stage(s), None) => (&**s, None),
         };
         let ids = sh.tok.encode(&a.sample_prompt, false)?;
-        let out = zoo::generation::generate_on(
-            model,
-            stage.as_ref(),
-            &ids,
-            &SamplingConfig {
-                greedy: true,
-                max_new_tokens: a.sample_length,
-                stop_token: sh.tok.eod_id,
-                ..Default::default()
-            },
-        )?;
+        let out = engine.gathered(|| {
+            zoo::generation::generate_on(
+                model,
+                stage.as_ref(),
+                &ids,
+                &SamplingConfig {
+                    greedy: true,
+                    max_new_tokens: a.sample_length,
+                    stop_token: sh.tok.eod_id,
+                    ..Default::default()
+                },
+            )
+        })?;
         let text = format!("{}{}", a.sample_prompt, sh.tok.decode(&out)?);
         if root {
             eprintln!("sample (greedy): {text}");

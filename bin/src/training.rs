@@ -126,31 +126,25 @@ pub fn engine_config(
         Some(d) => d.batch(dp, a.batch_size, a.gas)?,
         None => BatchSizes::resolve(None, Some(a.batch_size.unwrap_or(4)), a.gas, dp)?,
     };
-    let mut c =
-        match ds {
-            Some(d) => {
-                let mut d = d.clone();
-                // The batch (flags included) is resolved above.
-                d.train_batch_size = Some(batch.train_batch_size);
-                d.train_micro_batch_size_per_gpu = Some(batch.micro_batch);
-                d.gradient_accumulation_steps = Some(batch.accumulation);
-                // Stages beyond 2 and offload are refused below with the flag-aware message.
-                let stage = d.zero_stage();
-                if let Some(z) = d.zero_optimization.as_mut() {
-                    z.stage = z.stage.min(2);
-                }
-                let c = EngineConfig::from_deepspeed(&d, dp)?;
-                if stage > 2 {
-                    bail!(
-                    "not supported: zero_optimization.stage {stage} in {}, because this engine \
-                     implements ZeRO stages 0, 1 and 2",
-                    a.ds.deepscale_config.as_deref().unwrap_or(Path::new("?")).display()
+    let mut c = match ds {
+        Some(d) => {
+            let mut d = d.clone();
+            // The batch (flags included) is resolved above.
+            d.train_batch_size = Some(batch.train_batch_size);
+            d.train_micro_batch_size_per_gpu = Some(batch.micro_batch);
+            d.gradient_accumulation_steps = Some(batch.accumulation);
+            EngineConfig::from_deepspeed(&d, dp).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e} (in {})",
+                    a.ds.deepscale_config
+                        .as_deref()
+                        .unwrap_or(Path::new("?"))
+                        .display()
                 )
-                }
-                c
-            }
-            None => EngineConfig::default(),
-        };
+            })?
+        }
+        None => EngineConfig::default(),
+    };
     c.train_micro_batch_size_per_gpu = batch.micro_batch;
     c.gradient_accumulation_steps = batch.accumulation;
     if ds.and_then(|d| d.optimizer.as_ref()).is_none() {
@@ -224,6 +218,18 @@ pub fn flops_per_token(layers: usize, hidden: usize, ffn: usize, vocab: usize, s
     let (h, l, f) = (hidden as f64, layers as f64, ffn as f64);
     let n = l * (4.0 * h * h + 2.0 * h * f) + vocab as f64 * h;
     6.0 * n + 12.0 * l * seq as f64 * h
+}
+
+/// ZeRO-3 builds each rank's piece of the parameters only (DeepSpeed's `zero.Init`).
+pub fn zero3_construction(
+    engine: &EngineConfig,
+    dp: Option<&candle_deepscale::comm::ProcessGroup>,
+) -> Option<candle_deepscale::parameter::Zero3Construction> {
+    (engine.zero_stage == 3).then(|| candle_deepscale::parameter::Zero3Construction {
+        parts: dp.map_or(1, |g| g.size()),
+        rank: dp.map_or(0, |g| g.rank),
+        persistence_threshold: engine.stage3.param_persistence_threshold,
+    })
 }
 
 /// How the loop runs.

@@ -1137,7 +1137,9 @@ impl<'m> Engine<'m> {
             .params()
             .first()
             .map_or(candle_core::DType::F32, |p| p.tensor().dtype());
-        let layout = if dtype == candle_core::DType::F32 {
+        let layout = if self.zero.stage() == 3 {
+            "parameters partitioned as fp32 pieces, gathered per layer, K = 8"
+        } else if dtype == candle_core::DType::F32 {
             "fp32 parameters updated in place, K = 8"
         } else {
             "half parameters with an fp32 master copy, K = 12"
