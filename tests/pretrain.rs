@@ -660,3 +660,79 @@ fn pipeline_checkpoints_save_per_layer_resume_exactly_and_load_at_other_layouts(
         }
     }
 }
+
+/// `estimate-memory` gives DeepSpeed's figures for the model's counts and this engine's per-rank
+/// bytes, which a real run measures.
+#[test]
+fn estimate_memory_agrees_with_a_measured_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let estimate = |extra: &[&str]| -> serde_json::Value {
+        let mut a = vec![
+            "estimate-memory",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "2",
+            "--max-position-embeddings",
+            "32",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let out = deepscale(&a);
+        ok(&out);
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap()
+    };
+    for (world, stage) in [("2", "2"), ("4", "3")] {
+        let m = tmp.path().join(format!("z{stage}.jsonl"));
+        let batch = if world == "2" { "2" } else { "1" };
+        ok(&run(
+            &tiny("1", &m),
+            &[
+                "--world-size",
+                world,
+                "--zero-stage",
+                stage,
+                "--batch-size",
+                batch,
+            ],
+        ));
+        let measured = metrics(&m)[0]["model_state_bytes"].as_u64().unwrap();
+        let e = estimate(&["--num-gpus", world]);
+        let ours = e["engine"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["zero_stage"].to_string() == stage && x["params"] == "fp32")
+            .unwrap()["model_state_bytes"]
+            .as_u64()
+            .unwrap();
+        let r = measured as f64 / ours as f64;
+        assert!(
+            (r - 1.0).abs() < 0.02,
+            "ZeRO-{stage} x {world}: measured {measured} vs estimate {ours}"
+        );
+    }
+    // DeepSpeed's own numbers for the same counts (its formulas, checked against DeepSpeed 0.19.8
+    // in the library's unit tests).
+    let e = estimate(&["--num-gpus", "8"]);
+    let total = e["total_params"].as_u64().unwrap();
+    assert_eq!(
+        total,
+        50304 * 32 + 32 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32
+    );
+    assert_eq!(e["largest_layer_params"].as_u64(), Some(50304 * 32));
+    let z2 = &e["deepspeed"]["zero2"][1];
+    assert_eq!(z2["offload_optimizer"], "none");
+    assert_eq!(
+        z2["per_gpu_bytes"].as_u64(),
+        Some(2 * total + 18 * total / 8)
+    );
+    assert_eq!(e["deepspeed"]["zero3"].as_array().unwrap().len(), 6);
+    fails_with(&deepscale(&["estimate-memory"]), &["give one of --model"]);
+    fails_with(
+        &deepscale(&["estimate-memory", "--model", "gpt2-7b"]),
+        &["unknown GPT-2 preset `gpt2-7b`"],
+    );
+}

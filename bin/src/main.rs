@@ -3,6 +3,7 @@ mod args;
 mod bench;
 mod convert;
 mod deepspeed_args;
+mod estimate_memory;
 mod evaluate;
 mod generate;
 mod inspect_data;
@@ -48,6 +49,9 @@ enum Command {
     /// Show what a Megatron mmap dataset holds.
     #[command(name = "inspect-data")]
     InspectData(inspect_data::InspectDataArgs),
+    /// Model-state memory per GPU/CPU as DeepSpeed estimates it, and this engine's per-rank bytes.
+    #[command(name = "estimate-memory")]
+    EstimateMemory(estimate_memory::EstimateMemoryArgs),
     /// Benchmarks: collective bandwidth (`bench comm`), tensor-parallel step cost (`bench tp`).
     Bench(bench::BenchArgs),
 }
@@ -76,6 +80,7 @@ fn main() {
         Command::PretrainGpt2(a) => pretrain_gpt2::run(*a),
         Command::PretrainBert(a) => pretrain_bert::run(*a),
         Command::Convert(a) => convert::run(a),
+        Command::EstimateMemory(a) => estimate_memory::run(a),
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::InspectData(a) => inspect_data::run(a),
         Command::Bench(a) => bench::run(a),

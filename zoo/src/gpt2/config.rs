@@ -24,6 +24,61 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every parameter's name and element count at tensor-parallel size 1 (the word embedding
+    /// padded, counted once though tied), from the config alone.
+    pub fn parameter_counts(&self) -> Vec<(String, usize)> {
+        let (h, f) = (self.hidden_size, self.ffn_hidden_size);
+        let mut v = vec![
+            (
+                "embedding.word_embeddings.weight".to_string(),
+                self.padded_vocab_size(1) * h,
+            ),
+            (
+                "embedding.position_embeddings.weight".to_string(),
+                self.max_position_embeddings * h,
+            ),
+        ];
+        for i in 0..self.num_layers {
+            for (n, c) in [
+                ("input_layernorm.weight", h),
+                ("input_layernorm.bias", h),
+                ("attention.query_key_value.weight", 3 * h * h),
+                ("attention.query_key_value.bias", 3 * h),
+                ("attention.dense.weight", h * h),
+                ("attention.dense.bias", h),
+                ("post_attention_layernorm.weight", h),
+                ("post_attention_layernorm.bias", h),
+                ("mlp.dense_h_to_4h.weight", f * h),
+                ("mlp.dense_h_to_4h.bias", f),
+                ("mlp.dense_4h_to_h.weight", h * f),
+                ("mlp.dense_4h_to_h.bias", h),
+            ] {
+                v.push((format!("layers.{i}.{n}"), c));
+            }
+        }
+        v.push(("final_layernorm.weight".into(), h));
+        v.push(("final_layernorm.bias".into(), h));
+        v
+    }
+
+    /// DeepSpeed's `largest_layer_params`: the most parameters any one module owns (the word
+    /// embedding, a linear with its bias, a LayerNorm).
+    pub fn largest_module_params(&self) -> usize {
+        let (h, f) = (self.hidden_size, self.ffn_hidden_size);
+        [
+            self.padded_vocab_size(1) * h,
+            self.max_position_embeddings * h,
+            3 * h * h + 3 * h,
+            h * h + h,
+            f * h + f,
+            h * f + h,
+            2 * h,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
     /// A config with Megatron's defaults for everything but the shape.
     pub fn new(num_layers: usize, hidden_size: usize, heads: usize, vocab_size: usize) -> Self {
         Self {
