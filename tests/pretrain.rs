@@ -282,7 +282,7 @@ fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
         &["--deepscale needs --deepscale-config"],
     );
     // The shipped ZeRO-3 config (fp16, stage-3 knobs) trains, with the seed's ZeRO-3 flags
-    // noted; its NVMe "infinity" sibling is refused while offload is not built.
+    // noted.
     let z3 = format!("{ASSETS}/megatron-lm-v1.1.5-zero3/ds_zero_stage_3_config.json");
     let stderr = ok(&run(
         &base,

@@ -139,8 +139,8 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
     if stage3 {
         // ZeRO-3: no rank holds whole parameters; each writes its fp32 pieces, which the loader
         // assembles like the optimizer state.
-        for run in engine.optimizer().state_runs() {
-            if let Some(values) = run.master {
+        for run in engine.optimizer().state_runs()? {
+            if let Some(values) = &run.master {
                 tensors.insert(
                     format!(
                         "optim/param/tp{tp_rank}/{}@{}",
@@ -171,12 +171,12 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
             }
         }
     }
-    for run in engine.optimizer().state_runs() {
+    for run in engine.optimizer().state_runs()? {
         if skip(run.param) {
             continue;
         }
         let name = &run.param.meta.name;
-        for (kind, values) in [("exp_avg", run.exp_avg), ("exp_avg_sq", run.exp_avg_sq)] {
+        for (kind, values) in [("exp_avg", &run.exp_avg), ("exp_avg_sq", &run.exp_avg_sq)] {
             tensors.insert(
                 format!("optim/{kind}/tp{tp_rank}/{name}@{}", run.offset),
                 Tensor::from_slice(values, values.len(), &Device::Cpu)?,

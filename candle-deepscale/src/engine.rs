@@ -484,17 +484,57 @@ impl EngineConfig {
                     z.stage3_param_persistence_threshold,
                     d.param_persistence_threshold,
                 ),
+                offload: None,
             };
-            for (what, o) in [
-                ("offload_optimizer", z.effective_offload_optimizer()),
-                ("offload_param", z.effective_offload_param()),
-            ] {
-                if o.is_some_and(|o| o.device.as_deref() != Some("none")) {
+            // `device: cpu` is where this engine keeps model states anyway; `nvme` swaps them.
+            let (opt, par) = (z.effective_offload_optimizer(), z.effective_offload_param());
+            let nvme = |o: &Option<crate::config::OffloadConfig>,
+                        what: &str|
+             -> Result<Option<std::path::PathBuf>> {
+                let Some(o) = o else { return Ok(None) };
+                match o.device.as_deref() {
+                    None | Some("none") | Some("cpu") => Ok(None),
+                    Some("nvme") => match &o.nvme_path {
+                        Some(p) => Ok(Some(p.into())),
+                        None => bail!("zero_optimization.{what}: device nvme needs nvme_path"),
+                    },
+                    Some(d) => {
+                        bail!("zero_optimization.{what}.device `{d}`: expected cpu, nvme or none")
+                    }
+                }
+            };
+            let (opt_nvme, par_nvme) = (
+                nvme(&opt, "offload_optimizer")?,
+                nvme(&par, "offload_param")?,
+            );
+            if opt_nvme.is_some() || par_nvme.is_some() {
+                if z.stage != 3 {
                     bail!(
-                        "not supported: zero_optimization.{what}, because this engine keeps model \
-                         states in memory (offload is not implemented yet)"
+                        "zero_optimization: offload to nvme needs stage 3 (as in DeepSpeed), \
+                         the config has stage {}",
+                        z.stage
                     )
                 }
+                let sub = z
+                    .sub_group_size
+                    .map_or(1_000_000_000, |v| v.max(1) as usize);
+                let max_in_cpu = par.as_ref().and_then(|p| p.max_in_cpu).unwrap_or(0) as usize;
+                let aio = ds.aio.clone().unwrap_or_default();
+                let dflt = crate::zero::OffloadSettings::default();
+                c.stage3.offload = Some(crate::zero::OffloadSettings {
+                    optimizer_nvme: opt_nvme,
+                    param_nvme: par_nvme,
+                    sub_group_size: sub,
+                    buffer_count: opt
+                        .as_ref()
+                        .and_then(|o| o.buffer_count)
+                        .or(par.as_ref().and_then(|p| p.buffer_count))
+                        .unwrap_or(dflt.buffer_count),
+                    resident_blocks: (max_in_cpu / sub).max(1),
+                    aio_block_size: aio.block_size.map_or(dflt.aio_block_size, |b| b as usize),
+                    aio_queue_depth: aio.queue_depth.unwrap_or(dflt.aio_queue_depth),
+                    aio_thread_count: aio.thread_count.unwrap_or(dflt.aio_thread_count),
+                });
             }
             c.zero_stage = z.stage;
             if let Some(b) = z.reduce_bucket_size {
@@ -585,7 +625,7 @@ impl<'m> Engine<'m> {
             config.optimizer,
             dp.clone(),
             tp.clone(),
-            config.stage3,
+            config.stage3.clone(),
         )?;
         let scaler = match &config.fp16 {
             Some(f) => LossScaler::from_config(f),
@@ -807,7 +847,7 @@ impl<'m> Engine<'m> {
             self.zero.step(lr, unscale * coef)?;
             self.updates += 1;
         }
-        self.zero.zero_grad();
+        self.zero.zero_grad()?;
         self.micro_step = 0;
         Ok(StepReport {
             iteration: self.iteration,

@@ -98,6 +98,7 @@ pub fn engine_bytes(
         parameters: params as u64,
         gradients: grads as u64,
         optimizer: optim as u64,
+        buffers: 0,
     }
 }
 

@@ -17,13 +17,14 @@ use candle_core::{bail, CpuStorage, Layout, Result, Var};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
-/// DeepSpeed's stage-3 knobs (element counts).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// DeepSpeed's stage-3 knobs (element counts), and NVMe offload (ZeRO-Infinity).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stage3Config {
     pub prefetch_bucket_size: usize,
     pub max_live_parameters: usize,
     pub max_reuse_distance: usize,
     pub param_persistence_threshold: usize,
+    pub offload: Option<super::offload::OffloadSettings>,
 }
 
 impl Default for Stage3Config {
@@ -34,6 +35,7 @@ impl Default for Stage3Config {
             max_live_parameters: 1_000_000_000,
             max_reuse_distance: 1_000_000_000,
             param_persistence_threshold: 100_000,
+            offload: None,
         }
     }
 }
@@ -240,10 +242,6 @@ fn gather_params(zero: &ZeroOptimizer, todo: &[usize]) -> Result<()> {
     if todo.is_empty() {
         return Ok(());
     }
-    let master = zero
-        .master
-        .as_ref()
-        .ok_or_else(|| candle_core::Error::Msg("ZeRO-3 without a partition".into()))?;
     let layout = &zero.layout;
     let pieces: Vec<(usize, usize, usize)> = todo
         .iter()
@@ -253,9 +251,11 @@ fn gather_params(zero: &ZeroOptimizer, todo: &[usize]) -> Result<()> {
         })
         .collect();
     let send_len: usize = pieces.iter().map(|x| x.2).sum();
-    let mut send = Vec::with_capacity(send_len);
+    let mut send = vec![0f32; send_len];
+    let mut at = 0;
     for &(_, off, piece) in &pieces {
-        send.extend_from_slice(&master[off..off + piece]);
+        zero.read_master(off..off + piece, &mut send[at..at + piece])?;
+        at += piece;
     }
     let parts = layout.parts;
     let recv = match (&zero.dp, parts > 1) {
@@ -448,10 +448,12 @@ pub(super) fn state_bytes(z: &ZeroOptimizer) -> StateBytes {
         .map(|p| resident_len(p.tensor()) * p.tensor().dtype().size_in_bytes())
         .sum();
     let master = z.master.as_ref().map_or(0, |m| m.len());
+    let (swap_params, swap_grads, swap_optim, buffers) = z.swap_resident();
     StateBytes {
-        parameters: (4 * master + resident) as u64,
-        gradients: 4 * z.grads_len() as u64,
-        optimizer: 4 * z.moments_len() as u64,
+        parameters: (4 * master + resident) as u64 + swap_params,
+        gradients: 4 * z.grads_len() as u64 + swap_grads,
+        optimizer: 4 * z.moments_len() as u64 + swap_optim,
+        buffers,
     }
 }
 
@@ -475,5 +477,6 @@ pub(super) fn formula_bytes(z: &ZeroOptimizer) -> StateBytes {
         parameters: (4.0 * psi / n + p_size * persistent) as u64,
         gradients: (4.0 * psi / n) as u64,
         optimizer: (8.0 * psi / n) as u64,
+        buffers: 0,
     }
 }

@@ -32,11 +32,14 @@ pub struct StateBytes {
     pub parameters: u64,
     pub gradients: u64,
     pub optimizer: u64,
+    /// NVMe offload: the swap buffers' pool (what of the swapped state is resident is counted
+    /// in its category).
+    pub buffers: u64,
 }
 
 impl StateBytes {
     pub fn total(&self) -> u64 {
-        self.parameters + self.gradients + self.optimizer
+        self.parameters + self.gradients + self.optimizer + self.buffers
     }
 }
 
@@ -48,9 +51,9 @@ pub struct OptimizerRun<'a> {
     pub param: &'a Param,
     /// Offset within the parameter's flattened local tensor.
     pub offset: usize,
-    pub exp_avg: &'a [f32],
-    pub exp_avg_sq: &'a [f32],
-    pub master: Option<&'a [f32]>,
+    pub exp_avg: std::borrow::Cow<'a, [f32]>,
+    pub exp_avg_sq: std::borrow::Cow<'a, [f32]>,
+    pub master: Option<std::borrow::Cow<'a, [f32]>>,
 }
 
 pub struct ZeroOptimizer {
@@ -59,7 +62,7 @@ pub struct ZeroOptimizer {
     pub(super) params: Vec<Param>,
     index: HashMap<TensorId, usize>,
     /// Stage 0/1: the whole padded flat buffer. Stage 2: this rank's partition.
-    grads: Vec<f32>,
+    pub(super) grads: Vec<f32>,
     /// Stage 2: buckets of local gradients being filled by the running backward.
     staging: HashMap<usize, Vec<f32>>,
     exp_avg: Vec<f32>,
@@ -71,11 +74,13 @@ pub struct ZeroOptimizer {
     pub(super) dp: Option<ProcessGroup>,
     /// Stage 3: which parameters are gathered, and the knobs that decide it.
     pub(super) stage3: Option<super::stage3::Stage3>,
+    /// Stage 3 with NVMe offload: the swapped buffers (the matching fields above stay empty).
+    pub(super) swap: Option<super::offload::Swapped>,
     tp: Option<ProcessGroup>,
     /// The pipeline group (stages of this data/tensor coordinate), for the gradient norm.
     pp: Option<ProcessGroup>,
     pub config: AdamWConfig,
-    step: u64,
+    pub(super) step: u64,
 }
 
 impl ZeroOptimizer {
@@ -153,15 +158,43 @@ impl ZeroOptimizer {
             }
             Some(m)
         };
+        let offload = stage3
+            .offload
+            .clone()
+            .filter(|o| o.optimizer_nvme.is_some() || o.param_nvme.is_some());
         let stage3 = if stage == 3 {
             Some(super::stage3::Stage3::new(stage3, &params, layer_params)?)
         } else {
             None
         };
+        let (mut master, mut exp_len, mut grads) = (master, layout.partition_len, grads);
+        let swap = match offload {
+            Some(_) if stage != 3 => bail!(
+                "not supported: NVMe offload at ZeRO stage {stage}, because swapping is built \
+                 for stage 3 (as in DeepSpeed, offload to nvme needs stage 3)"
+            ),
+            Some(o) => {
+                let s = super::offload::Swapped::new(
+                    &o,
+                    layout.partition_len,
+                    rank,
+                    master.as_deref().unwrap_or_default(),
+                )?;
+                exp_len = 0;
+                if s.grads.is_some() {
+                    grads = Vec::new();
+                }
+                if s.master.is_some() {
+                    master = None;
+                }
+                Some(s)
+            }
+            None => None,
+        };
         Ok(Self {
             stage,
-            exp_avg: vec![0f32; layout.partition_len],
-            exp_avg_sq: vec![0f32; layout.partition_len],
+            exp_avg: vec![0f32; exp_len],
+            exp_avg_sq: vec![0f32; exp_len],
             layout,
             params,
             index,
@@ -171,6 +204,7 @@ impl ZeroOptimizer {
             segments,
             dp,
             stage3,
+            swap,
             tp,
             pp: None,
             config,
@@ -252,15 +286,24 @@ impl ZeroOptimizer {
                 .staging
                 .remove(&b)
                 .unwrap_or_else(|| vec![0f32; bucket.padded]);
-            let dst = &mut self.grads[bucket.part_offset..bucket.part_offset + bucket.piece];
-            match &self.dp {
+            let range = bucket.part_offset..bucket.part_offset + bucket.piece;
+            let piece = match &self.dp {
                 Some(dp) => {
                     let mut piece = vec![0f32; bucket.piece];
                     dp.comm
                         .reduce_scatter(&dp.group, &local, &mut piece, ReduceOp::Sum)?;
-                    dst.iter_mut().zip(&piece).for_each(|(d, s)| *d += s);
+                    piece
                 }
-                None => dst.iter_mut().zip(&local).for_each(|(d, s)| *d += s),
+                None => local,
+            };
+            match self.swap.as_ref().and_then(|s| s.grads.as_ref()) {
+                Some(g) => g.update_range(range, |o, d| {
+                    d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s)
+                })?,
+                None => self.grads[range]
+                    .iter_mut()
+                    .zip(&piece)
+                    .for_each(|(d, s)| *d += s),
             }
         } else if last {
             if let Some(dp) = &self.dp {
@@ -286,8 +329,18 @@ impl ZeroOptimizer {
     /// partitions are summed over the data-parallel group. Infinite or NaN on overflow.
     pub fn grad_norm(&self, scale: f64) -> Result<f64> {
         let mut sq = 0f64;
+        let swapped = self.swap.as_ref().and_then(|s| s.grads.as_ref());
+        let mut tmp = Vec::new();
         for s in self.segments.iter().filter(|s| s.counts_in_norm) {
-            let g = &self.grad_piece(s.bucket)[s.piece_offset..s.piece_offset + s.len];
+            let g = match swapped {
+                Some(sw) => {
+                    let at = self.layout.buckets[s.bucket].part_offset + s.piece_offset;
+                    tmp.resize(s.len, 0.0);
+                    sw.read_range(at..at + s.len, &mut tmp)?;
+                    &tmp[..]
+                }
+                None => &self.grad_piece(s.bucket)[s.piece_offset..s.piece_offset + s.len],
+            };
             sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
         }
         let mut buf = [sq];
@@ -306,6 +359,9 @@ impl ZeroOptimizer {
     /// then the updated partitions all-gathered into every rank's parameters.
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
+        if self.swap.is_some() {
+            return self.step_swapped(lr, grad_scale);
+        }
         let c = self.config;
         for b in 0..self.layout.buckets.len() {
             let bk = self.layout.buckets[b].clone();
@@ -373,21 +429,80 @@ impl ZeroOptimizer {
         Ok(())
     }
 
+    /// The partition ranges `[lo, hi)` of the update segments and whether they decay.
+    pub(super) fn segments_ranges(&self) -> Vec<(usize, usize, bool)> {
+        self.segments
+            .iter()
+            .map(|s| {
+                let at = self.layout.buckets[s.bucket].part_offset + s.piece_offset;
+                (at, at + s.len, s.decay)
+            })
+            .collect()
+    }
+
+    /// Stage 3 after a step: the persistent (whole) parameters get their updated values.
+    pub(super) fn gather_persistent(&self) -> Result<()> {
+        let Some(s3) = &self.stage3 else {
+            return Ok(());
+        };
+        for bk in &self.layout.buckets {
+            if !bk.params.iter().any(|&p| s3.is_persistent(p)) {
+                continue;
+            }
+            let mut piece = vec![0f32; bk.piece];
+            self.read_master(bk.part_offset..bk.part_offset + bk.piece, &mut piece)?;
+            let full = match (&self.dp, self.layout.parts > 1) {
+                (Some(dp), true) => {
+                    let mut full = vec![0f32; bk.padded];
+                    dp.comm.all_gather(&dp.group, &piece, &mut full)?;
+                    full
+                }
+                _ => piece,
+            };
+            for &p in &bk.params {
+                let fp = &self.layout.params[p];
+                write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
+            }
+        }
+        Ok(())
+    }
+
     /// This rank's optimizer state, run by run: the parameter, the offset of the run within the
     /// parameter (flattened local tensor), and Adam's m, v and the fp32 master values of the run.
-    pub fn state_runs(&self) -> Vec<OptimizerRun<'_>> {
+    pub fn state_runs(&self) -> Result<Vec<OptimizerRun<'_>>> {
+        use std::borrow::Cow;
         self.layout
             .runs
             .iter()
             .map(|r| {
                 let at = self.layout.buckets[r.bucket].part_offset + r.piece_offset;
-                OptimizerRun {
+                let read = |b: &super::swap_tensor::SwappedBuffer| -> Result<Cow<'_, [f32]>> {
+                    let mut v = vec![0f32; r.len];
+                    b.read_range(at..at + r.len, &mut v)?;
+                    Ok(Cow::Owned(v))
+                };
+                let (exp_avg, exp_avg_sq) = match &self.swap {
+                    Some(s) => (read(&s.m)?, read(&s.v)?),
+                    None => (
+                        Cow::Borrowed(&self.exp_avg[at..at + r.len]),
+                        Cow::Borrowed(&self.exp_avg_sq[at..at + r.len]),
+                    ),
+                };
+                let master = match (
+                    &self.master,
+                    self.swap.as_ref().and_then(|s| s.master.as_ref()),
+                ) {
+                    (_, Some(b)) => Some(read(b)?),
+                    (Some(m), None) => Some(Cow::Borrowed(&m[at..at + r.len])),
+                    (None, None) => None,
+                };
+                Ok(OptimizerRun {
                     param: &self.params[r.param],
                     offset: r.param_offset,
-                    exp_avg: &self.exp_avg[at..at + r.len],
-                    exp_avg_sq: &self.exp_avg_sq[at..at + r.len],
-                    master: self.master.as_ref().map(|m| &m[at..at + r.len]),
-                }
+                    exp_avg,
+                    exp_avg_sq,
+                    master,
+                })
             })
             .collect()
     }
@@ -421,8 +536,20 @@ impl ZeroOptimizer {
             let at = self.layout.buckets[r.bucket].part_offset + r.piece_offset;
             let src = r.param_offset..r.param_offset + r.len;
             if let Some(Some((m, v))) = cache.get(&r.param) {
-                self.exp_avg[at..at + r.len].copy_from_slice(&m[src.clone()]);
-                self.exp_avg_sq[at..at + r.len].copy_from_slice(&v[src.clone()]);
+                match &self.swap {
+                    Some(s) => {
+                        s.m.update_range(at..at + r.len, |o, d| {
+                            d.copy_from_slice(&m[src.start + o..src.start + o + d.len()])
+                        })?;
+                        s.v.update_range(at..at + r.len, |o, d| {
+                            d.copy_from_slice(&v[src.start + o..src.start + o + d.len()])
+                        })?;
+                    }
+                    None => {
+                        self.exp_avg[at..at + r.len].copy_from_slice(&m[src.clone()]);
+                        self.exp_avg_sq[at..at + r.len].copy_from_slice(&v[src.clone()]);
+                    }
+                }
             }
             if let (Some(master), None) = (&mut self.master, &self.stage3) {
                 with_f32(p.tensor(), |v| {
@@ -443,9 +570,13 @@ impl ZeroOptimizer {
     }
 
     /// Clears the gradient buffers for the next accumulation.
-    pub fn zero_grad(&mut self) {
+    pub fn zero_grad(&mut self) -> Result<()> {
         self.grads.iter_mut().for_each(|g| *g = 0.0);
         self.staging.clear();
+        if let Some(g) = self.swap.as_ref().and_then(|s| s.grads.as_ref()) {
+            g.zero()?;
+        }
+        Ok(())
     }
 
     /// Measured model-state bytes held by this rank: parameter tensors, the gradient buffer, and
@@ -466,6 +597,7 @@ impl ZeroOptimizer {
             parameters,
             gradients: 4 * self.grads.len() as u64,
             optimizer: 4 * opt as u64,
+            buffers: 0,
         }
     }
 
@@ -494,6 +626,7 @@ impl ZeroOptimizer {
             parameters: (p_size * psi) as u64,
             gradients: (4.0 * psi / g_div) as u64,
             optimizer: (k * psi / k_div) as u64,
+            buffers: 0,
         }
     }
 }
