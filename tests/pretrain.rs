@@ -736,3 +736,73 @@ fn estimate_memory_agrees_with_a_measured_run() {
         &["unknown GPT-2 preset `gpt2-7b`"],
     );
 }
+
+/// ZeRO-Infinity from a DeepSpeed config: optimizer state, gradients and parameters swapped to
+/// NVMe (a temp folder); the run equals the one-rank run and reports what the swapper moved.
+#[test]
+fn nvme_offload_from_a_deepspeed_config_equals_the_one_rank_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nvme = tmp.path().join("nvme");
+    let cfg = tmp.path().join("ds.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {
+                "stage": 3,
+                "stage3_param_persistence_threshold": 1000,
+                "sub_group_size": 20000,
+                "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "buffer_count": 4,
+                                      "pipeline_read": true, "pipeline_write": true},
+                "offload_param": {"device": "nvme", "nvme_path": nvme, "max_in_cpu": 20000}
+            },
+            "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 2,
+                    "single_submit": false, "overlap_events": true}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (m1, m2) = (tmp.path().join("one.jsonl"), tmp.path().join("nvme.jsonl"));
+    ok(&run(&tiny("4", &m1), &["--batch-size", "4"]));
+    let stderr = ok(&run(
+        &tiny("4", &m2),
+        &[
+            "--world-size",
+            "2",
+            "--deepscale",
+            "--deepscale-config",
+            cfg.to_str().unwrap(),
+        ],
+    ));
+    assert!(stderr.contains("ZeRO-Infinity"), "{stderr}");
+    let (one, off) = (metrics(&m1), metrics(&m2));
+    assert_eq!(off.len(), 4);
+    for (a, b) in off.iter().zip(&one) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb,
+            "iteration {}: {la} vs {lb}",
+            a["iteration"]
+        );
+        assert!(a["offload_bytes_read"].as_u64().unwrap() > 0);
+        assert!(a["offload_bytes_written"].as_u64().unwrap() > 0);
+        assert!(a["swap_buffer_bytes"].as_u64().unwrap() > 0);
+    }
+    // A config asking for NVMe below stage 3 is refused, naming the rule.
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"train_micro_batch_size_per_gpu": 4,
+            "zero_optimization": {"stage": 2,
+                "offload_optimizer": {"device": "nvme", "nvme_path": nvme}}})
+        .to_string(),
+    )
+    .unwrap();
+    fails_with(
+        &run(
+            &tiny("1", &m1),
+            &["--deepscale", "--deepscale-config", cfg.to_str().unwrap()],
+        ),
+        &["offload to nvme needs stage 3"],
+    );
+}

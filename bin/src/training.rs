@@ -318,17 +318,23 @@ where
             let tps = a.tokens_per_iter / (ms / 1000.0);
             // Per-rank FLOP rate against this machine's measured GEMM peak (ranks share its cores).
             let mfu = tps * a.flops_per_token / a.gemm_peak;
+            let mem = engine.memory_report();
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             if a.root {
                 bar.suspend(|| {
                     eprintln!(
-                        " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}%",
+                        " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}% | memory (MiB): model state {:.1}, activations {:.1}, communication {:.1}, peak RSS {:.1}",
                         a.train_iters,
                         r.lr,
                         window_loss / window_n as f64,
                         r.loss_scale,
                         r.grad_norm,
                         engine.skipped_steps(),
-                        mfu * 100.0
+                        mfu * 100.0,
+                        mib(mem.model_state()),
+                        mib(mem.activations),
+                        mib(mem.communication),
+                        mib(peak_rss_bytes())
                     )
                 });
             }
@@ -346,8 +352,15 @@ where
                     ("tokens_per_s", json!(tps)),
                     ("mfu", json!(mfu)),
                     ("peak_bytes", json!(peak_rss_bytes())),
+                    ("activation_bytes", json!(mem.activations)),
+                    ("communication_bytes", json!(mem.communication)),
+                    ("swap_buffer_bytes", json!(mem.swap_buffers)),
                 ] {
                     o.insert(k.into(), v);
+                }
+                if let Some((read, written)) = mem.offload_bytes {
+                    o.insert("offload_bytes_read".into(), json!(read));
+                    o.insert("offload_bytes_written".into(), json!(written));
                 }
                 m.write(&line)?;
             }

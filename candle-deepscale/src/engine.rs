@@ -125,6 +125,43 @@ pub trait StageHooks {
         Ok(())
     }
     fn grads(&mut self, layer: usize, l: &dyn Layer, store: Option<&GradStore>) -> Result<()>;
+    /// Bytes of activations a forward keeps for its backward.
+    fn activations(&mut self, _bytes: u64) {}
+    /// The backward of a forward that kept `bytes` has started (they are freed as it goes).
+    fn activations_done(&mut self, _bytes: u64) {}
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+fn act_bytes(a: &Activations) -> u64 {
+    tensor_bytes(&a.hidden) + a.aux.iter().map(tensor_bytes).sum::<u64>()
+}
+
+impl StageState {
+    /// Bytes of the activations kept for backward (saved inputs, kept layer inputs and outputs;
+    /// the tensors autograd holds inside a kept graph are not visible here).
+    pub fn kept_bytes(&self) -> u64 {
+        let kept: u64 = self
+            .kept
+            .iter()
+            .map(|k| match k {
+                Kept::Graph(leaf, y) => act_bytes(&leaf.act) + act_bytes(y),
+                Kept::Input(s) => s.bytes() as u64,
+                Kept::None => 0,
+            })
+            .sum();
+        kept + self.head.as_ref().map_or(0, |(l, _)| act_bytes(&l.act))
+    }
+}
+
+/// What the engine measures of its own memory besides model states: the activations a step
+/// keeps and the communication staging buffers (peaks since the last read).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryMeter {
+    pub peak_activation_bytes: u64,
+    live_activation_bytes: u64,
 }
 
 /// Hooks that only receive gradients.
@@ -140,9 +177,21 @@ impl StageHooks for OnGrads<'_> {
 struct ZeroHooks<'a> {
     zero: &'a mut ZeroOptimizer,
     last: bool,
+    meter: &'a mut MemoryMeter,
 }
 
 impl StageHooks for ZeroHooks<'_> {
+    fn activations_done(&mut self, bytes: u64) {
+        self.meter.live_activation_bytes = self.meter.live_activation_bytes.saturating_sub(bytes);
+    }
+    fn activations(&mut self, bytes: u64) {
+        // Pipelines keep several micro-batches' activations at once.
+        self.meter.live_activation_bytes += bytes;
+        self.meter.peak_activation_bytes = self
+            .meter
+            .peak_activation_bytes
+            .max(self.meter.live_activation_bytes);
+    }
     fn fetch(&mut self, i: usize, backward: bool) -> Result<()> {
         self.zero.fetch_layer(i, backward)
     }
@@ -227,6 +276,7 @@ where
         head: None,
         ctx: ctx.clone(),
     };
+    hooks.activations(state.kept_bytes());
     match loss {
         Some((scale, loss_fn)) => {
             let last = leaves(&x)?;
@@ -253,6 +303,7 @@ pub fn stage_backward(
     policy: &CheckpointPolicy,
     hooks: &mut dyn StageHooks,
 ) -> Result<Vec<Option<Tensor>>> {
+    hooks.activations_done(state.kept_bytes());
     let StageState {
         mut kept,
         body_len,
@@ -561,6 +612,46 @@ pub struct EngineState {
     pub loss_scaler: LossScaler,
 }
 
+/// One rank's memory by category (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MemoryReport {
+    pub parameters: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub swap_buffers: u64,
+    /// Peak of the activations kept for backward.
+    pub activations: u64,
+    /// Peak of ZeRO's communication staging (gradient buckets, gathered pieces).
+    pub communication: u64,
+    /// NVMe offload: (bytes read, bytes written) so far.
+    pub offload_bytes: Option<(u64, u64)>,
+}
+
+impl MemoryReport {
+    pub fn model_state(&self) -> u64 {
+        self.parameters + self.gradients + self.optimizer + self.swap_buffers
+    }
+
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let mut s = format!(
+            "parameters {:.2} MiB, gradients {:.2} MiB, optimizer {:.2} MiB, swap buffers {:.2} \
+             MiB, activations {:.2} MiB, communication {:.2} MiB",
+            mib(self.parameters),
+            mib(self.gradients),
+            mib(self.optimizer),
+            mib(self.swap_buffers),
+            mib(self.activations),
+            mib(self.communication)
+        );
+        if let Some((r, w)) = self.offload_bytes {
+            s += &format!(", NVMe read {:.2} MiB / written {:.2} MiB", mib(r), mib(w));
+        }
+        s
+    }
+}
+
 /// This rank's place in a pipeline: its stage group (the stages of its data/tensor coordinate,
 /// in order) and, on the first and last stage, the group that shares tied weights.
 #[derive(Debug, Clone)]
@@ -604,6 +695,7 @@ pub struct Engine<'m> {
     pipe: Option<PipeContext>,
     /// Last pipelined batch: seconds spent in forward/backward passes, and in the whole batch.
     pipe_timing: Option<(f64, f64)>,
+    meter: MemoryMeter,
 }
 
 impl<'m> Engine<'m> {
@@ -650,6 +742,7 @@ impl<'m> Engine<'m> {
             skipped: 0,
             pipe: None,
             pipe_timing: None,
+            meter: MemoryMeter::default(),
         })
     }
 
@@ -802,6 +895,7 @@ impl<'m> Engine<'m> {
             &mut ZeroHooks {
                 zero: &mut self.zero,
                 last,
+                meter: &mut self.meter,
             },
         )?;
         self.micro_step += 1;
@@ -848,6 +942,7 @@ impl<'m> Engine<'m> {
             self.updates += 1;
         }
         self.zero.zero_grad()?;
+        self.meter.live_activation_bytes = 0;
         self.micro_step = 0;
         Ok(StepReport {
             iteration: self.iteration,
@@ -988,6 +1083,7 @@ impl<'m> Engine<'m> {
                         &mut ZeroHooks {
                             zero: &mut self.zero,
                             last: false,
+                            meter: &mut self.meter,
                         },
                     )?;
                     if let Some(v) = value {
@@ -1044,6 +1140,7 @@ impl<'m> Engine<'m> {
                         &mut ZeroHooks {
                             zero: &mut self.zero,
                             last: boundary,
+                            meter: &mut self.meter,
                         },
                     )?;
                     if let Some(e) = grads_in.get_mut(&m) {
@@ -1139,6 +1236,24 @@ impl<'m> Engine<'m> {
         Ok(buf[0])
     }
 
+    /// This rank's memory by category: model states (parameters, gradients, optimizer state,
+    /// swap buffers) as held now, the peak of kept activations and of communication staging
+    /// since the last call, and what NVMe offload moved so far.
+    pub fn memory_report(&mut self) -> MemoryReport {
+        let s = self.state_bytes();
+        let r = MemoryReport {
+            parameters: s.parameters,
+            gradients: s.gradients,
+            optimizer: s.optimizer,
+            swap_buffers: s.buffers,
+            activations: self.meter.peak_activation_bytes,
+            communication: self.zero.take_peak_comm_bytes(),
+            offload_bytes: self.zero.offload_io_bytes(),
+        };
+        self.meter.peak_activation_bytes = 0;
+        r
+    }
+
     /// DeepSpeed's `GatheredParameters`: under ZeRO-3 every parameter is whole while `f` runs
     /// (every data-parallel rank must call it); at other stages it just runs `f`.
     pub fn gathered<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
@@ -1186,15 +1301,20 @@ impl<'m> Engine<'m> {
         };
         format!(
             "model state per rank (ZeRO-{}, dp {}, {layout}): measured {:.2} MiB (parameters {:.2}, \
-             gradients {:.2}, optimizer {:.2}) vs formula {:.2} MiB ({:+.2}%)",
+             gradients {:.2}, optimizer {:.2}, swap buffers {:.2}) vs formula {:.2} MiB ({:+.2}%)",
             self.zero.stage(),
             self.dp_size(),
             mib(m.total()),
             mib(m.parameters),
             mib(m.gradients),
             mib(m.optimizer),
+            mib(m.buffers),
             mib(f.total()),
             100.0 * (m.total() as f64 / f.total().max(1) as f64 - 1.0)
-        )
+        ) + if self.zero.offload_io_bytes().is_some() {
+            "; the rest is offloaded to NVMe (the formula counts states in memory)"
+        } else {
+            ""
+        }
     }
 }

@@ -258,6 +258,7 @@ fn gather_params(zero: &ZeroOptimizer, todo: &[usize]) -> Result<()> {
         at += piece;
     }
     let parts = layout.parts;
+    zero.note_comm(4 * send_len * (parts + 1));
     let recv = match (&zero.dp, parts > 1) {
         (Some(dp), true) => {
             let mut recv = vec![0f32; send_len * parts];

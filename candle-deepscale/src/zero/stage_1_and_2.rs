@@ -76,6 +76,8 @@ pub struct ZeroOptimizer {
     pub(super) stage3: Option<super::stage3::Stage3>,
     /// Stage 3 with NVMe offload: the swapped buffers (the matching fields above stay empty).
     pub(super) swap: Option<super::offload::Swapped>,
+    /// Peak bytes of communication staging since last read.
+    pub(super) peak_comm: std::sync::atomic::AtomicU64,
     tp: Option<ProcessGroup>,
     /// The pipeline group (stages of this data/tensor coordinate), for the gradient norm.
     pp: Option<ProcessGroup>,
@@ -205,6 +207,7 @@ impl ZeroOptimizer {
             dp,
             stage3,
             swap,
+            peak_comm: std::sync::atomic::AtomicU64::new(0),
             tp,
             pp: None,
             config,
@@ -265,6 +268,10 @@ impl ZeroOptimizer {
             )
         }
         let b = &self.layout.buckets[fp.bucket];
+        if self.stage >= 2 && !self.staging.contains_key(&fp.bucket) {
+            let staged: usize = self.staging.values().map(|v| v.len()).sum();
+            self.note_comm(4 * (staged + b.padded));
+        }
         let dst = if self.stage >= 2 {
             let buf = self
                 .staging
@@ -275,6 +282,17 @@ impl ZeroOptimizer {
             &mut self.grads[b.offset + fp.offset..b.offset + fp.offset + fp.numel]
         };
         add_into(grad, dst)
+    }
+
+    /// Records `bytes` of communication staging in use now.
+    pub(super) fn note_comm(&self, bytes: usize) {
+        self.peak_comm
+            .fetch_max(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The peak of communication staging since the last call.
+    pub fn take_peak_comm_bytes(&self) -> u64 {
+        self.peak_comm.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bucket `b`'s local gradients are complete for this micro-batch: stage 2 reduce-scatters them
