@@ -200,6 +200,63 @@ impl ParamSource for HfSource {
         };
         t.to_dtype(dtype)
     }
+
+    /// ZeRO-3 reads one rank's piece: only the rows of the native layout the piece covers are
+    /// copied out of the mapping (for Conv1D weights, the matching columns). The fused QKV and
+    /// tensor-parallel shards are read whole and cut (one parameter at a time).
+    fn flat_range(
+        &self,
+        meta: &ParamMeta,
+        shard: Option<Shard>,
+        init: Init,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let whole = |this: &Self| -> Result<Vec<f32>> {
+            this.tensor(meta, shard, init, &Device::Cpu, DType::F32)?
+                .flatten_all()?
+                .narrow(0, start, len)?
+                .to_vec1()
+        };
+        let Some((key, tr)) = hf_key(&meta.name) else {
+            return whole(self);
+        };
+        if shard.is_some()
+            || meta.shape.is_empty()
+            || !matches!(tr, Transform::None | Transform::Conv1d | Transform::PadVocab)
+        {
+            return whole(self);
+        }
+        // Validates the shapes as a whole read would (cheap: headers only).
+        let key = format!("{}{key}", self.prefix);
+        let hf_shape = self.files.shape(&key)?;
+        let expect: Vec<usize> = match tr {
+            Transform::Conv1d => meta.shape.iter().rev().copied().collect(),
+            Transform::PadVocab => vec![meta.real_rows.unwrap_or(meta.shape[0]), meta.shape[1]],
+            _ => meta.shape.clone(),
+        };
+        if hf_shape != expect {
+            return whole(self);
+        }
+        let inner: usize = meta.shape[1..].iter().product();
+        let (r0, r1) = (start / inner.max(1), (start + len).div_ceil(inner.max(1)));
+        let dev = Device::Cpu;
+        let rows = match tr {
+            Transform::Conv1d => self
+                .files
+                .load_slice_f32(&key, 1, r0, r1 - r0, &dev)?
+                .t()?
+                .contiguous()?,
+            Transform::PadVocab => {
+                let real = meta.real_rows.unwrap_or(meta.shape[0]);
+                load_vocab_rows(&self.files, &key, real, r0, r1 - r0, &dev)?
+            }
+            _ => self.files.load_slice_f32(&key, 0, r0, r1 - r0, &dev)?,
+        };
+        rows.flatten_all()?
+            .narrow(0, start - r0 * inner, len)?
+            .to_vec1()
+    }
 }
 
 /// The model's parameters in HF GPT-2 layout (Conv1D, QKV order, vocabulary padding stripped),
