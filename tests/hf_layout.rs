@@ -202,11 +202,22 @@ fn gpt2_hf_zero3_pieces_make_up_the_model() {
         for r in &ranks {
             let q = r.parameters()[i];
             assert_eq!(q.meta.name, p.meta.name);
-            let piece = q.partitioned.as_ref().unwrap().lock().unwrap().clone().unwrap();
+            let piece = q
+                .partitioned
+                .as_ref()
+                .unwrap()
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap();
             joined.extend(piece);
         }
         let want: Vec<f32> = p.tensor().flatten_all().unwrap().to_vec1().unwrap();
-        assert!(joined[..want.len()] == want[..], "{}: pieces differ", p.meta.name);
+        assert!(
+            joined[..want.len()] == want[..],
+            "{}: pieces differ",
+            p.meta.name
+        );
         assert!(joined[want.len()..].iter().all(|x| *x == 0.0), "padding");
     }
 }

@@ -41,6 +41,39 @@ pub enum BenchWhat {
     /// Pipeline bubble: each stage's idle fraction against (p-1)/(m+p-1), and pp=2 step cost
     /// against pp=1.
     Pipe(PipeArgs),
+    /// ZeRO-3 with NVMe offload against in memory on a model whose states exceed a RAM budget:
+    /// step throughput ratio, the swapper's bytes/s against the disk's sequential bandwidth, and
+    /// the estimator against the measured bytes.
+    Offload(OffloadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct OffloadArgs {
+    #[arg(long, default_value_t = 6)]
+    pub num_layers: usize,
+    #[arg(long, default_value_t = 512)]
+    pub hidden_size: usize,
+    #[arg(long, default_value_t = 8)]
+    pub num_attention_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq_length: usize,
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    /// In-process data-parallel ranks.
+    #[arg(long, default_value_t = 2)]
+    pub world_size: usize,
+    /// The RAM budget for model states per rank (MiB) the offloaded run must stay under.
+    #[arg(long, default_value_t = 128)]
+    pub ram_budget_mib: u64,
+    /// Folder for the swap files (the "NVMe").
+    #[arg(long, default_value = "/tmp/deepscale-nvme-bench")]
+    pub nvme_path: std::path::PathBuf,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub sub_group_size: usize,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +134,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Train(t) => train(t),
         BenchWhat::Pipe(p) => pipe(p),
+        BenchWhat::Offload(o) => offload(o),
         BenchWhat::Comm(c) => comm(c),
         BenchWhat::Tp(t) => tp(t),
         BenchWhat::Adam(a) => adam(a),
@@ -576,6 +610,138 @@ fn pipe(a: PipeArgs) -> Result<()> {
             "{}",
             json!({"bench": "pipe", "rows": rows, "pp1_ms": one * 1e3, "pp2_ms": two * 1e3})
         );
+    }
+    Ok(())
+}
+
+fn offload(a: OffloadArgs) -> Result<()> {
+    use candle_deepscale::comm::ProcessGroup;
+    use candle_deepscale::engine::{Engine, EngineConfig};
+    use candle_deepscale::module::Activations;
+    let cfg = gpt2::Config {
+        seq_length: a.seq_length,
+        max_position_embeddings: a.seq_length,
+        hidden_dropout: 0.0,
+        attention_dropout: 0.0,
+        ..gpt2::Config::new(a.num_layers, a.hidden_size, a.num_attention_heads, 50257)
+    };
+    let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
+    let n = a.world_size.max(1);
+    let (disk_write, disk_read, disk_direct) =
+        candle_deepscale::zero::swap_tensor::sequential_bandwidth(&a.nvme_path, 256 << 20)?;
+    let layout = Layout {
+        world_size: n,
+        tp: 1,
+        pp: 1,
+        dp: n,
+        timeout: std::time::Duration::from_secs(600),
+    };
+    let mut rows = Vec::new();
+    for nvme in [false, true] {
+        let mut ec = EngineConfig {
+            zero_stage: 3,
+            train_micro_batch_size_per_gpu: a.batch_size,
+            ..EngineConfig::default()
+        };
+        if nvme {
+            ec.stage3.offload = Some(candle_deepscale::zero::OffloadSettings {
+                optimizer_nvme: Some(a.nvme_path.clone()),
+                param_nvme: Some(a.nvme_path.clone()),
+                sub_group_size: a.sub_group_size,
+                aio_thread_count: 2,
+                ..Default::default()
+            });
+        }
+        let (cfg, ec) = (&cfg, &ec);
+        let r = launch(&layout, |ctx| {
+            let dp: Option<ProcessGroup> = ctx.dp()?;
+            let src = RandomInit { seed: 1 };
+            let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32)
+                .with_zero3(crate::training::zero3_construction(ec, dp.as_ref()));
+            let model = Gpt2::new(cfg, &pb)?;
+            let mut engine = Engine::new(model.layers(), ec.clone(), dp, None)?;
+            let state = engine.state_bytes();
+            let ids = Tensor::new(
+                (0..a.batch_size * (a.seq_length + 1))
+                    .map(|i| (i * 7919 % 50257) as u32)
+                    .collect::<Vec<_>>(),
+                &Device::Cpu,
+            )?
+            .reshape((a.batch_size, a.seq_length + 1))?;
+            let (x, y) = (
+                ids.narrow(1, 0, a.seq_length)?,
+                ids.narrow(1, 1, a.seq_length)?,
+            );
+            let mut times = Vec::new();
+            let io0 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
+            for i in 0..a.iters + 1 {
+                let t = Instant::now();
+                let m = &model;
+                let y = y.clone();
+                engine.train_batch(vec![(
+                    Activations::new(x.clone()),
+                    move |o: &Activations| m.loss(&o.hidden, &y),
+                )])?;
+                if i > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                let _ = io0;
+            }
+            let io1 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
+            let step = median(times);
+            Ok(json!({"nvme": nvme, "ms_per_step": step * 1e3,
+                      "model_state_bytes": state.total(),
+                      "formula_bytes": engine.formula_bytes().total(),
+                      "swap_bytes_per_step": (io1.0 + io1.1 - io0.0 - io0.1) as f64 / (a.iters + 1) as f64,
+                      "direct_io": engine.optimizer().offload_direct()}))
+        })?;
+        if let Some(v) = r {
+            rows.push(v);
+        }
+    }
+    let budget = a.ram_budget_mib << 20;
+    let (ram, off) = (&rows[0], &rows[1]);
+    let step_ratio =
+        ram["ms_per_step"].as_f64().unwrap_or(0.0) / off["ms_per_step"].as_f64().unwrap_or(1.0);
+    let swap_rate = off["swap_bytes_per_step"].as_f64().unwrap_or(0.0)
+        / (off["ms_per_step"].as_f64().unwrap_or(1.0) / 1e3);
+    let est = candle_deepscale::zero::estimate::engine_bytes(3, psi, n as u64, 4, 0, 0).total();
+    let v = json!({
+        "model": {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "parameters": psi},
+        "world_size": n,
+        "ram_budget_bytes": budget,
+        "in_memory": ram, "nvme": off,
+        "in_memory_exceeds_budget": ram["model_state_bytes"].as_u64().unwrap_or(0) > budget,
+        "nvme_within_budget": off["model_state_bytes"].as_u64().unwrap_or(u64::MAX) <= budget,
+        "throughput_ratio_nvme_to_ram": step_ratio,
+        "swapper_bytes_per_s": swap_rate,
+        "disk_seq_write_bytes_per_s": disk_write,
+        "disk_seq_read_bytes_per_s": disk_read,
+        "disk_probe_direct_io": disk_direct,
+        "swapper_fraction_of_disk": swap_rate / ((disk_write + disk_read) / 2.0),
+        "estimate_engine_zero3_bytes": est,
+        "estimate_vs_measured_in_memory": ram["model_state_bytes"].as_f64().unwrap_or(0.0) / est as f64,
+    });
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    eprintln!(
+        "offload: {} parameters, {n} ranks; model state per rank in memory {:.1} MiB vs NVMe {:.1} MiB (budget {} MiB)",
+        psi,
+        mib(ram["model_state_bytes"].as_f64().unwrap_or(0.0)),
+        mib(off["model_state_bytes"].as_f64().unwrap_or(0.0)),
+        a.ram_budget_mib
+    );
+    eprintln!(
+        "  step {:.0} ms in memory, {:.0} ms with NVMe offload (throughput ratio {:.2}); swapper {:.0} MiB/s vs disk {:.0} MiB/s write, {:.0} MiB/s read; estimate/measured {:.3}",
+        ram["ms_per_step"].as_f64().unwrap_or(0.0),
+        off["ms_per_step"].as_f64().unwrap_or(0.0),
+        step_ratio,
+        mib(swap_rate),
+        mib(disk_write),
+        mib(disk_read),
+        ram["model_state_bytes"].as_f64().unwrap_or(0.0) / est as f64
+    );
+    if a.json {
+        println!("{v}");
     }
     Ok(())
 }

@@ -223,7 +223,10 @@ impl ParamSource for HfSource {
         };
         if shard.is_some()
             || meta.shape.is_empty()
-            || !matches!(tr, Transform::None | Transform::Conv1d | Transform::PadVocab)
+            || !matches!(
+                tr,
+                Transform::None | Transform::Conv1d | Transform::PadVocab
+            )
         {
             return whole(self);
         }
