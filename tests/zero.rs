@@ -792,34 +792,48 @@ fn zero_3_fp16_follows_zero_2_fp16() {
 fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
     let reference = one_rank();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = stage3(2, 1);
-    cfg.stage3.offload = Some(candle_deepscale::zero::OffloadSettings {
-        optimizer_nvme: Some(dir.path().join("optimizer")),
-        param_nvme: Some(dir.path().join("params")),
-        sub_group_size: 2048,
-        buffer_count: 4,
-        resident_blocks: 1,
-        ..Default::default()
-    });
-    let swapped = train_with(1, 2, cfg, STEPS, DType::F32, true);
-    assert_runs_match(
-        &swapped,
-        &reference,
-        "dp=2 ZeRO-3 with optimizer and parameter NVMe offload",
-    );
-    let in_ram = train_with(1, 2, stage3(2, 1), 1, DType::F32, true);
-    for (rank, r) in swapped.iter().enumerate() {
-        let (read, written) = r.offload_io.unwrap();
-        assert!(
-            read > 0 && written > 0,
-            "rank {rank}: the swapper moved {read} / {written} bytes"
-        );
-        let (a, b) = (r.measured.total(), in_ram[rank].measured.total());
-        assert!(
-            (a as f64) < 0.25 * b as f64,
-            "rank {rank}: resident model state {a} bytes offloaded vs {b} in memory"
-        );
+    for (tp, dp, init) in [(1, 2, true), (1, 4, true), (2, 2, false)] {
+        let name = format!("tp={tp} x dp={dp} ZeRO-3 with optimizer and parameter NVMe offload");
+        let mut cfg = stage3(GLOBAL_BATCH / dp, 1);
+        cfg.stage3.offload = Some(candle_deepscale::zero::OffloadSettings {
+            optimizer_nvme: Some(dir.path().join("optimizer")),
+            param_nvme: Some(dir.path().join("params")),
+            // Tiles small against the tiny model's partition, so the buffer pool stays small too.
+            sub_group_size: 4096 / (tp * dp),
+            buffer_count: 4,
+            resident_blocks: 1,
+            ..Default::default()
+        });
+        let swapped = train_with(tp, dp, cfg, STEPS, DType::F32, init);
+        assert_runs_match(&swapped, &reference, &name);
+        let in_ram = train_with(tp, dp, stage3(GLOBAL_BATCH / dp, 1), 1, DType::F32, init);
+        for (rank, r) in swapped.iter().enumerate() {
+            let (read, written) = r.offload_io.unwrap();
+            assert!(
+                read > 0 && written > 0,
+                "{name} rank {rank}: moved {read} / {written} bytes"
+            );
+            let (a, b) = (r.measured.total(), in_ram[rank].measured.total());
+            assert!(
+                (a as f64) < 0.25 * b as f64,
+                "{name} rank {rank}: resident model state {a} bytes offloaded vs {b} in memory"
+            );
+        }
     }
-    // The swap files live under the nvme paths while training and are removed after.
-    assert!(std::fs::read_dir(dir.path().join("optimizer")).is_ok());
+    // The swap files are removed with the engine.
+    let left: Vec<_> = walk(dir.path());
+    assert!(left.is_empty(), "swap files left: {left:?}");
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -56,8 +56,8 @@ pub(super) struct Swapped {
 }
 
 impl Swapped {
-    /// Buffers for a partition of `len` elements on data-parallel rank `rank`; `master` (the
-    /// fp32 pieces) is written out when the parameters are offloaded.
+    /// Buffers for a partition of `len` elements of global rank `rank` (its own folder);
+    /// `master` (the fp32 pieces) is written out when the parameters are offloaded.
     pub fn new(s: &OffloadSettings, len: usize, rank: usize, master: &[f32]) -> Result<Self> {
         let block = s.sub_group_size.clamp(1, len.max(1));
         let kinds =

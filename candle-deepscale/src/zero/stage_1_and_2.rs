@@ -176,10 +176,12 @@ impl ZeroOptimizer {
                  for stage 3 (as in DeepSpeed, offload to nvme needs stage 3)"
             ),
             Some(o) => {
+                // Swap folders per global rank (tensor-parallel peers share a data-parallel rank).
+                let global = dp.as_ref().or(tp.as_ref()).map_or(0, |g| g.comm.rank());
                 let s = super::offload::Swapped::new(
                     &o,
                     layout.partition_len,
-                    rank,
+                    global,
                     master.as_deref().unwrap_or_default(),
                 )?;
                 exp_len = 0;
