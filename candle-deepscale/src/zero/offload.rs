@@ -62,8 +62,12 @@ impl Swapped {
         let block = s.sub_group_size.clamp(1, len.max(1));
         let kinds =
             2 + usize::from(s.optimizer_nvme.is_some()) + usize::from(s.param_nvme.is_some());
-        // Each kind keeps its resident blocks plus one read ahead and one write behind.
-        let count = s.buffer_count.max(kinds * (s.resident_blocks.max(1) + 2));
+        // Each kind keeps its resident blocks plus one write behind and, when there is a next
+        // tile, one read ahead.
+        let ahead = usize::from(len.div_ceil(block) > 1);
+        let count = s
+            .buffer_count
+            .max(kinds * (s.resident_blocks.max(1) + 1 + ahead));
         let pool = BufferPool::new(count, slot_bytes(block));
         let io = IoThreads::new(s.aio_thread_count);
         let dir = |p: &PathBuf| p.join("zero_stage_3").join(format!("rank{rank}"));
