@@ -704,7 +704,9 @@ fn estimate_memory_agrees_with_a_measured_run() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|x| x["zero_stage"].to_string() == stage && x["params"] == "fp32")
+            .find(|x| {
+                x["zero_stage"].as_u64() == stage.parse::<u64>().ok() && x["params"] == "fp32"
+            })
             .unwrap()["model_state_bytes"]
             .as_u64()
             .unwrap();

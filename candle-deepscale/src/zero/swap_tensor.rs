@@ -246,15 +246,12 @@ fn open_swap_file(path: &Path) -> Result<(File, bool)> {
     let mut o = std::fs::OpenOptions::new();
     o.read(true).write(true).create(true).truncate(true);
     let direct = o.clone().custom_flags(libc::O_DIRECT).open(path);
-    match direct {
-        Ok(f) => {
-            // Some filesystems accept the flag at open and fail the first aligned write.
-            let probe = AlignedBuf::new(ALIGN);
-            if f.write_all_at(probe.bytes(), 0).is_ok() {
-                return Ok((f, true));
-            }
+    if let Ok(f) = direct {
+        // Some filesystems accept the flag at open and fail the first aligned write.
+        let probe = AlignedBuf::new(ALIGN);
+        if f.write_all_at(probe.bytes(), 0).is_ok() {
+            return Ok((f, true));
         }
-        Err(_) => {}
     }
     let f = o
         .open(path)
@@ -587,6 +584,40 @@ impl Drop for SwappedBuffer {
     }
 }
 
+/// Sequential write and read bandwidth (bytes/s) of the filesystem under `dir`, with 4 MiB
+/// aligned blocks through the same `O_DIRECT`-when-possible path as the swapper (so the page
+/// cache does not flatter the read), synced; and whether `O_DIRECT` was used.
+pub fn sequential_bandwidth(dir: &Path, bytes: usize) -> Result<(f64, f64, bool)> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join("bandwidth.probe");
+    let (file, direct) = open_swap_file(&path)?;
+    let block = 4 << 20;
+    let n = (bytes / block).max(1);
+    let mut buf = AlignedBuf::new(block);
+    buf.bytes_mut()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    let io = |e: std::io::Error| Error::Msg(format!("{}: {e}", path.display()));
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        file.write_all_at(buf.bytes(), (i * block) as u64)
+            .map_err(io)?;
+    }
+    file.sync_all().map_err(io)?;
+    let write = (n * block) as f64 / t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        file.read_exact_at(buf.bytes_mut(), (i * block) as u64)
+            .map_err(io)?;
+    }
+    let read = (n * block) as f64 / t.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok((write, read, direct))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,38 +679,4 @@ mod tests {
         let e = b.read_range(2000..2010, &mut out).unwrap_err().to_string();
         assert!(e.contains("generation"), "{e}");
     }
-}
-
-/// Sequential write and read bandwidth (bytes/s) of the filesystem under `dir`, with 4 MiB
-/// aligned blocks through the same `O_DIRECT`-when-possible path as the swapper (so the page
-/// cache does not flatter the read), synced; and whether `O_DIRECT` was used.
-pub fn sequential_bandwidth(dir: &Path, bytes: usize) -> Result<(f64, f64, bool)> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
-    let path = dir.join("bandwidth.probe");
-    let (file, direct) = open_swap_file(&path)?;
-    let block = 4 << 20;
-    let n = (bytes / block).max(1);
-    let mut buf = AlignedBuf::new(block);
-    buf.bytes_mut()
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, b)| *b = i as u8);
-    let io = |e: std::io::Error| Error::Msg(format!("{}: {e}", path.display()));
-    let t = std::time::Instant::now();
-    for i in 0..n {
-        file.write_all_at(buf.bytes(), (i * block) as u64)
-            .map_err(io)?;
-    }
-    file.sync_all().map_err(io)?;
-    let write = (n * block) as f64 / t.elapsed().as_secs_f64();
-    let t = std::time::Instant::now();
-    for i in 0..n {
-        file.read_exact_at(buf.bytes_mut(), (i * block) as u64)
-            .map_err(io)?;
-    }
-    let read = (n * block) as f64 / t.elapsed().as_secs_f64();
-    drop(file);
-    let _ = std::fs::remove_file(&path);
-    Ok((write, read, direct))
 }
