@@ -1311,10 +1311,11 @@ impl<'m> Engine<'m> {
             mib(m.buffers),
             mib(f.total()),
             100.0 * (m.total() as f64 / f.total().max(1) as f64 - 1.0)
-        ) + if self.zero.offload_io_bytes().is_some() {
-            "; the rest is offloaded to NVMe (the formula counts states in memory)"
-        } else {
-            ""
+        ) + &match self.zero.offload_io_path() {
+            Some(io) => format!(
+                "; the rest is offloaded to NVMe through {io} (the formula counts states in memory)"
+            ),
+            None => String::new(),
         }
     }
 }

@@ -69,7 +69,7 @@ impl Swapped {
             .buffer_count
             .max(kinds * (s.resident_blocks.max(1) + 1 + ahead));
         let pool = BufferPool::new(count, slot_bytes(block));
-        let io = IoThreads::new(s.aio_thread_count);
+        let io = IoThreads::with_aio(s.aio_queue_depth, s.aio_thread_count);
         let dir = |p: &PathBuf| p.join("zero_stage_3").join(format!("rank{rank}"));
         let Some(opt_dir) = s.optimizer_nvme.as_ref().or(s.param_nvme.as_ref()) else {
             bail!("offload without an nvme_path")
@@ -142,6 +142,19 @@ impl Swapped {
     pub fn direct(&self) -> bool {
         self.m.direct
     }
+
+    /// How the swapper does I/O: `io_uring` or `threads`, with or without O_DIRECT.
+    pub fn io_path(&self) -> String {
+        format!(
+            "{}, {}",
+            self.io.backend,
+            if self.direct() {
+                "O_DIRECT"
+            } else {
+                "buffered"
+            }
+        )
+    }
 }
 
 impl ZeroOptimizer {
@@ -169,6 +182,11 @@ impl ZeroOptimizer {
     /// NVMe offload: (bytes read, bytes written) by the swapper so far.
     pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
         self.swap.as_ref().map(|s| s.io_bytes())
+    }
+
+    /// NVMe offload: the I/O engine and mode (`io_uring, O_DIRECT`, `threads, buffered`, ...).
+    pub fn offload_io_path(&self) -> Option<String> {
+        self.swap.as_ref().map(|s| s.io_path())
     }
 
     /// NVMe offload: whether swap files use O_DIRECT.
