@@ -349,19 +349,8 @@ fn train_rank(
             sh.cfg.num_hidden_layers, sh.cfg.hidden_size, sh.cfg.num_attention_heads, sh.cfg.vocab_size, n, ctx.topo.tp, sh.global
         );
         eprintln!("{}", engine.describe_memory());
-        if let Some(o) = &sh.engine.stage3.offload {
-            eprintln!(
-                "ZeRO-Infinity: {}{}swapped to NVMe in tiles of {} elements",
-                o.optimizer_nvme.as_ref().map_or(String::new(), |p| format!(
-                    "optimizer state and gradients -> {}; ",
-                    p.display()
-                )),
-                o.param_nvme.as_ref().map_or(String::new(), |p| format!(
-                    "parameters -> {}; ",
-                    p.display()
-                )),
-                o.sub_group_size
-            );
+        if let Some(line) = crate::training::describe_offload(&sh.engine) {
+            eprintln!("{line}");
         }
     }
     let metrics = match (&t.metrics_file, root) {

@@ -401,19 +401,8 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
             sh.engine.zero_stage
         );
         eprintln!("{}", engine.describe_memory());
-        if let Some(o) = &sh.engine.stage3.offload {
-            eprintln!(
-                "ZeRO-Infinity: {}{}swapped to NVMe in tiles of {} elements",
-                o.optimizer_nvme.as_ref().map_or(String::new(), |p| format!(
-                    "optimizer state and gradients -> {}; ",
-                    p.display()
-                )),
-                o.param_nvme.as_ref().map_or(String::new(), |p| format!(
-                    "parameters -> {}; ",
-                    p.display()
-                )),
-                o.sub_group_size
-            );
+        if let Some(line) = crate::training::describe_offload(&sh.engine) {
+            eprintln!("{line}");
         }
     }
     let metrics = match (&a.train.metrics_file, root) {

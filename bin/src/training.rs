@@ -220,6 +220,23 @@ pub fn flops_per_token(layers: usize, hidden: usize, ffn: usize, vocab: usize, s
     6.0 * n + 12.0 * l * seq as f64 * h
 }
 
+/// What ZeRO-Infinity swaps to NVMe, for the log (None without offload).
+pub fn describe_offload(engine: &EngineConfig) -> Option<String> {
+    let o = engine.stage3.offload.as_ref()?;
+    Some(format!(
+        "ZeRO-Infinity: {}{}swapped to NVMe in tiles of {} elements",
+        o.optimizer_nvme.as_ref().map_or(String::new(), |p| format!(
+            "optimizer state and gradients -> {}; ",
+            p.display()
+        )),
+        o.param_nvme.as_ref().map_or(String::new(), |p| format!(
+            "parameters -> {}; ",
+            p.display()
+        )),
+        o.sub_group_size
+    ))
+}
+
 /// ZeRO-3 builds each rank's piece of the parameters only (DeepSpeed's `zero.Init`).
 pub fn zero3_construction(
     engine: &EngineConfig,

@@ -426,25 +426,28 @@ impl ZeroOptimizer {
             if let Some(m) = &mut self.master {
                 m[bk.part_offset..bk.part_offset + bk.piece].copy_from_slice(&piece);
             }
-            // Stage 3 keeps parameters partitioned (gathered around each use), except the
-            // persistent small ones, which are whole on every rank like stages 0-2.
-            if let Some(s3) = &self.stage3 {
-                if !bk.params.iter().any(|&p| s3.is_persistent(p)) {
-                    continue;
-                }
+            // Stage 3 keeps parameters partitioned (gathered around each use); its persistent
+            // small ones are made whole below.
+            if self.stage3.is_none() {
+                self.write_bucket(&bk, piece)?;
             }
-            let full = match (&self.dp, self.layout.parts > 1) {
-                (Some(dp), true) => {
-                    let mut full = vec![0f32; bk.padded];
-                    dp.comm.all_gather(&dp.group, &piece, &mut full)?;
-                    full
-                }
-                _ => piece,
-            };
-            for &p in &bk.params {
-                let fp = &self.layout.params[p];
-                write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
+        }
+        self.gather_persistent()
+    }
+
+    /// All-gathers bucket `bk`'s updated pieces (this rank's is `piece`) into its parameters.
+    fn write_bucket(&self, bk: &super::partition::Bucket, piece: Vec<f32>) -> Result<()> {
+        let full = match (&self.dp, self.layout.parts > 1) {
+            (Some(dp), true) => {
+                let mut full = vec![0f32; bk.padded];
+                dp.comm.all_gather(&dp.group, &piece, &mut full)?;
+                full
             }
+            _ => piece,
+        };
+        for &p in &bk.params {
+            let fp = &self.layout.params[p];
+            write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
         }
         Ok(())
     }
@@ -471,18 +474,7 @@ impl ZeroOptimizer {
             }
             let mut piece = vec![0f32; bk.piece];
             self.read_master(bk.part_offset..bk.part_offset + bk.piece, &mut piece)?;
-            let full = match (&self.dp, self.layout.parts > 1) {
-                (Some(dp), true) => {
-                    let mut full = vec![0f32; bk.padded];
-                    dp.comm.all_gather(&dp.group, &piece, &mut full)?;
-                    full
-                }
-                _ => piece,
-            };
-            for &p in &bk.params {
-                let fp = &self.layout.params[p];
-                write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
-            }
+            self.write_bucket(bk, piece)?;
         }
         Ok(())
     }
