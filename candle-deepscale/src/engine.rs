@@ -439,10 +439,7 @@ fn into_zero(
         }
     }
     let ready: Vec<usize> = zero.layout().ready_after(i).collect();
-    for b in ready {
-        zero.reduce_bucket(b, last)?;
-    }
-    Ok(())
+    zero.reduce_buckets(&ready, last)
 }
 
 /// What an engine is told: DeepSpeed's config sections, resolved for one data-parallel size.

@@ -300,36 +300,65 @@ impl ZeroOptimizer {
     /// Bucket `b`'s local gradients are complete for this micro-batch: stage 2 reduce-scatters them
     /// into the partition; stages 0 and 1 all-reduce them at the accumulation boundary (`last`).
     pub fn reduce_bucket(&mut self, b: usize, last: bool) -> Result<()> {
-        let bucket = &self.layout.buckets[b];
-        if self.stage >= 2 {
-            let local = self
-                .staging
-                .remove(&b)
-                .unwrap_or_else(|| vec![0f32; bucket.padded]);
-            let range = bucket.part_offset..bucket.part_offset + bucket.piece;
-            let piece = match &self.dp {
-                Some(dp) => {
-                    let mut piece = vec![0f32; bucket.piece];
-                    dp.comm
-                        .reduce_scatter(&dp.group, &local, &mut piece, ReduceOp::Sum)?;
-                    piece
+        self.reduce_buckets(&[b], last)
+    }
+
+    /// [`Self::reduce_bucket`] for several buckets completed together (a layer's parameters at
+    /// ZeRO-3): one reduce-scatter over the ranks' pieces of all of them.
+    pub fn reduce_buckets(&mut self, bs: &[usize], last: bool) -> Result<()> {
+        if self.stage < 2 {
+            if let (true, Some(dp)) = (last, &self.dp) {
+                for &b in bs {
+                    let bucket = &self.layout.buckets[b];
+                    let buf = &mut self.grads[bucket.offset..bucket.offset + bucket.padded];
+                    dp.comm.all_reduce(&dp.group, buf, ReduceOp::Sum)?;
                 }
-                None => local,
-            };
+            }
+            return Ok(());
+        }
+        if bs.is_empty() {
+            return Ok(());
+        }
+        let parts = self.layout.parts;
+        let pieces: usize = bs.iter().map(|&b| self.layout.buckets[b].piece).sum();
+        // Rank k's chunk: its piece of every bucket, in order.
+        let mut send = vec![0f32; pieces * parts];
+        self.note_comm(4 * (send.len() + pieces));
+        let mut at = 0;
+        for &b in bs {
+            let bk = &self.layout.buckets[b];
+            if let Some(local) = self.staging.remove(&b) {
+                for k in 0..parts {
+                    send[k * pieces + at..k * pieces + at + bk.piece]
+                        .copy_from_slice(&local[k * bk.piece..(k + 1) * bk.piece]);
+                }
+            }
+            at += bk.piece;
+        }
+        let mine = match (&self.dp, parts > 1) {
+            (Some(dp), true) => {
+                let mut piece = vec![0f32; pieces];
+                dp.comm
+                    .reduce_scatter(&dp.group, &send, &mut piece, ReduceOp::Sum)?;
+                piece
+            }
+            _ => send,
+        };
+        let mut at = 0;
+        for &b in bs {
+            let bk = &self.layout.buckets[b];
+            let piece = &mine[at..at + bk.piece];
+            let range = bk.part_offset..bk.part_offset + bk.piece;
             match self.swap.as_ref().and_then(|s| s.grads.as_ref()) {
                 Some(g) => g.update_range(range, |o, d| {
                     d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s)
                 })?,
                 None => self.grads[range]
                     .iter_mut()
-                    .zip(&piece)
+                    .zip(piece)
                     .for_each(|(d, s)| *d += s),
             }
-        } else if last {
-            if let Some(dp) = &self.dp {
-                let buf = &mut self.grads[bucket.offset..bucket.offset + bucket.padded];
-                dp.comm.all_reduce(&dp.group, buf, ReduceOp::Sum)?;
-            }
+            at += bk.piece;
         }
         Ok(())
     }
