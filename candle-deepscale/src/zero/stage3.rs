@@ -8,7 +8,8 @@
 //! layers are prefetched up to `stage3_prefetch_bucket_size` elements, and no more than
 //! `stage3_max_live_parameters` gathered elements stay resident. Parameters smaller than
 //! `stage3_param_persistence_threshold` stay whole on every rank. Gradients are reduce-scattered
-//! per parameter as soon as backward has finished with it (stage 2's path).
+//! per layer as soon as backward has finished with it: one collective over the pieces of all
+//! the parameters it completes (stage 2's path).
 use super::flat::with_f32;
 use super::partition::FlatLayout;
 use super::stage_1_and_2::{StateBytes, ZeroOptimizer};
