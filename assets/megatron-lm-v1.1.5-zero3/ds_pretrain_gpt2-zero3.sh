@@ -2,7 +2,7 @@
 # Mirrors DeepSpeedExamples Megatron-LM-v1.1.5-ZeRO3/examples/ds_pretrain_gpt2-zero3.sh: GPT-2 with
 # ZeRO stage 3 (ds_zero_stage_3_config.json) or ZeRO-Infinity (CONFIG=ds_zero_stage_infinity_config.json).
 #   MODEL=tiny (default) | 1.5b | 10b;  WORLD (default 4), MP_SIZE (1), ITERS, DATA, DEEPSCALE
-# ZeRO-3 is being built: until it lands the engine refuses stage 3 with that reason.
+# ZeRO-Infinity swaps to the config's nvme_path (/nvme_data): point it at a fast local disk first.
 set -euo pipefail
 script_dir=$(cd "$(dirname "$0")" && pwd)
 assets=$(dirname "$script_dir")
