@@ -450,12 +450,34 @@ fn train(a: TpArgs) -> Result<()> {
     )?;
     let prev_params = m_prev.parameters();
     let mut ref_opt = AdamW::new(&prev_params, opt)?;
-    // Interleaved rounds (engine, stock, previous) so all three see the same machine state.
-    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    let m_unfused = build()?;
+    let mut engine_unfused = Engine::new(
+        m_unfused.layers(),
+        EngineConfig {
+            train_micro_batch_size_per_gpu: b,
+            optimizer: opt,
+            ..Default::default()
+        },
+        None,
+        None,
+    )?;
+    // Interleaved rounds (engine, engine with the composed LayerNorm, stock, previous) so all
+    // see the same machine state. Stock candle and the previous loop use the composed ops.
+    // DEEPSCALE_BENCH_COMPOSED_ONLY=1 runs both engines with the composed ops (an A/A check of
+    // the first two slots).
+    let fused = candle_deepscale::fused_layer_norm::set_enabled;
+    let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let all_composed = std::env::var_os("DEEPSCALE_BENCH_COMPOSED_ONLY").is_some();
     for round in 0..iters + 1 {
+        fused(!all_composed);
         let t0 = Instant::now();
         engine.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
             m_engine.loss(&o.hidden, &y)
+        })])?;
+        fused(false);
+        let ta = Instant::now();
+        engine_unfused.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
+            m_unfused.loss(&o.hidden, &y)
         })])?;
         let t1 = Instant::now();
         let loss = m_stock.loss(&m_stock.forward(&x, &ForwardCtx::eval())?, &y)?;
@@ -465,21 +487,24 @@ fn train(a: TpArgs) -> Result<()> {
         ref_opt.step(&loss.backward()?, 1.0)?;
         let t3 = Instant::now();
         if round > 0 {
-            for (v, d) in times.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+            for (v, d) in times.iter_mut().zip([ta - t0, t2 - t1, t3 - t2, t1 - ta]) {
                 v.push(d.as_secs_f64() * 1e3);
             }
         }
     }
-    let [engine_ms, stock_ms, previous_ms] = times.map(median);
+    fused(true);
+    let [engine_ms, stock_ms, previous_ms, unfused_ms] = times.map(median);
     let tps = |ms: f64| (b * s) as f64 / (ms / 1e3);
     eprintln!(
-        "{} b{b} x s{s}: engine {engine_ms:.1} ms ({:.1} tokens/s), stock candle {stock_ms:.1} ms ({:.1}), previous loop {previous_ms:.1} ms ({:.1}); engine {:.2}x stock, {:.2}x previous",
+        "{} b{b} x s{s}: engine {engine_ms:.1} ms ({:.1} tokens/s), stock candle {stock_ms:.1} ms ({:.1}), previous loop {previous_ms:.1} ms ({:.1}), engine with composed LayerNorm {unfused_ms:.1} ms ({:.1}); engine {:.2}x stock, {:.2}x previous, {:.2}x composed LayerNorm",
         a.model,
         tps(engine_ms),
         tps(stock_ms),
         tps(previous_ms),
+        tps(unfused_ms),
         stock_ms / engine_ms,
-        previous_ms / engine_ms
+        previous_ms / engine_ms,
+        unfused_ms / engine_ms
     );
     if a.json {
         println!(
@@ -487,6 +512,7 @@ fn train(a: TpArgs) -> Result<()> {
             json!({"bench": "train", "model": a.model, "batch": b, "seq": s,
                 "engine_tokens_per_s": tps(engine_ms), "stock_candle_tokens_per_s": tps(stock_ms),
                 "previous_tokens_per_s": tps(previous_ms),
+                "engine_composed_layer_norm_tokens_per_s": tps(unfused_ms),
                 "engine_ms": engine_ms, "stock_candle_ms": stock_ms, "previous_ms": previous_ms})
         );
     }

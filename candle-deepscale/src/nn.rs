@@ -122,6 +122,15 @@ impl LayerNorm {
 
 /// Differentiable layer norm (computed in f32 for half inputs).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = crate::fused_layer_norm::fused_layer_norm(x, w, b, eps)? {
+        return Ok(y);
+    }
+    layer_norm_reference(x, w, b, eps)
+}
+
+/// [`layer_norm`] composed of candle ops (half precision, other devices; the fused kernel's
+/// reference in tests).
+pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = if dtype == DType::F32 || dtype == DType::F64 {
         x.clone()
