@@ -11,7 +11,7 @@
 use crate::adamw::AdamWConfig;
 use crate::engine::{Engine, EngineState};
 use crate::lr_schedules::LrSchedule;
-use crate::parameter::{Init, ParamMeta, ParamSource, Partition, Shard};
+use crate::parameter::{relayout, Init, ParamMeta, ParamSource, Partition, Shard};
 use crate::zero::AdamState;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -480,29 +480,6 @@ impl Checkpoint {
         Ok(Some(self.assemble(meta, blocks)?))
     }
 
-    /// `logical` (real rows) laid out for `meta` (this layout's padded shape) and cut to `shard`.
-    fn relayout(logical: Tensor, meta: &ParamMeta, shard: Option<Shard>) -> Result<Tensor> {
-        let mut t = logical;
-        if let Some(rows) = meta.shape.first() {
-            let have = t.dim(0)?;
-            if meta.real_rows.is_some() && have < *rows {
-                t = t.pad_with_zeros(0, 0, rows - have)?;
-            }
-        }
-        if t.dims() != meta.shape.as_slice() {
-            bail!(
-                "parameter `{}`: the checkpoint holds shape {:?}, the model wants {:?}",
-                meta.name,
-                t.dims(),
-                meta.shape
-            )
-        }
-        match shard {
-            Some(s) => s.narrow(&t),
-            None => Ok(t),
-        }
-    }
-
     /// This rank's (m, v) of a parameter described by `meta` at `shard`, flattened; None when the
     /// checkpoint has no optimizer state for it.
     pub fn optimizer_state(
@@ -517,7 +494,9 @@ impl Checkpoint {
             return Ok(None);
         };
         let flat = |t: Tensor| -> Result<Vec<f32>> {
-            Self::relayout(t, meta, shard)?.flatten_all()?.to_vec1()
+            relayout(t, meta, shard, &self.dir.display().to_string())?
+                .flatten_all()?
+                .to_vec1()
         };
         Ok(Some((flat(m)?, flat(v)?)))
     }
@@ -547,8 +526,13 @@ impl ParamSource for Checkpoint {
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
-        Self::relayout(self.logical(&meta.name)?, meta, shard)?
-            .to_dtype(dtype)?
-            .to_device(device)
+        relayout(
+            self.logical(&meta.name)?,
+            meta,
+            shard,
+            &self.dir.display().to_string(),
+        )?
+        .to_dtype(dtype)?
+        .to_device(device)
     }
 }

@@ -120,6 +120,36 @@ impl Shard {
     }
 }
 
+/// A parameter's logical value (real vocabulary rows only, as checkpoints and exports keep it)
+/// laid out for `meta` — padding rows added back as zeros — and cut to this rank's `shard`;
+/// `origin` names where it came from in the shape error.
+pub fn relayout(
+    logical: Tensor,
+    meta: &ParamMeta,
+    shard: Option<Shard>,
+    origin: &str,
+) -> Result<Tensor> {
+    let mut t = logical;
+    if let (Some(_), Some(&rows)) = (meta.real_rows, meta.shape.first()) {
+        let have = t.dim(0)?;
+        if have < rows {
+            t = t.pad_with_zeros(0, 0, rows - have)?;
+        }
+    }
+    if t.dims() != meta.shape.as_slice() {
+        candle_core::bail!(
+            "{origin}: parameter `{}` has shape {:?}, the model wants {:?}",
+            meta.name,
+            t.dims(),
+            meta.shape
+        )
+    }
+    match shard {
+        Some(s) => s.narrow(&t),
+        None => Ok(t),
+    }
+}
+
 /// Provides the local tensor of a logical parameter: random initialisation, a checkpoint, ...
 ///
 /// A source returns only the block this rank holds (`shard`), so tensor-parallel slicing (and

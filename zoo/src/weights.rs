@@ -325,22 +325,13 @@ impl ParamSource for LogicalTensors {
         device: &Device,
         dtype: DType,
     ) -> Result<Tensor> {
-        let mut t = self
+        let t = self
             .tensors
             .get(&meta.name)
             .ok_or_else(|| Error::Msg(format!("no tensor for parameter `{}`", meta.name)))?
             .to_dtype(DType::F32)?;
-        if let (Some(_), Some(&rows)) = (meta.real_rows, meta.shape.first()) {
-            let have = t.dim(0)?;
-            if have < rows {
-                t = t.pad_with_zeros(0, 0, rows - have)?;
-            }
-        }
-        check_shape(t.dims(), meta, &meta.name, "imported checkpoint")?;
-        let t = match shard {
-            Some(s) => s.narrow(&t)?,
-            None => t,
-        };
-        t.to_dtype(dtype)?.to_device(device)
+        candle_deepscale::parameter::relayout(t, meta, shard, "imported checkpoint")?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 }
