@@ -206,6 +206,62 @@ fn data_parallel_zero_0_1_2_equal_one_rank() {
     }
 }
 
+/// ZeRO's buffers and AdamW as device tensors (the path a GPU takes), run here on CPU tensors:
+/// every stage at dp 2, tp 2 x dp 2, with accumulation, equals one rank (host path) over 10 steps;
+/// fp16 with a master copy follows the host path's fp16 run; the state bytes follow the formula.
+#[test]
+fn device_resident_states_equal_one_rank() {
+    let reference = one_rank();
+    let dev = |c: EngineConfig| EngineConfig {
+        device_states: Some(true),
+        ..c
+    };
+    let runs = train(1, 1, dev(base_config()), STEPS, DType::F32);
+    assert_runs_match(&runs, &reference, "device states, one rank");
+    for s in [0, 1, 2] {
+        let runs = train(1, 2, dev(stage(s, 2, 1)), STEPS, DType::F32);
+        assert_runs_match(&runs, &reference, &format!("device states dp=2 ZeRO-{s}"));
+        for r in &runs {
+            let (m, f) = (r.measured.total() as f64, r.formula.total() as f64);
+            assert!(
+                (m / f - 1.0).abs() < 0.02,
+                "device states ZeRO-{s}: measured {m} vs formula {f}"
+            );
+        }
+    }
+    let runs = train(2, 2, dev(stage(2, 1, 2)), STEPS, DType::F32);
+    assert_runs_match(
+        &runs,
+        &reference,
+        "device states tp=2 x dp=2 ZeRO-2, accumulation 2",
+    );
+    let runs = train(1, 2, dev(stage(1, 1, 2)), STEPS, DType::F32);
+    assert_runs_match(
+        &runs,
+        &reference,
+        "device states dp=2 ZeRO-1, accumulation 2",
+    );
+    let fp16 = Some(Fp16Config {
+        enabled: true,
+        loss_scale: Some(0.0),
+        initial_scale_power: Some(8),
+        loss_scale_window: Some(1000),
+        hysteresis: Some(2),
+        min_loss_scale: Some(1.0),
+    });
+    let cfg = EngineConfig {
+        fp16,
+        ..stage(2, 2, 1)
+    };
+    let host = train(1, 2, cfg.clone(), 3, DType::F16);
+    let device = train(1, 2, dev(cfg), 3, DType::F16);
+    for s in 0..3 {
+        let (a, b) = (device[0].losses[s], host[0].losses[s]);
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "fp16 step {s}: {a} vs {b}");
+    }
+    assert_params_match(&device[0].params, &host[0].params, "fp16 device vs host", 3);
+}
+
 fn stage3(micro: usize, gas: usize) -> EngineConfig {
     let mut c = stage(3, micro, gas);
     // Small enough that the tiny model's matrices are partitioned, its LayerNorms and biases kept.

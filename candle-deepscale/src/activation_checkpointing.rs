@@ -70,13 +70,13 @@ impl CheckpointPolicy {
     /// The input `save` stored, whole and on its device again.
     pub fn restore(&self, s: &Saved) -> Result<Activations> {
         let hidden = match self.partition.as_ref().filter(|g| g.size() > 1) {
-            Some(g) => {
-                let part = s.kept.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                let mut all = vec![0f32; part.len() * g.size()];
-                g.comm.all_gather(&g.group, &part, &mut all)?;
-                all.truncate(s.shape.elem_count());
-                Tensor::from_vec(all, &s.shape, &Device::Cpu)?.to_dtype(s.dtype)?
-            }
+            Some(g) => g
+                .comm
+                .all_gather_tensor(&g.group, &s.kept.to_device(&s.device)?)?
+                .flatten_all()?
+                .narrow(0, 0, s.shape.elem_count())?
+                .reshape(&s.shape)?
+                .to_dtype(s.dtype)?,
             None => s.kept.clone(),
         };
         Ok(Activations::with_aux(

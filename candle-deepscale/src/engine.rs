@@ -467,6 +467,13 @@ pub struct EngineConfig {
     pub cpu_checkpointing: bool,
     /// Base of the dropout streams.
     pub seed: u64,
+    /// `offload_optimizer.device: cpu`: on a GPU, ZeRO's buffers and AdamW stay in host memory
+    /// (ZeRO-Offload). On the CPU that is where they are anyway.
+    pub offload_optimizer_cpu: bool,
+    /// Keep ZeRO's buffers and AdamW as tensors on the parameters' device. None: when the
+    /// parameters are on a GPU (stages 0-2, no offload). Some(true) on the CPU runs the GPU's
+    /// code path.
+    pub device_states: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -486,6 +493,8 @@ impl Default for EngineConfig {
             partition_activations: false,
             cpu_checkpointing: false,
             seed: 1234,
+            offload_optimizer_cpu: false,
+            device_states: None,
         }
     }
 }
@@ -551,6 +560,9 @@ impl EngineConfig {
                     }
                 }
             };
+            c.offload_optimizer_cpu = opt
+                .as_ref()
+                .is_some_and(|o| o.device.as_deref() == Some("cpu"));
             let (opt_nvme, par_nvme) = (
                 nvme(&opt, "offload_optimizer")?,
                 nvme(&par, "offload_param")?,
@@ -707,7 +719,7 @@ impl<'m> Engine<'m> {
         }
         let dp = dp.filter(|g| g.size() > 1);
         let tp = tp.filter(|g| g.size() > 1);
-        let zero = ZeroOptimizer::new(
+        let mut zero = ZeroOptimizer::new(
             &layers,
             config.zero_stage,
             config.reduce_bucket_size,
@@ -716,6 +728,19 @@ impl<'m> Engine<'m> {
             tp.clone(),
             config.stage3.clone(),
         )?;
+        let on_gpu = zero
+            .params()
+            .first()
+            .is_some_and(|p| !p.tensor().device().is_cpu());
+        let device_states = config.device_states.unwrap_or(
+            on_gpu
+                && config.zero_stage <= 2
+                && !config.offload_optimizer_cpu
+                && config.stage3.offload.is_none(),
+        );
+        if device_states {
+            zero.use_device_states()?;
+        }
         let scaler = match &config.fp16 {
             Some(f) => LossScaler::from_config(f),
             None => LossScaler::fixed(1.0),
@@ -1024,7 +1049,13 @@ impl<'m> Engine<'m> {
         let mut grads_in: HashMap<usize, (Vec<Tensor>, Vec<Option<Tensor>>)> = HashMap::new();
         let mut loss_sum = 0f64;
         let mut backwards = 0usize;
-        let dev = candle_core::Device::Cpu;
+        // Received activations land where this stage's parameters live.
+        let dev = self
+            .zero
+            .params()
+            .first()
+            .map(|p| p.tensor().device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         let schedule = TrainSchedule::new(gas, stages, stage);
         let started = std::time::Instant::now();
         let mut busy = 0f64;
@@ -1160,8 +1191,7 @@ impl<'m> Engine<'m> {
                             .filter(|&i| self.zero.params()[i].meta.tie_group.is_some())
                             .collect();
                         for i in idx {
-                            let g = self.zero.param_grad_mut(i)?;
-                            tied.comm.all_reduce(&tied.group, g, ReduceOp::Sum)?;
+                            self.zero.all_reduce_param_grad(i, tied)?;
                         }
                     }
                 }

@@ -4,9 +4,13 @@
 //! with an element kind, so the trait stays object-safe; the typed helpers on `dyn Communicator`
 //! are what callers use. Every collective has a deadline: a dead or stuck peer becomes an error
 //! naming the collective and the peer on every other rank, never a hang.
+#[cfg(feature = "cuda")]
+mod device;
 mod in_process;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod shape_only;
 
 pub use in_process::{InProcessComm, InProcessWorld};
@@ -175,6 +179,48 @@ pub trait Communicator: Send + Sync {
     fn send_bytes(&self, dst: usize, tag: u64, buf: &[u8]) -> Result<()>;
     fn recv_bytes(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<()>;
     fn barrier(&self, group: &[usize]) -> Result<()>;
+
+    /// The device-memory collectives of a backend that runs them on CUDA storage without host
+    /// copies (NCCL). Others return None and tensors on a GPU cross through host memory.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Option<&dyn CudaCollectives> {
+        None
+    }
+}
+
+/// Collectives on CUDA storage. Every buffer is a whole storage (contiguous from offset 0), and
+/// the operations are ordered on the device's stream with the kernels that made the data.
+#[cfg(feature = "cuda")]
+pub trait CudaCollectives: Send + Sync {
+    fn all_reduce_cuda(
+        &self,
+        group: &[usize],
+        buf: &mut candle_core::CudaStorage,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// `recv` holds every member's `send`, in group order.
+    fn all_gather_cuda(
+        &self,
+        group: &[usize],
+        send: &candle_core::CudaStorage,
+        recv: &mut candle_core::CudaStorage,
+    ) -> Result<()>;
+    /// `send` holds one `recv`-sized chunk per member; this member keeps its reduced chunk.
+    fn reduce_scatter_cuda(
+        &self,
+        group: &[usize],
+        send: &candle_core::CudaStorage,
+        recv: &mut candle_core::CudaStorage,
+        op: ReduceOp,
+    ) -> Result<()>;
+    fn broadcast_cuda(
+        &self,
+        group: &[usize],
+        buf: &mut candle_core::CudaStorage,
+        root: usize,
+    ) -> Result<()>;
+    fn send_cuda(&self, dst: usize, tag: u64, buf: &candle_core::CudaStorage) -> Result<()>;
+    fn recv_cuda(&self, src: usize, tag: u64, buf: &mut candle_core::CudaStorage) -> Result<()>;
 }
 
 /// Typed collectives.
@@ -234,10 +280,15 @@ impl dyn Communicator + '_ {
         self.recv_bytes(src, tag, bytemuck::cast_slice_mut(data))
     }
 
-    /// All-reduce of an f32 tensor (any device; the result on the same device).
+    /// All-reduce of a tensor (any device and float dtype; the result on the same device, in
+    /// the same dtype). On a GPU with a device backend (NCCL) no byte crosses host memory.
     pub fn all_reduce_tensor(&self, group: &[usize], t: &Tensor, op: ReduceOp) -> Result<Tensor> {
         if group.len() == 1 {
             return Ok(t.clone());
+        }
+        #[cfg(feature = "cuda")]
+        if let (Some(cc), true) = (self.cuda(), t.device().is_cuda()) {
+            return device::all_reduce(cc, group, t, op);
         }
         let mut v = t
             .to_dtype(candle_core::DType::F32)?
@@ -246,6 +297,99 @@ impl dyn Communicator + '_ {
         self.all_reduce(group, &mut v, op)?;
         Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())
     }
+
+    /// Every member's `t` stacked in group order: shape `(group, ..t.shape)`.
+    pub fn all_gather_tensor(&self, group: &[usize], t: &Tensor) -> Result<Tensor> {
+        let mut dims = vec![group.len()];
+        dims.extend_from_slice(t.dims());
+        #[cfg(feature = "cuda")]
+        if let (Some(cc), true) = (self.cuda(), t.device().is_cuda()) {
+            return device::all_gather(cc, group, t, dims);
+        }
+        let send = host_f32(t)?;
+        let mut recv = vec![0f32; send.len() * group.len()];
+        self.all_gather(group, &send, &mut recv)?;
+        Tensor::from_vec(recv, dims, t.device())?.to_dtype(t.dtype())
+    }
+
+    /// Reduces `t` (`group` equal chunks along dim 0) and returns this member's chunk.
+    pub fn reduce_scatter_tensor(
+        &self,
+        group: &[usize],
+        t: &Tensor,
+        op: ReduceOp,
+    ) -> Result<Tensor> {
+        let n = group.len();
+        let rows = t.dim(0)?;
+        if rows % n != 0 {
+            bail!("reduce_scatter: {rows} rows do not split over {n} members")
+        }
+        let mut dims = t.dims().to_vec();
+        dims[0] = rows / n;
+        #[cfg(feature = "cuda")]
+        if let (Some(cc), true) = (self.cuda(), t.device().is_cuda()) {
+            return device::reduce_scatter(cc, group, t, dims, op);
+        }
+        let send = host_f32(t)?;
+        let mut recv = vec![0f32; send.len() / n];
+        self.reduce_scatter(group, &send, &mut recv, op)?;
+        Tensor::from_vec(recv, dims, t.device())?.to_dtype(t.dtype())
+    }
+
+    /// The `t` of the member with global rank `root`, on every member.
+    pub fn broadcast_tensor(&self, group: &[usize], t: &Tensor, root: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Some(cc), true) = (self.cuda(), t.device().is_cuda()) {
+            return device::broadcast(cc, group, t, root);
+        }
+        let mut v = host_f32(t)?;
+        self.broadcast(group, &mut v, root)?;
+        Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())
+    }
+
+    /// Sends `t`'s elements to `dst` (the receiver knows shape and dtype). Float tensors cross
+    /// as f32 through host memory, or as they are in device memory with a device backend.
+    pub fn send_tensor(&self, dst: usize, tag: u64, t: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (Some(cc), true) = (self.cuda(), t.device().is_cuda()) {
+            return device::send(cc, dst, tag, t);
+        }
+        let flat = t.flatten_all()?;
+        match t.dtype() {
+            candle_core::DType::U32 => self.send(dst, tag, &flat.to_vec1::<u32>()?),
+            _ => self.send(dst, tag, &host_f32(t)?),
+        }
+    }
+
+    /// Receives what [`Self::send_tensor`] sent: a tensor of `shape` and `dtype` on `device`.
+    pub fn recv_tensor(
+        &self,
+        src: usize,
+        tag: u64,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Some(cc), true) = (self.cuda(), device.is_cuda()) {
+            return device::recv(cc, src, tag, shape, dtype, device);
+        }
+        let n: usize = shape.iter().product();
+        if dtype == candle_core::DType::U32 {
+            let mut v = vec![0u32; n];
+            self.recv(src, tag, &mut v)?;
+            return Tensor::from_vec(v, shape, device);
+        }
+        let mut v = vec![0f32; n];
+        self.recv(src, tag, &mut v)?;
+        Tensor::from_vec(v, shape, device)?.to_dtype(dtype)
+    }
+}
+
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()
 }
 
 /// `all_gather` buffers: `recv` holds one `send` per member.

@@ -26,35 +26,6 @@ fn dtype(code: i64) -> Result<DType> {
     })
 }
 
-fn send_tensor(comm: &dyn Communicator, dst: usize, tag: u64, t: &Tensor) -> Result<()> {
-    let flat = t.flatten_all()?;
-    if t.dtype() == DType::U32 {
-        comm.send(dst, tag, &flat.to_vec1::<u32>()?)
-    } else {
-        comm.send(dst, tag, &flat.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-    }
-}
-
-fn recv_tensor(
-    comm: &dyn Communicator,
-    src: usize,
-    tag: u64,
-    shape: &[usize],
-    dt: DType,
-    dev: &Device,
-) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    if dt == DType::U32 {
-        let mut v = vec![0u32; n];
-        comm.recv(src, tag, &mut v)?;
-        Tensor::from_vec(v, shape, dev)
-    } else {
-        let mut v = vec![0f32; n];
-        comm.recv(src, tag, &mut v)?;
-        Tensor::from_vec(v, shape, dev)?.to_dtype(dt)
-    }
-}
-
 /// Sends `a` (hidden state and auxiliary tensors) to rank `dst`.
 pub fn send_activations(
     comm: &dyn Communicator,
@@ -72,7 +43,7 @@ pub fn send_activations(
     comm.send(dst, tag, &[header.len() as i64])?;
     comm.send(dst, tag, &header)?;
     for t in tensors {
-        send_tensor(comm, dst, tag, t)?;
+        comm.send_tensor(dst, tag, t)?;
     }
     Ok(())
 }
@@ -104,7 +75,7 @@ pub fn recv_activations(
         };
         let shape: Vec<usize> = dims.iter().map(|d| (*d).max(0) as usize).collect();
         at += 2 + rank;
-        tensors.push(recv_tensor(comm, src, tag, &shape, dt, dev)?);
+        tensors.push(comm.recv_tensor(src, tag, &shape, dt, dev)?);
     }
     let mut it = tensors.into_iter();
     let Some(hidden) = it.next() else {
@@ -127,8 +98,8 @@ pub fn send_grads(
         .filter(|(_, t)| t.dtype().is_float())
     {
         match grads.get(i).and_then(|g| g.as_ref()) {
-            Some(g) => send_tensor(comm, dst, tag, g)?,
-            None => send_tensor(comm, dst, tag, &t.zeros_like()?)?,
+            Some(g) => comm.send_tensor(dst, tag, g)?,
+            None => comm.send_tensor(dst, tag, &t.zeros_like()?)?,
         }
     }
     Ok(())
@@ -145,8 +116,7 @@ pub fn recv_grads(
         .iter()
         .map(|t| {
             if t.dtype().is_float() {
-                Ok(Some(recv_tensor(
-                    comm,
+                Ok(Some(comm.recv_tensor(
                     src,
                     tag,
                     t.dims(),

@@ -1,5 +1,6 @@
 //! ZeRO: data-parallel training with partitioned optimizer state (stage 1), gradients (stage 2)
 //! and parameters (stage 3) over flat fp32 buffers.
+mod device;
 pub mod estimate;
 pub mod flat;
 pub mod offload;

@@ -65,8 +65,8 @@ pub struct ZeroOptimizer {
     pub(super) grads: Vec<f32>,
     /// Stage 2: buckets of local gradients being filled by the running backward.
     staging: HashMap<usize, Vec<f32>>,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    pub(super) exp_avg: Vec<f32>,
+    pub(super) exp_avg_sq: Vec<f32>,
     /// fp32 copy of this rank's partition when parameters are fp16/bf16; at stage 3 the
     /// partitioned parameters themselves.
     pub(super) master: Option<Vec<f32>>,
@@ -76,6 +76,8 @@ pub struct ZeroOptimizer {
     pub(super) stage3: Option<super::stage3::Stage3>,
     /// Stage 3 with NVMe offload: the swapped buffers (the matching fields above stay empty).
     pub(super) swap: Option<super::offload::Swapped>,
+    /// The buffers as tensors on the parameters' device (a GPU); the host fields stay empty.
+    pub(super) device: Option<super::device::DeviceState>,
     /// Peak bytes of communication staging since last read.
     pub(super) peak_comm: std::sync::atomic::AtomicU64,
     tp: Option<ProcessGroup>,
@@ -209,6 +211,7 @@ impl ZeroOptimizer {
             dp,
             stage3,
             swap,
+            device: None,
             peak_comm: std::sync::atomic::AtomicU64::new(0),
             tp,
             pp: None,
@@ -227,8 +230,30 @@ impl ZeroOptimizer {
         self.pp = Some(pp).filter(|g| g.size() > 1);
     }
 
+    /// Sums parameter `i`'s reduced gradient over `group` (stages 0 and 1, which keep every
+    /// gradient): weights tied across pipeline stages.
+    pub fn all_reduce_param_grad(&mut self, i: usize, group: &ProcessGroup) -> Result<()> {
+        if self.device.is_some() {
+            return self.device_all_reduce_param_grad(i, group);
+        }
+        let g = self.param_grad_mut(i)?;
+        group.comm.all_reduce(&group.group, g, ReduceOp::Sum)
+    }
+
+    /// This rank's update segments in bucket `b`: (piece offset, length, decays, counts in norm).
+    pub(super) fn segments_of(&self, b: usize) -> Vec<(usize, usize, bool, bool)> {
+        self.segments
+            .iter()
+            .filter(|s| s.bucket == b)
+            .map(|s| (s.piece_offset, s.len, s.decay, s.counts_in_norm))
+            .collect()
+    }
+
     /// The reduced gradient of parameter `i` (stages 0 and 1, which keep every gradient).
     pub fn param_grad_mut(&mut self, i: usize) -> Result<&mut [f32]> {
+        if self.device.is_some() {
+            bail!("the gradients are in device memory (use all_reduce_param_grad)")
+        }
         if self.stage >= 2 {
             bail!("ZeRO-2 keeps only this rank's gradient partition")
         }
@@ -269,6 +294,9 @@ impl ZeroOptimizer {
                 fp.numel
             )
         }
+        if self.device.is_some() {
+            return self.device_accumulate(i, grad);
+        }
         let b = &self.layout.buckets[fp.bucket];
         if self.stage >= 2 && !self.staging.contains_key(&fp.bucket) {
             let staged: usize = self.staging.values().map(|v| v.len()).sum();
@@ -306,6 +334,9 @@ impl ZeroOptimizer {
     /// [`Self::reduce_bucket`] for several buckets completed together (a layer's parameters at
     /// ZeRO-3): one reduce-scatter over the ranks' pieces of all of them.
     pub fn reduce_buckets(&mut self, bs: &[usize], last: bool) -> Result<()> {
+        if self.device.is_some() {
+            return self.device_reduce(bs, last);
+        }
         if self.stage < 2 {
             if let (true, Some(dp)) = (last, &self.dp) {
                 for &b in bs {
@@ -376,11 +407,15 @@ impl ZeroOptimizer {
 
     /// Global L2 norm of the summed gradients times `scale`: tensor-parallel replicas count once,
     /// partitions are summed over the data-parallel group. Infinite or NaN on overflow.
-    pub fn grad_norm(&self, scale: f64) -> Result<f64> {
+    pub fn grad_norm(&mut self, scale: f64) -> Result<f64> {
         let mut sq = 0f64;
+        if self.device.is_some() {
+            sq = self.device_grad_norm_sq()?;
+        }
         let swapped = self.swap.as_ref().and_then(|s| s.grads.as_ref());
         let mut tmp = Vec::new();
-        for s in self.segments.iter().filter(|s| s.counts_in_norm) {
+        let host = self.device.is_none();
+        for s in self.segments.iter().filter(|s| s.counts_in_norm && host) {
             let g = match swapped {
                 Some(sw) => {
                     let at = self.layout.buckets[s.bucket].part_offset + s.piece_offset;
@@ -410,6 +445,9 @@ impl ZeroOptimizer {
         self.step += 1;
         if self.swap.is_some() {
             return self.step_swapped(lr, grad_scale);
+        }
+        if self.device.is_some() {
+            return self.device_step(lr, grad_scale);
         }
         let c = self.config;
         for b in 0..self.layout.buckets.len() {
@@ -522,6 +560,16 @@ impl ZeroOptimizer {
                     b.read_range(at..at + r.len, &mut v)?;
                     Ok(Cow::Owned(v))
                 };
+                if self.device.is_some() {
+                    let (m, v, master) = self.device_run_state(r.bucket, r.piece_offset, r.len)?;
+                    return Ok(OptimizerRun {
+                        param: &self.params[r.param],
+                        offset: r.param_offset,
+                        exp_avg: Cow::Owned(m),
+                        exp_avg_sq: Cow::Owned(v),
+                        master: master.map(Cow::Owned),
+                    });
+                }
                 let (exp_avg, exp_avg_sq) = match &self.swap {
                     Some(s) => (read(&s.m)?, read(&s.v)?),
                     None => (
@@ -556,6 +604,12 @@ impl ZeroOptimizer {
         step: u64,
         mut state: impl FnMut(&Param) -> Result<Option<AdamState>>,
     ) -> Result<()> {
+        if self.device.is_some() {
+            // Through host memory (a checkpoint is read there anyway), then back.
+            self.device_download()?;
+            self.load_state(step, state)?;
+            return self.use_device_states();
+        }
         let mut cache: HashMap<usize, Option<AdamState>> = HashMap::new();
         for r in &self.layout.runs {
             let p = &self.params[r.param];
@@ -612,6 +666,7 @@ impl ZeroOptimizer {
 
     /// Clears the gradient buffers for the next accumulation.
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.device_zero_grad();
         self.grads.iter_mut().for_each(|g| *g = 0.0);
         self.staging.clear();
         if let Some(g) = self.swap.as_ref().and_then(|s| s.grads.as_ref()) {
@@ -625,6 +680,9 @@ impl ZeroOptimizer {
     pub fn state_bytes(&self) -> StateBytes {
         if self.stage3.is_some() {
             return super::stage3::state_bytes(self);
+        }
+        if let Some(b) = self.device_state_bytes() {
+            return b;
         }
         let parameters = self
             .params
@@ -660,7 +718,9 @@ impl ZeroOptimizer {
             .first()
             .map_or(4, |p| p.tensor().dtype().size_in_bytes()) as f64;
         let n = self.dp.as_ref().map_or(1, |g| g.size()) as f64;
-        let k = if self.master.is_some() { 12.0 } else { 8.0 };
+        let has_master =
+            self.master.is_some() || self.device.as_ref().is_some_and(|d| d.master.is_some());
+        let k = if has_master { 12.0 } else { 8.0 };
         let g_div = if self.stage >= 2 { n } else { 1.0 };
         let k_div = if self.stage >= 1 { n } else { 1.0 };
         StateBytes {
