@@ -9,3 +9,5 @@ bash scripts/fetch-test-assets.sh
 # Open MPI refuses root unless told; CI containers run as root.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cargo test --workspace --all-targets --features deepscale/mpi
+# No GPU here: the CUDA/NCCL code is compile-checked (tests/gpu.rs runs where GPUs are).
+bash scripts/check-gpu.sh

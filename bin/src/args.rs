@@ -38,10 +38,27 @@ pub struct LayoutArgs {
     /// Seconds any collective may wait for its peers before failing (default: $DEEPSCALE_COMM_TIMEOUT or 300).
     #[arg(long)]
     pub comm_timeout: Option<f64>,
+    /// Where tensors live: cpu, or cuda (one GPU per rank, the local rank's; a build with
+    /// `--features nccl` (or `cuda` for one rank)). Ranks on GPUs talk over NCCL.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
+    /// NCCL bootstrap for processes started by a launcher other than mpirun (RANK and WORLD_SIZE
+    /// in the environment, as torchrun sets them): a path every rank can read, where rank 0 writes
+    /// the NCCL id.
+    #[arg(long)]
+    pub comm_file: Option<PathBuf>,
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
 }
 
 /// A validated layout.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Layout {
     pub world_size: usize,
     pub tp: usize,
@@ -49,6 +66,35 @@ pub struct Layout {
     pub dp: usize,
     /// Deadline of every collective.
     pub timeout: std::time::Duration,
+    pub device: DeviceKind,
+    /// This process is one rank of a `--comm-file` (NCCL) world: (rank, the file).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub comm_file: Option<(usize, PathBuf)>,
+}
+
+impl Layout {
+    /// A CPU layout of in-process ranks (benchmarks, tools).
+    pub fn in_process(world_size: usize, tp: usize, pp: usize) -> Self {
+        Self {
+            world_size,
+            tp,
+            pp,
+            dp: world_size / (tp * pp).max(1),
+            timeout: candle_deepscale::comm::default_timeout(),
+            device: DeviceKind::Cpu,
+            comm_file: None,
+        }
+    }
+}
+
+fn env_usize(name: &str) -> Result<Option<usize>> {
+    match std::env::var(name) {
+        Ok(v) => match v.parse() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => bail!("environment variable {name}={v} is not a number"),
+        },
+        Err(_) => Ok(None),
+    }
 }
 
 impl LayoutArgs {
@@ -65,6 +111,28 @@ impl LayoutArgs {
             }
             w = n;
         }
+        let comm_file = match &self.comm_file {
+            None => None,
+            Some(path) => {
+                if self.device != DeviceKind::Cuda {
+                    bail!("--comm-file bootstraps NCCL: it needs --device cuda")
+                }
+                let (Some(rank), Some(n)) = (env_usize("RANK")?, env_usize("WORLD_SIZE")?) else {
+                    bail!(
+                        "--comm-file {}: each process needs RANK and WORLD_SIZE in its environment",
+                        path.display()
+                    )
+                };
+                if w != 1 && w != n {
+                    bail!("--world-size {w} disagrees with WORLD_SIZE={n}")
+                }
+                if rank >= n {
+                    bail!("RANK={rank} is not below WORLD_SIZE={n}")
+                }
+                w = n;
+                Some((rank, path.clone()))
+            }
+        };
         if w == 0 || tp == 0 || pp == 0 {
             bail!("--world-size, --model-parallel-size and --pipe-parallel-size must be positive")
         }
@@ -82,6 +150,8 @@ impl LayoutArgs {
             pp,
             dp: w / (tp * pp),
             timeout,
+            device: self.device,
+            comm_file,
         })
     }
 }

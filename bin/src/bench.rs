@@ -152,11 +152,8 @@ fn comm(a: CommArgs) -> Result<()> {
         bail!("bench comm needs at least 2 ranks")
     }
     let layout = Layout {
-        world_size: world,
-        tp: 1,
-        pp: 1,
-        dp: world,
         timeout: candle_deepscale::comm::default_timeout(),
+        ..crate::args::Layout::in_process(world, 1, 1)
     };
     let sizes = a.sizes_mib.clone();
     let iters = a.iters.max(1);
@@ -249,13 +246,7 @@ fn tp(a: TpArgs) -> Result<()> {
     let mut results: Vec<Value> = Vec::new();
     let mut base = None;
     for &tp in &a.tp {
-        let layout = Layout {
-            world_size: tp,
-            tp,
-            pp: 1,
-            dp: 1,
-            timeout: candle_deepscale::comm::default_timeout(),
-        };
+        let layout = Layout::in_process(tp, tp, 1);
         let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
         let cfg = cfg.clone();
         let Some(ms) = launch(&layout, |ctx| {
@@ -532,11 +523,8 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
         ..gpt2::Config::new(8, 128, 4, 1000)
     };
     let layout = Layout {
-        world_size: stages,
-        tp: 1,
-        pp: stages,
-        dp: 1,
         timeout: candle_deepscale::comm::default_timeout(),
+        ..crate::args::Layout::in_process(stages, 1, stages)
     };
     let (b, s) = (2usize, 64usize);
     let res = launch(&layout, |ctx| {
@@ -656,11 +644,8 @@ fn offload(a: OffloadArgs) -> Result<()> {
     let (disk_write, disk_read, disk_direct) =
         candle_deepscale::zero::swap_tensor::sequential_bandwidth(&a.nvme_path, 256 << 20)?;
     let layout = Layout {
-        world_size: n,
-        tp: 1,
-        pp: 1,
-        dp: n,
         timeout: std::time::Duration::from_secs(600),
+        ..crate::args::Layout::in_process(n, 1, 1)
     };
     let mut rows = Vec::new();
     for nvme in [false, true] {

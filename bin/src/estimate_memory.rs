@@ -172,11 +172,8 @@ pub fn run(a: EstimateMemoryArgs) -> Result<()> {
         print_json(
             v,
             &crate::args::Layout {
-                world_size: n as usize,
-                tp: 1,
-                pp: 1,
-                dp: n as usize,
                 timeout: std::time::Duration::from_secs(1),
+                ..crate::args::Layout::in_process(n as usize, 1, 1)
             },
         );
     }

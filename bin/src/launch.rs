@@ -1,5 +1,6 @@
-//! Starting the ranks of a layout: in-process threads (`--world-size N`) or a single rank.
-use crate::args::Layout;
+//! Starting the ranks of a layout: in-process threads (`--world-size N`), processes under mpirun,
+//! or a single rank; on the CPU or one GPU per rank (`--device cuda`, ranks over NCCL).
+use crate::args::{DeviceKind, Layout};
 use anyhow::{anyhow, Result};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
 use candle_deepscale::tensor_parallel::TensorParallel;
@@ -11,6 +12,8 @@ pub struct RankCtx {
     pub rank: usize,
     pub topo: Topology,
     pub comm: Option<Arc<dyn Communicator>>,
+    /// Where this rank's tensors live.
+    pub device: candle_core::Device,
 }
 
 impl RankCtx {
@@ -85,6 +88,7 @@ fn launch_mpi<T>(
         rank,
         topo,
         comm: Some(dyn_comm),
+        device: candle_core::Device::Cpu,
     }) {
         Ok(v) => Ok((rank == 0).then_some(v)),
         // Open MPI cannot recover a communicator once a member leaves mid-collective.
@@ -101,6 +105,9 @@ pub fn launch<T: Send>(
     f: impl Fn(RankCtx) -> Result<T> + Send + Sync,
 ) -> Result<Option<T>> {
     let topo = Topology::new(layout.pp, layout.dp, layout.tp)?;
+    if layout.device == DeviceKind::Cuda {
+        return gpu::launch(layout, topo, f);
+    }
     if mpi_world_size().is_some() {
         #[cfg(feature = "mpi")]
         return launch_mpi(topo, layout.timeout, f);
@@ -116,6 +123,7 @@ pub fn launch<T: Send>(
             rank: 0,
             topo,
             comm: None,
+            device: candle_core::Device::Cpu,
         })
         .map(Some);
     }
@@ -126,9 +134,15 @@ pub fn launch<T: Send>(
             rank,
             topo,
             comm: Some(comm),
+            device: candle_core::Device::Cpu,
         })
         .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e:#}")))
     });
+    root_result(results)
+}
+
+/// Rank 0's result of in-process ranks, or the root cause among their errors.
+fn root_result<T>(results: Vec<candle_core::Result<T>>) -> Result<Option<T>> {
     let mut errors = Vec::new();
     let mut root = None;
     for (r, res) in results.into_iter().enumerate() {
@@ -147,4 +161,157 @@ pub fn launch<T: Send>(
     }
     root.map(Some)
         .ok_or_else(|| anyhow!("rank 0 produced no result"))
+}
+
+/// `--device cuda`: one GPU per rank (local rank -> device ordinal), NCCL between ranks.
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use super::*;
+    pub fn launch<T: Send>(
+        _: &Layout,
+        _: Topology,
+        _: impl Fn(RankCtx) -> Result<T> + Send + Sync,
+    ) -> Result<Option<T>> {
+        anyhow::bail!(
+            "--device cuda: this deepscale was built without the `cuda` feature \
+             (cargo build --release --features nccl)"
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use candle_core::Device;
+
+    fn device(ordinal: usize) -> Result<Device> {
+        Device::new_cuda(ordinal).map_err(|e| anyhow!("CUDA device {ordinal}: {e}"))
+    }
+
+    /// The GPU of a process that is one rank among several (local rank modulo the GPUs).
+    #[cfg(feature = "nccl")]
+    fn rank_device(rank: usize) -> Result<Device> {
+        device(candle_deepscale::comm::nccl::local_device_ordinal(rank)?)
+    }
+
+    pub fn launch<T: Send>(
+        layout: &Layout,
+        topo: Topology,
+        f: impl Fn(RankCtx) -> Result<T> + Send + Sync,
+    ) -> Result<Option<T>> {
+        if layout.world_size == 1 {
+            let ordinal = std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return f(RankCtx {
+                rank: 0,
+                topo,
+                comm: None,
+                device: device(ordinal)?,
+            })
+            .map(Some);
+        }
+        several(layout, topo, f)
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn several<T: Send>(
+        layout: &Layout,
+        _: Topology,
+        _: impl Fn(RankCtx) -> Result<T> + Send + Sync,
+    ) -> Result<Option<T>> {
+        anyhow::bail!(
+            "{} GPU ranks talk over NCCL: build with `--features nccl`",
+            layout.world_size
+        )
+    }
+
+    #[cfg(feature = "nccl")]
+    fn several<T: Send>(
+        layout: &Layout,
+        topo: Topology,
+        f: impl Fn(RankCtx) -> Result<T> + Send + Sync,
+    ) -> Result<Option<T>> {
+        use candle_deepscale::comm::nccl::NcclComm;
+        let one = |rank: usize, comm: NcclComm, device: Device| -> Result<Option<T>> {
+            let comm: Arc<dyn Communicator> = Arc::new(comm);
+            let v = f(RankCtx {
+                rank,
+                topo,
+                comm: Some(comm),
+                device,
+            })?;
+            Ok((rank == 0).then_some(v))
+        };
+        if let Some((rank, path)) = &layout.comm_file {
+            let device = rank_device(*rank)?;
+            let comm = NcclComm::from_file(&device, *rank, layout.world_size, path, layout.timeout)?;
+            return one(*rank, comm, device);
+        }
+        if mpi_world_size().is_some() {
+            #[cfg(feature = "mpi")]
+            {
+                use candle_deepscale::comm::mpi::MpiComm;
+                // MPI carries the NCCL id and stays initialised for the run.
+                let mpi = MpiComm::init(layout.timeout)?;
+                let rank = mpi.rank();
+                if mpi.world_size() != topo.world_size() {
+                    mpi.abort(&format!(
+                        "mpirun started {} processes but the layout needs {}",
+                        mpi.world_size(),
+                        topo.world_size()
+                    ))
+                }
+                let device = rank_device(rank)?;
+                let comm = NcclComm::from_mpi(&mpi, &device, layout.timeout)?;
+                return match one(rank, comm, device) {
+                    Err(e) => mpi.abort(&format!("{e:#}")),
+                    ok => ok,
+                };
+            }
+            #[cfg(not(feature = "mpi"))]
+            anyhow::bail!(
+                "started by mpirun: the NCCL id travels over MPI, build with `--features nccl,mpi` \
+                 (or bootstrap with --comm-file)"
+            )
+        }
+        // Several GPUs driven by one process: a thread per rank.
+        let n = layout.world_size;
+        let count = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map_err(|e| anyhow!("counting CUDA devices: {e:?}"))? as usize;
+        if count < n {
+            anyhow::bail!(
+                "--world-size {n} in one process needs {n} GPUs, {count} visible \
+                 (start one process per GPU with mpirun or --comm-file to share them)"
+            )
+        }
+        let devices = (0..n).map(device).collect::<Result<Vec<_>>>()?;
+        let comms = NcclComm::in_process(&devices, layout.timeout)?;
+        let results: Vec<candle_core::Result<Option<T>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .zip(devices)
+                .enumerate()
+                .map(|(rank, (comm, device))| {
+                    let one = &one;
+                    s.spawn(move || {
+                        one(rank, comm, device).map_err(|e| {
+                            candle_core::Error::Msg(format!("rank {rank}: {e:#}"))
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(r, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(candle_core::Error::Msg(format!("rank {r} panicked")))
+                    })
+                })
+                .collect()
+        });
+        Ok(root_result(results)?.flatten())
+    }
 }

@@ -158,7 +158,7 @@ impl RankGpt2 {
         })
     }
 
-    /// [`RankGpt2::load`] on the CPU for the rank `ctx`.
+    /// [`RankGpt2::load`] on the device of the rank `ctx`.
     pub fn for_rank(
         dir: &Path,
         ctx: &crate::launch::RankCtx,
@@ -166,7 +166,7 @@ impl RankGpt2 {
     ) -> Result<Self> {
         Self::load(
             dir,
-            &Device::Cpu,
+            &ctx.device,
             ctx.tp()?,
             ctx.pipe()?,
             method,

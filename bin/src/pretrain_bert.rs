@@ -300,7 +300,7 @@ fn train_rank(
     ctx: &RankCtx,
 ) -> Result<(Option<f64>, f64, Option<f64>, u64)> {
     let t = &a.train;
-    let device = Device::Cpu;
+    let device = ctx.device.clone();
     let root = ctx.is_root();
     let (tp, dp) = (ctx.tp()?, ctx.dp()?);
     let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
@@ -370,7 +370,11 @@ fn train_rank(
             sh.cfg.vocab_size,
             a.seq_length,
         ),
-        gemm_peak: sh.gemm_peak,
+        gemm_peak: if device.is_cpu() {
+            sh.gemm_peak
+        } else {
+            gemm_peak(&device)?
+        },
         metrics_file: t.metrics_file.as_deref(),
         root,
         base: json!({"world_size": ctx.topo.world_size(), "tp": ctx.topo.tp, "pp": ctx.topo.pp, "dp": dp_size,

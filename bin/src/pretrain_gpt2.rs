@@ -310,7 +310,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
 }
 
 fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summary> {
-    let device = Device::Cpu;
+    let device = ctx.device.clone();
     let root = ctx.is_root();
     let tp = ctx.tp()?;
     let dp = ctx.dp()?;
@@ -409,7 +409,12 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
         (Some(p), true) => Some(MetricsWriter::create(p)?),
         _ => None,
     };
-    let peak = sh.gemm_peak;
+    // MFU against the GEMM peak of the device the rank trains on.
+    let peak = if device.is_cpu() {
+        sh.gemm_peak
+    } else {
+        gemm_peak(&device)?
+    };
     let fpt = crate::training::flops_per_token(
         cfg.num_layers,
         cfg.hidden_size,

@@ -39,24 +39,10 @@ pub fn vocab_parallel_token_losses(
     let max = tp.comm.all_reduce_tensor(&tp.group, &max, ReduceOp::Max)?;
     let shifted = logits.broadcast_sub(&max)?;
     let sum_exp = reduce_from_tp(&shifted.exp()?.sum_keepdim(D::Minus1)?, Some(tp))?;
-    let labels = labels
-        .flatten_all()?
-        .to_dtype(DType::U32)?
-        .to_vec1::<u32>()?;
-    let (idx, mask): (Vec<u32>, Vec<u8>) = labels
-        .iter()
-        .map(|&l| {
-            let l = l as usize;
-            if l >= start && l < start + local {
-                ((l - start) as u32, 1)
-            } else {
-                (0, 0)
-            }
-        })
-        .unzip();
-    let n = idx.len();
-    let idx = Tensor::from_vec(idx, (n, 1), &dev)?;
-    let mask = Tensor::from_vec(mask, (n, 1), &dev)?;
+    let n = labels.elem_count();
+    let (idx, mask) =
+        super::layers::local_rows(&labels.flatten_all()?, start as u32, local as u32)?;
+    let (idx, mask) = (idx.reshape((n, 1))?, mask.reshape((n, 1))?);
     // Select, not multiply: a shard of pure padding holds -inf, and -inf * 0 is NaN.
     let picked = shifted.gather(&idx, 1)?;
     let target = mask.where_cond(&picked, &picked.zeros_like()?)?;

@@ -137,22 +137,10 @@ impl VocabParallelEmbedding {
         };
         let local = table.dim(0)?;
         let start = (tp.rank * local) as u32;
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        let (local_ids, mask): (Vec<u32>, Vec<f32>) = flat
-            .iter()
-            .map(|&i| {
-                if i >= start && i < start + local as u32 {
-                    (i - start, 1.0)
-                } else {
-                    (0, 0.0)
-                }
-            })
-            .unzip();
-        let dev = ids.device();
-        let local_ids = Tensor::from_vec(local_ids, ids.shape(), dev)?;
-        let mut mshape = ids.dims().to_vec();
-        mshape.push(1);
-        let mask = Tensor::from_vec(mask, mshape, dev)?.to_dtype(table.dtype())?;
+        // Ids of this rank's rows, shifted to local rows (row 0, masked out, elsewhere); tensor
+        // ops so the ids stay on their device.
+        let (local_ids, inside) = local_rows(ids, start, local as u32)?;
+        let mask = inside.to_dtype(table.dtype())?.unsqueeze(candle_core::D::Minus1)?;
         let e = embedding(table, &local_ids)?.broadcast_mul(&mask)?;
         reduce_from_tp(&e, Some(tp))
     }
@@ -162,4 +150,16 @@ impl VocabParallelEmbedding {
         let (_, rank) = super::size_rank(self.tp.as_ref());
         rank * self.weight.tensor().dims()[0]
     }
+}
+
+/// For vocabulary rows `start..start + len` held by this rank: the ids as local rows (0 where
+/// outside) and a u8 mask of the ids inside.
+pub(crate) fn local_rows(ids: &Tensor, start: u32, len: u32) -> Result<(Tensor, Tensor)> {
+    let ids = ids.to_dtype(DType::U32)?;
+    let inside = ids.ge(start)?.mul(&ids.lt(start + len)?)?;
+    let floor = Tensor::new(start, ids.device())?.broadcast_as(ids.shape())?;
+    let local = inside
+        .where_cond(&ids, &floor)?
+        .broadcast_sub(&Tensor::new(start, ids.device())?)?;
+    Ok((local, inside))
 }

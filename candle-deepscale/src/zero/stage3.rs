@@ -66,6 +66,40 @@ impl candle_core::InplaceOp1 for Swap {
         }
         Ok(())
     }
+
+    /// On a GPU the gathered values are uploaded (ZeRO-3 keeps its pieces in host memory); a
+    /// released parameter keeps a one-element allocation.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let mut data = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("zero3-swap lock".into()))?
+            .take()
+            .unwrap_or_default();
+        if data.is_empty() {
+            data.push(0.0);
+        }
+        let dev = storage.device.clone();
+        let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+            candle_core::Error::Msg(format!("zero3-swap upload: {e:?}"))
+        };
+        let stream = dev.cuda_stream();
+        storage.slice = match &storage.slice {
+            S::F32(_) => S::F32(stream.clone_htod(&data).map_err(err)?),
+            S::F16(_) => {
+                let h: Vec<half::f16> = data.iter().map(|x| half::f16::from_f32(*x)).collect();
+                S::F16(stream.clone_htod(&h).map_err(err)?)
+            }
+            S::BF16(_) => {
+                let h: Vec<half::bf16> = data.iter().map(|x| half::bf16::from_f32(*x)).collect();
+                S::BF16(stream.clone_htod(&h).map_err(err)?)
+            }
+            _ => bail!("ZeRO-3 parameters are fp32, fp16 or bf16 tensors"),
+        };
+        Ok(())
+    }
 }
 
 fn set_storage(var: &Var, data: Vec<f32>) -> Result<()> {
@@ -84,6 +118,22 @@ pub fn resident_len(t: &candle_core::Tensor) -> usize {
         candle_core::Storage::Cpu(CpuStorage::F32(v)) => v.len(),
         candle_core::Storage::Cpu(CpuStorage::F16(v)) => v.len(),
         candle_core::Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
+        #[cfg(feature = "cuda")]
+        candle_core::Storage::Cuda(c) => {
+            use candle_core::cuda_backend::CudaStorageSlice as S;
+            let n = match &c.slice {
+                S::F32(v) => v.len(),
+                S::F16(v) => v.len(),
+                S::BF16(v) => v.len(),
+                _ => t.elem_count(),
+            };
+            // Released: the one-element placeholder.
+            if n < t.elem_count() {
+                0
+            } else {
+                t.elem_count()
+            }
+        }
         _ => t.elem_count(),
     }
 }
