@@ -119,7 +119,15 @@ fn train(
 }
 
 fn cpu_reference() -> Run {
-    train(&Device::Cpu, None, 1, 1, config(0, GLOBAL_BATCH), DType::F32).unwrap()
+    train(
+        &Device::Cpu,
+        None,
+        1,
+        1,
+        config(0, GLOBAL_BATCH),
+        DType::F32,
+    )
+    .unwrap()
 }
 
 /// GPU arithmetic differs from the CPU's in summation order (cuBLAS, NCCL rings): 1e-4 relative.
@@ -140,7 +148,13 @@ fn assert_close(run: &Run, reference: &Run, what: &str) {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let scale = r.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = r
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(
             diff <= 1e-3 * scale.max(1e-3),
             "{what}: {name} differs by {diff}"
@@ -185,12 +199,16 @@ fn nccl_collectives_on_device_and_host_buffers() {
         let r = c.rank() as f32;
         let g = [0usize, 1];
         let t = Tensor::new(&[r + 1.0, 2.0 * r, 3.0], d)?;
-        let sum = c.all_reduce_tensor(&g, &t, ReduceOp::Sum)?.to_vec1::<f32>()?;
+        let sum = c
+            .all_reduce_tensor(&g, &t, ReduceOp::Sum)?
+            .to_vec1::<f32>()?;
         assert_eq!(sum, [3.0, 2.0, 6.0]);
         let all = c.all_gather_tensor(&g, &t)?.to_vec2::<f32>()?;
         assert_eq!(all, [[1.0, 0.0, 3.0], [2.0, 2.0, 3.0]]);
         let wide = Tensor::new(&[r, 1.0, 2.0, r], d)?;
-        let mine = c.reduce_scatter_tensor(&g, &wide, ReduceOp::Sum)?.to_vec1::<f32>()?;
+        let mine = c
+            .reduce_scatter_tensor(&g, &wide, ReduceOp::Sum)?
+            .to_vec1::<f32>()?;
         assert_eq!(mine, if r == 0.0 { [1.0, 2.0] } else { [4.0, 1.0] });
         let b = c.broadcast_tensor(&g, &t, 1)?.to_vec1::<f32>()?;
         assert_eq!(b, [2.0, 2.0, 3.0]);
@@ -216,9 +234,15 @@ fn two_gpus_data_and_tensor_parallel_equal_the_cpu_run() {
     let Some(devs) = gpus(2) else { return };
     let reference = cpu_reference();
     for stage in [0u8, 1, 2] {
-        let runs = on_ranks(&devs, |d, c| train(d, Some(c), 1, 2, config(stage, 2), DType::F32));
+        let runs = on_ranks(&devs, |d, c| {
+            train(d, Some(c), 1, 2, config(stage, 2), DType::F32)
+        });
         for (r, run) in runs.iter().enumerate() {
-            assert_close(run, &reference, &format!("2 GPUs dp=2 ZeRO-{stage} rank {r}"));
+            assert_close(
+                run,
+                &reference,
+                &format!("2 GPUs dp=2 ZeRO-{stage} rank {r}"),
+            );
         }
     }
     let runs = on_ranks(&devs, |d, c| {
@@ -302,21 +326,51 @@ fn pretrain_gpt2_layouts_on_gpus_equal_the_cpu_run() {
         ("gpu1", &["--device", "cuda", "--batch-size", "4"][..]),
         (
             "dp2",
-            &["--device", "cuda", "--world-size", "2", "--batch-size", "2", "--zero-stage", "2"],
+            &[
+                "--device",
+                "cuda",
+                "--world-size",
+                "2",
+                "--batch-size",
+                "2",
+                "--zero-stage",
+                "2",
+            ],
         ),
         (
             "tp2",
-            &["--device", "cuda", "--world-size", "2", "--batch-size", "4", "--model-parallel-size", "2"],
+            &[
+                "--device",
+                "cuda",
+                "--world-size",
+                "2",
+                "--batch-size",
+                "4",
+                "--model-parallel-size",
+                "2",
+            ],
         ),
         (
             "pp2",
-            &["--device", "cuda", "--world-size", "2", "--batch-size", "4", "--pipe-parallel-size", "2"],
+            &[
+                "--device",
+                "cuda",
+                "--world-size",
+                "2",
+                "--batch-size",
+                "4",
+                "--pipe-parallel-size",
+                "2",
+            ],
         ),
     ] {
         let got = run(name, extra);
         assert_eq!(got.len(), reference.len(), "{name}");
         for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
-            assert!((a - b).abs() <= 1e-3 * b.abs(), "{name} iteration {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs(),
+                "{name} iteration {i}: {a} vs {b}"
+            );
         }
     }
 }

@@ -34,7 +34,7 @@ struct Run {
     params: BTreeMap<String, Tensor>,
 }
 
-fn train(pp: usize, dp: usize, tp: usize, zero: u8) -> Vec<Run> {
+fn train(pp: usize, dp: usize, tp: usize, zero: u8, device_states: bool) -> Vec<Run> {
     let gas = GLOBAL / dp; // micro-batch 1 per pipeline micro-step
     let micro = if pp == 1 && dp == 1 { GLOBAL } else { 1 };
     let gas = if micro == GLOBAL { 1 } else { gas };
@@ -64,6 +64,7 @@ fn train(pp: usize, dp: usize, tp: usize, zero: u8) -> Vec<Run> {
             reduce_bucket_size: 6000,
             lr_schedule: LrSchedule::Constant(2e-3),
             gradient_clipping: 1.0,
+            device_states: Some(device_states),
             ..Default::default()
         };
         let tied =
@@ -101,8 +102,12 @@ fn train(pp: usize, dp: usize, tp: usize, zero: u8) -> Vec<Run> {
 }
 
 fn check(pp: usize, dp: usize, tp: usize, zero: u8, reference: &Run) {
-    let runs = train(pp, dp, tp, zero);
-    let what = format!("pp={pp} dp={dp} tp={tp} ZeRO-{zero}");
+    check_with(pp, dp, tp, zero, false, reference)
+}
+
+fn check_with(pp: usize, dp: usize, tp: usize, zero: u8, device: bool, reference: &Run) {
+    let runs = train(pp, dp, tp, zero, device);
+    let what = format!("pp={pp} dp={dp} tp={tp} ZeRO-{zero} device states {device}");
     let mut merged: BTreeMap<String, Tensor> = BTreeMap::new();
     for (rank, r) in runs.iter().enumerate() {
         for s in 0..STEPS {
@@ -134,12 +139,21 @@ fn check(pp: usize, dp: usize, tp: usize, zero: u8, reference: &Run) {
 
 #[test]
 fn pipelines_equal_one_rank() {
-    let reference = train(1, 1, 1, 0).remove(0);
+    let reference = train(1, 1, 1, 0, false).remove(0);
     assert!(reference.losses[STEPS - 1] < reference.losses[0]);
     check(2, 1, 1, 0, &reference);
     check(4, 1, 1, 1, &reference);
     check(2, 1, 2, 0, &reference);
     check(2, 2, 2, 1, &reference);
+}
+
+/// The GPU's code path (ZeRO buffers as device tensors, tied gradients summed as tensors), run
+/// on CPU tensors: pp=2 and pp=2 x tp=2 x dp=2 with ZeRO-1 equal one rank.
+#[test]
+fn pipelines_with_device_resident_states_equal_one_rank() {
+    let reference = train(1, 1, 1, 0, false).remove(0);
+    check_with(2, 1, 1, 0, true, &reference);
+    check_with(2, 2, 2, 1, true, &reference);
 }
 
 #[test]

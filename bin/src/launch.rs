@@ -246,7 +246,8 @@ mod gpu {
         };
         if let Some((rank, path)) = &layout.comm_file {
             let device = rank_device(*rank)?;
-            let comm = NcclComm::from_file(&device, *rank, layout.world_size, path, layout.timeout)?;
+            let comm =
+                NcclComm::from_file(&device, *rank, layout.world_size, path, layout.timeout)?;
             return one(*rank, comm, device);
         }
         if mpi_world_size().is_some() {
@@ -296,9 +297,8 @@ mod gpu {
                 .map(|(rank, (comm, device))| {
                     let one = &one;
                     s.spawn(move || {
-                        one(rank, comm, device).map_err(|e| {
-                            candle_core::Error::Msg(format!("rank {rank}: {e:#}"))
-                        })
+                        one(rank, comm, device)
+                            .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e:#}")))
                     })
                 })
                 .collect();

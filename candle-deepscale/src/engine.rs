@@ -795,7 +795,7 @@ impl<'m> Engine<'m> {
         let last = pipe.stages.rank + 1 == stages;
         // The tied weight's copy on the last stage does not count twice in the norm.
         self.zero
-            .set_pipeline(pipe.stages.clone(), |p| last && p.meta.tie_group.is_some());
+            .set_pipeline(pipe.stages.clone(), |p| last && p.meta.tie_group.is_some())?;
         self.pipe = Some(pipe);
         Ok(self)
     }

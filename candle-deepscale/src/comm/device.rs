@@ -5,16 +5,16 @@ use super::{CudaCollectives, ReduceOp};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{bail, CpuStorage, CudaStorage, DType, Device, InplaceOp1, InplaceOp2, Layout};
 use candle_core::{Result, Tensor};
-use std::borrow::Cow;
 
-/// `s` as a whole storage holding exactly `l`'s elements in order (a copy when it is a view).
-fn whole<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Cow<'a, CudaStorage>> {
+/// A whole storage holding exactly `l`'s elements of `s` in order: None when `s` already is one,
+/// else a copy.
+fn whole(s: &CudaStorage, l: &Layout) -> Result<Option<CudaStorage>> {
     if l.is_contiguous() && l.start_offset() == 0 && storage_len(s)? == l.shape().elem_count() {
-        return Ok(Cow::Borrowed(s));
+        return Ok(None);
     }
     let mut dst = s.device().zeros_impl(l.shape(), s.dtype())?;
     s.copy_strided_src(&mut dst, 0, l)?;
-    Ok(Cow::Owned(dst))
+    Ok(Some(dst))
 }
 
 fn storage_len(s: &CudaStorage) -> Result<usize> {
@@ -67,8 +67,8 @@ impl InplaceOp2 for Collective<'_> {
         sl: &Layout,
     ) -> Result<()> {
         check_dst(dst, dl, self.name)?;
-        let src = whole(src, sl)?;
-        (self.run)(dst, &src)
+        let copy = whole(src, sl)?;
+        (self.run)(dst, copy.as_ref().unwrap_or(src))
     }
 }
 

@@ -18,6 +18,7 @@ use super::{
     check_all_gather, check_reduce_scatter, group_index, Communicator, CudaCollectives, ElemKind,
     ReduceOp,
 };
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{bail, CudaStorage, Device, Error, Result};

@@ -140,7 +140,9 @@ impl VocabParallelEmbedding {
         // Ids of this rank's rows, shifted to local rows (row 0, masked out, elsewhere); tensor
         // ops so the ids stay on their device.
         let (local_ids, inside) = local_rows(ids, start, local as u32)?;
-        let mask = inside.to_dtype(table.dtype())?.unsqueeze(candle_core::D::Minus1)?;
+        let mask = inside
+            .to_dtype(table.dtype())?
+            .unsqueeze(candle_core::D::Minus1)?;
         let e = embedding(table, &local_ids)?.broadcast_mul(&mask)?;
         reduce_from_tp(&e, Some(tp))
     }

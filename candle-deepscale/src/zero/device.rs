@@ -12,6 +12,9 @@ use crate::comm::{ProcessGroup, ReduceOp};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use std::collections::HashMap;
 
+/// Adam's m and v, and the fp32 master values, of one run (host copies).
+pub(super) type RunState = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
 pub(super) struct DeviceState {
     device: Device,
     /// Local gradients of the running accumulation, per bucket and parameter (flattened f32).
@@ -61,14 +64,9 @@ impl ZeroOptimizer {
             if let (Some(m), Some(host)) = (master.as_mut(), self.master.as_ref()) {
                 m.push(upload(host, b)?);
             }
-            let piece = self.layout.buckets[b].piece;
-            let (mut d, mut n) = (vec![0f32; piece], vec![0f32; piece]);
-            for s in self.segments_of(b) {
-                d[s.0..s.0 + s.1].fill(if s.2 { 1.0 } else { 0.0 });
-                n[s.0..s.0 + s.1].fill(if s.3 { 1.0 } else { 0.0 });
-            }
-            decay.push(Tensor::from_vec(d, piece, &device)?);
-            norm.push(Tensor::from_vec(n, piece, &device)?);
+            let (d, n) = self.masks(b, &device)?;
+            decay.push(d);
+            norm.push(n);
         }
         self.grads = Vec::new();
         self.exp_avg = Vec::new();
@@ -84,6 +82,34 @@ impl ZeroOptimizer {
             decay,
             norm,
         });
+        Ok(())
+    }
+
+    /// Bucket `b`'s piece masks: where elements decay, where they count in the norm.
+    fn masks(&self, b: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let piece = self.layout.buckets[b].piece;
+        let (mut d, mut n) = (vec![0f32; piece], vec![0f32; piece]);
+        for s in self.segments_of(b) {
+            d[s.0..s.0 + s.1].fill(if s.2 { 1.0 } else { 0.0 });
+            n[s.0..s.0 + s.1].fill(if s.3 { 1.0 } else { 0.0 });
+        }
+        Ok((
+            Tensor::from_vec(d, piece, device)?,
+            Tensor::from_vec(n, piece, device)?,
+        ))
+    }
+
+    /// Rebuilds the masks after the segments changed (a pipeline's duplicate tied weight).
+    pub(super) fn refresh_device_masks(&mut self) -> Result<()> {
+        let Some(device) = self.device.as_ref().map(|d| d.device.clone()) else {
+            return Ok(());
+        };
+        for b in 0..self.layout.buckets.len() {
+            let (d, n) = self.masks(b, &device)?;
+            let st = self.device.as_mut().expect("device states");
+            st.decay[b] = d;
+            st.norm[b] = n;
+        }
         Ok(())
     }
 
@@ -383,7 +409,7 @@ impl ZeroOptimizer {
         b: usize,
         piece_offset: usize,
         len: usize,
-    ) -> Result<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)> {
+    ) -> Result<RunState> {
         let Some(d) = &self.device else {
             bail!("no device states")
         };

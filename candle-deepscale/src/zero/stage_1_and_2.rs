@@ -222,12 +222,17 @@ impl ZeroOptimizer {
 
     /// Pipeline stage: the gradient norm also sums over `pp` (the other stages), and parameters for
     /// which `duplicate(param)` holds (a tied weight's copy on the last stage) do not count.
-    pub fn set_pipeline(&mut self, pp: ProcessGroup, duplicate: impl Fn(&Param) -> bool) {
+    pub fn set_pipeline(
+        &mut self,
+        pp: ProcessGroup,
+        duplicate: impl Fn(&Param) -> bool,
+    ) -> Result<()> {
         let tp_rank = self.tp.as_ref().map_or(0, |g| g.rank);
         self.segments = build_segments(&self.layout, &self.params, |p| {
             (matches!(p.meta.partition, Partition::Split { .. }) || tp_rank == 0) && !duplicate(p)
         });
         self.pp = Some(pp).filter(|g| g.size() > 1);
+        self.refresh_device_masks()
     }
 
     /// Sums parameter `i`'s reduced gradient over `group` (stages 0 and 1, which keep every
