@@ -272,6 +272,17 @@ fn stage3(micro: usize, gas: usize) -> EngineConfig {
 #[test]
 fn zero_3_equals_one_rank() {
     let reference = one_rank();
+    zero_3_cases(&reference, false);
+}
+
+/// ZeRO-3 with its pieces, moments and gathers as device tensors (the GPU's path, on CPU
+/// tensors): the same cases equal one rank.
+#[test]
+fn zero_3_with_device_resident_states_equals_one_rank() {
+    zero_3_cases(&one_rank(), true);
+}
+
+fn zero_3_cases(reference: &RankRun, device: bool) {
     for (name, tp, dp, cfg, init) in [
         ("dp=2 ZeRO-3 (zero.Init)", 1, 2, stage3(2, 1), true),
         (
@@ -306,8 +317,13 @@ fn zero_3_equals_one_rank() {
         ),
     ] {
         let tight = cfg.stage3.max_live_parameters < 1_000_000;
+        let cfg = EngineConfig {
+            device_states: Some(device),
+            ..cfg
+        };
+        let name = &format!("{name}, device states {device}");
         let runs = train_with(tp, dp, cfg, STEPS, DType::F32, init);
-        assert_runs_match(&runs, &reference, name);
+        assert_runs_match(&runs, reference, name);
         let (resident, peak, gathered) = runs[0].stage3.unwrap();
         assert_eq!(resident, 0, "{name}: everything released after the step");
         // The tiny model's partitioned weights: about 127k elements (tp 1).

@@ -220,7 +220,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
             cfg.max_position_embeddings
         )
     }
-    let engine_fp16 = engine.fp16.is_some();
+    let dtype = crate::training::param_dtype(&engine, layout.device);
     let sh = Shared {
         train,
         valid,
@@ -230,7 +230,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         gas: batch.accumulation,
         global: gb,
         gemm_peak: gemm_peak(&Device::Cpu)?,
-        dtype: if engine_fp16 { DType::F16 } else { DType::F32 },
+        dtype,
         partition: a.layout.partition_method(ds.as_ref())?,
         tok,
         ckpt,

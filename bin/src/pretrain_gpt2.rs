@@ -180,17 +180,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     if a.train.ds.data_impl.is_some() {
         eprintln!("note: --data-impl: the data file's kind is read from what is on disk");
     }
-    let dtype = if engine_cfg.fp16.is_some() {
-        DType::F16
-    } else {
-        if engine_cfg.bf16 {
-            eprintln!(
-                "note: bf16: candle's CPU backend has no bf16 matmul, so the model computes in fp32 \
-                 (bf16 parameters need a GPU)"
-            );
-        }
-        DType::F32
-    };
+    let dtype = crate::training::param_dtype(&engine_cfg, layout.device);
     let assets = assets_dir();
     let vocab = a
         .vocab_file

@@ -114,6 +114,25 @@ pub fn gemm_peak(device: &Device) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best)
 }
 
+/// The parameters' dtype: fp16 with loss scaling; bf16 on a GPU (candle's CPU backend has no
+/// bf16 matmul, so there the model computes in fp32, with a note); else fp32.
+pub fn param_dtype(engine: &EngineConfig, device: crate::args::DeviceKind) -> candle_core::DType {
+    use candle_core::DType;
+    if engine.fp16.is_some() {
+        return DType::F16;
+    }
+    if engine.bf16 {
+        if device == crate::args::DeviceKind::Cuda {
+            return DType::BF16;
+        }
+        eprintln!(
+            "note: bf16: candle's CPU backend has no bf16 matmul, so the model computes in fp32 \
+             (bf16 parameters need a GPU: --device cuda)"
+        );
+    }
+    DType::F32
+}
+
 /// The engine settings from the flags and the DeepSpeed config (flags that disagree with the
 /// config are errors; the config's optimizer and scheduler win where it has them, as in
 /// Megatron + DeepSpeed).

@@ -471,8 +471,7 @@ pub struct EngineConfig {
     /// (ZeRO-Offload). On the CPU that is where they are anyway.
     pub offload_optimizer_cpu: bool,
     /// Keep ZeRO's buffers and AdamW as tensors on the parameters' device. None: when the
-    /// parameters are on a GPU (stages 0-2, no offload). Some(true) on the CPU runs the GPU's
-    /// code path.
+    /// parameters are on a GPU (no offload). Some(true) on the CPU runs the GPU's code path.
     pub device_states: Option<bool>,
 }
 
@@ -732,12 +731,9 @@ impl<'m> Engine<'m> {
             .params()
             .first()
             .is_some_and(|p| !p.tensor().device().is_cpu());
-        let device_states = config.device_states.unwrap_or(
-            on_gpu
-                && config.zero_stage <= 2
-                && !config.offload_optimizer_cpu
-                && config.stage3.offload.is_none(),
-        );
+        let device_states = config
+            .device_states
+            .unwrap_or(on_gpu && !config.offload_optimizer_cpu && config.stage3.offload.is_none());
         if device_states {
             zero.use_device_states()?;
         }

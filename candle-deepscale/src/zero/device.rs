@@ -38,11 +38,8 @@ impl ZeroOptimizer {
         if self.device.is_some() {
             return Ok(());
         }
-        if self.stage3.is_some() || self.swap.is_some() {
-            bail!(
-                "device-resident ZeRO states cover stages 0-2 without NVMe offload (stage {})",
-                self.stage
-            )
+        if self.swap.is_some() {
+            bail!("device-resident ZeRO states exclude NVMe offload (it swaps host buffers)")
         }
         let Some(device) = self.params.first().map(|p| p.tensor().device().clone()) else {
             return Ok(());
@@ -339,7 +336,50 @@ impl ZeroOptimizer {
             if let Some(mst) = d.master.as_mut() {
                 mst[b] = p.clone();
             }
-            self.device_write_bucket(b, &p)?;
+            // Stage 3 gathers parameters from the pieces around each use; its persistent
+            // (whole) ones take the update now.
+            let write = match &self.stage3 {
+                Some(s3) => self.layout.buckets[b]
+                    .params
+                    .iter()
+                    .any(|&i| s3.is_persistent(i)),
+                None => true,
+            };
+            if write {
+                self.device_write_bucket(b, &p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 3: all-gathers the pieces of parameters `todo` into their tensors, in device memory.
+    pub(super) fn device_gather(&self, todo: &[usize]) -> Result<()> {
+        let Some(d) = &self.device else {
+            bail!("no device states")
+        };
+        let Some(master) = &d.master else {
+            bail!("ZeRO-3 without a partition")
+        };
+        let buckets: Vec<usize> = todo.iter().map(|&p| self.layout.params[p].bucket).collect();
+        let send = Tensor::cat(&buckets.iter().map(|&b| &master[b]).collect::<Vec<_>>(), 0)?;
+        let parts = self.layout.parts;
+        self.note_comm(4 * send.elem_count() * (parts + 1));
+        // Row k: rank k's piece of every parameter in `todo`, in order.
+        let recv = match (&self.dp, parts > 1) {
+            (Some(dp), true) => dp.comm.all_gather_tensor(&dp.group, &send)?,
+            _ => send.unsqueeze(0)?,
+        };
+        let mut within = 0;
+        for (&p, &b) in todo.iter().zip(&buckets) {
+            let piece = self.layout.buckets[b].piece;
+            let var = &self.params[p].var;
+            let full = recv
+                .narrow(1, within, piece)?
+                .flatten_all()?
+                .narrow(0, 0, var.elem_count())?
+                .reshape(var.shape())?;
+            super::stage3::set_storage_tensor(var, &full)?;
+            within += piece;
         }
         Ok(())
     }
@@ -451,6 +491,23 @@ impl ZeroOptimizer {
     pub(super) fn device_state_bytes(&self) -> Option<StateBytes> {
         let d = self.device.as_ref()?;
         let bytes = |ts: &[Tensor]| ts.iter().map(|t| 4 * t.elem_count() as u64).sum::<u64>();
+        if self.stage3.is_some() {
+            // The fp32 pieces are the parameters; gathered tensors count while resident.
+            let resident: u64 = self
+                .params
+                .iter()
+                .map(|p| {
+                    (super::stage3::resident_len(p.tensor()) * p.tensor().dtype().size_in_bytes())
+                        as u64
+                })
+                .sum();
+            return Some(StateBytes {
+                parameters: resident + d.master.as_deref().map_or(0, bytes),
+                gradients: 4 * self.layout.partition_len as u64,
+                optimizer: bytes(&d.exp_avg) + bytes(&d.exp_avg_sq),
+                buffers: 0,
+            });
+        }
         let parameters = self
             .params
             .iter()

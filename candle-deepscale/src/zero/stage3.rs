@@ -102,6 +102,56 @@ impl candle_core::InplaceOp1 for Swap {
     }
 }
 
+/// Replaces the storage of a parameter with a copy of the elements of another tensor of its
+/// dtype (device-resident ZeRO-3: the gathered values never leave the device).
+struct SwapIn;
+
+impl candle_core::InplaceOp2 for SwapIn {
+    fn name(&self) -> &'static str {
+        "zero3-swap-in"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        _: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let Some((a, b)) = sl.contiguous_offsets() else {
+            bail!("zero3-swap-in: the gathered tensor is not contiguous")
+        };
+        *dst = match src {
+            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+            _ => bail!("ZeRO-3 parameters are fp32, fp16 or bf16 tensors"),
+        };
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        _: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let mut out = src.device().zeros_impl(sl.shape(), src.dtype())?;
+        src.copy_strided_src(&mut out, 0, sl)?;
+        *dst = out;
+        Ok(())
+    }
+}
+
+/// Makes `var` whole with the values of `t` (its shape; converted to its dtype).
+pub(super) fn set_storage_tensor(var: &Var, t: &candle_core::Tensor) -> Result<()> {
+    let t = t.to_dtype(var.dtype())?;
+    var.as_tensor().inplace_op2(&t, &SwapIn)
+}
+
 fn set_storage(var: &Var, data: Vec<f32>) -> Result<()> {
     var.as_tensor().inplace_op1(&Swap(Mutex::new(Some(data))))
 }
@@ -292,6 +342,9 @@ impl Stage3 {
 fn gather_params(zero: &ZeroOptimizer, todo: &[usize]) -> Result<()> {
     if todo.is_empty() {
         return Ok(());
+    }
+    if zero.device.is_some() {
+        return zero.device_gather(todo);
     }
     let layout = &zero.layout;
     let pieces: Vec<(usize, usize, usize)> = todo
@@ -494,6 +547,9 @@ impl ZeroOptimizer {
 /// Measured stage-3 model state: the fp32 partition (parameters), persistent and currently
 /// gathered tensors, the gradient partition and Adam's moments.
 pub(super) fn state_bytes(z: &ZeroOptimizer) -> StateBytes {
+    if let Some(b) = z.device_state_bytes() {
+        return b;
+    }
     let resident: usize = z
         .params
         .iter()
