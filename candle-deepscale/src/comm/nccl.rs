@@ -745,8 +745,9 @@ impl Communicator for NcclComm {
     }
 
     fn barrier(&self, group: &[usize]) -> Result<()> {
-        let mut one = [0f32.to_ne_bytes(), [0; 4]].concat();
-        self.all_reduce_bytes(group, &mut one[..4], ElemKind::F32, ReduceOp::Sum)
+        // A one-element all-reduce completes only when every member has joined.
+        let mut one = [0u8; 4];
+        self.all_reduce_bytes(group, &mut one, ElemKind::F32, ReduceOp::Sum)
     }
 
     fn cuda(&self) -> Option<&dyn CudaCollectives> {
