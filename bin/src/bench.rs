@@ -1,5 +1,6 @@
 //! `deepscale bench`: measurements behind BENCHMARKS.md.
 //!
+//! - `bench` (no subcommand): the training benchmark, see `bench_suite.rs`.
 //! - `bench comm`: bandwidth of each collective over 1-64 MiB messages, in-process ranks or under
 //!   mpirun (nccl-tests' algbw/busbw convention).
 //! - `bench pipe`: pipeline bubble per stage and pp=2 against pp=1.
@@ -20,9 +21,12 @@ use std::time::Instant;
 use zoo::gpt2::{self, Gpt2};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub what: BenchWhat,
+    pub what: Option<BenchWhat>,
+    #[command(flatten)]
+    pub suite: crate::bench_suite::SuiteArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,7 +135,10 @@ pub struct TpArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    match a.what {
+    let Some(what) = a.what else {
+        return crate::bench_suite::run(a.suite);
+    };
+    match what {
         BenchWhat::Train(t) => train(t),
         BenchWhat::Pipe(p) => pipe(p),
         BenchWhat::Offload(o) => offload(o),

@@ -1,6 +1,7 @@
 //! `deepscale`: the Megatron/DeepSpeed example scripts as one binary.
 mod args;
 mod bench;
+mod bench_suite;
 mod convert;
 mod deepspeed_args;
 mod estimate_memory;
@@ -52,27 +53,29 @@ enum Command {
     /// Model-state memory per GPU/CPU as DeepSpeed estimates it, and this engine's per-rank bytes.
     #[command(name = "estimate-memory")]
     EstimateMemory(estimate_memory::EstimateMemoryArgs),
-    /// Benchmarks: collective bandwidth (`bench comm`), tensor-parallel step cost (`bench tp`).
+    /// Benchmarks: with no subcommand the training benchmark (tokens/s, MFU, peak RSS per config,
+    /// `--compare-torch`); `bench comm|tp|adam|train|pipe|offload` for the others.
     Bench(bench::BenchArgs),
 }
 
 /// Keeps freed tensor buffers in the heap for reuse: glibc otherwise serves every large tensor
 /// with a fresh mmap and returns it on free, and the page faults cost about 3x a training step.
-/// One arena: rank threads would otherwise each grow (and fault in) their own heaps, which made
-/// tp=2 on in-process ranks 2x slower than with a shared one.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
+/// jemalloc keeps what training frees for the next step: no purging (`dirty_decay_ms:-1`), no
+/// separate eagerly-purged arena for large tensors (`oversize_threshold:0`), and `thp:always` so
+/// that calloc zeroes recycled memory with memset instead of `MADV_DONTNEED` (which re-faults every
+/// page; candle's matmul output is calloc'd) and large tensors sit on huge pages. glibc's malloc
+/// trimmed its heap and re-faulted about a million pages per GPT-2 124M step; with this, none.
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] =
+    b"oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always\0";
 
 fn main() {
-    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),

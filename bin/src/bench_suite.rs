@@ -1,0 +1,289 @@
+//! `deepscale bench` with no subcommand: the training benchmark of the CPU-performance work.
+//! For each config (the small GPT and GPT-2 124M by default): the engine's fp32 training step
+//! (forward, backward, fused AdamW) in tokens/s, forward-only tokens/s, MFU against the f32 GEMM
+//! peak measured in the same run, and the peak RSS while the config ran; with `--compare-torch`,
+//! PyTorch's figures from `../shared/peers/torch_bench.py` in the same run, as ratios.
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_deepscale::engine::{Engine, EngineConfig};
+use candle_deepscale::module::{Activations, ForwardCtx};
+use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+use zoo::gpt2::{self, Gpt2};
+
+#[derive(Args, Debug, Clone)]
+pub struct SuiteArgs {
+    /// Configs: `small` (4 layers, hidden 256, 4 heads, vocab 50257, b8 x s128) and
+    /// `gpt2-125m` (b4 x s256).
+    #[arg(long, value_delimiter = ',', default_values_t = ["small".to_string(), "gpt2-125m".to_string()])]
+    pub config: Vec<String>,
+    /// Timed training steps per config (after one warm-up step); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Also run PyTorch (`torch_bench.py` in the peer venv) on the same configs.
+    #[arg(long)]
+    pub compare_torch: bool,
+    /// The peer venv's python.
+    #[arg(long, default_value = "/tmp/torch-venv/bin/python")]
+    pub torch_python: PathBuf,
+    /// `torch_bench.py` (default: ../shared/peers/torch_bench.py beside the repository).
+    #[arg(long)]
+    pub torch_bench: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// (layers, hidden, heads, vocab, batch, seq) of a config name.
+fn shape(name: &str) -> Result<(gpt2::Config, usize, usize, &'static str)> {
+    Ok(match name {
+        "small" => (
+            gpt2::Config {
+                seq_length: 128,
+                max_position_embeddings: 128,
+                hidden_dropout: 0.0,
+                attention_dropout: 0.0,
+                ..gpt2::Config::new(4, 256, 4, 50257)
+            },
+            8,
+            128,
+            "small",
+        ),
+        "gpt2-125m" => (
+            gpt2::Config {
+                seq_length: 256,
+                hidden_dropout: 0.0,
+                attention_dropout: 0.0,
+                ..gpt2::Config::preset("gpt2-125m")?
+            },
+            4,
+            256,
+            "gpt2s",
+        ),
+        other => bail!("bench: unknown config `{other}` (small, gpt2-125m)"),
+    })
+}
+
+/// Resets the kernel's peak-RSS mark (VmHWM) so the next reading covers what follows only.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Minor page faults of this process so far (fresh pages the kernel had to zero: allocator churn).
+fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split(' ').nth(7)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Best f32 GFLOP/s of a 2048^3 GEMM (torch_bench.py's `matmul` shape), best of 5.
+pub fn gemm_peak_gflops() -> Result<f64> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        drop(c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+struct Measured {
+    tokens_per_s: f64,
+    fwd_tokens_per_s: f64,
+    flops_per_token: f64,
+    params: usize,
+    peak_rss: u64,
+    step_ms: Vec<f64>,
+    faults_per_step: u64,
+}
+
+fn measure(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<Measured> {
+    reset_peak_rss();
+    let src = RandomInit { seed: 1 };
+    let model = Gpt2::new(cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
+    let params: usize = model
+        .parameters()
+        .iter()
+        .map(|p| p.tensor().elem_count())
+        .sum();
+    let mut engine = Engine::new(
+        model.layers(),
+        EngineConfig {
+            train_micro_batch_size_per_gpu: b,
+            ..Default::default()
+        },
+        None,
+        None,
+    )?;
+    let ids: Vec<u32> = (0..b * (s + 1))
+        .map(|i| (i * 7919 % 50257) as u32)
+        .collect();
+    let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
+    let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+    let mut step_ms = Vec::new();
+    let mut faults = 0;
+    for i in 0..iters + 1 {
+        if i == 1 {
+            faults = minor_faults();
+        }
+        let t0 = Instant::now();
+        engine.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
+            model.loss(&o.hidden, &y)
+        })])?;
+        if i > 0 {
+            step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let faults_per_step = (minor_faults() - faults) / iters as u64;
+    let mut fwd = Vec::new();
+    for i in 0..3 {
+        let t0 = Instant::now();
+        let logits = model.full_logits(&model.forward(&x, &ForwardCtx::eval())?)?;
+        drop(logits);
+        if i > 0 {
+            fwd.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = (b * s) as f64;
+    Ok(Measured {
+        tokens_per_s: tokens / (median(step_ms.clone()) / 1e3),
+        fwd_tokens_per_s: tokens / median(fwd),
+        flops_per_token: crate::training::flops_per_token(
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            cfg.padded_vocab_size(1),
+            s,
+        ),
+        params,
+        peak_rss: crate::metrics::peak_rss_bytes(),
+        step_ms,
+        faults_per_step,
+    })
+}
+
+fn torch_bench_path(a: &SuiteArgs) -> Result<PathBuf> {
+    if let Some(p) = &a.torch_bench {
+        return Ok(p.clone());
+    }
+    let candidates = [
+        PathBuf::from("../shared/peers/torch_bench.py"),
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/peers/torch_bench.py"
+        )),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .context("--compare-torch: torch_bench.py not found (give --torch-bench PATH)")
+}
+
+fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
+    let script = torch_bench_path(a)?;
+    if !a.torch_python.exists() {
+        bail!(
+            "--compare-torch: {} is missing; set up the peer venv as ../shared/peers/README.md says",
+            a.torch_python.display()
+        )
+    }
+    let out = std::process::Command::new(&a.torch_python)
+        .arg(&script)
+        .arg(what)
+        .output()
+        .with_context(|| format!("running {} {}", a.torch_python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "torch_bench.py {what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("torch_bench.py {what} printed `{line}`"))
+}
+
+pub fn run(a: SuiteArgs) -> Result<()> {
+    for name in &a.config {
+        shape(name)?;
+    }
+    let peak = gemm_peak_gflops()?;
+    let torch_peak = if a.compare_torch {
+        Some(torch(&a, "matmul")?["torch.float32"]["gflops_best"].as_f64())
+    } else {
+        None
+    }
+    .flatten();
+    eprintln!(
+        "f32 GEMM peak (2048^3, best of 5): candle {peak:.1} GFLOP/s{}",
+        torch_peak.map_or(String::new(), |t| format!(", PyTorch {t:.1} GFLOP/s"))
+    );
+    let mut rows = Vec::new();
+    for name in &a.config {
+        let (cfg, b, s, torch_name) = shape(name)?;
+        let m = measure(&cfg, b, s, a.iters.max(1))?;
+        let mfu = m.tokens_per_s * m.flops_per_token / (peak * 1e9);
+        let mut row = json!({
+            "config": name,
+            "batch": b,
+            "seq": s,
+            "params": m.params,
+            "tokens_per_s": m.tokens_per_s,
+            "step_ms": m.step_ms,
+            "fwd_tokens_per_s": m.fwd_tokens_per_s,
+            "mfu": mfu,
+            "peak_rss_bytes": m.peak_rss,
+            "page_faults_per_step": m.faults_per_step,
+        });
+        let mut line = format!(
+            "{name} b{b} x s{s}: train {:.1} tokens/s (MFU {:.0}% of {peak:.0} GFLOP/s), forward {:.1} tokens/s, peak RSS {:.2} GiB, {} page faults per step",
+            m.tokens_per_s,
+            100.0 * mfu,
+            m.fwd_tokens_per_s,
+            m.peak_rss as f64 / (1u64 << 30) as f64,
+            m.faults_per_step
+        );
+        if a.compare_torch {
+            let t = torch(&a, torch_name)?;
+            let (tt, tf) = (
+                t["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+                t["fwd_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            );
+            row["torch_tokens_per_s"] = json!(tt);
+            row["torch_fwd_tokens_per_s"] = json!(tf);
+            row["vs_torch"] = json!(m.tokens_per_s / tt);
+            row["fwd_vs_torch"] = json!(m.fwd_tokens_per_s / tf);
+            line += &format!(
+                "; PyTorch train {tt:.1}, forward {tf:.1} tokens/s: {:.2}x train, {:.2}x forward",
+                m.tokens_per_s / tt,
+                m.fwd_tokens_per_s / tf
+            );
+        }
+        eprintln!("{line}");
+        rows.push(row);
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "train", "gemm_gflops": peak, "torch_gemm_gflops": torch_peak, "results": rows})
+        );
+    }
+    Ok(())
+}
