@@ -60,22 +60,24 @@ enum Command {
 
 /// Keeps freed tensor buffers in the heap for reuse: glibc otherwise serves every large tensor
 /// with a fresh mmap and returns it on free, and the page faults cost about 3x a training step.
-/// jemalloc keeps what training frees for the next step: no purging (`dirty_decay_ms:-1`), no
-/// separate eagerly-purged arena for large tensors (`oversize_threshold:0`), and `thp:always` so
-/// that calloc zeroes recycled memory with memset instead of `MADV_DONTNEED` (which re-faults every
-/// page; candle's matmul output is calloc'd) and large tensors sit on huge pages. glibc's malloc
-/// trimmed its heap and re-faulted about a million pages per GPT-2 124M step; with this, none.
-#[cfg(all(target_os = "linux", not(target_env = "musl")))]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-#[cfg(all(target_os = "linux", not(target_env = "musl")))]
-#[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8] =
-    b"oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always\0";
+/// One arena: rank threads would otherwise each grow (and fault in) their own heaps, which made
+/// tp=2 on in-process ranks 2x slower than with a shared one. No mmap and no trimming ever: a
+/// training step frees and re-allocates gigabytes, and every page handed back to the kernel is
+/// faulted in and zeroed again on the next step (with the former 2 GiB trim threshold, about a
+/// million page faults per GPT-2 124M step; mallopt takes an int, and -1 is glibc's SIZE_MAX).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
 
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
