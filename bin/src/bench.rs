@@ -459,11 +459,15 @@ fn train(a: TpArgs) -> Result<()> {
         None,
         None,
     )?;
-    // Interleaved rounds (engine, engine with the composed LayerNorm, stock, previous) so all
+    // Interleaved rounds (engine, engine with the composed ops, stock, previous) so all
     // see the same machine state. Stock candle and the previous loop use the composed ops.
     // DEEPSCALE_BENCH_COMPOSED_ONLY=1 runs both engines with the composed ops (an A/A check of
     // the first two slots).
-    let fused = candle_deepscale::fused_layer_norm::set_enabled;
+    // The fused CPU kernels (LayerNorm, bias + GeLU) on or off together.
+    let fused = |on: bool| {
+        candle_deepscale::fused_layer_norm::set_enabled(on);
+        candle_deepscale::fused_bias_gelu::set_enabled(on);
+    };
     let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let all_composed = std::env::var_os("DEEPSCALE_BENCH_COMPOSED_ONLY").is_some();
     for round in 0..iters + 1 {
@@ -494,7 +498,7 @@ fn train(a: TpArgs) -> Result<()> {
     let [engine_ms, stock_ms, previous_ms, unfused_ms] = times.map(median);
     let tps = |ms: f64| (b * s) as f64 / (ms / 1e3);
     eprintln!(
-        "{} b{b} x s{s}: engine {engine_ms:.1} ms ({:.1} tokens/s), stock candle {stock_ms:.1} ms ({:.1}), previous loop {previous_ms:.1} ms ({:.1}), engine with composed LayerNorm {unfused_ms:.1} ms ({:.1}); engine {:.2}x stock, {:.2}x previous, {:.2}x composed LayerNorm",
+        "{} b{b} x s{s}: engine {engine_ms:.1} ms ({:.1} tokens/s), stock candle {stock_ms:.1} ms ({:.1}), previous loop {previous_ms:.1} ms ({:.1}), engine with composed ops {unfused_ms:.1} ms ({:.1}); engine {:.2}x stock, {:.2}x previous, {:.2}x composed ops",
         a.model,
         tps(engine_ms),
         tps(stock_ms),
@@ -510,7 +514,7 @@ fn train(a: TpArgs) -> Result<()> {
             json!({"bench": "train", "model": a.model, "batch": b, "seq": s,
                 "engine_tokens_per_s": tps(engine_ms), "stock_candle_tokens_per_s": tps(stock_ms),
                 "previous_tokens_per_s": tps(previous_ms),
-                "engine_composed_layer_norm_tokens_per_s": tps(unfused_ms),
+                "engine_composed_ops_tokens_per_s": tps(unfused_ms),
                 "engine_ms": engine_ms, "stock_candle_ms": stock_ms, "previous_ms": previous_ms})
         );
     }

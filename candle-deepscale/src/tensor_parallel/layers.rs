@@ -48,6 +48,19 @@ impl ColumnParallelLinear {
         }
     }
 
+    /// `gelu(X A + b)` with the bias added inside the fused GeLU kernel (Megatron's
+    /// `skip_bias_add` + `bias_gelu`); the MLP's first projection.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let x = copy_to_tp(x, self.tp.as_ref())?;
+        let y = linear(&x, self.weight.tensor(), None)?;
+        let y = crate::fused_bias_gelu::bias_gelu(&y, self.bias.as_ref().map(|b| b.tensor()))?;
+        if self.gather_output {
+            gather_from_tp(&y, self.tp.as_ref())
+        } else {
+            Ok(y)
+        }
+    }
+
     pub fn parameters(&self) -> Vec<&Param> {
         std::iter::once(&self.weight)
             .chain(self.bias.as_ref())

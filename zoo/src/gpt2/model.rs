@@ -208,7 +208,7 @@ impl Block {
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         self.dense_4h_to_h
-            .forward(&self.dense_h_to_4h.forward(x)?.gelu()?)
+            .forward(&self.dense_h_to_4h.forward_gelu(x)?)
     }
 
     /// The block on `x [b, t, h]`; with `cache`, attends to and extends the cached keys/values.
