@@ -4,30 +4,12 @@
 //! candle's GeLU backward takes about ten, with libm `tanh`/`powf` per element. Here tanh comes
 //! from a vectorised exp (Cephes' polynomial, relative error ~2e-7), compiled for AVX2+FMA when the
 //! CPU has them. Other devices and dtypes take the composed ops.
+use crate::fast_math::tanh;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 const K0: f32 = 0.797_884_6; // sqrt(2 / pi)
 const K1: f32 = 0.044_715;
-
-/// e^x for the range GeLU needs, branch-free so loops over it vectorise.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_66)
-        * r
-        + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-#[inline(always)]
-fn tanh(u: f32) -> f32 {
-    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
-}
 
 #[inline(always)]
 fn gelu(v: f32) -> f32 {
@@ -283,19 +265,6 @@ mod tests {
                 gelu_grad(v)
             );
             assert!((gelu(v) as f64 - f(v as f64)).abs() < 2e-6 * (1.0 + v.abs() as f64));
-        }
-    }
-
-    #[test]
-    fn exp_and_tanh_are_accurate() {
-        for i in -800..=800 {
-            let x = i as f32 * 0.1;
-            let rel = (exp(x) as f64 / (x as f64).exp() - 1.0).abs();
-            assert!(rel < 5e-7, "exp({x}): {rel}");
-            assert!(
-                (tanh(x) as f64 - (x as f64).tanh()).abs() < 2e-7,
-                "tanh({x})"
-            );
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cpu_adam;
 pub mod cross_entropy;
 pub mod engine;
+pub mod fast_math;
 pub mod fused_bias_gelu;
 pub mod fused_layer_norm;
 pub mod init;
