@@ -67,10 +67,29 @@ pub fn self_attention(
         Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
         None => (k, v),
     };
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-    let scores = match mask {
+    let raw = q.matmul(&k.t()?)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let fused = match mask {
+        Mask::Causal => crate::fused_softmax::scaled_upper_triang_masked_softmax(&raw, scale)?,
+        Mask::Bias(_) => None,
+    };
+    let probs = match fused {
+        Some(p) => p,
+        None => nn::softmax_last_dim(&masked(&(raw * scale)?, t, mask)?)?,
+    };
+    let probs = nn::dropout(&probs, dropout.p, ctx, dropout.key)?;
+    let y = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * head_dim))?;
+    Ok((y, (k, v)))
+}
+
+/// Scaled scores with the mask added (the composed path).
+fn masked(scores: &Tensor, t: usize, mask: Mask) -> Result<Tensor> {
+    Ok(match mask {
         Mask::Causal => {
-            let total = k.dim(2)?;
+            let total = scores.dim(candle_core::D::Minus1)?;
             scores.broadcast_add(&causal_mask(
                 t,
                 total,
@@ -80,11 +99,5 @@ pub fn self_attention(
             )?)?
         }
         Mask::Bias(bias) => scores.broadcast_add(bias)?,
-    };
-    let probs = nn::dropout(&nn::softmax_last_dim(&scores)?, dropout.p, ctx, dropout.key)?;
-    let y = probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, t, heads * head_dim))?;
-    Ok((y, (k, v)))
+    })
 }

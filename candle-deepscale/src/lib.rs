@@ -16,6 +16,7 @@ pub mod engine;
 pub mod fast_math;
 pub mod fused_bias_gelu;
 pub mod fused_layer_norm;
+pub mod fused_softmax;
 pub mod init;
 pub mod loss_scaler;
 pub mod lr_schedules;
