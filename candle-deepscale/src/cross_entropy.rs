@@ -126,18 +126,6 @@ pub mod fused {
         row_grad(d, x, lse, g)
     }
 
-    fn avx2() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            *ON.get_or_init(|| {
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-            })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
     /// Losses of rows `[tokens, padded]` against labels; keeps each row's log-sum-exp.
     struct CrossEntropy {
         vocab: usize,
@@ -162,7 +150,7 @@ pub mod fused {
             if let Some(bad) = y.iter().find(|&&l| l as usize >= v) {
                 bail!("cross entropy: label {bad} is outside the vocabulary of {v}")
             }
-            let fast = avx2();
+            let fast = crate::fast_math::has_avx2_fma();
             let lse: Vec<f32> = x
                 .par_chunks(padded)
                 .map(|row| {
@@ -239,7 +227,7 @@ pub mod fused {
                 bail!("fused cross entropy backward: rows do not match")
             }
             let v = self.vocab;
-            let fast = avx2();
+            let fast = crate::fast_math::has_avx2_fma();
             let mut d = vec![0f32; x.len()];
             d.par_chunks_mut(padded)
                 .zip(x.par_chunks(padded))

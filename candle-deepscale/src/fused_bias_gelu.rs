@@ -4,7 +4,7 @@
 //! candle's GeLU backward takes about ten, with libm `tanh`/`powf` per element. Here tanh comes
 //! from a vectorised exp (Cephes' polynomial, relative error ~2e-7), compiled for AVX2+FMA when the
 //! CPU has them. Other devices and dtypes take the composed ops.
-use crate::fast_math::tanh;
+use crate::fast_math::{contiguous_f32, tanh};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -48,26 +48,6 @@ unsafe fn bwd_row_avx2(dx: &mut [f32], x: &[f32], b: &[f32], g: &[f32]) {
     bwd_row(dx, x, b, g)
 }
 
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => bail!("fused bias gelu: {what} is not contiguous"),
-        _ => bail!("fused bias gelu: {what} must be f32"),
-    }
-}
-
 struct BiasGelu;
 
 impl CustomOp2 for BiasGelu {
@@ -82,14 +62,14 @@ impl CustomOp2 for BiasGelu {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, "the input")?;
-        let b = f32_slice(bs, bl, "the bias")?;
+        let x = contiguous_f32(xs, xl, "fused bias gelu", "the input")?;
+        let b = contiguous_f32(bs, bl, "fused bias gelu", "the bias")?;
         let n = b.len();
         if n == 0 || !x.len().is_multiple_of(n) {
             bail!("fused bias gelu: input {:?} against bias {n}", xl.dims())
         }
         let mut y = vec![0f32; x.len()];
-        let fast = avx2();
+        let fast = crate::fast_math::has_avx2_fma();
         y.par_chunks_mut(n)
             .zip(x.par_chunks(n))
             .for_each(|(yr, xr)| {
@@ -136,15 +116,15 @@ impl CustomOp3 for BiasGeluGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, "the input")?;
-        let b = f32_slice(bs, bl, "the bias")?;
-        let g = f32_slice(gs, gl, "the gradient")?;
+        let x = contiguous_f32(xs, xl, "fused bias gelu", "the input")?;
+        let b = contiguous_f32(bs, bl, "fused bias gelu", "the bias")?;
+        let g = contiguous_f32(gs, gl, "fused bias gelu", "the gradient")?;
         let n = b.len();
         if g.len() != x.len() || n == 0 || !x.len().is_multiple_of(n) {
             bail!("fused bias gelu backward: shapes do not match")
         }
         let mut dx = vec![0f32; x.len()];
-        let fast = avx2();
+        let fast = crate::fast_math::has_avx2_fma();
         dx.par_chunks_mut(n)
             .zip(x.par_chunks(n).zip(g.par_chunks(n)))
             .for_each(|(dr, (xr, gr))| {

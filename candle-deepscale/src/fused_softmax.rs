@@ -2,7 +2,7 @@
 //! scaled, causally masked and softmaxed in one pass per row (where candle's ops scale, add a mask
 //! tensor and take five passes for the softmax), and the backward `scale * y * (g - sum(g * y))`
 //! in one pass from the saved probabilities. Masked entries are exactly zero, as with -inf.
-use crate::fast_math::exp;
+use crate::fast_math::{contiguous_f32, exp};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -43,25 +43,6 @@ unsafe fn bwd_row_avx2(d: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
     bwd_row(d, y, g, scale)
 }
 
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("fused softmax: {what} must be contiguous f32"),
-    }
-}
-
 /// Scores `[.., t, total]` for queries at positions `total - t ..`.
 struct UpperTriang {
     scale: f32,
@@ -73,7 +54,7 @@ impl CustomOp1 for UpperTriang {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "the scores")?;
+        let x = contiguous_f32(s, l, "fused softmax", "the scores")?;
         let dims = l.dims();
         if dims.len() < 2 {
             bail!("fused softmax: scores {dims:?} need query and key dimensions")
@@ -84,7 +65,7 @@ impl CustomOp1 for UpperTriang {
         }
         let offset = total - t;
         let mut y = vec![0f32; x.len()];
-        let (fast, scale) = (avx2(), self.scale);
+        let (fast, scale) = (crate::fast_math::has_avx2_fma(), self.scale);
         y.par_chunks_mut(total)
             .zip(x.par_chunks(total))
             .enumerate()
@@ -127,14 +108,14 @@ impl CustomOp2 for SoftmaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(ys, yl, "the probabilities")?;
-        let g = f32_slice(gs, gl, "the gradient")?;
+        let y = contiguous_f32(ys, yl, "fused softmax", "the probabilities")?;
+        let g = contiguous_f32(gs, gl, "fused softmax", "the gradient")?;
         let n = *yl.dims().last().unwrap_or(&1);
         if g.len() != y.len() || n == 0 {
             bail!("fused softmax backward: shapes do not match")
         }
         let mut d = vec![0f32; y.len()];
-        let (fast, scale) = (avx2(), self.scale);
+        let (fast, scale) = (crate::fast_math::has_avx2_fma(), self.scale);
         d.par_chunks_mut(n)
             .zip(y.par_chunks(n).zip(g.par_chunks(n)))
             .for_each(|(dr, (yr, gr))| {
