@@ -236,7 +236,7 @@ impl DeepSpeedArgs {
         );
         note(
             self.distributed_backend.is_some(),
-            "--distributed-backend: ranks use in-process threads, or MPI under mpirun",
+            "--distributed-backend: CPU ranks talk through in-process threads or MPI (under mpirun), GPU ranks (--device cuda) over NCCL",
         );
         v
     }
