@@ -463,14 +463,9 @@ fn train(a: TpArgs) -> Result<()> {
     // see the same machine state. Stock candle and the previous loop use the composed ops.
     // DEEPSCALE_BENCH_COMPOSED_ONLY=1 runs both engines with the composed ops (an A/A check of
     // the first two slots).
-    // The fused CPU kernels (LayerNorm, bias + GeLU, causal softmax, cross entropy) on or off
+    // The CPU kernels (LayerNorm, bias + GeLU, causal softmax, cross entropy, matmul) on or off
     // together.
-    let fused = |on: bool| {
-        candle_deepscale::fused_layer_norm::set_enabled(on);
-        candle_deepscale::fused_bias_gelu::set_enabled(on);
-        candle_deepscale::cross_entropy::fused::set_enabled(on);
-        candle_deepscale::fused_softmax::set_enabled(on);
-    };
+    let fused = candle_deepscale::set_cpu_kernels;
     let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let all_composed = std::env::var_os("DEEPSCALE_BENCH_COMPOSED_ONLY").is_some();
     for round in 0..iters + 1 {

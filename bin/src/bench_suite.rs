@@ -1,11 +1,14 @@
 //! `deepscale bench` with no subcommand: the training benchmark of the CPU-performance work.
 //! For each config (the small GPT and GPT-2 124M by default): the engine's fp32 training step
 //! (forward, backward, fused AdamW) in tokens/s, forward-only tokens/s, MFU against the f32 GEMM
-//! peak measured in the same run, and the peak RSS while the config ran; with `--compare-torch`,
+//! peak measured in the same run, the peak RSS while the config ran, and the bf16 mode's step
+//! (bf16 matrix products, fp32 master weights) against fp32; with `--compare-torch`,
 //! PyTorch's figures from `../shared/peers/torch_bench.py` in the same run, as ratios.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_deepscale::bf16_gemm;
 use candle_deepscale::engine::{Engine, EngineConfig};
+use candle_deepscale::matmul::{self, Precision};
 use candle_deepscale::module::{Activations, ForwardCtx};
 use candle_deepscale::parameter::{ParamBuilder, RandomInit};
 use clap::Args;
@@ -32,6 +35,9 @@ pub struct SuiteArgs {
     /// `torch_bench.py` (default: ../shared/peers/torch_bench.py beside the repository).
     #[arg(long)]
     pub torch_bench: Option<PathBuf>,
+    /// Skip the bf16 mode's training step (bf16 matrix products, fp32 master weights).
+    #[arg(long)]
+    pub no_bf16: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -103,6 +109,29 @@ pub fn gemm_peak_gflops() -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
+/// Best GFLOP/s of a 2048^3 product through DeepScale's matmul op at `precision`, best of 5.
+pub fn op_gemm_gflops(precision: Precision) -> Result<f64> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let prev = matmul::float32_matmul_precision();
+    matmul::set_float32_matmul_precision(precision);
+    let mut best = f64::MAX;
+    for i in 0..6 {
+        let t = Instant::now();
+        let c = matmul::matmul(&a, &b);
+        if i > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        if c.is_err() {
+            matmul::set_float32_matmul_precision(prev);
+        }
+        drop(c?);
+    }
+    matmul::set_float32_matmul_precision(prev);
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
 struct Measured {
     tokens_per_s: f64,
     fwd_tokens_per_s: f64,
@@ -113,7 +142,23 @@ struct Measured {
     faults_per_step: u64,
 }
 
-fn measure(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<Measured> {
+/// The engine's training step with every matrix product in bf16 (fp32 parameters as master
+/// weights, fp32 activations): tokens/s, median of `iters` steps after a warm-up.
+fn measure_bf16(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<f64> {
+    let prev = matmul::float32_matmul_precision();
+    matmul::set_float32_matmul_precision(Precision::Bf16);
+    let m = measure(cfg, b, s, iters, false);
+    matmul::set_float32_matmul_precision(prev);
+    Ok(m?.tokens_per_s)
+}
+
+fn measure(
+    cfg: &gpt2::Config,
+    b: usize,
+    s: usize,
+    iters: usize,
+    forward: bool,
+) -> Result<Measured> {
     reset_peak_rss();
     let src = RandomInit { seed: 1 };
     let model = Gpt2::new(cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
@@ -152,7 +197,7 @@ fn measure(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<Measu
     }
     let faults_per_step = (minor_faults() - faults) / iters as u64;
     let mut fwd = Vec::new();
-    for i in 0..3 {
+    for i in 0..if forward { 3 } else { 0 } {
         let t0 = Instant::now();
         let logits = model.full_logits(&model.forward(&x, &ForwardCtx::eval())?)?;
         drop(logits);
@@ -163,7 +208,11 @@ fn measure(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<Measu
     let tokens = (b * s) as f64;
     Ok(Measured {
         tokens_per_s: tokens / (median(step_ms.clone()) / 1e3),
-        fwd_tokens_per_s: tokens / median(fwd),
+        fwd_tokens_per_s: if fwd.is_empty() {
+            f64::NAN
+        } else {
+            tokens / median(fwd)
+        },
         flops_per_token: crate::training::flops_per_token(
             cfg.num_layers,
             cfg.hidden_size,
@@ -228,10 +277,22 @@ pub fn run(a: SuiteArgs) -> Result<()> {
     // PyTorch's GEMM peak is `torch_bench.py matmul`, left out here: its bf16 half runs for
     // minutes on CPUs where torch has no bf16 kernel.
     eprintln!("f32 GEMM peak (2048^3, best of 5): {peak:.1} GFLOP/s");
+    let bf16_kernel = if bf16_gemm::available() {
+        "avx512bf16"
+    } else {
+        "emulated (no AVX512-BF16)"
+    };
+    let bf16_peak = if a.no_bf16 {
+        None
+    } else {
+        let g = op_gemm_gflops(Precision::Bf16)?;
+        eprintln!("bf16 GEMM (2048^3, {bf16_kernel}): {g:.1} GFLOP/s");
+        Some(g)
+    };
     let mut rows = Vec::new();
     for name in &a.config {
         let (cfg, b, s, torch_name) = shape(name)?;
-        let m = measure(&cfg, b, s, a.iters.max(1))?;
+        let m = measure(&cfg, b, s, a.iters.max(1), true)?;
         let mfu = m.tokens_per_s * m.flops_per_token / (peak * 1e9);
         let mut row = json!({
             "config": name,
@@ -253,6 +314,15 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             m.peak_rss as f64 / (1u64 << 30) as f64,
             m.faults_per_step
         );
+        if bf16_peak.is_some() {
+            let t = measure_bf16(&cfg, b, s, a.iters.max(1))?;
+            row["bf16_tokens_per_s"] = json!(t);
+            row["bf16_vs_fp32"] = json!(t / m.tokens_per_s);
+            line += &format!(
+                "; bf16 train {t:.1} tokens/s ({:.2}x fp32)",
+                t / m.tokens_per_s
+            );
+        }
         if a.compare_torch {
             let t = torch(&a, torch_name)?;
             let (tt, tf) = (
@@ -275,7 +345,13 @@ pub fn run(a: SuiteArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"bench": "train", "gemm_gflops": peak, "results": rows})
+            json!({
+                "bench": "train",
+                "gemm_gflops": peak,
+                "bf16_gemm_gflops": bf16_peak,
+                "bf16_kernel": bf16_kernel,
+                "results": rows
+            })
         );
     }
     Ok(())

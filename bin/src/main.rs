@@ -81,10 +81,7 @@ fn main() {
     // DEEPSCALE_FUSED=0 runs candle's composed ops instead of the fused CPU kernels (to compare,
     // or to rule the kernels out when debugging).
     if std::env::var("DEEPSCALE_FUSED").as_deref() == Ok("0") {
-        candle_deepscale::fused_layer_norm::set_enabled(false);
-        candle_deepscale::fused_bias_gelu::set_enabled(false);
-        candle_deepscale::fused_softmax::set_enabled(false);
-        candle_deepscale::cross_entropy::fused::set_enabled(false);
+        candle_deepscale::set_cpu_kernels(false);
     }
     let cli = Cli::parse();
     let result = match cli.command {

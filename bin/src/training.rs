@@ -84,6 +84,11 @@ pub struct TrainingArgs {
     /// Train with fp16 parameters, fp32 master weights and dynamic loss scaling.
     #[arg(long)]
     pub fp16: bool,
+    /// bf16 mixed precision (DeepSpeed's `bf16.enabled`): bf16 parameters on GPUs; on the CPU,
+    /// fp32 parameters (the master weights) with every matrix product in bf16 (fp32 accumulation,
+    /// AVX512-BF16 where the CPU has it).
+    #[arg(long)]
+    pub bf16: bool,
     #[command(flatten)]
     pub ds: DeepSpeedArgs,
     /// Print one JSON summary as the last line of stdout.
@@ -114,8 +119,9 @@ pub fn gemm_peak(device: &Device) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best)
 }
 
-/// The parameters' dtype: fp16 with loss scaling; bf16 on a GPU (candle's CPU backend has no
-/// bf16 matmul, so there the model computes in fp32, with a note); else fp32.
+/// The parameters' dtype: fp16 with loss scaling; bf16 on a GPU; else fp32. bf16 on the CPU keeps
+/// fp32 parameters and activations and runs the matrix products in bf16 (PyTorch's CPU autocast:
+/// the products are where bf16 pays, and candle's element-wise CPU ops are fp32-fast only).
 pub fn param_dtype(engine: &EngineConfig, device: crate::args::DeviceKind) -> candle_core::DType {
     use candle_core::DType;
     if engine.fp16.is_some() {
@@ -125,9 +131,8 @@ pub fn param_dtype(engine: &EngineConfig, device: crate::args::DeviceKind) -> ca
         if device == crate::args::DeviceKind::Cuda {
             return DType::BF16;
         }
-        eprintln!(
-            "note: bf16: candle's CPU backend has no bf16 matmul, so the model computes in fp32 \
-             (bf16 parameters need a GPU: --device cuda)"
+        candle_deepscale::matmul::set_float32_matmul_precision(
+            candle_deepscale::matmul::Precision::Bf16,
         );
     }
     DType::F32
@@ -204,6 +209,15 @@ pub fn engine_config(
             enabled: true,
             ..Default::default()
         });
+    }
+    if a.bf16 && !c.bf16 {
+        if ds.and_then(|d| d.bf16.as_ref()).is_some() {
+            bail!("--bf16 disagrees with the DeepSpeed config's bf16.enabled false")
+        }
+        if c.fp16.is_some() {
+            bail!("--bf16 and fp16 cannot both be enabled")
+        }
+        c.bf16 = true;
     }
     if a.checkpoint_activations {
         if a.checkpoint_num_layers == 0 {

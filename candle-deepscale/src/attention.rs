@@ -67,7 +67,7 @@ pub fn self_attention(
         Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
         None => (k, v),
     };
-    let raw = q.matmul(&k.t()?)?;
+    let raw = crate::matmul::matmul(&q, &k.t()?)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     let fused = match mask {
         Mask::Causal => crate::fused_softmax::scaled_upper_triang_masked_softmax(&raw, scale)?,
@@ -78,8 +78,7 @@ pub fn self_attention(
         None => nn::softmax_last_dim(&masked(&(raw * scale)?, t, mask)?)?,
     };
     let probs = nn::dropout(&probs, dropout.p, ctx, dropout.key)?;
-    let y = probs
-        .matmul(&v)?
+    let y = crate::matmul::matmul(&probs, &v)?
         .transpose(1, 2)?
         .reshape((b, t, heads * head_dim))?;
     Ok((y, (k, v)))

@@ -7,6 +7,7 @@
 pub mod activation_checkpointing;
 pub mod adamw;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod fused_softmax;
 pub mod init;
 pub mod loss_scaler;
 pub mod lr_schedules;
+pub mod matmul;
 pub mod module;
 pub mod nn;
 pub mod parameter;
@@ -31,3 +33,14 @@ pub mod zero;
 
 pub use module::{Activations, ForwardCtx, Layer};
 pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};
+
+/// The CPU kernels of this crate (fused LayerNorm, bias + GeLU, causal softmax, cross entropy, and
+/// the matmul op) on, or off for candle's composed ops: to compare, or to rule them out when
+/// debugging (`DEEPSCALE_FUSED=0` in the binary).
+pub fn set_cpu_kernels(on: bool) {
+    fused_layer_norm::set_enabled(on);
+    fused_bias_gelu::set_enabled(on);
+    fused_softmax::set_enabled(on);
+    cross_entropy::fused::set_enabled(on);
+    matmul::set_enabled(on);
+}

@@ -79,7 +79,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = dims[dims.len() - 1];
     let rows = x.elem_count() / in_dim.max(1);
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = crate::matmul::matmul(&x.reshape((rows, in_dim))?, &w.t()?)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

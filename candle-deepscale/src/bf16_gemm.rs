@@ -1,0 +1,438 @@
+//! bf16 GEMM for CPUs with AVX512-BF16 (`vdpbf16ps`): fp32 operands are rounded to bfloat16 while
+//! they are packed, products accumulate in fp32, the output is fp32 — the numerics of PyTorch's
+//! bf16 autocast. No maintained Rust crate uses `vdpbf16ps` for GEMM (the `gemm` crate's f16/bf16
+//! paths convert to f32), hence this kernel.
+//!
+//! BLIS structure: for each `KC` slice of the shared dimension the whole of A is packed into
+//! `MR`-row panels and, per `NC` block of columns, B into `NR`-column panels, both as bf16 pairs along
+//! k (the operand layout of `vdpbf16ps`); tasks over (row block, column block) then run the
+//! `MR x NR` micro-kernel. The micro-kernel is the only CPU-specific part: a portable one with the
+//! same arithmetic tests the packing and blocking on any machine.
+
+/// Rows of the micro-tile (12 x 2 accumulators + 2 B vectors + 1 broadcast = 27 zmm registers).
+pub const MR: usize = 12;
+/// Columns of the micro-tile: two 16-lane fp32 vectors.
+pub const NR: usize = 32;
+/// Shared-dimension slice (even, so pairs never straddle slices): a B micro-panel is 24 KiB.
+const KC: usize = 384;
+/// Column block packed at once (a multiple of NR): 3 MiB of B, for L3.
+const NC: usize = 4096;
+/// A panels per task (96 rows, 72 KiB of A for L2) and B panels per task (512 columns).
+const TASK_A_PANELS: usize = 8;
+const TASK_B_PANELS: usize = 16;
+
+/// An fp32 matrix read through strides: element (i, j) is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// Operands are only read, by tasks that the call waits for.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    #[inline(always)]
+    pub(crate) unsafe fn at(&self, i: usize, j: usize) -> f32 {
+        *self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Round to nearest even, as `vcvtne2ps2bf16` does; NaNs stay NaN (quietened).
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` rounded to the nearest bfloat16, as an f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((to_bf16(x) as u32) << 16)
+}
+
+/// The micro-kernel: `kc2` k-pairs of an A panel (`[kc2][MR]` pairs) against a B panel
+/// (`[kc2][NR]` pairs) into the `MR x NR` tile at `c` (row stride `ldc`), added to it when
+/// `accumulate`, written otherwise.
+pub type Kernel = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, bool);
+
+/// Which micro-kernel the CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelKind {
+    Avx512Bf16,
+    Portable,
+}
+
+/// Whether this CPU has AVX512-BF16 (checked once). `DEEPSCALE_BF16_KERNEL=off` turns the kernel
+/// off, so that bf16 GEMMs take the emulated path.
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if std::env::var("DEEPSCALE_BF16_KERNEL").is_ok_and(|v| v == "off") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+impl KernelKind {
+    fn kernel(self) -> Kernel {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512Bf16 => kernel_avx512bf16,
+            _ => kernel_portable,
+        }
+    }
+}
+
+/// The arithmetic of `vdpbf16ps` in plain Rust: per pair, the odd product then the even one, each
+/// exact in fp32 and added with one rounding.
+unsafe fn kernel_portable(
+    kc2: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut t = [[0f32; NR]; MR];
+    for q in 0..kc2 {
+        let ap = std::slice::from_raw_parts(a.add(q * MR), MR);
+        let bp = std::slice::from_raw_parts(b.add(q * NR), NR);
+        for (row, &av) in t.iter_mut().zip(ap) {
+            let (alo, ahi) = (f32::from_bits(av << 16), f32::from_bits(av & 0xffff_0000));
+            for (acc, &bv) in row.iter_mut().zip(bp) {
+                let (blo, bhi) = (f32::from_bits(bv << 16), f32::from_bits(bv & 0xffff_0000));
+                *acc += ahi * bhi;
+                *acc += alo * blo;
+            }
+        }
+    }
+    for (r, row) in t.iter().enumerate() {
+        let out = std::slice::from_raw_parts_mut(c.add(r * ldc), NR);
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = if accumulate { *o + v } else { *v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel_avx512bf16(
+    kc2: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for q in 0..kc2 {
+        let bp = b.add(q * NR);
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+        let ap = a.add(q * MR);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let cr = c.add(r * ldc);
+        for (h, v) in row.iter().enumerate() {
+            let p = cr.add(16 * h);
+            let v = if accumulate {
+                _mm512_add_ps(_mm512_loadu_ps(p), *v)
+            } else {
+                *v
+            };
+            _mm512_storeu_ps(p, v);
+        }
+    }
+}
+
+/// A's rows `[0, m)` and columns `[p0, p0 + kc)` as `MR`-row panels of bf16 pairs (zero padded).
+fn pack_a(a: Mat, m: usize, p0: usize, kc: usize, out: &mut [u32], parallel: bool) {
+    let kc2 = kc.div_ceil(2);
+    let panel = |(ip, dst): (usize, &mut [u32])| {
+        for r in 0..MR {
+            let i = ip * MR + r;
+            for q in 0..kc2 {
+                let (k0, k1) = (p0 + 2 * q, p0 + 2 * q + 1);
+                let v = if i < m {
+                    // SAFETY: i < m and k0 < p0 + kc <= k; k1 only when inside the slice.
+                    let lo = unsafe { a.at(i, k0) };
+                    let hi = if 2 * q + 1 < kc {
+                        unsafe { a.at(i, k1) }
+                    } else {
+                        0.0
+                    };
+                    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
+                } else {
+                    0
+                };
+                dst[q * MR + r] = v;
+            }
+        }
+    };
+    let len = m.div_ceil(MR) * MR * kc2;
+    if parallel {
+        use rayon::prelude::*;
+        out[..len]
+            .par_chunks_mut(MR * kc2)
+            .enumerate()
+            .for_each(panel);
+    } else {
+        out[..len].chunks_mut(MR * kc2).enumerate().for_each(panel);
+    }
+}
+
+/// B's rows `[p0, p0 + kc)` and columns `[n0, n0 + nc)` as `NR`-column panels of bf16 pairs.
+fn pack_b(b: Mat, n0: usize, nc: usize, p0: usize, kc: usize, out: &mut [u32], parallel: bool) {
+    let kc2 = kc.div_ceil(2);
+    let panel = |(jp, dst): (usize, &mut [u32])| {
+        for c in 0..NR {
+            let j = jp * NR + c;
+            for q in 0..kc2 {
+                let v = if j < nc {
+                    // SAFETY: j < nc and the rows lie inside the slice.
+                    let lo = unsafe { b.at(p0 + 2 * q, n0 + j) };
+                    let hi = if 2 * q + 1 < kc {
+                        unsafe { b.at(p0 + 2 * q + 1, n0 + j) }
+                    } else {
+                        0.0
+                    };
+                    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
+                } else {
+                    0
+                };
+                dst[q * NR + c] = v;
+            }
+        }
+    };
+    let len = nc.div_ceil(NR) * NR * kc2;
+    if parallel {
+        use rayon::prelude::*;
+        out[..len]
+            .par_chunks_mut(NR * kc2)
+            .enumerate()
+            .for_each(panel);
+    } else {
+        out[..len].chunks_mut(NR * kc2).enumerate().for_each(panel);
+    }
+}
+
+/// `dst[m x n] = A[m x k] B[k x n]` with bf16 operands and fp32 accumulation; `dst` is row-major
+/// with row stride `n` and is written whole (it may start uninitialised). `parallel` spreads the
+/// work over rayon's threads (callers that already run one product per thread pass false).
+///
+/// # Safety
+/// `a` must address `m x k` readable elements, `b` `k x n`, `dst` `m * n` writable ones.
+pub unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    a: Mat,
+    b: Mat,
+    parallel: bool,
+    kind: KernelKind,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        std::ptr::write_bytes(dst, 0, m * n);
+        return;
+    }
+    let kernel = kind.kernel();
+    let (mpanels, kc2max) = (m.div_ceil(MR), KC.min(k).div_ceil(2));
+    let mut apack = vec![0u32; mpanels * MR * kc2max];
+    let mut bpack = vec![0u32; NC.min(n).div_ceil(NR) * NR * kc2max];
+    let out = OutPtr(dst);
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        let kc2 = kc.div_ceil(2);
+        pack_a(a, m, p0, kc, &mut apack, parallel);
+        for n0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - n0);
+            pack_b(b, n0, nc, p0, kc, &mut bpack, parallel);
+            let npanels = nc.div_ceil(NR);
+            let (apack, bpack) = (&apack, &bpack);
+            let task = |(ta, tb): (usize, usize)| {
+                let out = out;
+                for jp in tb..(tb + TASK_B_PANELS).min(npanels) {
+                    let bp = bpack[jp * NR * kc2..].as_ptr();
+                    let cols = NR.min(nc - jp * NR);
+                    for ip in ta..(ta + TASK_A_PANELS).min(mpanels) {
+                        let ap = apack[ip * MR * kc2..].as_ptr();
+                        let rows = MR.min(m - ip * MR);
+                        let c = out.0.add(ip * MR * n + n0 + jp * NR);
+                        if rows == MR && cols == NR {
+                            kernel(kc2, ap, bp, c, n, p0 > 0);
+                        } else {
+                            let mut tile = [0f32; MR * NR];
+                            kernel(kc2, ap, bp, tile.as_mut_ptr(), NR, false);
+                            for r in 0..rows {
+                                let row = std::slice::from_raw_parts_mut(c.add(r * n), cols);
+                                for (o, v) in row.iter_mut().zip(&tile[r * NR..]) {
+                                    *o = if p0 > 0 { *o + v } else { *v };
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            let tasks: Vec<(usize, usize)> = (0..mpanels)
+                .step_by(TASK_A_PANELS)
+                .flat_map(|ta| (0..npanels).step_by(TASK_B_PANELS).map(move |tb| (ta, tb)))
+                .collect();
+            if parallel {
+                use rayon::prelude::*;
+                tasks.into_par_iter().for_each(task);
+            } else {
+                tasks.into_iter().for_each(task);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// f64 products of the bf16-rounded operands.
+    fn reference(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| unsafe {
+                        round_bf16(a.at(i, p)) as f64 * round_bf16(b.at(p, j)) as f64
+                    })
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn check(kind: KernelKind, m: usize, n: usize, k: usize, a_t: bool, b_t: bool, par: bool) {
+        let (av, bv) = (rand(m * k, 1 + m as u64), rand(k * n, 7 + n as u64));
+        // Transposed operands are stored the other way round and read through strides.
+        let a = if a_t {
+            Mat {
+                ptr: av.as_ptr(),
+                rs: 1,
+                cs: m as isize,
+            }
+        } else {
+            Mat {
+                ptr: av.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            }
+        };
+        let b = if b_t {
+            Mat {
+                ptr: bv.as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            }
+        } else {
+            Mat {
+                ptr: bv.as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            }
+        };
+        let mut c = vec![f32::NAN; m * n];
+        unsafe { gemm(m, n, k, c.as_mut_ptr(), a, b, par, kind) };
+        let want = reference(m, n, k, a, b);
+        for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+            let tol = 1e-5 * (k as f64).sqrt() + 1e-6 * w.abs();
+            assert!(
+                (*g as f64 - w).abs() <= tol,
+                "{kind:?} {m}x{n}x{k} (a_t {a_t}, b_t {b_t}) at {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (12, 32, 2),
+        (13, 33, 3),
+        (7, 100, 385),
+        (100, 70, 769),
+        (97, 4100, 5),
+        (200, 65, 40),
+        (3, 5, 0),
+    ];
+
+    #[test]
+    fn portable_kernel_packing_and_blocking_match_the_bf16_reference() {
+        for &(m, n, k) in SHAPES {
+            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                check(KernelKind::Portable, m, n, k, a_t, b_t, true);
+            }
+            check(KernelKind::Portable, m, n, k, false, false, false);
+        }
+    }
+
+    /// Runs only on CPUs with AVX512-BF16 (this project's development machine has none; CI
+    /// machines that have it run it).
+    #[test]
+    fn avx512bf16_kernel_matches_the_bf16_reference() {
+        if !available() {
+            eprintln!("avx512bf16 kernel not tested: this CPU has no AVX512-BF16");
+            return;
+        }
+        for &(m, n, k) in SHAPES {
+            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                check(KernelKind::Avx512Bf16, m, n, k, a_t, b_t, true);
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        for x in [0.1f32, -3.7, 1e-30, 65504.0] {
+            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+    }
+}
