@@ -808,3 +808,48 @@ fn nvme_offload_from_a_deepspeed_config_equals_the_one_rank_run() {
         &["offload to nvme needs stage 3"],
     );
 }
+
+/// `--bf16` on the CPU: fp32 parameters as master weights and every matrix product in bf16. It
+/// learns, follows the fp32 run within bf16's rounding (and is not the fp32 run), and its dp 2 run
+/// equals its one-rank run. A DeepSpeed config that says `bf16.enabled false` contradicts the flag.
+#[test]
+fn bf16_on_the_cpu_learns_follows_fp32_and_is_layout_independent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mf, mb, mb2) = (
+        tmp.path().join("fp32.jsonl"),
+        tmp.path().join("bf16.jsonl"),
+        tmp.path().join("bf16-dp2.jsonl"),
+    );
+    ok(&run(&tiny("6", &mf), &["--batch-size", "4"]));
+    ok(&run(&tiny("6", &mb), &["--batch-size", "4", "--bf16"]));
+    ok(&run(
+        &tiny("6", &mb2),
+        &["--batch-size", "2", "--world-size", "2", "--bf16"],
+    ));
+    let (fp32, bf16, dp2) = (metrics(&mf), metrics(&mb), metrics(&mb2));
+    assert_eq!(bf16.len(), 6);
+    let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
+    assert!(loss(&bf16[5]) < loss(&bf16[0]), "bf16 does not learn");
+    let mut differs = false;
+    for ((b, f), d) in bf16.iter().zip(&fp32).zip(&dp2) {
+        let (lb, lf, ld) = (loss(b), loss(f), loss(d));
+        assert!((lb - lf).abs() <= 0.02 * lf, "bf16 {lb} vs fp32 {lf}");
+        differs |= lb != lf;
+        assert!((ld - lb).abs() <= 1e-3 * lb, "bf16 dp2 {ld} vs one rank {lb}");
+    }
+    assert!(differs, "bf16 losses equal fp32's: the products were not rounded");
+    let config = tmp.path().join("ds.json");
+    std::fs::write(&config, r#"{"train_batch_size": 4, "bf16": {"enabled": false}}"#).unwrap();
+    fails_with(
+        &run(
+            &tiny("1", &mf),
+            &[
+                "--bf16",
+                "--deepspeed",
+                "--deepspeed_config",
+                config.to_str().unwrap(),
+            ],
+        ),
+        &["--bf16", "bf16.enabled false"],
+    );
+}
