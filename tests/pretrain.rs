@@ -835,11 +835,21 @@ fn bf16_on_the_cpu_learns_follows_fp32_and_is_layout_independent() {
         let (lb, lf, ld) = (loss(b), loss(f), loss(d));
         assert!((lb - lf).abs() <= 0.02 * lf, "bf16 {lb} vs fp32 {lf}");
         differs |= lb != lf;
-        assert!((ld - lb).abs() <= 1e-3 * lb, "bf16 dp2 {ld} vs one rank {lb}");
+        assert!(
+            (ld - lb).abs() <= 1e-3 * lb,
+            "bf16 dp2 {ld} vs one rank {lb}"
+        );
     }
-    assert!(differs, "bf16 losses equal fp32's: the products were not rounded");
+    assert!(
+        differs,
+        "bf16 losses equal fp32's: the products were not rounded"
+    );
     let config = tmp.path().join("ds.json");
-    std::fs::write(&config, r#"{"train_batch_size": 4, "bf16": {"enabled": false}}"#).unwrap();
+    std::fs::write(
+        &config,
+        r#"{"train_batch_size": 4, "bf16": {"enabled": false}}"#,
+    )
+    .unwrap();
     fails_with(
         &run(
             &tiny("1", &mf),

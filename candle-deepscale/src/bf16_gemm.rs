@@ -45,6 +45,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    // A method, so closures capture the Send wrapper rather than its raw-pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Round to nearest even, as `vcvtne2ps2bf16` does; NaNs stay NaN (quietened).
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
@@ -246,9 +253,7 @@ fn pack_b(b: Mat, n0: usize, nc: usize, p0: usize, kc: usize, out: &mut [u32], p
 /// # Safety
 /// `a` must address `m x k` readable elements, `b` `k x n`, `dst` `m * n` writable ones.
 pub unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     a: Mat,
     b: Mat,
@@ -277,14 +282,13 @@ pub unsafe fn gemm(
             let npanels = nc.div_ceil(NR);
             let (apack, bpack) = (&apack, &bpack);
             let task = |(ta, tb): (usize, usize)| {
-                let out = out;
                 for jp in tb..(tb + TASK_B_PANELS).min(npanels) {
                     let bp = bpack[jp * NR * kc2..].as_ptr();
                     let cols = NR.min(nc - jp * NR);
                     for ip in ta..(ta + TASK_A_PANELS).min(mpanels) {
                         let ap = apack[ip * MR * kc2..].as_ptr();
                         let rows = MR.min(m - ip * MR);
-                        let c = out.0.add(ip * MR * n + n0 + jp * NR);
+                        let c = out.get().add(ip * MR * n + n0 + jp * NR);
                         if rows == MR && cols == NR {
                             kernel(kc2, ap, bp, c, n, p0 > 0);
                         } else {
@@ -375,7 +379,7 @@ mod tests {
             }
         };
         let mut c = vec![f32::NAN; m * n];
-        unsafe { gemm(m, n, k, c.as_mut_ptr(), a, b, par, kind) };
+        unsafe { gemm((m, n, k), c.as_mut_ptr(), a, b, par, kind) };
         let want = reference(m, n, k, a, b);
         for (i, (g, w)) in c.iter().zip(&want).enumerate() {
             let tol = 1e-5 * (k as f64).sqrt() + 1e-6 * w.abs();

@@ -126,7 +126,7 @@ unsafe fn gemm(
     match precision {
         Precision::Highest => fp32(m, n, k, dst, a, b, par),
         Precision::Bf16 if bf16_gemm::available() => {
-            bf16_gemm::gemm(m, n, k, dst, a, b, parallel, KernelKind::Avx512Bf16)
+            bf16_gemm::gemm((m, n, k), dst, a, b, parallel, KernelKind::Avx512Bf16)
         }
         Precision::Bf16 => {
             let (ar, br) = (rounded(a, m, k, parallel), rounded(b, k, n, parallel));
@@ -182,6 +182,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    // A method, so closures capture the Send wrapper rather than its raw-pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
         "deepscale-matmul"
@@ -215,14 +222,13 @@ impl CustomOp2 for MatMul {
         let mut dst: Vec<f32> = Vec::with_capacity(batch * size);
         let out = OutPtr(dst.as_mut_ptr());
         let one = |i: usize, parallel: bool| {
-            let out = out;
             // SAFETY: the offsets come from the layouts of storages that hold them; item i writes
             // its own m x n block of the batch * m * n capacity.
             unsafe {
                 gemm(
                     self.precision,
                     (m, n, k),
-                    out.0.add(i * size),
+                    out.get().add(i * size),
                     mat(a, ao[i], sa),
                     mat(b, bo[i], sb),
                     parallel,
