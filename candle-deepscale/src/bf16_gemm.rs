@@ -247,7 +247,8 @@ fn pack_b(b: Mat, n0: usize, nc: usize, p0: usize, kc: usize, out: &mut [u32], p
 }
 
 /// `dst[m x n] = A[m x k] B[k x n]` with bf16 operands and fp32 accumulation; `dst` is row-major
-/// with row stride `n` and is written whole (it may start uninitialised). `parallel` spreads the
+/// with row stride `n` and is written whole (it may start uninitialised), or added to when `add`.
+/// `parallel` spreads the
 /// work over rayon's threads (callers that already run one product per thread pass false).
 ///
 /// # Safety
@@ -258,13 +259,16 @@ pub unsafe fn gemm(
     a: Mat,
     b: Mat,
     parallel: bool,
+    add: bool,
     kind: KernelKind,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        std::ptr::write_bytes(dst, 0, m * n);
+        if !add {
+            std::ptr::write_bytes(dst, 0, m * n);
+        }
         return;
     }
     let kernel = kind.kernel();
@@ -289,15 +293,16 @@ pub unsafe fn gemm(
                         let ap = apack[ip * MR * kc2..].as_ptr();
                         let rows = MR.min(m - ip * MR);
                         let c = out.get().add(ip * MR * n + n0 + jp * NR);
+                        let acc = add || p0 > 0;
                         if rows == MR && cols == NR {
-                            kernel(kc2, ap, bp, c, n, p0 > 0);
+                            kernel(kc2, ap, bp, c, n, acc);
                         } else {
                             let mut tile = [0f32; MR * NR];
                             kernel(kc2, ap, bp, tile.as_mut_ptr(), NR, false);
                             for r in 0..rows {
                                 let row = std::slice::from_raw_parts_mut(c.add(r * n), cols);
                                 for (o, v) in row.iter_mut().zip(&tile[r * NR..]) {
-                                    *o = if p0 > 0 { *o + v } else { *v };
+                                    *o = if acc { *o + v } else { *v };
                                 }
                             }
                         }
@@ -379,7 +384,7 @@ mod tests {
             }
         };
         let mut c = vec![f32::NAN; m * n];
-        unsafe { gemm((m, n, k), c.as_mut_ptr(), a, b, par, kind) };
+        unsafe { gemm((m, n, k), c.as_mut_ptr(), a, b, par, false, kind) };
         let want = reference(m, n, k, a, b);
         for (i, (g, w)) in c.iter().zip(&want).enumerate() {
             let tol = 1e-5 * (k as f64).sqrt() + 1e-6 * w.abs();
@@ -423,6 +428,39 @@ mod tests {
             for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
                 check(KernelKind::Avx512Bf16, m, n, k, a_t, b_t, true);
             }
+        }
+    }
+
+    /// `add` keeps what dst holds (a linear's bias rows) across all k slices and edge tiles.
+    #[test]
+    fn add_accumulates_onto_the_destination() {
+        let (m, n, k) = (13, 40, 400);
+        let (av, bv) = (rand(m * k, 3), rand(k * n, 4));
+        let a = Mat {
+            ptr: av.as_ptr(),
+            rs: k as isize,
+            cs: 1,
+        };
+        let b = Mat {
+            ptr: bv.as_ptr(),
+            rs: n as isize,
+            cs: 1,
+        };
+        let mut c: Vec<f32> = (0..m * n).map(|i| (i % n) as f32).collect();
+        unsafe {
+            gemm(
+                (m, n, k),
+                c.as_mut_ptr(),
+                a,
+                b,
+                true,
+                true,
+                KernelKind::Portable,
+            )
+        };
+        for (i, (g, w)) in c.iter().zip(reference(m, n, k, a, b)).enumerate() {
+            let w = w + (i % n) as f64;
+            assert!((*g as f64 - w).abs() < 1e-3, "at {i}: {g} vs {w}");
         }
     }
 

@@ -56,17 +56,7 @@ pub fn set_enabled(on: bool) {
 /// `a @ b` over the last two dimensions, with equal leading (batch) dimensions. CPU fp32 products
 /// run this module's op (with its backward); anything else is candle's `matmul`.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let r = a.rank();
-    let ours = ENABLED.load(Ordering::Relaxed)
-        && a.device().is_cpu()
-        && b.device().is_cpu()
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && r >= 2
-        && b.rank() == r
-        && a.dims()[..r - 2] == b.dims()[..r - 2]
-        && a.dims()[r - 1] == b.dims()[r - 2];
-    if !ours {
+    if !ours(a, b) {
         return a.matmul(b);
     }
     a.apply_op2(
@@ -77,8 +67,88 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Whether this module's op computes `a @ b`.
+fn ours(a: &Tensor, b: &Tensor) -> bool {
+    let r = a.rank();
+    ENABLED.load(Ordering::Relaxed)
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && r >= 2
+        && b.rank() == r
+        && a.dims()[..r - 2] == b.dims()[..r - 2]
+        && a.dims()[r - 1] == b.dims()[r - 2]
+}
+
 struct MatMul {
     precision: Precision,
+}
+
+/// `x @ w_t + bias`: the bias rows are the GEMM's starting output, which saves the separate
+/// broadcast add (a full pass over the output, ~6% of a GPT-2 step) and its buffer.
+struct MatMulBias {
+    precision: Precision,
+}
+
+/// `a @ b + bias` (bias `[n]` added to every output row), fused on the CPU in fp32; composed
+/// (`matmul` then `broadcast_add`) elsewhere.
+pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let fused = ENABLED.load(Ordering::Relaxed)
+        && bias.device().is_cpu()
+        && bias.dtype() == DType::F32
+        && bias.rank() == 1
+        && ours(a, b);
+    if !fused {
+        return matmul(a, b)?.broadcast_add(bias);
+    }
+    a.apply_op3(
+        b,
+        bias,
+        MatMulBias {
+            precision: float32_matmul_precision(),
+        },
+    )
+}
+
+impl candle_core::CustomOp3 for MatMulBias {
+    fn name(&self) -> &'static str {
+        "deepscale-matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (
+            f32s(s1, "the left operand")?,
+            f32s(s2, "the right operand")?,
+        );
+        let bias = crate::fast_math::contiguous_f32(s3, l3, "linear", "the bias")?;
+        forward(self.precision, (a, l1), (b, l2), Some(bias))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = MatMul {
+            precision: self.precision,
+        }
+        .bwd(a, b, _res, grad)?;
+        let n = grad.dim(candle_core::D::Minus1)?;
+        let gbias = grad.reshape(((), n))?.sum(0)?;
+        Ok((ga, gb, Some(gbias)))
+    }
 }
 
 /// Offsets of every batch item's matrix (row-major order of the leading dimensions).
@@ -94,10 +164,11 @@ fn batch_offsets(l: &Layout) -> Vec<usize> {
     offsets
 }
 
-/// One product into `dst` (row-major, `m x n`), written whole.
+/// One product into `dst` (row-major, `m x n`): written whole, or added to what `dst` holds when
+/// `add` (the bias rows of a fused linear).
 ///
 /// # Safety
-/// `a`, `b` must address `m x k` and `k x n` elements, `dst` `m * n`.
+/// `a`, `b` must address `m x k` and `k x n` elements, `dst` `m * n` (initialised when `add`).
 unsafe fn gemm(
     precision: Precision,
     (m, n, k): (usize, usize, usize),
@@ -105,12 +176,15 @@ unsafe fn gemm(
     a: Mat,
     b: Mat,
     parallel: bool,
+    add: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        std::ptr::write_bytes(dst, 0, m * n);
+        if !add {
+            std::ptr::write_bytes(dst, 0, m * n);
+        }
         return;
     }
     let threads = if parallel {
@@ -124,9 +198,9 @@ unsafe fn gemm(
         gemm::Parallelism::None
     };
     match precision {
-        Precision::Highest => fp32(m, n, k, dst, a, b, par),
+        Precision::Highest => fp32(m, n, k, dst, a, b, par, add),
         Precision::Bf16 if bf16_gemm::available() => {
-            bf16_gemm::gemm((m, n, k), dst, a, b, parallel, KernelKind::Avx512Bf16)
+            bf16_gemm::gemm((m, n, k), dst, a, b, parallel, add, KernelKind::Avx512Bf16)
         }
         Precision::Bf16 => {
             let (ar, br) = (rounded(a, m, k, parallel), rounded(b, k, n, parallel));
@@ -140,11 +214,12 @@ unsafe fn gemm(
                 rs: n as isize,
                 cs: 1,
             };
-            fp32(m, n, k, dst, a, b, par)
+            fp32(m, n, k, dst, a, b, par, add)
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn fp32(
     m: usize,
     n: usize,
@@ -153,9 +228,11 @@ unsafe fn fp32(
     a: Mat,
     b: Mat,
     par: gemm::Parallelism,
+    add: bool,
 ) {
+    // dst = alpha dst + beta a b; alpha is ignored unless dst is read.
     gemm::gemm(
-        m, n, k, dst, 1, n as isize, false, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 0.0, 1.0, false,
+        m, n, k, dst, 1, n as isize, add, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, 1.0, false,
         false, false, par,
     )
 }
@@ -189,6 +266,75 @@ impl OutPtr {
     }
 }
 
+/// The batched product of `a` and `b` (plus `bias` on every output row when given).
+fn forward(
+    precision: Precision,
+    (a, l1): (&[f32], &Layout),
+    (b, l2): (&[f32], &Layout),
+    bias: Option<&[f32]>,
+) -> Result<(CpuStorage, Shape)> {
+    let (ad, bd) = (l1.dims(), l2.dims());
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        bail!("matmul: shapes {ad:?} and {bd:?} do not multiply")
+    }
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    if bias.is_some_and(|b| b.len() != n) {
+        bail!(
+            "linear: bias of {} for {n} outputs",
+            bias.map_or(0, |b| b.len())
+        )
+    }
+    let (ao, bo) = (batch_offsets(l1), batch_offsets(l2));
+    let (sa, sb) = (l1.stride(), l2.stride());
+    let mat = |v: &[f32], o: usize, s: &[usize]| Mat {
+        ptr: v[o..].as_ptr(),
+        rs: s[r - 2] as isize,
+        cs: s[r - 1] as isize,
+    };
+    let (batch, size) = (ao.len(), m * n);
+    let mut dst: Vec<f32> = Vec::with_capacity(batch * size);
+    if let Some(bias) = bias {
+        for _ in 0..batch * m {
+            dst.extend_from_slice(bias);
+        }
+    }
+    let out = OutPtr(dst.as_mut_ptr());
+    let one = |i: usize, parallel: bool| {
+        // SAFETY: the offsets come from the layouts of storages that hold them; item i writes
+        // its own m x n block of the batch * m * n capacity (initialised when there is a bias).
+        unsafe {
+            gemm(
+                precision,
+                (m, n, k),
+                out.get().add(i * size),
+                mat(a, ao[i], sa),
+                mat(b, bo[i], sb),
+                parallel,
+                bias.is_some(),
+            )
+        }
+    };
+    // Items small enough to go one per thread do (attention's heads); big ones use every thread.
+    if batch > 1 && m * n * k <= 1 << 24 {
+        (0..batch).into_par_iter().for_each(|i| one(i, false));
+    } else {
+        (0..batch).for_each(|i| one(i, true));
+    }
+    // SAFETY: every product wrote (or added to) its whole block.
+    unsafe { dst.set_len(batch * size) };
+    let mut shape = ad[..r - 2].to_vec();
+    shape.extend([m, n]);
+    Ok((CpuStorage::F32(dst), Shape::from(shape)))
+}
+
+fn f32s<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => bail!("matmul: {what} must be f32"),
+    }
+}
+
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
         "deepscale-matmul"
@@ -201,51 +347,11 @@ impl CustomOp2 for MatMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => (a, b),
-            _ => bail!("matmul: f32 operands expected"),
-        };
-        let (ad, bd) = (l1.dims(), l2.dims());
-        let r = ad.len();
-        if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
-            bail!("matmul: shapes {ad:?} and {bd:?} do not multiply")
-        }
-        let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
-        let (ao, bo) = (batch_offsets(l1), batch_offsets(l2));
-        let (sa, sb) = (l1.stride(), l2.stride());
-        let mat = |v: &[f32], o: usize, s: &[usize]| Mat {
-            ptr: v[o..].as_ptr(),
-            rs: s[r - 2] as isize,
-            cs: s[r - 1] as isize,
-        };
-        let (batch, size) = (ao.len(), m * n);
-        let mut dst: Vec<f32> = Vec::with_capacity(batch * size);
-        let out = OutPtr(dst.as_mut_ptr());
-        let one = |i: usize, parallel: bool| {
-            // SAFETY: the offsets come from the layouts of storages that hold them; item i writes
-            // its own m x n block of the batch * m * n capacity.
-            unsafe {
-                gemm(
-                    self.precision,
-                    (m, n, k),
-                    out.get().add(i * size),
-                    mat(a, ao[i], sa),
-                    mat(b, bo[i], sb),
-                    parallel,
-                )
-            }
-        };
-        // Items small enough to go one per thread do (attention's heads); big ones use every thread.
-        if batch > 1 && m * n * k <= 1 << 24 {
-            (0..batch).into_par_iter().for_each(|i| one(i, false));
-        } else {
-            (0..batch).for_each(|i| one(i, true));
-        }
-        // SAFETY: every product wrote its whole block.
-        unsafe { dst.set_len(batch * size) };
-        let mut shape = ad[..r - 2].to_vec();
-        shape.extend([m, n]);
-        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+        let (a, b) = (
+            f32s(s1, "the left operand")?,
+            f32s(s2, "the right operand")?,
+        );
+        forward(self.precision, (a, l1), (b, l2), None)
     }
 
     fn bwd(
@@ -307,6 +413,34 @@ mod tests {
             let g2 = (theirs * &w)?.sum_all()?.backward()?;
             for v in [&a, &b] {
                 close(g1.get(v).expect("grad"), g2.get(v).expect("grad"), 1e-5)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused bias equals `matmul` + `broadcast_add`: values and all three gradients, in fp32
+    /// and bf16 precision, 2-D and batched.
+    #[test]
+    fn matmul_bias_equals_the_composed_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        for precision in [Precision::Highest, Precision::Bf16] {
+            for (sa, sb) in [(vec![37, 19], vec![53, 19]), (vec![3, 5, 8], vec![3, 7, 8])] {
+                let a = Var::randn(0f32, 1., sa.as_slice(), &dev)?;
+                let w = Var::randn(0f32, 1., sb.as_slice(), &dev)?;
+                let n = sb[sb.len() - 2];
+                let bias = Var::randn(0f32, 1., n, &dev)?;
+                let op = |x: &Tensor, y: &Tensor| x.apply_op2(y, MatMul { precision });
+                let fused =
+                    a.as_tensor()
+                        .apply_op3(&w.t()?, bias.as_tensor(), MatMulBias { precision })?;
+                let composed = op(&a, &w.t()?)?.broadcast_add(&bias)?;
+                close(&fused, &composed, 1e-5)?;
+                let g = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
+                let g1 = (fused * &g)?.sum_all()?.backward()?;
+                let g2 = (composed * &g)?.sum_all()?.backward()?;
+                for v in [&a, &w, &bias] {
+                    close(g1.get(v).expect("grad"), g2.get(v).expect("grad"), 1e-5)?;
+                }
             }
         }
         Ok(())

@@ -79,10 +79,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_dim = dims[dims.len() - 1];
     let rows = x.elem_count() / in_dim.max(1);
-    let y = crate::matmul::matmul(&x.reshape((rows, in_dim))?, &w.t()?)?;
+    let x = x.reshape((rows, in_dim))?;
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+        Some(b) => crate::matmul::matmul_bias(&x, &w.t()?, b)?,
+        None => crate::matmul::matmul(&x, &w.t()?)?,
     };
     let mut out = dims;
     let last = out.len() - 1;
