@@ -36,6 +36,10 @@ pub struct SuiteArgs {
     /// `torch_bench.py` (default: ../shared/peers/torch_bench.py beside the repository).
     #[arg(long)]
     pub torch_bench: Option<PathBuf>,
+    /// With `--compare-torch`: alternate this engine and PyTorch this many times per config and
+    /// report the median of the per-round ratios (the machine's speed drifts between runs).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Skip the bf16 mode's training step (bf16 matrix products, fp32 master weights).
     #[arg(long)]
     pub no_bf16: bool,
@@ -357,19 +361,35 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             );
         }
         if a.compare_torch {
-            let t = torch(&a, torch_name)?;
-            let (tt, tf) = (
-                t["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
-                t["fwd_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
-            );
-            row["torch_tokens_per_s"] = json!(tt);
-            row["torch_fwd_tokens_per_s"] = json!(tf);
-            row["vs_torch"] = json!(m.tokens_per_s / tt);
-            row["fwd_vs_torch"] = json!(m.fwd_tokens_per_s / tf);
+            // Round 1 pairs the measurement above with PyTorch; later rounds measure both again.
+            let (mut ours, mut theirs) = (vec![m.tokens_per_s], Vec::new());
+            let (mut ours_fwd, mut theirs_fwd) = (vec![m.fwd_tokens_per_s], Vec::new());
+            for round in 0..a.rounds.max(1) {
+                if round > 0 {
+                    let m = measure(&cfg, b, s, a.iters.max(1), true)?;
+                    ours.push(m.tokens_per_s);
+                    ours_fwd.push(m.fwd_tokens_per_s);
+                }
+                let t = torch(&a, torch_name)?;
+                theirs.push(t["tokens_per_s"].as_f64().unwrap_or(f64::NAN));
+                theirs_fwd.push(t["fwd_tokens_per_s"].as_f64().unwrap_or(f64::NAN));
+            }
+            let ratio =
+                |x: &[f64], y: &[f64]| median(x.iter().zip(y).map(|(a, b)| a / b).collect());
+            let (train, fwd) = (ratio(&ours, &theirs), ratio(&ours_fwd, &theirs_fwd));
+            row["rounds_tokens_per_s"] = json!(ours);
+            row["rounds_fwd_tokens_per_s"] = json!(ours_fwd);
+            row["torch_tokens_per_s"] = json!(median(theirs.clone()));
+            row["torch_fwd_tokens_per_s"] = json!(median(theirs_fwd.clone()));
+            row["rounds_torch_tokens_per_s"] = json!(theirs);
+            row["rounds_torch_fwd_tokens_per_s"] = json!(theirs_fwd);
+            row["vs_torch"] = json!(train);
+            row["fwd_vs_torch"] = json!(fwd);
             line += &format!(
-                "; PyTorch train {tt:.1}, forward {tf:.1} tokens/s: {:.2}x train, {:.2}x forward",
-                m.tokens_per_s / tt,
-                m.fwd_tokens_per_s / tf
+                "; PyTorch train {:.1}, forward {:.1} tokens/s: {train:.2}x train, {fwd:.2}x forward (median of {} paired rounds)",
+                median(theirs),
+                median(theirs_fwd),
+                a.rounds.max(1)
             );
         }
         eprintln!("{line}");
