@@ -84,6 +84,22 @@ pub fn self_attention(
     Ok((y, (k, v)))
 }
 
+/// Causal attention without a KV cache (training, evaluation): the fused CPU kernel
+/// ([`crate::fused_attention`]) where it applies, else [`self_attention`]'s composed ops.
+pub fn causal_self_attention(
+    qkv: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    dropout: AttentionDropout,
+    ctx: &ForwardCtx,
+) -> Result<Tensor> {
+    let p = ctx.train.then_some((dropout.p, dropout.key));
+    if let Some(y) = crate::fused_attention::causal_attention(qkv, heads, head_dim, p)? {
+        return Ok(y);
+    }
+    Ok(self_attention(qkv, heads, head_dim, None, Mask::Causal, dropout, ctx)?.0)
+}
+
 /// Scaled scores with the mask added (the composed path).
 fn masked(scores: &Tensor, t: usize, mask: Mask) -> Result<Tensor> {
     Ok(match mask {

@@ -15,6 +15,7 @@ pub mod cpu_adam;
 pub mod cross_entropy;
 pub mod engine;
 pub mod fast_math;
+pub mod fused_attention;
 pub mod fused_bias_gelu;
 pub mod fused_layer_norm;
 pub mod fused_softmax;
@@ -34,13 +35,14 @@ pub mod zero;
 pub use module::{Activations, ForwardCtx, Layer};
 pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};
 
-/// The CPU kernels of this crate (fused LayerNorm, bias + GeLU, causal softmax, cross entropy, and
-/// the matmul op) on, or off for candle's composed ops: to compare, or to rule them out when
+/// The CPU kernels of this crate (fused LayerNorm, bias + GeLU, causal softmax, causal attention,
+/// cross entropy, and the matmul op) on, or off for candle's composed ops: to compare, or to rule them out when
 /// debugging (`DEEPSCALE_FUSED=0` in the binary).
 pub fn set_cpu_kernels(on: bool) {
     fused_layer_norm::set_enabled(on);
     fused_bias_gelu::set_enabled(on);
     fused_softmax::set_enabled(on);
+    fused_attention::set_enabled(on);
     cross_entropy::fused::set_enabled(on);
     matmul::set_enabled(on);
 }

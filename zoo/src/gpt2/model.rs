@@ -1,6 +1,6 @@
 use super::Config;
 use candle_core::{Result, Tensor};
-use candle_deepscale::attention::{self_attention, AttentionDropout, Mask};
+use candle_deepscale::attention::{causal_self_attention, self_attention, AttentionDropout, Mask};
 use candle_deepscale::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::nn::{self, Embedding, LayerNorm};
 use candle_deepscale::parameter::{Param, ParamBuilder, ParamOpts};
@@ -187,13 +187,18 @@ impl Block {
         &self,
         x: &Tensor,
         past: Option<&(Tensor, Tensor)>,
+        need_kv: bool,
         ctx: &ForwardCtx,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let dropout = AttentionDropout {
             p: self.attention_dropout,
             key: ctx.tp_site_key(&self.site("attention"), self.tp_rank),
         };
         let qkv = self.query_key_value.forward(x)?;
+        if past.is_none() && !need_kv {
+            let y = causal_self_attention(&qkv, self.heads, self.head_dim, dropout, ctx)?;
+            return Ok((self.dense.forward(&y)?, None));
+        }
         let (y, kv) = self_attention(
             &qkv,
             self.heads,
@@ -203,7 +208,7 @@ impl Block {
             dropout,
             ctx,
         )?;
-        Ok((self.dense.forward(&y)?, kv))
+        Ok((self.dense.forward(&y)?, Some(kv)))
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
@@ -219,9 +224,10 @@ impl Block {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let past = cache.as_ref().and_then(|c| c.as_ref());
-        let (a, kv) = self.attention(&self.input_layernorm.forward(x)?, past, ctx)?;
+        let need_kv = cache.is_some();
+        let (a, kv) = self.attention(&self.input_layernorm.forward(x)?, past, need_kv, ctx)?;
         if let Some(c) = cache {
-            *c = Some(kv);
+            *c = kv;
         }
         let x = (x + nn::dropout(
             &a,

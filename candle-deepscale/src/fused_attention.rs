@@ -1,0 +1,445 @@
+//! Causal self-attention as one CPU op with its own backward, per (batch, head): `S = Q K^T`,
+//! Megatron's scaled causal softmax, attention dropout, `O = P V`. Q, K and V are read in place
+//! from the QKV projection's output (`[b, t, heads, 3, head_dim]`) and O is written in
+//! `[b, t, heads * head_dim]`, so none of the composed path's narrow / transpose / contiguous
+//! copies run, nor their backward (candle pads a narrow's gradient with zeros and adds the three).
+//! Like FlashAttention, only the rows' log-sum-exps are kept for backward, which recomputes each
+//! head's probabilities (one more `t x t x d` product): no `[b, heads, t, t]` tensor lives between
+//! forward and backward, and the `t x t` scratch exists per thread, one head at a time. The
+//! products go through [`crate::matmul`] at the process's matmul precision.
+use crate::bf16_gemm::Mat;
+use crate::fast_math::{contiguous_f32, exp};
+use crate::matmul::{float32_matmul_precision, gemm_into, Precision};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Causal attention of `qkv [b, t, heads * 3 * head_dim]` (rows per head as `[3, head_dim]`)
+/// into `[b, t, heads * head_dim]`, with dropout `(p, key)` on the probabilities drawn exactly as
+/// `nn::dropout` draws them over `[b, heads, t, t]`. `None` where the fused kernel does not apply
+/// (not CPU f32, switched off, or p >= 1): the caller composes the ops instead.
+pub fn causal_attention(
+    qkv: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    dropout: Option<(f64, u64)>,
+) -> Result<Option<Tensor>> {
+    let dropout = dropout.filter(|(p, _)| *p > 0.0);
+    if !ENABLED.load(Ordering::Relaxed)
+        || !qkv.device().is_cpu()
+        || qkv.dtype() != candle_core::DType::F32
+        || dropout.is_some_and(|(p, _)| p >= 1.0)
+        || qkv.rank() != 3
+        || qkv.dim(2)? != heads * 3 * head_dim
+    {
+        return Ok(None);
+    }
+    let op = Attention {
+        heads,
+        d: head_dim,
+        dropout,
+        precision: float32_matmul_precision(),
+        lse: Mutex::new(Vec::new()),
+    };
+    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+}
+
+struct Attention {
+    heads: usize,
+    d: usize,
+    dropout: Option<(f64, u64)>,
+    precision: Precision,
+    /// Row log-sum-exps of the scaled scores, `[b, heads, t]`, from the last forward.
+    lse: Mutex<Vec<f32>>,
+}
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+impl Ptr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Shapes and the per-(batch, head) views.
+#[derive(Clone, Copy)]
+struct Geometry {
+    t: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
+    dropout: Option<(f64, u64)>,
+    precision: Precision,
+}
+
+impl Geometry {
+    /// Q (`which` 0), K (1) or V (2) of head `bh` as a `t x d` matrix inside `qkv`.
+    fn qkv(&self, qkv: &[f32], bh: usize, which: usize) -> Mat {
+        let (b, h) = (bh / self.heads, bh % self.heads);
+        let w = self.heads * 3 * self.d;
+        Mat {
+            ptr: qkv[b * self.t * w + (h * 3 + which) * self.d..].as_ptr(),
+            rs: w as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a `t x d` view.
+    fn t(m: Mat) -> Mat {
+        Mat {
+            ptr: m.ptr,
+            rs: m.cs,
+            cs: m.rs,
+        }
+    }
+
+    /// Offset of head `bh`'s block in a `[b, t, heads * d]` tensor.
+    fn out_offset(&self, bh: usize) -> usize {
+        let (b, h) = (bh / self.heads, bh % self.heads);
+        b * self.t * self.heads * self.d + h * self.d
+    }
+
+    /// Dropout multiplier of probability (r, c) of head `bh` (`nn::dropout`'s element order).
+    fn keep(&self, bh: usize, r: usize, c: usize) -> f32 {
+        match self.dropout {
+            None => 1.0,
+            Some((p, key)) => {
+                let i = ((bh * self.t + r) * self.t + c) as u64;
+                if crate::random::uniform(key, i) > p {
+                    (1.0 / (1.0 - p)) as f32
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    /// `S = Q K^T` of head `bh` into `s` (`t x t`).
+    fn scores(&self, qkv: &[f32], bh: usize, s: &mut [f32]) {
+        let (q, k) = (self.qkv(qkv, bh, 0), self.qkv(qkv, bh, 1));
+        // SAFETY: the views lie inside qkv; s holds t * t.
+        unsafe {
+            gemm_into(
+                self.precision,
+                (self.t, self.t, self.d),
+                s.as_mut_ptr(),
+                q,
+                Self::t(k),
+            )
+        };
+    }
+}
+
+fn mat(v: &[f32], rs: usize) -> Mat {
+    Mat {
+        ptr: v.as_ptr(),
+        rs: rs as isize,
+        cs: 1,
+    }
+}
+
+/// Copies a contiguous `t x d` block into head `bh`'s strided place (row stride `stride`).
+fn scatter(dst: Ptr, offset: usize, stride: usize, src: &[f32], d: usize) {
+    for (r, row) in src.chunks(d).enumerate() {
+        // SAFETY: every (head, row) owns a distinct d-wide slot of the destination.
+        unsafe {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add(offset + r * stride), d)
+        };
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_f32(s, l, "fused attention", "qkv")?;
+        let (b, t, _) = l.shape().dims3()?;
+        let (heads, d) = (self.heads, self.d);
+        let g = Geometry {
+            t,
+            heads,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            dropout: self.dropout,
+            precision: self.precision,
+        };
+        let mut out = vec![0f32; b * t * heads * d];
+        let mut lse = vec![0f32; b * heads * t];
+        let dst = Ptr(out.as_mut_ptr());
+        lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
+            let mut p = vec![0f32; t * t];
+            g.scores(qkv, bh, &mut p);
+            for (r, row) in p.chunks_mut(t).enumerate() {
+                let (live, masked) = row.split_at_mut(r + 1);
+                let m = live
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * g.scale));
+                let mut sum = 0.0;
+                for v in live.iter_mut() {
+                    *v = exp(*v * g.scale - m);
+                    sum += *v;
+                }
+                lse[r] = m + sum.ln();
+                for (c, v) in live.iter_mut().enumerate() {
+                    *v = *v / sum * g.keep(bh, r, c);
+                }
+                masked.fill(0.0);
+            }
+            let mut o = vec![0f32; t * d];
+            // SAFETY: p is t x t, V a t x d view of qkv, o holds t * d.
+            unsafe {
+                gemm_into(
+                    g.precision,
+                    (t, d, t),
+                    o.as_mut_ptr(),
+                    mat(&p, t),
+                    g.qkv(qkv, bh, 2),
+                )
+            };
+            scatter(dst, g.out_offset(bh), heads * d, &o, d);
+        });
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused attention: lock".into()))? = lse;
+        Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused attention: lock".into()))?
+            .clone();
+        let op = AttentionGrad {
+            heads: self.heads,
+            d: self.d,
+            dropout: self.dropout,
+            precision: self.precision,
+            lse,
+        };
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+struct AttentionGrad {
+    heads: usize,
+    d: usize,
+    dropout: Option<(f64, u64)>,
+    precision: Precision,
+    lse: Vec<f32>,
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_f32(s1, l1, "fused attention backward", "qkv")?;
+        let dout = contiguous_f32(s2, l2, "fused attention backward", "the gradient")?;
+        let (b, t, w) = l1.shape().dims3()?;
+        let (heads, d) = (self.heads, self.d);
+        if dout.len() != b * t * heads * d || self.lse.len() != b * heads * t {
+            bail!("fused attention backward: the gradient or saved state does not match qkv")
+        }
+        let g = Geometry {
+            t,
+            heads,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            dropout: self.dropout,
+            precision: self.precision,
+        };
+        let mut dqkv = vec![0f32; b * t * w];
+        let dst = Ptr(dqkv.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each(|bh| {
+            let lse = &self.lse[bh * t..(bh + 1) * t];
+            // P (before dropout) recomputed from the saved log-sum-exps.
+            let mut p = vec![0f32; t * t];
+            g.scores(qkv, bh, &mut p);
+            for (r, row) in p.chunks_mut(t).enumerate() {
+                let (live, masked) = row.split_at_mut(r + 1);
+                for v in live.iter_mut() {
+                    *v = exp(*v * g.scale - lse[r]);
+                }
+                masked.fill(0.0);
+            }
+            // The probabilities as used (dropped out), for dV.
+            let pd: Vec<f32> = if g.dropout.is_some() {
+                p.iter()
+                    .enumerate()
+                    .map(|(i, &v)| v * g.keep(bh, i / t, i % t))
+                    .collect()
+            } else {
+                p.clone()
+            };
+            let o = g.out_offset(bh);
+            let dout_h = Mat {
+                ptr: dout[o..].as_ptr(),
+                rs: (heads * d) as isize,
+                cs: 1,
+            };
+            let (q, k, v) = (g.qkv(qkv, bh, 0), g.qkv(qkv, bh, 1), g.qkv(qkv, bh, 2));
+            let mut tmp = vec![0f32; t * d];
+            let row0 = (bh / heads) * t * w + (bh % heads) * 3 * d;
+            // SAFETY (all products): views lie inside qkv / dout, scratch sizes match.
+            // dV = Pd^T dO
+            unsafe {
+                gemm_into(
+                    g.precision,
+                    (t, d, t),
+                    tmp.as_mut_ptr(),
+                    Geometry::t(mat(&pd, t)),
+                    dout_h,
+                )
+            };
+            scatter(dst, row0 + 2 * d, w, &tmp, d);
+            // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
+            let mut ds = vec![0f32; t * t];
+            unsafe {
+                gemm_into(
+                    g.precision,
+                    (t, t, d),
+                    ds.as_mut_ptr(),
+                    dout_h,
+                    Geometry::t(v),
+                )
+            };
+            for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                let (live, masked) = drow.split_at_mut(r + 1);
+                let mut dot = 0.0;
+                for (c, (dv, pv)) in live.iter_mut().zip(prow).enumerate() {
+                    *dv *= g.keep(bh, r, c);
+                    dot += *dv * pv;
+                }
+                for (dv, pv) in live.iter_mut().zip(prow) {
+                    *dv = pv * (*dv - dot) * g.scale;
+                }
+                masked.fill(0.0);
+            }
+            // dQ = dS K, dK = dS^T Q
+            unsafe { gemm_into(g.precision, (t, d, t), tmp.as_mut_ptr(), mat(&ds, t), k) };
+            scatter(dst, row0, w, &tmp, d);
+            unsafe {
+                gemm_into(
+                    g.precision,
+                    (t, d, t),
+                    tmp.as_mut_ptr(),
+                    Geometry::t(mat(&ds, t)),
+                    q,
+                )
+            };
+            scatter(dst, row0 + d, w, &tmp, d);
+        });
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{self_attention, AttentionDropout, Mask};
+    use crate::module::ForwardCtx;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// Output and gradient equal the composed attention (`self_attention` with the fused kernels
+    /// off), with and without dropout, odd sizes included.
+    #[test]
+    fn equals_the_composed_attention_forward_and_backward() -> Result<()> {
+        for (b, t, heads, d, p) in [(2, 7, 3, 4, 0.0), (1, 33, 2, 8, 0.0), (2, 16, 2, 4, 0.3)] {
+            let qkv = Var::randn(0f32, 1., (b, t, heads * 3 * d), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1., (b, t, heads * d), &Device::Cpu)?;
+            let ctx = ForwardCtx::train(5, 1, 0);
+            let key = ctx.site_key("attention");
+            let fused = causal_attention(&qkv, heads, d, Some((p, key)))?.expect("applies");
+            // The composed reference (its softmax kernel and products are tested on their own).
+            let composed = self_attention(
+                &qkv,
+                heads,
+                d,
+                None,
+                Mask::Causal,
+                AttentionDropout { p, key },
+                &ctx,
+            )?
+            .0;
+            assert!(max_diff(&fused, &composed) < 1e-5, "forward b{b} t{t} p{p}");
+            let g1 = (fused * &w)?.sum_all()?.backward()?;
+            let g2 = (composed * &w)?.sum_all()?.backward()?;
+            let (g1, g2) = (g1.get(&qkv).expect("grad"), g2.get(&qkv).expect("grad"));
+            assert!(max_diff(g1, g2) < 1e-4, "backward b{b} t{t} p{p}");
+        }
+        Ok(())
+    }
+
+    /// Against central finite differences of a scalar function of the output.
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        let (b, t, heads, d) = (1, 5, 2, 3);
+        let x: Vec<f64> = (0..b * t * heads * 3 * d)
+            .map(|i| ((i * 37 % 23) as f64 / 23.0) - 0.5)
+            .collect();
+        let w: Vec<f32> = (0..b * t * heads * d)
+            .map(|i| ((i * 11 % 7) as f32 / 7.0) - 0.4)
+            .collect();
+        let w = Tensor::from_vec(w, (b, t, heads * d), &Device::Cpu)?;
+        let f = |x: &[f64]| -> Result<f64> {
+            let q = Tensor::from_vec(
+                x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                (b, t, heads * 3 * d),
+                &Device::Cpu,
+            )?;
+            let y = causal_attention(&q, heads, d, None)?.expect("applies");
+            Ok((y * &w)?.sum_all()?.to_scalar::<f32>()? as f64)
+        };
+        let v = Var::from_tensor(&Tensor::from_vec(
+            x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (b, t, heads * 3 * d),
+            &Device::Cpu,
+        )?)?;
+        let y = causal_attention(&v, heads, d, None)?.expect("applies");
+        let grads = (y * &w)?.sum_all()?.backward()?;
+        let g = grads
+            .get(&v)
+            .expect("grad")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let h = 1e-2;
+        for i in 0..x.len() {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += h;
+            xm[i] -= h;
+            let fd = (f(&xp)? - f(&xm)?) / (2.0 * h);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3,
+                "element {i}: finite difference {fd} vs {}",
+                g[i]
+            );
+        }
+        Ok(())
+    }
+}
