@@ -34,20 +34,30 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 impl Mat {
+    /// The transpose, read through swapped strides.
+    pub fn t(self) -> Mat {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
     #[inline(always)]
     pub(crate) unsafe fn at(&self, i: usize, j: usize) -> f32 {
         *self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
     }
 }
 
+/// An output buffer that parallel tasks write disjoint parts of.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     // A method, so closures capture the Send wrapper rather than its raw-pointer field.
-    fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut f32 {
         self.0
     }
 }
@@ -175,19 +185,29 @@ unsafe fn kernel_avx512bf16(
     }
 }
 
-/// A's rows `[0, m)` and columns `[p0, p0 + kc)` as `MR`-row panels of bf16 pairs (zero padded).
-fn pack_a(a: Mat, m: usize, p0: usize, kc: usize, out: &mut [u32], parallel: bool) {
+/// Lanes `[first, first + count)` of `x` (its rows; columns `[p0, p0 + kc)` along k) as panels of
+/// `width` lanes of bf16 pairs, `[kc2][width]` each, zero padded. A packs its rows (width `MR`);
+/// B packs the rows of its transpose (width `NR`).
+#[allow(clippy::too_many_arguments)]
+fn pack(
+    x: Mat,
+    width: usize,
+    (first, count): (usize, usize),
+    p0: usize,
+    kc: usize,
+    out: &mut [u32],
+    parallel: bool,
+) {
     let kc2 = kc.div_ceil(2);
     let panel = |(ip, dst): (usize, &mut [u32])| {
-        for r in 0..MR {
-            let i = ip * MR + r;
+        for l in 0..width {
+            let i = ip * width + l;
             for q in 0..kc2 {
-                let (k0, k1) = (p0 + 2 * q, p0 + 2 * q + 1);
-                let v = if i < m {
-                    // SAFETY: i < m and k0 < p0 + kc <= k; k1 only when inside the slice.
-                    let lo = unsafe { a.at(i, k0) };
+                let v = if i < count {
+                    // SAFETY: lane i < count lies inside x; depth p0 + 2q + 1 only inside the slice.
+                    let lo = unsafe { x.at(first + i, p0 + 2 * q) };
                     let hi = if 2 * q + 1 < kc {
-                        unsafe { a.at(i, k1) }
+                        unsafe { x.at(first + i, p0 + 2 * q + 1) }
                     } else {
                         0.0
                     };
@@ -195,54 +215,22 @@ fn pack_a(a: Mat, m: usize, p0: usize, kc: usize, out: &mut [u32], parallel: boo
                 } else {
                     0
                 };
-                dst[q * MR + r] = v;
+                dst[q * width + l] = v;
             }
         }
     };
-    let len = m.div_ceil(MR) * MR * kc2;
+    let len = count.div_ceil(width) * width * kc2;
     if parallel {
         use rayon::prelude::*;
         out[..len]
-            .par_chunks_mut(MR * kc2)
+            .par_chunks_mut(width * kc2)
             .enumerate()
             .for_each(panel);
     } else {
-        out[..len].chunks_mut(MR * kc2).enumerate().for_each(panel);
-    }
-}
-
-/// B's rows `[p0, p0 + kc)` and columns `[n0, n0 + nc)` as `NR`-column panels of bf16 pairs.
-fn pack_b(b: Mat, n0: usize, nc: usize, p0: usize, kc: usize, out: &mut [u32], parallel: bool) {
-    let kc2 = kc.div_ceil(2);
-    let panel = |(jp, dst): (usize, &mut [u32])| {
-        for c in 0..NR {
-            let j = jp * NR + c;
-            for q in 0..kc2 {
-                let v = if j < nc {
-                    // SAFETY: j < nc and the rows lie inside the slice.
-                    let lo = unsafe { b.at(p0 + 2 * q, n0 + j) };
-                    let hi = if 2 * q + 1 < kc {
-                        unsafe { b.at(p0 + 2 * q + 1, n0 + j) }
-                    } else {
-                        0.0
-                    };
-                    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
-                } else {
-                    0
-                };
-                dst[q * NR + c] = v;
-            }
-        }
-    };
-    let len = nc.div_ceil(NR) * NR * kc2;
-    if parallel {
-        use rayon::prelude::*;
         out[..len]
-            .par_chunks_mut(NR * kc2)
+            .chunks_mut(width * kc2)
             .enumerate()
             .for_each(panel);
-    } else {
-        out[..len].chunks_mut(NR * kc2).enumerate().for_each(panel);
     }
 }
 
@@ -279,10 +267,10 @@ pub unsafe fn gemm(
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         let kc2 = kc.div_ceil(2);
-        pack_a(a, m, p0, kc, &mut apack, parallel);
+        pack(a, MR, (0, m), p0, kc, &mut apack, parallel);
         for n0 in (0..n).step_by(NC) {
             let nc = NC.min(n - n0);
-            pack_b(b, n0, nc, p0, kc, &mut bpack, parallel);
+            pack(b.t(), NR, (n0, nc), p0, kc, &mut bpack, parallel);
             let npanels = nc.div_ceil(NR);
             let (apack, bpack) = (&apack, &bpack);
             let task = |(ta, tb): (usize, usize)| {

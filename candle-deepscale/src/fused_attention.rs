@@ -7,7 +7,7 @@
 //! head's probabilities (one more `t x t x d` product): no `[b, heads, t, t]` tensor lives between
 //! forward and backward, and the `t x t` scratch exists per thread, one head at a time. The
 //! products go through [`crate::matmul`] at the process's matmul precision.
-use crate::bf16_gemm::Mat;
+use crate::bf16_gemm::{Mat, OutPtr as Ptr};
 use crate::fast_math::{contiguous_f32, exp};
 use crate::matmul::{float32_matmul_precision, gemm_into, Precision};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -60,16 +60,6 @@ struct Attention {
     lse: Mutex<Vec<f32>>,
 }
 
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-impl Ptr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Shapes and the per-(batch, head) views.
 #[derive(Clone, Copy)]
 struct Geometry {
@@ -90,15 +80,6 @@ impl Geometry {
             ptr: qkv[b * self.t * w + (h * 3 + which) * self.d..].as_ptr(),
             rs: w as isize,
             cs: 1,
-        }
-    }
-
-    /// The transpose of a `t x d` view.
-    fn t(m: Mat) -> Mat {
-        Mat {
-            ptr: m.ptr,
-            rs: m.cs,
-            cs: m.rs,
         }
     }
 
@@ -133,7 +114,7 @@ impl Geometry {
                 (self.t, self.t, self.d),
                 s.as_mut_ptr(),
                 q,
-                Self::t(k),
+                k.t(),
             )
         };
     }
@@ -307,22 +288,14 @@ impl CustomOp2 for AttentionGrad {
                     g.precision,
                     (t, d, t),
                     tmp.as_mut_ptr(),
-                    Geometry::t(mat(&pd, t)),
+                    mat(&pd, t).t(),
                     dout_h,
                 )
             };
             scatter(dst, row0 + 2 * d, w, &tmp, d);
             // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
             let mut ds = vec![0f32; t * t];
-            unsafe {
-                gemm_into(
-                    g.precision,
-                    (t, t, d),
-                    ds.as_mut_ptr(),
-                    dout_h,
-                    Geometry::t(v),
-                )
-            };
+            unsafe { gemm_into(g.precision, (t, t, d), ds.as_mut_ptr(), dout_h, v.t()) };
             for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
                 let (live, masked) = drow.split_at_mut(r + 1);
                 let mut dot = 0.0;
@@ -338,15 +311,7 @@ impl CustomOp2 for AttentionGrad {
             // dQ = dS K, dK = dS^T Q
             unsafe { gemm_into(g.precision, (t, d, t), tmp.as_mut_ptr(), mat(&ds, t), k) };
             scatter(dst, row0, w, &tmp, d);
-            unsafe {
-                gemm_into(
-                    g.precision,
-                    (t, d, t),
-                    tmp.as_mut_ptr(),
-                    Geometry::t(mat(&ds, t)),
-                    q,
-                )
-            };
+            unsafe { gemm_into(g.precision, (t, d, t), tmp.as_mut_ptr(), mat(&ds, t).t(), q) };
             scatter(dst, row0 + d, w, &tmp, d);
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))

@@ -10,7 +10,7 @@
 //! autocast numerics; parameters, activations and gradients stay fp32, so the fp32 parameters are
 //! the master weights): `vdpbf16ps` where the CPU has AVX512-BF16 ([`crate::bf16_gemm`]), otherwise
 //! the rounded operands go through the fp32 GEMM — the same numbers, without the speed-up.
-use crate::bf16_gemm::{self, KernelKind, Mat};
+use crate::bf16_gemm::{self, KernelKind, Mat, OutPtr};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -267,18 +267,6 @@ unsafe fn rounded(x: Mat, rows: usize, cols: usize, parallel: bool) -> Vec<f32> 
         out.chunks_mut(cols).enumerate().for_each(row);
     }
     out
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method, so closures capture the Send wrapper rather than its raw-pointer field.
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The batched product of `a` and `b` (plus `bias` on every output row when given).
