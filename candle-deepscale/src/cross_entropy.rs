@@ -99,12 +99,8 @@ pub mod fused {
 
     #[inline(always)]
     fn row_lse(x: &[f32]) -> f32 {
-        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut s = 0f32;
-        for &v in x {
-            s += exp(v - m);
-        }
-        m + s.ln()
+        let m = crate::fast_math::max(x);
+        m + crate::fast_math::sum_map(x, |v| exp(v - m)).ln()
     }
 
     #[inline(always)]

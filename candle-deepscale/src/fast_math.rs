@@ -23,6 +23,95 @@ pub fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
+/// Lanes of the reductions below: independent partial results the compiler keeps in vector
+/// registers. A plain `iter().sum()` or `fold(max)` over f32 stays scalar (the compiler may not
+/// reorder float additions), which made row reductions the slowest part of some kernels.
+const LANES: usize = 16;
+
+/// Largest element (-inf for an empty slice; NaNs are skipped).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    rest.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// Sum of `f(v)` over `x`, in lanes.
+#[inline(always)]
+pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += f(c[j]);
+        }
+    }
+    rest.iter().map(|&v| f(v)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+/// Sum of `f(a, b)` over pairs of `a` and `b` (as long as the shorter), in lanes.
+#[inline(always)]
+pub fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            acc[j] += f(x[j], y[j]);
+        }
+    }
+    ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+/// Writes `f(v)` for each `v` of `x` into `y` and returns their sum, in lanes.
+#[inline(always)]
+pub fn map_sum(y: &mut [f32], x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let n = y.len().min(x.len());
+    let (y, x) = (&mut y[..n], &x[..n]);
+    let mut acc = [0f32; LANES];
+    let mut cy = y.chunks_exact_mut(LANES);
+    let cx = x.chunks_exact(LANES);
+    let rx = cx.remainder();
+    for (o, i) in (&mut cy).zip(cx) {
+        for j in 0..LANES {
+            o[j] = f(i[j]);
+            acc[j] += o[j];
+        }
+    }
+    let mut s = 0f32;
+    for (o, &i) in cy.into_remainder().iter_mut().zip(rx) {
+        *o = f(i);
+        s += *o;
+    }
+    s + acc.iter().sum::<f32>()
+}
+
+/// Sum of `x` in f64 (LayerNorm's statistics), in lanes.
+#[inline(always)]
+pub fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let chunks = x.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..L {
+            acc[j] += f(c[j] as f64);
+        }
+    }
+    rest.iter().map(|&v| f(v as f64)).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
 /// Whether the CPU has AVX2 and FMA (checked once): the fused kernels then run their
 /// `target_feature` copies.
 pub fn has_avx2_fma() -> bool {
@@ -35,6 +124,23 @@ pub fn has_avx2_fma() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them (the closure is inlined into a
+/// `target_feature` function), as is otherwise. For kernels whose loops are plain Rust.
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { avx2(f) };
+    }
+    f()
 }
 
 /// The f32 elements a contiguous CPU storage holds under `l`, or an error naming `op` and `what`.
@@ -53,6 +159,29 @@ pub fn contiguous_f32<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_reductions_equal_the_plain_ones() {
+        for n in [0usize, 1, 15, 16, 17, 100, 1000] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let y: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32) / 3.0).collect();
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&x), m, "max of {n}");
+            let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs());
+            let e: f64 = x.iter().map(|&v| (v as f64 - 3.0).exp()).sum();
+            assert!(close(sum_map(&x, |v| exp(v - 3.0)), e), "sum_map of {n}");
+            let d: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+            assert!(close(sum_map2(&x, &y, |a, b| a * b), d), "sum_map2 of {n}");
+            let mut out = vec![0f32; n];
+            let s = map_sum(&mut out, &x, |v| v * 2.0);
+            assert!(close(s, 2.0 * x.iter().map(|&v| v as f64).sum::<f64>()));
+            assert!(out.iter().zip(&x).all(|(o, v)| *o == v * 2.0));
+            let q: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            assert!((sum_f64(&x, |v| v * v) - q).abs() <= 1e-9 * (1.0 + q));
+        }
+    }
 
     #[test]
     fn exp_and_tanh_are_accurate() {

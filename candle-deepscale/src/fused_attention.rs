@@ -8,7 +8,7 @@
 //! forward and backward, and the `t x t` scratch exists per thread, one head at a time. The
 //! products go through [`crate::matmul`] at the process's matmul precision.
 use crate::bf16_gemm::{Mat, OutPtr as Ptr};
-use crate::fast_math::{contiguous_f32, exp};
+use crate::fast_math::{contiguous_f32, exp, max, sum_map, sum_map2, vectorized};
 use crate::matmul::{float32_matmul_precision, gemm_into, Precision};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -161,22 +161,25 @@ impl CustomOp1 for Attention {
         lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
             let mut p = vec![0f32; t * t];
             g.scores(qkv, bh, &mut p);
-            for (r, row) in p.chunks_mut(t).enumerate() {
-                let (live, masked) = row.split_at_mut(r + 1);
-                let m = live
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * g.scale));
-                let mut sum = 0.0;
-                for v in live.iter_mut() {
-                    *v = exp(*v * g.scale - m);
-                    sum += *v;
+            vectorized(|| {
+                for (r, row) in p.chunks_mut(t).enumerate() {
+                    let (live, masked) = row.split_at_mut(r + 1);
+                    // The scale is positive: max(scale * s) = scale * max(s).
+                    let m = max(live) * g.scale;
+                    live.iter_mut().for_each(|v| *v = exp(*v * g.scale - m));
+                    let sum = sum_map(live, |v| v);
+                    lse[r] = m + sum.ln();
+                    let inv = 1.0 / sum;
+                    if g.dropout.is_some() {
+                        for (c, v) in live.iter_mut().enumerate() {
+                            *v *= inv * g.keep(bh, r, c);
+                        }
+                    } else {
+                        live.iter_mut().for_each(|v| *v *= inv);
+                    }
+                    masked.fill(0.0);
                 }
-                lse[r] = m + sum.ln();
-                for (c, v) in live.iter_mut().enumerate() {
-                    *v = *v / sum * g.keep(bh, r, c);
-                }
-                masked.fill(0.0);
-            }
+            });
             let mut o = vec![0f32; t * d];
             // SAFETY: p is t x t, V a t x d view of qkv, o holds t * d.
             unsafe {
@@ -256,13 +259,14 @@ impl CustomOp2 for AttentionGrad {
             // P (before dropout) recomputed from the saved log-sum-exps.
             let mut p = vec![0f32; t * t];
             g.scores(qkv, bh, &mut p);
-            for (r, row) in p.chunks_mut(t).enumerate() {
-                let (live, masked) = row.split_at_mut(r + 1);
-                for v in live.iter_mut() {
-                    *v = exp(*v * g.scale - lse[r]);
+            vectorized(|| {
+                for (r, row) in p.chunks_mut(t).enumerate() {
+                    let (live, masked) = row.split_at_mut(r + 1);
+                    live.iter_mut()
+                        .for_each(|v| *v = exp(*v * g.scale - lse[r]));
+                    masked.fill(0.0);
                 }
-                masked.fill(0.0);
-            }
+            });
             // The probabilities as used (dropped out), for dV.
             let pd: Vec<f32> = if g.dropout.is_some() {
                 p.iter()
@@ -296,18 +300,21 @@ impl CustomOp2 for AttentionGrad {
             // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
             let mut ds = vec![0f32; t * t];
             unsafe { gemm_into(g.precision, (t, t, d), ds.as_mut_ptr(), dout_h, v.t()) };
-            for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                let (live, masked) = drow.split_at_mut(r + 1);
-                let mut dot = 0.0;
-                for (c, (dv, pv)) in live.iter_mut().zip(prow).enumerate() {
-                    *dv *= g.keep(bh, r, c);
-                    dot += *dv * pv;
+            vectorized(|| {
+                for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                    let (live, masked) = drow.split_at_mut(r + 1);
+                    if g.dropout.is_some() {
+                        for (c, dv) in live.iter_mut().enumerate() {
+                            *dv *= g.keep(bh, r, c);
+                        }
+                    }
+                    let dot = sum_map2(live, prow, |d, p| d * p);
+                    for (dv, pv) in live.iter_mut().zip(prow) {
+                        *dv = pv * (*dv - dot) * g.scale;
+                    }
+                    masked.fill(0.0);
                 }
-                for (dv, pv) in live.iter_mut().zip(prow) {
-                    *dv = pv * (*dv - dot) * g.scale;
-                }
-                masked.fill(0.0);
-            }
+            });
             // dQ = dS K, dK = dS^T Q
             unsafe { gemm_into(g.precision, (t, d, t), tmp.as_mut_ptr(), mat(&ds, t), k) };
             scatter(dst, row0, w, &tmp, d);

@@ -2,6 +2,7 @@
 //! passes over each row forward and two backward, where the composition of candle ops takes about
 //! ten of each. Rows run in parallel on rayon; the statistics are recomputed in backward rather
 //! than kept (they cost one pass over a row, keeping them would cost memory per token).
+use crate::fast_math::{sum_f64, sum_map, sum_map2, vectorized};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -18,17 +19,11 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
 }
 
 /// Mean and 1/sqrt(var + eps) of one row (two passes, in f64 for the sums).
+#[inline(always)]
 fn stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = row
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = sum_f64(row, |v| v) / n;
+    let var = sum_f64(row, |v| (v - mean) * (v - mean)) / n;
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
@@ -64,10 +59,12 @@ impl CustomOp3 for FusedLayerNorm {
         y.par_chunks_mut(h)
             .zip(x.par_chunks(h))
             .for_each(|(yr, xr)| {
-                let (mean, rstd) = stats(xr, self.eps);
-                for j in 0..h {
-                    yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
-                }
+                vectorized(|| {
+                    let (mean, rstd) = stats(xr, self.eps);
+                    for j in 0..h {
+                        yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -96,23 +93,25 @@ impl CustomOp3 for FusedLayerNorm {
             .zip(xv.par_chunks(h * BLOCK).zip(gv.par_chunks(h * BLOCK)))
             .map(|(dxb, (xb, gb))| {
                 let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-                for (dxr, (xr, gr)) in dxb.chunks_mut(h).zip(xb.chunks(h).zip(gb.chunks(h))) {
-                    let (mean, rstd) = stats(xr, eps);
-                    let (mut s1, mut s2) = (0f32, 0f32);
-                    for j in 0..h {
-                        let xhat = (xr[j] - mean) * rstd;
-                        let g = gr[j] * wv[j];
-                        s1 += g;
-                        s2 += g * xhat;
-                        dw[j] += gr[j] * xhat;
-                        db[j] += gr[j];
+                // Rows' x-hat and g * w in scratch, so every loop is element-wise or a lane
+                // reduction (both vectorise).
+                let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
+                vectorized(|| {
+                    for (dxr, (xr, gr)) in dxb.chunks_mut(h).zip(xb.chunks(h).zip(gb.chunks(h))) {
+                        let (mean, rstd) = stats(xr, eps);
+                        for j in 0..h {
+                            xhat[j] = (xr[j] - mean) * rstd;
+                            gw[j] = gr[j] * wv[j];
+                            dw[j] += gr[j] * xhat[j];
+                            db[j] += gr[j];
+                        }
+                        let m1 = sum_map(&gw, |g| g) / h as f32;
+                        let m2 = sum_map2(&gw, &xhat, |g, x| g * x) / h as f32;
+                        for j in 0..h {
+                            dxr[j] = rstd * (gw[j] - m1 - xhat[j] * m2);
+                        }
                     }
-                    let (m1, m2) = (s1 / h as f32, s2 / h as f32);
-                    for j in 0..h {
-                        let xhat = (xr[j] - mean) * rstd;
-                        dxr[j] = rstd * (gr[j] * wv[j] - m1 - xhat * m2);
-                    }
-                }
+                });
                 (dw, db)
             })
             .collect();

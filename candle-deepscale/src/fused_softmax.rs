@@ -11,13 +11,9 @@ use rayon::prelude::*;
 fn fwd_row(y: &mut [f32], x: &[f32], last: usize, scale: f32) {
     let (live, dead) = y.split_at_mut(last + 1);
     let xs = &x[..last + 1];
-    let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
-    let mut s = 0f32;
-    for (y, &v) in live.iter_mut().zip(xs) {
-        let e = exp(v * scale - m);
-        *y = e;
-        s += e;
-    }
+    // max(scale * x) = scale * max(x) for the positive scales attention uses.
+    let m = crate::fast_math::max(xs) * scale;
+    let s = crate::fast_math::map_sum(live, xs, |v| exp(v * scale - m));
     let inv = 1.0 / s;
     live.iter_mut().for_each(|y| *y *= inv);
     dead.iter_mut().for_each(|y| *y = 0.0);
@@ -25,7 +21,7 @@ fn fwd_row(y: &mut [f32], x: &[f32], last: usize, scale: f32) {
 
 #[inline(always)]
 fn bwd_row(d: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
-    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+    let dot = crate::fast_math::sum_map2(y, g, |y, g| y * g);
     for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
         *d = scale * y * (g - dot);
     }
