@@ -161,3 +161,48 @@ fn bert_post_ln_every_parameter_gets_a_gradient() {
 fn bert_pre_ln_every_parameter_gets_a_gradient() {
     bert_grads(true);
 }
+
+/// The vendored candle-core's backprop stores a node's first gradient as is (vendor/candle-core/
+/// PATCHES.md): fan-in still sums, subtraction's first gradient is negated, broadcast and
+/// transposed gradients arrive contiguous, and two variables fed the same gradient stay apart.
+#[test]
+fn patched_backprop_accumulates_like_candle() {
+    use candle_core::Var;
+    let dev = Device::Cpu;
+    let x = Var::from_vec(vec![1f32, -2.0, 3.0, 0.5, 4.0, -1.5], (2, 3), &dev).unwrap();
+    let w = Var::from_vec(vec![0.5f32, 2.0, -1.0], 3, &dev).unwrap();
+    let (xt, wt) = (x.as_tensor(), w.as_tensor());
+    // f = sum(x * x) - sum(x .* w) + sum(x^T) ; df/dx = 2x - w + 1, df/dw = -sum_rows(x)
+    let f = ((xt.sqr().unwrap().sum_all().unwrap()
+        - xt.broadcast_mul(wt).unwrap().sum_all().unwrap())
+    .unwrap()
+        + xt.t().unwrap().sum_all().unwrap())
+    .unwrap();
+    let g = f.backward().unwrap();
+    let gx: Vec<Vec<f32>> = g.get(xt).unwrap().to_vec2().unwrap();
+    let gw: Vec<f32> = g.get(wt).unwrap().to_vec1().unwrap();
+    let xv: Vec<Vec<f32>> = xt.to_vec2().unwrap();
+    let wv: Vec<f32> = wt.to_vec1().unwrap();
+    for r in 0..2 {
+        for c in 0..3 {
+            assert_eq!(gx[r][c], 2.0 * xv[r][c] - wv[c] + 1.0, "dx[{r}][{c}]");
+        }
+    }
+    for c in 0..3 {
+        assert_eq!(gw[c], -(xv[0][c] + xv[1][c]), "dw[{c}]");
+    }
+    assert!(g.get(xt).unwrap().is_contiguous() && g.get(wt).unwrap().is_contiguous());
+    // a - b: the first gradient of b is -1 (negated, not the incoming +1).
+    let a = Var::from_vec(vec![1f32, 2.0], 2, &dev).unwrap();
+    let b = Var::from_vec(vec![3f32, 4.0], 2, &dev).unwrap();
+    let d = (a.as_tensor() - b.as_tensor()).unwrap().sum_all().unwrap();
+    let g = d.backward().unwrap();
+    assert_eq!(
+        g.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        [1.0, 1.0]
+    );
+    assert_eq!(
+        g.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        [-1.0, -1.0]
+    );
+}
