@@ -94,7 +94,7 @@ impl CustomOp2 for BiasGelu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = x.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasGeluGrad)?;
         let n = b.elem_count();
-        let db = dx.reshape(((), n))?.sum(0)?;
+        let db = crate::matmul::sum_rows(&dx, n)?;
         Ok((Some(dx), Some(db)))
     }
 }

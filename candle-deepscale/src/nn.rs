@@ -80,10 +80,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let in_dim = dims[dims.len() - 1];
     let rows = x.elem_count() / in_dim.max(1);
     let x = x.reshape((rows, in_dim))?;
-    let y = match b {
-        Some(b) => crate::matmul::matmul_bias(&x, &w.t()?, b)?,
-        None => crate::matmul::matmul(&x, &w.t()?)?,
-    };
+    let y = crate::matmul::linear(&x, w, b)?;
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = w.dim(0)?;

@@ -714,6 +714,7 @@ impl GradStore {
                     // What adding into zeros of the tensor's shape and dtype would have reported.
                     tensor.zeros_like()?.add(grad)?;
                 }
+                // Contiguous, as the zeros + add made it: candle's own rules (matmul's) rely on it.
                 entry.insert(grad.contiguous()?);
             }
         }
