@@ -126,8 +126,10 @@ pub fn has_avx2_fma() -> bool {
     false
 }
 
-/// Runs `f` compiled for AVX2 + FMA when the CPU has them (the closure is inlined into a
-/// `target_feature` function), as is otherwise. For kernels whose loops are plain Rust.
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them, as is otherwise. The closure must be
+/// marked `#[inline(always)]` (`vectorized(#[inline(always)] || ..)`): only when it is inlined
+/// into the `target_feature` function is its code compiled with those features (a large closure
+/// left to the inliner stays a separate baseline-x86-64 function, calling libm for `floor`).
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

@@ -161,25 +161,28 @@ impl CustomOp1 for Attention {
         lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
             let mut p = vec![0f32; t * t];
             g.scores(qkv, bh, &mut p);
-            vectorized(|| {
-                for (r, row) in p.chunks_mut(t).enumerate() {
-                    let (live, masked) = row.split_at_mut(r + 1);
-                    // The scale is positive: max(scale * s) = scale * max(s).
-                    let m = max(live) * g.scale;
-                    live.iter_mut().for_each(|v| *v = exp(*v * g.scale - m));
-                    let sum = sum_map(live, |v| v);
-                    lse[r] = m + sum.ln();
-                    let inv = 1.0 / sum;
-                    if g.dropout.is_some() {
-                        for (c, v) in live.iter_mut().enumerate() {
-                            *v *= inv * g.keep(bh, r, c);
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, row) in p.chunks_mut(t).enumerate() {
+                        let (live, masked) = row.split_at_mut(r + 1);
+                        // The scale is positive: max(scale * s) = scale * max(s).
+                        let m = max(live) * g.scale;
+                        live.iter_mut().for_each(|v| *v = exp(*v * g.scale - m));
+                        let sum = sum_map(live, |v| v);
+                        lse[r] = m + sum.ln();
+                        let inv = 1.0 / sum;
+                        if g.dropout.is_some() {
+                            for (c, v) in live.iter_mut().enumerate() {
+                                *v *= inv * g.keep(bh, r, c);
+                            }
+                        } else {
+                            live.iter_mut().for_each(|v| *v *= inv);
                         }
-                    } else {
-                        live.iter_mut().for_each(|v| *v *= inv);
+                        masked.fill(0.0);
                     }
-                    masked.fill(0.0);
-                }
-            });
+                },
+            );
             let mut o = vec![0f32; t * d];
             // SAFETY: p is t x t, V a t x d view of qkv, o holds t * d.
             unsafe {
@@ -259,14 +262,17 @@ impl CustomOp2 for AttentionGrad {
             // P (before dropout) recomputed from the saved log-sum-exps.
             let mut p = vec![0f32; t * t];
             g.scores(qkv, bh, &mut p);
-            vectorized(|| {
-                for (r, row) in p.chunks_mut(t).enumerate() {
-                    let (live, masked) = row.split_at_mut(r + 1);
-                    live.iter_mut()
-                        .for_each(|v| *v = exp(*v * g.scale - lse[r]));
-                    masked.fill(0.0);
-                }
-            });
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, row) in p.chunks_mut(t).enumerate() {
+                        let (live, masked) = row.split_at_mut(r + 1);
+                        live.iter_mut()
+                            .for_each(|v| *v = exp(*v * g.scale - lse[r]));
+                        masked.fill(0.0);
+                    }
+                },
+            );
             // The probabilities as used (dropped out), for dV.
             let pd: Vec<f32> = if g.dropout.is_some() {
                 p.iter()
@@ -300,21 +306,24 @@ impl CustomOp2 for AttentionGrad {
             // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
             let mut ds = vec![0f32; t * t];
             unsafe { gemm_into(g.precision, (t, t, d), ds.as_mut_ptr(), dout_h, v.t()) };
-            vectorized(|| {
-                for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                    let (live, masked) = drow.split_at_mut(r + 1);
-                    if g.dropout.is_some() {
-                        for (c, dv) in live.iter_mut().enumerate() {
-                            *dv *= g.keep(bh, r, c);
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, (drow, prow)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                        let (live, masked) = drow.split_at_mut(r + 1);
+                        if g.dropout.is_some() {
+                            for (c, dv) in live.iter_mut().enumerate() {
+                                *dv *= g.keep(bh, r, c);
+                            }
                         }
+                        let dot = sum_map2(live, prow, |d, p| d * p);
+                        for (dv, pv) in live.iter_mut().zip(prow) {
+                            *dv = pv * (*dv - dot) * g.scale;
+                        }
+                        masked.fill(0.0);
                     }
-                    let dot = sum_map2(live, prow, |d, p| d * p);
-                    for (dv, pv) in live.iter_mut().zip(prow) {
-                        *dv = pv * (*dv - dot) * g.scale;
-                    }
-                    masked.fill(0.0);
-                }
-            });
+                },
+            );
             // dQ = dS K, dK = dS^T Q
             unsafe { gemm_into(g.precision, (t, d, t), tmp.as_mut_ptr(), mat(&ds, t), k) };
             scatter(dst, row0, w, &tmp, d);

@@ -59,12 +59,15 @@ impl CustomOp3 for FusedLayerNorm {
         y.par_chunks_mut(h)
             .zip(x.par_chunks(h))
             .for_each(|(yr, xr)| {
-                vectorized(|| {
-                    let (mean, rstd) = stats(xr, self.eps);
-                    for j in 0..h {
-                        yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
-                    }
-                })
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (mean, rstd) = stats(xr, self.eps);
+                        for j in 0..h {
+                            yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -96,22 +99,26 @@ impl CustomOp3 for FusedLayerNorm {
                 // Rows' x-hat and g * w in scratch, so every loop is element-wise or a lane
                 // reduction (both vectorise).
                 let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
-                vectorized(|| {
-                    for (dxr, (xr, gr)) in dxb.chunks_mut(h).zip(xb.chunks(h).zip(gb.chunks(h))) {
-                        let (mean, rstd) = stats(xr, eps);
-                        for j in 0..h {
-                            xhat[j] = (xr[j] - mean) * rstd;
-                            gw[j] = gr[j] * wv[j];
-                            dw[j] += gr[j] * xhat[j];
-                            db[j] += gr[j];
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (dxr, (xr, gr)) in dxb.chunks_mut(h).zip(xb.chunks(h).zip(gb.chunks(h)))
+                        {
+                            let (mean, rstd) = stats(xr, eps);
+                            for j in 0..h {
+                                xhat[j] = (xr[j] - mean) * rstd;
+                                gw[j] = gr[j] * wv[j];
+                                dw[j] += gr[j] * xhat[j];
+                                db[j] += gr[j];
+                            }
+                            let m1 = sum_map(&gw, |g| g) / h as f32;
+                            let m2 = sum_map2(&gw, &xhat, |g, x| g * x) / h as f32;
+                            for j in 0..h {
+                                dxr[j] = rstd * (gw[j] - m1 - xhat[j] * m2);
+                            }
                         }
-                        let m1 = sum_map(&gw, |g| g) / h as f32;
-                        let m2 = sum_map2(&gw, &xhat, |g, x| g * x) / h as f32;
-                        for j in 0..h {
-                            dxr[j] = rstd * (gw[j] - m1 - xhat[j] * m2);
-                        }
-                    }
-                });
+                    },
+                );
                 (dw, db)
             })
             .collect();

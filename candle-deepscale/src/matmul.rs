@@ -445,13 +445,16 @@ pub fn sum_rows(x: &Tensor, n: usize) -> Result<Tensor> {
     let mut out = vec![0f32; n];
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(i, acc)| {
         let (c0, w) = (i * BLOCK, acc.len());
-        crate::fast_math::vectorized(|| {
-            for row in v.chunks_exact(n) {
-                for (a, &x) in acc.iter_mut().zip(&row[c0..c0 + w]) {
-                    *a += x;
+        crate::fast_math::vectorized(
+            #[inline(always)]
+            || {
+                for row in v.chunks_exact(n) {
+                    for (a, &x) in acc.iter_mut().zip(&row[c0..c0 + w]) {
+                        *a += x;
+                    }
                 }
-            }
-        })
+            },
+        )
     });
     drop(storage);
     Tensor::from_vec(out, n, x.device())
