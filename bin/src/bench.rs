@@ -4,6 +4,7 @@
 //! - `bench comm`: bandwidth of each collective over 1-64 MiB messages, in-process ranks or under
 //!   mpirun (nccl-tests' algbw/busbw convention).
 //! - `bench pipe`: pipeline bubble per stage and pp=2 against pp=1.
+//! - `bench gemm`: GPT-2 124M's products on the system BLAS against the gemm crate.
 //! - `bench train`: one rank's training step: engine vs stock candle vs the previous loop.
 //! - `bench tp`: training-step time (forward, backward, AdamW) of one GPT-2 at several tensor-parallel
 //!   sizes on in-process ranks, as ratios to tp=1.
@@ -33,6 +34,9 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Collective bandwidth.
     Comm(CommArgs),
+    /// The f32 products of a GPT-2 124M step (forward and backward shapes) on the system BLAS
+    /// against the gemm crate, alternating in one process.
+    Gemm(GemmArgs),
     /// Training-step cost at several tensor-parallel sizes.
     Tp(TpArgs),
     /// One AdamW step over a model's worth of parameters: the fused flat kernel against
@@ -93,6 +97,18 @@ pub struct PipeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct GemmArgs {
+    /// Rounds; each times every shape on both backends (best of `--reps`), and the report takes
+    /// the median of the per-round ratios.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct AdamArgs {
     /// GPT-2 preset whose parameters are updated.
     #[arg(long, default_value = "gpt2-125m")]
@@ -145,7 +161,85 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Comm(c) => comm(c),
         BenchWhat::Tp(t) => tp(t),
         BenchWhat::Adam(a) => adam(a),
+        BenchWhat::Gemm(g) => gemm(g),
     }
+}
+
+/// The products of a GPT-2 124M step (b4 x s256: 1024 tokens, hidden 768): `x w^T` forward,
+/// `G w` for the input's gradient, `G^T x` for the weight's.
+fn gemm(a: GemmArgs) -> Result<()> {
+    use candle_deepscale::{blas, matmul};
+    let Some(lib) = blas::backend()? else {
+        bail!(
+            "bench gemm: no system BLAS loaded (install libblis4-serial, or name one with DEEPSCALE_BLAS)"
+        )
+    };
+    let t = 1024;
+    // (what, rows of x, inputs k, outputs n, which product)
+    let shapes: [(&str, usize, usize, usize, u8); 9] = [
+        ("QKV x w^T", t, 768, 2304, 0),
+        ("attention out x w^T", t, 768, 768, 0),
+        ("h->4h x w^T", t, 768, 3072, 0),
+        ("4h->h x w^T", t, 3072, 768, 0),
+        ("logits x w^T", t, 768, 50304, 0),
+        ("h->4h input grad G w", t, 768, 3072, 1),
+        ("logits input grad G w", t, 768, 50304, 1),
+        ("h->4h weight grad G^T x", t, 768, 3072, 2),
+        ("logits weight grad G^T x", t, 768, 50304, 2),
+    ];
+    let mut rows = Vec::new();
+    for (what, m, k, n, kind) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
+        let run = || -> candle_core::Result<Tensor> {
+            match kind {
+                0 => matmul::linear(&x, &w, None),
+                1 => matmul::matmul(&g, &w),
+                _ => matmul::matmul(&g.t()?, &x),
+            }
+        };
+        let reps = if n > 10_000 { a.reps.min(2) } else { a.reps }.max(1);
+        let best = |on: bool| -> Result<f64> {
+            blas::set_enabled(on);
+            // A pause between backends: neither inherits the other's warm caches or spinning threads.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut best = f64::MAX;
+            for _ in 0..reps + 1 {
+                let t0 = Instant::now();
+                drop(run()?);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            Ok(2.0 * (m * n * k) as f64 / best / 1e9)
+        };
+        let (mut ratios, mut ours, mut crate_) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..a.rounds.max(1) {
+            let off = best(false)?;
+            let on = best(true)?;
+            ratios.push(on / off);
+            ours.push(on);
+            crate_.push(off);
+        }
+        blas::set_enabled(true);
+        let ratio = median(ratios);
+        eprintln!(
+            "{what:>26} ({m} x {k} x {n}): BLAS {:.0} GFLOP/s, gemm crate {:.0} GFLOP/s (medians): {ratio:.2}x",
+            median(ours.clone()),
+            median(crate_.clone())
+        );
+        rows.push(
+            json!({"what": what, "m": m, "k": k, "n": n, "blas_gflops": ours,
+                         "gemm_crate_gflops": crate_, "ratio_median": ratio}),
+        );
+    }
+    eprintln!("BLAS: {}", lib.name);
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "gemm", "blas": lib.name, "results": rows})
+        );
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

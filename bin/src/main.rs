@@ -84,6 +84,11 @@ fn main() {
         candle_deepscale::set_cpu_kernels(false);
     }
     let cli = Cli::parse();
+    // A DEEPSCALE_BLAS that names a library which does not load stops here, not silently later.
+    if let Err(e) = candle_deepscale::blas::backend() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Evaluate(a) => evaluate::run(a),

@@ -349,6 +349,9 @@ fn train_rank(
             sh.cfg.num_hidden_layers, sh.cfg.hidden_size, sh.cfg.num_attention_heads, sh.cfg.vocab_size, n, ctx.topo.tp, sh.global
         );
         eprintln!("{}", engine.describe_memory());
+        if device.is_cpu() {
+            eprintln!("f32 products on {}", candle_deepscale::blas::describe());
+        }
         if let Some(line) = crate::training::describe_offload(&sh.engine) {
             eprintln!("{line}");
         }

@@ -391,6 +391,9 @@ fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summar
             sh.engine.zero_stage
         );
         eprintln!("{}", engine.describe_memory());
+        if device.is_cpu() {
+            eprintln!("f32 products on {}", candle_deepscale::blas::describe());
+        }
         if let Some(line) = crate::training::describe_offload(&sh.engine) {
             eprintln!("{line}");
         }

@@ -8,6 +8,7 @@ pub mod activation_checkpointing;
 pub mod adamw;
 pub mod attention;
 pub mod bf16_gemm;
+pub mod blas;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;

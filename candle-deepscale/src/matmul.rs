@@ -242,13 +242,8 @@ unsafe fn gemm(
     } else {
         1
     };
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     match precision {
-        Precision::Highest => fp32(m, n, k, dst, a, b, par, add),
+        Precision::Highest => fp32(m, n, k, dst, a, b, threads, add),
         Precision::Bf16 if bf16_gemm::available() => {
             bf16_gemm::gemm((m, n, k), dst, a, b, parallel, add, KernelKind::Avx512Bf16)
         }
@@ -264,7 +259,7 @@ unsafe fn gemm(
                 rs: n as isize,
                 cs: 1,
             };
-            fp32(m, n, k, dst, a, b, par, add)
+            fp32(m, n, k, dst, a, b, threads, add)
         }
     }
 }
@@ -292,9 +287,19 @@ unsafe fn fp32(
     dst: *mut f32,
     a: Mat,
     b: Mat,
-    par: gemm::Parallelism,
+    threads: usize,
     add: bool,
 ) {
+    if let Some(blas) = crate::blas::active() {
+        if blas.sgemm((m, n, k), dst, a, b, add, threads) {
+            return;
+        }
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // dst = alpha dst + beta a b; alpha is ignored unless dst is read.
     gemm::gemm(
         m, n, k, dst, 1, n as isize, add, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, 1.0, false,

@@ -258,6 +258,10 @@ pub fn assert_params_match(
             assert!(k < 1e-4, "{what}: key bias drifted by {k}");
             continue;
         }
-        assert_rel_close(p, want, 1e-5, &what);
+        // 2e-5: the GEMM library sums in shape-dependent orders (BLIS's small-matrix kernels
+        // differ from its large ones, and tp splits shapes), and Adam's normalisation turns that
+        // rounding into whole steps for elements whose gradient is near zero. Seen: 1.03e-5 for
+        // one weight at pp=2 tp=2 under BLIS (6e-6 under OpenBLAS, 3e-6 under the gemm crate).
+        assert_rel_close(p, want, 2e-5, &what);
     }
 }
