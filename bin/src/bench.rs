@@ -34,8 +34,8 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Collective bandwidth.
     Comm(CommArgs),
-    /// The f32 products of a GPT-2 124M step (forward and backward shapes) on the system BLAS
-    /// against the gemm crate, alternating in one process.
+    /// The f32 products of a GPT-2 step (forward and backward shapes; 124M's by default) on the
+    /// system BLAS against the gemm crate, alternating in one process.
     Gemm(GemmArgs),
     /// Training-step cost at several tensor-parallel sizes.
     Tp(TpArgs),
@@ -104,6 +104,12 @@ pub struct GemmArgs {
     pub rounds: usize,
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Tokens per step (batch x sequence): 1024 for both bench configs.
+    #[arg(long, default_value_t = 1024)]
+    pub tokens: usize,
+    /// Hidden size (768: GPT-2 124M; 256: the small GPT); the MLP is 4x, the vocabulary 50304.
+    #[arg(long, default_value_t = 768)]
+    pub hidden_size: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -165,7 +171,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 }
 
-/// The products of a GPT-2 124M step (b4 x s256: 1024 tokens, hidden 768): `x w^T` forward,
+/// The products of a GPT-2 step (124M's by default: 1024 tokens, hidden 768): `x w^T` forward,
 /// `G w` for the input's gradient, `G^T x` for the weight's.
 fn gemm(a: GemmArgs) -> Result<()> {
     use candle_deepscale::{blas, matmul};
@@ -174,18 +180,18 @@ fn gemm(a: GemmArgs) -> Result<()> {
             "bench gemm: no system BLAS loaded (install libblis4-serial, or name one with DEEPSCALE_BLAS)"
         )
     };
-    let t = 1024;
+    let (t, h) = (a.tokens, a.hidden_size);
     // (what, rows of x, inputs k, outputs n, which product)
     let shapes: [(&str, usize, usize, usize, u8); 9] = [
-        ("QKV x w^T", t, 768, 2304, 0),
-        ("attention out x w^T", t, 768, 768, 0),
-        ("h->4h x w^T", t, 768, 3072, 0),
-        ("4h->h x w^T", t, 3072, 768, 0),
-        ("logits x w^T", t, 768, 50304, 0),
-        ("h->4h input grad G w", t, 768, 3072, 1),
-        ("logits input grad G w", t, 768, 50304, 1),
-        ("h->4h weight grad G^T x", t, 768, 3072, 2),
-        ("logits weight grad G^T x", t, 768, 50304, 2),
+        ("QKV x w^T", t, h, 3 * h, 0),
+        ("attention out x w^T", t, h, h, 0),
+        ("h->4h x w^T", t, h, 4 * h, 0),
+        ("4h->h x w^T", t, 4 * h, h, 0),
+        ("logits x w^T", t, h, 50304, 0),
+        ("h->4h input grad G w", t, h, 4 * h, 1),
+        ("logits input grad G w", t, h, 50304, 1),
+        ("h->4h weight grad G^T x", t, h, 4 * h, 2),
+        ("logits weight grad G^T x", t, h, 50304, 2),
     ];
     let mut rows = Vec::new();
     for (what, m, k, n, kind) in shapes {
