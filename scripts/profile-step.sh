@@ -12,10 +12,10 @@ bin=target/release/deepscale
 data="$(mktemp -d)/perf.data"
 perf record -q -D "$((delay * 1000))" -e cpu-clock -F 499 -o "$data" \
   "$bin" bench --config "$config" --iters 6 --no-bf16 >/dev/null
-perf report -i "$data" --no-children --sort symbol --stdio 2>/dev/null |
+perf report -i "$data" --no-children --sort dso,symbol --stdio 2>/dev/null |
   awk '/^ +[0-9.]+%/ {
     p = $1; sub("%", "", p); $1 = ""; s = $0
-    if (s ~ /gemm/) c = "GEMM (gemm crate: kernels and packing; bf16_gemm)"
+    if (s ~ /gemm|libblis|libopenblas/) c = "GEMM (system BLAS or the gemm crate: kernels and packing; bf16_gemm)"
     else if (s ~ /fused|cross_entropy|fast_math/) c = "DeepScale fused kernels (LayerNorm, bias+GeLU, softmax, cross entropy)"
     else if (s ~ /cpu_adam|grad_norm|add_into|ZeroOptimizer|flat::/) c = "optimizer and ZeRO buffers"
     else if (s ~ /binary_map|unary_map|Map1|Map2|affine|copy_strided|index_select|reduce|where_cond/) c = "candle element-wise, copies and reductions"
