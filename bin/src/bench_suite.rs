@@ -98,6 +98,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+type Product = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+
 /// Best f32 GFLOP/s of a 2048^3 GEMM (torch_bench.py's `matmul` shape), best of `tries` of
 /// DeepScale's matmul (the system BLAS where one is loaded) and, with `with_candle`, of candle's
 /// (the `gemm` crate): the peak is the fastest GEMM this machine has, whichever the step uses.
@@ -108,7 +110,7 @@ pub fn gemm_peak_gflops_of(tries: usize, with_candle: bool) -> Result<f64> {
     let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let ours = |a: &Tensor, b: &Tensor| matmul::matmul(a, b);
     let candle = |a: &Tensor, b: &Tensor| a.matmul(b);
-    let mut products: Vec<&dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>> = vec![&ours];
+    let mut products: Vec<&Product> = vec![&ours];
     if with_candle {
         products.push(&candle);
     }
