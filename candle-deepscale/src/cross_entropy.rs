@@ -21,6 +21,20 @@ pub fn lm_cross_entropy(
     }
 }
 
+/// The LM head's logits `x w^T` (`x [.., hidden]`, `w [padded_vocab, hidden]`), remembered (on
+/// this thread, until the next call) so that the cross entropy of exactly these logits computes
+/// the gradients of `x` and `w` itself, a block of vocabulary columns at a time: the logits'
+/// gradient (`[tokens x vocab]`, 206 MB at GPT-2 124M) never exists whole, and each block is
+/// consumed by the two GEMMs while it is still in cache. For training forwards (the loss always
+/// follows); anything else is a plain linear.
+pub fn lm_head_logits(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
+    let logits = crate::nn::linear(x, w, None)?;
+    if training && fused::enabled() && fused::head_applies(x, w) {
+        fused::remember_head(&logits, x, w);
+    }
+    Ok(logits)
+}
+
 /// Per-position cross entropy, flattened to `[tokens]`, in f32. On the CPU with f32 logits one
 /// fused kernel (see [`fused`]); elsewhere [`token_losses_reference`].
 pub fn token_losses(logits: &Tensor, labels: &Tensor, vocab_size: usize) -> Result<Tensor> {
@@ -251,6 +265,7 @@ pub mod fused {
         if vocab_size > padded {
             bail!("cross entropy: vocab_size {vocab_size} exceeds logits width {padded}");
         }
+        let head = take_head(logits);
         let logits = logits.reshape(((), padded))?.contiguous()?;
         let labels = labels
             .flatten_all()?
@@ -263,6 +278,27 @@ pub mod fused {
                 logits.dim(0)?
             );
         }
+        if let Some((x, w)) = head {
+            // The logits enter detached: their gradient goes straight to x and w (see LmHead).
+            let x = x.reshape(((), x.dim(D::Minus1)?))?;
+            let y: Vec<u32> = labels.to_vec1()?;
+            if let Some(bad) = y.iter().find(|&&l| l as usize >= vocab_size) {
+                bail!("cross entropy: label {bad} is outside the vocabulary of {vocab_size}")
+            }
+            return logits.detach().apply_op3(
+                &x,
+                &w,
+                LmHead {
+                    ce: CrossEntropy {
+                        vocab: vocab_size,
+                        lse: Mutex::new(Vec::new()),
+                    },
+                    labels: y,
+                    labels_tensor: labels.clone(),
+                    precision: crate::matmul::float32_matmul_precision(),
+                },
+            );
+        }
         logits.apply_op2(
             &labels,
             CrossEntropy {
@@ -270,6 +306,191 @@ pub mod fused {
                 lse: Mutex::new(Vec::new()),
             },
         )
+    }
+
+    thread_local! {
+        /// The last LM head's logits (by id) and their `x`, `w` (see `lm_head_logits`).
+        static HEAD: std::cell::RefCell<Option<(candle_core::TensorId, Tensor, Tensor)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// CPU f32 operands with the hidden size as their last dimension.
+    pub(super) fn head_applies(x: &Tensor, w: &Tensor) -> bool {
+        x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && w.dtype() == candle_core::DType::F32
+            && w.rank() == 2
+            && x.dim(D::Minus1).ok() == Some(w.dims()[1])
+    }
+
+    pub(super) fn remember_head(logits: &Tensor, x: &Tensor, w: &Tensor) {
+        HEAD.with(|h| *h.borrow_mut() = Some((logits.id(), x.clone(), w.clone())));
+    }
+
+    thread_local! {
+        /// Backwards of the fused LM head run on this thread (so tests can tell it ran).
+        pub(super) static HEAD_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// `x`, `w` of `logits` when they are the last remembered LM head's (taken: used once).
+    fn take_head(logits: &Tensor) -> Option<(Tensor, Tensor)> {
+        HEAD.with(|h| {
+            let mut h = h.borrow_mut();
+            match h.take() {
+                Some((id, x, w)) if id == logits.id() => Some((x, w)),
+                other => {
+                    *h = other;
+                    None
+                }
+            }
+        })
+    }
+
+    fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => bail!("fused LM head cross entropy: {what} must be contiguous f32"),
+        }
+    }
+
+    /// Cross entropy of the detached logits `x w^T`, differentiated into `x` and `w`: backward
+    /// walks the vocabulary in column blocks; each block's `g (softmax - onehot)` feeds
+    /// `dx += dlogits_block w_block` and `dw_block = dlogits_block^T x` while it is in cache.
+    struct LmHead {
+        ce: CrossEntropy,
+        labels: Vec<u32>,
+        labels_tensor: Tensor,
+        precision: crate::matmul::Precision,
+    }
+
+    impl CustomOp3 for LmHead {
+        fn name(&self) -> &'static str {
+            "fused-lm-head-cross-entropy"
+        }
+
+        fn cpu_fwd(
+            &self,
+            ls: &CpuStorage,
+            ll: &Layout,
+            _xs: &CpuStorage,
+            _xl: &Layout,
+            _ws: &CpuStorage,
+            _wl: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let (ys, yl) = self.labels_tensor.storage_and_layout();
+            let candle_core::Storage::Cpu(ys) = &*ys else {
+                bail!("fused LM head cross entropy: labels must be on the CPU")
+            };
+            self.ce.cpu_fwd(ls, ll, ys, yl)
+        }
+
+        fn bwd(
+            &self,
+            logits: &Tensor,
+            x: &Tensor,
+            w: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let lse = self
+                .ce
+                .lse
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("fused LM head: lock".into()))?
+                .clone();
+            let (logits, x, w, grad) = (
+                logits.contiguous()?,
+                x.contiguous()?,
+                w.contiguous()?,
+                grad.contiguous()?,
+            );
+            let (n, h) = x.dims2()?;
+            let padded = w.dim(0)?;
+            let vocab = self.ce.vocab;
+            if logits.dims2()? != (n, padded) || lse.len() != n || self.labels.len() != n {
+                bail!("fused LM head cross entropy backward: shapes do not match")
+            }
+            let (ls, ll) = logits.storage_and_layout();
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
+                match s {
+                    candle_core::Storage::Cpu(c) => Ok(c),
+                    _ => bail!("fused LM head cross entropy: tensors must be on the CPU"),
+                }
+            }
+            let lv = f32_slice(cpu(&ls)?, ll, "logits")?;
+            let xv = f32_slice(cpu(&xs)?, xl, "x")?;
+            let wv = f32_slice(cpu(&ws)?, wl, "w")?;
+            let gv = f32_slice(cpu(&gs)?, gl, "the gradient")?;
+            let mut dx = vec![0f32; n * h];
+            let mut dw = vec![0f32; padded * h];
+            // About 16 MB of logits' gradient per block (in L3), at least 256 columns.
+            let block = ((4usize << 20) / n.max(1))
+                .clamp(256, 8192)
+                .next_multiple_of(16);
+            let mut dl = vec![0f32; n * block.min(vocab)];
+            let fast = crate::fast_math::has_avx2_fma();
+            let mut v0 = 0;
+            while v0 < vocab {
+                let vb = block.min(vocab - v0);
+                let dl = &mut dl[..n * vb];
+                dl.par_chunks_mut(vb).enumerate().for_each(|(i, d)| {
+                    let row = &lv[i * padded + v0..i * padded + v0 + vb];
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+                        unsafe { row_grad_avx2(d, row, lse[i], gv[i]) };
+                    } else {
+                        row_grad(d, row, lse[i], gv[i]);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    row_grad(d, row, lse[i], gv[i]);
+                    let t = self.labels[i] as usize;
+                    if (v0..v0 + vb).contains(&t) {
+                        d[t - v0] -= gv[i];
+                    }
+                });
+                let _ = fast;
+                let mat = |ptr: *const f32, rs: usize, cs: usize| crate::bf16_gemm::Mat {
+                    ptr,
+                    rs: rs as isize,
+                    cs: cs as isize,
+                };
+                // SAFETY: dl is n x vb, the w block vb x h (rows v0.., contiguous), x n x h;
+                // dx holds n * h (accumulated), dw's block vb * h.
+                unsafe {
+                    crate::matmul::gemm(
+                        self.precision,
+                        (n, h, vb),
+                        dx.as_mut_ptr(),
+                        mat(dl.as_ptr(), vb, 1),
+                        mat(wv[v0 * h..].as_ptr(), h, 1),
+                        true,
+                        v0 > 0,
+                    );
+                    crate::matmul::gemm(
+                        self.precision,
+                        (vb, h, n),
+                        dw[v0 * h..].as_mut_ptr(),
+                        mat(dl.as_ptr(), 1, vb),
+                        mat(xv.as_ptr(), h, 1),
+                        true,
+                        false,
+                    );
+                }
+                v0 += vb;
+            }
+            drop((ls, xs, ws, gs));
+            HEAD_BACKWARDS.with(|c| c.set(c.get() + 1));
+            let dev = x.device();
+            Ok((
+                None,
+                Some(Tensor::from_vec(dx, (n, h), dev)?),
+                Some(Tensor::from_vec(dw, (padded, h), dev)?),
+            ))
+        }
     }
 }
 
@@ -339,6 +560,97 @@ mod tests {
                 .unwrap(),
             0.0
         );
+    }
+
+    /// The fused LM head (logits remembered by `lm_head_logits`, gradients of x and w computed
+    /// in vocabulary blocks) against the linear + cross entropy it replaces: same losses, same
+    /// gradients of x and w, with a vocabulary spanning several blocks, padding rows of w
+    /// without gradient, per-token weights (a loss mask) and the remembered head used once.
+    #[test]
+    fn fused_lm_head_equals_linear_then_cross_entropy() {
+        let (b, t, h, vocab, padded) = (2, 9, 24, 600, 640);
+        let mut xv = vec![0f32; b * t * h];
+        crate::random::fill_normal(&mut xv, 5, 0, 1.0);
+        let mut wv = vec![0f32; padded * h];
+        crate::random::fill_normal(&mut wv, 6, 0, 0.5);
+        let labels = Tensor::from_vec(
+            (0..(b * t) as u32)
+                .map(|i| (i * 67 + 3) % vocab as u32)
+                .collect::<Vec<_>>(),
+            (b, t),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = Tensor::from_vec(
+            (0..b * t)
+                .map(|i| {
+                    if i % 4 == 3 {
+                        0f32
+                    } else {
+                        1.0 + i as f32 * 0.1
+                    }
+                })
+                .collect::<Vec<_>>(),
+            b * t,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let run = |fused: bool| {
+            let x = Var::from_vec(xv.clone(), (b, t, h), &Device::Cpu).unwrap();
+            let w = Var::from_vec(wv.clone(), (padded, h), &Device::Cpu).unwrap();
+            let logits = lm_head_logits(x.as_tensor(), w.as_tensor(), fused).unwrap();
+            let l = token_losses(&logits, &labels, vocab).unwrap();
+            let total = (&l * &mask).unwrap().sum_all().unwrap();
+            let g = total.backward().unwrap();
+            let gx = g.get(x.as_tensor()).unwrap().clone();
+            let gw = g.get(w.as_tensor()).unwrap().clone();
+            (l, gx, gw)
+        };
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let top = |a: &Tensor| {
+            a.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let count = || fused::HEAD_BACKWARDS.with(|c| c.get());
+        let before = count();
+        let (l1, gx1, gw1) = run(true);
+        assert_eq!(count(), before + 1, "the fused LM head did not run");
+        let (l0, gx0, gw0) = run(false);
+        assert_eq!(count(), before + 1, "the plain path ran the fused LM head");
+        assert!(d(&l1, &l0) < 1e-5, "losses {}", d(&l1, &l0));
+        assert!(
+            d(&gx1, &gx0) < 1e-5 * top(&gx0),
+            "dx {} of {}",
+            d(&gx1, &gx0),
+            top(&gx0)
+        );
+        assert!(
+            d(&gw1, &gw0) < 1e-5 * top(&gw0),
+            "dw {} of {}",
+            d(&gw1, &gw0),
+            top(&gw0)
+        );
+        assert_eq!(top(&gw1.narrow(0, vocab, padded - vocab).unwrap()), 0.0);
+        // Used once: a second cross entropy of the same logits runs the plain kernel.
+        let x = Var::from_vec(xv.clone(), (b, t, h), &Device::Cpu).unwrap();
+        let w = Var::from_vec(wv.clone(), (padded, h), &Device::Cpu).unwrap();
+        let logits = lm_head_logits(x.as_tensor(), w.as_tensor(), true).unwrap();
+        let a = token_losses(&logits, &labels, vocab).unwrap();
+        let again = token_losses(&logits, &labels, vocab).unwrap();
+        assert!(d(&a, &again) < 1e-6);
     }
 
     #[test]

@@ -219,7 +219,7 @@ fn batch_offsets(l: &Layout) -> Vec<usize> {
 ///
 /// # Safety
 /// `a`, `b` must address `m x k` and `k x n` elements, `dst` `m * n` (initialised when `add`).
-unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     precision: Precision,
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,

@@ -293,8 +293,19 @@ impl FinalHead {
 
     /// This rank's block of the padded-vocabulary logits `[b, t, padded_vocab / tp]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.logits_for(x, false)
+    }
+
+    /// In a training forward (one tensor-parallel rank) the logits are the cross entropy's
+    /// fused LM head (`cross_entropy::lm_head_logits`): their gradient is never materialised.
+    fn logits_for(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let x = copy_to_tp(&self.final_layernorm.forward(x)?, self.tp.as_ref())?;
-        nn::linear(&x, self.word_embeddings.tensor(), None)
+        let whole = self.tp.as_ref().is_none_or(|t| t.size() == 1);
+        candle_deepscale::cross_entropy::lm_head_logits(
+            &x,
+            self.word_embeddings.tensor(),
+            training && whole,
+        )
     }
 }
 
@@ -313,8 +324,8 @@ impl Layer for FinalHead {
         v
     }
 
-    fn forward(&self, x: &Activations, _ctx: &ForwardCtx) -> Result<Activations> {
-        Ok(Activations::new(self.logits(&x.hidden)?))
+    fn forward(&self, x: &Activations, ctx: &ForwardCtx) -> Result<Activations> {
+        Ok(Activations::new(self.logits_for(&x.hidden, ctx.train)?))
     }
 }
 
