@@ -499,6 +499,16 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// Largest absolute element.
+    fn top(a: &Tensor) -> f32 {
+        a.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// The fused kernel's losses and logit gradients equal the composed ops', with padding
     /// columns (which get no gradient) and logits large enough to need the max shift.
     #[test]
@@ -527,24 +537,9 @@ mod tests {
             (l, g.get(x.as_tensor()).unwrap().clone())
         };
         let ((l1, g1), (l0, g0)) = (run(true), run(false));
-        let d = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let d = |a: &Tensor, b: &Tensor| top(&(a - b).unwrap());
         assert!(d(&l1, &l0) < 1e-4, "losses {}", d(&l1, &l0));
-        let scale = g0
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = top(&g0);
         assert!(
             d(&g1, &g0) < 1e-5 * scale,
             "gradients {} of {scale}",
@@ -606,24 +601,7 @@ mod tests {
             let gw = g.get(w.as_tensor()).unwrap().clone();
             (l, gx, gw)
         };
-        let d = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let top = |a: &Tensor| {
-            a.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let d = |a: &Tensor, b: &Tensor| top(&(a - b).unwrap());
         let count = || fused::HEAD_BACKWARDS.with(|c| c.get());
         let before = count();
         let (l1, gx1, gw1) = run(true);
