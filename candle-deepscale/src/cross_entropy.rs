@@ -78,7 +78,7 @@ pub fn token_losses_reference(
 /// composed ops make about fifteen passes over the `[tokens x vocab]` logits, the largest tensor
 /// of a step.
 pub mod fused {
-    use crate::fast_math::exp;
+    use crate::fast_math::{contiguous_f32, exp};
     use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
     use rayon::prelude::*;
     use std::sync::Mutex;
@@ -133,6 +133,17 @@ pub mod fused {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn row_grad_avx2(d: &mut [f32], x: &[f32], lse: f32, g: f32) {
+        row_grad(d, x, lse, g)
+    }
+
+    /// `d = g softmax(x)` given the row's log-sum-exp, compiled for AVX2 + FMA when `fast`.
+    fn softmax_row(d: &mut [f32], x: &[f32], lse: f32, g: f32, fast: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: callers pass `fast` only where the CPU has AVX2 and FMA.
+            return unsafe { row_grad_avx2(d, x, lse, g) };
+        }
+        let _ = fast;
         row_grad(d, x, lse, g)
     }
 
@@ -244,15 +255,7 @@ pub mod fused {
                 .enumerate()
                 .for_each(|(i, (dr, xr))| {
                     let (dr, xr) = (&mut dr[..v], &xr[..v]);
-                    #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        // SAFETY: as in the forward.
-                        unsafe { row_grad_avx2(dr, xr, self.lse[i], g[i]) };
-                        dr[y[i] as usize] -= g[i];
-                        return;
-                    }
-                    let _ = fast;
-                    row_grad(dr, xr, self.lse[i], g[i]);
+                    softmax_row(dr, xr, self.lse[i], g[i], fast);
                     dr[y[i] as usize] -= g[i];
                 });
             Ok((CpuStorage::F32(d), ll.shape().clone()))
@@ -281,10 +284,6 @@ pub mod fused {
         if let Some((x, w)) = head {
             // The logits enter detached: their gradient goes straight to x and w (see LmHead).
             let x = x.reshape(((), x.dim(D::Minus1)?))?;
-            let y: Vec<u32> = labels.to_vec1()?;
-            if let Some(bad) = y.iter().find(|&&l| l as usize >= vocab_size) {
-                bail!("cross entropy: label {bad} is outside the vocabulary of {vocab_size}")
-            }
             return logits.detach().apply_op3(
                 &x,
                 &w,
@@ -293,8 +292,7 @@ pub mod fused {
                         vocab: vocab_size,
                         lse: Mutex::new(Vec::new()),
                     },
-                    labels: y,
-                    labels_tensor: labels.clone(),
+                    labels: labels.clone(),
                     precision: crate::matmul::float32_matmul_precision(),
                 },
             );
@@ -346,20 +344,15 @@ pub mod fused {
         })
     }
 
-    fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-            _ => bail!("fused LM head cross entropy: {what} must be contiguous f32"),
-        }
-    }
-
     /// Cross entropy of the detached logits `x w^T`, differentiated into `x` and `w`: backward
     /// walks the vocabulary in column blocks; each block's `g (softmax - onehot)` feeds
     /// `dx += dlogits_block w_block` and `dw_block = dlogits_block^T x` while it is in cache.
+    const OP: &str = "fused LM head cross entropy";
+
     struct LmHead {
         ce: CrossEntropy,
-        labels: Vec<u32>,
-        labels_tensor: Tensor,
+        /// `[tokens]` u32 (checked against the vocabulary by the forward).
+        labels: Tensor,
         precision: crate::matmul::Precision,
     }
 
@@ -377,7 +370,7 @@ pub mod fused {
             _ws: &CpuStorage,
             _wl: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            let (ys, yl) = self.labels_tensor.storage_and_layout();
+            let (ys, yl) = self.labels.storage_and_layout();
             let candle_core::Storage::Cpu(ys) = &*ys else {
                 bail!("fused LM head cross entropy: labels must be on the CPU")
             };
@@ -407,7 +400,7 @@ pub mod fused {
             let (n, h) = x.dims2()?;
             let padded = w.dim(0)?;
             let vocab = self.ce.vocab;
-            if logits.dims2()? != (n, padded) || lse.len() != n || self.labels.len() != n {
+            if logits.dims2()? != (n, padded) || lse.len() != n {
                 bail!("fused LM head cross entropy backward: shapes do not match")
             }
             let (ls, ll) = logits.storage_and_layout();
@@ -420,10 +413,11 @@ pub mod fused {
                     _ => bail!("fused LM head cross entropy: tensors must be on the CPU"),
                 }
             }
-            let lv = f32_slice(cpu(&ls)?, ll, "logits")?;
-            let xv = f32_slice(cpu(&xs)?, xl, "x")?;
-            let wv = f32_slice(cpu(&ws)?, wl, "w")?;
-            let gv = f32_slice(cpu(&gs)?, gl, "the gradient")?;
+            let lv = contiguous_f32(cpu(&ls)?, ll, OP, "logits")?;
+            let xv = contiguous_f32(cpu(&xs)?, xl, OP, "x")?;
+            let wv = contiguous_f32(cpu(&ws)?, wl, OP, "w")?;
+            let gv = contiguous_f32(cpu(&gs)?, gl, OP, "the gradient")?;
+            let labels: Vec<u32> = self.labels.to_vec1()?;
             let mut dx = vec![0f32; n * h];
             let mut dw = vec![0f32; padded * h];
             // About 16 MB of logits' gradient per block (in L3), at least 256 columns.
@@ -438,21 +432,12 @@ pub mod fused {
                 let dl = &mut dl[..n * vb];
                 dl.par_chunks_mut(vb).enumerate().for_each(|(i, d)| {
                     let row = &lv[i * padded + v0..i * padded + v0 + vb];
-                    #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                        unsafe { row_grad_avx2(d, row, lse[i], gv[i]) };
-                    } else {
-                        row_grad(d, row, lse[i], gv[i]);
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    row_grad(d, row, lse[i], gv[i]);
-                    let t = self.labels[i] as usize;
+                    softmax_row(d, row, lse[i], gv[i], fast);
+                    let t = labels[i] as usize;
                     if (v0..v0 + vb).contains(&t) {
                         d[t - v0] -= gv[i];
                     }
                 });
-                let _ = fast;
                 let mat = |ptr: *const f32, rs: usize, cs: usize| crate::bf16_gemm::Mat {
                     ptr,
                     rs: rs as isize,
