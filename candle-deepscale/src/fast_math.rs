@@ -14,7 +14,11 @@ pub fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n: n + 127 is an integer in [1, 254] after the clamp; adding 2^23 puts it in the low
+    // mantissa bits, which shift into the exponent field. (`n as i32` is a saturating cast that
+    // the compiler lowers to scalar code per lane; this stays in vector registers.)
+    let biased = (n + (127.0 + 8_388_608.0)).to_bits();
+    e * f32::from_bits(biased << 23)
 }
 
 /// tanh(u) = 1 - 2 / (e^{2u} + 1): exact limits at both ends, absolute error about 1e-7.
