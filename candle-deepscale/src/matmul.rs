@@ -290,7 +290,9 @@ unsafe fn fp32(
     threads: usize,
     add: bool,
 ) {
-    if let Some(blas) = crate::blas::active() {
+    if let Some(blas) =
+        crate::blas::active().filter(|_| !gemm_crate_is_faster((m, n, k), a, threads))
+    {
         if blas.sgemm((m, n, k), dst, a, b, add, threads) {
             return;
         }
@@ -305,6 +307,15 @@ unsafe fn fp32(
         m, n, k, dst, 1, n as isize, add, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, 1.0, false,
         false, false, par,
     )
+}
+
+/// Products where the `gemm` crate measured faster than BLIS 0.9 here (per-shape timing on GPT-2's
+/// shapes, hot caches, best of 25): single-threaded products over attention's head size (per
+/// head `q k^T`, k = 64, and `p v`, n = 64: 58-97 GFLOP/s against 34-84), and weight gradients
+/// `G^T x` whose transposed `G` has at most 256 rows (BLIS's small-matrix path: 69-107 against
+/// 106-131 on two threads).
+fn gemm_crate_is_faster((m, n, k): (usize, usize, usize), a: Mat, threads: usize) -> bool {
+    (threads <= 1 && k.min(n) <= 64) || (threads > 1 && a.rs == 1 && a.cs != 1 && m <= 256)
 }
 
 /// A row-major copy of `x` (`rows x cols`) rounded to bf16 values.
