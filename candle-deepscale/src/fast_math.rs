@@ -191,7 +191,8 @@ mod tests {
 
     #[test]
     fn exp_and_tanh_are_accurate() {
-        for i in -800..=800 {
+        // Up to both clamp ends (2^n's exponent field from 2 to 254).
+        for i in -870..=880 {
             let x = i as f32 * 0.1;
             let rel = (exp(x) as f64 / (x as f64).exp() - 1.0).abs();
             assert!(rel < 5e-7, "exp({x}): {rel}");
@@ -200,5 +201,11 @@ mod tests {
                 "tanh({x})"
             );
         }
+        // Beyond the clamp: finite, positive, no wrap-around of the exponent bits.
+        for x in [-1e4f32, -88.5, 88.5, 1e4] {
+            let e = exp(x);
+            assert!(e.is_finite() && e > 0.0, "exp({x}) = {e}");
+        }
+        assert!(exp(-1e4) < 1e-37 && exp(1e4) > 1e38);
     }
 }
