@@ -178,7 +178,8 @@ fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
   "optimizer": {"type": "Adam", "params": {"lr": 0.005, "weight_decay": 0.01}},
   "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.005, "warmup_num_steps": 2}},
   "gradient_clipping": 1.0,
-  "activation_checkpointing": {"partition_activations": true, "cpu_checkpointing": true}
+  "activation_checkpointing": {"partition_activations": true, "cpu_checkpointing": true},
+  "wall_clock_breakdown": true
 }"#,
     )
     .unwrap();
@@ -249,6 +250,22 @@ fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
         );
     }
     let lines = metrics(&m);
+    // wall_clock_breakdown: DeepSpeed's timing line, and the same split in the metrics, within
+    // the iteration's time.
+    assert!(
+        stderr.contains(" time (ms) | forward: ") && stderr.contains(" | optimizer_step: "),
+        "{stderr}"
+    );
+    for l in &lines {
+        let part = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("no {k}: {l}"));
+        let (f, b, s) = (
+            part("forward_ms"),
+            part("backward_ms"),
+            part("optimizer_step_ms"),
+        );
+        assert!(f > 0.0 && b > 0.0 && s > 0.0, "{l}");
+        assert!(f + b + s <= part("ms_per_step") + 1.0, "{l}");
+    }
     // WarmupLR, log warmup over 2 steps: 0 at the first step, the max from the second on.
     assert_eq!(lines[0]["lr"].as_f64(), Some(0.0));
     assert!((lines[2]["lr"].as_f64().unwrap() - 0.005).abs() < 1e-12);

@@ -369,7 +369,17 @@ where
             // Per-rank FLOP rate against this machine's measured GEMM peak (ranks share its cores).
             let mfu = tps * a.flops_per_token / a.gemm_peak;
             let mem = engine.memory_report();
+            let clock = engine.take_wall_clock();
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            if a.root && engine.config.wall_clock_breakdown {
+                // DeepSpeed's wall_clock_breakdown line (per iteration, this window's mean).
+                bar.suspend(|| {
+                    eprintln!(
+                        " time (ms) | forward: {:.2} | backward: {:.2} | optimizer_step: {:.2}",
+                        clock.forward_ms, clock.backward_ms, clock.step_ms
+                    )
+                });
+            }
             if a.root {
                 bar.suspend(|| {
                     eprintln!(
@@ -401,6 +411,9 @@ where
                     ("ms_per_step", json!(ms)),
                     ("tokens_per_s", json!(tps)),
                     ("mfu", json!(mfu)),
+                    ("forward_ms", json!(clock.forward_ms)),
+                    ("backward_ms", json!(clock.backward_ms)),
+                    ("optimizer_step_ms", json!(clock.step_ms)),
                     ("peak_bytes", json!(peak_rss_bytes())),
                     ("activation_bytes", json!(mem.activations)),
                     ("communication_bytes", json!(mem.communication)),

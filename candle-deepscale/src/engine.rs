@@ -16,6 +16,7 @@ use crate::zero::{Stage3Config, StateBytes, ZeroOptimizer};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, TensorId, Var};
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// Gradients of parameters by tensor id (a tied parameter's contributions summed).
 #[derive(Default, Debug)]
@@ -473,6 +474,8 @@ pub struct EngineConfig {
     /// Keep ZeRO's buffers and AdamW as tensors on the parameters' device. None: when the
     /// parameters are on a GPU (no offload). Some(true) on the CPU runs the GPU's code path.
     pub device_states: Option<bool>,
+    /// DeepSpeed's `wall_clock_breakdown`: training loops print [`Engine::take_wall_clock`].
+    pub wall_clock_breakdown: bool,
 }
 
 impl Default for EngineConfig {
@@ -491,6 +494,7 @@ impl Default for EngineConfig {
             checkpoint_num_layers: 0,
             partition_activations: false,
             cpu_checkpointing: false,
+            wall_clock_breakdown: false,
             seed: 1234,
             offload_optimizer_cpu: false,
             device_states: None,
@@ -604,6 +608,7 @@ impl EngineConfig {
             c.partition_activations = a.partition_activations.unwrap_or(false);
             c.cpu_checkpointing = a.cpu_checkpointing.unwrap_or(false);
         }
+        c.wall_clock_breakdown = ds.wall_clock_breakdown.unwrap_or(false);
         Ok(c)
     }
 }
@@ -704,6 +709,19 @@ pub struct Engine<'m> {
     /// Last pipelined batch: seconds spent in forward/backward passes, and in the whole batch.
     pipe_timing: Option<(f64, f64)>,
     meter: MemoryMeter,
+    /// Seconds in forward, backward and the optimizer step since the last `take_wall_clock`.
+    clock: WallClock,
+}
+
+/// Where training time went (DeepSpeed's `wall_clock_breakdown`): milliseconds per iteration in
+/// forward passes, backward passes (with the gradient reduction they overlap) and the optimizer
+/// step, averaged over `iterations`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WallClock {
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub step_ms: f64,
+    pub iterations: u64,
 }
 
 impl<'m> Engine<'m> {
@@ -761,6 +779,7 @@ impl<'m> Engine<'m> {
             pipe: None,
             pipe_timing: None,
             meter: MemoryMeter::default(),
+            clock: WallClock::default(),
         })
     }
 
@@ -794,6 +813,20 @@ impl<'m> Engine<'m> {
             .set_pipeline(pipe.stages.clone(), |p| last && p.meta.tie_group.is_some())?;
         self.pipe = Some(pipe);
         Ok(self)
+    }
+
+    /// Milliseconds per iteration in forward, backward and the optimizer step since the last
+    /// call (DeepSpeed's `wall_clock_breakdown`), and resets them. Pipeline stages count their
+    /// own forward and backward passes (not the waits between them).
+    pub fn take_wall_clock(&mut self) -> WallClock {
+        let c = std::mem::take(&mut self.clock);
+        let n = c.iterations.max(1) as f64;
+        WallClock {
+            forward_ms: c.forward_ms / n,
+            backward_ms: c.backward_ms / n,
+            step_ms: c.step_ms / n,
+            iterations: c.iterations,
+        }
     }
 
     /// The last pipelined `train_batch`: (seconds computing forward/backward, seconds in total);
@@ -903,21 +936,26 @@ impl<'m> Engine<'m> {
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
         let last = self.micro_step + 1 >= self.config.gradient_accumulation_steps;
-        let loss = backward_pass(
+        let mut hooks = ZeroHooks {
+            zero: &mut self.zero,
+            last,
+            meter: &mut self.meter,
+        };
+        let t0 = Instant::now();
+        let (state, _, loss) = stage_forward(
             &self.layers,
             input,
             ctx,
             &self.policy,
-            self.scaler.cur_scale,
-            loss_fn,
-            &mut ZeroHooks {
-                zero: &mut self.zero,
-                last,
-                meter: &mut self.meter,
-            },
+            Some((self.scaler.cur_scale, loss_fn)),
+            &mut hooks,
         )?;
+        let t1 = Instant::now();
+        stage_backward(&self.layers, state, Vec::new(), &self.policy, &mut hooks)?;
+        self.clock.forward_ms += (t1 - t0).as_secs_f64() * 1e3;
+        self.clock.backward_ms += t1.elapsed().as_secs_f64() * 1e3;
         self.micro_step += 1;
-        Ok(loss)
+        loss.ok_or_else(|| candle_core::Error::Msg("engine: no loss".into()))
     }
 
     /// The optimizer step at the end of an accumulation: unscale, clip, check for overflow (fp16:
@@ -930,6 +968,7 @@ impl<'m> Engine<'m> {
                 self.config.gradient_accumulation_steps
             )
         }
+        let started = Instant::now();
         let loss_scale = self.scaler.cur_scale;
         let unscale = 1.0
             / (self.config.gradient_accumulation_steps as f64 * self.dp_size() as f64 * loss_scale);
@@ -962,6 +1001,8 @@ impl<'m> Engine<'m> {
         self.zero.zero_grad()?;
         self.meter.live_activation_bytes = 0;
         self.micro_step = 0;
+        self.clock.step_ms += started.elapsed().as_secs_f64() * 1e3;
+        self.clock.iterations += 1;
         Ok(StepReport {
             iteration: self.iteration,
             loss: f64::NAN,
@@ -1057,10 +1098,8 @@ impl<'m> Engine<'m> {
         let mut busy = 0f64;
         for instruction in schedule.steps().into_iter().flatten() {
             let t0 = std::time::Instant::now();
-            let computes = matches!(
-                instruction,
-                Instruction::ForwardPass { .. } | Instruction::BackwardPass { .. }
-            );
+            let forward = matches!(instruction, Instruction::ForwardPass { .. });
+            let computes = forward || matches!(instruction, Instruction::BackwardPass { .. });
             match instruction {
                 Instruction::LoadMicroBatch { micro_batch: m, .. } => {
                     if first {
@@ -1196,7 +1235,13 @@ impl<'m> Engine<'m> {
                 Instruction::ReduceGrads | Instruction::OptimizerStep => {}
             }
             if computes {
-                busy += t0.elapsed().as_secs_f64();
+                let dt = t0.elapsed().as_secs_f64();
+                busy += dt;
+                if forward {
+                    self.clock.forward_ms += dt * 1e3;
+                } else {
+                    self.clock.backward_ms += dt * 1e3;
+                }
             }
         }
         self.pipe_timing = Some((busy, started.elapsed().as_secs_f64()));
