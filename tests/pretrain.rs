@@ -536,6 +536,10 @@ fn pipeline_layouts_equal_the_one_rank_run() {
                 a["iteration"]
             );
             assert_eq!(a["pp"].as_u64(), Some(2));
+            // The first stage's own passes are timed too.
+            for k in ["forward_ms", "backward_ms", "optimizer_step_ms"] {
+                assert!(a[k].as_f64().is_some_and(|v| v > 0.0), "{name}: {k} in {a}");
+            }
         }
     }
     // ZeRO-2 with a pipeline is refused with the reason.
