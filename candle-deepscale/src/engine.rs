@@ -364,7 +364,8 @@ pub fn stage_backward(
 /// One micro-batch through `layers`: forward, `loss_fn` on the last layer's output, then backward
 /// layer by layer from the loss times `loss_scale` (the last layer and the loss in one backward).
 /// `policy` says which inputs are kept; after each layer's backward `on_layer(index, layer,
-/// grads)` receives its gradients. Returns the unscaled loss.
+/// grads)` receives its gradients; `clock` gains the two halves' times. Returns the unscaled loss.
+#[allow(clippy::too_many_arguments)]
 pub fn backward_pass(
     layers: &[&dyn Layer],
     input: Activations,
@@ -373,7 +374,9 @@ pub fn backward_pass(
     loss_scale: f64,
     loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     hooks: &mut dyn StageHooks,
+    clock: &mut WallClock,
 ) -> Result<f32> {
+    let t0 = Instant::now();
     let (state, _, loss) = stage_forward(
         layers,
         input,
@@ -382,7 +385,10 @@ pub fn backward_pass(
         Some((loss_scale, loss_fn)),
         hooks,
     )?;
+    let t1 = Instant::now();
     stage_backward(layers, state, Vec::new(), policy, hooks)?;
+    clock.forward_ms += (t1 - t0).as_secs_f64() * 1e3;
+    clock.backward_ms += t1.elapsed().as_secs_f64() * 1e3;
     loss.ok_or_else(|| candle_core::Error::Msg("engine: no loss".into()))
 }
 
@@ -415,6 +421,7 @@ pub fn forward_backward(
             }
             Ok(())
         }),
+        &mut WallClock::default(),
     )?;
     Ok((loss, grads))
 }
@@ -936,26 +943,22 @@ impl<'m> Engine<'m> {
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
         let last = self.micro_step + 1 >= self.config.gradient_accumulation_steps;
-        let mut hooks = ZeroHooks {
-            zero: &mut self.zero,
-            last,
-            meter: &mut self.meter,
-        };
-        let t0 = Instant::now();
-        let (state, _, loss) = stage_forward(
+        let loss = backward_pass(
             &self.layers,
             input,
             ctx,
             &self.policy,
-            Some((self.scaler.cur_scale, loss_fn)),
-            &mut hooks,
+            self.scaler.cur_scale,
+            loss_fn,
+            &mut ZeroHooks {
+                zero: &mut self.zero,
+                last,
+                meter: &mut self.meter,
+            },
+            &mut self.clock,
         )?;
-        let t1 = Instant::now();
-        stage_backward(&self.layers, state, Vec::new(), &self.policy, &mut hooks)?;
-        self.clock.forward_ms += (t1 - t0).as_secs_f64() * 1e3;
-        self.clock.backward_ms += t1.elapsed().as_secs_f64() * 1e3;
         self.micro_step += 1;
-        loss.ok_or_else(|| candle_core::Error::Msg("engine: no loss".into()))
+        Ok(loss)
     }
 
     /// The optimizer step at the end of an accumulation: unscale, clip, check for overflow (fp16:
