@@ -371,15 +371,6 @@ where
             let mem = engine.memory_report();
             let clock = engine.take_wall_clock();
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            if a.root && engine.config.wall_clock_breakdown {
-                // DeepSpeed's wall_clock_breakdown line (per iteration, this window's mean).
-                bar.suspend(|| {
-                    eprintln!(
-                        " time (ms) | forward: {:.2} | backward: {:.2} | optimizer_step: {:.2}",
-                        clock.forward_ms, clock.backward_ms, clock.step_ms
-                    )
-                });
-            }
             if a.root {
                 bar.suspend(|| {
                     eprintln!(
@@ -395,7 +386,14 @@ where
                         mib(mem.activations),
                         mib(mem.communication),
                         mib(peak_rss_bytes())
-                    )
+                    );
+                    if engine.config.wall_clock_breakdown {
+                        // DeepSpeed's wall_clock_breakdown line (per iteration, this window's mean).
+                        eprintln!(
+                            " time (ms) | forward: {:.2} | backward: {:.2} | optimizer_step: {:.2}",
+                            clock.forward_ms, clock.backward_ms, clock.step_ms
+                        )
+                    }
                 });
             }
             if let Some(m) = metrics.as_mut() {

@@ -716,7 +716,7 @@ pub struct Engine<'m> {
     /// Last pipelined batch: seconds spent in forward/backward passes, and in the whole batch.
     pipe_timing: Option<(f64, f64)>,
     meter: MemoryMeter,
-    /// Seconds in forward, backward and the optimizer step since the last `take_wall_clock`.
+    /// Milliseconds in forward, backward and the optimizer step since the last `take_wall_clock`.
     clock: WallClock,
 }
 
