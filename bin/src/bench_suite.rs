@@ -165,6 +165,8 @@ struct Measured {
     /// within minutes, so each step is set against the machine it ran on).
     step_peak_gflops: Vec<f64>,
     faults_per_step: u64,
+    /// The engine's own split of a timed step (DeepSpeed's `wall_clock_breakdown`), means in ms.
+    split: candle_deepscale::engine::WallClock,
 }
 
 impl Measured {
@@ -231,6 +233,7 @@ fn measure(
         }
         if i == 1 {
             faults = minor_faults();
+            engine.take_wall_clock();
         }
         let t0 = Instant::now();
         engine.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
@@ -240,6 +243,7 @@ fn measure(
             step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let split = engine.take_wall_clock();
     let faults_per_step = (minor_faults() - faults).saturating_sub(gemm_faults) / iters as u64;
     let mut fwd = Vec::new();
     for i in 0..if forward { 3 } else { 0 } {
@@ -270,6 +274,7 @@ fn measure(
         step_ms,
         step_peak_gflops,
         faults_per_step,
+        split,
     })
 }
 
@@ -355,15 +360,21 @@ pub fn run(a: SuiteArgs) -> Result<()> {
             "step_gemm_gflops": m.step_peak_gflops,
             "peak_rss_bytes": m.peak_rss,
             "page_faults_per_step": m.faults_per_step,
+            "forward_ms": m.split.forward_ms,
+            "backward_ms": m.split.backward_ms,
+            "optimizer_step_ms": m.split.step_ms,
         });
         let mut line = format!(
-            "{name} b{b} x s{s}: train {:.1} tokens/s (MFU {:.0}% against the GEMM measured beside each step, {:.0}% of the best {peak:.0} GFLOP/s), forward {:.1} tokens/s, peak RSS {:.2} GiB, {} page faults per step",
+            "{name} b{b} x s{s}: train {:.1} tokens/s (MFU {:.0}% against the GEMM measured beside each step, {:.0}% of the best {peak:.0} GFLOP/s), forward {:.1} tokens/s, peak RSS {:.2} GiB, {} page faults per step; step split (ms): forward {:.0} | backward {:.0} | optimizer_step {:.0}",
             m.tokens_per_s,
             100.0 * mfu,
             100.0 * mfu_best,
             m.fwd_tokens_per_s,
             m.peak_rss as f64 / (1u64 << 30) as f64,
-            m.faults_per_step
+            m.faults_per_step,
+            m.split.forward_ms,
+            m.split.backward_ms,
+            m.split.step_ms
         );
         if bf16_peak.is_some() {
             let t = measure_bf16(&cfg, b, s, a.iters.max(1))?;

@@ -116,6 +116,21 @@ pub fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     rest.iter().map(|&v| f(v as f64)).sum::<f64>() + acc.iter().sum::<f64>()
 }
 
+/// Sum of squares of `x` in f64 (the gradient norm), over the cores in 64K-element chunks, each
+/// in vectorised lanes: the scalar f64 fold it replaces could not be vectorised (a sequential
+/// float sum) and took 120 ms per GPT-2 124M step, for 0.5 GB that memory delivers in 12.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    x.par_chunks(1 << 16)
+        .map(|c| {
+            vectorized(
+                #[inline(always)]
+                || sum_f64(c, |v| v * v),
+            )
+        })
+        .sum()
+}
+
 /// Whether the CPU has AVX2 and FMA (checked once): the fused kernels then run their
 /// `target_feature` copies.
 pub fn has_avx2_fma() -> bool {
@@ -187,6 +202,22 @@ mod tests {
             let q: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
             assert!((sum_f64(&x, |v| v * v) - q).abs() <= 1e-9 * (1.0 + q));
         }
+    }
+
+    #[test]
+    fn sum_squares_spans_chunks_and_keeps_overflow() {
+        // Several 64K chunks plus a ragged end, against the f64 fold.
+        let x: Vec<f32> = (0..200_003)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let q: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        assert!((sum_squares(&x) - q).abs() <= 1e-9 * q);
+        // Squares beyond f32's range stay finite (f64), while inf and NaN reach the sum (the
+        // loss scaler's overflow check relies on it).
+        assert_eq!(sum_squares(&[2f32.powi(100), 0.0]), 2f64.powi(200));
+        assert!(sum_squares(&[1.0, f32::INFINITY]).is_infinite());
+        assert!(sum_squares(&[f32::NAN, 1.0]).is_nan());
+        assert_eq!(sum_squares(&[]), 0.0);
     }
 
     #[test]

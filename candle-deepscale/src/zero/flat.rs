@@ -69,6 +69,33 @@ impl candle_core::InplaceOp1 for Write<'_> {
     }
 }
 
+struct Update<F> {
+    f: std::cell::RefCell<F>,
+}
+
+impl<F: FnMut(&mut [f32])> candle_core::InplaceOp1 for Update<F> {
+    fn name(&self) -> &'static str {
+        "zero-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((s, e))) => {
+                (self.f.borrow_mut())(&mut v[s..e]);
+                Ok(())
+            }
+            _ => candle_core::bail!("zero-update: the parameter is not a contiguous f32 tensor"),
+        }
+    }
+}
+
+/// Runs `f` on the elements of the contiguous f32 CPU tensor `t`, in place.
+pub fn update_f32(t: &Tensor, f: impl FnMut(&mut [f32])) -> Result<()> {
+    t.inplace_op1(&Update {
+        f: std::cell::RefCell::new(f),
+    })
+}
+
 /// Overwrites the parameter `var` with `src` (its flattened elements, as f32).
 pub fn write_var(var: &Var, src: &[f32]) -> Result<()> {
     let t = var.as_tensor();

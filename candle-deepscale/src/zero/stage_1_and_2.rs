@@ -6,7 +6,7 @@
 //! reduce-scattered as soon as backward has produced it, so a rank never holds the whole gradient.
 //! Parameters are updated in place in their own tensors (fp32) or, for fp16/bf16 parameters, in an
 //! fp32 master copy of the rank's partition that is written back rounded.
-use super::flat::{add_into, with_f32, write_var};
+use super::flat::{add_into, update_f32, with_f32, write_var};
 use super::partition::FlatLayout;
 use crate::adamw::AdamWConfig;
 use crate::comm::{ProcessGroup, ReduceOp};
@@ -430,7 +430,7 @@ impl ZeroOptimizer {
                 }
                 None => &self.grad_piece(s.bucket)[s.piece_offset..s.piece_offset + s.len],
             };
-            sq += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+            sq += crate::fast_math::sum_squares(g);
         }
         let mut buf = [sq];
         if self.layout.parts > 1 {
@@ -454,8 +454,12 @@ impl ZeroOptimizer {
         if self.device.is_some() {
             return self.device_step(lr, grad_scale);
         }
-        let c = self.config;
+        // Unpartitioned fp32 parameters are updated where they live: no copy out and back.
+        let in_place = self.master.is_none() && self.stage3.is_none() && self.layout.parts == 1;
         for b in 0..self.layout.buckets.len() {
+            if in_place && self.step_bucket_in_place(b, lr, grad_scale)? {
+                continue;
+            }
             let bk = self.layout.buckets[b].clone();
             let mut piece = match &self.master {
                 Some(m) => m[bk.part_offset..bk.part_offset + bk.piece].to_vec(),
@@ -478,21 +482,13 @@ impl ZeroOptimizer {
             for s in self.segments.iter().filter(|s| s.bucket == b) {
                 let (lo, hi) = (s.piece_offset, s.piece_offset + s.len);
                 let (plo, phi) = (bk.part_offset + lo, bk.part_offset + hi);
+                let consts = self.adam_consts(lr, grad_scale, s.decay);
                 adam_step(
                     &mut piece[lo..hi],
                     &self.grads[start + lo..start + hi],
                     &mut self.exp_avg[plo..phi],
                     &mut self.exp_avg_sq[plo..phi],
-                    &AdamStep {
-                        lr: lr as f32,
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        eps: c.eps as f32,
-                        weight_decay: if s.decay { c.weight_decay as f32 } else { 0.0 },
-                        adam_w_mode: c.adam_w_mode,
-                        step: self.step,
-                        grad_scale: grad_scale as f32,
-                    },
+                    &consts,
                 );
             }
             if let Some(m) = &mut self.master {
@@ -508,6 +504,56 @@ impl ZeroOptimizer {
     }
 
     /// All-gathers bucket `bk`'s updated pieces (this rank's is `piece`) into its parameters.
+    fn adam_consts(&self, lr: f64, grad_scale: f64, decay: bool) -> AdamStep {
+        let c = self.config;
+        AdamStep {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            weight_decay: if decay { c.weight_decay as f32 } else { 0.0 },
+            adam_w_mode: c.adam_w_mode,
+            step: self.step,
+            grad_scale: grad_scale as f32,
+        }
+    }
+
+    /// Bucket `b`'s AdamW step applied to its parameters' own storage (one partition, fp32 CPU
+    /// tensors, no master copy); false, with nothing done, where a parameter is not such a
+    /// tensor. Runs are whole parameters here, at their offsets in the bucket.
+    fn step_bucket_in_place(&mut self, b: usize, lr: f64, grad_scale: f64) -> Result<bool> {
+        let bk = &self.layout.buckets[b];
+        let (gstart, mstart) = (bk.offset, bk.part_offset);
+        let runs: Vec<_> = self.layout.runs.iter().filter(|r| r.bucket == b).collect();
+        let fits = runs.iter().all(|r| {
+            let t = self.params[r.param].tensor();
+            t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+        });
+        if !fits {
+            return Ok(false);
+        }
+        for r in runs {
+            let p = &self.params[r.param];
+            let consts = self.adam_consts(lr, grad_scale, p.meta.weight_decay);
+            let (lo, hi) = (r.piece_offset, r.piece_offset + r.len);
+            let (exp_avg, exp_avg_sq) = (
+                &mut self.exp_avg[mstart + lo..mstart + hi],
+                &mut self.exp_avg_sq[mstart + lo..mstart + hi],
+            );
+            let grads = &self.grads[gstart + lo..gstart + hi];
+            update_f32(p.tensor(), |v| {
+                adam_step(
+                    &mut v[r.param_offset..r.param_offset + r.len],
+                    grads,
+                    exp_avg,
+                    exp_avg_sq,
+                    &consts,
+                )
+            })?;
+        }
+        Ok(true)
+    }
+
     fn write_bucket(&self, bk: &super::partition::Bucket, piece: Vec<f32>) -> Result<()> {
         let full = match (&self.dp, self.layout.parts > 1) {
             (Some(dp), true) => {
