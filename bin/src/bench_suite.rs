@@ -320,7 +320,12 @@ fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
     serde_json::from_str(line).with_context(|| format!("torch_bench.py {what} printed `{line}`"))
 }
 
+/// One process, one rank: everything runs on a rayon worker, as `launch` runs a lone rank.
 pub fn run(a: SuiteArgs) -> Result<()> {
+    candle_deepscale::cpu_threads::on_worker_thread(|| run_on_worker(a))
+}
+
+fn run_on_worker(a: SuiteArgs) -> Result<()> {
     for name in &a.config {
         shape(name)?;
     }

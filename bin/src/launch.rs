@@ -3,6 +3,7 @@
 use crate::args::{DeviceKind, Layout};
 use anyhow::{anyhow, Result};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
+use candle_deepscale::cpu_threads::on_worker_thread;
 use candle_deepscale::tensor_parallel::TensorParallel;
 use candle_deepscale::topology::Topology;
 use std::sync::Arc;
@@ -68,10 +69,10 @@ pub fn mpi_world_size() -> Option<usize> {
 }
 
 #[cfg(feature = "mpi")]
-fn launch_mpi<T>(
+fn launch_mpi<T: Send>(
     topo: Topology,
     timeout: std::time::Duration,
-    f: impl Fn(RankCtx) -> Result<T>,
+    f: impl Fn(RankCtx) -> Result<T> + Send + Sync,
 ) -> Result<Option<T>> {
     use candle_deepscale::comm::mpi::MpiComm;
     let comm = Arc::new(MpiComm::init(timeout)?);
@@ -84,11 +85,15 @@ fn launch_mpi<T>(
         ))
     }
     let dyn_comm: Arc<dyn Communicator> = comm.clone();
-    match f(RankCtx {
-        rank,
-        topo,
-        comm: Some(dyn_comm),
-        device: candle_core::Device::Cpu,
+    // One rank per process: it runs on a rayon worker (see cpu_threads; MPI is initialised
+    // `Serialized`, so any one thread may call it).
+    match on_worker_thread(|| {
+        f(RankCtx {
+            rank,
+            topo,
+            comm: Some(dyn_comm),
+            device: candle_core::Device::Cpu,
+        })
     }) {
         Ok(v) => Ok((rank == 0).then_some(v)),
         // Open MPI cannot recover a communicator once a member leaves mid-collective.
@@ -119,11 +124,14 @@ pub fn launch<T: Send>(
         }
     }
     if layout.world_size == 1 {
-        return f(RankCtx {
-            rank: 0,
-            topo,
-            comm: None,
-            device: candle_core::Device::Cpu,
+        // A lone rank runs on a rayon worker (see cpu_threads); in-process ranks cannot.
+        return on_worker_thread(|| {
+            f(RankCtx {
+                rank: 0,
+                topo,
+                comm: None,
+                device: candle_core::Device::Cpu,
+            })
         })
         .map(Some);
     }

@@ -121,14 +121,17 @@ pub fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 /// float sum) and took 120 ms per GPT-2 124M step, for 0.5 GB that memory delivers in 12.
 pub fn sum_squares(x: &[f32]) -> f64 {
     use rayon::prelude::*;
-    x.par_chunks(1 << 16)
+    // Partials collected and summed in order: the same bits however rayon splits the work.
+    let partials: Vec<f64> = x
+        .par_chunks(1 << 16)
         .map(|c| {
             vectorized(
                 #[inline(always)]
                 || sum_f64(c, |v| v * v),
             )
         })
-        .sum()
+        .collect();
+    partials.iter().sum()
 }
 
 /// Whether the CPU has AVX2 and FMA (checked once): the fused kernels then run their

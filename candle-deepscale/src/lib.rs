@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cpu_adam;
+pub mod cpu_threads;
 pub mod cross_entropy;
 pub mod engine;
 pub mod fast_math;

@@ -20,13 +20,24 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
-/// `dst[i] += src[i]` for the flattened elements of `t`.
+/// Elements per rayon task in the flat-buffer passes (big enough to amortise the task).
+const CHUNK: usize = 1 << 16;
+
+/// `dst[i] += src[i]` for the flattened elements of `t` (over the cores: the embedding's and the
+/// LM head's gradients are tens of MB).
 pub fn add_into(t: &Tensor, dst: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
     with_f32(t, |src| {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d += s;
-        }
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s))
     })
+}
+
+/// Zeroes `v` over the cores.
+pub fn fill_zero(v: &mut [f32]) {
+    use rayon::prelude::*;
+    v.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
 }
 
 struct Write<'a> {

@@ -718,7 +718,7 @@ impl ZeroOptimizer {
     /// Clears the gradient buffers for the next accumulation.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.device_zero_grad();
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        super::flat::fill_zero(&mut self.grads);
         self.staging.clear();
         if let Some(g) = self.swap.as_ref().and_then(|s| s.grads.as_ref()) {
             g.zero()?;
