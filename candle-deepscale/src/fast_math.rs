@@ -180,6 +180,27 @@ pub fn contiguous_f32<'a>(
     }
 }
 
+/// `f` on the f32 elements of the CPU tensors `ts`, read where they are (no copies; a backward's
+/// saved inputs are megabytes each), or an error naming `op` and the tensor (`what`, in order)
+/// that is not contiguous f32 on the CPU.
+pub fn with_f32_slices<R>(
+    ts: &[&candle_core::Tensor],
+    op: &str,
+    what: &[&str],
+    f: impl FnOnce(&[&[f32]]) -> R,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (i, (s, l)) in guards.iter().enumerate() {
+        let name = what.get(i).copied().unwrap_or("an operand");
+        let candle_core::Storage::Cpu(c) = &**s else {
+            candle_core::bail!("{op}: {name} must be on the CPU")
+        };
+        slices.push(contiguous_f32(c, l, op, name)?);
+    }
+    Ok(f(&slices))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,47 +81,51 @@ impl CustomOp3 for FusedLayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = w.elem_count();
-        let (xv, wv, gv) = (
-            x.flatten_all()?.to_vec1::<f32>()?,
-            w.flatten_all()?.to_vec1::<f32>()?,
-            grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        );
+        let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
         let eps = self.eps;
-        let mut dx = vec![0f32; xv.len()];
+        let mut dx = vec![0f32; x.elem_count()];
         // dx per row; dw and db summed over fixed blocks of rows, then the blocks in order, so
         // the result does not depend on how rayon splits the work (runs stay bit-identical).
         const BLOCK: usize = 32;
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(h * BLOCK)
-            .zip(xv.par_chunks(h * BLOCK).zip(gv.par_chunks(h * BLOCK)))
-            .map(|(dxb, (xb, gb))| {
-                let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-                // Rows' x-hat and g * w in scratch, so every loop is element-wise or a lane
-                // reduction (both vectorise).
-                let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        for (dxr, (xr, gr)) in dxb.chunks_mut(h).zip(xb.chunks(h).zip(gb.chunks(h)))
-                        {
-                            let (mean, rstd) = stats(xr, eps);
-                            for j in 0..h {
-                                xhat[j] = (xr[j] - mean) * rstd;
-                                gw[j] = gr[j] * wv[j];
-                                dw[j] += gr[j] * xhat[j];
-                                db[j] += gr[j];
-                            }
-                            let m1 = sum_map(&gw, |g| g) / h as f32;
-                            let m2 = sum_map2(&gw, &xhat, |g, x| g * x) / h as f32;
-                            for j in 0..h {
-                                dxr[j] = rstd * (gw[j] - m1 - xhat[j] * m2);
-                            }
-                        }
-                    },
-                );
-                (dw, db)
-            })
-            .collect();
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = crate::fast_math::with_f32_slices(
+            &[&xc, &wc, &gc],
+            "fused layer norm backward",
+            &["the input", "the weight", "the gradient"],
+            |s| {
+                let (xv, wv, gv) = (s[0], s[1], s[2]);
+                dx.par_chunks_mut(h * BLOCK)
+                    .zip(xv.par_chunks(h * BLOCK).zip(gv.par_chunks(h * BLOCK)))
+                    .map(|(dxb, (xb, gb))| {
+                        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                        // Rows' x-hat and g * w in scratch, so every loop is element-wise or a lane
+                        // reduction (both vectorise).
+                        let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for (dxr, (xr, gr)) in
+                                    dxb.chunks_mut(h).zip(xb.chunks(h).zip(gb.chunks(h)))
+                                {
+                                    let (mean, rstd) = stats(xr, eps);
+                                    for j in 0..h {
+                                        xhat[j] = (xr[j] - mean) * rstd;
+                                        gw[j] = gr[j] * wv[j];
+                                        dw[j] += gr[j] * xhat[j];
+                                        db[j] += gr[j];
+                                    }
+                                    let m1 = sum_map(&gw, |g| g) / h as f32;
+                                    let m2 = sum_map2(&gw, &xhat, |g, x| g * x) / h as f32;
+                                    for j in 0..h {
+                                        dxr[j] = rstd * (gw[j] - m1 - xhat[j] * m2);
+                                    }
+                                }
+                            },
+                        );
+                        (dw, db)
+                    })
+                    .collect()
+            },
+        )?;
         let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
         for (pw, pb) in &partials {
             dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);

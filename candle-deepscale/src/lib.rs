@@ -19,6 +19,7 @@ pub mod engine;
 pub mod fast_math;
 pub mod fused_attention;
 pub mod fused_bias_gelu;
+pub mod fused_embedding;
 pub mod fused_layer_norm;
 pub mod fused_softmax;
 pub mod init;
@@ -38,11 +39,12 @@ pub use module::{Activations, ForwardCtx, Layer};
 pub use parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};
 
 /// The CPU kernels of this crate (fused LayerNorm, bias + GeLU, causal softmax, causal attention,
-/// cross entropy, and the matmul op) on, or off for candle's composed ops: to compare, or to rule them out when
+/// cross entropy, the embedding lookup, and the matmul op) on, or off for candle's composed ops: to compare, or to rule them out when
 /// debugging (`DEEPSCALE_FUSED=0` in the binary).
 pub fn set_cpu_kernels(on: bool) {
     fused_layer_norm::set_enabled(on);
     fused_bias_gelu::set_enabled(on);
+    fused_embedding::set_enabled(on);
     fused_softmax::set_enabled(on);
     fused_attention::set_enabled(on);
     cross_entropy::fused::set_enabled(on);
