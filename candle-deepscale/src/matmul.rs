@@ -442,6 +442,65 @@ impl CustomOp2 for MatMul {
     }
 }
 
+/// `x + bias` over the last dimension (`x [.., n]`, `bias [n]`); backward passes the gradient
+/// through and sums its rows for the bias. candle's `broadcast_add` reduces that gradient with a
+/// strided sum over the broadcast dimensions: 7 ms per row-parallel linear at GPT-2 124M, 3% of a
+/// step over its 24. CPU f32; elsewhere candle's op.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let fused = ENABLED.load(Ordering::Relaxed)
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && bias.rank() == 1
+        && x.rank() >= 1
+        && x.dim(candle_core::D::Minus1)? == bias.dim(0)?;
+    if !fused {
+        return x.broadcast_add(bias);
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
+}
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "deepscale-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = crate::fast_math::contiguous_f32(s1, l1, "add_bias", "the input")?;
+        let b = crate::fast_math::contiguous_f32(s2, l2, "add_bias", "the bias")?;
+        let n = b.len().max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n * 64)
+            .zip(x.par_chunks(n * 64))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_mut(n).zip(xb.chunks(n)) {
+                    for ((y, x), b) in yr.iter_mut().zip(xr).zip(b) {
+                        *y = x + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(sum_rows(grad, b.elem_count())?)))
+    }
+}
+
 /// Sum over the rows of `x` reshaped to `[rows, n]` (the bias gradient of a linear): candle's
 /// reduction over a leading dimension runs on one thread with strided reads (about 3% of a
 /// GPT-2 step); here column blocks run in parallel, each adding its rows in order (so the result
@@ -516,6 +575,27 @@ mod tests {
             let g2 = (theirs * &w)?.sum_all()?.backward()?;
             for v in [&a, &b] {
                 close(g1.get(v).expect("grad"), g2.get(v).expect("grad"), 1e-5)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn add_bias_equals_broadcast_add_both_ways() -> Result<()> {
+        let dev = Device::Cpu;
+        for dims in [vec![3usize, 5], vec![2, 70, 9], vec![1, 1]] {
+            let n = *dims.last().unwrap_or(&1);
+            let x = Var::randn(0f32, 1., dims.as_slice(), &dev)?;
+            let b = Var::randn(0f32, 1., n, &dev)?;
+            let w = Tensor::randn(0f32, 1., dims.as_slice(), &dev)?;
+            let fused = add_bias(x.as_tensor(), b.as_tensor())?;
+            let reference = x.as_tensor().broadcast_add(b.as_tensor())?;
+            close(&fused, &reference, 0.0)?;
+            let g = fused.mul(&w)?.sum_all()?.backward()?;
+            let r = reference.mul(&w)?.sum_all()?.backward()?;
+            for v in [&x, &b] {
+                let (a, e) = (g.get(v.as_tensor()), r.get(v.as_tensor()));
+                close(a.expect("fused grad"), e.expect("reference grad"), 1e-5)?;
             }
         }
         Ok(())

@@ -103,9 +103,14 @@ impl RowParallelLinear {
         } else {
             scatter_to_tp(x, self.tp.as_ref())?
         };
+        let bias = self.bias.as_ref().map(|b| b.tensor());
+        if self.tp.as_ref().is_none_or(|t| t.size() == 1) {
+            // Nothing to reduce: the bias is the GEMM's starting value.
+            return linear(&x, self.weight.tensor(), bias);
+        }
         let y = reduce_from_tp(&linear(&x, self.weight.tensor(), None)?, self.tp.as_ref())?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b.tensor()),
+        match bias {
+            Some(b) => crate::matmul::add_bias(&y, b),
             None => Ok(y),
         }
     }

@@ -109,10 +109,13 @@ impl Layer for BertEmbedding {
             candle_core::bail!("sequence of {s} tokens exceeds max_position_embeddings {max_pos}")
         }
         let pos = Tensor::arange(0u32, s as u32, ids.device())?;
-        let mut e = self
-            .word_embeddings
-            .forward(ids)?
-            .broadcast_add(&self.position_embeddings.forward(&pos)?)?;
+        let h = self.position_embeddings.weight.meta.shape[1];
+        // Positions added as a bias over each sequence's flattened [s * h] row.
+        let mut e = candle_deepscale::matmul::add_bias(
+            &self.word_embeddings.forward(ids)?.reshape((b, s * h))?,
+            &self.position_embeddings.forward(&pos)?.flatten_all()?,
+        )?
+        .reshape((b, s, h))?;
         if let Some(tt) = &self.tokentype_embeddings {
             let types = match x.aux.first() {
                 Some(t) => t.clone(),

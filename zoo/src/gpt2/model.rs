@@ -59,10 +59,13 @@ impl Gpt2Embedding {
             )
         }
         let pos = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
-        let x = self
-            .word_embeddings
-            .forward(ids)?
-            .broadcast_add(&self.position_embeddings.forward(&pos)?)?;
+        let (b, h) = (ids.dim(0)?, self.position_embeddings.weight.meta.shape[1]);
+        // Positions added as a bias over each sequence's flattened [t * h] row.
+        let x = candle_deepscale::matmul::add_bias(
+            &self.word_embeddings.forward(ids)?.reshape((b, t * h))?,
+            &self.position_embeddings.forward(&pos)?.flatten_all()?,
+        )?
+        .reshape((b, t, h))?;
         nn::dropout(&x, self.dropout, ctx, ctx.site_key("embedding"))
     }
 }
