@@ -5,7 +5,7 @@
 //! model states anyway (host memory), so it changes nothing here.
 use super::stage_1_and_2::ZeroOptimizer;
 use super::swap_tensor::{slot_bytes, AioSettings, BufferPool, IoThreads, SwappedBuffer};
-use crate::cpu_adam::{adam_step, AdamStep};
+use crate::cpu_adam::adam_step;
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -197,8 +197,7 @@ impl ZeroOptimizer {
     /// The AdamW step over swapped buffers, one `sub_group_size` tile at a time: the next tile
     /// is read ahead while this one is updated, and written behind.
     pub(super) fn step_swapped(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
-        let c = self.config;
-        let step = self.step;
+        let consts = [false, true].map(|decay| self.adam_consts(lr, grad_scale, decay));
         let swap = self.swap.as_ref().expect("swapped");
         // Partition ranges of the segments (weight decay differs between them).
         let segs = self.segments_ranges();
@@ -239,16 +238,7 @@ impl ZeroOptimizer {
                     &grads_tile[a..z],
                     &mut m[a..z],
                     &mut v[a..z],
-                    &AdamStep {
-                        lr: lr as f32,
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        eps: c.eps as f32,
-                        weight_decay: if decay { c.weight_decay as f32 } else { 0.0 },
-                        adam_w_mode: c.adam_w_mode,
-                        step,
-                        grad_scale: grad_scale as f32,
-                    },
+                    &consts[usize::from(decay)],
                 );
             }
             // The tiles are resident: these writes touch memory, written behind later.

@@ -503,8 +503,8 @@ impl ZeroOptimizer {
         self.gather_persistent()
     }
 
-    /// All-gathers bucket `bk`'s updated pieces (this rank's is `piece`) into its parameters.
-    fn adam_consts(&self, lr: f64, grad_scale: f64, decay: bool) -> AdamStep {
+    /// AdamW's settings for one step over a stretch that decays or not.
+    pub(super) fn adam_consts(&self, lr: f64, grad_scale: f64, decay: bool) -> AdamStep {
         let c = self.config;
         AdamStep {
             lr: lr as f32,
@@ -554,6 +554,7 @@ impl ZeroOptimizer {
         Ok(true)
     }
 
+    /// All-gathers bucket `bk`'s updated pieces (this rank's is `piece`) into its parameters.
     fn write_bucket(&self, bk: &super::partition::Bucket, piece: Vec<f32>) -> Result<()> {
         let full = match (&self.dp, self.layout.parts > 1) {
             (Some(dp), true) => {
