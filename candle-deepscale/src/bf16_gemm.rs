@@ -64,7 +64,8 @@ impl OutPtr {
     }
 }
 
-/// Round to nearest even, as `vcvtne2ps2bf16` does; NaNs stay NaN (quietened).
+/// Round to nearest even, as `vcvtneps2bf16` does; NaNs stay NaN (quietened). (The instruction
+/// also flushes fp32 denormals, below 1.2e-38, to zero; this keeps their rounded bits.)
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
