@@ -349,8 +349,10 @@ unsafe fn pack_panel_along_lanes(
 }
 
 /// Packing space reused across calls on a thread (a product's panels are megabytes: allocating them
-/// per call costs page faults).
+/// per call costs page faults). Space beyond `KEPT_PACK_SPACE` is freed after the call rather than
+/// held by the thread.
 fn with_pack_space<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    const KEPT_PACK_SPACE: usize = 16 << 20; // u32s: 64 MiB
     thread_local! {
         static SPACE: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
     }
@@ -359,7 +361,9 @@ fn with_pack_space<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
         space = vec![0; len];
     }
     let r = f(&mut space[..len]);
-    SPACE.set(space);
+    if space.len() <= KEPT_PACK_SPACE {
+        SPACE.set(space);
+    }
     r
 }
 
