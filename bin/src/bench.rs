@@ -39,6 +39,9 @@ pub enum BenchWhat {
     Gemm(GemmArgs),
     /// Training-step cost at several tensor-parallel sizes.
     Tp(TpArgs),
+    /// The fused causal attention's forward + backward (GPT-2 124M's heads), in causal row blocks
+    /// against the whole masked `t x t` square, alternating in one process, per sequence length.
+    Attention(AttentionArgs),
     /// One AdamW step over a model's worth of parameters: the fused flat kernel against
     /// candle_nn::AdamW, and its bytes/s against the machine's measured memory bandwidth.
     Adam(AdamArgs),
@@ -115,6 +118,23 @@ pub struct GemmArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct AttentionArgs {
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024])]
+    pub seq_lengths: Vec<usize>,
+    /// Tokens per call (batch x sequence).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 12)]
+    pub num_attention_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct AdamArgs {
     /// GPT-2 preset whose parameters are updated.
     #[arg(long, default_value = "gpt2-125m")]
@@ -168,7 +188,52 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Tp(t) => tp(t),
         BenchWhat::Adam(a) => adam(a),
         BenchWhat::Gemm(g) => gemm(g),
+        BenchWhat::Attention(a) => attention(a),
     }
+}
+
+/// Forward + backward of one attention call: the causal blocks against the whole square.
+fn attention(a: AttentionArgs) -> Result<()> {
+    use candle_deepscale::fused_attention::{causal_attention_in_blocks, ROW_BLOCK};
+    let (heads, d) = (a.num_attention_heads, a.head_dim);
+    let mut rows = Vec::new();
+    for &t in &a.seq_lengths {
+        let b = (a.tokens / t.max(1)).max(1);
+        let qkv = candle_core::Var::randn(0f32, 1.0, (b, t, heads * 3 * d), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (b, t, heads * d), &Device::Cpu)?;
+        let time = |block: usize| -> Result<f64> {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                let y = causal_attention_in_blocks(&qkv, heads, d, None, block)?
+                    .ok_or_else(|| anyhow::anyhow!("bench attention: the fused kernel is off"))?;
+                drop((y * &w)?.sum_all()?.backward()?);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            Ok(best * 1e3)
+        };
+        let (mut blocked, mut square) = (Vec::new(), Vec::new());
+        for _ in 0..a.rounds.max(1) {
+            square.push(time(t)?);
+            blocked.push(time(ROW_BLOCK)?);
+        }
+        let ratios = square.iter().zip(&blocked).map(|(s, b)| s / b).collect();
+        let ratio = median(ratios);
+        eprintln!(
+            "t {t} (batch {b}, {heads} heads of {d}): causal blocks of {ROW_BLOCK} rows {:.1} ms, whole square {:.1} ms (best of 3, medians): {ratio:.2}x",
+            median(blocked.clone()),
+            median(square.clone())
+        );
+        rows.push(
+            json!({"seq_length": t, "batch": b, "heads": heads, "head_dim": d,
+            "row_block": ROW_BLOCK, "blocked_ms": blocked, "square_ms": square,
+            "speedup_median": ratio}),
+        );
+    }
+    if a.json {
+        println!("{}", json!({"bench": "attention", "results": rows}));
+    }
+    Ok(())
 }
 
 /// The products of a GPT-2 step (124M's by default: 1024 tokens, hidden 768): `x w^T` forward,
