@@ -5,8 +5,8 @@
 //! copies run, nor their backward (candle pads a narrow's gradient with zeros and adds the three).
 //! Like FlashAttention, only the rows' log-sum-exps are kept for backward, which recomputes each
 //! head's probabilities (one more `t x t x d` product): no `[b, heads, t, t]` tensor lives between
-//! forward and backward, and the `t x t` scratch exists per thread, one head at a time. The
-//! products go through [`crate::matmul`] at the process's matmul precision.
+//! forward and backward, and the score scratch (at most `t x t`) exists per thread, one head at a
+//! time. The products go through [`crate::matmul`] at the process's matmul precision.
 //!
 //! Causal blocks: rows are taken `ROW_BLOCK` at a time and a block's products stop at its last
 //! row's column (the masked upper triangle is never computed), which at sequence length 1024
@@ -183,7 +183,12 @@ impl Geometry {
         }
     }
 
-    /// The causal blocks of `S = Q K^T` of head `bh`, packed into `s` (at most `t x t`).
+    /// Length of a head's packed causal blocks (at most `t x t`).
+    fn packed_len(&self) -> usize {
+        self.blocks().last().map_or(0, |b| b.offset + b.len())
+    }
+
+    /// The causal blocks of `S = Q K^T` of head `bh`, packed into `s` (`packed_len`).
     fn scores(&self, qkv: &[f32], bh: usize, s: &mut [f32]) {
         let (q, k) = (self.qkv(qkv, bh, 0), self.qkv(qkv, bh, 1));
         for b in self.blocks() {
@@ -242,7 +247,7 @@ impl CustomOp1 for Attention {
         let mut lse = vec![0f32; b * heads * t];
         let dst = Ptr(out.as_mut_ptr());
         lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
-            let mut p = vec![0f32; t * t];
+            let mut p = vec![0f32; g.packed_len()];
             g.scores(qkv, bh, &mut p);
             let blocks = g.blocks();
             vectorized(
@@ -353,7 +358,7 @@ impl CustomOp2 for AttentionGrad {
         (0..b * heads).into_par_iter().for_each(|bh| {
             let lse = &self.lse[bh * t..(bh + 1) * t];
             // P (before dropout) recomputed from the saved log-sum-exps.
-            let mut p = vec![0f32; t * t];
+            let mut p = vec![0f32; g.packed_len()];
             g.scores(qkv, bh, &mut p);
             let blocks = g.blocks();
             let rows = || {
@@ -412,7 +417,7 @@ impl CustomOp2 for AttentionGrad {
             }
             scatter(dst, row0 + 2 * d, w, &tmp, d);
             // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
-            let mut ds = vec![0f32; t * t];
+            let mut ds = vec![0f32; p.len()];
             for b in &blocks {
                 let out = &mut ds[b.offset..b.offset + b.len()];
                 unsafe {
