@@ -190,17 +190,59 @@ impl Geometry {
 
     /// The causal blocks of `S = Q K^T` of head `bh`, packed into `s` (`packed_len`).
     fn scores(&self, qkv: &[f32], bh: usize, s: &mut [f32]) {
-        let (q, k) = (self.qkv(qkv, bh, 0), self.qkv(qkv, bh, 1));
-        for b in self.blocks() {
-            let out = &mut s[b.offset..b.offset + b.len()];
-            // SAFETY: Q's rows [r0, r1) and K's rows [0, r1) lie inside qkv; out holds the block.
+        self.blocks_of(self.qkv(qkv, bh, 0), self.qkv(qkv, bh, 1), s)
+    }
+
+    /// The causal blocks of `A B^T` (both `t x d`), packed into `out`: block rows `[r0, r1)` of
+    /// A against B's rows `[0, r1)`.
+    fn blocks_of(&self, a: Mat, b: Mat, out: &mut [f32]) {
+        for blk in self.blocks() {
+            let out = &mut out[blk.offset..blk.offset + blk.len()];
+            // SAFETY: callers pass t x d views; out holds the block.
             unsafe {
                 gemm_into(
                     self.precision,
-                    (b.rows(), b.width(), self.d),
+                    (blk.rows(), blk.width(), self.d),
                     out.as_mut_ptr(),
-                    from_row(q, b.r0),
-                    k.t(),
+                    from_row(a, blk.r0),
+                    b.t(),
+                )
+            };
+        }
+    }
+
+    /// `out = M X` for packed causal blocks `M` and a `t x d` view `X`: each block gives its own
+    /// rows of `out` (`t x d`).
+    fn blocks_times(&self, m: &[f32], x: Mat, out: &mut [f32]) {
+        for b in self.blocks() {
+            // SAFETY: the block reads X's rows [0, r1) and writes out's rows [r0, r1).
+            unsafe {
+                gemm_into(
+                    self.precision,
+                    (b.rows(), self.d, b.width()),
+                    out[b.r0 * self.d..].as_mut_ptr(),
+                    mat(&m[b.offset..], b.width()),
+                    x,
+                )
+            };
+        }
+    }
+
+    /// `out = M^T Y` for packed causal blocks `M` and a `t x d` view `Y`: block rows `[r0, r1)`
+    /// add to `out`'s rows `[0, r1)`; the last block covers every row and goes first to write
+    /// them.
+    fn blocks_t_times(&self, m: &[f32], y: Mat, out: &mut [f32]) {
+        for (i, b) in self.blocks().iter().rev().enumerate() {
+            // SAFETY: the block reads Y's rows [r0, r1) and writes out's rows [0, r1).
+            unsafe {
+                crate::matmul::gemm(
+                    self.precision,
+                    (b.width(), self.d, b.rows()),
+                    out.as_mut_ptr(),
+                    mat(&m[b.offset..], b.width()).t(),
+                    from_row(y, b.r0),
+                    false,
+                    i > 0,
                 )
             };
         }
@@ -276,19 +318,7 @@ impl CustomOp1 for Attention {
                 },
             );
             let mut o = vec![0f32; t * d];
-            for b in &blocks {
-                // SAFETY: the block's probabilities against V's rows [0, r1) into O's rows
-                // [r0, r1); o holds t * d.
-                unsafe {
-                    gemm_into(
-                        g.precision,
-                        (b.rows(), d, b.width()),
-                        o[b.r0 * d..].as_mut_ptr(),
-                        mat(&p[b.offset..], b.width()),
-                        g.qkv(qkv, bh, 2),
-                    )
-                };
-            }
+            g.blocks_times(&p, g.qkv(qkv, bh, 2), &mut o);
             scatter(dst, g.out_offset(bh), heads * d, &o, d);
         });
         *self
@@ -398,38 +428,12 @@ impl CustomOp2 for AttentionGrad {
             let (q, k, v) = (g.qkv(qkv, bh, 0), g.qkv(qkv, bh, 1), g.qkv(qkv, bh, 2));
             let mut tmp = vec![0f32; t * d];
             let row0 = (bh / heads) * t * w + (bh % heads) * 3 * d;
-            // SAFETY (all products): views lie inside qkv / dout (a block reads rows below its
-            // r1 only), scratch sizes match.
-            // dV = Pd^T dO: block by block, each adding to dV's rows [0, r1); the last block
-            // covers every row and goes first to write them.
-            for (i, b) in blocks.iter().rev().enumerate() {
-                unsafe {
-                    crate::matmul::gemm(
-                        g.precision,
-                        (b.width(), d, b.rows()),
-                        tmp.as_mut_ptr(),
-                        mat(&pd[b.offset..], b.width()).t(),
-                        from_row(dout_h, b.r0),
-                        false,
-                        i > 0,
-                    )
-                };
-            }
+            // dV = Pd^T dO
+            g.blocks_t_times(&pd, dout_h, &mut tmp);
             scatter(dst, row0 + 2 * d, w, &tmp, d);
             // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
             let mut ds = vec![0f32; p.len()];
-            for b in &blocks {
-                let out = &mut ds[b.offset..b.offset + b.len()];
-                unsafe {
-                    gemm_into(
-                        g.precision,
-                        (b.rows(), b.width(), d),
-                        out.as_mut_ptr(),
-                        from_row(dout_h, b.r0),
-                        v.t(),
-                    )
-                };
-            }
+            g.blocks_of(dout_h, v, &mut ds);
             vectorized(
                 #[inline(always)]
                 || {
@@ -450,32 +454,10 @@ impl CustomOp2 for AttentionGrad {
                     }
                 },
             );
-            // dQ = dS K (each block its own rows), dK = dS^T Q (accumulated as dV is).
-            for b in &blocks {
-                unsafe {
-                    gemm_into(
-                        g.precision,
-                        (b.rows(), d, b.width()),
-                        tmp[b.r0 * d..].as_mut_ptr(),
-                        mat(&ds[b.offset..], b.width()),
-                        k,
-                    )
-                };
-            }
+            // dQ = dS K, dK = dS^T Q
+            g.blocks_times(&ds, k, &mut tmp);
             scatter(dst, row0, w, &tmp, d);
-            for (i, b) in blocks.iter().rev().enumerate() {
-                unsafe {
-                    crate::matmul::gemm(
-                        g.precision,
-                        (b.width(), d, b.rows()),
-                        tmp.as_mut_ptr(),
-                        mat(&ds[b.offset..], b.width()).t(),
-                        from_row(q, b.r0),
-                        false,
-                        i > 0,
-                    )
-                };
-            }
+            g.blocks_t_times(&ds, q, &mut tmp);
             scatter(dst, row0 + d, w, &tmp, d);
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
