@@ -3,13 +3,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::checkpoint::{save, Checkpoint, SaveSpec};
+use candle_deepscale::runtime::checkpoint::{save, Checkpoint, SaveSpec};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::lr_schedules::LrSchedule;
-use candle_deepscale::module::{Activations, ForwardCtx};
-use candle_deepscale::parameter::{ParamBuilder, ParamSource, RandomInit, Zero3Construction};
-use candle_deepscale::topology::Topology;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::module::{Activations, ForwardCtx};
+use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource, Zero3Construction};
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::topology::Topology;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,7 @@ fn config(stage: u8, dp: usize) -> EngineConfig {
         reduce_bucket_size: 6000,
         lr_schedule: LrSchedule::Constant(2e-3),
         gradient_clipping: 1.0,
-        stage3: candle_deepscale::zero::Stage3Config {
+        stage3: candle_deepscale::runtime::zero::Stage3Config {
             // The tiny model's matrices partitioned, its LayerNorms and biases whole.
             param_persistence_threshold: 1000,
             ..Default::default()
@@ -90,14 +91,14 @@ fn run_with(
             rank: dp_rank,
             persistence_threshold: 1000,
         });
-        let model = Gpt2::new(
+        let model = Arc::new(Gpt2::new(
             &common::tiny_gpt2_config(),
             &ParamBuilder::new(src, &Device::Cpu, DType::F32)
                 .with_tp(Some(tp_g.clone()))
                 .with_zero3(zero3),
-        )?;
+        )?);
         let mut engine = Engine::new(
-            model.layers(),
+            model.clone(),
             EngineConfig {
                 device_states: Some(device_states),
                 ..config(stage, dp)

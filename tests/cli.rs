@@ -83,7 +83,7 @@ fn evaluate_loss_json_equals_direct_computation() {
             .forward(&ids, &candle_deepscale::ForwardCtx::eval())
             .unwrap();
         let labels = Tensor::new(&tokens[start + 1..end + 1], &Device::Cpu).unwrap();
-        let l = candle_deepscale::cross_entropy::token_losses(&logits, &labels, 257).unwrap();
+        let l = candle_deepscale::layers::loss::token_losses(&logits, &labels, 257).unwrap();
         sum += l.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         start = end;
     }

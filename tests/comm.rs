@@ -1,7 +1,7 @@
 //! Collectives against a one-rank reference on the sub-groups of a 2x2x2 grid, and failure
 //! handling: a rank that errors, panics or stalls turns into an error on its peers, never a hang.
 use candle_deepscale::comm::{Communicator, InProcessWorld, ReduceOp};
-use candle_deepscale::topology::Topology;
+use candle_deepscale::runtime::topology::Topology;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! exported to an HF folder in HF's names and layout; the HF folder imported back as a native
 //! checkpoint at another tp is bit-exact.
 use candle_core::{DType, Device};
-use candle_deepscale::checkpoint::Checkpoint;
+use candle_deepscale::runtime::checkpoint::Checkpoint;
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -1,6 +1,6 @@
 //! DeepSpeed configs: every shipped config parses; the seed's own mistakes are caught with a
 //! suggestion; wrong types and inconsistent batch sizes are clear errors.
-use candle_deepscale::config::{DeepSpeedConfig, OptimizerKind};
+use candle_deepscale::runtime::config::{DeepSpeedConfig, OptimizerKind};
 use std::path::Path;
 
 fn assets() -> &'static Path {

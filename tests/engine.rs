@@ -3,10 +3,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::cross_entropy::lm_cross_entropy;
-use candle_deepscale::engine::{forward_backward, GradLookup};
-use candle_deepscale::module::{Activations, ForwardCtx};
-use candle_deepscale::parameter::{Param, ParamBuilder, RandomInit};
+use candle_deepscale::layers::loss::lm_cross_entropy;
+use candle_deepscale::layers::module::GradLookup;
+use candle_deepscale::runtime::layer_loop::forward_backward;
+use candle_deepscale::layers::module::{Activations, ForwardCtx};
+use candle_deepscale::layers::parameter::{Param, ParamBuilder};
+use candle_deepscale::layers::init::RandomInit;
 use common::tp::assert_rel_close;
 use zoo::bert::{self, Bert};
 

@@ -2,7 +2,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use candle_deepscale::module::ForwardCtx;
+use candle_deepscale::layers::module::ForwardCtx;
 use zoo::generation::{generate, SamplingConfig};
 use zoo::gpt2::KvCache;
 

@@ -5,14 +5,15 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::adamw::AdamWConfig;
+use candle_deepscale::runtime::adamw::AdamWConfig;
 use candle_deepscale::comm::nccl::NcclComm;
 use candle_deepscale::comm::{Communicator, ProcessGroup, ReduceOp};
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::lr_schedules::LrSchedule;
-use candle_deepscale::module::Activations;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
-use candle_deepscale::topology::Topology;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::module::Activations;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::topology::Topology;
 use common::tp::gather;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -89,11 +90,11 @@ fn train(
     let dp_group = group(topo.data_group(rank))?;
     let dp_rank = dp_group.as_ref().map_or(0, |g| g.rank);
     let micro = cfg.train_micro_batch_size_per_gpu;
-    let model = Gpt2::new(
+    let model = Arc::new(Gpt2::new(
         &common::tiny_gpt2_config(),
         &ParamBuilder::new(&RandomInit { seed: 5 }, device, dtype).with_tp(tp_group.clone()),
-    )?;
-    let mut engine = Engine::new(model.layers(), cfg, dp_group, tp_group.clone())?;
+    )?);
+    let mut engine = Engine::new(model.clone(), cfg, dp_group, tp_group.clone())?;
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let t = batch(step)

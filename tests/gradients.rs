@@ -3,9 +3,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::cross_entropy::lm_cross_entropy;
-use candle_deepscale::module::ForwardCtx;
-use candle_deepscale::parameter::{Param, ParamBuilder, RandomInit};
+use candle_deepscale::layers::loss::lm_cross_entropy;
+use candle_deepscale::layers::module::ForwardCtx;
+use candle_deepscale::layers::parameter::{Param, ParamBuilder};
+use candle_deepscale::layers::init::RandomInit;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use zoo::bert::{self, Bert};
 

@@ -2,8 +2,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::module::ForwardCtx;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::layers::module::ForwardCtx;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::init::RandomInit;
 use zoo::bert::{self, Bert};
 use zoo::gpt2::{self, Gpt2};
 use zoo::weights::{save_native, NativeSource, SafetensorsFiles};
@@ -186,7 +187,7 @@ fn gpt2_hf_zero3_pieces_make_up_the_model() {
     let ranks: Vec<Gpt2> = (0..parts)
         .map(|rank| {
             let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_zero3(Some(
-                candle_deepscale::parameter::Zero3Construction {
+                candle_deepscale::layers::parameter::Zero3Construction {
                     parts,
                     rank,
                     persistence_threshold: 1,
@@ -203,12 +204,10 @@ fn gpt2_hf_zero3_pieces_make_up_the_model() {
             let q = r.parameters()[i];
             assert_eq!(q.meta.name, p.meta.name);
             let piece = q
-                .partitioned
+                .piece
                 .as_ref()
                 .unwrap()
-                .lock()
-                .unwrap()
-                .clone()
+                .with_values(|v| v.unwrap().to_vec())
                 .unwrap();
             joined.extend(piece);
         }

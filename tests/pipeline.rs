@@ -5,12 +5,14 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::engine::{Engine, EngineConfig, PipeContext};
-use candle_deepscale::lr_schedules::LrSchedule;
-use candle_deepscale::module::{Activations, Layer};
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
-use candle_deepscale::pipe::{partition_layers, PartitionMethod};
-use candle_deepscale::topology::Topology;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::pipe::PipeContext;
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::module::{Activations, LayerSlice, Sequential};
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::pipe::{partition_layers, PartitionMethod};
+use candle_deepscale::runtime::topology::Topology;
 use common::tp::{assert_params_match, gather};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,13 +52,15 @@ fn train(pp: usize, dp: usize, tp: usize, zero: u8, device_states: bool) -> Vec<
         );
         let (stage, dp_rank) = (pp_g.rank, dp_g.rank);
         let src = RandomInit { seed: 5 };
-        let model = Gpt2::new(
+        let model = Arc::new(Gpt2::new(
             &common::tiny_gpt2_config(),
             &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_tp(Some(tp_g.clone())),
-        )?;
-        let all = model.layers();
-        let bounds = partition_layers(&all, pp, &PartitionMethod::Uniform)?;
-        let mine: Vec<&dyn Layer> = all[bounds[stage]..bounds[stage + 1]].to_vec();
+        )?);
+        let bounds = partition_layers(&model.layers(), pp, &PartitionMethod::Uniform)?;
+        let mine = Arc::new(LayerSlice {
+            model: model.clone(),
+            range: bounds[stage]..bounds[stage + 1],
+        });
         let cfg = EngineConfig {
             zero_stage: zero,
             train_micro_batch_size_per_gpu: micro,
@@ -88,7 +92,7 @@ fn train(pp: usize, dp: usize, tp: usize, zero: u8, device_states: bool) -> Vec<
             losses.push(r.loss);
             norms.push(r.grad_norm);
         }
-        let params = candle_deepscale::module::unique_parameters(&mine)
+        let params = candle_deepscale::layers::module::unique_parameters(&mine.layers())
             .iter()
             .map(|p| (p.meta.name.clone(), gather(Some(&tp_g), p, p.tensor())))
             .collect();
@@ -162,15 +166,15 @@ fn zero_2_with_a_pipeline_is_refused_with_the_reason() {
         let comm: Arc<dyn Communicator> = comm;
         let pp = ProcessGroup::new(comm.clone(), vec![0, 1])?;
         let src = RandomInit { seed: 5 };
-        let model = Gpt2::new(
+        let model = Arc::new(Gpt2::new(
             &common::tiny_gpt2_config(),
             &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
-        )?;
+        )?);
         let cfg = EngineConfig {
             zero_stage: 2,
             ..Default::default()
         };
-        let e = Engine::new(model.layers(), cfg, None, None)?.with_pipeline(PipeContext {
+        let e = Engine::new(model.clone(), cfg, None, None)?.with_pipeline(PipeContext {
             stages: pp,
             tied: None,
         });
@@ -239,18 +243,18 @@ fn gpt2_model_pipe_builds_only_its_stage() {
     }
     // Built whole, the pipe form computes what the plain model does.
     let ids = Tensor::new(&[[1u32, 5, 9, 200, 3]], &Device::Cpu).unwrap();
-    let ctx = candle_deepscale::module::ForwardCtx::eval();
+    let ctx = candle_deepscale::layers::module::ForwardCtx::eval();
     let plain = whole.forward(&ids, &ctx).unwrap();
-    let piped = candle_deepscale::module::forward_layers(
+    let piped = candle_deepscale::layers::module::forward_layers(
         &all.layers(),
-        candle_deepscale::module::Activations::new(ids.clone()),
+        candle_deepscale::layers::module::Activations::new(ids.clone()),
         &ctx,
     )
     .unwrap()
     .hidden;
     assert_eq!(common::max_abs_diff(&plain, &piped), 0.0);
     let middle = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 2..5).unwrap();
-    let names: Vec<String> = candle_deepscale::module::unique_parameters(&middle.layers())
+    let names: Vec<String> = candle_deepscale::layers::module::unique_parameters(&middle.layers())
         .iter()
         .map(|p| p.meta.name.clone())
         .collect();
@@ -266,7 +270,7 @@ fn gpt2_model_pipe_builds_only_its_stage() {
     let last = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 5..9).unwrap();
     let first = zoo::gpt2::Gpt2Pipe::new(&cfg, &pb, 0..2).unwrap();
     let wte = |s: &zoo::gpt2::Gpt2Pipe| {
-        candle_deepscale::module::unique_parameters(&s.layers())
+        candle_deepscale::layers::module::unique_parameters(&s.layers())
             .into_iter()
             .find(|p| p.meta.name == "embedding.word_embeddings.weight")
             .map(|p| p.tensor().clone())

@@ -6,8 +6,8 @@ use common::tp::{assert_rel_close, assert_trace_matches, run_bert, run_gpt2, Tra
 
 use candle_core::{Device, Tensor};
 use candle_deepscale::comm::{Communicator, InProcessWorld};
-use candle_deepscale::module::ForwardCtx;
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::layers::module::ForwardCtx;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! QKV layout versions 0, 1.0 and 2.0, legacy and zip files, ZeRO-2 fp32 partitions and pipeline
 //! layer files, and give the logits of the script's independent torch forward.
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::parameter::{ParamBuilder, ParamSource};
+use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use zoo::gpt2::megatron::{import_deepspeed, import_megatron};
@@ -47,7 +47,7 @@ fn check_logits(config: &Config, src: &dyn ParamSource, what: &str) {
         .unsqueeze(0)
         .unwrap();
     let logits = model
-        .forward(&ids, &candle_deepscale::module::ForwardCtx::eval())
+        .forward(&ids, &candle_deepscale::layers::module::ForwardCtx::eval())
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -226,7 +226,7 @@ fn convert_from_megatron_and_deepspeed_writes_safetensors_and_native_checkpoints
         "--model-parallel-size",
         "2",
     ]);
-    let ck = candle_deepscale::checkpoint::Checkpoint::open(&out).unwrap();
+    let ck = candle_deepscale::runtime::checkpoint::Checkpoint::open(&out).unwrap();
     assert_eq!(ck.manifest.tp, 2);
     let cfg: Config = serde_json::from_value(ck.manifest.model["config"].clone()).unwrap();
     check_logits(&cfg, &ck, "native from deepspeed");

@@ -4,15 +4,17 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::adamw::{AdamW, AdamWConfig};
+use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::config::{DeepSpeedConfig, Fp16Config};
-use candle_deepscale::engine::{forward_backward, Engine, EngineConfig, StepReport};
-use candle_deepscale::lr_schedules::LrSchedule;
-use candle_deepscale::module::Activations;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit, Zero3Construction};
-use candle_deepscale::topology::Topology;
-use candle_deepscale::zero::StateBytes;
+use candle_deepscale::runtime::config::{DeepSpeedConfig, Fp16Config};
+use candle_deepscale::runtime::engine::{Engine, EngineConfig, StepReport};
+use candle_deepscale::runtime::layer_loop::forward_backward;
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::module::Activations;
+use candle_deepscale::layers::parameter::{ParamBuilder, Zero3Construction};
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::topology::Topology;
+use candle_deepscale::runtime::zero::StateBytes;
 use common::tp::{assert_params_match, gather};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,15 +96,15 @@ fn train_with(
             rank: dp_rank,
             persistence_threshold: cfg.stage3.param_persistence_threshold,
         });
-        let model = Gpt2::new(
+        let model = Arc::new(Gpt2::new(
             &common::tiny_gpt2_config(),
             &ParamBuilder::new(&src, &Device::Cpu, dtype)
                 .with_tp(Some(tp_group.clone()))
                 .with_zero3(zero3),
         )
-        .unwrap();
+        .unwrap());
         let mut engine = Engine::new(
-            model.layers(),
+            model.clone(),
             cfg.clone(),
             Some(dp_group),
             Some(tp_group.clone()),
@@ -441,7 +443,7 @@ fn reference_optimizers(
     for step in 0..steps {
         let t = global_batch(step);
         let (x, y) = (t.narrow(1, 0, SEQ).unwrap(), t.narrow(1, 1, SEQ).unwrap());
-        let ctx = candle_deepscale::module::ForwardCtx::eval();
+        let ctx = candle_deepscale::layers::module::ForwardCtx::eval();
         let (_, grads) =
             forward_backward(&a.layers(), Activations::new(x.clone()), &ctx, false, |o| {
                 a.loss(&o.hidden, &y)
@@ -492,11 +494,11 @@ fn fused_adamw_equals_reference_and_candle_nn() {
 #[test]
 fn weight_decay_skips_biases_and_layernorm_weights() {
     let src = RandomInit { seed: 5 };
-    let model = Gpt2::new(
+    let model = Arc::new(Gpt2::new(
         &common::tiny_gpt2_config(),
         &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
     )
-    .unwrap();
+    .unwrap());
     let before: Vec<Tensor> = model
         .parameters()
         .iter()
@@ -512,7 +514,7 @@ fn weight_decay_skips_biases_and_layernorm_weights() {
         lr_schedule: LrSchedule::Constant(lr),
         ..base_config()
     };
-    let mut engine = Engine::new(model.layers(), cfg, None, None).unwrap();
+    let mut engine = Engine::new(model.clone(), cfg, None, None).unwrap();
     let t = global_batch(0);
     // A loss with zero gradient everywhere: only weight decay moves parameters.
     engine
@@ -601,12 +603,12 @@ fn fp16_overflow_skips_steps_and_lowers_the_scale() {
     }
     // Train on: the scale halves at each overflow until steps go through and the loss falls.
     let src = RandomInit { seed: 5 };
-    let model = Gpt2::new(
+    let model = Arc::new(Gpt2::new(
         &common::tiny_gpt2_config(),
         &ParamBuilder::new(&src, &Device::Cpu, DType::F16),
     )
-    .unwrap();
-    let mut engine = Engine::new(model.layers(), stage_fp16(cfg), None, None).unwrap();
+    .unwrap());
+    let mut engine = Engine::new(model.clone(), stage_fp16(cfg), None, None).unwrap();
     let mut reports = Vec::new();
     for step in 0..30 {
         let t = global_batch(step % 2);
@@ -689,7 +691,7 @@ fn bert_loss(
     let per = model.lm_token_losses(&out.hidden, labels)?;
     let m = mask.flatten_all()?;
     let lm = (per.mul(&m)?.sum_all()? / m.sum_all()?.to_scalar::<f32>()? as f64)?;
-    lm + candle_deepscale::cross_entropy::lm_cross_entropy(&out.aux[0], nsp, 2, None)?
+    lm + candle_deepscale::layers::loss::lm_cross_entropy(&out.aux[0], nsp, 2, None)?
 }
 
 fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
@@ -712,13 +714,13 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             ..zoo::bert::Config::new(2, 64, 4, 257)
         };
         let src = RandomInit { seed: 6 };
-        let model = zoo::bert::Bert::new(
+        let model = Arc::new(zoo::bert::Bert::new(
             &bcfg,
             &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_tp(Some(tp_group.clone())),
         )
-        .unwrap();
+        .unwrap());
         let mut engine = Engine::new(
-            model.layers(),
+            model.clone(),
             cfg.clone(),
             Some(dp_group),
             Some(tp_group.clone()),
@@ -772,9 +774,9 @@ fn bert_tp2_and_dp2_zero2_equal_one_rank() {
 fn gpt2_40b_partition_at_dp_512_builds_alone_and_matches_the_formula() {
     let (n, rank) = (512usize, 7usize);
     let cfg = zoo::gpt2::Config::preset("gpt2-40b").unwrap();
-    let stage3 = candle_deepscale::zero::Stage3Config::default();
+    let stage3 = candle_deepscale::runtime::zero::Stage3Config::default();
     let src = RandomInit { seed: 1 };
-    let model = Gpt2::new(
+    let model = Arc::new(Gpt2::new(
         &cfg,
         &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_zero3(Some(Zero3Construction {
             parts: n,
@@ -782,14 +784,14 @@ fn gpt2_40b_partition_at_dp_512_builds_alone_and_matches_the_formula() {
             persistence_threshold: stage3.param_persistence_threshold,
         })),
     )
-    .unwrap();
+    .unwrap());
     let comm: Arc<dyn Communicator> = Arc::new(candle_deepscale::comm::ShapeOnly {
         rank,
         world_size: n,
     });
     let dp = ProcessGroup::new(comm, (0..n).collect()).unwrap();
     let engine = Engine::new(
-        model.layers(),
+        model.clone(),
         EngineConfig {
             zero_stage: 3,
             stage3,
@@ -812,7 +814,7 @@ fn gpt2_40b_partition_at_dp_512_builds_alone_and_matches_the_formula() {
     let resident: usize = model
         .parameters()
         .iter()
-        .map(|p| candle_deepscale::zero::stage3::resident_len(p.tensor()))
+        .map(|p| candle_deepscale::layers::storage::resident_len(p.tensor()))
         .sum();
     assert!(resident < 10_000_000, "{resident} elements resident");
 }
@@ -867,7 +869,7 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
     for (tp, dp, init) in [(1, 2, true), (1, 4, true), (2, 2, false)] {
         let name = format!("tp={tp} x dp={dp} ZeRO-3 with optimizer and parameter NVMe offload");
         let mut cfg = stage3(GLOBAL_BATCH / dp, 1);
-        cfg.stage3.offload = Some(candle_deepscale::zero::OffloadSettings {
+        cfg.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
             optimizer_nvme: Some(dir.path().join("optimizer")),
             param_nvme: Some(dir.path().join("params")),
             // Tiles small against the tiny model's partition, so the buffer pool stays small too.

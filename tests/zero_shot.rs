@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use candle_deepscale::module::ForwardCtx;
+use candle_deepscale::layers::module::ForwardCtx;
 use std::process::Command;
 use zoo::evaluation::{lambada_accuracy, overlapping_windows_loss};
 use zoo::generation::{generate, SamplingConfig};

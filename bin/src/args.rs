@@ -161,8 +161,8 @@ impl LayoutArgs {
     /// with the flags).
     pub fn partition_method(
         &self,
-        ds: Option<&candle_deepscale::config::DeepSpeedConfig>,
-    ) -> Result<candle_deepscale::pipe::PartitionMethod> {
+        ds: Option<&candle_deepscale::runtime::config::DeepSpeedConfig>,
+    ) -> Result<candle_deepscale::runtime::pipe::PartitionMethod> {
         let section = ds.and_then(|d| d.pipeline.as_ref());
         if let Some(stages) = section
             .and_then(|p| p.stages.as_ref())

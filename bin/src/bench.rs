@@ -12,10 +12,11 @@ use crate::args::Layout;
 use crate::launch::launch;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::adamw::{AdamW, AdamWConfig};
+use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use candle_deepscale::comm::{Communicator, ReduceOp};
-use candle_deepscale::module::ForwardCtx;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::layers::module::ForwardCtx;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::init::RandomInit;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -194,7 +195,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 /// Forward + backward of one attention call: the causal blocks against the whole square.
 fn attention(a: AttentionArgs) -> Result<()> {
-    use candle_deepscale::fused_attention::{causal_attention_in_blocks, ROW_BLOCK};
+    use candle_deepscale::ops::attention::{causal_attention_in_blocks, ROW_BLOCK};
     let (heads, d) = (a.num_attention_heads, a.head_dim);
     let mut rows = Vec::new();
     for &t in &a.seq_lengths {
@@ -239,7 +240,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
 /// The products of a GPT-2 step (124M's by default: 1024 tokens, hidden 768): `x w^T` forward,
 /// `G w` for the input's gradient, `G^T x` for the weight's.
 fn gemm(a: GemmArgs) -> Result<()> {
-    use candle_deepscale::{blas, matmul};
+    use candle_deepscale::ops::{blas, matmul};
     let Some(lib) = blas::backend()? else {
         bail!(
             "bench gemm: no system BLAS loaded (install libblis4-serial, or name one with DEEPSCALE_BLAS)"
@@ -489,7 +490,7 @@ fn memory_bandwidth(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> f
 
 fn adam(a: AdamArgs) -> Result<()> {
     use candle_core::Var;
-    use candle_deepscale::cpu_adam::{adam_step, AdamStep};
+    use candle_deepscale::ops::adam::{adam_step, AdamStep};
     use candle_nn::Optimizer;
     let cfg = gpt2::Config::preset(&a.model)?;
     let src = RandomInit { seed: 1 };
@@ -577,8 +578,8 @@ fn adam(a: AdamArgs) -> Result<()> {
 }
 
 fn train(a: TpArgs) -> Result<()> {
-    use candle_deepscale::engine::{Engine, EngineConfig};
-    use candle_deepscale::module::Activations;
+    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+    use candle_deepscale::layers::module::Activations;
     use candle_nn::Optimizer;
     let cfg = bench_config(&a)?;
     let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
@@ -590,9 +591,9 @@ fn train(a: TpArgs) -> Result<()> {
     let src = RandomInit { seed: 1 };
     let build = || Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32));
     let opt = AdamWConfig::default();
-    let (m_engine, m_stock, m_prev) = (build()?, build()?, build()?);
+    let (m_engine, m_stock, m_prev) = (std::sync::Arc::new(build()?), build()?, build()?);
     let mut engine = Engine::new(
-        m_engine.layers(),
+        m_engine.clone(),
         EngineConfig {
             train_micro_batch_size_per_gpu: b,
             optimizer: opt,
@@ -613,9 +614,9 @@ fn train(a: TpArgs) -> Result<()> {
     )?;
     let prev_params = m_prev.parameters();
     let mut ref_opt = AdamW::new(&prev_params, opt)?;
-    let m_unfused = build()?;
+    let m_unfused = std::sync::Arc::new(build()?);
     let mut engine_unfused = Engine::new(
-        m_unfused.layers(),
+        m_unfused.clone(),
         EngineConfig {
             train_micro_batch_size_per_gpu: b,
             optimizer: opt,
@@ -686,8 +687,8 @@ fn train(a: TpArgs) -> Result<()> {
 
 /// One configuration of `bench pipe`: per-stage (busy, wall) medians over `iters` steps.
 fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f64)> {
-    use candle_deepscale::engine::{Engine, EngineConfig};
-    use candle_deepscale::module::Activations;
+    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+    use candle_deepscale::layers::module::Activations;
     // Eight equal blocks and a small vocabulary, so stages are balanced and the bubble shows.
     let cfg = gpt2::Config {
         seq_length: 64,
@@ -703,22 +704,27 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
     let (b, s) = (2usize, 64usize);
     let res = launch(&layout, |ctx| {
         let src = RandomInit { seed: 1 };
-        let model = Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
-        let all = model.layers();
+        let model = std::sync::Arc::new(Gpt2::new(
+            &cfg,
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+        )?);
         let pipe = ctx.pipe()?;
-        let layers = match &pipe {
+        let stage: std::sync::Arc<dyn candle_deepscale::Sequential> = match &pipe {
             Some(p) => {
-                let bounds = candle_deepscale::pipe::partition_layers(
-                    &all,
+                let bounds = candle_deepscale::runtime::pipe::partition_layers(
+                    &model.layers(),
                     stages,
-                    &candle_deepscale::pipe::PartitionMethod::Parameters,
+                    &candle_deepscale::runtime::pipe::PartitionMethod::Parameters,
                 )?;
-                all[bounds[p.stages.rank]..bounds[p.stages.rank + 1]].to_vec()
+                std::sync::Arc::new(candle_deepscale::layers::module::LayerSlice {
+                    model: model.clone(),
+                    range: bounds[p.stages.rank]..bounds[p.stages.rank + 1],
+                })
             }
-            None => all,
+            None => model.clone(),
         };
         let mut engine = Engine::new(
-            layers,
+            stage,
             EngineConfig {
                 train_micro_batch_size_per_gpu: b,
                 gradient_accumulation_steps: m,
@@ -804,8 +810,8 @@ fn pipe(a: PipeArgs) -> Result<()> {
 
 fn offload(a: OffloadArgs) -> Result<()> {
     use candle_deepscale::comm::ProcessGroup;
-    use candle_deepscale::engine::{Engine, EngineConfig};
-    use candle_deepscale::module::Activations;
+    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+    use candle_deepscale::layers::module::Activations;
     let cfg = gpt2::Config {
         seq_length: a.seq_length,
         max_position_embeddings: a.seq_length,
@@ -816,7 +822,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
     let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
     let n = a.world_size.max(1);
     let (disk_write, disk_read, disk_direct) =
-        candle_deepscale::zero::swap_tensor::sequential_bandwidth(&a.nvme_path, 256 << 20)?;
+        candle_deepscale::runtime::zero::swap_tensor::sequential_bandwidth(&a.nvme_path, 256 << 20)?;
     let layout = Layout {
         timeout: std::time::Duration::from_secs(600),
         ..crate::args::Layout::in_process(n, 1, 1)
@@ -829,7 +835,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
             ..EngineConfig::default()
         };
         if nvme {
-            ec.stage3.offload = Some(candle_deepscale::zero::OffloadSettings {
+            ec.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
                 optimizer_nvme: Some(a.nvme_path.clone()),
                 param_nvme: Some(a.nvme_path.clone()),
                 sub_group_size: a.sub_group_size,
@@ -843,8 +849,8 @@ fn offload(a: OffloadArgs) -> Result<()> {
             let src = RandomInit { seed: 1 };
             let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32)
                 .with_zero3(crate::training::zero3_construction(ec, dp.as_ref()));
-            let model = Gpt2::new(cfg, &pb)?;
-            let mut engine = Engine::new(model.layers(), ec.clone(), dp, None)?;
+            let model = std::sync::Arc::new(Gpt2::new(cfg, &pb)?);
+            let mut engine = Engine::new(model.clone(), ec.clone(), dp, None)?;
             let state = engine.state_bytes();
             let ids = Tensor::new(
                 (0..a.batch_size * (a.seq_length + 1))
@@ -890,7 +896,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
         ram["ms_per_step"].as_f64().unwrap_or(0.0) / off["ms_per_step"].as_f64().unwrap_or(1.0);
     let swap_rate = off["swap_bytes_per_step"].as_f64().unwrap_or(0.0)
         / (off["ms_per_step"].as_f64().unwrap_or(1.0) / 1e3);
-    let est = candle_deepscale::zero::estimate::engine_bytes(3, psi, n as u64, 4, 0, 0).total();
+    let est = candle_deepscale::runtime::zero::estimate::engine_bytes(3, psi, n as u64, 4, 0, 0).total();
     let v = json!({
         "model": {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "parameters": psi},
         "world_size": n,

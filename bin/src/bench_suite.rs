@@ -1,17 +1,20 @@
 //! `deepscale bench` with no subcommand: the training benchmark of the CPU-performance work.
 //! For each config (the small GPT and GPT-2 124M by default): the engine's fp32 training step
-//! (forward, backward, fused AdamW) in tokens/s, forward-only tokens/s, MFU against the f32 GEMM
-//! measured beside each step (and against the best GEMM of the run), the peak RSS while the config
+//! (forward, backward, fused AdamW) in tokens/s, forward-only tokens/s, MFU (model FLOP/s over the
+//! f32 GEMM peak measured at start through the step's matmul — the definition the training log
+//! uses — and, as `mfu_paired`, against the GEMM measured beside each step), the peak RSS while the config
 //! ran, and the bf16 mode's step (bf16 matrix products, fp32 master weights) against fp32; with
 //! `--compare-torch`, PyTorch's figures from `../shared/peers/torch_bench.py` in the same run, as
 //! ratios.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::bf16_gemm;
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::matmul::{self, Precision};
-use candle_deepscale::module::{Activations, ForwardCtx};
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::ops::bf16_gemm;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::meters::{self, flops_per_token, gemm_peak_flops};
+use candle_deepscale::ops::matmul::{self, Precision};
+use candle_deepscale::layers::module::{Activations, ForwardCtx};
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::init::RandomInit;
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -98,60 +101,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-type Product = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
-
-/// Best f32 GFLOP/s of a 2048^3 GEMM (torch_bench.py's `matmul` shape), best of `tries` of
-/// DeepScale's matmul (the system BLAS where one is loaded) and, with `with_candle`, of candle's
-/// (the `gemm` crate): the peak is the fastest GEMM this machine has, whichever the step uses.
-/// The GEMM timed beside each step is DeepScale's only (the faster one wherever a BLAS loads).
-pub fn gemm_peak_gflops_of(tries: usize, with_candle: bool) -> Result<f64> {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let ours = |a: &Tensor, b: &Tensor| matmul::matmul(a, b);
-    let candle = |a: &Tensor, b: &Tensor| a.matmul(b);
-    let mut products: Vec<&Product> = vec![&ours];
-    if with_candle {
-        products.push(&candle);
-    }
-    let mut best = f64::MAX;
-    for product in products {
-        product(&a, &b)?;
-        for _ in 0..tries {
-            let t = Instant::now();
-            let c = product(&a, &b)?;
-            drop(c);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-    }
-    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+/// GFLOP/s of the GEMM peak through the matmul the step uses (`gemm_peak_flops`), at the
+/// process's matmul precision; best of `tries`.
+fn peak_gflops(tries: usize) -> Result<f64> {
+    Ok(gemm_peak_flops(&Device::Cpu, tries)? / 1e9)
 }
 
-pub fn gemm_peak_gflops() -> Result<f64> {
-    gemm_peak_gflops_of(5, true)
-}
-
-/// Best GFLOP/s of a 2048^3 product through DeepScale's matmul op at `precision`, best of 5.
+/// The GEMM peak (GFLOP/s) with every product at `precision` (the bf16 mode's denominator).
 pub fn op_gemm_gflops(precision: Precision) -> Result<f64> {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let prev = matmul::float32_matmul_precision();
     matmul::set_float32_matmul_precision(precision);
-    let mut best = f64::MAX;
-    for i in 0..6 {
-        let t = Instant::now();
-        let c = matmul::matmul(&a, &b);
-        if i > 0 {
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        if c.is_err() {
-            matmul::set_float32_matmul_precision(prev);
-        }
-        drop(c?);
-    }
+    let g = peak_gflops(5);
     matmul::set_float32_matmul_precision(prev);
-    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+    g
 }
 
 struct Measured {
@@ -166,7 +128,7 @@ struct Measured {
     step_peak_gflops: Vec<f64>,
     faults_per_step: u64,
     /// The engine's own split of a timed step (DeepSpeed's `wall_clock_breakdown`), means in ms.
-    split: candle_deepscale::engine::WallClock,
+    split: candle_deepscale::runtime::meters::WallClock,
 }
 
 impl Measured {
@@ -201,14 +163,17 @@ fn measure(
 ) -> Result<Measured> {
     reset_peak_rss();
     let src = RandomInit { seed: 1 };
-    let model = Gpt2::new(cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
+    let model = std::sync::Arc::new(Gpt2::new(
+        cfg,
+        &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+    )?);
     let params: usize = model
         .parameters()
         .iter()
         .map(|p| p.tensor().elem_count())
         .sum();
     let mut engine = Engine::new(
-        model.layers(),
+        model.clone(),
         EngineConfig {
             train_micro_batch_size_per_gpu: b,
             ..Default::default()
@@ -228,7 +193,7 @@ fn measure(
     for i in 0..iters + 1 {
         if i > 0 {
             let f = minor_faults();
-            step_peak_gflops.push(gemm_peak_gflops_of(2, false)?);
+            step_peak_gflops.push(peak_gflops(2)?);
             gemm_faults += minor_faults() - f;
         }
         if i == 1 {
@@ -262,7 +227,7 @@ fn measure(
         } else {
             tokens / median(fwd)
         },
-        flops_per_token: crate::training::flops_per_token(
+        flops_per_token: flops_per_token(
             cfg.num_layers,
             cfg.hidden_size,
             cfg.ffn_hidden_size,
@@ -322,18 +287,20 @@ fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
 
 /// One process, one rank: everything runs on a rayon worker, as `launch` runs a lone rank.
 pub fn run(a: SuiteArgs) -> Result<()> {
-    candle_deepscale::cpu_threads::on_worker_thread(|| run_on_worker(a))
+    candle_deepscale::ops::threads::on_worker_thread(|| run_on_worker(a))
 }
 
 fn run_on_worker(a: SuiteArgs) -> Result<()> {
     for name in &a.config {
         shape(name)?;
     }
-    let peak = gemm_peak_gflops()?;
+    // The one MFU definition (the training log's too): model FLOP/s over this GEMM peak,
+    // measured once at start with the library the step uses.
+    let peak = peak_gflops(5)?;
     // PyTorch's GEMM peak is `torch_bench.py matmul`, left out here: its bf16 half runs for
     // minutes on CPUs where torch has no bf16 kernel.
-    let backend = candle_deepscale::blas::describe();
-    eprintln!("f32 GEMM peak (2048^3, best of 5): {peak:.1} GFLOP/s; f32 products on {backend}");
+    let backend = candle_deepscale::ops::blas::describe();
+    eprintln!("f32 GEMM peak (2048^3, best of 5, the MFU denominator): {peak:.1} GFLOP/s; f32 products on {backend}");
     let bf16_kernel = if bf16_gemm::available() {
         "avx512bf16"
     } else {
@@ -350,8 +317,8 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
     for name in &a.config {
         let (cfg, b, s, torch_name) = shape(name)?;
         let m = measure(&cfg, b, s, a.iters.max(1), true)?;
-        let mfu = m.paired_mfu((b * s) as f64);
-        let mfu_best = m.tokens_per_s * m.flops_per_token / (peak * 1e9);
+        let mfu = meters::mfu(m.tokens_per_s, m.flops_per_token, peak * 1e9);
+        let mfu_paired = m.paired_mfu((b * s) as f64);
         let mut row = json!({
             "config": name,
             "batch": b,
@@ -361,7 +328,7 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
             "step_ms": m.step_ms,
             "fwd_tokens_per_s": m.fwd_tokens_per_s,
             "mfu": mfu,
-            "mfu_vs_best_peak": mfu_best,
+            "mfu_paired": mfu_paired,
             "step_gemm_gflops": m.step_peak_gflops,
             "peak_rss_bytes": m.peak_rss,
             "page_faults_per_step": m.faults_per_step,
@@ -370,10 +337,10 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
             "optimizer_step_ms": m.split.step_ms,
         });
         let mut line = format!(
-            "{name} b{b} x s{s}: train {:.1} tokens/s (MFU {:.0}% against the GEMM measured beside each step, {:.0}% of the best {peak:.0} GFLOP/s), forward {:.1} tokens/s, peak RSS {:.2} GiB, {} page faults per step; step split (ms): forward {:.0} | backward {:.0} | optimizer_step {:.0}",
+            "{name} b{b} x s{s}: train {:.1} tokens/s (MFU {:.0}% of the {peak:.0} GFLOP/s GEMM peak; {:.0}% against the GEMM measured beside each step), forward {:.1} tokens/s, peak RSS {:.2} GiB, {} page faults per step; step split (ms): forward {:.0} | backward {:.0} | optimizer_step {:.0}",
             m.tokens_per_s,
             100.0 * mfu,
-            100.0 * mfu_best,
+            100.0 * mfu_paired,
             m.fwd_tokens_per_s,
             m.peak_rss as f64 / (1u64 << 30) as f64,
             m.faults_per_step,
@@ -384,7 +351,7 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
         if let Some(bf16_peak) = bf16_peak {
             let t = measure_bf16(&cfg, b, s, a.iters.max(1))?;
             // Against the bf16 GEMM's own peak: the products are what this mode speeds up.
-            let bf16_mfu = t * m.flops_per_token / (bf16_peak * 1e9);
+            let bf16_mfu = meters::mfu(t, m.flops_per_token, bf16_peak * 1e9);
             row["bf16_tokens_per_s"] = json!(t);
             row["bf16_vs_fp32"] = json!(t / m.tokens_per_s);
             row["bf16_mfu"] = json!(bf16_mfu);

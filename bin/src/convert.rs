@@ -5,11 +5,11 @@ use crate::args::{print_json, LayoutArgs};
 use crate::launch::launch;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::checkpoint::{self, Checkpoint, SaveSpec};
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::lr_schedules::LrSchedule;
-use candle_deepscale::parameter::{Param, ParamBuilder, ParamSource};
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::runtime::checkpoint::{self, Checkpoint, SaveSpec};
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::parameter::{Param, ParamBuilder, ParamSource};
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::collections::HashMap;
@@ -364,19 +364,16 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                         ),
                     };
                     let range = bounds[stage]..bounds[stage + 1];
-                    let (g, b);
-                    let layers = match arch {
+                    let model: std::sync::Arc<dyn candle_deepscale::Sequential> = match arch {
                         Arch::Gpt2(c) => {
-                            g = zoo::gpt2::Gpt2Pipe::new(c, &pb, range.clone())?;
-                            g.layers()
+                            std::sync::Arc::new(zoo::gpt2::Gpt2Pipe::new(c, &pb, range.clone())?)
                         }
                         Arch::Bert(c) => {
-                            b = zoo::bert::BertPipe::new(c, &pb, range.clone())?;
-                            b.layers()
+                            std::sync::Arc::new(zoo::bert::BertPipe::new(c, &pb, range.clone())?)
                         }
                     };
                     let mut engine =
-                        Engine::new(layers, EngineConfig::default(), ctx.dp()?, ctx.tp()?)?;
+                        Engine::new(model, EngineConfig::default(), ctx.dp()?, ctx.tp()?)?;
                     if let Some(p) = pipe.clone() {
                         engine = engine.with_pipeline(p)?;
                     }

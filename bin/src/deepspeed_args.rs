@@ -2,8 +2,8 @@
 //! and activation-checkpointing switches, the seed scripts' data flags): each maps onto the
 //! DeepSpeed config or engine, or is refused with the reason. None is ignored.
 use anyhow::{bail, Context, Result};
-use candle_deepscale::config::DeepSpeedConfig;
-use candle_deepscale::engine::EngineConfig;
+use candle_deepscale::runtime::config::DeepSpeedConfig;
+use candle_deepscale::runtime::engine::EngineConfig;
 use clap::Args;
 use std::path::PathBuf;
 

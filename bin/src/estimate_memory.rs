@@ -4,7 +4,7 @@
 //! (what `pretrain-gpt2` measures and reports as `model_state_bytes`).
 use crate::args::print_json;
 use anyhow::{bail, Context, Result};
-use candle_deepscale::zero::estimate::{deepspeed_zero2, deepspeed_zero3, engine_bytes};
+use candle_deepscale::runtime::zero::estimate::{deepspeed_zero2, deepspeed_zero3, engine_bytes};
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;

@@ -2,61 +2,32 @@
 //! or a single rank; on the CPU or one GPU per rank (`--device cuda`, ranks over NCCL).
 use crate::args::{DeviceKind, Layout};
 use anyhow::{anyhow, Result};
-use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::cpu_threads::on_worker_thread;
-use candle_deepscale::tensor_parallel::TensorParallel;
-use candle_deepscale::topology::Topology;
+use candle_deepscale::comm::{Communicator, InProcessWorld};
+use candle_deepscale::ops::threads::on_worker_thread;
+use candle_deepscale::runtime::topology::{Grid, Topology};
 use std::sync::Arc;
 
-/// One rank's place in the run.
+/// One rank's place in the run: its grid (process groups, built by the library) and device.
 pub struct RankCtx {
-    pub rank: usize,
-    pub topo: Topology,
-    pub comm: Option<Arc<dyn Communicator>>,
+    pub grid: Grid,
     /// Where this rank's tensors live.
     pub device: candle_core::Device,
 }
 
+impl std::ops::Deref for RankCtx {
+    type Target = Grid;
+    fn deref(&self) -> &Grid {
+        &self.grid
+    }
+}
+
 impl RankCtx {
-    fn group(&self, ranks: Vec<usize>) -> Result<Option<ProcessGroup>> {
-        match &self.comm {
-            Some(c) if ranks.len() > 1 => Ok(Some(ProcessGroup::new(c.clone(), ranks)?)),
-            _ => Ok(None),
-        }
-    }
-
-    /// The tensor-parallel group (None at tp = 1).
-    pub fn tp(&self) -> Result<Option<TensorParallel>> {
-        self.group(self.topo.model_group(self.rank))
-    }
-
-    /// The data-parallel group (None at dp = 1).
-    pub fn dp(&self) -> Result<Option<ProcessGroup>> {
-        self.group(self.topo.data_group(self.rank))
-    }
-
-    /// The pipeline: this rank's stages in order (None at pp = 1) and, on the first and last
-    /// stage, the group sharing the tied word embedding.
-    pub fn pipe(&self) -> Result<Option<candle_deepscale::engine::PipeContext>> {
-        let stages = self.topo.pipe_group(self.rank);
-        let Some(group) = self.group(stages.clone())? else {
-            return Ok(None);
+    fn new(topo: Topology, comm: Option<Arc<dyn Communicator>>, device: candle_core::Device) -> Result<Self> {
+        let grid = match comm {
+            Some(c) => Grid::new(topo, c)?,
+            None => Grid { topo, ..Grid::single() },
         };
-        let at = group.rank;
-        let tied = if at == 0 || at + 1 == stages.len() {
-            self.group(vec![stages[0], stages[stages.len() - 1]])?
-        } else {
-            None
-        };
-        Ok(Some(candle_deepscale::engine::PipeContext {
-            stages: group,
-            tied,
-        }))
-    }
-
-    /// Rank 0 prints and writes files.
-    pub fn is_root(&self) -> bool {
-        self.rank == 0
+        Ok(Self { grid, device })
     }
 }
 
@@ -88,12 +59,7 @@ fn launch_mpi<T: Send>(
     // One rank per process: it runs on a rayon worker (see cpu_threads; MPI is initialised
     // `Serialized`, so any one thread may call it).
     match on_worker_thread(|| {
-        f(RankCtx {
-            rank,
-            topo,
-            comm: Some(dyn_comm),
-            device: candle_core::Device::Cpu,
-        })
+        f(RankCtx::new(topo, Some(dyn_comm), candle_core::Device::Cpu)?)
     }) {
         Ok(v) => Ok((rank == 0).then_some(v)),
         // Open MPI cannot recover a communicator once a member leaves mid-collective.
@@ -126,25 +92,16 @@ pub fn launch<T: Send>(
     if layout.world_size == 1 {
         // A lone rank runs on a rayon worker (see cpu_threads); in-process ranks cannot.
         return on_worker_thread(|| {
-            f(RankCtx {
-                rank: 0,
-                topo,
-                comm: None,
-                device: candle_core::Device::Cpu,
-            })
+            f(RankCtx::new(topo, None, candle_core::Device::Cpu)?)
         })
         .map(Some);
     }
     let results = InProcessWorld::run(layout.world_size, layout.timeout, |comm| {
         let rank = comm.rank();
         let comm: Arc<dyn Communicator> = comm;
-        f(RankCtx {
-            rank,
-            topo,
-            comm: Some(comm),
-            device: candle_core::Device::Cpu,
-        })
-        .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e:#}")))
+        RankCtx::new(topo, Some(comm), candle_core::Device::Cpu)
+            .and_then(&f)
+            .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e:#}")))
     });
     root_result(results)
 }
@@ -212,12 +169,7 @@ mod gpu {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            return f(RankCtx {
-                rank: 0,
-                topo,
-                comm: None,
-                device: device(ordinal)?,
-            })
+            return f(RankCtx::new(topo, None, device(ordinal)?)?)
             .map(Some);
         }
         several(layout, topo, f)
@@ -244,12 +196,7 @@ mod gpu {
         use candle_deepscale::comm::nccl::NcclComm;
         let one = |rank: usize, comm: NcclComm, device: Device| -> Result<Option<T>> {
             let comm: Arc<dyn Communicator> = Arc::new(comm);
-            let v = f(RankCtx {
-                rank,
-                topo,
-                comm: Some(comm),
-                device,
-            })?;
+            let v = f(RankCtx::new(topo, Some(comm), device)?)?;
             Ok((rank == 0).then_some(v))
         };
         if let Some((rank, path)) = &layout.comm_file {

@@ -13,6 +13,7 @@ mod metrics;
 mod models;
 mod plot;
 mod preprocess_data;
+mod pretrain;
 mod pretrain_bert;
 mod pretrain_gpt2;
 mod training;
@@ -85,7 +86,7 @@ fn main() {
     }
     let cli = Cli::parse();
     // A DEEPSCALE_BLAS that names a library which does not load stops here, not silently later.
-    if let Err(e) = candle_deepscale::blas::backend() {
+    if let Err(e) = candle_deepscale::ops::blas::backend() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -3,11 +3,11 @@ use crate::args::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use candle_core::Device;
-use candle_deepscale::checkpoint::{is_checkpoint, Checkpoint};
-use candle_deepscale::engine::PipeContext;
-use candle_deepscale::parameter::{ParamBuilder, ParamSource};
-use candle_deepscale::pipe::{PartitionMethod, Stage};
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::runtime::checkpoint::{is_checkpoint, Checkpoint};
+use candle_deepscale::runtime::pipe::PipeContext;
+use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
+use candle_deepscale::runtime::pipe::{PartitionMethod, Stage};
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::path::{Path, PathBuf};
 use zoo::gpt2::{Gpt2, Gpt2Lm, Gpt2Pipe};
 use zoo::hub::{self, Arch};
@@ -22,7 +22,7 @@ pub fn gpt2_dir(m: &ModelArgs) -> Result<PathBuf> {
                 dir.display()
             )
         }
-        if !candle_deepscale::checkpoint::is_checkpoint(dir) {
+        if !candle_deepscale::runtime::checkpoint::is_checkpoint(dir) {
             bail!(
                 "--load {}: not a DeepScale checkpoint (no `latest` and no manifest.json)",
                 dir.display()
@@ -47,7 +47,7 @@ pub fn load_gpt2(
     device: &Device,
     tp: Option<TensorParallel>,
 ) -> Result<(Gpt2, Tokenizer)> {
-    let (model, tok) = if candle_deepscale::checkpoint::is_checkpoint(dir) {
+    let (model, tok) = if candle_deepscale::runtime::checkpoint::is_checkpoint(dir) {
         load_native_gpt2(dir, device, tp)?
     } else {
         hub::load_gpt2_tp(dir, device, tp, |_| {})
@@ -76,7 +76,7 @@ fn load_native_gpt2(
     tp: Option<TensorParallel>,
 ) -> Result<(Gpt2, Tokenizer)> {
     let (ck, cfg, tok) = open_native_gpt2(dir)?;
-    let pb = candle_deepscale::parameter::ParamBuilder::new(&ck, device, candle_core::DType::F32)
+    let pb = candle_deepscale::layers::parameter::ParamBuilder::new(&ck, device, candle_core::DType::F32)
         .with_tp(tp);
     Ok((Gpt2::new(&cfg, &pb)?, tok))
 }

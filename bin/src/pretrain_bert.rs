@@ -1,19 +1,18 @@
 //! `deepscale pretrain-bert`: Megatron's pretrain_bert.py on the engine — masked LM plus the binary
 //! (sentence-order) head, any tensor x data layout with ZeRO 0/1/2, the same flags as pretrain-gpt2.
 use crate::args::{print_json, LayoutArgs};
-use crate::launch::{launch, RankCtx};
-use crate::metrics::MetricsWriter;
 use crate::preprocess_data::split_sentences;
+use crate::pretrain::{pretrain, DataProvider, ModelProvider, Setup};
 use crate::pretrain_gpt2::assets_dir;
-use crate::training::{
-    engine_config, flops_per_token, gemm_peak, train_loop, LoopSpec, TrainingArgs,
-};
+use crate::training::{engine_config, TrainingArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_deepscale::cross_entropy::lm_cross_entropy;
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::module::Activations;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_core::{Device, Tensor};
+use candle_deepscale::layers::loss::lm_cross_entropy;
+use candle_deepscale::layers::module::Activations;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::runtime::meters::flops_per_token;
+use candle_deepscale::runtime::pipe::PartitionMethod;
+use std::ops::Range;
 use clap::Args;
 use serde_json::json;
 use std::path::PathBuf;
@@ -93,21 +92,6 @@ fn documents(a: &PretrainBertArgs, tok: &Tokenizer) -> Result<Arc<dyn Documents>
     )
 }
 
-struct Shared {
-    train: BertDataset,
-    valid: Option<BertDataset>,
-    cfg: bert::Config,
-    engine: EngineConfig,
-    micro: usize,
-    gas: usize,
-    global: usize,
-    gemm_peak: f64,
-    dtype: DType,
-    tok: Tokenizer,
-    ckpt: Option<candle_deepscale::checkpoint::Checkpoint>,
-    partition: candle_deepscale::pipe::PartitionMethod,
-}
-
 pub fn run(a: PretrainBertArgs) -> Result<()> {
     let layout = a.layout.layout()?;
     let t = &a.train;
@@ -126,7 +110,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         .unwrap_or_else(|| assets_dir().join("bert/bert-uncased-vocab.txt"));
     let ckpt = match &a.load {
         Some(d) => Some(
-            candle_deepscale::checkpoint::Checkpoint::open(d)
+            candle_deepscale::runtime::checkpoint::Checkpoint::open(d)
                 .with_context(|| format!("--load {}", d.display()))?,
         ),
         None => None,
@@ -221,27 +205,33 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         )
     }
     let dtype = crate::training::param_dtype(&engine, layout.device);
-    let sh = Shared {
+    let setup = Setup {
+        args: t,
+        layout: &layout,
+        engine,
+        batch,
+        dtype,
+        ckpt,
+        partition: a.layout.partition_method(ds.as_ref())?,
+        tokenizer_json: tok.to_json()?.into_bytes(),
+    };
+    let provider = BertProvider {
+        cfg,
+        seq: a.seq_length,
+    };
+    let data = BertData {
         train,
         valid,
-        cfg,
-        engine,
-        micro: batch.micro_batch,
-        gas: batch.accumulation,
-        global: gb,
-        gemm_peak: gemm_peak(&Device::Cpu)?,
-        dtype,
-        partition: a.layout.partition_method(ds.as_ref())?,
-        tok,
-        ckpt,
+        seq: a.seq_length,
     };
-    let Some(s) = launch(&layout, |ctx| train_rank(&a, &sh, &ctx))? else {
+    let Some(s) = pretrain(&setup, &provider, &data, loss)? else {
         return Ok(());
     };
     if t.json {
         print_json(
-            json!({"iterations": t.train_iters, "initial_loss": s.0, "final_loss": s.1, "valid_loss": s.2,
-                   "zero_stage": sh.engine.zero_stage, "train_batch_size": gb, "model_state_bytes": s.3}),
+            json!({"iterations": t.train_iters, "initial_loss": s.first_loss, "final_loss": s.last_loss,
+                   "valid_loss": s.last_valid, "zero_stage": setup.engine.zero_stage,
+                   "train_batch_size": gb, "model_state_bytes": s.model_state_bytes}),
             &layout,
         );
     }
@@ -277,14 +267,13 @@ fn batch(
     ))
 }
 
+/// What BERT's loss needs of a micro-batch: the masked-LM labels and loss mask, and the binary
+/// head's labels.
+type Targets = (Tensor, Tensor, Tensor);
+
 /// Masked-LM loss over the masked positions plus the binary head's loss.
-fn loss(
-    model: &BertPipe,
-    out: &Activations,
-    labels: &Tensor,
-    loss_mask: &Tensor,
-    nsp: &Tensor,
-) -> candle_core::Result<Tensor> {
+fn loss(model: &BertPipe, out: &Activations, targets: &Targets) -> candle_core::Result<Tensor> {
+    let (labels, loss_mask, nsp) = targets;
     let per_token = model.lm_token_losses(&out.hidden, labels)?;
     let m = loss_mask.flatten_all()?;
     let lm = (per_token.mul(&m)?.sum_all()? / m.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?;
@@ -294,132 +283,76 @@ fn loss(
     }
 }
 
-fn train_rank(
-    a: &PretrainBertArgs,
-    sh: &Shared,
-    ctx: &RankCtx,
-) -> Result<(Option<f64>, f64, Option<f64>, u64)> {
-    let t = &a.train;
-    let device = ctx.device.clone();
-    let root = ctx.is_root();
-    let (tp, dp) = (ctx.tp()?, ctx.dp()?);
-    let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
-    let init = RandomInit { seed: t.seed };
-    let src: &dyn candle_deepscale::parameter::ParamSource = match &sh.ckpt {
-        Some(c) => c,
-        None => &init,
-    };
-    // A pipeline stage builds (and reads from --load) only its layers.
-    let pipe = ctx.pipe()?;
-    let (stage, stages) = pipe
-        .as_ref()
-        .map_or((0, 1), |p| (p.stages.rank, p.stages.size()));
-    let bounds = BertPipe::partition(&sh.cfg, stages, &sh.partition)?;
-    if root && stages > 1 {
-        eprintln!("pipeline: {stages} stages, layer boundaries {bounds:?}");
+/// BERT for the pretraining driver: BertPipe (the whole model at pp 1, a stage otherwise).
+struct BertProvider {
+    cfg: bert::Config,
+    seq: usize,
+}
+
+impl ModelProvider for BertProvider {
+    type Model = BertPipe;
+
+    fn manifest(&self) -> serde_json::Value {
+        json!({"type": "bert", "config": self.cfg})
     }
-    let model = BertPipe::new(
-        &sh.cfg,
-        &ParamBuilder::new(src, &device, sh.dtype)
-            .with_tp(tp.clone())
-            .with_zero3(crate::training::zero3_construction(&sh.engine, dp.as_ref())),
-        bounds[stage]..bounds[stage + 1],
-    )?;
-    let mut engine = Engine::new(model.layers(), sh.engine.clone(), dp.clone(), tp.clone())?;
-    if let Some(p) = pipe {
-        engine = engine.with_pipeline(p)?;
+
+    fn partition(&self, stages: usize, method: &PartitionMethod) -> Result<Vec<usize>> {
+        Ok(BertPipe::partition(&self.cfg, stages, method)?)
     }
-    if let Some(c) = &sh.ckpt {
-        c.restore(&mut engine, !t.ds.no_load_optim)?;
+
+    fn build(&self, pb: &ParamBuilder, range: Range<usize>, _pipelined: bool) -> Result<BertPipe> {
+        Ok(BertPipe::new(&self.cfg, pb, range)?)
     }
-    let max_state = engine.max_state_bytes()?;
-    let (micro, gas) = (sh.micro, sh.gas);
-    if root {
-        let n: usize = candle_deepscale::module::unique_parameters(&model.layers())
-            .iter()
-            .map(|p| p.meta.numel())
-            .sum();
-        let n = if stages > 1 {
-            format!("{n} (stage 0)")
-        } else {
-            n.to_string()
+
+    fn describe(&self, _n_params: usize, _tp: usize) -> String {
+        let c = &self.cfg;
+        format!(
+            "BERT {} layers, hidden {}, heads {}, vocab {}",
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.vocab_size
+        )
+    }
+
+    fn title(&self) -> String {
+        format!("BERT {}L/{}H", self.cfg.num_hidden_layers, self.cfg.hidden_size)
+    }
+
+    fn flops_per_token(&self) -> f64 {
+        let c = &self.cfg;
+        flops_per_token(
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.vocab_size,
+            self.seq,
+        )
+    }
+}
+
+/// BERT's samples: masked tokens with segments and padding, and the loss's targets.
+struct BertData {
+    train: BertDataset,
+    valid: Option<BertDataset>,
+    seq: usize,
+}
+
+impl DataProvider for BertData {
+    type Targets = Targets;
+
+    fn batch(&self, valid: bool, start: usize, b: usize, dev: &Device) -> Result<(Activations, Targets)> {
+        let data = match (valid, &self.valid) {
+            (false, _) => &self.train,
+            (true, Some(v)) => v,
+            (true, None) => bail!("no validation split"),
         };
-        eprintln!(
-            "model: BERT {} layers, hidden {}, heads {}, vocab {}, {} parameters; layout tp {} x dp {dp_size}; batch {} = micro {micro} x accumulation {gas} x dp {dp_size}",
-            sh.cfg.num_hidden_layers, sh.cfg.hidden_size, sh.cfg.num_attention_heads, sh.cfg.vocab_size, n, ctx.topo.tp, sh.global
-        );
-        eprintln!("{}", engine.describe_memory());
-        if device.is_cpu() {
-            eprintln!("f32 products on {}", candle_deepscale::blas::describe());
-        }
-        if let Some(line) = crate::training::describe_offload(&sh.engine) {
-            eprintln!("{line}");
-        }
+        let (x, labels, mask, nsp) = batch(data, start, b, dev)?;
+        Ok((x, (labels, mask, nsp)))
     }
-    let metrics = match (&t.metrics_file, root) {
-        (Some(p), true) => Some(MetricsWriter::create(p)?),
-        _ => None,
-    };
-    let spec = LoopSpec {
-        start_iter: engine.iteration(),
-        train_iters: t.train_iters,
-        log_interval: t.log_interval,
-        eval_interval: t.eval_interval,
-        tokens_per_iter: (sh.global * a.seq_length) as f64,
-        flops_per_token: flops_per_token(
-            sh.cfg.num_hidden_layers,
-            sh.cfg.hidden_size,
-            sh.cfg.intermediate_size,
-            sh.cfg.vocab_size,
-            a.seq_length,
-        ),
-        gemm_peak: if device.is_cpu() {
-            sh.gemm_peak
-        } else {
-            gemm_peak(&device)?
-        },
-        metrics_file: t.metrics_file.as_deref(),
-        root,
-        base: json!({"world_size": ctx.topo.world_size(), "tp": ctx.topo.tp, "pp": ctx.topo.pp, "dp": dp_size,
-                     "zero_stage": sh.engine.zero_stage, "model_state_bytes": max_state}),
-        title: format!(
-            "BERT {}L/{}H, tp {} x dp {dp_size}, ZeRO-{}",
-            sh.cfg.num_hidden_layers, sh.cfg.hidden_size, ctx.topo.tp, sh.engine.zero_stage
-        ),
-        fp16: sh.engine.fp16.is_some(),
-    };
-    let model = &model;
-    let micro_batches = |iter: u64| -> Result<Vec<_>> {
-        let start = (iter as usize - 1) * sh.global + dp_rank * micro * gas;
-        (0..gas)
-            .map(|m| {
-                let (x, labels, mask, nsp) = batch(&sh.train, start + m * micro, micro, &device)?;
-                Ok((x, move |o: &Activations| {
-                    loss(model, o, &labels, &mask, &nsp)
-                }))
-            })
-            .collect()
-    };
-    let eval = |engine: &Engine| -> Result<Option<f64>> {
-        let Some(v) = &sh.valid else { return Ok(None) };
-        let n = t.eval_iters.max(1) as usize;
-        let mut sum = 0.0;
-        for i in 0..n {
-            let (x, labels, mask, nsp) = batch(v, (i * dp_size + dp_rank) * micro, micro, &device)?;
-            sum += engine.eval_batch(x, |o| loss(model, o, &labels, &mask, &nsp))? as f64;
-        }
-        Ok(Some(engine.dp_mean(sum / n as f64)?))
-    };
-    let saver = crate::training::Saver {
-        args: t,
-        model: json!({"type": "bert", "config": sh.cfg}),
-        tokenizer: Some(sh.tok.to_json()?.into_bytes()),
-        global_batch: sh.global,
-        root,
-        first_layer: model.range.start,
-    };
-    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
-        saver.after(e, i)
-    })?;
-    Ok((r.first_loss, r.last_loss, r.last_valid, max_state))
+
+    fn has_valid(&self) -> bool {
+        self.valid.is_some()
+    }
+
+    fn seq_length(&self) -> usize {
+        self.seq
+    }
 }

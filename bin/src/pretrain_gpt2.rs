@@ -1,15 +1,18 @@
 //! `deepscale pretrain-gpt2`: Megatron's pretrain_gpt2.py flags on the DeepScale engine (data
 //! parallel with ZeRO 0/1/2 over in-process or MPI ranks, tensor parallel inside the layers).
 use crate::args::{print_json, LayoutArgs, ModelArgs};
-use crate::launch::{launch, RankCtx};
-use crate::metrics::MetricsWriter;
-use crate::training::{engine_config, gemm_peak, train_loop, LoopSpec, TrainingArgs};
+use crate::launch::RankCtx;
+use crate::pretrain::{pretrain, DataProvider, ModelProvider, Setup};
+use crate::training::{engine_config, TrainingArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::config::BatchSizes;
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::module::Activations;
-use candle_deepscale::parameter::{ParamBuilder, RandomInit};
+use candle_deepscale::layers::module::{Activations, Layer, Sequential};
+use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
+use candle_deepscale::runtime::config::BatchSizes;
+use candle_deepscale::runtime::engine::Engine;
+use candle_deepscale::runtime::meters::flops_per_token;
+use candle_deepscale::runtime::pipe::PartitionMethod;
+use std::ops::Range;
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -113,35 +116,6 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     v
 }
 
-/// What every rank reads: data, tokenizer, model shape.
-struct Shared {
-    tok: Tokenizer,
-    train: Samples,
-    valid: Option<Samples>,
-    cfg: gpt2::Config,
-    hf_dir: Option<PathBuf>,
-    /// `--load`: parameters, optimizer and counters come from here.
-    ckpt: Option<candle_deepscale::checkpoint::Checkpoint>,
-    engine: EngineConfig,
-    batch: BatchSizes,
-    dtype: DType,
-    /// How layers are cut into pipeline stages.
-    partition: candle_deepscale::pipe::PartitionMethod,
-    /// This machine's f32 GEMM rate, measured once before the ranks start (MFU denominator).
-    gemm_peak: f64,
-}
-
-struct Summary {
-    first_loss: Option<f64>,
-    last_loss: f64,
-    last_valid: Option<f64>,
-    n_params: usize,
-    tokens_per_s: f64,
-    model_state_bytes: u64,
-    sample: Option<String>,
-    skipped: u64,
-}
-
 pub fn run(a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
     a.train.ds.refuse_unsupported()?;
@@ -198,7 +172,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             )
         }
         Some(dir) => Some(
-            candle_deepscale::checkpoint::Checkpoint::open(dir)
+            candle_deepscale::runtime::checkpoint::Checkpoint::open(dir)
                 .with_context(|| format!("--load {}", dir.display()))?,
         ),
         None => None,
@@ -263,21 +237,33 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             cfg.max_position_embeddings
         )
     }
-    let shared = Shared {
-        tok,
-        train,
-        valid,
-        cfg,
-        hf_dir,
-        ckpt,
+    let setup = Setup {
+        args: &a.train,
+        layout: &layout,
         engine: engine_cfg,
         batch,
         dtype,
-        gemm_peak: gemm_peak(&Device::Cpu)?,
+        ckpt,
         partition: a.layout.partition_method(ds.as_ref())?,
+        tokenizer_json: tok.to_json()?.into_bytes(),
     };
-    let summary = launch(&layout, |ctx| train_rank(&a, &shared, &ctx))?;
-    let Some(s) = summary else { return Ok(()) };
+    let provider = Gpt2Provider {
+        a: &a,
+        cfg,
+        hf_dir,
+        tok: &tok,
+    };
+    let data = Gpt2Data {
+        train,
+        valid,
+        seq: a.seq_length,
+    };
+    let Some(s) = pretrain(&setup, &provider, &data, |net: &Net, o, y| {
+        net.loss(&o.hidden, y)
+    })?
+    else {
+        return Ok(());
+    };
     if a.train.json {
         print_json(
             json!({
@@ -288,252 +274,15 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
                 "parameters": s.n_params,
                 "tokens_per_s": s.tokens_per_s,
                 "model_state_bytes": s.model_state_bytes,
-                "zero_stage": shared.engine.zero_stage,
-                "train_batch_size": shared.batch.train_batch_size,
+                "zero_stage": setup.engine.zero_stage,
+                "train_batch_size": setup.batch.train_batch_size,
                 "skipped_steps": s.skipped,
-                "sample": s.sample,
+                "sample": s.after,
             }),
             &layout,
         );
     }
     Ok(())
-}
-
-fn train_rank(a: &PretrainGpt2Args, sh: &Shared, ctx: &RankCtx) -> Result<Summary> {
-    let device = ctx.device.clone();
-    let root = ctx.is_root();
-    let tp = ctx.tp()?;
-    let dp = ctx.dp()?;
-    let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
-    let pipe = ctx.pipe()?;
-    let init = RandomInit { seed: a.train.seed };
-    let hf_source = match &sh.hf_dir {
-        Some(d) => Some(zoo::gpt2::hf::HfSource::new(
-            zoo::weights::SafetensorsFiles::open_dir(d)?,
-            &sh.cfg,
-        )?),
-        None => None,
-    };
-    let src: &dyn candle_deepscale::parameter::ParamSource = match (&hf_source, &sh.ckpt) {
-        (Some(h), _) => h,
-        (None, Some(c)) => c,
-        (None, None) => &init,
-    };
-    let pb = ParamBuilder::new(src, &device, sh.dtype)
-        .with_tp(tp.clone())
-        .with_zero3(crate::training::zero3_construction(&sh.engine, dp.as_ref()));
-    // A pipeline stage builds (and reads) only its own layers: GPT2ModelPipe.
-    let net = match &pipe {
-        Some(p) => {
-            let bounds = Gpt2Pipe::partition(&sh.cfg, p.stages.size(), &sh.partition)?;
-            if root {
-                eprintln!(
-                    "pipeline: {} stages, layer boundaries {bounds:?}",
-                    p.stages.size()
-                );
-            }
-            Net::Stage(Box::new(Gpt2Pipe::new(
-                &sh.cfg,
-                &pb,
-                bounds[p.stages.rank]..bounds[p.stages.rank + 1],
-            )?))
-        }
-        None => Net::Whole(Box::new(Gpt2::new(&sh.cfg, &pb)?)),
-    };
-    let cfg = &sh.cfg;
-    let layers = net.layers();
-    let n_params: usize = candle_deepscale::module::unique_parameters(&layers)
-        .iter()
-        .map(|p| p.meta.numel())
-        .sum();
-    let mut engine = Engine::new(layers, sh.engine.clone(), dp.clone(), tp.clone())?;
-    if let Some(p) = pipe {
-        engine = engine.with_pipeline(p)?;
-    }
-    if let Some(c) = &sh.ckpt {
-        c.restore(&mut engine, !a.train.ds.no_load_optim)?;
-        if root {
-            eprintln!(
-                "loaded {} (iteration {}, saved at tp {} x dp {}, ZeRO-{}){}",
-                c.dir.display(),
-                c.manifest.iteration,
-                c.manifest.tp,
-                c.manifest.dp,
-                c.manifest.zero_stage,
-                if a.train.ds.no_load_optim {
-                    "; optimizer state not loaded"
-                } else {
-                    ""
-                }
-            );
-        }
-    }
-    let max_state = engine.max_state_bytes()?;
-    let (micro, gas) = (sh.batch.micro_batch, sh.batch.accumulation);
-    if root {
-        eprintln!(
-            "model: GPT-2 {} layers, hidden {}, heads {}, vocab {} (padded {}), {} parameters, {:?}",
-            cfg.num_layers,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.vocab_size,
-            cfg.padded_vocab_size(ctx.topo.tp),
-            n_params,
-            sh.dtype
-        );
-        eprintln!(
-            "layout: world {} = pp {} x tp {} x dp {}; batch {} = micro {micro} x accumulation {gas} x dp {dp_size}; ZeRO-{}",
-            ctx.topo.world_size(),
-            ctx.topo.pp,
-            ctx.topo.tp,
-            dp_size,
-            sh.batch.train_batch_size,
-            sh.engine.zero_stage
-        );
-        eprintln!("{}", engine.describe_memory());
-        if device.is_cpu() {
-            eprintln!("f32 products on {}", candle_deepscale::blas::describe());
-        }
-        if let Some(line) = crate::training::describe_offload(&sh.engine) {
-            eprintln!("{line}");
-        }
-    }
-    let metrics = match (&a.train.metrics_file, root) {
-        (Some(p), true) => Some(MetricsWriter::create(p)?),
-        _ => None,
-    };
-    // MFU against the GEMM peak of the device the rank trains on.
-    let peak = if device.is_cpu() {
-        sh.gemm_peak
-    } else {
-        gemm_peak(&device)?
-    };
-    let fpt = crate::training::flops_per_token(
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.ffn_hidden_size,
-        cfg.padded_vocab_size(1),
-        a.seq_length,
-    );
-    let tokens_per_iter = (sh.batch.train_batch_size * a.seq_length) as f64;
-    let base = json!({
-        "world_size": ctx.topo.world_size(), "tp": ctx.topo.tp, "pp": ctx.topo.pp, "dp": dp_size,
-        "zero_stage": sh.engine.zero_stage, "model_state_bytes": max_state,
-    });
-    let evaluate = |engine: &Engine, valid: &Samples| -> Result<f64> {
-        let n = a.train.eval_iters.max(1) as usize;
-        let mut sum = 0.0;
-        for i in 0..n {
-            let (x, y) = batch(valid, (i * dp_size + dp_rank) * micro, micro, &device)?;
-            sum += engine.eval_batch(Activations::new(x), |o| net.loss(&o.hidden, &y))? as f64;
-        }
-        Ok(engine.dp_mean(sum / n as f64)?)
-    };
-
-    let spec = LoopSpec {
-        start_iter: engine.iteration(),
-        train_iters: a.train.train_iters,
-        log_interval: a.train.log_interval,
-        eval_interval: a.train.eval_interval,
-        tokens_per_iter,
-        flops_per_token: fpt,
-        gemm_peak: peak,
-        metrics_file: a.train.metrics_file.as_deref(),
-        root,
-        base,
-        title: format!(
-            "GPT-2 {}L/{}H, tp {} x dp {}, ZeRO-{}",
-            cfg.num_layers, cfg.hidden_size, ctx.topo.tp, dp_size, sh.engine.zero_stage
-        ),
-        fp16: sh.engine.fp16.is_some(),
-    };
-    let micro_batches = |iter: u64| -> Result<Vec<_>> {
-        // This rank's slice of the global batch: the 1-rank order cut among the dp ranks.
-        let start = ((iter - 1) as usize) * sh.batch.train_batch_size + dp_rank * micro * gas;
-        (0..gas)
-            .map(|m| {
-                let (x, y) = batch(&sh.train, start + m * micro, micro, &device)?;
-                let net = &net;
-                Ok((Activations::new(x), move |o: &Activations| {
-                    net.loss(&o.hidden, &y)
-                }))
-            })
-            .collect()
-    };
-    let eval = |engine: &Engine| -> Result<Option<f64>> {
-        sh.valid.as_ref().map(|v| evaluate(engine, v)).transpose()
-    };
-    let saver = crate::training::Saver {
-        args: &a.train,
-        model: json!({"type": "gpt2", "config": cfg}),
-        tokenizer: Some(sh.tok.to_json()?.into_bytes()),
-        global_batch: sh.batch.train_batch_size,
-        root,
-        first_layer: net.first_layer(),
-    };
-    let r = train_loop(&spec, &mut engine, metrics, micro_batches, eval, |e, i| {
-        saver.after(e, i)
-    })?;
-    if let Some(dir) = &a.save_hf {
-        // Under ZeRO-3 every rank takes part in gathering the parameters; rank 0 writes.
-        engine.gathered(|| {
-            if let (Net::Whole(model), true) = (&net, root) {
-                zoo::gpt2::hf::save_hf_dir(model, &sh.tok, dir)?;
-                eprintln!(
-                    "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-            Ok(())
-        })?;
-    }
-    // Every rank generates (tensor-parallel layers need their whole group); rank 0 reports.
-    let mut sample = None;
-    if !a.sample_prompt.is_empty() && a.sample_length > 0 {
-        // At pp > 1 the prompt runs through the stages and the last stage samples.
-        let pipe = ctx.pipe()?;
-        let (model, stage): (&dyn zoo::gpt2::Gpt2Lm, _) = match (&net, pipe.as_ref()) {
-            (Net::Stage(s), Some(p)) => (
-                &**s,
-                Some(candle_deepscale::pipe::Stage {
-                    layers: s.layers(),
-                    pipe: p,
-                }),
-            ),
-            (Net::Whole(m), _) => (&**m, None),
-            (Net::Stage(s), None) => (&**s, None),
-        };
-        let ids = sh.tok.encode(&a.sample_prompt, false)?;
-        let out = engine.gathered(|| {
-            zoo::generation::generate_on(
-                model,
-                stage.as_ref(),
-                &ids,
-                &SamplingConfig {
-                    greedy: true,
-                    max_new_tokens: a.sample_length,
-                    stop_token: sh.tok.eod_id,
-                    ..Default::default()
-                },
-            )
-        })?;
-        let text = format!("{}{}", a.sample_prompt, sh.tok.decode(&out)?);
-        if root {
-            eprintln!("sample (greedy): {text}");
-        }
-        sample = Some(text);
-    }
-    Ok(Summary {
-        first_loss: r.first_loss,
-        last_loss: r.last_loss,
-        last_valid: r.last_valid,
-        n_params,
-        tokens_per_s: tokens_per_iter * a.train.train_iters as f64 / r.elapsed,
-        model_state_bytes: max_state,
-        sample,
-        skipped: engine.skipped_steps(),
-    })
 }
 
 /// `--data-path`: a text file tokenized here, or Megatron datasets with as many samples as the run
@@ -629,24 +378,167 @@ enum Net {
 }
 
 impl Net {
-    fn first_layer(&self) -> usize {
-        match self {
-            Net::Whole(_) => 0,
-            Net::Stage(s) => s.range.start,
-        }
-    }
-
-    fn layers(&self) -> Vec<&dyn candle_deepscale::module::Layer> {
-        match self {
-            Net::Whole(m) => m.layers(),
-            Net::Stage(s) => s.layers(),
-        }
-    }
-
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Net::Whole(m) => m.loss(logits, labels),
             Net::Stage(s) => s.loss(logits, labels),
         }
+    }
+}
+
+impl Sequential for Net {
+    fn layers(&self) -> Vec<&dyn Layer> {
+        match self {
+            Net::Whole(m) => m.layers(),
+            Net::Stage(s) => s.layers(),
+        }
+    }
+}
+
+/// GPT-2 for the pretraining driver: the whole model (or a pipeline stage), its HF weights,
+/// and after training the HF export and the greedy sample.
+struct Gpt2Provider<'a> {
+    a: &'a PretrainGpt2Args,
+    cfg: gpt2::Config,
+    hf_dir: Option<PathBuf>,
+    tok: &'a Tokenizer,
+}
+
+impl ModelProvider for Gpt2Provider<'_> {
+    type Model = Net;
+
+    fn manifest(&self) -> serde_json::Value {
+        json!({"type": "gpt2", "config": self.cfg})
+    }
+
+    fn partition(&self, stages: usize, method: &PartitionMethod) -> Result<Vec<usize>> {
+        Ok(Gpt2Pipe::partition(&self.cfg, stages, method)?)
+    }
+
+    fn build(&self, pb: &ParamBuilder, range: Range<usize>, pipelined: bool) -> Result<Net> {
+        // A pipeline stage builds (and reads) only its own layers: GPT2ModelPipe.
+        Ok(if pipelined {
+            Net::Stage(Box::new(Gpt2Pipe::new(&self.cfg, pb, range)?))
+        } else {
+            Net::Whole(Box::new(Gpt2::new(&self.cfg, pb)?))
+        })
+    }
+
+    fn weights(&self) -> Result<Option<Box<dyn ParamSource>>> {
+        let Some(d) = &self.hf_dir else {
+            return Ok(None);
+        };
+        let files = zoo::weights::SafetensorsFiles::open_dir(d)?;
+        Ok(Some(Box::new(zoo::gpt2::hf::HfSource::new(files, &self.cfg)?)))
+    }
+
+    fn describe(&self, _n_params: usize, tp: usize) -> String {
+        let c = &self.cfg;
+        format!(
+            "GPT-2 {} layers, hidden {}, heads {}, vocab {} (padded {})",
+            c.num_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.vocab_size,
+            c.padded_vocab_size(tp)
+        )
+    }
+
+    fn title(&self) -> String {
+        format!("GPT-2 {}L/{}H", self.cfg.num_layers, self.cfg.hidden_size)
+    }
+
+    fn flops_per_token(&self) -> f64 {
+        let c = &self.cfg;
+        flops_per_token(
+            c.num_layers,
+            c.hidden_size,
+            c.ffn_hidden_size,
+            c.padded_vocab_size(1),
+            self.a.seq_length,
+        )
+    }
+
+    /// `--save-hf`, then the greedy sample of `--sample-prompt`.
+    fn after_training(&self, net: &Net, engine: &Engine, ctx: &RankCtx) -> Result<Option<String>> {
+        let (a, root) = (self.a, ctx.is_root());
+        if let Some(dir) = &a.save_hf {
+            // Under ZeRO-3 every rank takes part in gathering the parameters; rank 0 writes.
+            engine.gathered(|| {
+                if let (Net::Whole(model), true) = (net, root) {
+                    zoo::gpt2::hf::save_hf_dir(model, self.tok, dir)?;
+                    eprintln!(
+                        "saved a Hugging Face GPT-2 folder to {} (use: deepscale generate --hf-dir {})",
+                        dir.display(),
+                        dir.display()
+                    );
+                }
+                Ok(())
+            })?;
+        }
+        if a.sample_prompt.is_empty() || a.sample_length == 0 {
+            return Ok(None);
+        }
+        // Every rank generates (tensor-parallel layers need their whole group); rank 0 reports.
+        // At pp > 1 the prompt runs through the stages and the last stage samples.
+        let (model, stage): (&dyn zoo::gpt2::Gpt2Lm, _) = match (net, engine.pipe()) {
+            (Net::Stage(s), Some(p)) => (
+                &**s,
+                Some(candle_deepscale::runtime::pipe::Stage {
+                    layers: s.layers(),
+                    pipe: p,
+                }),
+            ),
+            (Net::Whole(m), _) => (&**m, None),
+            (Net::Stage(s), None) => (&**s, None),
+        };
+        let ids = self.tok.encode(&a.sample_prompt, false)?;
+        let out = engine.gathered(|| {
+            zoo::generation::generate_on(
+                model,
+                stage.as_ref(),
+                &ids,
+                &SamplingConfig {
+                    greedy: true,
+                    max_new_tokens: a.sample_length,
+                    stop_token: self.tok.eod_id,
+                    ..Default::default()
+                },
+            )
+        })?;
+        let text = format!("{}{}", a.sample_prompt, self.tok.decode(&out)?);
+        if root {
+            eprintln!("sample (greedy): {text}");
+        }
+        Ok(Some(text))
+    }
+}
+
+/// GPT-2's samples of seq + 1 tokens: input and shifted labels.
+struct Gpt2Data {
+    train: Samples,
+    valid: Option<Samples>,
+    seq: usize,
+}
+
+impl DataProvider for Gpt2Data {
+    type Targets = Tensor;
+
+    fn batch(&self, valid: bool, start: usize, b: usize, dev: &Device) -> Result<(Activations, Tensor)> {
+        let samples = match (valid, &self.valid) {
+            (false, _) => &self.train,
+            (true, Some(v)) => v,
+            (true, None) => bail!("no validation split"),
+        };
+        let (x, y) = batch(samples, start, b, dev)?;
+        Ok((Activations::new(x), y))
+    }
+
+    fn has_valid(&self) -> bool {
+        self.valid.is_some()
+    }
+
+    fn seq_length(&self) -> usize {
+        self.seq
     }
 }

@@ -4,12 +4,14 @@
 use crate::deepspeed_args::DeepSpeedArgs;
 use crate::metrics::{peak_rss_bytes, MetricsWriter};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
-use candle_deepscale::adamw::AdamWConfig;
-use candle_deepscale::config::{BatchSizes, DeepSpeedConfig, Fp16Config};
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::lr_schedules::{AnnealingLr, DecayStyle, LrSchedule};
-use candle_deepscale::module::Activations;
+use candle_core::Tensor;
+use candle_deepscale::runtime::engine::StepReport;
+use candle_deepscale::runtime::meters::mfu;
+use candle_deepscale::runtime::adamw::AdamWConfig;
+use candle_deepscale::runtime::config::{BatchSizes, DeepSpeedConfig, Fp16Config};
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::{AnnealingLr, DecayStyle, LrSchedule};
+use candle_deepscale::layers::module::Activations;
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -103,22 +105,6 @@ pub enum DecayStyleArg {
     Cosine,
 }
 
-/// Measured f32 GEMM throughput of this machine (FLOP/s), the MFU denominator.
-pub fn gemm_peak(device: &Device) -> Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    a.matmul(&b)?;
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        c.sum_all()?.to_scalar::<f32>()?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * (n as f64).powi(3) / best)
-}
-
 /// The parameters' dtype: fp16 with loss scaling; bf16 on a GPU; else fp32. bf16 on the CPU keeps
 /// fp32 parameters and activations and runs the matrix products in bf16 (PyTorch's CPU autocast:
 /// the products are where bf16 pays, and candle's element-wise CPU ops are fp32-fast only).
@@ -131,8 +117,8 @@ pub fn param_dtype(engine: &EngineConfig, device: crate::args::DeviceKind) -> ca
         if device == crate::args::DeviceKind::Cuda {
             return DType::BF16;
         }
-        candle_deepscale::matmul::set_float32_matmul_precision(
-            candle_deepscale::matmul::Precision::Bf16,
+        candle_deepscale::ops::matmul::set_float32_matmul_precision(
+            candle_deepscale::ops::matmul::Precision::Bf16,
         );
     }
     DType::F32
@@ -245,14 +231,6 @@ pub fn engine_config(
     Ok((c, batch))
 }
 
-/// FLOPs per token of a transformer, forward + backward: 6N + 12 L T C (N = matmul parameters,
-/// the LM head included; the PaLM/nanoGPT convention).
-pub fn flops_per_token(layers: usize, hidden: usize, ffn: usize, vocab: usize, seq: usize) -> f64 {
-    let (h, l, f) = (hidden as f64, layers as f64, ffn as f64);
-    let n = l * (4.0 * h * h + 2.0 * h * f) + vocab as f64 * h;
-    6.0 * n + 12.0 * l * seq as f64 * h
-}
-
 /// What ZeRO-Infinity swaps to NVMe, for the log (None without offload).
 pub fn describe_offload(engine: &EngineConfig) -> Option<String> {
     let o = engine.stage3.offload.as_ref()?;
@@ -274,8 +252,8 @@ pub fn describe_offload(engine: &EngineConfig) -> Option<String> {
 pub fn zero3_construction(
     engine: &EngineConfig,
     dp: Option<&candle_deepscale::comm::ProcessGroup>,
-) -> Option<candle_deepscale::parameter::Zero3Construction> {
-    (engine.zero_stage == 3).then(|| candle_deepscale::parameter::Zero3Construction {
+) -> Option<candle_deepscale::layers::parameter::Zero3Construction> {
+    (engine.zero_stage == 3).then(|| candle_deepscale::layers::parameter::Zero3Construction {
         parts: dp.map_or(1, |g| g.size()),
         rank: dp.map_or(0, |g| g.rank),
         persistence_threshold: engine.stage3.param_persistence_threshold,
@@ -316,39 +294,19 @@ pub struct LoopResult {
 /// Runs `spec.train_iters` iterations: `micro_batches(iter)` gives this rank's micro-batches of
 /// iteration `iter` (1-based), `evaluate` the validation loss (mean over the data-parallel group;
 /// None without validation data), `after_iteration` runs after each (checkpoints).
-pub fn train_loop<'m, F>(
+pub fn train_loop<F>(
     spec: &LoopSpec,
-    engine: &mut Engine<'m>,
-    mut metrics: Option<MetricsWriter>,
+    engine: &mut Engine,
+    metrics: Option<MetricsWriter>,
     mut micro_batches: impl FnMut(u64) -> Result<Vec<(Activations, F)>>,
-    mut evaluate: impl FnMut(&Engine<'m>) -> Result<Option<f64>>,
-    mut after_iteration: impl FnMut(&Engine<'m>, u64) -> Result<()>,
+    mut evaluate: impl FnMut(&Engine) -> Result<Option<f64>>,
+    mut after_iteration: impl FnMut(&Engine, u64) -> Result<()>,
 ) -> Result<LoopResult>
 where
     F: FnOnce(&Activations) -> Result<Tensor, candle_core::Error>,
 {
-    let a = spec;
-    let bar = if a.root {
-        indicatif::ProgressBar::new(a.train_iters)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} iterations, {eta} left, {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let (mut curve, mut valid_curve) = (Vec::new(), Vec::new());
-    let mut first_loss = None;
-    let mut last_loss = f64::NAN;
-    let mut last_valid = None;
-    let train_start = Instant::now();
-    let mut window_start = Instant::now();
-    let (mut window_loss, mut window_n) = (0.0, 0u64);
-    let log_every = a.log_interval.max(1);
-    bar.set_position(a.start_iter);
-    for iter in a.start_iter + 1..=a.train_iters {
+    let mut run = LoopState::new(spec, metrics);
+    for iter in spec.start_iter + 1..=spec.train_iters {
         let r = engine.train_batch(micro_batches(iter)?)?;
         if !r.loss.is_finite() && !spec.fp16 {
             bail!(
@@ -356,123 +314,195 @@ where
                 r.loss
             )
         }
-        first_loss.get_or_insert(r.loss);
-        last_loss = r.loss;
-        window_loss += r.loss;
-        window_n += 1;
-        curve.push((iter, r.loss));
-        bar.inc(1);
-        bar.set_message(format!("loss {:.3}", r.loss));
-        if iter % log_every == 0 || iter == a.train_iters {
-            let ms = window_start.elapsed().as_secs_f64() * 1000.0 / window_n as f64;
-            let tps = a.tokens_per_iter / (ms / 1000.0);
-            // Per-rank FLOP rate against this machine's measured GEMM peak (ranks share its cores).
-            let mfu = tps * a.flops_per_token / a.gemm_peak;
-            let mem = engine.memory_report();
-            let clock = engine.take_wall_clock();
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            if a.root {
-                bar.suspend(|| {
-                    eprintln!(
-                        " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}% | memory (MiB): model state {:.1}, activations {:.1}, communication {:.1}, peak RSS {:.1}",
-                        a.train_iters,
-                        r.lr,
-                        window_loss / window_n as f64,
-                        r.loss_scale,
-                        r.grad_norm,
-                        engine.skipped_steps(),
-                        mfu * 100.0,
-                        mib(mem.model_state()),
-                        mib(mem.activations),
-                        mib(mem.communication),
-                        mib(peak_rss_bytes())
-                    );
-                    if engine.config.wall_clock_breakdown {
-                        // DeepSpeed's wall_clock_breakdown line (per iteration, this window's mean).
-                        eprintln!(
-                            " time (ms) | forward: {:.2} | backward: {:.2} | optimizer_step: {:.2}",
-                            clock.forward_ms, clock.backward_ms, clock.step_ms
-                        )
-                    }
-                });
-            }
-            if let Some(m) = metrics.as_mut() {
-                let mut line = a.base.clone();
-                let o = line.as_object_mut().expect("object");
-                for (k, v) in [
-                    ("iteration", json!(iter)),
-                    ("loss", json!(r.loss)),
-                    ("lr", json!(r.lr)),
-                    ("loss_scale", json!(r.loss_scale)),
-                    ("grad_norm", json!(r.grad_norm)),
-                    ("skipped", json!(r.skipped)),
-                    ("ms_per_step", json!(ms)),
-                    ("tokens_per_s", json!(tps)),
-                    ("mfu", json!(mfu)),
-                    ("forward_ms", json!(clock.forward_ms)),
-                    ("backward_ms", json!(clock.backward_ms)),
-                    ("optimizer_step_ms", json!(clock.step_ms)),
-                    ("peak_bytes", json!(peak_rss_bytes())),
-                    ("activation_bytes", json!(mem.activations)),
-                    ("communication_bytes", json!(mem.communication)),
-                    ("swap_buffer_bytes", json!(mem.swap_buffers)),
-                ] {
-                    o.insert(k.into(), v);
-                }
-                if let Some((read, written)) = mem.offload_bytes {
-                    o.insert("offload_bytes_read".into(), json!(read));
-                    o.insert("offload_bytes_written".into(), json!(written));
-                }
-                m.write(&line)?;
-            }
-            window_loss = 0.0;
-            window_n = 0;
-            window_start = Instant::now();
+        run.trained(iter, r.loss);
+        if iter % spec.log_interval.max(1) == 0 || iter == spec.train_iters {
+            run.log(engine, iter, &r)?;
         }
         let eval_now =
-            (a.eval_interval > 0 && iter % a.eval_interval == 0) || iter == a.train_iters;
-        let valid = if eval_now { evaluate(engine)? } else { None };
-        if let Some(vl) = valid {
-            if a.root {
-                bar.suspend(|| {
-                    eprintln!(
-                        " validation loss at iteration {iter} | lm loss: {vl:.6E} | lm loss PPL: {:.3E}",
-                        vl.exp()
-                    )
-                });
+            (spec.eval_interval > 0 && iter % spec.eval_interval == 0) || iter == spec.train_iters;
+        if eval_now {
+            if let Some(vl) = evaluate(engine)? {
+                run.validated(iter, vl)?;
             }
-            if let Some(m) = metrics.as_mut() {
-                let mut line = a.base.clone();
-                line["iteration"] = json!(iter);
-                line["valid_loss"] = json!(vl);
-                m.write(&line)?;
-            }
-            valid_curve.push((iter, vl));
-            last_valid = Some(vl);
         }
-        bar.suspend(|| after_iteration(engine, iter))?;
+        run.bar.suspend(|| after_iteration(engine, iter))?;
     }
-    bar.finish_and_clear();
-    let elapsed = train_start.elapsed().as_secs_f64();
-    if a.root {
-        eprintln!(
-            "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {last_loss:.4}",
-            a.train_iters - a.start_iter,
-            first_loss.unwrap_or(f64::NAN)
+    run.finish()
+}
+
+/// The loop's bookkeeping: the progress bar, the loss curves, the log window and the metrics.
+struct LoopState<'a> {
+    spec: &'a LoopSpec<'a>,
+    bar: indicatif::ProgressBar,
+    metrics: Option<MetricsWriter>,
+    curve: Vec<(u64, f64)>,
+    valid_curve: Vec<(u64, f64)>,
+    first_loss: Option<f64>,
+    last_loss: f64,
+    last_valid: Option<f64>,
+    started: Instant,
+    window_start: Instant,
+    window_loss: f64,
+    window_n: u64,
+}
+
+impl<'a> LoopState<'a> {
+    fn new(spec: &'a LoopSpec<'a>, metrics: Option<MetricsWriter>) -> Self {
+        let bar = if spec.root {
+            indicatif::ProgressBar::new(spec.train_iters)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} iterations, {eta} left, {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
+        bar.set_position(spec.start_iter);
+        Self {
+            spec,
+            bar,
+            metrics,
+            curve: Vec::new(),
+            valid_curve: Vec::new(),
+            first_loss: None,
+            last_loss: f64::NAN,
+            last_valid: None,
+            started: Instant::now(),
+            window_start: Instant::now(),
+            window_loss: 0.0,
+            window_n: 0,
+        }
     }
-    if let (Some(m), Some(path)) = (metrics.as_ref(), a.metrics_file) {
-        m.finish()?;
-        let png = path.with_extension("png");
-        crate::plot::loss_curve(&png, &a.title, &curve, &valid_curve)?;
-        eprintln!("loss curve: {}", png.display());
+
+    fn trained(&mut self, iter: u64, loss: f64) {
+        self.first_loss.get_or_insert(loss);
+        self.last_loss = loss;
+        self.window_loss += loss;
+        self.window_n += 1;
+        self.curve.push((iter, loss));
+        self.bar.inc(1);
+        self.bar.set_message(format!("loss {loss:.3}"));
     }
-    Ok(LoopResult {
-        first_loss,
-        last_loss,
-        last_valid,
-        elapsed,
-    })
+
+    /// Megatron's log line (and DeepSpeed's wall-clock line) for the window ending at `iter`,
+    /// and its metrics line.
+    fn log(&mut self, engine: &mut Engine, iter: u64, r: &StepReport) -> Result<()> {
+        let a = self.spec;
+        let n = self.window_n.max(1) as f64;
+        let ms = self.window_start.elapsed().as_secs_f64() * 1000.0 / n;
+        let tps = a.tokens_per_iter / (ms / 1000.0);
+        // Per-rank FLOP rate against this machine's GEMM peak (ranks share its cores).
+        let mfu = mfu(tps, a.flops_per_token, a.gemm_peak);
+        let mem = engine.memory_report();
+        let clock = engine.take_wall_clock();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        if a.root {
+            self.bar.suspend(|| {
+                eprintln!(
+                    " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}% | memory (MiB): model state {:.1}, activations {:.1}, communication {:.1}, peak RSS {:.1}",
+                    a.train_iters,
+                    r.lr,
+                    self.window_loss / n,
+                    r.loss_scale,
+                    r.grad_norm,
+                    engine.skipped_steps(),
+                    mfu * 100.0,
+                    mib(mem.model_state()),
+                    mib(mem.activations),
+                    mib(mem.communication),
+                    mib(peak_rss_bytes())
+                );
+                if engine.config.wall_clock_breakdown {
+                    // DeepSpeed's wall_clock_breakdown line (per iteration, this window's mean).
+                    eprintln!(
+                        " time (ms) | forward: {:.2} | backward: {:.2} | optimizer_step: {:.2}",
+                        clock.forward_ms, clock.backward_ms, clock.step_ms
+                    )
+                }
+            });
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            let mut line = a.base.clone();
+            let o = line.as_object_mut().expect("object");
+            for (k, v) in [
+                ("iteration", json!(iter)),
+                ("loss", json!(r.loss)),
+                ("lr", json!(r.lr)),
+                ("loss_scale", json!(r.loss_scale)),
+                ("grad_norm", json!(r.grad_norm)),
+                ("skipped", json!(r.skipped)),
+                ("ms_per_step", json!(ms)),
+                ("tokens_per_s", json!(tps)),
+                ("mfu", json!(mfu)),
+                ("forward_ms", json!(clock.forward_ms)),
+                ("backward_ms", json!(clock.backward_ms)),
+                ("optimizer_step_ms", json!(clock.step_ms)),
+                ("peak_bytes", json!(peak_rss_bytes())),
+                ("activation_bytes", json!(mem.activations)),
+                ("communication_bytes", json!(mem.communication)),
+                ("swap_buffer_bytes", json!(mem.swap_buffers)),
+            ] {
+                o.insert(k.into(), v);
+            }
+            if let Some((read, written)) = mem.offload_bytes {
+                o.insert("offload_bytes_read".into(), json!(read));
+                o.insert("offload_bytes_written".into(), json!(written));
+            }
+            m.write(&line)?;
+        }
+        self.window_loss = 0.0;
+        self.window_n = 0;
+        self.window_start = Instant::now();
+        Ok(())
+    }
+
+    fn validated(&mut self, iter: u64, vl: f64) -> Result<()> {
+        if self.spec.root {
+            self.bar.suspend(|| {
+                eprintln!(
+                    " validation loss at iteration {iter} | lm loss: {vl:.6E} | lm loss PPL: {:.3E}",
+                    vl.exp()
+                )
+            });
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            let mut line = self.spec.base.clone();
+            line["iteration"] = json!(iter);
+            line["valid_loss"] = json!(vl);
+            m.write(&line)?;
+        }
+        self.valid_curve.push((iter, vl));
+        self.last_valid = Some(vl);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<LoopResult> {
+        let a = self.spec;
+        self.bar.finish_and_clear();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if a.root {
+            eprintln!(
+                "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {:.4}",
+                a.train_iters - a.start_iter,
+                self.first_loss.unwrap_or(f64::NAN),
+                self.last_loss
+            );
+        }
+        if let (Some(m), Some(path)) = (self.metrics.as_ref(), a.metrics_file) {
+            m.finish()?;
+            let png = path.with_extension("png");
+            crate::plot::loss_curve(&png, &a.title, &self.curve, &self.valid_curve)?;
+            eprintln!("loss curve: {}", png.display());
+        }
+        Ok(LoopResult {
+            first_loss: self.first_loss,
+            last_loss: self.last_loss,
+            last_valid: self.last_valid,
+            elapsed,
+        })
+    }
 }
 
 /// `--save` / `--save-interval` / `--keep-last`: saves after iteration `iter` when it is due (every
@@ -501,9 +531,9 @@ impl Saver<'_> {
         if !due {
             return Ok(());
         }
-        let tag = candle_deepscale::checkpoint::save(
+        let tag = candle_deepscale::runtime::checkpoint::save(
             engine,
-            &candle_deepscale::checkpoint::SaveSpec {
+            &candle_deepscale::runtime::checkpoint::SaveSpec {
                 dir,
                 consumed_samples: iter * self.global_batch as u64,
                 seed: self.args.seed,

@@ -3,9 +3,10 @@
 //! The model is three plain dense layers; it lists its layers and knows nothing of data parallelism,
 //! ZeRO or the optimizer. Run: `cargo run --release -p candle-deepscale --example custom_model_zero2`
 use candle_core::{DType, Device, Result, Tensor};
-use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::engine::{Engine, EngineConfig};
-use candle_deepscale::parameter::{Init, ParamOpts};
+use candle_deepscale::comm::{Communicator, InProcessWorld};
+use candle_deepscale::layers::parameter::{Init, ParamOpts};
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::topology::{Grid, Topology};
 use candle_deepscale::{Activations, ForwardCtx, Layer, Param, ParamBuilder};
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ struct Dense {
 
 impl Dense {
     fn new(pb: &ParamBuilder, name: &str, (i, o): (usize, usize), relu: bool) -> Result<Self> {
-        let pb = pb.pp(name);
+        let pb = pb.push_prefix(name);
         let w = pb.get(
             &[o, i],
             "weight",
@@ -76,24 +77,25 @@ fn main() -> Result<()> {
     let results = InProcessWorld::run(2, std::time::Duration::from_secs(60), |comm| {
         let rank = comm.rank();
         let comm: Arc<dyn Communicator> = comm;
-        let dp = ProcessGroup::new(comm, vec![0, 1])?;
+        // The library builds the process groups: data parallel 2 here.
+        let grid = Grid::new(Topology::new(1, 2, 1)?, comm)?;
         // Same seed on both ranks: identical initial weights.
-        let src = candle_deepscale::parameter::RandomInit { seed: 42 };
+        let src = candle_deepscale::layers::init::RandomInit { seed: 42 };
         let pb = ParamBuilder::new(&src, &Device::Cpu, DType::F32);
-        let model = [
-            Dense::new(&pb, "fc1", (3, 64), true)?,
-            Dense::new(&pb, "fc2", (64, 64), true)?,
-            Dense::new(&pb, "head", (64, 1), false)?,
+        let model: Vec<Box<dyn Layer>> = vec![
+            Box::new(Dense::new(&pb, "fc1", (3, 64), true)?),
+            Box::new(Dense::new(&pb, "fc2", (64, 64), true)?),
+            Box::new(Dense::new(&pb, "head", (64, 1), false)?),
         ];
         let config = EngineConfig {
             zero_stage: 2,
             train_micro_batch_size_per_gpu: 32,
             gradient_clipping: 1.0,
-            lr_schedule: candle_deepscale::lr_schedules::LrSchedule::Constant(1e-2),
+            lr_schedule: candle_deepscale::runtime::lr_schedules::LrSchedule::Constant(1e-2),
             ..Default::default()
         };
-        let layers: Vec<&dyn Layer> = model.iter().map(|l| l as &dyn Layer).collect();
-        let mut engine = Engine::new(layers, config, Some(dp), None)?;
+        // The engine owns the model (a list of layers).
+        let mut engine = Engine::new(Arc::new(model), config, grid.dp()?, grid.tp()?)?;
         if rank == 0 {
             println!("{}", engine.describe_memory());
         }

@@ -2,7 +2,7 @@
 //! against a one-rank reference computed here.
 use candle_core::Result;
 use candle_deepscale::comm::{Communicator, ReduceOp};
-use candle_deepscale::topology::Topology;
+use candle_deepscale::runtime::topology::Topology;
 
 /// Rank r's input: 12 values that differ per rank and per position.
 pub fn input(rank: usize) -> Vec<f32> {

@@ -2,10 +2,11 @@
 //! BERT trained 10 steps, reporting losses, logits, gathered gradients and parameters.
 use super::{max_abs_diff, tiny_gpt2_config};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::adamw::{AdamW, AdamWConfig};
-use candle_deepscale::module::ForwardCtx;
-use candle_deepscale::parameter::{Param, ParamBuilder, Partition, RandomInit};
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
+use candle_deepscale::layers::module::ForwardCtx;
+use candle_deepscale::layers::parameter::{Param, ParamBuilder, Partition};
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::collections::BTreeMap;
 use zoo::bert::{self, Bert};
 use zoo::gpt2::Gpt2;
@@ -159,7 +160,7 @@ pub fn run_bert(tp: Option<TensorParallel>, steps: usize) -> Trace {
             .unwrap();
         let lm = out.lm_logits.as_ref().unwrap();
         let mlm = model.lm_token_losses(lm, &y).unwrap().mean_all().unwrap();
-        let sop = candle_deepscale::cross_entropy::lm_cross_entropy(
+        let sop = candle_deepscale::layers::loss::lm_cross_entropy(
             out.binary_logits.as_ref().unwrap(),
             &nsp,
             2,
@@ -170,7 +171,7 @@ pub fn run_bert(tp: Option<TensorParallel>, steps: usize) -> Trace {
         losses.push(loss.to_scalar::<f32>().unwrap());
         let grads = loss.backward().unwrap();
         if step == 0 {
-            let full = candle_deepscale::tensor_parallel::mappings::gather_from_tp(lm, model.tp())
+            let full = candle_deepscale::layers::tensor_parallel::mappings::gather_from_tp(lm, model.tp())
                 .unwrap();
             logits0 = Some(full.narrow(2, 0, cfg.vocab_size).unwrap());
             grads0 = Some(snapshot(tp.as_ref(), &params, |p| {

@@ -2,8 +2,8 @@
 use crate::gpt2::Gpt2Lm;
 use candle_core::{bail, Result, Tensor};
 use candle_deepscale::comm::ProcessGroup;
-use candle_deepscale::module::ForwardCtx;
-use candle_deepscale::pipe::Stage;
+use candle_deepscale::layers::module::ForwardCtx;
+use candle_deepscale::runtime::pipe::Stage;
 use serde::Serialize;
 
 /// Logits of `ids` on this rank: the whole model, or (`stage`) this pipeline stage's part, which
@@ -11,17 +11,17 @@ use serde::Serialize;
 fn logits(model: &dyn Gpt2Lm, stage: Option<&Stage>, ids: &Tensor) -> Result<Option<Tensor>> {
     match stage {
         None => Ok(Some(
-            candle_deepscale::module::forward_layers(
+            candle_deepscale::layers::module::forward_layers(
                 &model.layers(),
-                candle_deepscale::module::Activations::new(ids.clone()),
+                candle_deepscale::layers::module::Activations::new(ids.clone()),
                 &ForwardCtx::eval(),
             )?
             .hidden,
         )),
-        Some(s) => Ok(candle_deepscale::pipe::pipeline_forward(
+        Some(s) => Ok(candle_deepscale::runtime::pipe::pipeline_forward(
             &s.layers,
             Some(s.pipe),
-            candle_deepscale::module::Activations::new(ids.clone()),
+            candle_deepscale::layers::module::Activations::new(ids.clone()),
             &ForwardCtx::eval(),
         )?
         .map(|a| a.hidden)),

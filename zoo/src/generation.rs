@@ -2,7 +2,7 @@
 //! `generate_samples`), incremental with a KV cache or by full recompute.
 use crate::gpt2::{Gpt2Lm, KvCache};
 use candle_core::{bail, DType, Result, Tensor};
-use candle_deepscale::module::ForwardCtx;
+use candle_deepscale::layers::module::ForwardCtx;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -113,7 +113,7 @@ pub fn generate(model: &dyn Gpt2Lm, prompt: &[u32], cfg: &SamplingConfig) -> Res
 /// pipeline (the sequence is recomputed), the last stage samples and every stage receives the token.
 pub fn generate_on(
     model: &dyn Gpt2Lm,
-    stage: Option<&candle_deepscale::pipe::Stage>,
+    stage: Option<&candle_deepscale::runtime::pipe::Stage>,
     prompt: &[u32],
     cfg: &SamplingConfig,
 ) -> Result<Vec<u32>> {
@@ -141,10 +141,10 @@ pub fn generate_on(
     for step in 0..budget {
         if let Some(st) = stage {
             let ids = Tensor::new(&tokens[..], &dev)?.unsqueeze(0)?;
-            let stage_out = candle_deepscale::pipe::pipeline_forward(
+            let stage_out = candle_deepscale::runtime::pipe::pipeline_forward(
                 &st.layers,
                 Some(st.pipe),
-                candle_deepscale::module::Activations::new(ids),
+                candle_deepscale::layers::module::Activations::new(ids),
                 &ForwardCtx::eval(),
             )?;
             let mut next = [0f64];
@@ -177,9 +177,9 @@ pub fn generate_on(
             whole.forward_cached(&ids, &mut cache)?
         } else {
             let ids = Tensor::new(&tokens[..], &dev)?.unsqueeze(0)?;
-            candle_deepscale::module::forward_layers(
+            candle_deepscale::layers::module::forward_layers(
                 &model.layers(),
-                candle_deepscale::module::Activations::new(ids),
+                candle_deepscale::layers::module::Activations::new(ids),
                 &ForwardCtx::eval(),
             )?
             .hidden

@@ -4,8 +4,8 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::SafetensorsFiles;
 use crate::{bert, gpt2};
 use candle_core::{bail, DType, Device, Error, Result};
-use candle_deepscale::parameter::ParamBuilder;
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! Memory-mapped safetensors checkpoints (single file or sharded with an index), and the
 //! [`ParamSource`]s that feed a model's parameters from them.
 use candle_core::{bail, DType, Device, Error, Result, Tensor};
-use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
+use candle_deepscale::layers::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -330,7 +330,7 @@ impl ParamSource for LogicalTensors {
             .get(&meta.name)
             .ok_or_else(|| Error::Msg(format!("no tensor for parameter `{}`", meta.name)))?
             .to_dtype(DType::F32)?;
-        candle_deepscale::parameter::relayout(t, meta, shard, "imported checkpoint")?
+        candle_deepscale::layers::parameter::relayout(t, meta, shard, "imported checkpoint")?
             .to_dtype(dtype)?
             .to_device(device)
     }

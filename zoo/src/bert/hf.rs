@@ -6,7 +6,7 @@ use super::Config;
 use crate::gpt2::hf::{load_vocab_rows, qkv_heads};
 use crate::weights::{check_shape, swap_leading, SafetensorsFiles};
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
+use candle_deepscale::layers::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Key {

@@ -1,15 +1,18 @@
 use super::Config;
 use candle_core::{DType, Result, Tensor, D};
-use candle_deepscale::attention::{self_attention, AttentionDropout, Mask};
-use candle_deepscale::module::{Activations, ForwardCtx, Layer};
-use candle_deepscale::nn::{self, Embedding, LayerNorm, Linear};
-use candle_deepscale::parameter::Partition;
-use candle_deepscale::parameter::{Init, Param, ParamBuilder, ParamOpts};
-use candle_deepscale::tensor_parallel::layers::{
+use candle_deepscale::layers::attention::{self_attention, AttentionDropout, Mask};
+use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
+use candle_deepscale::layers::dropout::dropout;
+use candle_deepscale::layers::embedding::Embedding;
+use candle_deepscale::layers::linear::{linear, Linear};
+use candle_deepscale::layers::norm::LayerNorm;
+use candle_deepscale::layers::parameter::Partition;
+use candle_deepscale::layers::parameter::{Init, Param, ParamBuilder, ParamOpts};
+use candle_deepscale::layers::tensor_parallel::layers::{
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
 };
-use candle_deepscale::tensor_parallel::mappings::copy_to_tp;
-use candle_deepscale::tensor_parallel::{size_rank, TensorParallel};
+use candle_deepscale::layers::tensor_parallel::mappings::copy_to_tp;
+use candle_deepscale::layers::tensor_parallel::{size_rank, TensorParallel};
 
 fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
     match act {
@@ -37,7 +40,7 @@ impl BertEmbedding {
     pub fn new(cfg: &Config, pb: &ParamBuilder) -> Result<Self> {
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
         let word_embeddings = VocabParallelEmbedding::new(
-            &pb.pp("word_embeddings"),
+            &pb.push_prefix("word_embeddings"),
             cfg.padded_vocab_size(size_rank(pb.tp()).0),
             h,
             std,
@@ -48,7 +51,7 @@ impl BertEmbedding {
             },
         )?;
         let position_embeddings = Embedding::new(
-            &pb.pp("position_embeddings"),
+            &pb.push_prefix("position_embeddings"),
             cfg.max_position_embeddings,
             h,
             std,
@@ -56,7 +59,7 @@ impl BertEmbedding {
         )?;
         let tokentype_embeddings = if cfg.type_vocab_size > 0 {
             Some(Embedding::new(
-                &pb.pp("tokentype_embeddings"),
+                &pb.push_prefix("tokentype_embeddings"),
                 cfg.type_vocab_size,
                 h,
                 std,
@@ -68,7 +71,7 @@ impl BertEmbedding {
         let layernorm = if cfg.pre_layer_norm {
             None
         } else {
-            Some(LayerNorm::new(&pb.pp("layernorm"), h, cfg.layer_norm_eps)?)
+            Some(LayerNorm::new(&pb.push_prefix("layernorm"), h, cfg.layer_norm_eps)?)
         };
         Ok(Self {
             word_embeddings,
@@ -111,7 +114,7 @@ impl Layer for BertEmbedding {
         let pos = Tensor::arange(0u32, s as u32, ids.device())?;
         let h = self.position_embeddings.weight.meta.shape[1];
         // Positions added as a bias over each sequence's flattened [s * h] row.
-        let mut e = candle_deepscale::matmul::add_bias(
+        let mut e = candle_deepscale::layers::linear::add_bias(
             &self.word_embeddings.forward(ids)?.reshape((b, s * h))?,
             &self.position_embeddings.forward(&pos)?.flatten_all()?,
         )?
@@ -126,7 +129,7 @@ impl Layer for BertEmbedding {
         if let Some(ln) = &self.layernorm {
             e = ln.forward(&e)?;
         }
-        let e = nn::dropout(&e, self.dropout, ctx, ctx.site_key("embedding"))?;
+        let e = dropout(&e, self.dropout, ctx, ctx.site_key("embedding"))?;
         let mask = match x.aux.get(1) {
             Some(m) => m.to_dtype(DType::F32)?,
             None => Tensor::ones((b, s), DType::F32, ids.device())?,
@@ -169,8 +172,8 @@ impl BertLayer {
         } else {
             std
         };
-        let att = pb.pp("attention");
-        let mlp = pb.pp("mlp");
+        let att = pb.push_prefix("attention");
+        let mlp = pb.push_prefix("mlp");
         let pre = cfg.pre_layer_norm;
         let (tp, tp_rank) = size_rank(pb.tp());
         let f = cfg.intermediate_size;
@@ -185,22 +188,22 @@ impl BertLayer {
             tp_rank,
             pre_layer_norm: pre,
             input_layernorm: if pre {
-                Some(LayerNorm::new(&pb.pp("input_layernorm"), h, eps)?)
+                Some(LayerNorm::new(&pb.push_prefix("input_layernorm"), h, eps)?)
             } else {
                 None
             },
             query_key_value: ColumnParallelLinear::new(
-                &att.pp("query_key_value"),
+                &att.push_prefix("query_key_value"),
                 h,
                 3 * h,
                 true,
                 std,
                 false,
             )?,
-            dense: RowParallelLinear::new(&att.pp("dense"), h, h, true, out_std, true)?,
-            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
+            dense: RowParallelLinear::new(&att.push_prefix("dense"), h, h, true, out_std, true)?,
+            post_attention_layernorm: LayerNorm::new(&pb.push_prefix("post_attention_layernorm"), h, eps)?,
             dense_h_to_4h: ColumnParallelLinear::new(
-                &mlp.pp("dense_h_to_4h"),
+                &mlp.push_prefix("dense_h_to_4h"),
                 h,
                 f,
                 true,
@@ -208,7 +211,7 @@ impl BertLayer {
                 false,
             )?,
             dense_4h_to_h: RowParallelLinear::new(
-                &mlp.pp("dense_4h_to_h"),
+                &mlp.push_prefix("dense_4h_to_h"),
                 f,
                 h,
                 true,
@@ -218,7 +221,7 @@ impl BertLayer {
             output_layernorm: if pre {
                 None
             } else {
-                Some(LayerNorm::new(&pb.pp("output_layernorm"), h, eps)?)
+                Some(LayerNorm::new(&pb.push_prefix("output_layernorm"), h, eps)?)
             },
             heads: cfg.num_attention_heads / tp,
             head_dim: cfg.head_dim(),
@@ -291,7 +294,7 @@ impl Layer for BertLayer {
         })?;
         let h = &x.hidden;
         let drop = |t: &Tensor, what: &str| {
-            nn::dropout(t, self.hidden_dropout, ctx, ctx.site_key(&self.site(what)))
+            dropout(t, self.hidden_dropout, ctx, ctx.site_key(&self.site(what)))
         };
         let out = if self.pre_layer_norm {
             let ln_in = self
@@ -357,24 +360,24 @@ impl BertHead {
             config.layer_norm_eps,
         );
         let final_layernorm = if config.pre_layer_norm {
-            Some(LayerNorm::new(&pb.pp("final_layernorm"), h, eps)?)
+            Some(LayerNorm::new(&pb.push_prefix("final_layernorm"), h, eps)?)
         } else {
             None
         };
         let pooler = if config.add_pooler {
-            Some(Linear::new(&pb.pp("pooler.dense"), h, h, true, std)?)
+            Some(Linear::new(&pb.push_prefix("pooler.dense"), h, h, true, std)?)
         } else {
             None
         };
         let lm_head = if config.add_lm_head {
-            let lp = pb.pp("lm_head");
+            let lp = pb.push_prefix("lm_head");
             let Some(word_embeddings) = word_embeddings else {
                 candle_core::bail!("BERT's LM head needs the (tied) word embeddings")
             };
             Some(LmHead {
                 word_embeddings,
-                dense: Linear::new(&lp.pp("dense"), h, h, true, std)?,
-                layernorm: LayerNorm::new(&lp.pp("layernorm"), h, eps)?,
+                dense: Linear::new(&lp.push_prefix("dense"), h, h, true, std)?,
+                layernorm: LayerNorm::new(&lp.push_prefix("layernorm"), h, eps)?,
                 bias: lp.get(
                     &[config.padded_vocab_size(size_rank(pb.tp()).0)],
                     "bias",
@@ -391,7 +394,7 @@ impl BertHead {
             None
         };
         let binary_head = if config.add_binary_head {
-            Some(Linear::new(&pb.pp("binary_head"), h, 2, true, std)?)
+            Some(Linear::new(&pb.push_prefix("binary_head"), h, 2, true, std)?)
         } else {
             None
         };
@@ -419,7 +422,7 @@ impl BertHead {
                 let t = activation(&h.dense.forward(&seq)?, &self.act)?;
                 let t = h.layernorm.forward(&t)?;
                 let t = copy_to_tp(&t, self.tp.as_ref())?;
-                Some(nn::linear(
+                Some(linear(
                     &t,
                     h.word_embeddings.tensor(),
                     Some(h.bias.tensor()),
@@ -493,9 +496,9 @@ pub struct Bert {
 impl Bert {
     pub fn new(config: &Config, pb: &ParamBuilder) -> Result<Self> {
         config.validate()?;
-        let embedding = BertEmbedding::new(config, &pb.pp("embedding"))?;
+        let embedding = BertEmbedding::new(config, &pb.push_prefix("embedding"))?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::new(config, i, &pb.pp(format!("layers.{i}"))))
+            .map(|i| BertLayer::new(config, i, &pb.push_prefix(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let head = BertHead::new(config, pb, Some(embedding.word_embeddings.weight.clone()))?;
         Ok(Self {
@@ -513,7 +516,7 @@ impl Bert {
 
     /// Per-token masked-LM losses of (vocabulary-parallel) `lm_logits` against `labels`.
     pub fn lm_token_losses(&self, lm_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses(
+        candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses(
             lm_logits,
             labels,
             self.config.vocab_size,
@@ -529,7 +532,7 @@ impl Bert {
     }
 
     pub fn parameters(&self) -> Vec<&Param> {
-        candle_deepscale::module::unique_parameters(&self.layers())
+        candle_deepscale::layers::module::unique_parameters(&self.layers())
     }
 
     /// Runs the encoder and every configured head on `ids [b, s]`.
@@ -564,4 +567,10 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
     let sum = hidden.broadcast_mul(&m)?.sum(1)?;
     sum.broadcast_div(&m.sum(1)?.clamp(1e-9, f64::MAX)?)
+}
+
+impl candle_deepscale::Sequential for Bert {
+    fn layers(&self) -> Vec<&dyn Layer> {
+        Bert::layers(self)
+    }
 }

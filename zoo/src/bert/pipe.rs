@@ -3,14 +3,14 @@
 use super::model::{BertEmbedding, BertHead, BertLayer};
 use super::Config;
 use candle_core::{Result, Tensor};
-use candle_deepscale::module::Layer;
-use candle_deepscale::parameter::ParamBuilder;
-use candle_deepscale::pipe::module::partition_specs;
-use candle_deepscale::pipe::{
+use candle_deepscale::layers::module::Layer;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::runtime::pipe::module::partition_specs;
+use candle_deepscale::runtime::pipe::{
     LayerSpec, PartitionMethod, PipeSpec, PipelineModule, SharedLayer, TiedLayerSpec,
 };
-use candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -47,7 +47,7 @@ impl BertPipe {
             + u64::from(c.add_pooler) * (h * h + h)
             + u64::from(c.add_lm_head) * (h * h + h + ln + v + v * h)
             + u64::from(c.add_binary_head) * (2 * h + 2);
-        let embedding = |pb: &ParamBuilder| BertEmbedding::new(c, &pb.pp("embedding"));
+        let embedding = |pb: &ParamBuilder| BertEmbedding::new(c, &pb.push_prefix("embedding"));
         let mut specs: Vec<PipeSpec> =
             vec![
                 TiedLayerSpec::new(TIED_KEY, "BertEmbeddingPipe", emb, embedding, |e, _| {
@@ -58,7 +58,7 @@ impl BertPipe {
         for i in 0..c.num_hidden_layers {
             specs.push(
                 LayerSpec::new("BertTransformerLayerPipe", block, move |pb| {
-                    BertLayer::new(c, i, &pb.pp(format!("layers.{i}")))
+                    BertLayer::new(c, i, &pb.push_prefix(format!("layers.{i}")))
                 })
                 .into(),
             );
@@ -107,5 +107,11 @@ impl BertPipe {
     /// Per-token masked-LM losses of (vocabulary-parallel) `lm_logits`; on the last stage.
     pub fn lm_token_losses(&self, lm_logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         vocab_parallel_token_losses(lm_logits, labels, self.config.vocab_size, self.tp.as_ref())
+    }
+}
+
+impl candle_deepscale::Sequential for BertPipe {
+    fn layers(&self) -> Vec<&dyn Layer> {
+        BertPipe::layers(self)
     }
 }

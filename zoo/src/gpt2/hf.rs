@@ -6,7 +6,7 @@
 use super::Config;
 use crate::weights::{check_shape, swap_leading, SafetensorsFiles};
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_deepscale::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
+use candle_deepscale::layers::parameter::{Init, Param, ParamMeta, ParamSource, Shard};
 
 /// How a native tensor is derived from an HF one.
 #[derive(Debug, Clone, Copy, PartialEq)]

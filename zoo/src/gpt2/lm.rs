@@ -2,10 +2,10 @@
 //! stage of it (which yields logits on the last stage only).
 use super::{Config, Gpt2, Gpt2Pipe};
 use candle_core::{Device, Result, Tensor};
-use candle_deepscale::module::Layer;
-use candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
-use candle_deepscale::tensor_parallel::mappings::gather_from_tp;
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::layers::module::Layer;
+use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::layers::tensor_parallel::mappings::gather_from_tp;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 
 pub trait Gpt2Lm {
     fn config(&self) -> &Config;

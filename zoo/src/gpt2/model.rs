@@ -1,15 +1,17 @@
 use super::Config;
 use candle_core::{Result, Tensor};
-use candle_deepscale::attention::{causal_self_attention, self_attention, AttentionDropout, Mask};
-use candle_deepscale::module::{Activations, ForwardCtx, Layer};
-use candle_deepscale::nn::{self, Embedding, LayerNorm};
-use candle_deepscale::parameter::{Param, ParamBuilder, ParamOpts};
-use candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
-use candle_deepscale::tensor_parallel::layers::{
+use candle_deepscale::layers::attention::{causal_self_attention, self_attention, AttentionDropout, Mask};
+use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
+use candle_deepscale::layers::dropout::dropout;
+use candle_deepscale::layers::embedding::Embedding;
+use candle_deepscale::layers::norm::LayerNorm;
+use candle_deepscale::layers::parameter::{Param, ParamBuilder, ParamOpts};
+use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::layers::tensor_parallel::layers::{
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
 };
-use candle_deepscale::tensor_parallel::mappings::{copy_to_tp, gather_from_tp};
-use candle_deepscale::tensor_parallel::{size_rank, TensorParallel};
+use candle_deepscale::layers::tensor_parallel::mappings::{copy_to_tp, gather_from_tp};
+use candle_deepscale::layers::tensor_parallel::{size_rank, TensorParallel};
 
 /// Word + position embeddings and embedding dropout. Input: token ids `[b, s]` (u32).
 #[derive(Clone, Debug)]
@@ -24,7 +26,7 @@ impl Gpt2Embedding {
         let h = cfg.hidden_size;
         let (tp, _) = size_rank(pb.tp());
         let word_embeddings = VocabParallelEmbedding::new(
-            &pb.pp("word_embeddings"),
+            &pb.push_prefix("word_embeddings"),
             cfg.padded_vocab_size(tp),
             h,
             cfg.init_method_std,
@@ -35,7 +37,7 @@ impl Gpt2Embedding {
             },
         )?;
         let position_embeddings = Embedding::new(
-            &pb.pp("position_embeddings"),
+            &pb.push_prefix("position_embeddings"),
             cfg.max_position_embeddings,
             h,
             cfg.init_method_std,
@@ -61,12 +63,12 @@ impl Gpt2Embedding {
         let pos = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
         let (b, h) = (ids.dim(0)?, self.position_embeddings.weight.meta.shape[1]);
         // Positions added as a bias over each sequence's flattened [t * h] row.
-        let x = candle_deepscale::matmul::add_bias(
+        let x = candle_deepscale::layers::linear::add_bias(
             &self.word_embeddings.forward(ids)?.reshape((b, t * h))?,
             &self.position_embeddings.forward(&pos)?.flatten_all()?,
         )?
         .reshape((b, t, h))?;
-        nn::dropout(&x, self.dropout, ctx, ctx.site_key("embedding"))
+        dropout(&x, self.dropout, ctx, ctx.site_key("embedding"))
     }
 }
 
@@ -132,8 +134,8 @@ impl Block {
         let std = cfg.init_method_std;
         let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
         let eps = cfg.layernorm_epsilon;
-        let att = pb.pp("attention");
-        let mlp = pb.pp("mlp");
+        let att = pb.push_prefix("attention");
+        let mlp = pb.push_prefix("mlp");
         let (tp, tp_rank) = size_rank(pb.tp());
         let f = cfg.ffn_hidden_size;
         if !cfg.num_attention_heads.is_multiple_of(tp) || !f.is_multiple_of(tp) {
@@ -145,21 +147,21 @@ impl Block {
         Ok(Self {
             index,
             tp_rank,
-            input_layernorm: LayerNorm::new(&pb.pp("input_layernorm"), h, eps)?,
+            input_layernorm: LayerNorm::new(&pb.push_prefix("input_layernorm"), h, eps)?,
             // Output rows laid out per head as [heads, 3, head_dim] (Megatron checkpoint version 2.0),
             // so a contiguous row split is head-aligned.
             query_key_value: ColumnParallelLinear::new(
-                &att.pp("query_key_value"),
+                &att.push_prefix("query_key_value"),
                 h,
                 3 * h,
                 true,
                 std,
                 false,
             )?,
-            dense: RowParallelLinear::new(&att.pp("dense"), h, h, true, out_std, true)?,
-            post_attention_layernorm: LayerNorm::new(&pb.pp("post_attention_layernorm"), h, eps)?,
+            dense: RowParallelLinear::new(&att.push_prefix("dense"), h, h, true, out_std, true)?,
+            post_attention_layernorm: LayerNorm::new(&pb.push_prefix("post_attention_layernorm"), h, eps)?,
             dense_h_to_4h: ColumnParallelLinear::new(
-                &mlp.pp("dense_h_to_4h"),
+                &mlp.push_prefix("dense_h_to_4h"),
                 h,
                 f,
                 true,
@@ -167,7 +169,7 @@ impl Block {
                 false,
             )?,
             dense_4h_to_h: RowParallelLinear::new(
-                &mlp.pp("dense_4h_to_h"),
+                &mlp.push_prefix("dense_4h_to_h"),
                 f,
                 h,
                 true,
@@ -232,14 +234,14 @@ impl Block {
         if let Some(c) = cache {
             *c = kv;
         }
-        let x = (x + nn::dropout(
+        let x = (x + dropout(
             &a,
             self.hidden_dropout,
             ctx,
             ctx.site_key(&self.site("attn_out")),
         )?)?;
         let m = self.mlp(&self.post_attention_layernorm.forward(&x)?)?;
-        x + nn::dropout(
+        x + dropout(
             &m,
             self.hidden_dropout,
             ctx,
@@ -284,7 +286,7 @@ impl FinalHead {
     /// The final LayerNorm and logits through the (tied) word embedding `word_embeddings`.
     pub fn new(
         final_layernorm: LayerNorm,
-        word_embeddings: candle_deepscale::parameter::Param,
+        word_embeddings: candle_deepscale::layers::parameter::Param,
         tp: Option<TensorParallel>,
     ) -> Self {
         Self {
@@ -304,7 +306,7 @@ impl FinalHead {
     fn logits_for(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let x = copy_to_tp(&self.final_layernorm.forward(x)?, self.tp.as_ref())?;
         let whole = self.tp.as_ref().is_none_or(|t| t.size() == 1);
-        candle_deepscale::cross_entropy::lm_head_logits(
+        candle_deepscale::layers::loss::lm_head_logits(
             &x,
             self.word_embeddings.tensor(),
             training && whole,
@@ -344,13 +346,13 @@ pub struct Gpt2 {
 impl Gpt2 {
     pub fn new(config: &Config, pb: &ParamBuilder) -> Result<Self> {
         config.validate()?;
-        let embedding = Gpt2Embedding::new(config, &pb.pp("embedding"))?;
+        let embedding = Gpt2Embedding::new(config, &pb.push_prefix("embedding"))?;
         let blocks = (0..config.num_layers)
-            .map(|i| Block::new(config, i, &pb.pp(format!("layers.{i}"))))
+            .map(|i| Block::new(config, i, &pb.push_prefix(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let head = FinalHead {
             final_layernorm: LayerNorm::new(
-                &pb.pp("final_layernorm"),
+                &pb.push_prefix("final_layernorm"),
                 config.hidden_size,
                 config.layernorm_epsilon,
             )?,
@@ -385,7 +387,7 @@ impl Gpt2 {
 
     /// Distinct parameters (the tied word embedding once).
     pub fn parameters(&self) -> Vec<&Param> {
-        candle_deepscale::module::unique_parameters(&self.layers())
+        candle_deepscale::layers::module::unique_parameters(&self.layers())
     }
 
     /// The tensor-parallel group the model runs in.
@@ -411,7 +413,7 @@ impl Gpt2 {
 
     /// This rank's block of the padded-vocabulary logits `[b, t, padded_vocab / tp]` for `ids [b, t]`.
     pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let x = candle_deepscale::module::forward_layers(
+        let x = candle_deepscale::layers::module::forward_layers(
             &self.layers(),
             Activations::new(ids.clone()),
             ctx,
@@ -432,5 +434,11 @@ impl Gpt2 {
         }
         cache.offset += ids.dim(1)?;
         self.head.logits(&x)
+    }
+}
+
+impl candle_deepscale::Sequential for Gpt2 {
+    fn layers(&self) -> Vec<&dyn Layer> {
+        Gpt2::layers(self)
     }
 }

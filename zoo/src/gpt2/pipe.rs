@@ -4,16 +4,16 @@
 use super::model::{Block, Gpt2Embedding};
 use super::Config;
 use candle_core::{Result, Tensor};
-use candle_deepscale::module::{Activations, ForwardCtx, Layer};
-use candle_deepscale::nn::LayerNorm;
-use candle_deepscale::parameter::{Param, ParamBuilder};
-use candle_deepscale::pipe::module::partition_specs;
-use candle_deepscale::pipe::{
+use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
+use candle_deepscale::layers::norm::LayerNorm;
+use candle_deepscale::layers::parameter::{Param, ParamBuilder};
+use candle_deepscale::runtime::pipe::module::partition_specs;
+use candle_deepscale::runtime::pipe::{
     LayerSpec, PartitionMethod, PipeSpec, PipelineModule, SharedLayer, TiedLayerSpec,
 };
-use candle_deepscale::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
-use candle_deepscale::tensor_parallel::mappings::copy_to_tp;
-use candle_deepscale::tensor_parallel::TensorParallel;
+use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::layers::tensor_parallel::mappings::copy_to_tp;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::ops::Range;
 
 /// The key (and parameter `tie_group`) of the word embedding shared by the first and last stage.
@@ -56,7 +56,7 @@ impl Layer for TiedLogits {
     }
     fn forward(&self, x: &Activations, _: &ForwardCtx) -> Result<Activations> {
         let h = copy_to_tp(&x.hidden, self.tp.as_ref())?;
-        Ok(Activations::new(candle_deepscale::nn::linear(
+        Ok(Activations::new(candle_deepscale::layers::linear::linear(
             &h,
             self.word_embeddings.tensor(),
             None,
@@ -91,7 +91,7 @@ impl Gpt2Pipe {
         );
         let p = config.max_position_embeddings as u64;
         let block = 3 * h * h + 3 * h + h * h + h + 4 * h + h * f + f + f * h + h;
-        let embedding = |pb: &ParamBuilder| Gpt2Embedding::new(config, &pb.pp("embedding"));
+        let embedding = |pb: &ParamBuilder| Gpt2Embedding::new(config, &pb.push_prefix("embedding"));
         let mut specs: Vec<PipeSpec> = vec![TiedLayerSpec::new(
             TIED_KEY,
             "EmbeddingPipe",
@@ -103,7 +103,7 @@ impl Gpt2Pipe {
         for i in 0..config.num_layers {
             specs.push(
                 LayerSpec::new("ParallelTransformerLayerPipe", block, move |pb| {
-                    Block::new(config, i, &pb.pp(format!("layers.{i}")))
+                    Block::new(config, i, &pb.push_prefix(format!("layers.{i}")))
                 })
                 .into(),
             );
@@ -111,7 +111,7 @@ impl Gpt2Pipe {
         specs.push(
             LayerSpec::new("LayerNorm", 2 * h, |pb| {
                 Ok(FinalLayerNorm(LayerNorm::new(
-                    &pb.pp("final_layernorm"),
+                    &pb.push_prefix("final_layernorm"),
                     config.hidden_size,
                     config.layernorm_epsilon,
                 )?))
@@ -173,5 +173,11 @@ impl Gpt2Pipe {
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         vocab_parallel_token_losses(logits, labels, self.config.vocab_size, self.tp.as_ref())?
             .mean_all()
+    }
+}
+
+impl candle_deepscale::Sequential for Gpt2Pipe {
+    fn layers(&self) -> Vec<&dyn Layer> {
+        Gpt2Pipe::layers(self)
     }
 }

@@ -1,0 +1,343 @@
+//! ZeRO-3 offload to NVMe (ZeRO-Infinity, DeepSpeed's `offload_config.py` and the swappers of
+//! `runtime/swap_tensor/`): `offload_optimizer {device: nvme}` keeps Adam's moments and the
+//! gradient partition in swap files, `offload_param {device: nvme}` the fp32 parameter pieces;
+//! the optimizer step walks the partition in `sub_group_size` tiles, reading the next tile ahead
+//! and writing the last behind. `device: cpu` is where this engine keeps model states anyway
+//! (host memory), so it changes nothing here.
+use super::partition::Run;
+use super::stage_1_and_2::{AdamState, ZeroCore};
+use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
+use super::swap_tensor::{
+    slot_bytes, AioSettings, BufferPool, IoThreads, SwapIo, SwappedBuffer,
+};
+use crate::comm::ProcessGroup;
+use crate::ops::adam::adam_step;
+use candle_core::{bail, Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// What to swap and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffloadSettings {
+    /// `offload_optimizer.nvme_path`: Adam's moments and the gradients go to NVMe.
+    pub optimizer_nvme: Option<PathBuf>,
+    /// `offload_param.nvme_path`: the parameter pieces go to NVMe.
+    pub param_nvme: Option<PathBuf>,
+    /// Elements per swap block (`sub_group_size`).
+    pub sub_group_size: usize,
+    /// Aligned buffers in the pool (`buffer_count`, at least enough for the working set).
+    pub buffer_count: usize,
+    /// Blocks of each swapped buffer kept resident (from `max_in_cpu`, at least 1).
+    pub resident_blocks: usize,
+    pub aio_block_size: usize,
+    pub aio_queue_depth: usize,
+    pub aio_thread_count: usize,
+}
+
+impl Default for OffloadSettings {
+    fn default() -> Self {
+        let a = AioSettings::default();
+        Self {
+            optimizer_nvme: None,
+            param_nvme: None,
+            sub_group_size: 1_000_000_000,
+            buffer_count: 4,
+            resident_blocks: 1,
+            aio_block_size: a.block_size,
+            aio_queue_depth: a.queue_depth,
+            aio_thread_count: a.thread_count,
+        }
+    }
+}
+
+/// A flat buffer of this rank's partition: in memory, or swapped to NVMe.
+enum Flat {
+    Memory(Vec<f32>),
+    Swapped(SwappedBuffer),
+}
+
+impl Flat {
+    fn read(&self, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+        match self {
+            Flat::Memory(v) => {
+                out.copy_from_slice(&v[range]);
+                Ok(())
+            }
+            Flat::Swapped(b) => b.read_range(range, out),
+        }
+    }
+
+    fn read_cow(&self, range: Range<usize>) -> Result<Cow<'_, [f32]>> {
+        match self {
+            Flat::Memory(v) => Ok(Cow::Borrowed(&v[range])),
+            Flat::Swapped(b) => {
+                let mut v = vec![0f32; range.len()];
+                b.read_range(range, &mut v)?;
+                Ok(Cow::Owned(v))
+            }
+        }
+    }
+
+    /// Applies `f(offset_in_range, chunk)` to elements `range`.
+    fn update(&mut self, range: Range<usize>, mut f: impl FnMut(usize, &mut [f32])) -> Result<()> {
+        match self {
+            Flat::Memory(v) => {
+                f(0, &mut v[range]);
+                Ok(())
+            }
+            Flat::Swapped(b) => b.update_range(range, f),
+        }
+    }
+
+    fn memory_len(&self) -> usize {
+        match self {
+            Flat::Memory(v) => v.len(),
+            Flat::Swapped(_) => 0,
+        }
+    }
+
+    fn swapped(&self) -> Option<&SwappedBuffer> {
+        match self {
+            Flat::Memory(_) => None,
+            Flat::Swapped(b) => Some(b),
+        }
+    }
+}
+
+/// A rank's stage-3 states with some swapped to NVMe: Adam's moments always, the gradients with
+/// `offload_optimizer`, the fp32 parameter pieces with `offload_param`.
+pub(crate) struct NvmeStates {
+    m: SwappedBuffer,
+    v: SwappedBuffer,
+    grads: Flat,
+    master: Flat,
+    staging: Staging,
+    io: SwapIo,
+}
+
+impl NvmeStates {
+    /// Buffers for this rank's partition (global rank `rank`: its own folder); `master` (the
+    /// fp32 pieces) is written out when the parameters are offloaded.
+    pub fn new(s: &OffloadSettings, z: &ZeroCore, rank: usize, master: Vec<f32>) -> Result<Self> {
+        let len = z.layout.partition_len;
+        let block = s.sub_group_size.clamp(1, len.max(1));
+        let kinds =
+            2 + usize::from(s.optimizer_nvme.is_some()) + usize::from(s.param_nvme.is_some());
+        // Each kind keeps its resident blocks plus one write behind and, when there is a next
+        // tile, one read ahead.
+        let ahead = usize::from(len.div_ceil(block) > 1);
+        let count = s
+            .buffer_count
+            .max(kinds * (s.resident_blocks.max(1) + 1 + ahead));
+        let pool = BufferPool::new(count, slot_bytes(block));
+        let threads = IoThreads::with_aio(s.aio_queue_depth, s.aio_thread_count);
+        let dir = |p: &PathBuf| p.join("zero_stage_3").join(format!("rank{rank}"));
+        let Some(opt_dir) = s.optimizer_nvme.as_ref().or(s.param_nvme.as_ref()) else {
+            bail!("offload without an nvme_path")
+        };
+        let mk = |d: &PathBuf, name: &str| {
+            SwappedBuffer::new(
+                &dir(d),
+                name,
+                len,
+                block,
+                s.resident_blocks,
+                pool.clone(),
+                threads.clone(),
+            )
+        };
+        let (m, v) = (mk(opt_dir, "exp_avg")?, mk(opt_dir, "exp_avg_sq")?);
+        let grads = match &s.optimizer_nvme {
+            Some(d) => Flat::Swapped(mk(d, "gradients")?),
+            None => Flat::Memory(vec![0f32; len]),
+        };
+        let master = match &s.param_nvme {
+            Some(d) => {
+                let b = mk(d, "fp32_params")?;
+                b.update_range(0..len, |o, c| c.copy_from_slice(&master[o..o + c.len()]))?;
+                b.flush()?;
+                Flat::Swapped(b)
+            }
+            None => Flat::Memory(master),
+        };
+        let direct = m.direct;
+        Ok(Self {
+            m,
+            v,
+            grads,
+            master,
+            staging: Staging::default(),
+            io: SwapIo::new(pool, threads, direct),
+        })
+    }
+
+    fn buffers(&self) -> impl Iterator<Item = &SwappedBuffer> {
+        [Some(&self.m), Some(&self.v), self.grads.swapped(), self.master.swapped()]
+            .into_iter()
+            .flatten()
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.buffers().try_for_each(|b| b.flush())
+    }
+}
+
+impl ZeroStates for NvmeStates {
+    fn kind(&self) -> &'static str {
+        "nvme"
+    }
+
+    fn accumulate(&mut self, z: &ZeroCore, i: usize, grad: &Tensor) -> Result<()> {
+        self.staging.add(z, i, grad)
+    }
+
+    fn reduce(&mut self, z: &ZeroCore, bs: &[usize], _last: bool) -> Result<()> {
+        if bs.is_empty() {
+            return Ok(());
+        }
+        let mine = self.staging.reduce_scatter(z, bs)?;
+        let mut at = 0;
+        for &b in bs {
+            let bk = &z.layout.buckets[b];
+            let piece = &mine[at..at + bk.piece];
+            self.grads
+                .update(bk.part_offset..bk.part_offset + bk.piece, |o, d| {
+                    d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s)
+                })?;
+            at += bk.piece;
+        }
+        Ok(())
+    }
+
+    fn grad_norm_sq(&mut self, z: &ZeroCore) -> Result<f64> {
+        let mut sq = 0.0;
+        let mut tmp = Vec::new();
+        for s in z.segments.iter().filter(|s| s.counts_in_norm) {
+            let at = z.layout.buckets[s.bucket].part_offset + s.piece_offset;
+            tmp.resize(s.len, 0.0);
+            self.grads.read(at..at + s.len, &mut tmp)?;
+            sq += crate::ops::fast_math::sum_squares(&tmp);
+        }
+        Ok(sq)
+    }
+
+    /// The AdamW step over swapped buffers, one `sub_group_size` tile at a time: the next tile
+    /// is read ahead while this one is updated, and written behind.
+    fn step(
+        &mut self,
+        z: &ZeroCore,
+        lr: f64,
+        grad_scale: f64,
+        write_back: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
+        let consts = [false, true].map(|decay| z.adam_consts(lr, grad_scale, decay));
+        // Partition ranges of the segments (weight decay differs between them).
+        let segs = z.segments_ranges();
+        let (mut grads_tile, mut params_tile) = (Vec::new(), Vec::new());
+        for b in 0..self.m.blocks() {
+            for buf in self.buffers() {
+                buf.prefetch(b + 1)?;
+            }
+            let r = self.m.block_range(b);
+            grads_tile.resize(r.len(), 0.0);
+            self.grads.read(r.clone(), &mut grads_tile)?;
+            params_tile.resize(r.len(), 0.0);
+            self.master.read(r.clone(), &mut params_tile)?;
+            let (mut m, mut v) = (vec![0f32; r.len()], vec![0f32; r.len()]);
+            self.m.read_range(r.clone(), &mut m)?;
+            self.v.read_range(r.clone(), &mut v)?;
+            for &(lo, hi, decay) in &segs {
+                let (lo, hi) = (lo.max(r.start), hi.min(r.end));
+                if lo >= hi {
+                    continue;
+                }
+                let (a, e) = (lo - r.start, hi - r.start);
+                adam_step(
+                    &mut params_tile[a..e],
+                    &grads_tile[a..e],
+                    &mut m[a..e],
+                    &mut v[a..e],
+                    &consts[usize::from(decay)],
+                );
+            }
+            // The tiles are resident: these writes touch memory, written behind later.
+            self.m
+                .update_range(r.clone(), |o, t| t.copy_from_slice(&m[o..o + t.len()]))?;
+            self.v
+                .update_range(r.clone(), |o, t| t.copy_from_slice(&v[o..o + t.len()]))?;
+            self.master.update(r.clone(), |o, p| {
+                p.copy_from_slice(&params_tile[o..o + p.len()])
+            })?;
+        }
+        self.flush()?;
+        // The parameters that stay whole (stage 3's persistent ones) take the update.
+        for (b, bk) in z.layout.buckets.iter().enumerate() {
+            if write_back(b) {
+                let mut piece = vec![0f32; bk.piece];
+                self.master
+                    .read(bk.part_offset..bk.part_offset + bk.piece, &mut piece)?;
+                z.write_bucket(bk, piece)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn gather(&self, z: &ZeroCore, todo: &[usize]) -> Result<()> {
+        gather_host(z, todo, &|range, out| self.master.read(range, out))
+    }
+
+    fn all_reduce_param_grad(&mut self, _: &ZeroCore, _: usize, _: &ProcessGroup) -> Result<()> {
+        bail!("NVMe offload (stage 3) keeps only this rank's gradient partition")
+    }
+
+    fn run_state<'a>(&'a self, z: &ZeroCore, r: &Run) -> Result<RunState<'a>> {
+        let at = z.layout.buckets[r.bucket].part_offset + r.piece_offset;
+        let read = |b: &SwappedBuffer| -> Result<Cow<'a, [f32]>> {
+            let mut v = vec![0f32; r.len];
+            b.read_range(at..at + r.len, &mut v)?;
+            Ok(Cow::Owned(v))
+        };
+        Ok((
+            read(&self.m)?,
+            read(&self.v)?,
+            Some(self.master.read_cow(at..at + r.len)?),
+        ))
+    }
+
+    fn load(&mut self, z: &ZeroCore, state: &[Option<AdamState>]) -> Result<()> {
+        let (mb, vb) = (&self.m, &self.v);
+        load_runs(z, state, |range, m, v| {
+            mb.update_range(range.clone(), |o, d| d.copy_from_slice(&m[o..o + d.len()]))?;
+            vb.update_range(range, |o, d| d.copy_from_slice(&v[o..o + d.len()]))
+        })
+    }
+
+    fn zero_grad(&mut self) -> Result<()> {
+        self.staging.clear();
+        match &mut self.grads {
+            Flat::Memory(v) => super::flat::fill_zero(v),
+            Flat::Swapped(b) => b.zero()?,
+        }
+        Ok(())
+    }
+
+    /// The resident blocks live in the pool, which is counted once, as buffers.
+    fn bytes(&self, _z: &ZeroCore) -> HeldBytes {
+        HeldBytes {
+            gradients: 4 * self.grads.memory_len() as u64,
+            moments: 0,
+            master: 4 * self.master.memory_len() as u64,
+            buffers: self.io.pool_bytes(),
+        }
+    }
+
+    fn has_master(&self) -> bool {
+        true
+    }
+
+    fn swap_io(&self) -> Option<&SwapIo> {
+        Some(&self.io)
+    }
+}

@@ -1,0 +1,478 @@
+//! Where ZeRO keeps a rank's states — the gradient buffers, Adam's moments and the fp32 master
+//! pieces — behind one trait, [`ZeroStates`]: host memory ([`HostStates`], here), NVMe swap files
+//! ([`NvmeStates`](super::offload::NvmeStates)) and the parameters' device
+//! ([`DeviceStates`](super::device::DeviceStates)). The optimizer's flow
+//! ([`ZeroOptimizer`](super::ZeroOptimizer)) is the same for all three: it never asks which one
+//! it holds.
+use super::flat::{add_into, fill_zero, update_f32, with_f32};
+use super::partition::{FlatLayout, Run};
+use super::stage_1_and_2::{AdamState, ZeroCore};
+use super::swap_tensor::SwapIo;
+use crate::comm::{ProcessGroup, ReduceOp};
+use crate::layers::parameter::Param;
+use crate::layers::storage::set_storage;
+use crate::ops::adam::adam_step;
+use candle_core::{DType, Result, Tensor};
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// One run's Adam state (m, v) and fp32 master values, borrowed where they are in memory.
+pub(crate) type RunState<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>, Option<Cow<'a, [f32]>>);
+
+/// Bytes a backend holds, by category (what of them is resident).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HeldBytes {
+    pub gradients: u64,
+    pub moments: u64,
+    /// The fp32 pieces (a master copy of half parameters, or stage 3's partition).
+    pub master: u64,
+    /// Swap buffers.
+    pub buffers: u64,
+}
+
+/// A rank's ZeRO states. Every method gets the optimizer's shared description (`z`).
+pub(crate) trait ZeroStates: Send + Sync {
+    /// `host`, `nvme` or `device`.
+    fn kind(&self) -> &'static str;
+
+    /// Adds a local gradient of parameter `i` (its element count checked).
+    fn accumulate(&mut self, z: &ZeroCore, i: usize, grad: &Tensor) -> Result<()>;
+
+    /// Buckets `bs` are complete for this micro-batch: reduce-scatter them into the partition
+    /// (stages 2, 3), or all-reduce them at the accumulation boundary `last` (stages 0, 1).
+    fn reduce(&mut self, z: &ZeroCore, bs: &[usize], last: bool) -> Result<()>;
+
+    /// Sum of squares of this rank's gradients that count in the norm (not yet summed over ranks).
+    fn grad_norm_sq(&mut self, z: &ZeroCore) -> Result<f64>;
+
+    /// AdamW on this rank's partition (the step count is `z.step`), then bucket `b`'s updated
+    /// pieces all-gathered into its parameters where `write_back(b)`.
+    fn step(
+        &mut self,
+        z: &ZeroCore,
+        lr: f64,
+        grad_scale: f64,
+        write_back: &dyn Fn(usize) -> bool,
+    ) -> Result<()>;
+
+    /// Stage 3: all-gathers the pieces of parameters `todo` into their tensors.
+    fn gather(&self, z: &ZeroCore, todo: &[usize]) -> Result<()>;
+
+    /// Sums parameter `i`'s reduced gradient over `group` (stages 0 and 1: tied weights).
+    fn all_reduce_param_grad(&mut self, z: &ZeroCore, i: usize, group: &ProcessGroup)
+        -> Result<()>;
+
+    /// Adam's state and master values of run `r`.
+    fn run_state<'a>(&'a self, z: &ZeroCore, r: &Run) -> Result<RunState<'a>>;
+
+    /// Restores Adam's state from each parameter's whole local (m, v) (None: zero), and re-reads
+    /// a master copy of half parameters from the parameters (stages 0-2).
+    fn load(&mut self, z: &ZeroCore, state: &[Option<AdamState>]) -> Result<()>;
+
+    /// Clears the gradients for the next accumulation.
+    fn zero_grad(&mut self) -> Result<()>;
+
+    /// What is held, by category.
+    fn bytes(&self, z: &ZeroCore) -> HeldBytes;
+
+    /// Whether an fp32 master copy of the pieces is kept.
+    fn has_master(&self) -> bool;
+
+    /// The segments changed (a pipeline's duplicate tied weight no longer counts in the norm).
+    fn segments_changed(&mut self, _z: &ZeroCore) -> Result<()> {
+        Ok(())
+    }
+
+    /// NVMe offload's swapper (None elsewhere).
+    fn swap_io(&self) -> Option<&SwapIo> {
+        None
+    }
+}
+
+/// Stage 2 and 3's buckets of local gradients being filled by the running backward, and their
+/// reduce-scatter: shared by the host and NVMe backends.
+#[derive(Default)]
+pub(crate) struct Staging(HashMap<usize, Vec<f32>>);
+
+impl Staging {
+    /// Adds parameter `i`'s local gradient into its bucket's staging buffer.
+    pub fn add(&mut self, z: &ZeroCore, i: usize, grad: &Tensor) -> Result<()> {
+        let fp = &z.layout.params[i];
+        let b = &z.layout.buckets[fp.bucket];
+        if !self.0.contains_key(&fp.bucket) {
+            let staged: usize = self.0.values().map(|v| v.len()).sum();
+            z.note_comm(4 * (staged + b.padded));
+        }
+        let buf = self
+            .0
+            .entry(fp.bucket)
+            .or_insert_with(|| vec![0f32; b.padded]);
+        add_into(grad, &mut buf[fp.offset..fp.offset + fp.numel])
+    }
+
+    /// One reduce-scatter over the ranks' pieces of buckets `bs`: returns this rank's pieces of
+    /// all of them, in order (buckets nothing was staged for count as zeros).
+    pub fn reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<Vec<f32>> {
+        let parts = z.layout.parts;
+        let pieces: usize = bs.iter().map(|&b| z.layout.buckets[b].piece).sum();
+        // Rank k's chunk: its piece of every bucket, in order.
+        let mut send = vec![0f32; pieces * parts];
+        z.note_comm(4 * (send.len() + pieces));
+        let mut at = 0;
+        for &b in bs {
+            let bk = &z.layout.buckets[b];
+            if let Some(local) = self.0.remove(&b) {
+                for k in 0..parts {
+                    let dst = k * pieces + at;
+                    send[dst..dst + bk.piece]
+                        .copy_from_slice(&local[k * bk.piece..(k + 1) * bk.piece]);
+                }
+            }
+            at += bk.piece;
+        }
+        Ok(match (&z.dp, parts > 1) {
+            (Some(dp), true) => {
+                let mut piece = vec![0f32; pieces];
+                dp.comm
+                    .reduce_scatter(&dp.group, &send, &mut piece, ReduceOp::Sum)?;
+                piece
+            }
+            _ => send,
+        })
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Stage 3 on host memory: all-gathers the fp32 pieces of parameters `todo` (this rank's read by
+/// `read_master`) into their tensors.
+pub(crate) fn gather_host(
+    z: &ZeroCore,
+    todo: &[usize],
+    read_master: &dyn Fn(std::ops::Range<usize>, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let layout = &z.layout;
+    let pieces: Vec<(usize, usize, usize)> = todo
+        .iter()
+        .map(|&p| {
+            let b = &layout.buckets[layout.params[p].bucket];
+            (p, b.part_offset, b.piece)
+        })
+        .collect();
+    let send_len: usize = pieces.iter().map(|x| x.2).sum();
+    let mut send = vec![0f32; send_len];
+    let mut at = 0;
+    for &(_, off, piece) in &pieces {
+        read_master(off..off + piece, &mut send[at..at + piece])?;
+        at += piece;
+    }
+    let parts = layout.parts;
+    z.note_comm(4 * send_len * (parts + 1));
+    let recv = match (&z.dp, parts > 1) {
+        (Some(dp), true) => {
+            let mut recv = vec![0f32; send_len * parts];
+            dp.comm.all_gather(&dp.group, &send, &mut recv)?;
+            recv
+        }
+        _ => send,
+    };
+    // Rank k's block holds its piece of every parameter in `todo`, in order.
+    let mut within = 0;
+    for &(p, _, piece) in &pieces {
+        let numel = z.params[p].tensor().elem_count();
+        let mut full = Vec::with_capacity(piece * parts);
+        for k in 0..parts {
+            let at = k * send_len + within;
+            full.extend_from_slice(&recv[at..at + piece]);
+        }
+        full.truncate(numel);
+        set_storage(&z.params[p].var, full)?;
+        within += piece;
+    }
+    Ok(())
+}
+
+/// Writes each run's slice of its parameter's (m, v) into this rank's partition-ordered
+/// `exp_avg` / `exp_avg_sq` through `put(partition range, m, v)`.
+pub(crate) fn load_runs(
+    z: &ZeroCore,
+    state: &[Option<AdamState>],
+    mut put: impl FnMut(std::ops::Range<usize>, &[f32], &[f32]) -> Result<()>,
+) -> Result<()> {
+    for r in &z.layout.runs {
+        if let Some((m, v)) = &state[r.param] {
+            let at = z.layout.buckets[r.bucket].part_offset + r.piece_offset;
+            let src = r.param_offset..r.param_offset + r.len;
+            put(at..at + r.len, &m[src.clone()], &v[src])?;
+        }
+    }
+    Ok(())
+}
+
+/// States in host memory (on the CPU, where they are anyway; on a GPU, ZeRO-Offload's
+/// `offload_optimizer.device: cpu`).
+pub(crate) struct HostStates {
+    /// Stages 0/1: the whole padded flat buffer. Stages 2/3: this rank's partition.
+    grads: Vec<f32>,
+    /// Stages 2/3: buckets of local gradients being filled by the running backward.
+    staging: Staging,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    /// fp32 copy of this rank's partition when parameters are fp16/bf16; at stage 3 the
+    /// partitioned parameters themselves.
+    master: Option<Vec<f32>>,
+}
+
+impl HostStates {
+    pub fn new(z: &ZeroCore, master: Option<Vec<f32>>) -> Self {
+        let n = z.layout.partition_len;
+        Self {
+            grads: vec![0f32; z.grad_len()],
+            staging: Staging::default(),
+            exp_avg: vec![0f32; n],
+            exp_avg_sq: vec![0f32; n],
+            master,
+        }
+    }
+
+    /// A master copy of this rank's partition read from the (half-precision) parameters.
+    pub fn master_from_params(layout: &FlatLayout, params: &[Param]) -> Result<Vec<f32>> {
+        let mut m = vec![0f32; layout.partition_len];
+        read_params_into(layout, params, &mut m)?;
+        Ok(m)
+    }
+
+    /// This rank's piece of bucket `b`'s reduced gradients.
+    fn grad_piece(&self, z: &ZeroCore, b: usize) -> &[f32] {
+        let start = z.grad_piece_offset(b);
+        &self.grads[start..start + z.layout.buckets[b].piece]
+    }
+
+    /// Bucket `b`'s AdamW step applied to its parameters' own storage (one partition, fp32 CPU
+    /// tensors, no master copy); false, with nothing done, where a parameter is not such a
+    /// tensor. Runs are whole parameters here, at their offsets in the bucket.
+    fn step_bucket_in_place(
+        &mut self,
+        z: &ZeroCore,
+        b: usize,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<bool> {
+        let bk = &z.layout.buckets[b];
+        let (gstart, mstart) = (bk.offset, bk.part_offset);
+        let runs: Vec<_> = z.layout.runs.iter().filter(|r| r.bucket == b).collect();
+        let fits = runs.iter().all(|r| {
+            let t = z.params[r.param].tensor();
+            t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+        });
+        if !fits {
+            return Ok(false);
+        }
+        for r in runs {
+            let p = &z.params[r.param];
+            let consts = z.adam_consts(lr, grad_scale, p.meta.weight_decay);
+            let (lo, hi) = (r.piece_offset, r.piece_offset + r.len);
+            let (exp_avg, exp_avg_sq) = (
+                &mut self.exp_avg[mstart + lo..mstart + hi],
+                &mut self.exp_avg_sq[mstart + lo..mstart + hi],
+            );
+            let grads = &self.grads[gstart + lo..gstart + hi];
+            update_f32(p.tensor(), |v| {
+                adam_step(
+                    &mut v[r.param_offset..r.param_offset + r.len],
+                    grads,
+                    exp_avg,
+                    exp_avg_sq,
+                    &consts,
+                )
+            })?;
+        }
+        Ok(true)
+    }
+}
+
+/// Copies each run of this rank's partition out of its parameter (flattened, as f32) into
+/// `dst` (partition-ordered).
+pub(crate) fn read_params_into(layout: &FlatLayout, params: &[Param], dst: &mut [f32]) -> Result<()> {
+    for r in &layout.runs {
+        let at = layout.buckets[r.bucket].part_offset + r.piece_offset;
+        with_f32(params[r.param].tensor(), |v| {
+            dst[at..at + r.len].copy_from_slice(&v[r.param_offset..r.param_offset + r.len])
+        })?;
+    }
+    Ok(())
+}
+
+impl ZeroStates for HostStates {
+    fn kind(&self) -> &'static str {
+        "host"
+    }
+
+    fn accumulate(&mut self, z: &ZeroCore, i: usize, grad: &Tensor) -> Result<()> {
+        if z.partitioned_grads() {
+            return self.staging.add(z, i, grad);
+        }
+        let fp = &z.layout.params[i];
+        let at = z.layout.buckets[fp.bucket].offset + fp.offset;
+        add_into(grad, &mut self.grads[at..at + fp.numel])
+    }
+
+    fn reduce(&mut self, z: &ZeroCore, bs: &[usize], last: bool) -> Result<()> {
+        if !z.partitioned_grads() {
+            if let (true, Some(dp)) = (last, &z.dp) {
+                for &b in bs {
+                    let bucket = &z.layout.buckets[b];
+                    let buf = &mut self.grads[bucket.offset..bucket.offset + bucket.padded];
+                    dp.comm.all_reduce(&dp.group, buf, ReduceOp::Sum)?;
+                }
+            }
+            return Ok(());
+        }
+        if bs.is_empty() {
+            return Ok(());
+        }
+        let mine = self.staging.reduce_scatter(z, bs)?;
+        let mut at = 0;
+        for &b in bs {
+            let bk = &z.layout.buckets[b];
+            let range = bk.part_offset..bk.part_offset + bk.piece;
+            self.grads[range]
+                .iter_mut()
+                .zip(&mine[at..at + bk.piece])
+                .for_each(|(d, s)| *d += s);
+            at += bk.piece;
+        }
+        Ok(())
+    }
+
+    fn grad_norm_sq(&mut self, z: &ZeroCore) -> Result<f64> {
+        Ok(z.segments
+            .iter()
+            .filter(|s| s.counts_in_norm)
+            .map(|s| {
+                let g = &self.grad_piece(z, s.bucket)[s.piece_offset..s.piece_offset + s.len];
+                crate::ops::fast_math::sum_squares(g)
+            })
+            .sum())
+    }
+
+    fn step(
+        &mut self,
+        z: &ZeroCore,
+        lr: f64,
+        grad_scale: f64,
+        write_back: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
+        // Unpartitioned fp32 parameters are updated where they live: no copy out and back.
+        let in_place = self.master.is_none() && z.stage != 3 && z.layout.parts == 1;
+        for b in 0..z.layout.buckets.len() {
+            if in_place && self.step_bucket_in_place(z, b, lr, grad_scale)? {
+                continue;
+            }
+            let bk = &z.layout.buckets[b];
+            let part = bk.part_offset..bk.part_offset + bk.piece;
+            let mut piece = match &self.master {
+                Some(m) => m[part.clone()].to_vec(),
+                None => {
+                    let mut v = vec![0f32; bk.piece];
+                    for r in z.layout.runs.iter().filter(|r| r.bucket == b) {
+                        with_f32(z.params[r.param].tensor(), |p| {
+                            v[r.piece_offset..r.piece_offset + r.len]
+                                .copy_from_slice(&p[r.param_offset..r.param_offset + r.len])
+                        })?;
+                    }
+                    v
+                }
+            };
+            let start = z.grad_piece_offset(b);
+            for s in z.segments_of(b) {
+                let (lo, hi) = (s.piece_offset, s.piece_offset + s.len);
+                let (plo, phi) = (bk.part_offset + lo, bk.part_offset + hi);
+                adam_step(
+                    &mut piece[lo..hi],
+                    &self.grads[start + lo..start + hi],
+                    &mut self.exp_avg[plo..phi],
+                    &mut self.exp_avg_sq[plo..phi],
+                    &z.adam_consts(lr, grad_scale, s.decay),
+                );
+            }
+            if let Some(m) = &mut self.master {
+                m[part].copy_from_slice(&piece);
+            }
+            if write_back(b) {
+                z.write_bucket(bk, piece)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn gather(&self, z: &ZeroCore, todo: &[usize]) -> Result<()> {
+        let Some(master) = &self.master else {
+            candle_core::bail!("ZeRO-3 without a partition")
+        };
+        gather_host(z, todo, &|range, out| {
+            out.copy_from_slice(&master[range]);
+            Ok(())
+        })
+    }
+
+    fn all_reduce_param_grad(
+        &mut self,
+        z: &ZeroCore,
+        i: usize,
+        group: &ProcessGroup,
+    ) -> Result<()> {
+        let fp = &z.layout.params[i];
+        let at = z.layout.buckets[fp.bucket].offset + fp.offset;
+        let g = &mut self.grads[at..at + fp.numel];
+        group.comm.all_reduce(&group.group, g, ReduceOp::Sum)
+    }
+
+    fn run_state<'a>(&'a self, z: &ZeroCore, r: &Run) -> Result<RunState<'a>> {
+        let at = z.layout.buckets[r.bucket].part_offset + r.piece_offset;
+        let range = at..at + r.len;
+        Ok((
+            Cow::Borrowed(&self.exp_avg[range.clone()]),
+            Cow::Borrowed(&self.exp_avg_sq[range.clone()]),
+            self.master.as_ref().map(|m| Cow::Borrowed(&m[range])),
+        ))
+    }
+
+    fn load(&mut self, z: &ZeroCore, state: &[Option<AdamState>]) -> Result<()> {
+        let (exp_avg, exp_avg_sq) = (&mut self.exp_avg, &mut self.exp_avg_sq);
+        load_runs(z, state, |range, m, v| {
+            exp_avg[range.clone()].copy_from_slice(m);
+            exp_avg_sq[range].copy_from_slice(v);
+            Ok(())
+        })?;
+        // Stage 3's master is the partition itself (loaded at construction).
+        if let (Some(master), true) = (&mut self.master, z.stage != 3) {
+            read_params_into(&z.layout, &z.params, master)?;
+        }
+        Ok(())
+    }
+
+    fn zero_grad(&mut self) -> Result<()> {
+        fill_zero(&mut self.grads);
+        self.staging.clear();
+        Ok(())
+    }
+
+    fn bytes(&self, _z: &ZeroCore) -> HeldBytes {
+        HeldBytes {
+            gradients: 4 * self.grads.len() as u64,
+            moments: 4 * (self.exp_avg.len() + self.exp_avg_sq.len()) as u64,
+            master: 4 * self.master.as_ref().map_or(0, |m| m.len()) as u64,
+            buffers: 0,
+        }
+    }
+
+    fn has_master(&self) -> bool {
+        self.master.is_some()
+    }
+}

@@ -1,0 +1,517 @@
+//! NVMe swapping of ZeRO's flat fp32 buffers (DeepSpeed's `runtime/swap_tensor/`, the
+//! ZeRO-Infinity path): a buffer lives in a file as blocks of `sub_group_size` elements; a few
+//! blocks stay resident (the working set); reads run ahead and writes behind through a fixed
+//! pool of 4096-aligned buffers, with `O_DIRECT` where the filesystem allows it (tmpfs does not:
+//! then buffered I/O). The I/O goes through io_uring (`aio.queue_depth` entries) where the kernel
+//! and sandbox allow it, else automatically through `aio.thread_count` threads doing
+//! `pread`/`pwrite`.
+//!
+//! Every block on disk carries a header: a magic number, the block's generation (incremented on
+//! every write) and a CRC-32 of the payload. A read checks all three against what this process
+//! last wrote, so a torn write (a crash mid-step) or a stale block is an error naming the file —
+//! never data fed to the optimizer.
+mod aio;
+
+pub use aio::{AioSettings, AlignedBuf, BufferPool, IoStats, IoThreads};
+use aio::{Job, ALIGN, HEADER};
+use candle_core::{bail, Error, Result};
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+const MAGIC: u64 = 0x5a45_524f_5357_4150; // "ZEROSWAP"
+
+/// Opens `path` for swapping: `O_DIRECT` when the filesystem accepts it, else buffered.
+fn open_swap_file(path: &Path) -> Result<(File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true).create(true).truncate(true);
+    let direct = o.clone().custom_flags(libc::O_DIRECT).open(path);
+    if let Ok(f) = direct {
+        // Some filesystems accept the flag at open and fail the first aligned write.
+        let probe = AlignedBuf::new(ALIGN);
+        if f.write_all_at(probe.bytes(), 0).is_ok() {
+            return Ok((f, true));
+        }
+    }
+    let f = o
+        .open(path)
+        .map_err(|e| Error::Msg(format!("cannot create swap file {}: {e}", path.display())))?;
+    Ok((f, false))
+}
+
+struct Slot {
+    buf: AlignedBuf,
+    dirty: bool,
+}
+
+struct Inner {
+    /// Resident blocks, least recently used first.
+    resident: VecDeque<(usize, Slot)>,
+    /// Reads in flight (read ahead).
+    reading: HashMap<usize, Receiver<Result<AlignedBuf>>>,
+    /// Writes in flight (write behind).
+    writing: Vec<Receiver<Result<()>>>,
+    /// Generation each block was last written with (0: never written: zeros).
+    generation: Vec<u64>,
+}
+
+/// A flat f32 buffer of `len` elements kept on NVMe in blocks of `block_elems`, at most
+/// `max_resident` blocks in memory.
+pub struct SwappedBuffer {
+    path: Arc<PathBuf>,
+    file: Arc<File>,
+    pub direct: bool,
+    len: usize,
+    block_elems: usize,
+    slot_bytes: usize,
+    max_resident: usize,
+    pool: Arc<BufferPool>,
+    io: Arc<IoThreads>,
+    inner: Mutex<Inner>,
+}
+
+/// Bytes one block slot takes (header + payload, 4096-aligned).
+pub fn slot_bytes(block_elems: usize) -> usize {
+    (HEADER + 4 * block_elems).div_ceil(ALIGN) * ALIGN
+}
+
+impl SwappedBuffer {
+    /// An all-zero buffer in `dir/name.swp`.
+    pub fn new(
+        dir: &Path,
+        name: &str,
+        len: usize,
+        block_elems: usize,
+        max_resident: usize,
+        pool: Arc<BufferPool>,
+        io: Arc<IoThreads>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Msg(format!("cannot create swap folder {}: {e}", dir.display())))?;
+        let path = dir.join(format!("{name}.swp"));
+        let (file, direct) = open_swap_file(&path)?;
+        let block_elems = block_elems.max(1);
+        if slot_bytes(block_elems) > pool.slot_bytes {
+            bail!(
+                "swap block of {block_elems} elements does not fit the pool's {}-byte buffers",
+                pool.slot_bytes
+            )
+        }
+        let blocks = len.div_ceil(block_elems);
+        Ok(Self {
+            path: Arc::new(path),
+            file: Arc::new(file),
+            direct,
+            len,
+            block_elems,
+            slot_bytes: pool.slot_bytes,
+            max_resident: max_resident.max(1),
+            pool,
+            io,
+            inner: Mutex::new(Inner {
+                resident: VecDeque::new(),
+                reading: HashMap::new(),
+                writing: Vec::new(),
+                generation: vec![0; blocks],
+            }),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.len.div_ceil(self.block_elems)
+    }
+
+    /// Elements of block `b`.
+    pub fn block_range(&self, b: usize) -> std::ops::Range<usize> {
+        let s = b * self.block_elems;
+        s..(s + self.block_elems).min(self.len)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| Error::Msg(format!("swap buffer {} poisoned", self.path.display())))
+    }
+
+    fn offset(&self, b: usize) -> u64 {
+        (b * self.slot_bytes) as u64
+    }
+
+    /// Checks a block read back: magic, generation and checksum.
+    fn verify(&self, b: usize, buf: &AlignedBuf, generation: u64) -> Result<()> {
+        let h = &buf.bytes()[..HEADER];
+        let word = |i: usize| u64::from_le_bytes(h[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let n = self.block_range(b).len();
+        let crc = crc32fast::hash(&buf.bytes()[HEADER..HEADER + 4 * n]) as u64;
+        if word(0) != MAGIC || word(2) != n as u64 {
+            bail!(
+                "swap file {} block {b}: no valid block header (torn or foreign write)",
+                self.path.display()
+            )
+        }
+        if word(1) != generation {
+            bail!(
+                "swap file {} block {b}: generation {} on disk, {generation} expected (a stale \
+                 block from an interrupted write)",
+                self.path.display(),
+                word(1)
+            )
+        }
+        if word(3) != crc {
+            bail!(
+                "swap file {} block {b}: checksum mismatch (a partly written block)",
+                self.path.display()
+            )
+        }
+        Ok(())
+    }
+
+    /// Starts reading block `b` unless it is resident or already coming.
+    fn prefetch_locked(&self, inner: &mut Inner, b: usize) -> Result<()> {
+        if b >= inner.generation.len()
+            || inner.resident.iter().any(|(i, _)| *i == b)
+            || inner.reading.contains_key(&b)
+            || inner.generation[b] == 0
+        {
+            return Ok(());
+        }
+        let (tx, rx) = channel();
+        self.io.submit(Job::Read {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            offset: self.offset(b),
+            buf: self.pool.take()?,
+            done: tx,
+        })?;
+        inner.reading.insert(b, rx);
+        Ok(())
+    }
+
+    /// Reads block `b` ahead, in the background.
+    pub fn prefetch(&self, b: usize) -> Result<()> {
+        let mut inner = self.lock()?;
+        self.prefetch_locked(&mut inner, b)
+    }
+
+    /// Writes a dirty slot behind (the buffer returns to the pool when written).
+    fn write_behind(&self, inner: &mut Inner, b: usize, mut slot: Slot) -> Result<()> {
+        if !slot.dirty {
+            self.pool.give(slot.buf);
+            return Ok(());
+        }
+        let n = self.block_range(b).len();
+        inner.generation[b] += 1;
+        let crc = crc32fast::hash(&slot.buf.bytes()[HEADER..HEADER + 4 * n]) as u64;
+        let h = &mut slot.buf.bytes_mut()[..HEADER];
+        for (i, w) in [MAGIC, inner.generation[b], n as u64, crc]
+            .iter()
+            .enumerate()
+        {
+            h[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        let (tx, rx) = channel();
+        self.io.submit(Job::Write {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            offset: self.offset(b),
+            buf: slot.buf,
+            pool: self.pool.clone(),
+            done: tx,
+        })?;
+        inner.writing.push(rx);
+        // Collect finished writes (their errors surface here or at the next flush).
+        let mut pending = Vec::new();
+        for w in inner.writing.drain(..) {
+            match w.try_recv() {
+                Ok(r) => r?,
+                Err(std::sync::mpsc::TryRecvError::Empty) => pending.push(w),
+                Err(_) => bail!("swap write of {} lost", self.path.display()),
+            }
+        }
+        inner.writing = pending;
+        Ok(())
+    }
+
+    /// Makes block `b` resident (reading it, or zeros if never written), evicting the least
+    /// recently used block beyond `max_resident`.
+    fn load(&self, inner: &mut Inner, b: usize) -> Result<()> {
+        if let Some(at) = inner.resident.iter().position(|(i, _)| *i == b) {
+            let e = inner.resident.remove(at).expect("present");
+            inner.resident.push_back(e);
+            return Ok(());
+        }
+        while inner.resident.len() >= self.max_resident {
+            let (old, slot) = inner.resident.pop_front().expect("non-empty");
+            self.write_behind(inner, old, slot)?;
+        }
+        let n = self.block_range(b).len();
+        let buf = if inner.generation[b] == 0 {
+            let mut buf = self.pool.take()?;
+            buf.payload_mut(n).iter_mut().for_each(|x| *x = 0.0);
+            buf
+        } else {
+            self.prefetch_locked(inner, b)?;
+            let rx = inner.reading.remove(&b).expect("read issued");
+            let buf = rx
+                .recv()
+                .map_err(|_| Error::Msg(format!("swap read of {} lost", self.path.display())))??;
+            if let Err(e) = self.verify(b, &buf, inner.generation[b]) {
+                self.pool.give(buf);
+                return Err(e);
+            }
+            buf
+        };
+        inner.resident.push_back((b, Slot { buf, dirty: false }));
+        Ok(())
+    }
+
+    /// Calls `f` with elements `range` (within one block or across several).
+    pub fn read_range(&self, range: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        let mut inner = self.lock()?;
+        let mut at = range.start;
+        while at < range.end {
+            let b = at / self.block_elems;
+            let br = self.block_range(b);
+            let end = range.end.min(br.end);
+            self.load(&mut inner, b)?;
+            let slot = &inner.resident.back().expect("loaded").1;
+            out[at - range.start..end - range.start]
+                .copy_from_slice(&slot.buf.payload(br.len())[at - br.start..end - br.start]);
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Applies `f(offset_in_range, chunk)` to elements `range`, block by block, marking them dirty.
+    pub fn update_range(
+        &self,
+        range: std::ops::Range<usize>,
+        mut f: impl FnMut(usize, &mut [f32]),
+    ) -> Result<()> {
+        let mut inner = self.lock()?;
+        let mut at = range.start;
+        while at < range.end {
+            let b = at / self.block_elems;
+            let br = self.block_range(b);
+            let end = range.end.min(br.end);
+            self.load(&mut inner, b)?;
+            let slot = &mut inner.resident.back_mut().expect("loaded").1;
+            slot.dirty = true;
+            f(
+                at - range.start,
+                &mut slot.buf.payload_mut(br.len())[at - br.start..end - br.start],
+            );
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Forgets every block: the buffer reads as zeros again (no I/O).
+    pub fn zero(&self) -> Result<()> {
+        self.flush()?;
+        let mut inner = self.lock()?;
+        while let Some((_, slot)) = inner.resident.pop_front() {
+            self.pool.give(slot.buf);
+        }
+        inner.generation.iter_mut().for_each(|g| *g = 0);
+        Ok(())
+    }
+
+    /// Writes every dirty resident block and waits for all writes.
+    pub fn flush(&self) -> Result<()> {
+        let mut inner = self.lock()?;
+        let resident: Vec<(usize, Slot)> = inner.resident.drain(..).collect();
+        for (b, slot) in resident {
+            self.write_behind(&mut inner, b, slot)?;
+        }
+        for w in std::mem::take(&mut inner.writing) {
+            w.recv()
+                .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
+        }
+        // Reads ahead that nobody consumed.
+        for (_, r) in std::mem::take(&mut inner.reading) {
+            if let Ok(Ok(buf)) = r.recv() {
+                self.pool.give(buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of this buffer resident in memory (its blocks in the pool's buffers).
+    pub fn resident_bytes(&self) -> u64 {
+        self.lock()
+            .map(|i| (i.resident.len() * self.slot_bytes) as u64)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for SwappedBuffer {
+    fn drop(&mut self) {
+        let _ = self.flush();
+        let _ = std::fs::remove_file(self.path.as_ref());
+    }
+}
+
+/// A rank's swapper: the buffer pool its swapped buffers share and the I/O engine.
+pub struct SwapIo {
+    pool: Arc<BufferPool>,
+    io: Arc<IoThreads>,
+    direct: bool,
+}
+
+impl SwapIo {
+    pub fn new(pool: Arc<BufferPool>, io: Arc<IoThreads>, direct: bool) -> Self {
+        Self { pool, io, direct }
+    }
+
+    /// (bytes read, bytes written) so far.
+    pub fn io_bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.io.stats.read.load(Relaxed),
+            self.io.stats.written.load(Relaxed),
+        )
+    }
+
+    pub fn pool_bytes(&self) -> u64 {
+        self.pool.bytes()
+    }
+
+    /// Whether the files are opened with O_DIRECT.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// How the swapper does I/O: `io_uring` or `threads`, with or without O_DIRECT.
+    pub fn io_path(&self) -> String {
+        format!(
+            "{}, {}",
+            self.io.backend,
+            if self.direct { "O_DIRECT" } else { "buffered" }
+        )
+    }
+}
+
+
+/// Sequential write and read bandwidth (bytes/s) of the filesystem under `dir`, with 4 MiB
+/// aligned blocks through the same `O_DIRECT`-when-possible path as the swapper (so the page
+/// cache does not flatter the read), synced; and whether `O_DIRECT` was used.
+pub fn sequential_bandwidth(dir: &Path, bytes: usize) -> Result<(f64, f64, bool)> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join("bandwidth.probe");
+    let (file, direct) = open_swap_file(&path)?;
+    let block = 4 << 20;
+    let n = (bytes / block).max(1);
+    let mut buf = AlignedBuf::new(block);
+    buf.bytes_mut()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    let io = |e: std::io::Error| Error::Msg(format!("{}: {e}", path.display()));
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        file.write_all_at(buf.bytes(), (i * block) as u64)
+            .map_err(io)?;
+    }
+    file.sync_all().map_err(io)?;
+    let write = (n * block) as f64 / t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        file.read_exact_at(buf.bytes_mut(), (i * block) as u64)
+            .map_err(io)?;
+    }
+    let read = (n * block) as f64 / t.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok((write, read, direct))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buffer(dir: &Path, len: usize, block: usize, resident: usize) -> SwappedBuffer {
+        let pool = BufferPool::new(4, slot_bytes(block));
+        SwappedBuffer::new(dir, "t", len, block, resident, pool, IoThreads::new(2)).unwrap()
+    }
+
+    #[test]
+    fn values_survive_eviction_and_read_back_exactly() {
+        // Both I/O engines: io_uring (where this kernel and sandbox allow it) and threads.
+        for io in [IoThreads::with_aio(8, 1), IoThreads::new(2)] {
+            let dir = tempfile::tempdir().unwrap();
+            let pool = BufferPool::new(4, slot_bytes(1000));
+            let b = SwappedBuffer::new(dir.path(), "t", 10_000, 1000, 2, pool, io.clone()).unwrap();
+            round_trip(&b);
+            use std::sync::atomic::Ordering::Relaxed;
+            assert!(io.stats.written.load(Relaxed) > 0, "{}", io.backend);
+        }
+    }
+
+    fn round_trip(b: &SwappedBuffer) {
+        b.update_range(0..10_000, |o, c| {
+            c.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (o + i) as f32 * 0.5)
+        })
+        .unwrap();
+        b.flush().unwrap();
+        let mut out = vec![0f32; 3000];
+        b.read_range(4500..7500, &mut out).unwrap();
+        assert!(out
+            .iter()
+            .enumerate()
+            .all(|(i, x)| *x == (4500 + i) as f32 * 0.5));
+        b.zero().unwrap();
+        b.read_range(4500..7500, &mut out).unwrap();
+        assert!(out.iter().all(|x| *x == 0.0));
+    }
+
+    #[test]
+    fn a_torn_or_stale_block_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = buffer(dir.path(), 4000, 1000, 1);
+        b.update_range(0..4000, |_, c| c.iter_mut().for_each(|x| *x = 1.0))
+            .unwrap();
+        b.flush().unwrap();
+        let path = b.path().to_path_buf();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        // A crash mid-write: half of block 1's payload never reached the disk.
+        let slot = slot_bytes(1000) as u64;
+        f.write_all_at(&[0u8; 1000], slot + HEADER as u64 + 1000)
+            .unwrap();
+        let mut out = vec![0f32; 10];
+        let e = b.read_range(1000..1010, &mut out).unwrap_err().to_string();
+        assert!(e.contains("checksum") && e.contains("t.swp"), "{e}");
+        // A stale block: block 2 as an older write left it (its generation behind).
+        let mut old = vec![0u8; slot as usize];
+        f.sync_all().unwrap();
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut old, 2 * slot)
+            .unwrap();
+        b.update_range(2000..2010, |_, c| c.iter_mut().for_each(|x| *x = 3.0))
+            .unwrap();
+        b.flush().unwrap();
+        f.write_all_at(&old, 2 * slot).unwrap();
+        let e = b.read_range(2000..2010, &mut out).unwrap_err().to_string();
+        assert!(e.contains("generation"), "{e}");
+    }
+}
