@@ -3,13 +3,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::runtime::checkpoint::{save, Checkpoint, SaveSpec};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::runtime::engine::{Engine, EngineConfig};
-use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::{Activations, ForwardCtx};
 use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource, Zero3Construction};
-use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::checkpoint::{save, Checkpoint, SaveSpec};
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
 use candle_deepscale::runtime::topology::Topology;
 use std::path::Path;
 use std::sync::Arc;

@@ -3,12 +3,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::loss::lm_cross_entropy;
 use candle_deepscale::layers::module::GradLookup;
-use candle_deepscale::runtime::layer_loop::forward_backward;
 use candle_deepscale::layers::module::{Activations, ForwardCtx};
 use candle_deepscale::layers::parameter::{Param, ParamBuilder};
-use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::layer_loop::forward_backward;
 use common::tp::assert_rel_close;
 use zoo::bert::{self, Bert};
 

@@ -5,14 +5,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::runtime::adamw::AdamWConfig;
 use candle_deepscale::comm::nccl::NcclComm;
 use candle_deepscale::comm::{Communicator, ProcessGroup, ReduceOp};
-use candle_deepscale::runtime::engine::{Engine, EngineConfig};
-use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::Activations;
 use candle_deepscale::layers::parameter::ParamBuilder;
-use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::adamw::AdamWConfig;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
 use candle_deepscale::runtime::topology::Topology;
 use common::tp::gather;
 use std::collections::BTreeMap;

@@ -3,10 +3,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::loss::lm_cross_entropy;
 use candle_deepscale::layers::module::ForwardCtx;
 use candle_deepscale::layers::parameter::{Param, ParamBuilder};
-use candle_deepscale::layers::init::RandomInit;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use zoo::bert::{self, Bert};
 

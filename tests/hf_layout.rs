@@ -2,9 +2,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::ForwardCtx;
 use candle_deepscale::layers::parameter::ParamBuilder;
-use candle_deepscale::layers::init::RandomInit;
 use zoo::bert::{self, Bert};
 use zoo::gpt2::{self, Gpt2};
 use zoo::weights::{save_native, NativeSource, SafetensorsFiles};

@@ -5,12 +5,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
-use candle_deepscale::runtime::engine::{Engine, EngineConfig};
-use candle_deepscale::runtime::pipe::PipeContext;
-use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::{Activations, LayerSlice, Sequential};
 use candle_deepscale::layers::parameter::ParamBuilder;
-use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::lr_schedules::LrSchedule;
+use candle_deepscale::runtime::pipe::PipeContext;
 use candle_deepscale::runtime::pipe::{partition_layers, PartitionMethod};
 use candle_deepscale::runtime::topology::Topology;
 use common::tp::{assert_params_match, gather};

@@ -4,15 +4,15 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ProcessGroup};
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::layers::module::Activations;
+use candle_deepscale::layers::parameter::{ParamBuilder, Zero3Construction};
+use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use candle_deepscale::runtime::config::{DeepSpeedConfig, Fp16Config};
 use candle_deepscale::runtime::engine::{Engine, EngineConfig, StepReport};
 use candle_deepscale::runtime::layer_loop::forward_backward;
 use candle_deepscale::runtime::lr_schedules::LrSchedule;
-use candle_deepscale::layers::module::Activations;
-use candle_deepscale::layers::parameter::{ParamBuilder, Zero3Construction};
-use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::runtime::topology::Topology;
 use candle_deepscale::runtime::zero::StateBytes;
 use common::tp::{assert_params_match, gather};
@@ -96,13 +96,15 @@ fn train_with(
             rank: dp_rank,
             persistence_threshold: cfg.stage3.param_persistence_threshold,
         });
-        let model = Arc::new(Gpt2::new(
-            &common::tiny_gpt2_config(),
-            &ParamBuilder::new(&src, &Device::Cpu, dtype)
-                .with_tp(Some(tp_group.clone()))
-                .with_zero3(zero3),
-        )
-        .unwrap());
+        let model = Arc::new(
+            Gpt2::new(
+                &common::tiny_gpt2_config(),
+                &ParamBuilder::new(&src, &Device::Cpu, dtype)
+                    .with_tp(Some(tp_group.clone()))
+                    .with_zero3(zero3),
+            )
+            .unwrap(),
+        );
         let mut engine = Engine::new(
             model.clone(),
             cfg.clone(),
@@ -494,11 +496,13 @@ fn fused_adamw_equals_reference_and_candle_nn() {
 #[test]
 fn weight_decay_skips_biases_and_layernorm_weights() {
     let src = RandomInit { seed: 5 };
-    let model = Arc::new(Gpt2::new(
-        &common::tiny_gpt2_config(),
-        &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
-    )
-    .unwrap());
+    let model = Arc::new(
+        Gpt2::new(
+            &common::tiny_gpt2_config(),
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+        )
+        .unwrap(),
+    );
     let before: Vec<Tensor> = model
         .parameters()
         .iter()
@@ -603,11 +607,13 @@ fn fp16_overflow_skips_steps_and_lowers_the_scale() {
     }
     // Train on: the scale halves at each overflow until steps go through and the loss falls.
     let src = RandomInit { seed: 5 };
-    let model = Arc::new(Gpt2::new(
-        &common::tiny_gpt2_config(),
-        &ParamBuilder::new(&src, &Device::Cpu, DType::F16),
-    )
-    .unwrap());
+    let model = Arc::new(
+        Gpt2::new(
+            &common::tiny_gpt2_config(),
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F16),
+        )
+        .unwrap(),
+    );
     let mut engine = Engine::new(model.clone(), stage_fp16(cfg), None, None).unwrap();
     let mut reports = Vec::new();
     for step in 0..30 {
@@ -714,11 +720,13 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             ..zoo::bert::Config::new(2, 64, 4, 257)
         };
         let src = RandomInit { seed: 6 };
-        let model = Arc::new(zoo::bert::Bert::new(
-            &bcfg,
-            &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_tp(Some(tp_group.clone())),
-        )
-        .unwrap());
+        let model = Arc::new(
+            zoo::bert::Bert::new(
+                &bcfg,
+                &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_tp(Some(tp_group.clone())),
+            )
+            .unwrap(),
+        );
         let mut engine = Engine::new(
             model.clone(),
             cfg.clone(),
@@ -776,15 +784,19 @@ fn gpt2_40b_partition_at_dp_512_builds_alone_and_matches_the_formula() {
     let cfg = zoo::gpt2::Config::preset("gpt2-40b").unwrap();
     let stage3 = candle_deepscale::runtime::zero::Stage3Config::default();
     let src = RandomInit { seed: 1 };
-    let model = Arc::new(Gpt2::new(
-        &cfg,
-        &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_zero3(Some(Zero3Construction {
-            parts: n,
-            rank,
-            persistence_threshold: stage3.param_persistence_threshold,
-        })),
-    )
-    .unwrap());
+    let model = Arc::new(
+        Gpt2::new(
+            &cfg,
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32).with_zero3(Some(
+                Zero3Construction {
+                    parts: n,
+                    rank,
+                    persistence_threshold: stage3.param_persistence_threshold,
+                },
+            )),
+        )
+        .unwrap(),
+    );
     let comm: Arc<dyn Communicator> = Arc::new(candle_deepscale::comm::ShapeOnly {
         rank,
         world_size: n,

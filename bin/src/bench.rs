@@ -12,11 +12,11 @@ use crate::args::Layout;
 use crate::launch::launch;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use candle_deepscale::comm::{Communicator, ReduceOp};
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::ForwardCtx;
 use candle_deepscale::layers::parameter::ParamBuilder;
-use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -578,8 +578,8 @@ fn adam(a: AdamArgs) -> Result<()> {
 }
 
 fn train(a: TpArgs) -> Result<()> {
-    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
     use candle_deepscale::layers::module::Activations;
+    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
     use candle_nn::Optimizer;
     let cfg = bench_config(&a)?;
     let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
@@ -687,8 +687,8 @@ fn train(a: TpArgs) -> Result<()> {
 
 /// One configuration of `bench pipe`: per-stage (busy, wall) medians over `iters` steps.
 fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f64)> {
-    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
     use candle_deepscale::layers::module::Activations;
+    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
     // Eight equal blocks and a small vocabulary, so stages are balanced and the bubble shows.
     let cfg = gpt2::Config {
         seq_length: 64,
@@ -810,8 +810,8 @@ fn pipe(a: PipeArgs) -> Result<()> {
 
 fn offload(a: OffloadArgs) -> Result<()> {
     use candle_deepscale::comm::ProcessGroup;
-    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
     use candle_deepscale::layers::module::Activations;
+    use candle_deepscale::runtime::engine::{Engine, EngineConfig};
     let cfg = gpt2::Config {
         seq_length: a.seq_length,
         max_position_embeddings: a.seq_length,
@@ -822,7 +822,10 @@ fn offload(a: OffloadArgs) -> Result<()> {
     let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
     let n = a.world_size.max(1);
     let (disk_write, disk_read, disk_direct) =
-        candle_deepscale::runtime::zero::swap_tensor::sequential_bandwidth(&a.nvme_path, 256 << 20)?;
+        candle_deepscale::runtime::zero::swap_tensor::sequential_bandwidth(
+            &a.nvme_path,
+            256 << 20,
+        )?;
     let layout = Layout {
         timeout: std::time::Duration::from_secs(600),
         ..crate::args::Layout::in_process(n, 1, 1)
@@ -896,7 +899,8 @@ fn offload(a: OffloadArgs) -> Result<()> {
         ram["ms_per_step"].as_f64().unwrap_or(0.0) / off["ms_per_step"].as_f64().unwrap_or(1.0);
     let swap_rate = off["swap_bytes_per_step"].as_f64().unwrap_or(0.0)
         / (off["ms_per_step"].as_f64().unwrap_or(1.0) / 1e3);
-    let est = candle_deepscale::runtime::zero::estimate::engine_bytes(3, psi, n as u64, 4, 0, 0).total();
+    let est =
+        candle_deepscale::runtime::zero::estimate::engine_bytes(3, psi, n as u64, 4, 0, 0).total();
     let v = json!({
         "model": {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "parameters": psi},
         "world_size": n,

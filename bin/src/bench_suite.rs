@@ -8,13 +8,13 @@
 //! ratios.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::ops::bf16_gemm;
-use candle_deepscale::runtime::engine::{Engine, EngineConfig};
-use candle_deepscale::runtime::meters::{self, flops_per_token, gemm_peak_flops};
-use candle_deepscale::ops::matmul::{self, Precision};
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::{Activations, ForwardCtx};
 use candle_deepscale::layers::parameter::ParamBuilder;
-use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::ops::bf16_gemm;
+use candle_deepscale::ops::matmul::{self, Precision};
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::meters::{self, flops_per_token, gemm_peak_flops};
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;

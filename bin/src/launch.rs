@@ -22,10 +22,17 @@ impl std::ops::Deref for RankCtx {
 }
 
 impl RankCtx {
-    fn new(topo: Topology, comm: Option<Arc<dyn Communicator>>, device: candle_core::Device) -> Result<Self> {
+    fn new(
+        topo: Topology,
+        comm: Option<Arc<dyn Communicator>>,
+        device: candle_core::Device,
+    ) -> Result<Self> {
         let grid = match comm {
             Some(c) => Grid::new(topo, c)?,
-            None => Grid { topo, ..Grid::single() },
+            None => Grid {
+                topo,
+                ..Grid::single()
+            },
         };
         Ok(Self { grid, device })
     }
@@ -59,7 +66,11 @@ fn launch_mpi<T: Send>(
     // One rank per process: it runs on a rayon worker (see cpu_threads; MPI is initialised
     // `Serialized`, so any one thread may call it).
     match on_worker_thread(|| {
-        f(RankCtx::new(topo, Some(dyn_comm), candle_core::Device::Cpu)?)
+        f(RankCtx::new(
+            topo,
+            Some(dyn_comm),
+            candle_core::Device::Cpu,
+        )?)
     }) {
         Ok(v) => Ok((rank == 0).then_some(v)),
         // Open MPI cannot recover a communicator once a member leaves mid-collective.
@@ -91,10 +102,8 @@ pub fn launch<T: Send>(
     }
     if layout.world_size == 1 {
         // A lone rank runs on a rayon worker (see cpu_threads); in-process ranks cannot.
-        return on_worker_thread(|| {
-            f(RankCtx::new(topo, None, candle_core::Device::Cpu)?)
-        })
-        .map(Some);
+        return on_worker_thread(|| f(RankCtx::new(topo, None, candle_core::Device::Cpu)?))
+            .map(Some);
     }
     let results = InProcessWorld::run(layout.world_size, layout.timeout, |comm| {
         let rank = comm.rank();
@@ -169,8 +178,7 @@ mod gpu {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            return f(RankCtx::new(topo, None, device(ordinal)?)?)
-            .map(Some);
+            return f(RankCtx::new(topo, None, device(ordinal)?)?).map(Some);
         }
         several(layout, topo, f)
     }

@@ -3,11 +3,11 @@ use crate::args::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use candle_core::Device;
+use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use candle_deepscale::runtime::checkpoint::{is_checkpoint, Checkpoint};
 use candle_deepscale::runtime::pipe::PipeContext;
-use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
 use candle_deepscale::runtime::pipe::{PartitionMethod, Stage};
-use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::path::{Path, PathBuf};
 use zoo::gpt2::{Gpt2, Gpt2Lm, Gpt2Pipe};
 use zoo::hub::{self, Arch};
@@ -76,8 +76,12 @@ fn load_native_gpt2(
     tp: Option<TensorParallel>,
 ) -> Result<(Gpt2, Tokenizer)> {
     let (ck, cfg, tok) = open_native_gpt2(dir)?;
-    let pb = candle_deepscale::layers::parameter::ParamBuilder::new(&ck, device, candle_core::DType::F32)
-        .with_tp(tp);
+    let pb = candle_deepscale::layers::parameter::ParamBuilder::new(
+        &ck,
+        device,
+        candle_core::DType::F32,
+    )
+    .with_tp(tp);
     Ok((Gpt2::new(&cfg, &pb)?, tok))
 }
 

@@ -187,7 +187,11 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         } else {
             n_params.to_string()
         };
-        eprintln!("model: {}, {n} parameters, {:?}", provider.describe(n_params, topo.tp), sh.dtype);
+        eprintln!(
+            "model: {}, {n} parameters, {:?}",
+            provider.describe(n_params, topo.tp),
+            sh.dtype
+        );
         eprintln!(
             "layout: world {} = pp {} x tp {} x dp {dp_size}; batch {global} = micro {micro} x accumulation {gas} x dp {dp_size}; ZeRO-{}",
             topo.world_size(),
@@ -269,9 +273,14 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         root,
         first_layer: range.start,
     };
-    let r = train_loop(&spec, &mut engine, metrics, micro_batches, evaluate, |e, i| {
-        saver.after(e, i)
-    })?;
+    let r = train_loop(
+        &spec,
+        &mut engine,
+        metrics,
+        micro_batches,
+        evaluate,
+        |e, i| saver.after(e, i),
+    )?;
     let after = provider.after_training(m, &engine, ctx)?;
     Ok(Summary {
         first_loss: r.first_loss,

@@ -12,9 +12,9 @@ use candle_deepscale::layers::module::Activations;
 use candle_deepscale::layers::parameter::ParamBuilder;
 use candle_deepscale::runtime::meters::flops_per_token;
 use candle_deepscale::runtime::pipe::PartitionMethod;
-use std::ops::Range;
 use clap::Args;
 use serde_json::json;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use zoo::bert::{self, BertPipe};
@@ -313,7 +313,10 @@ impl ModelProvider for BertProvider {
     }
 
     fn title(&self) -> String {
-        format!("BERT {}L/{}H", self.cfg.num_hidden_layers, self.cfg.hidden_size)
+        format!(
+            "BERT {}L/{}H",
+            self.cfg.num_hidden_layers, self.cfg.hidden_size
+        )
     }
 
     fn flops_per_token(&self) -> f64 {
@@ -338,7 +341,13 @@ struct BertData {
 impl DataProvider for BertData {
     type Targets = Targets;
 
-    fn batch(&self, valid: bool, start: usize, b: usize, dev: &Device) -> Result<(Activations, Targets)> {
+    fn batch(
+        &self,
+        valid: bool,
+        start: usize,
+        b: usize,
+        dev: &Device,
+    ) -> Result<(Activations, Targets)> {
         let data = match (valid, &self.valid) {
             (false, _) => &self.train,
             (true, Some(v)) => v,

@@ -12,9 +12,9 @@ use candle_deepscale::runtime::config::BatchSizes;
 use candle_deepscale::runtime::engine::Engine;
 use candle_deepscale::runtime::meters::flops_per_token;
 use candle_deepscale::runtime::pipe::PartitionMethod;
-use std::ops::Range;
 use clap::Args;
 use serde_json::json;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use zoo::generation::SamplingConfig;
 use zoo::gpt2::{self, Gpt2, Gpt2Pipe};
@@ -429,7 +429,9 @@ impl ModelProvider for Gpt2Provider<'_> {
             return Ok(None);
         };
         let files = zoo::weights::SafetensorsFiles::open_dir(d)?;
-        Ok(Some(Box::new(zoo::gpt2::hf::HfSource::new(files, &self.cfg)?)))
+        Ok(Some(Box::new(zoo::gpt2::hf::HfSource::new(
+            files, &self.cfg,
+        )?)))
     }
 
     fn describe(&self, _n_params: usize, tp: usize) -> String {
@@ -524,7 +526,13 @@ struct Gpt2Data {
 impl DataProvider for Gpt2Data {
     type Targets = Tensor;
 
-    fn batch(&self, valid: bool, start: usize, b: usize, dev: &Device) -> Result<(Activations, Tensor)> {
+    fn batch(
+        &self,
+        valid: bool,
+        start: usize,
+        b: usize,
+        dev: &Device,
+    ) -> Result<(Activations, Tensor)> {
         let samples = match (valid, &self.valid) {
             (false, _) => &self.train,
             (true, Some(v)) => v,

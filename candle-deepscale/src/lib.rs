@@ -117,7 +117,10 @@ moved! {
 
 /// The old `nn` module (linear, norm, embedding and dropout building blocks), now split over
 /// `layers::{linear, norm, embedding, dropout}`.
-#[deprecated(since = "0.2.0", note = "moved to `candle_deepscale::layers::{linear, norm, embedding, dropout}`")]
+#[deprecated(
+    since = "0.2.0",
+    note = "moved to `candle_deepscale::layers::{linear, norm, embedding, dropout}`"
+)]
 #[doc(hidden)]
 pub mod nn {
     pub use crate::layers::dropout::dropout;
@@ -129,7 +132,10 @@ pub mod nn {
 
 /// The old `engine` module: the engine, its config, the per-layer loop and the meters, now in
 /// `runtime::{engine, engine_config, layer_loop, meters}` and `runtime::pipe::PipeContext`.
-#[deprecated(since = "0.2.0", note = "moved to `candle_deepscale::runtime::engine` (the loop: `runtime::layer_loop`, meters: `runtime::meters`)")]
+#[deprecated(
+    since = "0.2.0",
+    note = "moved to `candle_deepscale::runtime::engine` (the loop: `runtime::layer_loop`, meters: `runtime::meters`)"
+)]
 #[doc(hidden)]
 pub mod engine {
     pub use crate::layers::module::GradLookup;

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 pub mod tp;
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::layers::parameter::ParamBuilder;
 use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::layers::parameter::ParamBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use zoo::gpt2::{self, Gpt2};

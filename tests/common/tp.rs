@@ -2,11 +2,11 @@
 //! BERT trained 10 steps, reporting losses, logits, gathered gradients and parameters.
 use super::{max_abs_diff, tiny_gpt2_config};
 use candle_core::{DType, Device, Tensor};
-use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
+use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::ForwardCtx;
 use candle_deepscale::layers::parameter::{Param, ParamBuilder, Partition};
-use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::tensor_parallel::TensorParallel;
+use candle_deepscale::runtime::adamw::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use zoo::bert::{self, Bert};
 use zoo::gpt2::Gpt2;
@@ -171,8 +171,9 @@ pub fn run_bert(tp: Option<TensorParallel>, steps: usize) -> Trace {
         losses.push(loss.to_scalar::<f32>().unwrap());
         let grads = loss.backward().unwrap();
         if step == 0 {
-            let full = candle_deepscale::layers::tensor_parallel::mappings::gather_from_tp(lm, model.tp())
-                .unwrap();
+            let full =
+                candle_deepscale::layers::tensor_parallel::mappings::gather_from_tp(lm, model.tp())
+                    .unwrap();
             logits0 = Some(full.narrow(2, 0, cfg.vocab_size).unwrap());
             grads0 = Some(snapshot(tp.as_ref(), &params, |p| {
                 grads.get(p.tensor()).expect("gradient").clone()

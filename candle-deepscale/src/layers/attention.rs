@@ -2,8 +2,8 @@
 //! differentiable ops (candle's `sdpa` has no CPU version and its softmax no backward).
 use crate::layers::dropout;
 use crate::layers::module::ForwardCtx;
-use crate::ops::softmax::softmax_last_dim;
 pub use crate::ops::softmax::causal_mask;
+use crate::ops::softmax::softmax_last_dim;
 use candle_core::{Result, Tensor};
 
 /// What masks the scores.

@@ -122,9 +122,7 @@ impl ParamSource for RandomInit {
         start: usize,
         len: usize,
     ) -> Result<Vec<f32>> {
-        Ok(flat_range_init(
-            meta, shard, init, self.seed, start, len,
-        ))
+        Ok(flat_range_init(meta, shard, init, self.seed, start, len))
     }
 }
 

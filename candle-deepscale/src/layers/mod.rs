@@ -18,4 +18,6 @@ pub mod storage;
 pub mod tensor_parallel;
 
 pub use module::{Activations, ForwardCtx, GradLookup, Layer, Sequential};
-pub use parameter::{Init, Param, ParamBuilder, ParamMeta, ParamOpts, ParamSource, Partition, Shard};
+pub use parameter::{
+    Init, Param, ParamBuilder, ParamMeta, ParamOpts, ParamSource, Partition, Shard,
+};

@@ -1,7 +1,6 @@
 //! Releasing and refilling a parameter's storage while its tensor keeps its shape (and its id,
 //! so autograd and the optimizer still know it): what ZeRO-3 does around each use of a layer,
 //! and what a partitioned construction (DeepSpeed's `zero.Init`) starts from.
-use crate::layers::parameter::Param;
 use candle_core::{bail, CpuStorage, Layout, Result, Var};
 use std::sync::Mutex;
 
@@ -152,8 +151,9 @@ pub fn resident_len(t: &candle_core::Tensor) -> usize {
     }
 }
 
-pub fn is_released(p: &Param) -> bool {
-    resident_len(p.tensor()) < p.tensor().elem_count()
+/// Whether the storage of `t` is released (a partitioned parameter, not gathered now).
+pub fn is_released(t: &candle_core::Tensor) -> bool {
+    resident_len(t) < t.elem_count()
 }
 
 /// A parameter built as one rank's piece of its flattened values (padded to `count` equal

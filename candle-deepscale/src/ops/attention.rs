@@ -19,7 +19,6 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-
 /// Causal attention of `qkv [b, t, heads * 3 * head_dim]` (rows per head as `[3, head_dim]`)
 /// into `[b, t, heads * head_dim]`, with dropout `(p, key)` on the probabilities drawn exactly as
 /// `nn::dropout` draws them over `[b, heads, t, t]`. `None` where the fused kernel does not apply

@@ -141,7 +141,6 @@ impl CustomOp3 for BiasGeluGrad {
     }
 }
 
-
 /// `gelu(x + bias)` (tanh approximation) over the last dimension of `x`, differentiable in both.
 pub fn bias_gelu(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::DType::F32;

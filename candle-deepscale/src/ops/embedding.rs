@@ -7,7 +7,6 @@ use crate::ops::fast_math::with_f32_slices;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-
 /// Rows `ids [n]` (u32) of `table [rows, dim]`: `[n, dim]`.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let fused = super::fused()

@@ -140,7 +140,6 @@ impl CustomOp3 for FusedLayerNorm {
     }
 }
 
-
 /// LayerNorm over the last dimension of the f32 CPU tensor `x` with weight `w` and bias `b`
 /// (f32), with a real backward. None when the inputs are not f32 on the CPU (callers fall back).
 pub fn fused_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {

@@ -128,14 +128,10 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-
 /// `softmax(scale * x)` with keys after each query masked (queries are the last `t` of `total`
 /// positions), fused on the CPU for f32; None where the caller should compose the ops.
 pub fn scaled_upper_triang_masked_softmax(x: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    if !super::fused()
-        || !x.device().is_cpu()
-        || x.dtype() != candle_core::DType::F32
-    {
+    if !super::fused() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return Ok(None);
     }
     Ok(Some(x.contiguous()?.apply_op1(UpperTriang {

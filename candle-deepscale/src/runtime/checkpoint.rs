@@ -8,10 +8,10 @@
 //! loads into any other layout: parameters through [`ParamSource`] (the model is built straight
 //! from the checkpoint at its new tensor-parallel rank) and optimizer state through
 //! [`Checkpoint::optimizer_state`].
+use crate::layers::parameter::{relayout, Init, ParamMeta, ParamSource, Partition, Shard};
 use crate::runtime::adamw::AdamWConfig;
 use crate::runtime::engine::{Engine, EngineState};
 use crate::runtime::lr_schedules::LrSchedule;
-use crate::layers::parameter::{relayout, Init, ParamMeta, ParamSource, Partition, Shard};
 use crate::runtime::zero::AdamState;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Result, Tensor};

@@ -425,4 +425,3 @@ fn into_zero(
     let ready: Vec<usize> = zero.layout().ready_after(i).collect();
     zero.reduce_buckets(&ready, last)
 }
-

@@ -131,7 +131,11 @@ pub fn gemm_peak_flops(device: &Device, tries: usize) -> Result<f64> {
         let t = Instant::now();
         let c = product(&a, &b)?;
         // Waits for a GPU's product (one scalar back).
-        c.narrow(0, 0, 1)?.narrow(1, 0, 1)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        c.narrow(0, 0, 1)?
+            .narrow(1, 0, 1)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best)

@@ -8,8 +8,8 @@
 use crate::comm::{Communicator, ProcessGroup};
 use crate::runtime::pipe::PipeContext;
 use candle_core::{bail, Result};
-use std::sync::Arc;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
@@ -167,7 +167,11 @@ impl Grid {
     pub fn single() -> Self {
         Self {
             rank: 0,
-            topo: Topology { pp: 1, dp: 1, tp: 1 },
+            topo: Topology {
+                pp: 1,
+                dp: 1,
+                tp: 1,
+            },
             comm: None,
         }
     }

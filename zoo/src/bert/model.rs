@@ -1,10 +1,10 @@
 use super::Config;
 use candle_core::{DType, Result, Tensor, D};
 use candle_deepscale::layers::attention::{self_attention, AttentionDropout, Mask};
-use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::layers::dropout::dropout;
 use candle_deepscale::layers::embedding::Embedding;
 use candle_deepscale::layers::linear::{linear, Linear};
+use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::layers::norm::LayerNorm;
 use candle_deepscale::layers::parameter::Partition;
 use candle_deepscale::layers::parameter::{Init, Param, ParamBuilder, ParamOpts};
@@ -71,7 +71,11 @@ impl BertEmbedding {
         let layernorm = if cfg.pre_layer_norm {
             None
         } else {
-            Some(LayerNorm::new(&pb.push_prefix("layernorm"), h, cfg.layer_norm_eps)?)
+            Some(LayerNorm::new(
+                &pb.push_prefix("layernorm"),
+                h,
+                cfg.layer_norm_eps,
+            )?)
         };
         Ok(Self {
             word_embeddings,
@@ -201,7 +205,11 @@ impl BertLayer {
                 false,
             )?,
             dense: RowParallelLinear::new(&att.push_prefix("dense"), h, h, true, out_std, true)?,
-            post_attention_layernorm: LayerNorm::new(&pb.push_prefix("post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: LayerNorm::new(
+                &pb.push_prefix("post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             dense_h_to_4h: ColumnParallelLinear::new(
                 &mlp.push_prefix("dense_h_to_4h"),
                 h,
@@ -365,7 +373,13 @@ impl BertHead {
             None
         };
         let pooler = if config.add_pooler {
-            Some(Linear::new(&pb.push_prefix("pooler.dense"), h, h, true, std)?)
+            Some(Linear::new(
+                &pb.push_prefix("pooler.dense"),
+                h,
+                h,
+                true,
+                std,
+            )?)
         } else {
             None
         };
@@ -394,7 +408,13 @@ impl BertHead {
             None
         };
         let binary_head = if config.add_binary_head {
-            Some(Linear::new(&pb.push_prefix("binary_head"), h, 2, true, std)?)
+            Some(Linear::new(
+                &pb.push_prefix("binary_head"),
+                h,
+                2,
+                true,
+                std,
+            )?)
         } else {
             None
         };

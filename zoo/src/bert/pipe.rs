@@ -5,12 +5,12 @@ use super::Config;
 use candle_core::{Result, Tensor};
 use candle_deepscale::layers::module::Layer;
 use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use candle_deepscale::runtime::pipe::module::partition_specs;
 use candle_deepscale::runtime::pipe::{
     LayerSpec, PartitionMethod, PipeSpec, PipelineModule, SharedLayer, TiedLayerSpec,
 };
-use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
-use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::ops::Range;
 use std::sync::Arc;
 

@@ -1,9 +1,11 @@
 use super::Config;
 use candle_core::{Result, Tensor};
-use candle_deepscale::layers::attention::{causal_self_attention, self_attention, AttentionDropout, Mask};
-use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
+use candle_deepscale::layers::attention::{
+    causal_self_attention, self_attention, AttentionDropout, Mask,
+};
 use candle_deepscale::layers::dropout::dropout;
 use candle_deepscale::layers::embedding::Embedding;
+use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::layers::norm::LayerNorm;
 use candle_deepscale::layers::parameter::{Param, ParamBuilder, ParamOpts};
 use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
@@ -159,7 +161,11 @@ impl Block {
                 false,
             )?,
             dense: RowParallelLinear::new(&att.push_prefix("dense"), h, h, true, out_std, true)?,
-            post_attention_layernorm: LayerNorm::new(&pb.push_prefix("post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: LayerNorm::new(
+                &pb.push_prefix("post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             dense_h_to_4h: ColumnParallelLinear::new(
                 &mlp.push_prefix("dense_h_to_4h"),
                 h,

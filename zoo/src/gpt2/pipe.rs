@@ -7,13 +7,13 @@ use candle_core::{Result, Tensor};
 use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::layers::norm::LayerNorm;
 use candle_deepscale::layers::parameter::{Param, ParamBuilder};
+use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
+use candle_deepscale::layers::tensor_parallel::mappings::copy_to_tp;
+use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use candle_deepscale::runtime::pipe::module::partition_specs;
 use candle_deepscale::runtime::pipe::{
     LayerSpec, PartitionMethod, PipeSpec, PipelineModule, SharedLayer, TiedLayerSpec,
 };
-use candle_deepscale::layers::tensor_parallel::cross_entropy::vocab_parallel_token_losses;
-use candle_deepscale::layers::tensor_parallel::mappings::copy_to_tp;
-use candle_deepscale::layers::tensor_parallel::TensorParallel;
 use std::ops::Range;
 
 /// The key (and parameter `tie_group`) of the word embedding shared by the first and last stage.
@@ -91,7 +91,8 @@ impl Gpt2Pipe {
         );
         let p = config.max_position_embeddings as u64;
         let block = 3 * h * h + 3 * h + h * h + h + 4 * h + h * f + f + f * h + h;
-        let embedding = |pb: &ParamBuilder| Gpt2Embedding::new(config, &pb.push_prefix("embedding"));
+        let embedding =
+            |pb: &ParamBuilder| Gpt2Embedding::new(config, &pb.push_prefix("embedding"));
         let mut specs: Vec<PipeSpec> = vec![TiedLayerSpec::new(
             TIED_KEY,
             "EmbeddingPipe",

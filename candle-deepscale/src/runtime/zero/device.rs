@@ -152,7 +152,11 @@ impl DeviceStates {
         let mut at = 0;
         for r in z.layout.runs.iter().filter(|r| r.bucket == b) {
             if r.piece_offset > at {
-                parts.push(Tensor::zeros(r.piece_offset - at, DType::F32, &self.device)?);
+                parts.push(Tensor::zeros(
+                    r.piece_offset - at,
+                    DType::F32,
+                    &self.device,
+                )?);
             }
             let p = z.params[r.param].tensor().flatten_all()?;
             parts.push(p.narrow(0, r.param_offset, r.len)?.to_dtype(DType::F32)?);
@@ -209,8 +213,11 @@ impl ZeroStates for DeviceStates {
                 if let Some(flat) = self.flat(z, b)? {
                     self.add_grad(b, flat)?;
                 }
-                if let (Some(dp), Some(g)) = (&z.dp, self.grads[b].take()) {
-                    self.grads[b] = Some(dp.comm.all_reduce_tensor(&dp.group, &g, ReduceOp::Sum)?);
+                if let Some(dp) = &z.dp {
+                    if let Some(g) = self.grads[b].take() {
+                        self.grads[b] =
+                            Some(dp.comm.all_reduce_tensor(&dp.group, &g, ReduceOp::Sum)?);
+                    }
                 }
             }
             return Ok(());
@@ -381,7 +388,9 @@ impl ZeroStates for DeviceStates {
 
     fn run_state<'a>(&'a self, _z: &ZeroCore, r: &Run) -> Result<RunState<'a>> {
         let read = |t: &Tensor| -> Result<Cow<'a, [f32]>> {
-            Ok(Cow::Owned(t.narrow(0, r.piece_offset, r.len)?.to_vec1::<f32>()?))
+            Ok(Cow::Owned(
+                t.narrow(0, r.piece_offset, r.len)?.to_vec1::<f32>()?,
+            ))
         };
         Ok((
             read(&self.exp_avg[r.bucket])?,
@@ -411,7 +420,11 @@ impl ZeroStates for DeviceStates {
         })?;
         let upload = |h: &[f32], b: usize| -> Result<Tensor> {
             let bk = &z.layout.buckets[b];
-            Tensor::from_slice(&h[bk.part_offset..bk.part_offset + bk.piece], bk.piece, &self.device)
+            Tensor::from_slice(
+                &h[bk.part_offset..bk.part_offset + bk.piece],
+                bk.piece,
+                &self.device,
+            )
         };
         let nb = z.layout.buckets.len();
         self.exp_avg = (0..nb).map(|b| upload(&m, b)).collect::<Result<_>>()?;

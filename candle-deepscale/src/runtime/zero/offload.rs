@@ -7,9 +7,7 @@
 use super::partition::Run;
 use super::stage_1_and_2::{AdamState, ZeroCore};
 use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
-use super::swap_tensor::{
-    slot_bytes, AioSettings, BufferPool, IoThreads, SwapIo, SwappedBuffer,
-};
+use super::swap_tensor::{slot_bytes, AioSettings, BufferPool, IoThreads, SwapIo, SwappedBuffer};
 use crate::comm::ProcessGroup;
 use crate::ops::adam::adam_step;
 use candle_core::{bail, Result, Tensor};
@@ -174,9 +172,14 @@ impl NvmeStates {
     }
 
     fn buffers(&self) -> impl Iterator<Item = &SwappedBuffer> {
-        [Some(&self.m), Some(&self.v), self.grads.swapped(), self.master.swapped()]
-            .into_iter()
-            .flatten()
+        [
+            Some(&self.m),
+            Some(&self.v),
+            self.grads.swapped(),
+            self.master.swapped(),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     fn flush(&self) -> Result<()> {

@@ -127,7 +127,7 @@ impl ParamCoordinator {
             .map(|&n| n < config.param_persistence_threshold.max(1))
             .collect();
         for (p, &keep) in params.iter().zip(&persistent) {
-            if keep && is_released(p) {
+            if keep && is_released(p.tensor()) {
                 bail!(
                     "parameter `{}` is below stage3_param_persistence_threshold {} but was built \
                      partitioned (build with the engine's threshold)",
@@ -135,7 +135,7 @@ impl ParamCoordinator {
                     config.param_persistence_threshold
                 )
             }
-            if !keep && !is_released(p) {
+            if !keep && !is_released(p.tensor()) {
                 release_var(&p.var)?;
             }
         }
@@ -198,19 +198,18 @@ impl ParamCoordinator {
         params: &[Param],
         gather: &Gather,
     ) -> Result<()> {
-        let s3 = self;
-        let mut live = s3.live()?;
+        let mut live = self.live()?;
         let mut todo: Vec<usize> = Vec::new();
         let want = |p: usize, live: &Live, todo: &mut Vec<usize>| {
-            if !s3.persistent[p] && !live.gathered[p] && !todo.contains(&p) {
+            if !self.persistent[p] && !live.gathered[p] && !todo.contains(&p) {
                 todo.push(p);
             }
         };
-        for &p in s3.layer_params.get(l).into_iter().flatten() {
+        for &p in self.layer_params.get(l).into_iter().flatten() {
             want(p, &live, &mut todo);
         }
         // Prefetch: the next layers' parameters, up to the bucket size and the live cap.
-        let mut budget = s3.config.prefetch_bucket_size;
+        let mut budget = self.config.prefetch_bucket_size;
         let mut next = l;
         loop {
             let n = if backward {
@@ -218,16 +217,16 @@ impl ParamCoordinator {
             } else {
                 Some(next + 1)
             };
-            let Some(n) = n.filter(|&n| n < s3.layer_params.len()) else {
+            let Some(n) = n.filter(|&n| n < self.layer_params.len()) else {
                 break;
             };
-            let e = s3.layer_elems(n);
-            let needed: usize = todo.iter().map(|&p| s3.numel[p]).sum();
-            if e > budget || live.elems + needed + e > s3.config.max_live_parameters {
+            let e = self.layer_elems(n);
+            let needed: usize = todo.iter().map(|&p| self.numel[p]).sum();
+            if e > budget || live.elems + needed + e > self.config.max_live_parameters {
                 break;
             }
             budget -= e;
-            for &p in &s3.layer_params[n] {
+            for &p in &self.layer_params[n] {
                 want(p, &live, &mut todo);
             }
             next = n;
@@ -235,10 +234,10 @@ impl ParamCoordinator {
         gather(&todo)?;
         for &p in &todo {
             live.gathered[p] = true;
-            live.elems += s3.numel[p];
-            live.gathered_total += s3.numel[p] as u64;
+            live.elems += self.numel[p];
+            live.gathered_total += self.numel[p] as u64;
         }
-        for &p in s3.layer_params.get(l).into_iter().flatten() {
+        for &p in self.layer_params.get(l).into_iter().flatten() {
             live.in_use[p] += 1;
         }
         live.peak = live.peak.max(live.elems);
@@ -249,12 +248,11 @@ impl ParamCoordinator {
     /// Layer `l` is done for now; its parameters are freed unless they are used again within
     /// `stage3_max_reuse_distance` elements.
     pub fn release_layer(&self, l: usize, backward: bool, params: &[Param]) -> Result<()> {
-        let s3 = self;
-        let n_layers = s3.layer_params.len();
-        let mut live = s3.live()?;
-        for &p in s3.layer_params.get(l).into_iter().flatten() {
+        let n_layers = self.layer_params.len();
+        let mut live = self.live()?;
+        for &p in self.layer_params.get(l).into_iter().flatten() {
             live.in_use[p] = live.in_use[p].saturating_sub(1);
-            if s3.persistent[p] || live.in_use[p] > 0 || !live.gathered[p] {
+            if self.persistent[p] || live.in_use[p] > 0 || !live.gathered[p] {
                 continue;
             }
             // Elements gathered between now and the parameter's next use in this pass.
@@ -262,22 +260,26 @@ impl ParamCoordinator {
                 // Used again by an earlier layer (a tied weight) before the pass ends?
                 (0..l)
                     .rev()
-                    .find(|&m| s3.layer_params[m].contains(&p))
-                    .map(|m| (m + 1..l).map(|k| s3.layer_elems(k)).sum::<usize>())
+                    .find(|&m| self.layer_params[m].contains(&p))
+                    .map(|m| (m + 1..l).map(|k| self.layer_elems(k)).sum::<usize>())
             } else {
-                let later = (l + 1..n_layers).find(|&m| s3.layer_params[m].contains(&p));
+                let later = (l + 1..n_layers).find(|&m| self.layer_params[m].contains(&p));
                 Some(match later {
-                    Some(m) => (l + 1..m).map(|k| s3.layer_elems(k)).sum(),
+                    Some(m) => (l + 1..m).map(|k| self.layer_elems(k)).sum(),
                     // Next used by its own backward, after the rest of forward and backward.
-                    None => 2 * (l + 1..n_layers).map(|k| s3.layer_elems(k)).sum::<usize>(),
+                    None => {
+                        2 * (l + 1..n_layers)
+                            .map(|k| self.layer_elems(k))
+                            .sum::<usize>()
+                    }
                 })
             };
-            let keep = distance.is_some_and(|d| d <= s3.config.max_reuse_distance)
-                && live.elems <= s3.config.max_live_parameters;
+            let keep = distance.is_some_and(|d| d <= self.config.max_reuse_distance)
+                && live.elems <= self.config.max_live_parameters;
             if !keep {
                 release_var(&params[p].var)?;
                 live.gathered[p] = false;
-                live.elems -= s3.numel[p];
+                live.elems -= self.numel[p];
             }
         }
         Ok(())
@@ -286,16 +288,15 @@ impl ParamCoordinator {
     /// Frees gathered parameters not in use while more than `stage3_max_live_parameters`
     /// elements are resident.
     fn enforce_live_cap(&self, params: &[Param]) -> Result<()> {
-        let s3 = self;
-        let mut live = s3.live()?;
-        for p in 0..params.len() {
-            if live.elems <= s3.config.max_live_parameters {
+        let mut live = self.live()?;
+        for (p, param) in params.iter().enumerate() {
+            if live.elems <= self.config.max_live_parameters {
                 break;
             }
-            if live.gathered[p] && live.in_use[p] == 0 && !s3.persistent[p] {
-                release_var(&params[p].var)?;
+            if live.gathered[p] && live.in_use[p] == 0 && !self.persistent[p] {
+                release_var(&param.var)?;
                 live.gathered[p] = false;
-                live.elems -= s3.numel[p];
+                live.elems -= self.numel[p];
             }
         }
         Ok(())
@@ -304,11 +305,10 @@ impl ParamCoordinator {
     /// Frees every gathered parameter (after a pass, and before the optimizer step changes the
     /// partitions they were gathered from).
     pub fn release_all(&self, params: &[Param]) -> Result<()> {
-        let s3 = self;
-        let mut live = s3.live()?;
-        for p in 0..params.len() {
+        let mut live = self.live()?;
+        for (p, param) in params.iter().enumerate() {
             if live.gathered[p] {
-                release_var(&params[p].var)?;
+                release_var(&param.var)?;
                 live.gathered[p] = false;
             }
             live.in_use[p] = 0;
@@ -325,18 +325,15 @@ impl ParamCoordinator {
         gather: &Gather,
         f: impl FnOnce() -> Result<R>,
     ) -> Result<R> {
-        let s3 = self;
-        let all: Vec<usize> = (0..params.len())
-            .filter(|&p| !s3.persistent[p])
-            .collect();
+        let all: Vec<usize> = (0..params.len()).filter(|&p| !self.persistent[p]).collect();
         self.release_all(params)?;
         gather(&all)?;
         {
-            let mut live = s3.live()?;
+            let mut live = self.live()?;
             for &p in &all {
                 live.gathered[p] = true;
                 live.in_use[p] = 1;
-                live.elems += s3.numel[p];
+                live.elems += self.numel[p];
             }
             live.peak = live.peak.max(live.elems);
         }

@@ -263,8 +263,17 @@ impl ZeroOptimizer {
             ),
             Some(o) => {
                 // Swap folders per global rank (tensor-parallel peers share a data-parallel rank).
-                let global = core.dp.as_ref().or(tp.as_ref()).map_or(0, |g| g.comm.rank());
-                Box::new(NvmeStates::new(&o, &core, global, master.unwrap_or_default())?)
+                let global = core
+                    .dp
+                    .as_ref()
+                    .or(tp.as_ref())
+                    .map_or(0, |g| g.comm.rank());
+                Box::new(NvmeStates::new(
+                    &o,
+                    &core,
+                    global,
+                    master.unwrap_or_default(),
+                )?)
             }
             None => Box::new(HostStates::new(&core, master)),
         };
@@ -619,7 +628,11 @@ impl ZeroOptimizer {
     /// storage are empty then, so `f` copies what it keeps. Other stages just run `f`.
     pub fn gathered<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let Some(s3) = &self.stage3 else { return f() };
-        s3.gathered(&self.core.params, &|todo| self.states.gather(&self.core, todo), f)
+        s3.gathered(
+            &self.core.params,
+            &|todo| self.states.gather(&self.core, todo),
+            f,
+        )
     }
 
     /// Stage 3 (or None): gathered elements resident now, the peak, and all-gathered so far.

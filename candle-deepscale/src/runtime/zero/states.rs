@@ -146,13 +146,12 @@ impl Staging {
     }
 }
 
+/// Reads this rank's fp32 pieces `range` into a buffer (from memory or a swap file).
+pub(crate) type ReadMaster<'a> = dyn Fn(std::ops::Range<usize>, &mut [f32]) -> Result<()> + 'a;
+
 /// Stage 3 on host memory: all-gathers the fp32 pieces of parameters `todo` (this rank's read by
 /// `read_master`) into their tensors.
-pub(crate) fn gather_host(
-    z: &ZeroCore,
-    todo: &[usize],
-    read_master: &dyn Fn(std::ops::Range<usize>, &mut [f32]) -> Result<()>,
-) -> Result<()> {
+pub(crate) fn gather_host(z: &ZeroCore, todo: &[usize], read_master: &ReadMaster) -> Result<()> {
     if todo.is_empty() {
         return Ok(());
     }
@@ -298,7 +297,11 @@ impl HostStates {
 
 /// Copies each run of this rank's partition out of its parameter (flattened, as f32) into
 /// `dst` (partition-ordered).
-pub(crate) fn read_params_into(layout: &FlatLayout, params: &[Param], dst: &mut [f32]) -> Result<()> {
+pub(crate) fn read_params_into(
+    layout: &FlatLayout,
+    params: &[Param],
+    dst: &mut [f32],
+) -> Result<()> {
     for r in &layout.runs {
         let at = layout.buckets[r.bucket].part_offset + r.piece_offset;
         with_f32(params[r.param].tensor(), |v| {

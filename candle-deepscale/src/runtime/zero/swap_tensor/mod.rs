@@ -54,7 +54,9 @@ struct Inner {
     /// Reads in flight (read ahead).
     reading: HashMap<usize, Receiver<Result<AlignedBuf>>>,
     /// Writes in flight (write behind).
-    writing: Vec<Receiver<Result<()>>>,
+    /// Writes in flight (write behind), by block: a read of a block waits for its write (the
+    /// I/O engine may reorder requests to one offset).
+    writing: Vec<(usize, Receiver<Result<()>>)>,
     /// Generation each block was last written with (0: never written: zeros).
     generation: Vec<u64>,
 }
@@ -182,7 +184,8 @@ impl SwappedBuffer {
         Ok(())
     }
 
-    /// Starts reading block `b` unless it is resident or already coming.
+    /// Starts reading block `b` unless it is resident or already coming (after its write, if
+    /// one is in flight).
     fn prefetch_locked(&self, inner: &mut Inner, b: usize) -> Result<()> {
         if b >= inner.generation.len()
             || inner.resident.iter().any(|(i, _)| *i == b)
@@ -190,6 +193,11 @@ impl SwappedBuffer {
             || inner.generation[b] == 0
         {
             return Ok(());
+        }
+        while let Some(at) = inner.writing.iter().position(|(wb, _)| *wb == b) {
+            let (_, w) = inner.writing.remove(at);
+            w.recv()
+                .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
         }
         let (tx, rx) = channel();
         self.io.submit(Job::Read {
@@ -234,13 +242,13 @@ impl SwappedBuffer {
             pool: self.pool.clone(),
             done: tx,
         })?;
-        inner.writing.push(rx);
+        inner.writing.push((b, rx));
         // Collect finished writes (their errors surface here or at the next flush).
         let mut pending = Vec::new();
-        for w in inner.writing.drain(..) {
+        for (wb, w) in inner.writing.drain(..) {
             match w.try_recv() {
                 Ok(r) => r?,
-                Err(std::sync::mpsc::TryRecvError::Empty) => pending.push(w),
+                Err(std::sync::mpsc::TryRecvError::Empty) => pending.push((wb, w)),
                 Err(_) => bail!("swap write of {} lost", self.path.display()),
             }
         }
@@ -340,7 +348,7 @@ impl SwappedBuffer {
         for (b, slot) in resident {
             self.write_behind(&mut inner, b, slot)?;
         }
-        for w in std::mem::take(&mut inner.writing) {
+        for (_, w) in std::mem::take(&mut inner.writing) {
             w.recv()
                 .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
         }
@@ -407,7 +415,6 @@ impl SwapIo {
         )
     }
 }
-
 
 /// Sequential write and read bandwidth (bytes/s) of the filesystem under `dir`, with 4 MiB
 /// aligned blocks through the same `O_DIRECT`-when-possible path as the swapper (so the page
