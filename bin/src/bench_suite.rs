@@ -6,6 +6,7 @@
 //! ran, and the bf16 mode's step (bf16 matrix products, fp32 master weights) against fp32; with
 //! `--compare-torch`, PyTorch's figures from `../shared/peers/torch_bench.py` in the same run, as
 //! ratios.
+use crate::args::DeviceKind;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::layers::init::RandomInit;
@@ -14,7 +15,9 @@ use candle_deepscale::layers::parameter::ParamBuilder;
 use candle_deepscale::ops::bf16_gemm;
 use candle_deepscale::ops::matmul::{self, Precision};
 use candle_deepscale::runtime::engine::{Engine, EngineConfig};
-use candle_deepscale::runtime::meters::{self, flops_per_token, gemm_peak_flops};
+use candle_deepscale::runtime::meters::{
+    self, flops_per_token, gemm_peak_flops, gemm_peak_flops_of,
+};
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -43,9 +46,13 @@ pub struct SuiteArgs {
     /// report the median of the per-round ratios (the machine's speed drifts between runs).
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
-    /// Skip the bf16 mode's training step (bf16 matrix products, fp32 master weights).
+    /// Skip the bf16 mode's training step (bf16 matrix products, fp32 master weights; on a GPU,
+    /// bf16 parameters).
     #[arg(long)]
     pub no_bf16: bool,
+    /// Where the benchmark runs: the CPU, or GPU 0 (`cuda`, a build with `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
     #[arg(long)]
     pub json: bool,
 }
@@ -161,12 +168,24 @@ fn measure(
     iters: usize,
     forward: bool,
 ) -> Result<Measured> {
+    measure_on(cfg, b, s, iters, forward, &Device::Cpu, DType::F32)
+}
+
+/// [`measure`] on `device` with parameters of `dtype` (on a GPU: bf16 parameters in bf16 mode,
+/// no paired GEMM beside each step — the GPU's clock does not drift like this VM's).
+fn measure_on(
+    cfg: &gpt2::Config,
+    b: usize,
+    s: usize,
+    iters: usize,
+    forward: bool,
+    device: &Device,
+    dtype: DType,
+) -> Result<Measured> {
     reset_peak_rss();
+    let cpu = device.is_cpu();
     let src = RandomInit { seed: 1 };
-    let model = std::sync::Arc::new(Gpt2::new(
-        cfg,
-        &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
-    )?);
+    let model = std::sync::Arc::new(Gpt2::new(cfg, &ParamBuilder::new(&src, device, dtype))?);
     let params: usize = model
         .parameters()
         .iter()
@@ -176,6 +195,7 @@ fn measure(
         model.clone(),
         EngineConfig {
             train_micro_batch_size_per_gpu: b,
+            bf16: dtype == DType::BF16,
             ..Default::default()
         },
         None,
@@ -184,14 +204,14 @@ fn measure(
     let ids: Vec<u32> = (0..b * (s + 1))
         .map(|i| (i * 7919 % 50257) as u32)
         .collect();
-    let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
+    let t = Tensor::from_vec(ids, (b, s + 1), device)?;
     let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
     let mut step_ms = Vec::new();
     let mut step_peak_gflops = Vec::new();
     let mut faults = 0;
     let mut gemm_faults = 0;
     for i in 0..iters + 1 {
-        if i > 0 {
+        if i > 0 && cpu {
             let f = minor_faults();
             step_peak_gflops.push(peak_gflops(2)?);
             gemm_faults += minor_faults() - f;
@@ -214,6 +234,7 @@ fn measure(
     for i in 0..if forward { 3 } else { 0 } {
         let t0 = Instant::now();
         let logits = model.full_logits(&model.forward(&x, &ForwardCtx::eval())?)?;
+        device.synchronize()?;
         drop(logits);
         if i > 0 {
             fwd.push(t0.elapsed().as_secs_f64());
@@ -287,7 +308,76 @@ fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
 
 /// One process, one rank: everything runs on a rayon worker, as `launch` runs a lone rank.
 pub fn run(a: SuiteArgs) -> Result<()> {
+    if a.device == DeviceKind::Cuda {
+        return run_gpu(a);
+    }
     candle_deepscale::ops::threads::on_worker_thread(|| run_on_worker(a))
+}
+
+/// `bench --device cuda`: the training step and the forward on GPU 0 in fp32 and with bf16
+/// parameters, MFU against the GPU's own GEMM peak at each dtype (measured at start).
+fn run_gpu(a: SuiteArgs) -> Result<()> {
+    for name in &a.config {
+        shape(name)?;
+    }
+    if a.compare_torch {
+        bail!("not supported: --compare-torch with --device cuda, because torch_bench.py times the CPU")
+    }
+    let device = Device::new_cuda(0)
+        .map_err(|e| anyhow::anyhow!("--device cuda: {e} (build with --features cuda)"))?;
+    let peak = gemm_peak_flops_of(&device, DType::F32, 5)? / 1e9;
+    eprintln!("GPU GEMM peak (2048^3, best of 5): fp32 {peak:.0} GFLOP/s");
+    let bf16_peak = if a.no_bf16 {
+        None
+    } else {
+        let g = gemm_peak_flops_of(&device, DType::BF16, 5)? / 1e9;
+        eprintln!("GPU GEMM peak (2048^3, best of 5): bf16 {g:.0} GFLOP/s");
+        Some(g)
+    };
+    let mut rows = Vec::new();
+    for name in &a.config {
+        let (cfg, b, s, _) = shape(name)?;
+        let m = measure_on(&cfg, b, s, a.iters.max(1), true, &device, DType::F32)?;
+        let mfu = meters::mfu(m.tokens_per_s, m.flops_per_token, peak * 1e9);
+        let mut row = json!({
+            "config": name, "batch": b, "seq": s, "params": m.params,
+            "tokens_per_s": m.tokens_per_s, "step_ms": m.step_ms,
+            "fwd_tokens_per_s": m.fwd_tokens_per_s, "mfu": mfu,
+            "forward_ms": m.split.forward_ms, "backward_ms": m.split.backward_ms,
+            "optimizer_step_ms": m.split.step_ms,
+        });
+        let mut line = format!(
+            "{name} b{b} x s{s} on GPU: fp32 train {:.0} tokens/s (MFU {:.0}% of {peak:.0} GFLOP/s), forward {:.0} tokens/s",
+            m.tokens_per_s,
+            100.0 * mfu,
+            m.fwd_tokens_per_s
+        );
+        if let Some(bf16_peak) = bf16_peak {
+            let h = measure_on(&cfg, b, s, a.iters.max(1), true, &device, DType::BF16)?;
+            let bf16_mfu = meters::mfu(h.tokens_per_s, h.flops_per_token, bf16_peak * 1e9);
+            row["bf16_tokens_per_s"] = json!(h.tokens_per_s);
+            row["bf16_fwd_tokens_per_s"] = json!(h.fwd_tokens_per_s);
+            row["bf16_vs_fp32"] = json!(h.tokens_per_s / m.tokens_per_s);
+            row["bf16_mfu"] = json!(bf16_mfu);
+            line += &format!(
+                "; bf16 train {:.0} tokens/s ({:.2}x fp32, MFU {:.0}% of {bf16_peak:.0} GFLOP/s), forward {:.0} tokens/s",
+                h.tokens_per_s,
+                h.tokens_per_s / m.tokens_per_s,
+                100.0 * bf16_mfu,
+                h.fwd_tokens_per_s
+            );
+        }
+        eprintln!("{line}");
+        rows.push(row);
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "train", "device": "cuda", "gemm_gflops": peak,
+                   "bf16_gemm_gflops": bf16_peak, "results": rows})
+        );
+    }
+    Ok(())
 }
 
 fn run_on_worker(a: SuiteArgs) -> Result<()> {

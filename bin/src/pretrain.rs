@@ -18,7 +18,7 @@ use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
 use candle_deepscale::runtime::checkpoint::Checkpoint;
 use candle_deepscale::runtime::config::BatchSizes;
 use candle_deepscale::runtime::engine::{Engine, EngineConfig};
-use candle_deepscale::runtime::meters::gemm_peak_flops;
+use candle_deepscale::runtime::meters::{gemm_peak_flops, gemm_peak_flops_of};
 use candle_deepscale::runtime::pipe::PartitionMethod;
 use serde_json::json;
 use std::ops::Range;
@@ -222,11 +222,12 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         eval_interval: a.eval_interval,
         tokens_per_iter: (global * seq) as f64,
         flops_per_token: provider.flops_per_token(),
-        // MFU against the GEMM peak of the device the rank trains on.
+        // MFU against the GEMM peak of the device the rank trains on (a GPU's at the
+        // parameters' dtype).
         gemm_peak: if device.is_cpu() {
             cpu_peak
         } else {
-            gemm_peak_flops(&device, 5)?
+            gemm_peak_flops_of(&device, sh.dtype, 5)?
         },
         metrics_file: a.metrics_file.as_deref(),
         root,

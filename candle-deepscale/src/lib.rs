@@ -140,7 +140,11 @@ pub mod nn {
 pub mod engine {
     pub use crate::layers::module::GradLookup;
     pub use crate::runtime::engine::*;
-    pub use crate::runtime::layer_loop::{forward_backward, Grads, LayerHook, OnGrads};
+    pub use crate::runtime::layer_loop::{
+        backward as stage_backward, forward as stage_forward, forward_backward,
+        micro_batch as backward_pass, Grads, LayerHook, LoopHooks as StageHooks, OnGrads,
+        PassState as StageState,
+    };
     pub use crate::runtime::meters::{MemoryMeter, MemoryReport, WallClock};
     pub use crate::runtime::pipe::PipeContext;
 }

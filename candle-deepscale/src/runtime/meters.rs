@@ -1,7 +1,7 @@
 //! What the engine measures of itself (DeepSpeed's `utils/timer.py` and memory reports): the
 //! wall clock split of an iteration, memory by category, and the one MFU definition every
 //! figure uses — model FLOPs per second over this machine's GEMM peak.
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use std::time::Instant;
 
 /// What the engine measures of its own memory besides model states: the activations a step
@@ -114,9 +114,16 @@ pub const PEAK_GEMM_SIZE: usize = 2048;
 /// BLAS where one loads, at the process's matmul precision: the bf16 peak in bf16 mode), candle's
 /// (cuBLAS) on a GPU. The MFU denominator: measure it once at start.
 pub fn gemm_peak_flops(device: &Device, tries: usize) -> Result<f64> {
+    gemm_peak_flops_of(device, DType::F32, tries)
+}
+
+/// [`gemm_peak_flops`] with operands of `dtype` (a GPU's bf16 or fp16 peak, for parameters of
+/// that dtype; on the CPU the process's matmul precision decides instead).
+pub fn gemm_peak_flops_of(device: &Device, dtype: DType, tries: usize) -> Result<f64> {
     let n = PEAK_GEMM_SIZE;
-    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     let product = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
         if device.is_cpu() {
             crate::ops::matmul::matmul(a, b)
@@ -126,17 +133,14 @@ pub fn gemm_peak_flops(device: &Device, tries: usize) -> Result<f64> {
     };
     // A warm-up product: packing buffers, the BLAS's first call, the GPU's kernels.
     product(&a, &b)?;
+    device.synchronize()?;
     let mut best = f64::MAX;
     for _ in 0..tries.max(1) {
         let t = Instant::now();
         let c = product(&a, &b)?;
-        // Waits for a GPU's product (one scalar back).
-        c.narrow(0, 0, 1)?
-            .narrow(1, 0, 1)?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
+        device.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
     }
     Ok(2.0 * (n as f64).powi(3) / best)
 }
