@@ -17,6 +17,7 @@ use candle_deepscale::layers::module::{unique_parameters, Activations, Sequentia
 use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
 use candle_deepscale::runtime::checkpoint::Checkpoint;
 use candle_deepscale::runtime::config::BatchSizes;
+use candle_deepscale::runtime::data_samplers::PretrainingSampler;
 use candle_deepscale::runtime::engine::{Engine, EngineConfig};
 use candle_deepscale::runtime::meters::{gemm_peak_flops, gemm_peak_flops_of};
 use candle_deepscale::runtime::pipe::PartitionMethod;
@@ -244,12 +245,13 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         fp16: sh.engine.fp16.is_some(),
     };
     let m = &*model;
+    // This rank's slice of each global batch: the 1-rank order cut among the dp ranks.
+    let sampler = PretrainingSampler::new(&sh.batch, dp_size, dp_rank);
     let micro_batches = |iter: u64| -> Result<Vec<_>> {
-        // This rank's slice of the global batch: the 1-rank order cut among the dp ranks.
-        let start = ((iter - 1) as usize) * global + dp_rank * micro * gas;
         (0..gas)
             .map(|k| {
-                let (x, t) = data.batch(false, start + k * micro, micro, &device)?;
+                let r = sampler.micro_batch(iter, k);
+                let (x, t) = data.batch(false, r.start, r.len(), &device)?;
                 Ok((x, move |o: &Activations| loss_fn(m, o, &t)))
             })
             .collect()
@@ -261,7 +263,8 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         let n = a.eval_iters.max(1) as usize;
         let mut sum = 0.0;
         for i in 0..n {
-            let (x, t) = data.batch(true, (i * dp_size + dp_rank) * micro, micro, &device)?;
+            let r = sampler.eval_micro_batch(i);
+            let (x, t) = data.batch(true, r.start, r.len(), &device)?;
             sum += engine.eval_batch(x, |o| loss_fn(m, o, &t))? as f64;
         }
         Ok(Some(engine.dp_mean(sum / n as f64)?))

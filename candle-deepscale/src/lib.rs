@@ -65,6 +65,7 @@ pub mod ops;
 pub mod runtime;
 
 pub use layers::module::{Activations, ForwardCtx, GradLookup, Layer, Sequential};
+pub use runtime::initialize::{initialize, initialize_with, InitOptions, IntoComm};
 pub use layers::parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};
 
 /// The fused CPU kernels on, or off for candle's composed ops (see [`ops::set_fused`]).

@@ -28,14 +28,13 @@ pub fn shard_init(meta: &ParamMeta, shard: Option<Shard>, init: Init, seed: u64)
         local[dim] = len;
     }
     let n: usize = local.iter().product();
-    let data = match init {
-        Init::Zeros => vec![0f32; n],
-        Init::Ones => vec![1f32; n],
-        Init::Normal { std } => {
+    let data = match init.constant() {
+        Some(c) => vec![c as f32; n],
+        None => {
             let key = random::stream_key(seed, &meta.name);
             let mut v = vec![0f32; n];
             if shape.is_empty() {
-                random::fill_normal(&mut v, key, 0, std);
+                fill(&mut v, init, key, 0);
             } else {
                 // Element i of the logical tensor draws value i of the stream: copy, for every
                 // index of the dims before `dim`, the contiguous run [start, start + len) x inner.
@@ -43,7 +42,7 @@ pub fn shard_init(meta: &ParamMeta, shard: Option<Shard>, init: Init, seed: u64)
                 let full_d = shape[dim];
                 for (o, run) in v.chunks_mut(len * inner).enumerate() {
                     let offset = ((o * full_d + start) * inner) as u64;
-                    random::fill_normal(run, key, offset, std);
+                    fill(run, init, key, offset);
                 }
             }
             v
@@ -62,32 +61,44 @@ pub fn flat_range_init(
     start: usize,
     len: usize,
 ) -> Vec<f32> {
+    if let Some(c) = init.constant() {
+        return vec![c as f32; len];
+    }
+    let key = random::stream_key(seed, &meta.name);
+    let mut v = vec![0f32; len];
+    let shape = &meta.shape;
+    let Some(s) = shard.filter(|_| !shape.is_empty()) else {
+        fill(&mut v, init, key, start as u64);
+        return v;
+    };
+    // The block is, for each index of the dims before `s.dim`, a contiguous run of
+    // `blen * inner` logical elements starting at `bstart * inner`.
+    let (bstart, blen) = s.range(shape[s.dim]);
+    let inner: usize = shape[s.dim + 1..].iter().product();
+    let (run, full_run) = (blen * inner, shape[s.dim] * inner);
+    let mut at = 0;
+    while at < len {
+        let local = start + at;
+        let (o, within) = (local / run, local % run);
+        let n = (run - within).min(len - at);
+        let logical = o * full_run + bstart * inner + within;
+        fill(&mut v[at..at + n], init, key, logical as u64);
+        at += n;
+    }
+    v
+}
+
+/// Stream positions `offset..offset + out.len()` of the random `init` under `key`.
+fn fill(out: &mut [f32], init: Init, key: u64, offset: u64) {
     match init {
-        Init::Zeros => vec![0f32; len],
-        Init::Ones => vec![1f32; len],
-        Init::Normal { std } => {
-            let key = random::stream_key(seed, &meta.name);
-            let mut v = vec![0f32; len];
-            let shape = &meta.shape;
-            let Some(s) = shard.filter(|_| !shape.is_empty()) else {
-                random::fill_normal(&mut v, key, start as u64, std);
-                return v;
-            };
-            // The block is, for each index of the dims before `s.dim`, a contiguous run of
-            // `blen * inner` logical elements starting at `bstart * inner`.
-            let (bstart, blen) = s.range(shape[s.dim]);
-            let inner: usize = shape[s.dim + 1..].iter().product();
-            let (run, full_run) = (blen * inner, shape[s.dim] * inner);
-            let mut at = 0;
-            while at < len {
-                let local = start + at;
-                let (o, within) = (local / run, local % run);
-                let n = (run - within).min(len - at);
-                let logical = o * full_run + bstart * inner + within;
-                random::fill_normal(&mut v[at..at + n], key, logical as u64, std);
-                at += n;
-            }
-            v
+        Init::Normal { std } => random::fill_normal(out, key, offset, std),
+        Init::Randn { mean, std } => {
+            random::fill_normal(out, key, offset, std);
+            out.iter_mut().for_each(|x| *x += mean as f32);
+        }
+        Init::Uniform { low, high } => random::fill_uniform(out, key, offset, low, high),
+        Init::Zeros | Init::Ones | Init::Const(_) => {
+            out.fill(init.constant().unwrap_or(0.0) as f32)
         }
     }
 }

@@ -14,8 +14,10 @@ pub mod loss;
 pub mod module;
 pub mod norm;
 pub mod parameter;
+pub mod registry;
 pub mod storage;
 pub mod tensor_parallel;
+pub mod var_builder;
 
 pub use module::{Activations, ForwardCtx, GradLookup, Layer, Sequential};
 pub use parameter::{

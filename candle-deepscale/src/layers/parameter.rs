@@ -2,6 +2,7 @@
 //!
 //! Checkpoint consolidation, universal reshape, grad-norm clipping and ZeRO's flat buffers read this
 //! metadata; nothing downstream guesses from names.
+use crate::layers::registry::ParamRegistry;
 use crate::layers::storage::{release_var, FlatPiece};
 use crate::layers::tensor_parallel::TensorParallel;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -56,12 +57,32 @@ impl Param {
     }
 }
 
-/// How a parameter is initialised when no checkpoint provides it.
+/// How a parameter is initialised when no checkpoint provides it. Random values come from the
+/// counter-based generator keyed by the parameter's logical name (every layout, every rank, the
+/// same values).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
+    /// Normal with mean 0.
     Normal { std: f64 },
     Zeros,
     Ones,
+    Const(f64),
+    /// Normal with a mean.
+    Randn { mean: f64, std: f64 },
+    /// Uniform in `[low, high)`.
+    Uniform { low: f64, high: f64 },
+}
+
+impl Init {
+    /// The constant every element takes, for the constant inits.
+    pub fn constant(&self) -> Option<f64> {
+        match *self {
+            Init::Zeros => Some(0.0),
+            Init::Ones => Some(1.0),
+            Init::Const(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// Which contiguous block of a logical tensor a rank holds: block `index` of `count` along `dim`.
@@ -194,6 +215,7 @@ pub struct ParamBuilder<'a> {
     dtype: DType,
     tp: Option<TensorParallel>,
     zero3: Option<Zero3Construction>,
+    registry: Option<ParamRegistry>,
 }
 
 /// ZeRO-3 construction (DeepSpeed's `zero.Init`): parameters of at least `persistence_threshold`
@@ -224,7 +246,15 @@ impl<'a> ParamBuilder<'a> {
             dtype,
             tp: None,
             zero3: None,
+            registry: None,
         }
+    }
+
+    /// Registers every parameter built from here (a name built twice is one parameter): the
+    /// whole-model engine trains what the registry holds.
+    pub fn with_registry(mut self, registry: ParamRegistry) -> Self {
+        self.registry = Some(registry);
+        self
     }
 
     /// Builds large parameters partitioned over the data-parallel ranks (ZeRO-3): never whole.
@@ -274,6 +304,17 @@ impl<'a> ParamBuilder<'a> {
     }
 
     pub fn get(&self, shape: &[usize], name: &str, init: Init, opts: ParamOpts) -> Result<Param> {
+        if let Some(p) = self.registry.as_ref().and_then(|r| r.get(&self.full_name(name))) {
+            return Ok(p);
+        }
+        let p = self.build(shape, name, init, opts)?;
+        match &self.registry {
+            Some(r) => r.register(p),
+            None => Ok(p),
+        }
+    }
+
+    fn build(&self, shape: &[usize], name: &str, init: Init, opts: ParamOpts) -> Result<Param> {
         let meta = ParamMeta {
             name: self.full_name(name),
             shape: shape.to_vec(),

@@ -58,6 +58,18 @@ pub fn fill_normal(out: &mut [f32], key: u64, offset: u64, std: f64) {
 }
 
 /// Fills `out` with a dropout keep-mask scaled by `1/(1-p)` (0 where dropped), in parallel.
+/// Uniform values in `[low, high)` for stream positions `offset..offset + out.len()`.
+pub fn fill_uniform(out: &mut [f32], key: u64, offset: u64, low: f64, high: f64) {
+    out.par_chunks_mut(1 << 14)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = offset + (c as u64) * (1 << 14);
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = (low + (high - low) * uniform(key, base + j as u64)) as f32;
+            }
+        });
+}
+
 pub fn fill_dropout_mask(out: &mut [f32], key: u64, p: f64) {
     let scale = (1.0 / (1.0 - p)) as f32;
     out.par_chunks_mut(1 << 14)

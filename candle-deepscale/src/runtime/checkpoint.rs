@@ -517,6 +517,20 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint's parameters, by logical name, for the `VarBuilder` backend (any candle model).
+impl crate::layers::var_builder::Weights for Checkpoint {
+    fn get(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self.manifest.params.iter().any(|m| m.name == name) {
+            return Ok(None);
+        }
+        self.logical(name).map(Some)
+    }
+
+    fn describe(&self) -> String {
+        format!("checkpoint {}", self.dir.display())
+    }
+}
+
 impl ParamSource for Checkpoint {
     fn tensor(
         &self,

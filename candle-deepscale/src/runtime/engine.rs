@@ -10,6 +10,7 @@
 use crate::comm::{ProcessGroup, ReduceOp};
 use crate::layers::module::{Activations, ForwardCtx, Layer, Sequential};
 use crate::layers::parameter::Param;
+use crate::layers::registry::ParamRegistry;
 use crate::runtime::activation_checkpointing::CheckpointPolicy;
 use crate::runtime::layer_loop::{self, ZeroHooks};
 use crate::runtime::loss_scaler::LossScaler;
@@ -22,6 +23,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::runtime::engine_config::EngineConfig;
+use whole_model::WHOLE_MODEL_MEMORY_NOTE;
+
+mod whole_model;
 
 /// The engine's own counters and loss scaler: what a checkpoint needs besides parameters and
 /// optimizer state to continue exactly.
@@ -70,6 +74,11 @@ pub struct Engine {
     meter: MemoryMeter,
     /// Milliseconds in forward, backward and the optimizer step since the last `take_wall_clock`.
     clock: WallClock,
+    /// Whole-model mode: the parameters come from this registry and the gradients from one
+    /// whole-graph backward ([`Engine::backward`]); None: the layer list's per-layer loop.
+    graph: Option<ParamRegistry>,
+    /// Whole-model mode: the first backward checked that every parameter got a gradient.
+    grads_checked: bool,
 }
 
 impl Engine {
@@ -86,25 +95,7 @@ impl Engine {
         }
         let dp = dp.filter(|g| g.size() > 1);
         let tp = tp.filter(|g| g.size() > 1);
-        let mut zero = ZeroOptimizer::new(
-            &model.layers(),
-            config.zero_stage,
-            config.reduce_bucket_size,
-            config.optimizer,
-            dp.clone(),
-            tp.clone(),
-            config.stage3.clone(),
-        )?;
-        let on_gpu = zero
-            .params()
-            .first()
-            .is_some_and(|p| !p.tensor().device().is_cpu());
-        let device_states = config
-            .device_states
-            .unwrap_or(on_gpu && !config.offload_optimizer_cpu && config.stage3.offload.is_none());
-        if device_states {
-            zero.use_device_states()?;
-        }
+        let zero = build_zero(model.as_ref(), &config, &dp, &tp)?;
         let scaler = match &config.fp16 {
             Some(f) => LossScaler::from_config(f),
             None => LossScaler::fixed(1.0),
@@ -130,6 +121,8 @@ impl Engine {
             pipe_timing: None,
             meter: MemoryMeter::default(),
             clock: WallClock::default(),
+            graph: None,
+            grads_checked: false,
         })
     }
 
@@ -142,6 +135,7 @@ impl Engine {
         if stages <= 1 {
             return Ok(self);
         }
+        self.layer_list_only("pipelines")?;
         if self.config.zero_stage == 3 {
             bail!(
                 "not supported: ZeRO stage 3 with a pipeline, because each stage would gather \
@@ -270,6 +264,7 @@ impl Engine {
         state: &EngineState,
         optimizer: impl FnMut(&Param) -> Result<Option<AdamState>>,
     ) -> Result<()> {
+        self.prepare()?;
         self.zero.load_state(state.updates, optimizer)?;
         self.iteration = state.iteration;
         self.updates = state.updates;
@@ -305,6 +300,7 @@ impl Engine {
         ctx: &ForwardCtx,
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
+        self.layer_list_only("forward_backward")?;
         let last = self.micro_step + 1 >= self.config.gradient_accumulation_steps;
         let loss = layer_loop::micro_batch(
             &self.model.layers(),
@@ -404,6 +400,7 @@ impl Engine {
     where
         F: FnOnce(&Activations) -> Result<Tensor>,
     {
+        self.layer_list_only("train_batch")?;
         self.check_micro_batches(micro_batches.len())?;
         let gas = micro_batches.len();
         let mean = if self.pipe.is_some() {
@@ -463,6 +460,7 @@ impl Engine {
         input: Activations,
         loss_fn: impl FnOnce(&Activations) -> Result<Tensor>,
     ) -> Result<f32> {
+        self.layer_list_only("eval_batch")?;
         let layers = self.model.layers();
         if self.zero.stage() == 3 {
             // Stage 3: each layer's parameters are gathered around its forward.
@@ -554,6 +552,40 @@ impl Engine {
 
     /// One line: the layout and its measured model state against the formula.
     pub fn describe_memory(&self) -> String {
-        self.zero.describe_memory(self.dp_size())
+        let line = self.zero.describe_memory(self.dp_size());
+        match self.graph {
+            Some(_) => line + WHOLE_MODEL_MEMORY_NOTE,
+            None => line,
+        }
     }
+}
+
+/// ZeRO's optimizer over the distinct parameters of `model`'s layers, its states on the
+/// parameters' device where they live on a GPU (unless offloaded).
+fn build_zero(
+    model: &dyn Sequential,
+    config: &EngineConfig,
+    dp: &Option<ProcessGroup>,
+    tp: &Option<ProcessGroup>,
+) -> Result<ZeroOptimizer> {
+    let mut zero = ZeroOptimizer::new(
+        &model.layers(),
+        config.zero_stage,
+        config.reduce_bucket_size,
+        config.optimizer,
+        dp.clone(),
+        tp.clone(),
+        config.stage3.clone(),
+    )?;
+    let on_gpu = zero
+        .params()
+        .first()
+        .is_some_and(|p| !p.tensor().device().is_cpu());
+    let device_states = config
+        .device_states
+        .unwrap_or(on_gpu && !config.offload_optimizer_cpu && config.stage3.offload.is_none());
+    if device_states {
+        zero.use_device_states()?;
+    }
+    Ok(zero)
 }
