@@ -124,6 +124,36 @@ fn run_worker(np: usize, case: &str, env: &[(&str, &str)]) -> (Output, tempfile:
     (out, dir)
 }
 
+/// The candle-transformers Llama example (whole-model engine, ZeRO-2) under `mpirun -np 2`
+/// equals its run on 2 in-process ranks: same losses, to the bit (fixed-order reductions).
+fn llama_example_under_mpirun() {
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/llama_zero2");
+    assert!(
+        example.exists(),
+        "{} is not built: `cargo build --workspace --examples --features deepscale/mpi` first (scripts/test.sh does)",
+        example.display()
+    );
+    let last = |out: &Output| -> serde_json::Value {
+        let s = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(s.lines().last().unwrap_or_default()).expect("JSON summary")
+    };
+    let local = Command::new(&example).output().unwrap();
+    expect_ok(&local, "llama example in-process");
+    let mpi = mpirun(2, &example, &[], &[]);
+    expect_ok(&mpi, "llama example under mpirun");
+    let (a, b) = (last(&local), last(&mpi));
+    assert_eq!(b["ranks"], 2);
+    for k in ["initial_loss", "final_loss", "parameters"] {
+        assert_eq!(a[k], b[k], "{k}: in-process {a} vs mpirun {b}");
+    }
+}
+
 fn expect_ok(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -381,6 +411,10 @@ fn main() {
     }
     type Case = (&'static str, Box<dyn Fn()>);
     let cases: Vec<Case> = vec![
+        (
+            "mpi_llama_example_equals_in_process_ranks",
+            Box::new(llama_example_under_mpirun),
+        ),
         ("mpi_collectives_2_processes", Box::new(|| collectives(2))),
         ("mpi_collectives_4_processes", Box::new(|| collectives(4))),
         (

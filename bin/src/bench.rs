@@ -57,6 +57,9 @@ pub enum BenchWhat {
     /// step throughput ratio, the swapper's bytes/s against the disk's sequential bandwidth, and
     /// the estimator against the measured bytes.
     Offload(OffloadArgs),
+    /// The whole-model engine (any candle model through `initialize`) against the stock candle
+    /// loop (VarMap + candle_nn::AdamW) on one candle-nn model at one rank: step and optimizer.
+    Whole(crate::bench_whole::WholeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -185,6 +188,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Train(t) => train(t),
         BenchWhat::Pipe(p) => pipe(p),
         BenchWhat::Offload(o) => offload(o),
+        BenchWhat::Whole(w) => crate::bench_whole::run(w),
         BenchWhat::Comm(c) => comm(c),
         BenchWhat::Tp(t) => tp(t),
         BenchWhat::Adam(a) => adam(a),

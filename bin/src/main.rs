@@ -2,6 +2,7 @@
 mod args;
 mod bench;
 mod bench_suite;
+mod bench_whole;
 mod convert;
 mod deepspeed_args;
 mod estimate_memory;

@@ -17,6 +17,35 @@
 //!
 //! # Two ways in
 //!
+//! **Any candle model** (data parallelism with ZeRO 0/1/2, offload, mixed precision, checkpoints):
+//! [`initialize`] — DeepSpeed's name — takes a DeepSpeed config and this rank's communicator and
+//! gives the [`Engine`](runtime::engine::Engine) and a candle-nn `VarBuilder`. Build the model with
+//! it unchanged; run its forward as usual; `engine.backward(loss)` and `engine.step()` do the
+//! rest (one whole-graph backward, gradients reduced after it).
+//!
+//! ```no_run
+//! use candle_core::{Device, Module, Result, Tensor};
+//! use candle_deepscale::runtime::config::DeepSpeedConfig;
+//!
+//! # fn main() -> Result<()> {
+//! let config = DeepSpeedConfig::from_json_str(
+//!     r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+//!         "zero_optimization": {"stage": 2}}"#, "inline")?;
+//! // `()`: one rank; pass the rank's communicator (InProcessComm, MpiComm) for several.
+//! let (mut engine, vb) = candle_deepscale::initialize(&config, ())?;
+//! let model = candle_nn::seq()
+//!     .add(candle_nn::linear(4, 16, vb.pp("l1"))?)
+//!     .add(candle_nn::layer_norm(16, 1e-5, vb.pp("ln"))?)
+//!     .add(candle_nn::linear(16, 1, vb.pp("l2"))?);
+//! for _ in 0..10 {
+//!     let x = Tensor::randn(0f32, 1.0, (8, 4), &Device::Cpu)?;
+//!     let loss = model.forward(&x)?.sqr()?.mean_all()?;
+//!     engine.backward(&loss)?;
+//!     engine.step()?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! **A layer list** (every feature: ZeRO 0-3, pipelines, tensor parallelism, activation
 //! checkpointing): write the model as an ordered list of [`Layer`]s whose parameters come from a
 //! [`ParamBuilder`] (rank-aware metadata, counter-based init so every layout starts from the same
@@ -59,14 +88,18 @@
 //! println!("loss {}", report.loss);
 //! # Ok(()) }
 //! ```
+//!
+//! candle-nn 0.11's fused `layer_norm`, `rms_norm`, `softmax_last_dim` and `rope` record no
+//! backward: train candle-nn / candle-transformers models with DeepScale's patched candle-nn
+//! (`vendor/candle-nn`, a `[patch.crates-io]` entry; the README says how).
 pub mod comm;
 pub mod layers;
 pub mod ops;
 pub mod runtime;
 
 pub use layers::module::{Activations, ForwardCtx, GradLookup, Layer, Sequential};
-pub use runtime::initialize::{initialize, initialize_with, InitOptions, IntoComm};
 pub use layers::parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};
+pub use runtime::initialize::{initialize, initialize_with, InitOptions, IntoComm};
 
 /// The fused CPU kernels on, or off for candle's composed ops (see [`ops::set_fused`]).
 pub fn set_cpu_kernels(on: bool) {

@@ -14,7 +14,6 @@ pub mod loss;
 pub mod module;
 pub mod norm;
 pub mod parameter;
-pub mod registry;
 pub mod storage;
 pub mod tensor_parallel;
 pub mod var_builder;

@@ -10,8 +10,8 @@
 //! decay for 1-D tensors and names ending in `.bias`) unless switched off; names matching the
 //! frozen rule are plain tensors, not trained (fine-tuning).
 use crate::layers::init::RandomInit;
+use crate::layers::parameter::ParamRegistry;
 use crate::layers::parameter::{Init, Param, ParamMeta, ParamSource, Partition};
-use crate::layers::registry::ParamRegistry;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,7 +77,10 @@ impl SafetensorsWeights {
         let mut files: Vec<PathBuf> = Vec::new();
         for (name, file) in map {
             let Some(f) = file.as_str() else {
-                bail!("{}: weight_map entry `{name}` is not a file name", index.display())
+                bail!(
+                    "{}: weight_map entry `{name}` is not a file name",
+                    index.display()
+                )
             };
             let rel = Path::new(f);
             // A name read from a file stays inside its folder.
@@ -114,10 +117,9 @@ impl Weights for SafetensorsWeights {
         if !self.names.contains(name) {
             return Ok(None);
         }
-        self.files
-            .load(name, &Device::Cpu)
-            .map(Some)
-            .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}` in {}: {e}", self.origin)))
+        self.files.load(name, &Device::Cpu).map(Some).map_err(|e| {
+            candle_core::Error::Msg(format!("tensor `{name}` in {}: {e}", self.origin))
+        })
     }
 
     fn describe(&self) -> String {
@@ -180,7 +182,11 @@ impl DeepScaleBackend {
         dtype: DType,
         device: &Device,
     ) -> candle_nn::VarBuilder<'static> {
-        candle_nn::VarBuilder::from_backend(Box::new(Self::new(registry, options)), dtype, device.clone())
+        candle_nn::VarBuilder::from_backend(
+            Box::new(Self::new(registry, options)),
+            dtype,
+            device.clone(),
+        )
     }
 
     fn weights(&self, name: &str) -> Result<Option<Tensor>> {
@@ -298,7 +304,10 @@ impl candle_nn::var_builder::SimpleBackend for DeepScaleBackend {
                 self.options
                     .weights
                     .as_ref()
-                    .map_or(" (none given)".to_string(), |w| format!(" ({})", w.describe()))
+                    .map_or(" (none given)".to_string(), |w| format!(
+                        " ({})",
+                        w.describe()
+                    ))
             ),
         }
     }

@@ -10,21 +10,21 @@
 use crate::comm::{ProcessGroup, ReduceOp};
 use crate::layers::module::{Activations, ForwardCtx, Layer, Sequential};
 use crate::layers::parameter::Param;
-use crate::layers::registry::ParamRegistry;
+use crate::layers::parameter::ParamRegistry;
 use crate::runtime::activation_checkpointing::CheckpointPolicy;
+use crate::runtime::data_samplers::PretrainingSampler;
 use crate::runtime::layer_loop::{self, ZeroHooks};
 use crate::runtime::loss_scaler::LossScaler;
-use crate::runtime::meters::{MemoryMeter, MemoryReport, WallClock};
+use crate::runtime::meters::{MemoryMeter, WallClock};
 use crate::runtime::pipe::executor::{share_loss, StageExecutor, StageResources};
 use crate::runtime::pipe::PipeContext;
-use crate::runtime::zero::{AdamState, StateBytes, ZeroOptimizer};
+use crate::runtime::zero::{AdamState, ZeroOptimizer};
 use candle_core::{bail, Result, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::runtime::engine_config::EngineConfig;
-use whole_model::WHOLE_MODEL_MEMORY_NOTE;
-
+mod memory;
 mod whole_model;
 
 /// The engine's own counters and loss scaler: what a checkpoint needs besides parameters and
@@ -241,6 +241,17 @@ impl Engine {
     /// The tensor-parallel group (None at tp = 1).
     pub fn tp_group(&self) -> Option<&ProcessGroup> {
         self.tp.as_ref()
+    }
+
+    /// Which samples this data-parallel rank reads in each micro-batch (its slice of every
+    /// global batch, as the one-rank run orders them).
+    pub fn sampler(&self) -> PretrainingSampler {
+        PretrainingSampler {
+            micro_batch: self.config.train_micro_batch_size_per_gpu,
+            accumulation: self.config.gradient_accumulation_steps,
+            dp_size: self.dp_size(),
+            dp_rank: self.dp_rank(),
+        }
     }
 
     /// The pipeline this engine is a stage of (None without one).
@@ -509,54 +520,10 @@ impl Engine {
         Ok(buf[0])
     }
 
-    /// This rank's memory by category: model states (parameters, gradients, optimizer state,
-    /// swap buffers) as held now, the peak of kept activations and of communication staging
-    /// since the last call, and what NVMe offload moved so far.
-    pub fn memory_report(&mut self) -> MemoryReport {
-        let s = self.state_bytes();
-        MemoryReport {
-            parameters: s.parameters,
-            gradients: s.gradients,
-            optimizer: s.optimizer,
-            swap_buffers: s.buffers,
-            activations: self.meter.take_peak(),
-            communication: self.zero.take_peak_comm_bytes(),
-            offload_bytes: self.zero.offload_io_bytes(),
-        }
-    }
-
     /// DeepSpeed's `GatheredParameters`: under ZeRO-3 every parameter is whole while `f` runs
     /// (every data-parallel rank must call it); at other stages it just runs `f`.
     pub fn gathered<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
         self.zero.gathered(f)
-    }
-
-    /// Measured model-state bytes of this rank (parameters, gradient buffers, optimizer state).
-    pub fn state_bytes(&self) -> StateBytes {
-        self.zero.state_bytes()
-    }
-
-    /// DeepSpeed's formula for this rank's layout.
-    pub fn formula_bytes(&self) -> StateBytes {
-        self.zero.formula_bytes()
-    }
-
-    /// The largest measured model-state bytes over the data, tensor and pipeline groups.
-    pub fn max_state_bytes(&self) -> Result<u64> {
-        let mut buf = [self.state_bytes().total() as f64];
-        for g in self.groups() {
-            g.all_reduce(&mut buf, ReduceOp::Max)?;
-        }
-        Ok(buf[0] as u64)
-    }
-
-    /// One line: the layout and its measured model state against the formula.
-    pub fn describe_memory(&self) -> String {
-        let line = self.zero.describe_memory(self.dp_size());
-        match self.graph {
-            Some(_) => line + WHOLE_MODEL_MEMORY_NOTE,
-            None => line,
-        }
     }
 }
 

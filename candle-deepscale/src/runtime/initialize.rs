@@ -4,7 +4,7 @@
 //! usual, and training is `engine.backward(loss)` + `engine.step()` — data parallel with ZeRO
 //! 0/1/2, mixed precision, clipping, schedules, offload and checkpoints from the config.
 use crate::comm::{Communicator, ProcessGroup};
-use crate::layers::registry::ParamRegistry;
+use crate::layers::parameter::ParamRegistry;
 use crate::layers::var_builder::{BackendOptions, DeepScaleBackend, NoDecay, Weights};
 use crate::runtime::config::DeepSpeedConfig;
 use crate::runtime::engine::{Engine, EngineConfig};

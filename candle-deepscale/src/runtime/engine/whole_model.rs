@@ -13,7 +13,7 @@ use super::{build_zero, Engine, StepReport};
 use crate::comm::ProcessGroup;
 use crate::layers::module::{Activations, ForwardCtx, Layer, Sequential};
 use crate::layers::parameter::Param;
-use crate::layers::registry::ParamRegistry;
+use crate::layers::parameter::ParamRegistry;
 use crate::runtime::engine::EngineConfig;
 use candle_core::{bail, Result, Tensor};
 use std::sync::Arc;
