@@ -76,7 +76,6 @@ fn data(start: usize, n: usize) -> Result<(Tensor, Tensor)> {
 fn main() -> Result<()> {
     let results = InProcessWorld::run(2, std::time::Duration::from_secs(60), |comm| {
         let rank = comm.rank();
-        let comm: Arc<dyn Communicator> = comm;
         // The library builds the process groups: data parallel 2 here.
         let grid = Grid::new(Topology::new(1, 2, 1)?, comm)?;
         // Same seed on both ranks: identical initial weights.

@@ -97,9 +97,10 @@ pub mod layers;
 pub mod ops;
 pub mod runtime;
 
+pub use comm::IntoComm;
 pub use layers::module::{Activations, ForwardCtx, GradLookup, Layer, Sequential};
 pub use layers::parameter::{Param, ParamBuilder, ParamMeta, ParamSource, Partition, Shard};
-pub use runtime::initialize::{initialize, initialize_with, InitOptions, IntoComm};
+pub use runtime::initialize::{initialize, initialize_with, InitOptions};
 
 /// The fused CPU kernels on, or off for candle's composed ops (see [`ops::set_fused`]).
 pub fn set_cpu_kernels(on: bool) {

@@ -454,3 +454,33 @@ impl ProcessGroup {
         self.comm.all_reduce(&self.group, data, op)
     }
 }
+
+/// A rank's communicator, however the caller holds it: `Arc<InProcessComm>`, `Arc<MpiComm>`,
+/// `Arc<dyn Communicator>`, or `()` (and `None`) for a world of one — no `Arc<dyn>` cast needed.
+pub trait IntoComm {
+    fn into_comm(self) -> Option<std::sync::Arc<dyn Communicator>>;
+}
+
+impl IntoComm for () {
+    fn into_comm(self) -> Option<std::sync::Arc<dyn Communicator>> {
+        None
+    }
+}
+
+impl<C: Communicator + 'static> IntoComm for std::sync::Arc<C> {
+    fn into_comm(self) -> Option<std::sync::Arc<dyn Communicator>> {
+        Some(self)
+    }
+}
+
+impl IntoComm for std::sync::Arc<dyn Communicator> {
+    fn into_comm(self) -> Option<std::sync::Arc<dyn Communicator>> {
+        Some(self)
+    }
+}
+
+impl<T: IntoComm> IntoComm for Option<T> {
+    fn into_comm(self) -> Option<std::sync::Arc<dyn Communicator>> {
+        self.and_then(IntoComm::into_comm)
+    }
+}

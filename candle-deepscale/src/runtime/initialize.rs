@@ -3,43 +3,13 @@
 //! out. The model is then built unchanged (`SomeModel::load(vb, &cfg)`), its forward written as
 //! usual, and training is `engine.backward(loss)` + `engine.step()` — data parallel with ZeRO
 //! 0/1/2, mixed precision, clipping, schedules, offload and checkpoints from the config.
-use crate::comm::{Communicator, ProcessGroup};
+use crate::comm::{IntoComm, ProcessGroup};
 use crate::layers::parameter::ParamRegistry;
 use crate::layers::var_builder::{BackendOptions, DeepScaleBackend, NoDecay, Weights};
 use crate::runtime::config::DeepSpeedConfig;
 use crate::runtime::engine::{Engine, EngineConfig};
 use candle_core::{DType, Device, Result};
 use std::sync::Arc;
-
-/// A rank's communicator, however the caller holds it: `Arc<InProcessComm>`, `Arc<MpiComm>`,
-/// `Arc<dyn Communicator>`, or `()` (and `None`) for a world of one — no `Arc<dyn>` cast needed.
-pub trait IntoComm {
-    fn into_comm(self) -> Option<Arc<dyn Communicator>>;
-}
-
-impl IntoComm for () {
-    fn into_comm(self) -> Option<Arc<dyn Communicator>> {
-        None
-    }
-}
-
-impl<C: Communicator + 'static> IntoComm for Arc<C> {
-    fn into_comm(self) -> Option<Arc<dyn Communicator>> {
-        Some(self)
-    }
-}
-
-impl IntoComm for Arc<dyn Communicator> {
-    fn into_comm(self) -> Option<Arc<dyn Communicator>> {
-        Some(self)
-    }
-}
-
-impl<T: IntoComm> IntoComm for Option<T> {
-    fn into_comm(self) -> Option<Arc<dyn Communicator>> {
-        self.and_then(IntoComm::into_comm)
-    }
-}
 
 /// What `initialize` builds besides the config: where the model lives and where its weights come
 /// from.

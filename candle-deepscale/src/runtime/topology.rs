@@ -5,7 +5,7 @@
 //!
 //! [`Grid`] (DeepSpeed's `PipelineParallelGrid`) builds a rank's process groups on it: the
 //! library builds every process group, so no caller assembles rank lists by hand.
-use crate::comm::{Communicator, ProcessGroup};
+use crate::comm::{Communicator, IntoComm, ProcessGroup};
 use crate::runtime::pipe::PipeContext;
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -144,8 +144,17 @@ impl std::fmt::Debug for Grid {
 }
 
 impl Grid {
-    /// The grid of `comm`'s rank (its world must be the topology's).
-    pub fn new(topo: Topology, comm: Arc<dyn Communicator>) -> Result<Self> {
+    /// The grid of `comm`'s rank (its world must be the topology's; `()` for a world of one).
+    pub fn new(topo: Topology, comm: impl IntoComm) -> Result<Self> {
+        let Some(comm) = comm.into_comm() else {
+            if topo.world_size() != 1 {
+                bail!(
+                    "a layout of {} ranks needs a communicator",
+                    topo.world_size()
+                )
+            }
+            return Ok(Self::single());
+        };
         if comm.world_size() != topo.world_size() {
             bail!(
                 "the communicator has {} ranks but the layout pp {} x dp {} x tp {} needs {}",
