@@ -266,8 +266,10 @@ fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
         assert!(f > 0.0 && b > 0.0 && s > 0.0, "{l}");
         assert!(f + b + s <= part("ms_per_step") + 1.0, "{l}");
     }
-    // WarmupLR, log warmup over 2 steps: 0 at the first step, the max from the second on.
+    // WarmupLR, log warmup over 2 steps, stepped as DeepSpeed steps it (after each update, from
+    // last_batch_iteration -1): warmup_min_lr at the first two steps, the max from the third on.
     assert_eq!(lines[0]["lr"].as_f64(), Some(0.0));
+    assert_eq!(lines[1]["lr"].as_f64(), Some(0.0));
     assert!((lines[2]["lr"].as_f64().unwrap() - 0.005).abs() < 1e-12);
     assert_eq!(lines[0]["zero_stage"].as_u64(), Some(2));
 

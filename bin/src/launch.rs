@@ -105,14 +105,88 @@ pub fn launch<T: Send>(
         return on_worker_thread(|| f(RankCtx::new(topo, None, candle_core::Device::Cpu)?))
             .map(Some);
     }
+    let watchdog = Watchdog::start(layout.world_size);
     let results = InProcessWorld::run(layout.world_size, layout.timeout, |comm| {
         let rank = comm.rank();
         let comm: Arc<dyn Communicator> = comm;
-        RankCtx::new(topo, Some(comm), candle_core::Device::Cpu)
+        let r = RankCtx::new(topo, Some(comm), candle_core::Device::Cpu)
             .and_then(&f)
-            .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e:#}")))
+            .map_err(|e| candle_core::Error::Msg(ranked(rank, &format!("{e:#}"))));
+        watchdog.finished(rank, r.as_ref().err().map(|e| e.to_string()));
+        r
     });
     root_result(results)
+}
+
+/// `msg` prefixed with its rank, once (communicator errors already name it).
+fn ranked(rank: usize, msg: &str) -> String {
+    if msg.starts_with(&format!("rank {rank}:")) {
+        msg.to_string()
+    } else {
+        format!("rank {rank}: {msg}")
+    }
+}
+
+/// Time the other in-process ranks get to finish after one failed: those waiting on the failed
+/// rank see it gone at once; one that stalls (alive, outside any collective) never would.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Ends the process when a rank failed and others have not finished within [`SHUTDOWN_GRACE`]:
+/// a stalled rank cannot be stopped from outside its thread, and joining it would hang the run
+/// forever after its peers' collectives timed out. The error names the root cause (the peer's
+/// timeout names the stalled rank and the collective) and the ranks that never finished.
+struct Watchdog {
+    state: Arc<std::sync::Mutex<WatchState>>,
+}
+
+struct WatchState {
+    world: usize,
+    done: Vec<bool>,
+    /// The first failure, and when.
+    failed: Option<(std::time::Instant, String)>,
+}
+
+impl Watchdog {
+    fn start(world: usize) -> Self {
+        let state = Arc::new(std::sync::Mutex::new(WatchState {
+            world,
+            done: vec![false; world],
+            failed: None,
+        }));
+        let watched = state.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let Ok(st) = watched.lock() else { return };
+            if st.done.iter().all(|d| *d) {
+                return;
+            }
+            if let Some((at, cause)) = &st.failed {
+                if at.elapsed() >= SHUTDOWN_GRACE {
+                    let stuck: Vec<usize> = (0..st.world).filter(|&r| !st.done[r]).collect();
+                    eprintln!("error: {cause}");
+                    eprintln!(
+                        "error: rank(s) {stuck:?} did not finish {} s after that failure                          (stalled); stopping the run",
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Self { state }
+    }
+
+    /// Rank `rank` returned (with its error, if it failed).
+    fn finished(&self, rank: usize, error: Option<String>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.done[rank] = true;
+            if let (None, Some(e)) = (&st.failed, error) {
+                // The root cause, not a peer's "rank X is gone".
+                if !e.contains("is gone") {
+                    st.failed = Some((std::time::Instant::now(), e));
+                }
+            }
+        }
+    }
 }
 
 /// Rank 0's result of in-process ranks, or the root cause among their errors.

@@ -30,6 +30,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Keep backtraces on errors (with RUST_BACKTRACE=1): input errors otherwise print their
+    /// message and causes only; panics keep theirs either way.
+    #[arg(long, global = true)]
+    debug: bool,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +90,12 @@ fn main() {
         candle_deepscale::set_cpu_kernels(false);
     }
     let cli = Cli::parse();
+    if !cli.debug && std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // candle captures a backtrace into every error when RUST_BACKTRACE is set, and prints it
+        // with the message: an input error ("no such file") is not a crash. RUST_LIB_BACKTRACE
+        // governs errors only, so panics still print theirs. Set before any thread starts.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     // A DEEPSCALE_BLAS that names a library which does not load stops here, not silently later.
     if let Err(e) = candle_deepscale::ops::blas::backend() {
         eprintln!("error: {e}");

@@ -174,6 +174,15 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
     }
     if let Some(c) = &sh.ckpt {
         restore(c, &mut engine, a, root)?;
+        if engine.iteration() >= a.train_iters {
+            anyhow::bail!(
+                "--load {}: the checkpoint is at iteration {}, and --train-iters is {}: nothing \
+                 to train (raise --train-iters to continue training)",
+                c.dir.display(),
+                engine.iteration(),
+                a.train_iters
+            )
+        }
     }
     let max_state = engine.max_state_bytes()?;
     let (micro, gas, global) = (
@@ -247,7 +256,9 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
     let m = &*model;
     // This rank's slice of each global batch: the 1-rank order cut among the dp ranks.
     let sampler = PretrainingSampler::new(&sh.batch, dp_size, dp_rank);
+    let rank = ctx.rank;
     let micro_batches = |iter: u64| -> Result<Vec<_>> {
+        injected_stall(rank, iter);
         (0..gas)
             .map(|k| {
                 let r = sampler.micro_batch(iter, k);
@@ -291,11 +302,21 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         last_loss: r.last_loss,
         last_valid: r.last_valid,
         n_params,
-        tokens_per_s: spec.tokens_per_iter * a.train_iters as f64 / r.elapsed,
+        tokens_per_s: spec.tokens_per_iter * (a.train_iters - spec.start_iter) as f64 / r.elapsed,
         model_state_bytes: max_state,
         after,
         skipped: engine.skipped_steps(),
     })
+}
+
+/// Fault injection for the tests of stall handling: `DEEPSCALE_INJECT_STALL=RANK:ITER` makes rank
+/// RANK hang (alive, outside any collective) before iteration ITER.
+fn injected_stall(rank: usize, iter: u64) {
+    if std::env::var("DEEPSCALE_INJECT_STALL").ok() == Some(format!("{rank}:{iter}")) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }
 
 /// `--load`: counters, loss scaler and (unless `--no-load-optim`) Adam's state.

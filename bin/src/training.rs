@@ -172,7 +172,7 @@ pub fn engine_config(
         c.lr_schedule = LrSchedule::Annealing(AnnealingLr {
             max_lr: a.lr,
             min_lr: a.min_lr,
-            warmup_iters: (a.warmup * decay_iters as f64) as u64,
+            warmup_iters: a.warmup * decay_iters as f64,
             decay_iters,
             style: match a.lr_decay_style {
                 DecayStyleArg::Constant => DecayStyle::Constant,

@@ -93,6 +93,7 @@
 //! backward: train candle-nn / candle-transformers models with DeepScale's patched candle-nn
 //! (`vendor/candle-nn`, a `[patch.crates-io]` entry; the README says how).
 pub mod comm;
+pub mod fs;
 pub mod layers;
 pub mod ops;
 pub mod runtime;

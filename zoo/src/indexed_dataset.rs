@@ -279,9 +279,13 @@ impl MMapIndexedDataset {
 }
 
 /// Writes a Megatron dataset: items are appended to the `.bin` as they come, documents closed with
-/// `end_document`, and `finalize` writes the `.idx`.
+/// `end_document`, and `finalize` writes the `.idx`. Both go to temporary names beside the
+/// prefix and replace an existing dataset only when complete: a failed run (a bad input line)
+/// leaves what was at the prefix untouched, and removes its temporaries.
 pub struct MMapIndexedDatasetBuilder {
     prefix: PathBuf,
+    /// The `.bin` being written (renamed over `<prefix>.bin` by `finalize`).
+    tmp_bin: PathBuf,
     bin: std::io::BufWriter<std::fs::File>,
     dtype: DType,
     sizes: Vec<i32>,
@@ -299,11 +303,13 @@ impl MMapIndexedDatasetBuilder {
                 candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let f = std::fs::File::create(&bin_path).map_err(|e| {
-            candle_core::Error::Msg(format!("cannot create {}: {e}", bin_path.display()))
+        let tmp_bin = temporary(&bin_path);
+        let f = std::fs::File::create(&tmp_bin).map_err(|e| {
+            candle_core::Error::Msg(format!("cannot create {}: {e}", tmp_bin.display()))
         })?;
         Ok(Self {
             prefix: prefix.to_path_buf(),
+            tmp_bin,
             bin: std::io::BufWriter::new(f),
             dtype,
             sizes: Vec::new(),
@@ -370,8 +376,29 @@ impl MMapIndexedDatasetBuilder {
         for d in &self.doc_idx {
             out.extend_from_slice(&d.to_le_bytes());
         }
-        let (idx_path, _) = paths(&self.prefix);
-        std::fs::write(&idx_path, out)
-            .map_err(|e| candle_core::Error::Msg(format!("writing {}: {e}", idx_path.display())))
+        let (idx_path, bin_path) = paths(&self.prefix);
+        self.bin.get_ref().sync_all().map_err(err)?;
+        // The .bin first, then the .idx: a reader opening the pair in between sees the old index
+        // over a longer or shorter .bin and refuses it (pointers are checked against the size).
+        std::fs::rename(&self.tmp_bin, &bin_path).map_err(|e| {
+            candle_core::Error::Msg(format!("cannot write {}: {e}", bin_path.display()))
+        })?;
+        candle_deepscale::fs::write_atomic(&idx_path, &out)
+    }
+}
+
+/// A temporary name beside `path` for this process.
+fn temporary(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+impl Drop for MMapIndexedDatasetBuilder {
+    /// Not finalized (an error on the way): the temporary `.bin` goes, the old dataset stays.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp_bin);
     }
 }

@@ -141,6 +141,13 @@ fn load_zip(path: &Path) -> Result<Value> {
         read_pickle(&mut BufReader::new(entry), path)?
     };
     let mut storage = |key: &str| -> Result<Vec<u8>> {
+        // A storage key names an entry of this archive's data/ folder: a plain name, no path.
+        if key.is_empty() || key.contains(['/', '\\']) || key == ".." || key == "." {
+            return Err(msg(
+                path,
+                format!("storage key `{key}` is not a name inside the archive's data/ folder"),
+            ));
+        }
         let name = format!("{root}data/{key}");
         let mut entry = zip
             .by_name(&name)

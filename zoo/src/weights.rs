@@ -202,7 +202,7 @@ fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
         let Some(f) = v.as_str() else {
             bail!("{}: weight_map[`{k}`] is not a file name", index.display())
         };
-        let p = dir.join(f);
+        let p = candle_deepscale::fs::confined(dir, f, index, &format!("weight_map[`{k}`]"))?;
         if !shards.contains(&p) {
             shards.push(p);
         }

@@ -488,17 +488,7 @@ impl ParamRegistry {
                 }
             }
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model.safetensors".into());
-        let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-        let res = candle_core::safetensors::save(&tensors, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, path).map_err(candle_core::Error::wrap));
-        if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
-            bail!("cannot write {}: {e}", path.display())
-        }
+        crate::fs::write_atomic_with(path, |tmp| candle_core::safetensors::save(&tensors, tmp))?;
         Ok(())
     }
 

@@ -82,20 +82,7 @@ impl SafetensorsWeights {
                     index.display()
                 )
             };
-            let rel = Path::new(f);
-            // A name read from a file stays inside its folder.
-            if rel.is_absolute()
-                || rel
-                    .components()
-                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
-            {
-                bail!(
-                    "{}: weight_map entry `{name}` names `{f}`, which is not a file inside {}",
-                    index.display(),
-                    dir.display()
-                )
-            }
-            let p = dir.join(rel);
+            let p = crate::fs::confined(dir, f, &index, &format!("weight_map entry `{name}`"))?;
             if !files.contains(&p) {
                 files.push(p);
             }

@@ -62,15 +62,7 @@ fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> candle_core::Error
     candle_core::Error::Msg(format!("{what} {}: {e}", path.display()))
 }
 
-/// Writes `bytes` to `path` through a temporary file, synced, then renamed over it.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| err("cannot create", &tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| err("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err("cannot rename into", path, e))
-}
+use crate::fs::{confined, write_atomic};
 
 fn sync_dir(dir: &Path) {
     // Directory fsync makes the renames durable; not every filesystem supports it.
@@ -324,7 +316,7 @@ impl Checkpoint {
                     e,
                 )
             })?;
-            path.join(tag.trim())
+            confined(path, &tag, &latest, "tag")?
         };
         let mpath = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&mpath).map_err(|e| err("cannot read", &mpath, e))?;
@@ -338,7 +330,11 @@ impl Checkpoint {
                 manifest.version
             )
         }
-        let paths: Vec<PathBuf> = manifest.files.iter().map(|f| dir.join(f)).collect();
+        let paths: Vec<PathBuf> = manifest
+            .files
+            .iter()
+            .map(|f| confined(&dir, f, &mpath, "file"))
+            .collect::<Result<_>>()?;
         for p in &paths {
             if !p.is_file() {
                 bail!(

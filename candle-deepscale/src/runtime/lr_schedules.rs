@@ -16,25 +16,36 @@ pub enum DecayStyle {
 pub struct AnnealingLr {
     pub max_lr: f64,
     pub min_lr: f64,
-    pub warmup_iters: u64,
+    /// Warmup iterations: Megatron's `--warmup` fraction times the decay iterations, which need
+    /// not be whole (v1.1.5 keeps the product as a float).
+    pub warmup_iters: f64,
     pub decay_iters: u64,
     pub style: DecayStyle,
 }
 
 impl AnnealingLr {
-    /// The rate for optimizer step `iter` (0-based).
-    pub fn lr(&self, iter: u64) -> f64 {
-        if self.warmup_iters > 0 && iter < self.warmup_iters {
-            return self.max_lr * (iter + 1) as f64 / self.warmup_iters as f64;
+    /// The rate of the optimizer step that follows `updates` applied updates, as the seed
+    /// snapshots' Megatron `AnnealingLR` (`megatron/learning_rates.py`, v1.1.5) sets it: the
+    /// scheduler is created at `num_iters = 0` (the first step's rate: 0 with a warmup) and
+    /// stepped after every applied update, so the step after `updates` updates runs at
+    /// `num_iters = updates`. Warmup ramps `max_lr * n / warmup` while `n <= warmup` (not clamped
+    /// to `min_lr`); then, with `n' = min(n, decay - warmup) - warmup`, linear decay is
+    /// `max_lr (decay - n') / decay`, cosine `max_lr / 2 (cos(pi n' / decay) + 1)`, each at least
+    /// `min_lr`.
+    pub fn lr(&self, updates: u64) -> f64 {
+        let n = updates as f64;
+        let (warmup, end) = (self.warmup_iters, self.decay_iters as f64);
+        let capped = n.min(end - warmup);
+        if warmup > 0.0 && n <= warmup {
+            return self.max_lr * capped / warmup;
         }
-        let span = self.decay_iters.saturating_sub(self.warmup_iters).max(1) as f64;
-        let done = ((iter - self.warmup_iters.min(iter)) as f64 / span).min(1.0);
-        let frac = match self.style {
-            DecayStyle::Constant => return self.max_lr,
-            DecayStyle::Linear => 1.0 - done,
-            DecayStyle::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * done).cos()),
+        let done = capped - warmup;
+        let lr = match self.style {
+            DecayStyle::Constant => self.max_lr,
+            DecayStyle::Linear => self.max_lr * (end - done) / end,
+            DecayStyle::Cosine => self.max_lr / 2.0 * ((std::f64::consts::PI * done / end).cos() + 1.0),
         };
-        self.min_lr + (self.max_lr - self.min_lr) * frac
+        lr.max(self.min_lr)
     }
 }
 
@@ -58,20 +69,26 @@ pub struct WarmupLr {
 }
 
 impl WarmupLr {
-    /// The rate for optimizer step `step` (0-based; DeepSpeed's `last_batch_iteration`).
-    pub fn lr(&self, step: u64) -> f64 {
+    /// The rate of the optimizer step that follows `updates` applied updates, as DeepSpeed runs
+    /// WarmupLR / WarmupDecayLR: the scheduler starts at `last_batch_iteration = -1` with the
+    /// rate `min_lr` (the first step's) and the engine steps it after every applied update, so
+    /// the step after `updates` updates runs at `last_batch_iteration = updates - 1`.
+    pub fn lr(&self, updates: u64) -> f64 {
+        let Some(it) = updates.checked_sub(1) else {
+            return self.min_lr;
+        };
         // DeepSpeed raises warmup_num_steps to at least 2 (ln(1) would divide by zero).
         let w = self.warmup_num_steps.max(2);
-        let gamma = if step < w {
+        let gamma = if it < w {
             match self.warmup_type {
-                WarmupType::Log => ((step + 1) as f64).ln() / (w as f64).ln(),
-                WarmupType::Linear => step as f64 / w as f64,
+                WarmupType::Log => ((it + 1) as f64).ln() / (w as f64).ln(),
+                WarmupType::Linear => it as f64 / w as f64,
             }
         } else {
             match self.total_num_steps {
                 None => 1.0,
                 Some(t) => {
-                    (t.saturating_sub(step) as f64 / (t.saturating_sub(w)).max(1) as f64).max(0.0)
+                    ((t as f64 - it as f64) / (t.saturating_sub(w) as f64).max(1.0)).max(0.0)
                 }
             }
         };
@@ -88,12 +105,14 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
-    /// The rate for optimizer step `step` (0-based, skipped fp16 steps not counted).
-    pub fn lr(&self, step: u64) -> f64 {
+    /// The rate of the optimizer step that follows `updates` applied updates (skipped fp16
+    /// steps do not step a schedule, in DeepSpeed or Megatron), so a resumed run continues
+    /// exactly where it stopped.
+    pub fn lr(&self, updates: u64) -> f64 {
         match self {
             LrSchedule::Constant(lr) => *lr,
-            LrSchedule::Annealing(a) => a.lr(step),
-            LrSchedule::Warmup(w) => w.lr(step),
+            LrSchedule::Annealing(a) => a.lr(updates),
+            LrSchedule::Warmup(w) => w.lr(updates),
         }
     }
 
@@ -132,52 +151,105 @@ impl LrSchedule {
 mod tests {
     use super::*;
 
-    #[test]
-    fn deepspeed_warmup_and_warmup_decay() {
-        let w = WarmupLr {
-            min_lr: 0.0,
-            max_lr: 1.0,
-            warmup_num_steps: 10,
-            total_num_steps: None,
-            warmup_type: WarmupType::Linear,
-        };
-        assert_eq!(w.lr(0), 0.0);
-        assert!((w.lr(5) - 0.5).abs() < 1e-12);
-        assert_eq!(w.lr(10), 1.0);
-        assert_eq!(w.lr(1000), 1.0);
-        let log = WarmupLr {
-            warmup_type: WarmupType::Log,
-            ..w
-        };
-        assert!((log.lr(4) - 5f64.ln() / 10f64.ln()).abs() < 1e-12);
-        let d = WarmupLr {
-            total_num_steps: Some(20),
-            ..w
-        };
-        assert!((d.lr(15) - 0.5).abs() < 1e-12);
-        assert_eq!(d.lr(20), 0.0);
-        assert_eq!(d.lr(30), 0.0);
+    fn close(got: f64, want: f64, what: &str) {
+        assert!((got - want).abs() < 1e-12, "{what}: {got} vs {want}");
     }
 
+    /// Each optimizer step's rate, step by step, as DeepSpeed 0.19.8 runs WarmupLR and
+    /// WarmupDecayLR (`runtime/lr_schedules.py`: `last_batch_iteration` starts at -1 with the
+    /// rate `warmup_min_lr`; the engine calls `step()` after each applied update; gamma is
+    /// `ln(lbi + 1) / ln(warmup)` (log) or `lbi / warmup` (linear) while `lbi < warmup`, then 1,
+    /// or `(total - lbi) / (total - warmup)` floored at 0 for WarmupDecayLR). The values below are
+    /// worked out by hand from those rules.
     #[test]
-    fn warmup_then_cosine() {
+    fn deepspeed_schedules_step_by_step() {
+        let log = WarmupLr {
+            min_lr: 0.0,
+            max_lr: 0.01,
+            warmup_num_steps: 4,
+            total_num_steps: None,
+            warmup_type: WarmupType::Log,
+        };
+        // Optimizer steps 1, 2, ...: lbi = -1, 0, 1, 2, 3, 4, 5.
+        let want = [
+            0.0,
+            0.0,
+            0.01 * 2f64.ln() / 4f64.ln(),
+            0.01 * 3f64.ln() / 4f64.ln(),
+            0.01,
+            0.01,
+            0.01,
+        ];
+        for (u, w) in want.iter().enumerate() {
+            close(log.lr(u as u64), *w, &format!("WarmupLR log, step {}", u + 1));
+        }
+        let decay = WarmupLr {
+            min_lr: 0.1,
+            max_lr: 1.1,
+            warmup_num_steps: 4,
+            total_num_steps: Some(10),
+            warmup_type: WarmupType::Linear,
+        };
+        // lbi = -1, 0, 1, 2, 3 | 4 .. 11: gamma 0, 0, .25, .5, .75 | 6/6, 5/6, ..., 0, 0 (floored).
+        let gammas = [
+            0.0,
+            0.0,
+            0.25,
+            0.5,
+            0.75,
+            1.0,
+            5.0 / 6.0,
+            4.0 / 6.0,
+            3.0 / 6.0,
+            2.0 / 6.0,
+            1.0 / 6.0,
+            0.0,
+            0.0,
+        ];
+        for (u, g) in gammas.iter().enumerate() {
+            close(decay.lr(u as u64), 0.1 + g, &format!("WarmupDecayLR, step {}", u + 1));
+        }
+    }
+
+    /// Each optimizer step's rate as the seed snapshots' Megatron AnnealingLR gives it
+    /// (`megatron/learning_rates.py`, v1.1.5: created with `last_iter = 0`, stepped after each
+    /// applied update), worked out by hand: warmup 2, decay 10, max 1.0, min 0.1.
+    #[test]
+    fn megatron_annealing_step_by_step() {
         let s = AnnealingLr {
             max_lr: 1.0,
             min_lr: 0.1,
-            warmup_iters: 10,
-            decay_iters: 110,
-            style: DecayStyle::Cosine,
-        };
-        assert!((s.lr(0) - 0.1).abs() < 1e-12);
-        assert!((s.lr(9) - 1.0).abs() < 1e-12);
-        assert!((s.lr(10) - 1.0).abs() < 1e-12);
-        assert!((s.lr(60) - 0.55).abs() < 1e-12);
-        assert!((s.lr(110) - 0.1).abs() < 1e-12);
-        assert!((s.lr(500) - 0.1).abs() < 1e-12);
-        let l = AnnealingLr {
+            warmup_iters: 2.0,
+            decay_iters: 10,
             style: DecayStyle::Linear,
+        };
+        // num_iters = 0, 1, 2 (warmup, unclamped), then n' = min(n, 8) - 2: 1, 2, .., 6, 6, 6.
+        let want = [0.0, 0.5, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.4, 0.4, 0.4];
+        for (u, w) in want.iter().enumerate() {
+            close(s.lr(u as u64), *w, &format!("linear, step {}", u + 1));
+        }
+        let c = AnnealingLr {
+            style: DecayStyle::Cosine,
             ..s
         };
-        assert!((l.lr(60) - 0.55).abs() < 1e-12);
+        for u in 3..12u64 {
+            let n = (u as f64).min(8.0) - 2.0;
+            let want = (0.5 * ((std::f64::consts::PI * n / 10.0).cos() + 1.0)).max(0.1);
+            close(c.lr(u), want, &format!("cosine, step {}", u + 1));
+        }
+        // A fractional warmup (--warmup 0.05 of 30 iterations = 1.5) is kept as Megatron keeps it.
+        let f = AnnealingLr {
+            warmup_iters: 1.5,
+            decay_iters: 30,
+            ..s
+        };
+        close(f.lr(1), 1.0 / 1.5, "fractional warmup, step 2");
+        close(f.lr(2), (30.0 - 0.5) / 30.0, "fractional warmup, step 3");
+        let k = AnnealingLr {
+            style: DecayStyle::Constant,
+            ..s
+        };
+        close(k.lr(1), 0.5, "constant after warmup, step 2");
+        close(k.lr(7), 1.0, "constant after warmup, step 8");
     }
 }

@@ -397,8 +397,9 @@ fn zero_fp32(tag: &Path, mp: usize, shapes: &Value) -> Result<Option<BTreeMap<St
 
 /// Imports a DeepSpeed checkpoint: a save directory (its `latest` tag) or a tag directory.
 pub fn import_deepspeed(dir: &Path, vocab_size: usize) -> Result<Imported> {
-    let tag = if dir.join("latest").is_file() {
-        dir.join(read_text(&dir.join("latest"))?)
+    let latest = dir.join("latest");
+    let tag = if latest.is_file() {
+        candle_deepscale::fs::confined(dir, &read_text(&latest)?, &latest, "tag")?
     } else {
         dir.to_path_buf()
     };
