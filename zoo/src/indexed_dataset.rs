@@ -352,8 +352,9 @@ impl MMapIndexedDatasetBuilder {
 
     /// Flushes the `.bin` and writes the `.idx`.
     pub fn finalize(mut self) -> Result<()> {
+        let prefix = self.prefix.clone();
         let err = |e: std::io::Error| {
-            candle_core::Error::Msg(format!("writing {}: {e}", self.prefix.display()))
+            candle_core::Error::Msg(format!("writing {}: {e}", prefix.display()))
         };
         self.bin.flush().map_err(err)?;
         if self.doc_idx.last() != Some(&(self.sizes.len() as i64)) {
