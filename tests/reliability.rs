@@ -55,7 +55,11 @@ fn a_stalled_rank_ends_the_run_within_the_timeout() {
 fn a_failed_prepress_keeps_the_dataset_that_was_there() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.jsonl");
-    std::fs::write(&good, "{\"text\": \"one document\"}\n{\"text\": \"and another\"}\n").unwrap();
+    std::fs::write(
+        &good,
+        "{\"text\": \"one document\"}\n{\"text\": \"and another\"}\n",
+    )
+    .unwrap();
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\nnot json at all\n").unwrap();
     let prefix = dir.path().join("ds");
@@ -77,15 +81,30 @@ fn a_failed_prepress_keeps_the_dataset_that_was_there() {
             .expect("run")
     };
     let out = run(&good);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let files = |ext: &str| dir.path().join(format!("ds_text_document.{ext}"));
-    let (bin, idx) = (std::fs::read(files("bin")).unwrap(), std::fs::read(files("idx")).unwrap());
+    let (bin, idx) = (
+        std::fs::read(files("bin")).unwrap(),
+        std::fs::read(files("idx")).unwrap(),
+    );
     assert!(!bin.is_empty());
     let out = run(&bad);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("line 2"), "{err}");
-    assert_eq!(std::fs::read(files("bin")).unwrap(), bin, "the .bin changed");
-    assert_eq!(std::fs::read(files("idx")).unwrap(), idx, "the .idx changed");
+    assert_eq!(
+        std::fs::read(files("bin")).unwrap(),
+        bin,
+        "the .bin changed"
+    );
+    assert_eq!(
+        std::fs::read(files("idx")).unwrap(),
+        idx,
+        "the .idx changed"
+    );
     let left: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -107,7 +126,11 @@ fn resuming_past_the_last_iteration_says_so() {
         .env("DEEPSCALE_ASSETS", ASSETS)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for iters in ["4", "2"] {
         let mut again = tiny();
         let at = again.iter().position(|a| *a == "--train-iters").unwrap();
@@ -125,6 +148,9 @@ fn resuming_past_the_last_iteration_says_so() {
             "{err}"
         );
         assert!(!err.contains("18446744073709551"), "{err}");
-        assert!(out.stdout.is_empty(), "no JSON summary of a run that did not happen");
+        assert!(
+            out.stdout.is_empty(),
+            "no JSON summary of a run that did not happen"
+        );
     }
 }

@@ -52,7 +52,11 @@ fn native_checkpoint(dir: &Path) {
         ],
         &[],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -62,7 +66,15 @@ fn a_native_checkpoints_names_stay_inside_it() {
     native_checkpoint(&ck);
     let load = |d: &Path| {
         deepscale(
-            &["evaluate", "--task", "loss", "--load", d.to_str().unwrap(), "--text", "hi there"],
+            &[
+                "evaluate",
+                "--task",
+                "loss",
+                "--load",
+                d.to_str().unwrap(),
+                "--text",
+                "hi there",
+            ],
             &[],
         )
     };
@@ -85,7 +97,10 @@ fn a_native_checkpoints_names_stay_inside_it() {
         serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     m["files"][0] = serde_json::json!("../../../../etc/passwd");
     std::fs::write(&manifest, serde_json::to_string(&m).unwrap()).unwrap();
-    refused(&load(&ck), &["manifest.json", "../../../../etc/passwd", "goes up"]);
+    refused(
+        &load(&ck),
+        &["manifest.json", "../../../../etc/passwd", "goes up"],
+    );
 }
 
 #[test]
@@ -106,7 +121,11 @@ fn an_hf_index_names_only_shards_inside_its_folder() {
         ],
         &[],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Replace the single file by an index whose weight_map points outside.
     std::fs::remove_file(hf.join("model.safetensors")).unwrap();
     std::fs::write(
@@ -115,12 +134,24 @@ fn an_hf_index_names_only_shards_inside_its_folder() {
     )
     .unwrap();
     let out = deepscale(
-        &["evaluate", "--task", "loss", "--hf-dir", hf.to_str().unwrap(), "--text", "hi"],
+        &[
+            "evaluate",
+            "--task",
+            "loss",
+            "--hf-dir",
+            hf.to_str().unwrap(),
+            "--text",
+            "hi",
+        ],
         &[],
     );
     refused(
         &out,
-        &["model.safetensors.index.json", "../../../../../etc/hostname", "goes up"],
+        &[
+            "model.safetensors.index.json",
+            "../../../../../etc/hostname",
+            "goes up",
+        ],
     );
 }
 
@@ -152,6 +183,11 @@ fn a_torch_zip_names_storages_inside_its_data_folder() {
     let dir = tempfile::tempdir().unwrap();
     let rank = dir.path().join("release/mp_rank_00");
     std::fs::create_dir_all(&rank).unwrap();
+    std::fs::write(
+        dir.path().join("latest_checkpointed_iteration.txt"),
+        "release",
+    )
+    .unwrap();
     let pt = rank.join("model_optim_rng.pt");
     let script = r#"
 import io, pickle, sys, types, zipfile, collections
@@ -180,7 +216,11 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
         .args(["-c", script, pt.to_str().unwrap()])
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = deepscale(
         &[
             "convert",

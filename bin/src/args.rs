@@ -3,6 +3,42 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The flags the user typed (as clap ids: `num_layers`), as opposed to defaults.
+static GIVEN: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Records which flags of the subcommand came from the command line.
+pub fn remember_command_line(m: &clap::ArgMatches) {
+    let sub = m.subcommand().map(|(_, s)| s).unwrap_or(m);
+    let given = sub
+        .ids()
+        .filter(|id| sub.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect();
+    let _ = GIVEN.set(given);
+}
+
+/// Whether `--flag` (its clap id, `num_layers`) was on the command line rather than a default.
+pub fn given(id: &str) -> bool {
+    GIVEN.get().is_some_and(|g| g.iter().any(|x| x == id))
+}
+
+/// Megatron's `check_checkpoint_args`: model-shape flags the user gave must equal the loaded
+/// model's (`what` names the source: "--load DIR").
+pub fn check_shape_flags(what: &str, flags: &[(&str, usize, usize)]) -> Result<()> {
+    for (id, flag, model) in flags {
+        if given(id) && flag != model {
+            bail!(
+                "--{} {flag} disagrees with {what}, whose model has {id} {model} (drop the flag, \
+                 or start a new model without {})",
+                id.replace('_', "-"),
+                what.split_whitespace().next().unwrap_or(what)
+            )
+        }
+    }
+    Ok(())
+}
 
 /// Where the model comes from.
 #[derive(Args, Debug, Clone, Default)]
@@ -140,9 +176,10 @@ impl LayoutArgs {
             bail!("--world-size {w} is not divisible by model-parallel size {tp} x pipe-parallel size {pp}")
         }
         let timeout = match self.comm_timeout {
-            Some(t) if t > 0.0 && t.is_finite() => std::time::Duration::from_secs_f64(t),
+            Some(t) if t > 0.0 && t.is_finite() && t < 1e9 => std::time::Duration::from_secs_f64(t),
             Some(t) => bail!("--comm-timeout must be a positive number of seconds, got {t}"),
-            None => candle_deepscale::comm::default_timeout(),
+            None => candle_deepscale::comm::timeout_from_env()?
+                .unwrap_or(std::time::Duration::from_secs(300)),
         };
         Ok(Layout {
             world_size: w,

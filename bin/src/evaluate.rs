@@ -47,6 +47,23 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(a: EvaluateArgs) -> Result<()> {
+    for (flag, v) in [
+        ("seq-length", a.seq_length),
+        ("overlapping-eval", a.overlapping_eval),
+    ] {
+        match v {
+            Some(0) => bail!("--{flag} 0: expected at least 1 token"),
+            Some(_) if !matches!(a.task, Task::Wikitext103) => {
+                bail!("--{flag} applies to --task wikitext103 only")
+            }
+            _ => {}
+        }
+    }
+    if let (Some(s), Some(o)) = (a.seq_length, a.overlapping_eval) {
+        if o > s {
+            bail!("--overlapping-eval {o} exceeds --seq-length {s}: each window scores at most its own tokens")
+        }
+    }
     match a.task {
         Task::Loss => loss(a),
         Task::Lambada | Task::Wikitext103 => zero_shot(a),
@@ -124,7 +141,16 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
                 let seq = a
                     .seq_length
                     .unwrap_or(model.config().max_position_embeddings);
+                if seq > model.config().max_position_embeddings {
+                    bail!(
+                        "--seq-length {seq} exceeds the model's max_position_embeddings {}",
+                        model.config().max_position_embeddings
+                    )
+                }
                 let overlap = a.overlapping_eval.unwrap_or(seq);
+                if overlap > seq {
+                    bail!("--overlapping-eval {overlap} exceeds the window of {seq} tokens")
+                }
                 let r = zoo::evaluation::wikitext_perplexity(
                     model,
                     &text,

@@ -57,6 +57,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .collect(),
         None => vec![a.prompt.clone().unwrap_or_default()],
     };
+    // The sampling flags, checked before any model loads (the stop token is the tokenizer's).
+    SamplingConfig {
+        greedy: a.greedy,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.out_seq_length,
+        seed: a.seed,
+        stop_token: None,
+        use_cache: !a.no_kv_cache,
+    }
+    .validate()?;
     let dir = crate::models::gpt2_dir(&a.model)?;
     let method = a.layout.partition_method(None)?;
     // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.

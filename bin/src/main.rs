@@ -19,7 +19,7 @@ mod pretrain_bert;
 mod pretrain_gpt2;
 mod training;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -89,7 +89,16 @@ fn main() {
     if std::env::var("DEEPSCALE_FUSED").as_deref() == Ok("0") {
         candle_deepscale::set_cpu_kernels(false);
     }
-    let cli = Cli::parse();
+    // As with argparse: `--lr -1` reaches the value check instead of "unexpected argument", and
+    // the last of a repeated flag wins (launch scripts append overrides).
+    let matches = Cli::command()
+        .mut_subcommands(|c| c.allow_negative_numbers(true).args_override_self(true))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    args::remember_command_line(&matches);
     if !cli.debug && std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         // candle captures a backtrace into every error when RUST_BACKTRACE is set, and prints it
         // with the message: an input error ("no such file") is not a crash. RUST_LIB_BACKTRACE

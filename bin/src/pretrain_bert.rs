@@ -96,6 +96,15 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
     let layout = a.layout.layout()?;
     let t = &a.train;
     t.ds.refuse_unsupported()?;
+    crate::training::check_flag("mask-prob", a.mask_prob, 0.0, 1.0, false)?;
+    crate::training::check_flag("short-seq-prob", a.short_seq_prob, 0.0, 1.0, false)?;
+    if a.seq_length < 3 + usize::from(!a.bert_no_binary_head) {
+        bail!(
+            "--seq-length {}: a BERT sample needs room for [CLS], [SEP]{} and at least one token",
+            a.seq_length,
+            if a.bert_no_binary_head { "" } else { " twice" }
+        )
+    }
     let ds = t.ds.config()?;
     let (engine, batch) = engine_config(t, ds.as_ref(), layout.dp)?;
     if t.ds.no_load_optim && a.load.is_none() {
@@ -176,6 +185,28 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
             }
             let mut cfg: bert::Config = serde_json::from_value(c.manifest.model["config"].clone())
                 .with_context(|| format!("--load {}: model config", c.dir.display()))?;
+            crate::args::check_shape_flags(
+                &format!("--load {}", c.dir.display()),
+                &[
+                    ("num_layers", a.num_layers, cfg.num_hidden_layers),
+                    ("hidden_size", a.hidden_size, cfg.hidden_size),
+                    (
+                        "num_attention_heads",
+                        a.num_attention_heads,
+                        cfg.num_attention_heads,
+                    ),
+                    (
+                        "max_position_embeddings",
+                        a.max_position_embeddings,
+                        cfg.max_position_embeddings,
+                    ),
+                    (
+                        "make_vocab_size_divisible_by",
+                        a.make_vocab_size_divisible_by,
+                        cfg.make_vocab_size_divisible_by,
+                    ),
+                ],
+            )?;
             cfg.hidden_dropout_prob = t.hidden_dropout;
             cfg.attention_probs_dropout_prob = t.attention_dropout;
             cfg

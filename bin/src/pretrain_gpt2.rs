@@ -229,6 +229,39 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             init_method_std: 0.02,
         },
     };
+    if let Some(what) = match (&ckpt, &hf_dir) {
+        (Some(c), _) => Some(format!("--load {}", c.dir.display())),
+        (None, Some(d)) => Some(format!("--hf-dir {}", d.display())),
+        (None, None) => None,
+    } {
+        crate::args::check_shape_flags(
+            &what,
+            &[
+                ("num_layers", a.num_layers, cfg.num_layers),
+                ("hidden_size", a.hidden_size, cfg.hidden_size),
+                (
+                    "num_attention_heads",
+                    a.num_attention_heads,
+                    cfg.num_attention_heads,
+                ),
+                (
+                    "max_position_embeddings",
+                    a.max_position_embeddings.unwrap_or(0),
+                    cfg.max_position_embeddings,
+                ),
+                (
+                    "make_vocab_size_divisible_by",
+                    a.make_vocab_size_divisible_by,
+                    // The padding of HF weights is this run's choice.
+                    if ckpt.is_some() {
+                        cfg.make_vocab_size_divisible_by
+                    } else {
+                        a.make_vocab_size_divisible_by
+                    },
+                ),
+            ],
+        )?;
+    }
     cfg.validate()?;
     if a.seq_length > cfg.max_position_embeddings {
         bail!(

@@ -105,6 +105,62 @@ pub enum DecayStyleArg {
     Cosine,
 }
 
+/// `--flag`'s value is a finite number in `lo..=hi` (`open_hi`: below `hi`).
+pub fn check_flag(flag: &str, v: f64, lo: f64, hi: f64, open_hi: bool) -> Result<()> {
+    let ok = v.is_finite() && v >= lo && if open_hi { v < hi } else { v <= hi };
+    if !ok {
+        let upper = match (hi.is_infinite(), open_hi) {
+            (true, _) => String::new(),
+            (false, true) => format!(" and below {hi}"),
+            (false, false) => format!(" and at most {hi}"),
+        };
+        bail!("--{flag} {v}: expected a number of at least {lo}{upper}")
+    }
+    Ok(())
+}
+
+impl TrainingArgs {
+    /// Refuses values no run can use, naming the flag, before any work.
+    pub fn check(&self) -> Result<()> {
+        let inf = f64::INFINITY;
+        check_flag("lr", self.lr, 0.0, inf, false)?;
+        check_flag("min-lr", self.min_lr, 0.0, inf, false)?;
+        if self.min_lr > self.lr {
+            bail!("--min-lr {} is above --lr {}", self.min_lr, self.lr)
+        }
+        check_flag("warmup", self.warmup, 0.0, 1.0, false)?;
+        check_flag("weight-decay", self.weight_decay, 0.0, inf, false)?;
+        check_flag("adam-beta1", self.adam_beta1, 0.0, 1.0, true)?;
+        check_flag("adam-beta2", self.adam_beta2, 0.0, 1.0, true)?;
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            bail!("--adam-eps {}: expected a positive number", self.adam_eps)
+        }
+        if let Some(c) = self.clip_grad {
+            check_flag("clip-grad", c, 0.0, inf, false)?;
+        }
+        // A dropout of 1 zeroes every activation: nothing would train.
+        check_flag("hidden-dropout", self.hidden_dropout, 0.0, 1.0, true)?;
+        check_flag("attention-dropout", self.attention_dropout, 0.0, 1.0, true)?;
+        for (flag, v) in [
+            ("train-iters", self.train_iters),
+            ("log-interval", self.log_interval),
+        ] {
+            if v == 0 {
+                bail!("--{flag} 0: expected at least 1")
+            }
+        }
+        for (flag, v) in [("batch-size", self.batch_size), ("gas", self.gas)] {
+            if v == Some(0) {
+                bail!("--{flag} 0: expected at least 1")
+            }
+        }
+        if self.lr_decay_iters == Some(0) {
+            bail!("--lr-decay-iters 0: expected at least 1 (or leave it out: --train-iters)")
+        }
+        Ok(())
+    }
+}
+
 /// The parameters' dtype: fp16 with loss scaling; bf16 on a GPU; else fp32. bf16 on the CPU keeps
 /// fp32 parameters and activations and runs the matrix products in bf16 (PyTorch's CPU autocast:
 /// the products are where bf16 pays, and candle's element-wise CPU ops are fp32-fast only).
@@ -132,8 +188,17 @@ pub fn engine_config(
     ds: Option<&DeepSpeedConfig>,
     dp: usize,
 ) -> Result<(EngineConfig, BatchSizes)> {
+    a.check()?;
     let batch = match ds {
-        Some(d) => d.batch(dp, a.batch_size, a.gas)?,
+        Some(d) => d.batch(dp, a.batch_size, a.gas).map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (in {})",
+                a.ds.deepscale_config
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display()
+            )
+        })?,
         None => BatchSizes::resolve(None, Some(a.batch_size.unwrap_or(4)), a.gas, dp)?,
     };
     let mut c = match ds {

@@ -88,7 +88,10 @@ mod tests {
         std::fs::create_dir(d.join("tag")).unwrap();
         let origin = d.join("latest");
         assert_eq!(confined(d, "tag", &origin, "tag").unwrap(), d.join("tag"));
-        assert_eq!(confined(d, " tag\n", &origin, "tag").unwrap(), d.join("tag"));
+        assert_eq!(
+            confined(d, " tag\n", &origin, "tag").unwrap(),
+            d.join("tag")
+        );
         assert!(confined(d, "a/b.safetensors", &origin, "file").is_ok());
         for bad in ["../../../etc", "/etc/passwd", "a/../../x", "", "  "] {
             let e = confined(d, bad, &origin, "tag").unwrap_err().to_string();

@@ -40,8 +40,12 @@ impl Default for SamplingConfig {
 
 impl SamplingConfig {
     pub fn validate(&self) -> Result<()> {
-        if !self.greedy && self.temperature <= 0.0 {
-            bail!("--temperature must be positive, got {}", self.temperature)
+        let usable = self.temperature > 0.0 && self.temperature.is_finite();
+        if !self.greedy && !usable {
+            bail!(
+                "--temperature must be a positive number, got {}",
+                self.temperature
+            )
         }
         if !(0.0..=1.0).contains(&self.top_p) {
             bail!("--top_p must be within [0, 1], got {}", self.top_p)

@@ -19,14 +19,24 @@ pub use shape_only::ShapeOnly;
 use candle_core::{bail, Result, Tensor};
 use std::time::Duration;
 
-/// The default collective deadline (override with `DEEPSCALE_COMM_TIMEOUT` seconds).
+/// The default collective deadline: `DEEPSCALE_COMM_TIMEOUT` seconds, else 300. A value that is
+/// not a positive number falls back to 300 here; [`timeout_from_env`] reports it instead.
 pub fn default_timeout() -> Duration {
-    std::env::var("DEEPSCALE_COMM_TIMEOUT")
+    timeout_from_env()
         .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
+        .flatten()
         .unwrap_or(Duration::from_secs(300))
+}
+
+/// `DEEPSCALE_COMM_TIMEOUT` as a deadline (None when unset), or an error naming the variable.
+pub fn timeout_from_env() -> Result<Option<Duration>> {
+    match std::env::var("DEEPSCALE_COMM_TIMEOUT") {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
+            _ => bail!("DEEPSCALE_COMM_TIMEOUT={v:?}: expected a positive number of seconds"),
+        },
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -291,6 +291,25 @@ fn explain(origin: &str, e: serde_json::Error) -> Error {
     Error::Msg(format!("{origin}: {msg}"))
 }
 
+/// `key`'s value, when set, is a finite number in `lo..=hi`.
+fn check_range(key: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<()> {
+    match v {
+        Some(x) if !(x.is_finite() && x >= lo && x <= hi) => {
+            let want = match (lo, hi) {
+                (l, h) if l == 0.0 && h.is_infinite() => "a finite number >= 0".to_string(),
+                (l, h) if l > 0.0 && l < 1e-300 && h.is_infinite() => {
+                    "a finite number > 0".to_string()
+                }
+                (l, h) if l > 0.0 && l < 1e-300 => format!("a number > 0 and <= {h}"),
+                (l, h) if h < 1.0 && h > 0.999 => format!("a number >= {l} and < 1"),
+                (l, h) => format!("a number in [{l}, {h}]"),
+            };
+            bail!("`{key}` is {x}; expected {want}")
+        }
+        _ => Ok(()),
+    }
+}
+
 impl DeepSpeedConfig {
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
         let cfg: Self = serde_json::from_str(text).map_err(|e| explain(origin, e))?;
@@ -310,8 +329,97 @@ impl DeepSpeedConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("train_batch_size", self.train_batch_size),
+            (
+                "train_micro_batch_size_per_gpu",
+                self.train_micro_batch_size_per_gpu,
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+        ] {
+            if v == Some(0) {
+                bail!("`{key}` is 0; it must be a positive number of samples (or steps)")
+            }
+        }
         if let Some(o) = &self.optimizer {
             o.kind()?;
+            let p = &o.params;
+            check_range("optimizer.params.lr", p.lr, 0.0, f64::INFINITY)?;
+            check_range("optimizer.params.eps", p.eps, f64::MIN_POSITIVE, 1.0)?;
+            check_range(
+                "optimizer.params.weight_decay",
+                p.weight_decay,
+                0.0,
+                f64::INFINITY,
+            )?;
+            if let Some([b1, b2]) = p.betas {
+                check_range(
+                    "optimizer.params.betas[0]",
+                    Some(b1),
+                    0.0,
+                    1.0 - f64::EPSILON,
+                )?;
+                check_range(
+                    "optimizer.params.betas[1]",
+                    Some(b2),
+                    0.0,
+                    1.0 - f64::EPSILON,
+                )?;
+            }
+        }
+        if let Some(s) = &self.scheduler {
+            let p = &s.params;
+            check_range(
+                "scheduler.params.warmup_min_lr",
+                p.warmup_min_lr,
+                0.0,
+                f64::INFINITY,
+            )?;
+            check_range(
+                "scheduler.params.warmup_max_lr",
+                p.warmup_max_lr,
+                0.0,
+                f64::INFINITY,
+            )?;
+            if let (Some(lo), Some(hi)) = (p.warmup_min_lr, p.warmup_max_lr) {
+                if lo > hi {
+                    bail!("scheduler.params.warmup_min_lr {lo} is above warmup_max_lr {hi}")
+                }
+            }
+        }
+        check_range(
+            "gradient_clipping",
+            self.gradient_clipping,
+            0.0,
+            f64::INFINITY,
+        )?;
+        check_range(
+            "gradient_predivide_factor",
+            self.gradient_predivide_factor,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+        )?;
+        if let Some(f) = &self.fp16 {
+            // 0 means dynamic scaling; a static scale must be positive.
+            check_range("fp16.loss_scale", f.loss_scale, 0.0, f64::INFINITY)?;
+            check_range(
+                "fp16.min_loss_scale",
+                f.min_loss_scale,
+                f64::MIN_POSITIVE,
+                f64::INFINITY,
+            )?;
+            if let Some(p) = f.initial_scale_power.filter(|p| *p > 64) {
+                bail!("fp16.initial_scale_power {p} is out of range: expected 0 to 64 (the scale is 2^power)")
+            }
+            if f.loss_scale_window == Some(0) {
+                bail!("fp16.loss_scale_window is 0; it must be a positive number of steps")
+            }
+            if f.hysteresis == Some(0) {
+                bail!("fp16.hysteresis is 0; it must be at least 1")
+            }
         }
         if let Some(z) = &self.zero_optimization {
             if z.stage > 3 {
@@ -319,6 +427,16 @@ impl DeepSpeedConfig {
                     "zero_optimization.stage must be 0, 1, 2 or 3, got {}",
                     z.stage
                 )
+            }
+            for (key, v) in [
+                ("sub_group_size", z.sub_group_size),
+                ("reduce_bucket_size", z.reduce_bucket_size),
+                ("allgather_bucket_size", z.allgather_bucket_size),
+            ] {
+                // DeepSpeed would spin on tiles or buckets of nothing (or of one element).
+                if v == Some(0) {
+                    bail!("zero_optimization.{key} is 0; it must be a positive number of elements")
+                }
             }
             for (what, o) in [
                 ("offload_optimizer", &z.offload_optimizer),

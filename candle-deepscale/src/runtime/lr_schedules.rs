@@ -43,7 +43,9 @@ impl AnnealingLr {
         let lr = match self.style {
             DecayStyle::Constant => self.max_lr,
             DecayStyle::Linear => self.max_lr * (end - done) / end,
-            DecayStyle::Cosine => self.max_lr / 2.0 * ((std::f64::consts::PI * done / end).cos() + 1.0),
+            DecayStyle::Cosine => {
+                self.max_lr / 2.0 * ((std::f64::consts::PI * done / end).cos() + 1.0)
+            }
         };
         lr.max(self.min_lr)
     }
@@ -181,7 +183,11 @@ mod tests {
             0.01,
         ];
         for (u, w) in want.iter().enumerate() {
-            close(log.lr(u as u64), *w, &format!("WarmupLR log, step {}", u + 1));
+            close(
+                log.lr(u as u64),
+                *w,
+                &format!("WarmupLR log, step {}", u + 1),
+            );
         }
         let decay = WarmupLr {
             min_lr: 0.1,
@@ -207,7 +213,11 @@ mod tests {
             0.0,
         ];
         for (u, g) in gammas.iter().enumerate() {
-            close(decay.lr(u as u64), 0.1 + g, &format!("WarmupDecayLR, step {}", u + 1));
+            close(
+                decay.lr(u as u64),
+                0.1 + g,
+                &format!("WarmupDecayLR, step {}", u + 1),
+            );
         }
     }
 

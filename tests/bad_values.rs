@@ -1,0 +1,291 @@
+//! Values no run can use are refused before any work, naming the flag, key or variable and what
+//! was expected: exit status 1 (an error, not a panic's 101 or an abort's 134), no iteration run.
+use std::path::Path;
+use std::process::{Command, Output};
+
+const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+
+const TINY: &[&str] = &[
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "16",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "16",
+    "--batch-size",
+    "2",
+    "--train-iters",
+    "2",
+    "--eval-iters",
+    "1",
+    "--sample-length",
+    "0",
+];
+
+fn deepscale(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deepscale"));
+    c.args(args).env("DEEPSCALE_ASSETS", ASSETS);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run deepscale")
+}
+
+/// `args` fail with exit status 1 before training, and stderr holds every one of `needles`.
+fn refused(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    let out = deepscale(args, env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: the error lacks `{n}`: {err}");
+    }
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(
+        !err.contains(" iteration ") && !err.contains("iteration 1/"),
+        "{args:?}: trained before refusing: {err}"
+    );
+}
+
+fn gpt2(extra: &[&str]) -> Vec<String> {
+    ["pretrain-gpt2"]
+        .iter()
+        .chain(TINY)
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn refused_gpt2(extra: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    let args = gpt2(extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    refused(&args, env, needles);
+}
+
+#[test]
+fn training_flags_out_of_range() {
+    for (extra, needles) in [
+        (&["--lr", "-1"][..], &["--lr -1", "at least 0"][..]),
+        (&["--lr", "nan"], &["--lr NaN"]),
+        (
+            &["--min-lr", "0.1", "--lr", "0.01"],
+            &["--min-lr 0.1", "above --lr"],
+        ),
+        (
+            &["--hidden-dropout", "1.5"],
+            &["--hidden-dropout 1.5", "below 1"],
+        ),
+        (
+            &["--attention-dropout", "-0.5"],
+            &["--attention-dropout -0.5"],
+        ),
+        (&["--warmup", "2"], &["--warmup 2", "at most 1"]),
+        (&["--adam-beta2", "1"], &["--adam-beta2 1"]),
+        (&["--adam-eps", "0"], &["--adam-eps 0"]),
+        (&["--clip-grad", "-1"], &["--clip-grad -1"]),
+        (&["--batch-size", "0"], &["--batch-size 0"]),
+        (&["--log-interval", "0"], &["--log-interval 0"]),
+        (&["--lr-decay-iters", "0"], &["--lr-decay-iters 0"]),
+    ] {
+        refused_gpt2(extra, &[], needles);
+    }
+    // Clap keeps the last of a repeated flag: --train-iters 0 after TINY's.
+    refused_gpt2(&["--train-iters", "0"], &[], &["--train-iters 0"]);
+}
+
+#[test]
+fn deepspeed_config_values_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (json, needles)) in [
+        (
+            r#"{"train_batch_size": 0}"#,
+            &["train_batch_size", "is 0", "cfg0.json"][..],
+        ),
+        (
+            r#"{"train_micro_batch_size_per_gpu": 0}"#,
+            &["train_micro_batch_size_per_gpu", "cfg1.json"],
+        ),
+        (
+            r#"{"train_batch_size": 4, "fp16": {"enabled": true, "loss_scale": -5}}"#,
+            &["fp16.loss_scale", "-5", "cfg2.json"],
+        ),
+        (
+            r#"{"train_batch_size": 4, "zero_optimization": {"stage": 3, "sub_group_size": 0}}"#,
+            &["zero_optimization.sub_group_size is 0", "cfg3.json"],
+        ),
+        (
+            r#"{"train_batch_size": 4, "optimizer": {"type": "Adam", "params": {"lr": -0.1}}}"#,
+            &["optimizer.params.lr", "-0.1"],
+        ),
+        (
+            r#"{"train_batch_size": 4, "gradient_clipping": -1.0}"#,
+            &["gradient_clipping", "-1"],
+        ),
+        (
+            r#"{"train_batch_size": 4, "fp16": {"enabled": true, "loss_scale_window": 0}}"#,
+            &["fp16.loss_scale_window is 0"],
+        ),
+        (
+            r#"{"train_batch_size": 4, "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.1, "warmup_max_lr": 0.01}}}"#,
+            &["warmup_min_lr 0.1", "above warmup_max_lr"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = dir.path().join(format!("cfg{i}.json"));
+        std::fs::write(&path, json).unwrap();
+        let args = [
+            "pretrain-gpt2",
+            "--num-layers",
+            "1",
+            "--hidden-size",
+            "16",
+            "--num-attention-heads",
+            "2",
+            "--seq-length",
+            "16",
+            "--train-iters",
+            "2",
+            "--deepspeed",
+            "--deepspeed_config",
+            path.to_str().unwrap(),
+        ];
+        refused(&args, &[], needles);
+    }
+}
+
+#[test]
+fn environment_and_sampling_values() {
+    refused_gpt2(
+        &[],
+        &[("DEEPSCALE_COMM_TIMEOUT", "abc")],
+        &[
+            "DEEPSCALE_COMM_TIMEOUT",
+            "abc",
+            "positive number of seconds",
+        ],
+    );
+    for t in ["nan", "0", "-1", "inf"] {
+        refused(
+            &[
+                "generate",
+                "--hf-dir",
+                "/nonexistent",
+                "--temperature",
+                t,
+                "--prompt",
+                "x",
+            ],
+            &[],
+            &["--temperature"],
+        );
+    }
+    for (extra, needles) in [
+        (
+            &["--task", "loss", "--text", "x", "--seq-length", "0"][..],
+            &["--seq-length 0"][..],
+        ),
+        (
+            &[
+                "--task",
+                "wikitext103",
+                "--valid-data",
+                "x",
+                "--overlapping-eval",
+                "0",
+            ],
+            &["--overlapping-eval 0"],
+        ),
+        (
+            &["--task", "loss", "--text", "x", "--seq-length", "8"],
+            &["--seq-length applies to --task wikitext103 only"],
+        ),
+        (
+            &[
+                "--task",
+                "wikitext103",
+                "--valid-data",
+                "x",
+                "--seq-length",
+                "8",
+                "--overlapping-eval",
+                "16",
+            ],
+            &["--overlapping-eval 16 exceeds --seq-length 8"],
+        ),
+    ] {
+        let mut args = vec!["evaluate", "--hf-dir", "/nonexistent"];
+        args.extend(extra);
+        refused(&args, &[], needles);
+    }
+    refused(
+        &["pretrain-bert", "--mask-prob", "1.5"],
+        &[],
+        &["--mask-prob 1.5"],
+    );
+    refused(
+        &["pretrain-bert", "--seq-length", "3"],
+        &[],
+        &["--seq-length 3", "[CLS]"],
+    );
+}
+
+/// Megatron's check_checkpoint_args: explicit model-shape flags must equal the checkpoint's.
+#[test]
+fn load_refuses_shape_flags_that_disagree_with_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let save = gpt2(&["--save", ck.to_str().unwrap(), "--save-interval", "2"]);
+    let save: Vec<&str> = save.iter().map(String::as_str).collect();
+    let out = deepscale(&save, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(Path::new(&ck).join("latest").is_file());
+    let load = |extra: &[&str]| {
+        let mut v = vec![
+            "pretrain-gpt2",
+            "--load",
+            ck.to_str().unwrap(),
+            "--seq-length",
+            "16",
+            "--batch-size",
+            "2",
+            "--eval-iters",
+            "1",
+            "--sample-length",
+            "0",
+            "--train-iters",
+            "3",
+        ];
+        v.extend(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    for (flag, value) in [
+        ("--num-layers", "2"),
+        ("--hidden-size", "32"),
+        ("--num-attention-heads", "4"),
+        ("--max-position-embeddings", "64"),
+    ] {
+        let args = load(&[flag, value]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(
+            &args,
+            &[],
+            &[&format!("{flag} {value} disagrees with --load"), "ck"],
+        );
+    }
+    // The same values as the checkpoint's are fine, and the run resumes.
+    let args = load(&["--num-layers", "1", "--hidden-size", "16"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = deepscale(&args, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
