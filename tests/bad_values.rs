@@ -289,3 +289,42 @@ fn load_refuses_shape_flags_that_disagree_with_the_checkpoint() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A token id past the vocabulary (data tokenized with another tokenizer) is refused at every
+/// tensor-parallel size, naming the data and the id: at tp 2 the split embedding would otherwise
+/// look it up as a zero row and train on.
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused_at_every_layout() {
+    use zoo::indexed_dataset::{DType, MMapIndexedDatasetBuilder};
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("oov_text_document");
+    let mut b = MMapIndexedDatasetBuilder::create(&prefix, DType::I32).unwrap();
+    for d in 0..8u32 {
+        // Ids of a 60000-token vocabulary, past GPT-2's 50257 (and its padded 50304).
+        let doc: Vec<u32> = (0..40)
+            .map(|i| 100 + (d * 40 + i) * 1187 % 60_000)
+            .collect();
+        b.add_item(&doc).unwrap();
+        b.end_document();
+    }
+    b.finalize().unwrap();
+    for tp in ["1", "2"] {
+        let args = gpt2(&[
+            "--data-path",
+            prefix.to_str().unwrap(),
+            "--world-size",
+            tp,
+            "--model-parallel-size",
+            tp,
+        ]);
+        let out = deepscale(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "tp {tp}: {err}");
+        assert!(err.contains("oov_text_document"), "tp {tp}: {err}");
+        assert!(
+            err.contains("outside the model's vocabulary of 50257"),
+            "tp {tp}: {err}"
+        );
+        assert!(!err.contains("loss is"), "tp {tp}: {err}");
+    }
+}

@@ -78,3 +78,28 @@ fn tp_model_loads_only_its_slices_of_an_hf_checkpoint() {
         }
     }
 }
+
+/// An id past the whole vocabulary is an error at tp 2 as at tp 1 (the split table would otherwise
+/// look it up as a zero row on every rank and train on).
+#[test]
+fn vocab_parallel_embedding_refuses_ids_past_the_table() {
+    use candle_deepscale::layers::init::RandomInit;
+    use candle_deepscale::layers::parameter::{ParamBuilder, ParamOpts};
+    use candle_deepscale::layers::tensor_parallel::layers::VocabParallelEmbedding;
+    let results = InProcessWorld::run(2, Duration::from_secs(60), |comm| {
+        let comm: Arc<dyn Communicator> = comm;
+        let t = TensorParallel::new(comm, vec![0, 1])?;
+        let init = RandomInit { seed: 7 };
+        let pb = ParamBuilder::new(&init, &Device::Cpu, candle_core::DType::F32).with_tp(Some(t));
+        let e = VocabParallelEmbedding::new(&pb, 8, 4, 0.02, ParamOpts::default())?;
+        let inside = e.forward(&Tensor::new(&[0u32, 7, 3], &Device::Cpu)?)?;
+        assert_eq!(inside.dims(), &[3, 4]);
+        Ok(e.forward(&Tensor::new(&[1u32, 8], &Device::Cpu)?)
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
+    });
+    for r in results {
+        let err = r.unwrap().unwrap_err();
+        assert!(err.contains("id 8 is outside the table of 8 rows"), "{err}");
+    }
+}

@@ -339,3 +339,16 @@ fn restore(c: &Checkpoint, engine: &mut Engine, a: &TrainingArgs, root: bool) ->
     }
     Ok(())
 }
+
+/// Every token id of a sample is inside the model's vocabulary: at tensor parallel > 1 an id past
+/// it would otherwise be looked up as a zero row, and one in the padded rows would train on
+/// padding (Megatron does both silently).
+pub fn check_token_ids(ids: &[u32], vocab: usize, data: &str, sample: usize) -> Result<()> {
+    if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+        anyhow::bail!(
+            "{data}: sample {sample} holds token id {id}, outside the model's vocabulary of {vocab} \
+             ids (was the data tokenized with another vocabulary? give its --vocab-file)"
+        )
+    }
+    Ok(())
+}

@@ -254,6 +254,12 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         train,
         valid,
         seq: a.seq_length,
+        vocab: provider.cfg.vocab_size,
+        source: if t.data_path.is_empty() {
+            "the shipped sample data".into()
+        } else {
+            format!("--data-path {}", t.data_path.join(" "))
+        },
     };
     let Some(s) = pretrain(&setup, &provider, &data, loss)? else {
         return Ok(());
@@ -275,12 +281,16 @@ fn batch(
     start: usize,
     b: usize,
     dev: &Device,
+    vocab: (usize, &str),
 ) -> Result<(Activations, Tensor, Tensor, Tensor)> {
     let mut cols: [Vec<u32>; 4] = Default::default();
     let (mut loss_mask, mut nsp): (Vec<f32>, Vec<u32>) = (Vec::new(), Vec::new());
     let mut seq = 0;
     for k in 0..b {
         let s = data.sample(start + k)?;
+        for ids in [&s.tokens, &s.labels] {
+            crate::pretrain::check_token_ids(ids, vocab.0, vocab.1, start + k)?;
+        }
         seq = s.tokens.len();
         cols[0].extend(&s.tokens);
         cols[1].extend(&s.token_types);
@@ -367,6 +377,10 @@ struct BertData {
     train: BertDataset,
     valid: Option<BertDataset>,
     seq: usize,
+    /// The model's (unpadded) vocabulary size.
+    vocab: usize,
+    /// Where the samples come from, for errors.
+    source: String,
 }
 
 impl DataProvider for BertData {
@@ -384,7 +398,7 @@ impl DataProvider for BertData {
             (true, Some(v)) => v,
             (true, None) => bail!("no validation split"),
         };
-        let (x, labels, mask, nsp) = batch(data, start, b, dev)?;
+        let (x, labels, mask, nsp) = batch(data, start, b, dev, (self.vocab, &self.source))?;
         Ok((x, (labels, mask, nsp)))
     }
 

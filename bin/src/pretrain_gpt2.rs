@@ -92,12 +92,19 @@ impl Samples {
     }
 }
 
-fn batch(samples: &Samples, start: usize, b: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+fn batch(
+    samples: &Samples,
+    start: usize,
+    b: usize,
+    dev: &Device,
+    vocab: (usize, &str),
+) -> Result<(Tensor, Tensor)> {
     let mut x = Vec::new();
     let mut y = Vec::new();
     let mut seq = 0;
     for k in 0..b {
         let s = samples.get(start + k)?;
+        crate::pretrain::check_token_ids(&s, vocab.0, vocab.1, start + k)?;
         seq = s.len() - 1;
         x.extend_from_slice(&s[..seq]);
         y.extend_from_slice(&s[1..]);
@@ -290,6 +297,12 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         train,
         valid,
         seq: a.seq_length,
+        vocab: provider.cfg.vocab_size,
+        source: if a.train.data_path.is_empty() {
+            "the shipped sample data".into()
+        } else {
+            format!("--data-path {}", a.train.data_path.join(" "))
+        },
     };
     let Some(s) = pretrain(&setup, &provider, &data, |net: &Net, o, y| {
         net.loss(&o.hidden, y)
@@ -554,6 +567,10 @@ struct Gpt2Data {
     train: Samples,
     valid: Option<Samples>,
     seq: usize,
+    /// The model's (unpadded) vocabulary size.
+    vocab: usize,
+    /// Where the samples come from, for errors.
+    source: String,
 }
 
 impl DataProvider for Gpt2Data {
@@ -571,7 +588,7 @@ impl DataProvider for Gpt2Data {
             (true, Some(v)) => v,
             (true, None) => bail!("no validation split"),
         };
-        let (x, y) = batch(samples, start, b, dev)?;
+        let (x, y) = batch(samples, start, b, dev, (self.vocab, &self.source))?;
         Ok((Activations::new(x), y))
     }
 

@@ -155,6 +155,23 @@ impl VocabParallelEmbedding {
             return embedding(table, ids);
         };
         let local = table.dim(0)?;
+        // An id past every rank's rows would be a zero row on all of them: refuse it as the
+        // unsplit table does (one reduction; ids are small next to the activations).
+        let rows = local * tp.size();
+        let top = if ids.elem_count() == 0 {
+            0
+        } else {
+            ids.to_dtype(DType::U32)?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<u32>()?
+        };
+        if top as usize >= rows {
+            candle_core::bail!(
+                "embedding: id {top} is outside the table of {rows} rows (split over {} ranks)",
+                tp.size()
+            )
+        }
         let start = (tp.rank * local) as u32;
         // Ids of this rank's rows, shifted to local rows (row 0, masked out, elsewhere); tensor
         // ops so the ids stay on their device.
