@@ -328,3 +328,36 @@ fn token_ids_outside_the_vocabulary_are_refused_at_every_layout() {
         assert!(!err.contains("loss is"), "tp {tp}: {err}");
     }
 }
+
+/// An HF config.json with fewer layers than its weights is refused (evaluating it would silently
+/// drop the extra layers).
+#[test]
+fn an_hf_config_with_fewer_layers_than_its_weights_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let args = gpt2(&["--num-layers", "2", "--save-hf", hf.to_str().unwrap()]);
+    let out = deepscale(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = hf.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg["n_layer"] = 1.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    refused(
+        &[
+            "evaluate",
+            "--task",
+            "loss",
+            "--hf-dir",
+            hf.to_str().unwrap(),
+            "--text",
+            "some text",
+        ],
+        &[],
+        &["hold 2 layers", "n_layer is 1"],
+    );
+}

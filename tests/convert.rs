@@ -230,3 +230,112 @@ fn consolidate_export_and_import_round_trip() {
     }
     assert_eq!(gen(&["--load", s(&piped)]), want);
 }
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// An export into a folder holding an earlier one replaces it whole: no stale index sending
+/// loaders to old shards, no stale single file, no temporaries; --save-hf likewise.
+#[test]
+fn an_export_over_an_earlier_one_leaves_no_stale_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let hf = tmp.path().join("hf");
+    deepscale(&[
+        "pretrain-gpt2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "16",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--train-iters",
+        "2",
+        "--eval-iters",
+        "1",
+        "--sample-length",
+        "0",
+        "--save",
+        s(&ck),
+        "--save-interval",
+        "2",
+    ]);
+    let export = |extra: &[&str]| {
+        let mut args = vec![
+            "convert",
+            "--load",
+            s(&ck),
+            "--to",
+            "hf",
+            "--output",
+            s(&hf),
+        ];
+        args.extend(extra);
+        deepscale(&args);
+    };
+    export(&["--max-shard-size", "300KB"]);
+    let sharded = listing(&hf);
+    assert!(
+        sharded.contains(&"model.safetensors.index.json".to_string()),
+        "{sharded:?}"
+    );
+    assert!(
+        !sharded.contains(&"model.safetensors".to_string()),
+        "{sharded:?}"
+    );
+    export(&[]);
+    assert_eq!(
+        listing(&hf),
+        ["config.json", "model.safetensors", "tokenizer.json"],
+        "the sharded export's index and shards are gone"
+    );
+    export(&["--max-shard-size", "300KB"]);
+    assert_eq!(listing(&hf), sharded, "the single file is gone again");
+    // --save-hf over the sharded export.
+    deepscale(&[
+        "pretrain-gpt2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "16",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--train-iters",
+        "2",
+        "--eval-iters",
+        "1",
+        "--sample-length",
+        "0",
+        "--save-hf",
+        s(&hf),
+    ]);
+    assert_eq!(
+        listing(&hf),
+        ["config.json", "model.safetensors", "tokenizer.json"]
+    );
+    let ev = deepscale(&[
+        "evaluate",
+        "--task",
+        "loss",
+        "--hf-dir",
+        s(&hf),
+        "--text",
+        "some text",
+        "--json",
+    ]);
+    assert!(last_json(&ev)["loss"].as_f64().unwrap().is_finite());
+}

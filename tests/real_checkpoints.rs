@@ -113,3 +113,28 @@ fn gpt2_bpe_real_vocab() {
     let ids = tok.encode(tricky, false).unwrap();
     assert_eq!(tok.decode(&ids).unwrap(), tricky);
 }
+
+/// A config.json with fewer layers than its weights is refused, not evaluated on a truncated model.
+#[test]
+fn minilm_config_with_fewer_layers_than_its_weights_is_refused() {
+    let Some(dir) = common::fixture("all-minilm-l6-v2") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() && f.file_name().unwrap() != "config.json" {
+            std::os::unix::fs::symlink(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = 3.into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = zoo::hub::load_bert(tmp.path(), &Device::Cpu)
+        .err()
+        .expect("a truncated config must be refused")
+        .to_string();
+    assert!(err.contains("hold 6 layers"), "{err}");
+    assert!(err.contains("num_hidden_layers is 3"), "{err}");
+}

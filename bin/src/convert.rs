@@ -226,7 +226,9 @@ fn build(src: &Source, tp: Option<TensorParallel>) -> Result<(Model, Tokenizer)>
 }
 
 /// Writes `tensors` as `<stem>.safetensors`, or as numbered shards with an index when they exceed
-/// `max`. Returns the files written.
+/// `max`. Every file is written to a temporary name first and renamed in only when all are
+/// complete (the index last), so a failure leaves an earlier export whole; files of an earlier
+/// export of the same stem that this one does not have are then removed. Returns the files.
 fn write_sharded(
     dir: &Path,
     stem: &str,
@@ -248,33 +250,72 @@ fn write_sharded(
         cur += size(&t);
         shards.last_mut().expect("one shard").push((n, t));
     }
-    let mut files = Vec::new();
-    if shards.len() == 1 {
-        let path = dir.join(format!("{stem}.safetensors"));
-        let map: HashMap<String, Tensor> = shards.pop().expect("one").into_iter().collect();
-        candle_core::safetensors::save(&map, &path)?;
-        files.push(path);
-        return Ok(files);
-    }
     let n = shards.len();
+    let mut staged = Staged::default();
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.into_iter().enumerate() {
-        let name = format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1);
+        let name = if n == 1 {
+            format!("{stem}.safetensors")
+        } else {
+            format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1)
+        };
         for (k, _) in &shard {
             weight_map.insert(k.clone(), json!(name));
         }
-        let path = dir.join(&name);
-        candle_core::safetensors::save(&shard.into_iter().collect::<HashMap<_, _>>(), &path)?;
-        files.push(path);
+        let map: HashMap<_, _> = shard.into_iter().collect();
+        staged.write(&dir.join(&name), |tmp| {
+            Ok(candle_core::safetensors::save(&map, tmp)?)
+        })?;
     }
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
-    std::fs::write(
-        &index,
-        json!({"metadata": {"total_size": total}, "weight_map": weight_map}).to_string(),
-    )
-    .with_context(|| format!("cannot write {}", index.display()))?;
-    files.push(index);
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        staged.write(&dir.join(format!("{stem}.safetensors.index.json")), |tmp| {
+            Ok(std::fs::write(tmp, index.to_string())?)
+        })?;
+    }
+    let files = staged.commit()?;
+    candle_deepscale::fs::remove_stale_safetensors(dir, stem, &files)?;
     Ok(files)
+}
+
+/// Files written under temporary names, renamed into place together by [`Staged::commit`];
+/// dropped uncommitted, the temporaries are removed.
+#[derive(Default)]
+struct Staged {
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    fn write(&mut self, path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let name = path
+            .file_name()
+            .map_or("file".into(), |n| n.to_string_lossy());
+        let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+        self.files.push((tmp.clone(), path.to_path_buf()));
+        f(&tmp).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn commit(mut self) -> Result<Vec<PathBuf>> {
+        for (tmp, path) in &self.files {
+            std::fs::File::open(tmp)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        let files = std::mem::take(&mut self.files);
+        for (tmp, path) in &files {
+            std::fs::rename(tmp, path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(files.into_iter().map(|(_, p)| p).collect())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
@@ -328,10 +369,12 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 };
                 let mut files = write_sharded(&a.output, "model", cast(tensors)?, max)?;
                 let cfg = a.output.join("config.json");
-                std::fs::write(&cfg, serde_json::to_string_pretty(&config)?)
-                    .with_context(|| format!("cannot write {}", cfg.display()))?;
+                candle_deepscale::fs::write_atomic(
+                    &cfg,
+                    serde_json::to_string_pretty(&config)?.as_bytes(),
+                )?;
                 let tk = a.output.join("tokenizer.json");
-                tok.save(&tk)?;
+                candle_deepscale::fs::write_atomic_with(&tk, |tmp| tok.save(tmp))?;
                 files.extend([cfg, tk]);
                 files
             }

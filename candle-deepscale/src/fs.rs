@@ -77,6 +77,47 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
+/// After an export of `stem`'s weights into `dir` (`stem.safetensors`, or numbered shards
+/// `stem-00001-of-00003.safetensors` with `stem.safetensors.index.json`), removes the files of an
+/// earlier export of the same stem that are not in `written`: a stale index would otherwise send
+/// loaders to the old shards, and a stale single file wins over a new index in transformers.
+pub fn remove_stale_safetensors(dir: &Path, stem: &str, written: &[PathBuf]) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let is_export = |name: &str| {
+        if name == format!("{stem}.safetensors") || name == format!("{stem}.safetensors.index.json")
+        {
+            return true;
+        }
+        // stem-NNNNN-of-MMMMM.safetensors
+        let Some(rest) = name
+            .strip_prefix(stem)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_suffix(".safetensors"))
+        else {
+            return false;
+        };
+        let parts: Vec<&str> = rest.split('-').collect();
+        matches!(parts.as_slice(), [a, "of", b]
+            if a.len() == 5 && b.len() == 5
+                && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()))
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_export(&name) && !written.iter().any(|w| w == &path) {
+            std::fs::remove_file(&path).map_err(|err| {
+                candle_core::Error::Msg(format!(
+                    "cannot remove the earlier export's {}: {err}",
+                    path.display()
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,37 @@ impl SafetensorsFiles {
         v
     }
 
+    /// Refuses weights whose layer count (tensors named `{layers}{N}.…`) differs from the
+    /// config's `num_layers`: a config with fewer layers would silently drop the rest.
+    pub fn check_layer_count(
+        &self,
+        layers: &str,
+        num_layers: usize,
+        config_key: &str,
+    ) -> Result<()> {
+        let held = self
+            .routing
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix(layers)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1);
+        if held != num_layers {
+            bail!(
+                "{}: the weights hold {held} layers (`{layers}0` .. `{layers}{}`), but the \
+                 config's {config_key} is {num_layers}",
+                self.describe(),
+                held.saturating_sub(1)
+            )
+        }
+        Ok(())
+    }
+
     fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
         let Some(&i) = self.routing.get(name) else {
             bail!("tensor `{name}` not found in {}", self.describe())

@@ -83,6 +83,11 @@ impl HfSource {
         if config.pre_layer_norm {
             bail!("HF BERT checkpoints are post-LayerNorm; the config asks for pre_layer_norm")
         }
+        files.check_layer_count(
+            &format!("{prefix}encoder.layer."),
+            config.num_hidden_layers,
+            "num_hidden_layers",
+        )?;
         Ok(Self {
             files,
             prefix,

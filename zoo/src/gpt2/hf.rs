@@ -74,6 +74,7 @@ impl HfSource {
                 files.describe()
             )
         };
+        files.check_layer_count(&format!("{prefix}h."), config.num_layers, "n_layer")?;
         Ok(Self {
             files,
             prefix,
@@ -300,15 +301,16 @@ pub fn save_hf_dir(
         .map_err(|e| candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
     let config = serde_json::to_string_pretty(&model.config.to_hf_json())
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let path = dir.join("config.json");
-    std::fs::write(&path, config)
-        .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", path.display())))?;
     let tensors: std::collections::HashMap<String, Tensor> =
         to_hf_tensors(&model.parameters(), &model.config, true)?
             .into_iter()
             .collect();
-    let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &path)
-        .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", path.display())))?;
-    tokenizer.save(&dir.join("tokenizer.json"))
+    // Each file whole or not at all; an earlier sharded export's index and shards go.
+    let weights = dir.join("model.safetensors");
+    candle_deepscale::fs::write_atomic_with(&weights, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp)
+    })?;
+    candle_deepscale::fs::remove_stale_safetensors(dir, "model", &[weights])?;
+    candle_deepscale::fs::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+    candle_deepscale::fs::write_atomic_with(&dir.join("tokenizer.json"), |tmp| tokenizer.save(tmp))
 }
