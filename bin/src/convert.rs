@@ -292,7 +292,8 @@ impl Staged {
             .map_or("file".into(), |n| n.to_string_lossy());
         let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
         self.files.push((tmp.clone(), path.to_path_buf()));
-        f(&tmp).with_context(|| format!("cannot write {}", path.display()))
+        f(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(candle_deepscale::fs::match_folder_permissions(&tmp)?)
     }
 
     fn commit(mut self) -> Result<Vec<PathBuf>> {

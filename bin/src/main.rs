@@ -3,6 +3,7 @@ mod args;
 mod bench;
 mod bench_suite;
 mod bench_whole;
+mod checkpoint;
 mod convert;
 mod deepspeed_args;
 mod estimate_memory;
@@ -59,6 +60,9 @@ enum Command {
     /// Model-state memory per GPU/CPU as DeepSpeed estimates it, and this engine's per-rank bytes.
     #[command(name = "estimate-memory")]
     EstimateMemory(estimate_memory::EstimateMemoryArgs),
+    /// Native checkpoints: `checkpoint verify DIR` checks sizes, checksums and each file's save
+    /// metadata as --load does, without loading.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Benchmarks: with no subcommand the training benchmark (tokens/s, MFU, peak RSS per config,
     /// `--compare-torch`); `bench comm|tp|adam|train|pipe|offload` for the others.
     Bench(bench::BenchArgs),
@@ -120,6 +124,7 @@ fn main() {
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::InspectData(a) => inspect_data::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Checkpoint(a) => checkpoint::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

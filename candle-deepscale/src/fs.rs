@@ -54,6 +54,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Gives `path` the read/write bits of the folder it is in (a 0755 folder: 0644): safetensors
+/// writes through a private (0600) temporary file, which would leave checkpoint and export files
+/// unreadable to the rest of a team sharing the folder, unlike every other file we write.
+pub fn match_folder_permissions(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(m) = std::fs::metadata(dir) {
+            let mode = m.permissions().mode() & 0o666;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "cannot set the permissions of {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// [`write_atomic`] for a writer that fills the temporary path itself (a safetensors save).
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path
@@ -62,6 +86,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         .unwrap_or_else(|| "file".into());
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let res = write(&tmp).and_then(|_| {
+        match_folder_permissions(&tmp)?;
         let f = std::fs::OpenOptions::new()
             .append(true)
             .open(&tmp)

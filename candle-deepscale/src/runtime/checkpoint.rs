@@ -19,7 +19,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub mod integrity;
+
 pub const FORMAT: &str = "deepscale-checkpoint";
+/// 2: file checksums in the manifest and save metadata in every rank file.
+pub const VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +50,9 @@ pub struct Manifest {
     /// Pipelines: the stage boundaries in the layer list (stage s held `bounds[s]..bounds[s+1]`).
     #[serde(default)]
     pub pipeline_bounds: Option<Vec<usize>>,
+    /// Size and CRC-32 of every file of the tag (version 2 on).
+    #[serde(default)]
+    pub checksums: std::collections::BTreeMap<String, integrity::FileSum>,
 }
 
 /// What one pipeline stage contributes to the manifest (written beside the files, merged by
@@ -88,8 +95,22 @@ fn stage_part_file(stage: usize) -> String {
     format!("stage_{stage:02}.json")
 }
 
-fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path)?;
+/// Writes a rank file with its save metadata (tag, step, layout, its own name).
+fn save_tensors(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    // Sorted, so a save is byte-for-byte reproducible.
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let contiguous = sorted
+        .into_iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize_to_file(contiguous, Some(metadata), path)
+        .map_err(|e| err("cannot write", path, e))?;
+    crate::fs::match_folder_permissions(path)?;
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| err("cannot sync", path, e))
@@ -120,6 +141,8 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
     let (tp_size, tp_rank) = engine.tp_group().map_or((1, 0), |g| (g.size(), g.rank));
     let (dp_size, dp_rank) = (engine.dp_size(), engine.dp_rank());
     let (stage, stages) = engine.pipe_stage();
+    let layout = integrity::layout_string(tp_size, stages, dp_size, engine.optimizer().stage());
+    let metadata = |file: &str| integrity::rank_file_metadata(&tag, iteration, &layout, file);
     // On a later stage the tied copy (the word embedding used for the logits) is saved by the
     // first stage, which holds the same values.
     let skip = |p: &crate::layers::parameter::Param| stage > 0 && p.meta.tie_group.is_some();
@@ -153,7 +176,7 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
                     }
                 }
                 let file = layer_file(spec.first_layer + i, tp_rank);
-                save_tensors(&lt, &tag_dir.join(&file))?;
+                save_tensors(&lt, &tag_dir.join(&file), metadata(&file))?;
                 own_files.push(file);
             }
         } else {
@@ -179,7 +202,7 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
     } else {
         rank_file(tp_rank, dp_rank)
     };
-    save_tensors(&tensors, &tag_dir.join(&file))?;
+    save_tensors(&tensors, &tag_dir.join(&file), metadata(&file))?;
     let params = engine.optimizer().params();
     if stages > 1 && tp_rank == 0 && dp_rank == 0 {
         // This stage's share of the manifest: its parameters and the files its ranks wrote.
@@ -225,9 +248,18 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
                 .collect();
             (params.iter().map(|p| p.meta.clone()).collect(), files, None)
         };
+        for (name, bytes) in &spec.extra_files {
+            write_atomic(&tag_dir.join(name), bytes)?;
+        }
+        let mut summed = files.clone();
+        summed.extend(spec.extra_files.iter().map(|(n, _)| n.clone()));
+        if stages > 1 {
+            summed.extend((0..stages).map(stage_part_file));
+        }
+        let checksums = integrity::sums(&tag_dir, &summed)?;
         let manifest = Manifest {
             format: FORMAT.into(),
-            version: 1,
+            version: VERSION,
             tag: tag.clone(),
             iteration,
             consumed_samples: spec.consumed_samples,
@@ -243,45 +275,113 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
             model: spec.model.clone(),
             files,
             pipeline_bounds: bounds,
+            checksums,
         };
-        for (name, bytes) in &spec.extra_files {
-            write_atomic(&tag_dir.join(name), bytes)?;
-        }
         let json =
             serde_json::to_vec_pretty(&manifest).map_err(|e| err("encoding", &tag_dir, e))?;
         write_atomic(&tag_dir.join(MANIFEST), &json)?;
         sync_dir(&tag_dir);
+        // Megatron's tracker first, `latest` (what we load) last: a crash between them leaves
+        // both naming complete tags, and `open` names the disagreement instead of picking one.
+        write_atomic(&spec.dir.join(TRACKER), iteration.to_string().as_bytes())?;
         write_atomic(&spec.dir.join("latest"), tag.as_bytes())?;
-        write_atomic(
-            &spec.dir.join("latest_checkpointed_iteration.txt"),
-            iteration.to_string().as_bytes(),
-        )?;
         sync_dir(spec.dir);
         if let Some(keep) = spec.keep_last {
-            prune(spec.dir, keep.max(1))?;
+            prune(spec.dir, keep.max(1), &tag)?;
         }
     }
     engine.barrier()?;
     Ok(tag_dir)
 }
 
-/// Removes all but the `keep` newest complete tags.
-fn prune(dir: &Path, keep: usize) -> Result<()> {
-    let mut tags: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+/// Removes all but the `keep` newest complete tags, and every partial tag (a save that died before
+/// its manifest) other than `current`.
+fn prune(dir: &Path, keep: usize, current: &str) -> Result<()> {
+    let mut complete: Vec<(u64, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(dir)
         .map_err(|e| err("cannot list", dir, e))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("global_step")?.parse().ok()?;
-            e.path().join(MANIFEST).is_file().then_some((n, e.path()))
-        })
-        .collect();
-    tags.sort();
-    for (_, old) in tags.iter().rev().skip(keep) {
+    {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(n) = name
+            .strip_prefix("global_step")
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        if e.path().join(MANIFEST).is_file() {
+            complete.push((n, e.path()));
+        } else if name != current && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path())
+                .map_err(|err_| err("cannot remove", &e.path(), err_))?;
+        }
+    }
+    complete.sort();
+    for (_, old) in complete.iter().rev().skip(keep) {
         std::fs::remove_dir_all(old).map_err(|e| err("cannot remove", old, e))?;
     }
     Ok(())
 }
+
+/// The manifest of tag folder `dir`, its format and version checked and every file name it
+/// lists confined to the folder.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let mpath = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&mpath).map_err(|e| err("cannot read", &mpath, e))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| err("corrupt manifest", &mpath, e))?;
+    if manifest.format != FORMAT || !(1..=VERSION).contains(&manifest.version) {
+        bail!(
+            "{}: format {} version {}, expected {FORMAT} version 1 to {VERSION}",
+            mpath.display(),
+            manifest.format,
+            manifest.version
+        )
+    }
+    for name in manifest.files.iter().chain(manifest.checksums.keys()) {
+        confined(dir, name, &mpath, "file")?;
+    }
+    Ok(manifest)
+}
+
+/// The tag `latest` in save folder `root` names, confined to it, checked against Megatron's
+/// tracker; None without a `latest`.
+pub fn latest_tag(root: &Path) -> Result<Option<PathBuf>> {
+    let latest = root.join("latest");
+    let Ok(tag) = std::fs::read_to_string(&latest) else {
+        return Ok(None);
+    };
+    let dir = confined(root, &tag, &latest, "tag")?;
+    check_tracker(root, &dir)?;
+    Ok(Some(dir))
+}
+
+/// `latest` and Megatron's tracker in save folder `root` must name the same step when both are
+/// there (a crash between their writes, or a hand edit, makes them disagree).
+fn check_tracker(root: &Path, tag_dir: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(root.join(TRACKER)) else {
+        return Ok(());
+    };
+    let tracked = text.trim();
+    let tag = tag_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let step = tag.strip_prefix("global_step").unwrap_or(&tag);
+    if tracked != step {
+        bail!(
+            "{}: `latest` names {tag} but {TRACKER} names iteration {tracked}; load one tag \
+             explicitly (--load {}/global_step{tracked} or --load {})",
+            root.display(),
+            root.display(),
+            tag_dir.display()
+        )
+    }
+    Ok(())
+}
+
+/// Megatron's tracker file, written beside `latest`.
+pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
 
 /// Optimizer keys by (kind, parameter): (tensor-parallel rank, offset, key).
 type OptimKeys = HashMap<(String, String), Vec<(usize, usize, String)>>;
@@ -315,20 +415,12 @@ impl Checkpoint {
                     e,
                 )
             })?;
-            confined(path, &tag, &latest, "tag")?
+            let dir = confined(path, &tag, &latest, "tag")?;
+            check_tracker(path, &dir)?;
+            dir
         };
         let mpath = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&mpath).map_err(|e| err("cannot read", &mpath, e))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| err("corrupt manifest", &mpath, e))?;
-        if manifest.format != FORMAT || manifest.version != 1 {
-            bail!(
-                "{}: format {} version {}, expected {FORMAT} version 1",
-                mpath.display(),
-                manifest.format,
-                manifest.version
-            )
-        }
+        let manifest = read_manifest(&dir)?;
         let paths: Vec<PathBuf> = manifest
             .files
             .iter()
@@ -343,6 +435,8 @@ impl Checkpoint {
                 )
             }
         }
+        // Sizes, checksums, each file's own save metadata and dtypes, before anything loads.
+        integrity::verify_or_explain(&dir, &manifest)?;
         // SAFETY: read-only maps of files this process does not modify while loading.
         let files = unsafe { MmapedSafetensors::multi(&paths) }
             .map_err(|e| candle_core::Error::Msg(format!("checkpoint {}: {e}", dir.display())))?;
