@@ -127,6 +127,11 @@ fn main() {
         Command::Checkpoint(a) => checkpoint::run(a),
     };
     if let Err(e) = result {
+        // A run stopped by a signal: its own status (128 + the signal), not a failure's 1.
+        if let Some(x) = e.downcast_ref::<pretrain::ExitStatus>() {
+            eprintln!("{x}");
+            std::process::exit(x.code);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -114,6 +114,47 @@ pub struct Summary {
     pub model_state_bytes: u64,
     pub after: Option<String>,
     pub skipped: u64,
+    /// The last iteration trained (--train-iters unless stopped).
+    pub iterations: u64,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<crate::training::Stop>,
+}
+
+/// The end of a stopped run as an error carrying its exit status (0: Megatron's exit flags).
+#[derive(Debug)]
+pub struct ExitStatus {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
+
+impl Summary {
+    /// Ok for a finished run and Megatron's exits (status 0); an [`ExitStatus`] for a signal.
+    pub fn exit_status(&self, a: &TrainingArgs) -> Result<()> {
+        let Some(stop) = self.stopped else {
+            return Ok(());
+        };
+        let code = crate::training::ExitPolicy::of(a).exit_code(&stop);
+        if code == 0 {
+            eprintln!("exiting program at iteration {}", self.iterations);
+            return Ok(());
+        }
+        Err(ExitStatus {
+            code,
+            message: format!(
+                "stopped by {stop} at iteration {} (exit status {code})",
+                self.iterations
+            ),
+        }
+        .into())
+    }
 }
 
 /// Pretrains on every rank of `setup.layout`; returns rank 0's summary (None on the other
@@ -124,6 +165,10 @@ pub fn pretrain<M: ModelProvider, D: DataProvider>(
     data: &D,
     loss_fn: LossFn<M::Model, D::Targets>,
 ) -> Result<Option<Summary>> {
+    // Signals stop every rank at the same iteration (and save); a second one exits at once.
+    candle_deepscale::runtime::dist_signal_handler::install(
+        &crate::training::ExitPolicy::of(setup.args).signals(),
+    )?;
     // The MFU denominator, measured once before the ranks start (CPU ranks share it).
     let cpu_peak = gemm_peak_flops(&Device::Cpu, 5)?;
     launch(setup.layout, |ctx| {
@@ -252,6 +297,8 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
             sh.engine.zero_stage
         ),
         fp16: sh.engine.fp16.is_some(),
+        exit: crate::training::ExitPolicy::of(a),
+        saving: a.ds.save.is_some(),
     };
     let m = &*model;
     // This rank's slice of each global batch: the 1-rank order cut among the dp ranks.
@@ -294,18 +341,24 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         metrics,
         micro_batches,
         evaluate,
-        |e, i| saver.after(e, i),
+        |e, i, stopping| saver.after(e, i, stopping),
     )?;
-    let after = provider.after_training(m, &engine, ctx)?;
+    // A stopped run exits promptly: no export, no sample.
+    let after = match r.stopped {
+        None => provider.after_training(m, &engine, ctx)?,
+        Some(_) => None,
+    };
     Ok(Summary {
         first_loss: r.first_loss,
         last_loss: r.last_loss,
         last_valid: r.last_valid,
         n_params,
-        tokens_per_s: spec.tokens_per_iter * (a.train_iters - spec.start_iter) as f64 / r.elapsed,
+        tokens_per_s: spec.tokens_per_iter * (r.last_iter - spec.start_iter) as f64 / r.elapsed,
         model_state_bytes: max_state,
         after,
         skipped: engine.skipped_steps(),
+        iterations: r.last_iter,
+        stopped: r.stopped,
     })
 }
 

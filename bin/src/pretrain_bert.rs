@@ -266,13 +266,14 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
     };
     if t.json {
         print_json(
-            json!({"iterations": t.train_iters, "initial_loss": s.first_loss, "final_loss": s.last_loss,
+            json!({"iterations": s.iterations, "stopped": s.stopped.map(|x| x.to_string()),
+                   "initial_loss": s.first_loss, "final_loss": s.last_loss,
                    "valid_loss": s.last_valid, "zero_stage": setup.engine.zero_stage,
                    "train_batch_size": gb, "model_state_bytes": s.model_state_bytes}),
             &layout,
         );
     }
-    Ok(())
+    s.exit_status(t)
 }
 
 /// Micro-batch `start..start + b` of `data`: the engine's input and the tensors of the loss.

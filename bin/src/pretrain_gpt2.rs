@@ -313,7 +313,8 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
     if a.train.json {
         print_json(
             json!({
-                "iterations": a.train.train_iters,
+                "iterations": s.iterations,
+                "stopped": s.stopped.map(|x| x.to_string()),
                 "initial_loss": s.first_loss,
                 "final_loss": s.last_loss,
                 "valid_loss": s.last_valid,
@@ -328,7 +329,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             &layout,
         );
     }
-    Ok(())
+    s.exit_status(&a.train)
 }
 
 /// `--data-path`: a text file tokenized here, or Megatron datasets with as many samples as the run

@@ -91,6 +91,20 @@ pub struct TrainingArgs {
     /// AVX512-BF16 where the CPU has it).
     #[arg(long)]
     pub bf16: bool,
+    /// Megatron's --exit-signal-handler: on --exit-signal, finish the iteration, save (with
+    /// --save) and exit with status 0. Without it SIGTERM and SIGINT still stop the run at the same
+    /// iteration on every rank and save, but exit with status 128 + the signal's number.
+    #[arg(long)]
+    pub exit_signal_handler: bool,
+    /// The signal --exit-signal-handler acts on: SIGTERM, SIGINT, SIGUSR1 or SIGUSR2.
+    #[arg(long, default_value = "SIGTERM")]
+    pub exit_signal: String,
+    /// Exit after each iteration that is a multiple of N (saving first with --save), status 0.
+    #[arg(long)]
+    pub exit_interval: Option<u64>,
+    /// Exit once training has run this many minutes (saving first with --save), status 0.
+    #[arg(long)]
+    pub exit_duration_in_mins: Option<f64>,
     #[command(flatten)]
     pub ds: DeepSpeedArgs,
     /// Print one JSON summary as the last line of stdout.
@@ -153,6 +167,19 @@ impl TrainingArgs {
             if v == Some(0) {
                 bail!("--{flag} 0: expected at least 1")
             }
+        }
+        if self.exit_interval == Some(0) {
+            bail!("--exit-interval 0: expected at least 1")
+        }
+        if let Some(m) = self.exit_duration_in_mins {
+            check_flag("exit-duration-in-mins", m, 0.0, inf, false)?;
+        }
+        if candle_deepscale::runtime::dist_signal_handler::parse_signal(&self.exit_signal).is_none()
+        {
+            bail!(
+                "--exit-signal {}: expected SIGTERM, SIGINT, SIGUSR1 or SIGUSR2",
+                self.exit_signal
+            )
         }
         if self.lr_decay_iters == Some(0) {
             bail!("--lr-decay-iters 0: expected at least 1 (or leave it out: --train-iters)")
@@ -346,6 +373,91 @@ pub struct LoopSpec<'a> {
     pub title: String,
     /// fp16: a non-finite loss is an overflow the scaler handles, not an error.
     pub fp16: bool,
+    /// When to stop early: signals, Megatron's --exit-interval and --exit-duration-in-mins.
+    pub exit: ExitPolicy,
+    /// --save is set (for the stop message).
+    pub saving: bool,
+}
+
+/// When a run stops before --train-iters.
+#[derive(Debug, Clone, Default)]
+pub struct ExitPolicy {
+    pub interval: Option<u64>,
+    pub duration: Option<std::time::Duration>,
+    /// Megatron's --exit-signal-handler: this signal stops with status 0.
+    pub clean_signal: Option<i32>,
+}
+
+impl ExitPolicy {
+    pub fn of(a: &TrainingArgs) -> Self {
+        use candle_deepscale::runtime::dist_signal_handler::parse_signal;
+        Self {
+            interval: a.exit_interval,
+            duration: a
+                .exit_duration_in_mins
+                .map(|m| std::time::Duration::from_secs_f64(m * 60.0)),
+            clean_signal: a
+                .exit_signal_handler
+                .then(|| parse_signal(&a.exit_signal))
+                .flatten(),
+        }
+    }
+
+    /// The signals to note: SIGTERM and SIGINT always, and --exit-signal.
+    pub fn signals(&self) -> Vec<i32> {
+        use candle_deepscale::runtime::dist_signal_handler::{SIGINT, SIGTERM};
+        let mut v = vec![SIGTERM, SIGINT];
+        v.extend(self.clean_signal.filter(|s| !v.contains(s)));
+        v
+    }
+
+    /// Whether to stop after `iter` (every rank gets the same answer: the signal and the deadline
+    /// are agreed through a collective).
+    fn stop_after(&self, engine: &Engine, iter: u64, started: Instant) -> Result<Option<Stop>> {
+        let sig = candle_deepscale::runtime::dist_signal_handler::received().unwrap_or(0);
+        let sig = engine.max_over_ranks(sig as f64)? as i32;
+        if sig != 0 {
+            return Ok(Some(Stop::Signal(sig)));
+        }
+        if let Some(d) = self.duration {
+            let over = started.elapsed() >= d;
+            if engine.max_over_ranks(f64::from(u8::from(over)))? > 0.0 {
+                return Ok(Some(Stop::Duration));
+            }
+        }
+        if self.interval.is_some_and(|n| iter.is_multiple_of(n)) {
+            return Ok(Some(Stop::Interval));
+        }
+        Ok(None)
+    }
+
+    /// The process's exit status after `stop`: 0 for Megatron's exits, else 128 + the signal.
+    pub fn exit_code(&self, stop: &Stop) -> i32 {
+        match stop {
+            Stop::Signal(s) if Some(*s) != self.clean_signal => 128 + s,
+            _ => 0,
+        }
+    }
+}
+
+/// Why a run stopped before --train-iters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Signal(i32),
+    Interval,
+    Duration,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Signal(s) => {
+                f.write_str(&candle_deepscale::runtime::dist_signal_handler::signal_name(*s))
+            }
+            Stop::Interval => f.write_str("--exit-interval"),
+            Stop::Duration => f.write_str("--exit-duration-in-mins"),
+        }
+    }
 }
 
 pub struct LoopResult {
@@ -354,6 +466,10 @@ pub struct LoopResult {
     pub last_valid: Option<f64>,
     /// Seconds of training (validation included).
     pub elapsed: f64,
+    /// The last iteration trained.
+    pub last_iter: u64,
+    /// Set when the run stopped before --train-iters.
+    pub stopped: Option<Stop>,
 }
 
 /// Runs `spec.train_iters` iterations: `micro_batches(iter)` gives this rank's micro-batches of
@@ -365,7 +481,7 @@ pub fn train_loop<F>(
     metrics: Option<MetricsWriter>,
     mut micro_batches: impl FnMut(u64) -> Result<Vec<(Activations, F)>>,
     mut evaluate: impl FnMut(&Engine) -> Result<Option<f64>>,
-    mut after_iteration: impl FnMut(&Engine, u64) -> Result<()>,
+    mut after_iteration: impl FnMut(&Engine, u64, bool) -> Result<()>,
 ) -> Result<LoopResult>
 where
     F: FnOnce(&Activations) -> Result<Tensor, candle_core::Error>,
@@ -390,9 +506,20 @@ where
                 run.validated(iter, vl)?;
             }
         }
-        run.bar.suspend(|| after_iteration(engine, iter))?;
+        // Every rank asks the same question after the same iteration: they stop together.
+        let stop = if iter < spec.train_iters {
+            spec.exit.stop_after(engine, iter, run.started)?
+        } else {
+            None
+        };
+        // A stop saves (with --save) even between --save-interval's saves.
+        run.bar
+            .suspend(|| after_iteration(engine, iter, stop.is_some()))?;
+        if let Some(stop) = stop {
+            return run.finish(iter, Some(stop));
+        }
     }
-    run.finish()
+    run.finish(spec.train_iters, None)
 }
 
 /// The loop's bookkeeping: the progress bar, the loss curves, the log window and the metrics.
@@ -543,14 +670,25 @@ impl<'a> LoopState<'a> {
         Ok(())
     }
 
-    fn finish(self) -> Result<LoopResult> {
+    fn finish(self, last_iter: u64, stopped: Option<Stop>) -> Result<LoopResult> {
         let a = self.spec;
         self.bar.finish_and_clear();
         let elapsed = self.started.elapsed().as_secs_f64();
         if a.root {
+            if let Some(stop) = stopped {
+                eprintln!(
+                    "stopped by {stop} after iteration {last_iter} of {}{}",
+                    a.train_iters,
+                    if a.saving {
+                        "; resume with the same command plus --load (the --save folder)"
+                    } else {
+                        " (no --save: nothing saved)"
+                    }
+                );
+            }
             eprintln!(
                 "done: {} iterations in {elapsed:.1} s; loss {:.4} -> {:.4}",
-                a.train_iters - a.start_iter,
+                last_iter - a.start_iter,
                 self.first_loss.unwrap_or(f64::NAN),
                 self.last_loss
             );
@@ -566,6 +704,8 @@ impl<'a> LoopState<'a> {
             last_loss: self.last_loss,
             last_valid: self.last_valid,
             elapsed,
+            last_iter,
+            stopped,
         })
     }
 }
@@ -583,7 +723,8 @@ pub struct Saver<'a> {
 }
 
 impl Saver<'_> {
-    pub fn after(&self, engine: &Engine, iter: u64) -> Result<()> {
+    /// Saves after `iter` when due (or `stopping`: a signal or an exit flag ends the run here).
+    pub fn after(&self, engine: &Engine, iter: u64, stopping: bool) -> Result<()> {
         let Some(dir) = &self.args.ds.save else {
             return Ok(());
         };
@@ -592,7 +733,8 @@ impl Saver<'_> {
             .ds
             .save_interval
             .is_some_and(|n| n > 0 && iter.is_multiple_of(n))
-            || iter == self.args.train_iters;
+            || iter == self.args.train_iters
+            || stopping;
         if !due {
             return Ok(());
         }

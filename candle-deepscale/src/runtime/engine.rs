@@ -512,6 +512,16 @@ impl Engine {
     }
 
     /// The mean of `v` over the data-parallel group.
+    /// The largest `v` over every rank of the grid (data, tensor and pipeline groups in turn):
+    /// how ranks agree on a stop (a signal one of them received, a deadline one of them passed).
+    pub fn max_over_ranks(&self, v: f64) -> Result<f64> {
+        let mut buf = [v];
+        for g in self.groups() {
+            g.all_reduce(&mut buf, ReduceOp::Max)?;
+        }
+        Ok(buf[0])
+    }
+
     pub fn dp_mean(&self, v: f64) -> Result<f64> {
         let mut buf = [v];
         if let Some(dp) = &self.dp {

@@ -145,6 +145,15 @@ impl EngineConfig {
                 let sub = z
                     .sub_group_size
                     .map_or(1_000_000_000, |v| v.max(1) as usize);
+                // Each swap block takes at least one 4 KiB slot on disk: tiles of a few elements
+                // multiply the swap files a thousandfold and crawl.
+                if sub < 1024 {
+                    bail!(
+                        "zero_optimization.sub_group_size {sub} is too small for NVMe offload: \
+                         each tile is swapped as at least one 4 KiB block; use 1024 elements or \
+                         more (DeepSpeed's default is 1e9)"
+                    )
+                }
                 let max_in_cpu = par.as_ref().and_then(|p| p.max_in_cpu).unwrap_or(0) as usize;
                 let aio = ds.aio.clone().unwrap_or_default();
                 let dflt = OffloadSettings::default();

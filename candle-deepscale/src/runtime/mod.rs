@@ -11,6 +11,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod data_samplers;
+pub mod dist_signal_handler;
 pub mod engine;
 pub mod engine_config;
 pub mod initialize;

@@ -76,6 +76,21 @@ pub struct SwappedBuffer {
     inner: Mutex<Inner>,
 }
 
+/// Swap files of this process that are alive, so a second interrupt (which exits at once, without
+/// unwinding) can still remove them.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every live swap file of this process (the exit path of a second SIGINT/SIGTERM).
+pub fn remove_live_swap_files() {
+    let files = match LIVE.lock() {
+        Ok(mut l) => std::mem::take(&mut *l),
+        Err(p) => std::mem::take(&mut *p.into_inner()),
+    };
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
 /// Bytes one block slot takes (header + payload, 4096-aligned).
 pub fn slot_bytes(block_elems: usize) -> usize {
     (HEADER + 4 * block_elems).div_ceil(ALIGN) * ALIGN
@@ -104,6 +119,9 @@ impl SwappedBuffer {
             )
         }
         let blocks = len.div_ceil(block_elems);
+        if let Ok(mut l) = LIVE.lock() {
+            l.push(path.clone());
+        }
         Ok(Self {
             path: Arc::new(path),
             file: Arc::new(file),
@@ -373,6 +391,9 @@ impl Drop for SwappedBuffer {
     fn drop(&mut self) {
         let _ = self.flush();
         let _ = std::fs::remove_file(self.path.as_ref());
+        if let Ok(mut l) = LIVE.lock() {
+            l.retain(|p| p != self.path.as_ref());
+        }
     }
 }
 
