@@ -361,3 +361,62 @@ fn an_hf_config_with_fewer_layers_than_its_weights_is_refused() {
         &["hold 2 layers", "n_layer is 1"],
     );
 }
+
+/// Under a low `ulimit -v`, a model that cannot fit is refused before any allocation with the
+/// estimate and the limit (no allocator abort, exit status 1); a small one still trains.
+#[test]
+fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
+    let run = |shape: &[&str]| {
+        let mut args = vec![
+            "pretrain-gpt2",
+            "--seq-length",
+            "128",
+            "--batch-size",
+            "4",
+            "--train-iters",
+            "2",
+            "--eval-iters",
+            "1",
+            "--sample-length",
+            "0",
+        ];
+        args.extend(shape);
+        let cmd = format!(
+            "ulimit -v 3000000 && exec {} {}",
+            env!("CARGO_BIN_EXE_deepscale"),
+            args.join(" ")
+        );
+        Command::new("bash")
+            .args(["-c", &cmd])
+            .env("DEEPSCALE_ASSETS", ASSETS)
+            .output()
+            .expect("bash")
+    };
+    let out = run(&[
+        "--num-layers",
+        "24",
+        "--hidden-size",
+        "1024",
+        "--num-attention-heads",
+        "16",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for n in ["not enough memory", "ulimit -v", "optimizer", "activations"] {
+        assert!(err.contains(n), "lacks `{n}`: {err}");
+    }
+    assert!(!err.contains("memory allocation of"), "{err}");
+    let out = run(&[
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "16",
+        "--num-attention-heads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

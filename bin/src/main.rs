@@ -11,6 +11,7 @@ mod evaluate;
 mod generate;
 mod inspect_data;
 mod launch;
+mod memory_preflight;
 mod metrics;
 mod models;
 mod plot;

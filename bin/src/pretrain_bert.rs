@@ -236,6 +236,35 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         )
     }
     let dtype = crate::training::param_dtype(&engine, layout.device);
+    if layout.device == crate::args::DeviceKind::Cpu {
+        let (h, f, v) = (
+            cfg.hidden_size as u64,
+            cfg.intermediate_size as u64,
+            cfg.padded_vocab_size(layout.tp) as u64,
+        );
+        // Embeddings, layers (attention, MLP, two LayerNorms) and the LM head's transform.
+        let layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h;
+        let params = (v + cfg.max_position_embeddings as u64 + cfg.type_vocab_size as u64) * h
+            + 2 * h
+            + cfg.num_hidden_layers as u64 * layer
+            + 2 * (h * h + h)
+            + v;
+        crate::memory_preflight::check(
+            &crate::memory_preflight::Shape {
+                layers: cfg.num_hidden_layers,
+                hidden: cfg.hidden_size,
+                heads: cfg.num_attention_heads,
+                seq: a.seq_length,
+                vocab: v as usize,
+                params,
+                largest: (v * h).max(h * f + f),
+            },
+            &layout,
+            &engine,
+            dtype.size_in_bytes() as u64,
+            t.checkpoint_activations,
+        )?;
+    }
     let setup = Setup {
         args: t,
         layout: &layout,

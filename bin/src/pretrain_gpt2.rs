@@ -277,6 +277,23 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             cfg.max_position_embeddings
         )
     }
+    if layout.device == crate::args::DeviceKind::Cpu {
+        crate::memory_preflight::check(
+            &crate::memory_preflight::Shape {
+                layers: cfg.num_layers,
+                hidden: cfg.hidden_size,
+                heads: cfg.num_attention_heads,
+                seq: a.seq_length,
+                vocab: cfg.padded_vocab_size(layout.tp),
+                params: cfg.parameter_counts().iter().map(|c| c.1 as u64).sum(),
+                largest: cfg.largest_module_params() as u64,
+            },
+            &layout,
+            &engine_cfg,
+            dtype.size_in_bytes() as u64,
+            a.train.checkpoint_activations,
+        )?;
+    }
     let setup = Setup {
         args: &a.train,
         layout: &layout,

@@ -151,3 +151,72 @@ pub fn gemm_peak_flops_of(device: &Device, dtype: DType, tries: usize) -> Result
 pub fn mfu(tokens_per_s: f64, flops_per_token: f64, peak_flops: f64) -> f64 {
     tokens_per_s * flops_per_token / peak_flops
 }
+
+/// How much more memory this process may take, and which limit says so.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryLimit {
+    pub bytes: u64,
+    /// `ulimit -v`, `cgroup memory.max` (or v1's `memory.limit_in_bytes`) or `MemAvailable`.
+    pub source: String,
+}
+
+/// The tightest of what this process may still allocate: the address-space limit (`ulimit -v`)
+/// less what is mapped, the cgroup's memory limit less its usage, and the machine's
+/// `MemAvailable`. None where none can be read (not Linux).
+pub fn memory_limit() -> Option<MemoryLimit> {
+    let mut limits = Vec::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |text: &str, key: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0
+        && rl.rlim_cur != libc::RLIM_INFINITY
+    {
+        let mapped = kib(&status, "VmSize:").unwrap_or(0);
+        limits.push(MemoryLimit {
+            bytes: (rl.rlim_cur as u64).saturating_sub(mapped),
+            source: format!("ulimit -v ({} KiB)", rl.rlim_cur / 1024),
+        });
+    }
+    let read_u64 =
+        |p: &str| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    if let (Some(max), Some(cur)) = (
+        read_u64("/sys/fs/cgroup/memory.max"),
+        read_u64("/sys/fs/cgroup/memory.current"),
+    ) {
+        limits.push(MemoryLimit {
+            bytes: max.saturating_sub(cur),
+            source: format!("cgroup memory.max ({max} bytes)"),
+        });
+    } else if let (Some(max), Some(cur)) = (
+        read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ) {
+        // v1 reports "no limit" as a huge number.
+        if max < 1 << 60 {
+            limits.push(MemoryLimit {
+                bytes: max.saturating_sub(cur),
+                source: format!("cgroup memory.limit_in_bytes ({max} bytes)"),
+            });
+        }
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(avail) = kib(&meminfo, "MemAvailable:") {
+        limits.push(MemoryLimit {
+            bytes: avail,
+            source: "MemAvailable".into(),
+        });
+    }
+    limits.into_iter().min_by_key(|l| l.bytes)
+}

@@ -1,0 +1,194 @@
+//! Before any rank allocates: this run's bytes (model states per ZeRO stage and offload,
+//! activations at this micro-batch, communication buckets) against what the process may use
+//! (`ulimit -v`, the cgroup limit, MemAvailable). A run that cannot fit is refused with the
+//! estimate and the layouts that would fit, instead of an allocator abort or the OOM killer
+//! minutes in. `DEEPSCALE_NO_MEMORY_CHECK=1` skips the check.
+use crate::args::Layout;
+use anyhow::{bail, Result};
+use candle_deepscale::runtime::engine::EngineConfig;
+use candle_deepscale::runtime::meters::memory_limit;
+use candle_deepscale::runtime::zero::estimate::engine_bytes;
+
+/// A transformer's shape, as the estimate needs it.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub seq: usize,
+    /// The padded vocabulary (the logits' width).
+    pub vocab: usize,
+    /// Every parameter (tensor-parallel size 1).
+    pub params: u64,
+    /// The largest module's parameters (ZeRO-3 gathers one at a time).
+    pub largest: u64,
+}
+
+/// One rank's estimate, by category.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    parameters: u64,
+    gradients: u64,
+    optimizer: u64,
+    activations: u64,
+    buffers: u64,
+}
+
+impl Need {
+    fn total(&self) -> u64 {
+        self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
+    }
+}
+
+/// What one rank needs at `stage` and micro-batch `micro`.
+fn need(
+    s: &Shape,
+    l: &Layout,
+    e: &EngineConfig,
+    stage: u8,
+    micro: usize,
+    dtype_bytes: u64,
+    ckpt: Option<usize>,
+) -> Need {
+    let (tp, pp, dp) = (l.tp as u64, l.pp as u64, l.dp as u64);
+    let psi = s.params / (tp * pp).max(1);
+    let live = if stage == 3 { s.largest / tp.max(1) } else { 0 };
+    let st = engine_bytes(stage, psi, dp, dtype_bytes, 0, live);
+    let (mut parameters, mut gradients, mut optimizer) =
+        (st.parameters, st.gradients, st.optimizer);
+    if let Some(o) = e.stage3.offload.as_ref().filter(|_| stage == 3) {
+        // Swapped to NVMe: only the resident blocks and the pool stay.
+        if o.optimizer_nvme.is_some() {
+            gradients = 0;
+            optimizer = 0;
+        }
+        if o.param_nvme.is_some() {
+            parameters = live * dtype_bytes;
+        }
+    }
+    // Megatron's activation memory per layer, s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 16-bit
+    // (Korthikanti et al. 2022), scaled to this run's element size; with activation
+    // checkpointing each layer keeps its input and one layer is live at a time.
+    let (sq, b, h, a) = (s.seq as f64, micro as f64, s.hidden as f64, s.heads as f64);
+    let t = tp as f64;
+    let per_layer =
+        sq * b * h * (10.0 + 24.0 / t + 5.0 * a * sq / (h * t)) * dtype_bytes as f64 / 2.0;
+    let layers = s.layers.div_ceil(pp as usize) as f64;
+    let kept = match ckpt {
+        Some(k) => layers * sq * b * h * dtype_bytes as f64 + per_layer * k.max(1) as f64,
+        None => layers * per_layer,
+    };
+    // A pipeline's first stage holds up to pp micro-batches in flight.
+    let in_flight = if pp > 1 {
+        pp.min(e.gradient_accumulation_steps as u64) as f64
+    } else {
+        1.0
+    };
+    // The logits and their gradient, in fp32 (the fused cross entropy keeps no softmax).
+    let logits = 2.0 * b * sq * (s.vocab as f64 / t) * 4.0;
+    let activations = (kept * in_flight + logits) as u64;
+    let buffers = if stage > 0 {
+        2 * 4 * (e.reduce_bucket_size as u64).min(psi)
+    } else {
+        0
+    };
+    Need {
+        parameters,
+        gradients,
+        optimizer,
+        activations,
+        buffers,
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// Refuses a run whose estimate exceeds what this process may use; `ranks_here` is the number
+/// of ranks this process holds (in-process ranks), `checkpointing` whether activations are
+/// checkpointed.
+pub fn check(
+    s: &Shape,
+    l: &Layout,
+    e: &EngineConfig,
+    dtype_bytes: u64,
+    checkpointing: bool,
+) -> Result<()> {
+    if std::env::var("DEEPSCALE_NO_MEMORY_CHECK").as_deref() == Ok("1") {
+        return Ok(());
+    }
+    let Some(limit) = memory_limit() else {
+        return Ok(());
+    };
+    let ckpt = checkpointing.then_some(e.checkpoint_num_layers);
+    // In-process ranks share this process; under mpirun each process is one rank (and the ranks
+    // of a node share its MemAvailable).
+    let (ranks_here, share) = match crate::launch::mpi_world_size() {
+        Some(_) => (1u64, local_ranks()),
+        None => (l.world_size as u64, 1),
+    };
+    let avail = limit.bytes / share.max(1);
+    let micro = e.train_micro_batch_size_per_gpu;
+    let n = need(s, l, e, e.zero_stage, micro, dtype_bytes, ckpt);
+    let total = n.total() * ranks_here;
+    if total <= avail {
+        return Ok(());
+    }
+    let mut fits = Vec::new();
+    for stage in e.zero_stage + 1..=3 {
+        let t = need(s, l, e, stage, micro, dtype_bytes, ckpt).total() * ranks_here;
+        if t <= avail {
+            fits.push(format!("ZeRO stage {stage} ({} in this process)", gib(t)));
+            break;
+        }
+    }
+    let mut m = micro / 2;
+    while m >= 1 {
+        let t = need(s, l, e, e.zero_stage, m, dtype_bytes, ckpt).total() * ranks_here;
+        if t <= avail {
+            fits.push(format!(
+                "--batch-size {m} with --gas {} for the same global batch ({})",
+                micro.div_ceil(m) * e.gradient_accumulation_steps,
+                gib(t)
+            ));
+            break;
+        }
+        m /= 2;
+    }
+    if !checkpointing {
+        let t = need(s, l, e, e.zero_stage, micro, dtype_bytes, Some(1)).total() * ranks_here;
+        if t <= avail {
+            fits.push(format!("--checkpoint-activations ({})", gib(t)));
+        }
+    }
+    let hint = if fits.is_empty() {
+        "nothing smaller fits here: offload to NVMe (ZeRO-3 with offload_optimizer and \
+         offload_param on nvme), or spread the ranks over more machines (mpirun)"
+            .to_string()
+    } else {
+        format!("would fit: {}", fits.join("; or "))
+    };
+    bail!(
+        "not enough memory: this run needs about {} in this process (per rank: parameters {}, \
+         gradients {}, optimizer {}, activations {} at micro-batch {micro}, buffers {}; x {ranks_here} \
+         rank(s) here), but it may use {} more ({}); {hint}. (DEEPSCALE_NO_MEMORY_CHECK=1 skips \
+         this check.)",
+        gib(total),
+        gib(n.parameters),
+        gib(n.gradients),
+        gib(n.optimizer),
+        gib(n.activations),
+        gib(n.buffers),
+        gib(avail),
+        limit.source
+    )
+}
+
+/// Ranks of this node under mpirun (Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE), else 1.
+fn local_ranks() -> u64 {
+    std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
