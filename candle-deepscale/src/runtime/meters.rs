@@ -185,7 +185,7 @@ pub fn memory_limit() -> Option<MemoryLimit> {
     {
         let mapped = kib(&status, "VmSize:").unwrap_or(0);
         limits.push(MemoryLimit {
-            bytes: (rl.rlim_cur as u64).saturating_sub(mapped),
+            bytes: rl.rlim_cur.saturating_sub(mapped),
             source: format!("ulimit -v ({} KiB)", rl.rlim_cur / 1024),
         });
     }
