@@ -279,6 +279,38 @@ fn load_refuses_shape_flags_that_disagree_with_the_checkpoint() {
             &[&format!("{flag} {value} disagrees with --load"), "ck"],
         );
     }
+    // The wrong model family is named before its tokenizer is read.
+    refused(
+        &["pretrain-bert", "--load", ck.to_str().unwrap()],
+        &[],
+        &["not BERT", "pretrain-gpt2"],
+    );
+    // An HF import from a folder that is not one says what it is instead.
+    let out = dir.path().join("out");
+    for (input, needle) in [
+        (
+            ck.to_str().unwrap(),
+            "a DeepScale checkpoint: read it with --load",
+        ),
+        ("/nonexistent/hf", "no such folder"),
+        (dir.path().to_str().unwrap(), "no config.json"),
+    ] {
+        refused(
+            &[
+                "convert",
+                "--from",
+                "hf",
+                "--input",
+                input,
+                "--to",
+                "native",
+                "--output",
+                out.to_str().unwrap(),
+            ],
+            &[],
+            &[needle],
+        );
+    }
     // The same values as the checkpoint's are fine, and the run resumes.
     let args = load(&["--num-layers", "1", "--hidden-size", "16"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

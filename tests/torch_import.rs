@@ -231,3 +231,43 @@ fn convert_from_megatron_and_deepspeed_writes_safetensors_and_native_checkpoints
     let cfg: Config = serde_json::from_value(ck.manifest.model["config"].clone()).unwrap();
     check_logits(&cfg, &ck, "native from deepspeed");
 }
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A missing tensor-parallel partition (Megatron's mp_rank_01, DeepSpeed's mp_rank_01 model
+/// states) or ZeRO partition (zero_pp_rank_1_...) is named, not reported as a shape or value-count
+/// mismatch.
+#[test]
+fn missing_partitions_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let meg = tmp.path().join("megatron");
+    copy_tree(&fixture("megatron_v1_mp2"), &meg);
+    std::fs::remove_dir_all(meg.join("iter_0000010/mp_rank_01")).unwrap();
+    let e = import_megatron(&meg, 60).err().unwrap().to_string();
+    assert!(
+        e.contains("mp_rank_01 is missing") && e.contains("tensor_model_parallel_size 2"),
+        "{e}"
+    );
+    let ds = tmp.path().join("deepspeed");
+    copy_tree(&fixture("deepspeed_zero2_mp2_dp2"), &ds);
+    std::fs::remove_file(ds.join("global_step5/zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        .unwrap();
+    let e = import_deepspeed(&ds, 60).err().unwrap().to_string();
+    assert!(
+        e.contains("zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
+        "{e}"
+    );
+    std::fs::remove_file(ds.join("global_step5/mp_rank_01_model_states.pt")).unwrap();
+    let e = import_deepspeed(&ds, 60).err().unwrap().to_string();
+    assert!(e.contains("mp_rank_01_model_states.pt is missing"), "{e}");
+}

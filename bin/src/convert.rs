@@ -133,7 +133,10 @@ impl ConvertArgs {
             (Some(d), None, None) => Ok(Source::Native(Box::new(
                 Checkpoint::open(d).with_context(|| format!("--load {}", d.display()))?,
             ))),
-            (None, Some(From::Hf), Some(d)) => Ok(Source::Hf(d.clone())),
+            (None, Some(From::Hf), Some(d)) => {
+                zoo::hub::check_hf_dir(d, "--from hf --input")?;
+                Ok(Source::Hf(d.clone()))
+            }
             (None, Some(f @ (From::Megatron | From::Deepspeed)), Some(d)) => {
                 let assets = crate::pretrain_gpt2::assets_dir();
                 let vocab = self

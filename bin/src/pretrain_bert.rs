@@ -124,6 +124,17 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
         ),
         None => None,
     };
+    if let Some(c) = &ckpt {
+        // Before its tokenizer is read: a GPT-2 checkpoint would otherwise fail on "no [CLS]".
+        if c.manifest.model["type"] != "bert" {
+            bail!(
+                "--load {}: a {} checkpoint, not BERT (load it with pretrain-{})",
+                c.dir.display(),
+                c.manifest.model["type"],
+                c.manifest.model["type"].as_str().unwrap_or("gpt2")
+            )
+        }
+    }
     // --tokenizer-type (a seed-script flag, shared with pretrain-gpt2): BERT's WordPiece here.
     let tok = match t.ds.tokenizer_type.as_deref().unwrap_or("BertWordPieceLowerCase") {
         "BertWordPieceLowerCase" => Tokenizer::bert_wordpiece(&vocab, true),

@@ -184,6 +184,16 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         ),
         None => None,
     };
+    if let Some(c) = &ckpt {
+        if c.manifest.model["type"] != "gpt2" {
+            bail!(
+                "--load {}: a {} checkpoint, not GPT-2 (load it with pretrain-{})",
+                c.dir.display(),
+                c.manifest.model["type"],
+                c.manifest.model["type"].as_str().unwrap_or("bert")
+            )
+        }
+    }
     let hf_dir = match (&a.model.hf_dir, &a.model.hf_repo) {
         (None, None) => None,
         (d, r) => Some(zoo::hub::resolve(d.as_deref(), r.as_deref())?),

@@ -97,15 +97,54 @@ pub fn fetch_repo(spec: &str) -> Result<PathBuf> {
 pub fn resolve(hf_dir: Option<&Path>, hf_repo: Option<&str>) -> Result<PathBuf> {
     match (hf_dir, hf_repo) {
         (Some(d), None) => {
-            if !d.is_dir() {
-                bail!("--hf-dir {} is not a directory", d.display())
-            }
+            check_hf_dir(d, "--hf-dir")?;
             Ok(d.to_path_buf())
         }
         (None, Some(r)) => fetch_repo(r),
         (Some(_), Some(_)) => bail!("give either --hf-dir or --hf-repo, not both"),
         (None, None) => bail!("no model given: use --hf-dir DIR or --hf-repo NAME"),
     }
+}
+
+/// `dir` is an HF model folder (it has a config.json); else an error saying what it is instead
+/// (missing, a native, Megatron or DeepSpeed checkpoint) and which flag reads that. `flag` names
+/// the flag that gave it.
+pub fn check_hf_dir(dir: &Path, flag: &str) -> Result<()> {
+    let d = dir.display();
+    if !dir.exists() {
+        bail!("{flag} {d}: no such folder")
+    }
+    if !dir.is_dir() {
+        bail!("{flag} {d}: not a folder (an HF model folder holds config.json and weights)")
+    }
+    if dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let has = |prefix: &str| {
+        std::fs::read_dir(dir).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        })
+    };
+    // A native save folder's tags hold manifest.json; a DeepSpeed one's hold *_model_states.pt.
+    let native_tag = std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| e.path().join("manifest.json").is_file())
+    });
+    let what = if dir.join("manifest.json").is_file() || native_tag {
+        "a DeepScale checkpoint: read it with --load"
+    } else if dir.join("latest_checkpointed_iteration.txt").is_file()
+        || has("iter_")
+        || has("mp_rank_")
+        || dir.join("release").is_dir()
+    {
+        "a Megatron checkpoint: read it with convert --from megatron --input"
+    } else if dir.join("latest").is_file() || has("global_step") {
+        "a DeepSpeed checkpoint: read it with convert --from deepspeed --input"
+    } else {
+        "not an HF model folder: no config.json"
+    };
+    bail!("{flag} {d}: {what}")
 }
 
 fn read_config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {

@@ -595,14 +595,21 @@ impl Checkpoint {
     pub fn restore(&self, engine: &mut Engine, with_optimizer: bool) -> Result<()> {
         let tp = engine.tp_group().map(|g| (g.size(), g.rank));
         let state = self.manifest.engine.clone();
-        engine.restore(&state, |p| {
-            if !with_optimizer {
-                return Ok(None);
-            }
-            let (size, rank) = tp.unwrap_or((1, 0));
-            let shard = Shard::of(&p.meta, rank, size)?;
-            self.optimizer_state(&p.meta, shard)
-        })
+        engine
+            .restore(&state, |p| {
+                if !with_optimizer {
+                    return Ok(None);
+                }
+                let (size, rank) = tp.unwrap_or((1, 0));
+                let shard = Shard::of(&p.meta, rank, size)?;
+                self.optimizer_state(&p.meta, shard)
+            })
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "restoring from checkpoint {}: {e}",
+                    self.dir.display()
+                ))
+            })
     }
 }
 

@@ -286,6 +286,14 @@ pub fn import_megatron(dir: &Path, vocab_size: usize) -> Result<Imported> {
                 .get("iteration")
                 .and_then(|v| v.as_i64())
                 .map(|v| v as u64);
+            check_partitions(
+                &tag_dir,
+                "mp_rank_",
+                "",
+                &ranks,
+                tp_of(top.get("args")),
+                &origin,
+            )?;
         }
         let model = top
             .get("model")
@@ -312,9 +320,56 @@ pub fn import_megatron(dir: &Path, vocab_size: usize) -> Result<Imported> {
     )
 }
 
+/// The tensor-parallel size a checkpoint's saved `args` name (Megatron's
+/// `tensor_model_parallel_size`, or `model_parallel_size` before it).
+fn tp_of(args: Option<&Value>) -> Option<usize> {
+    let a = args?;
+    ["tensor_model_parallel_size", "model_parallel_size"]
+        .iter()
+        .find_map(|k| a.get(k).and_then(|v| v.as_i64()))
+        .map(|v| v as usize)
+}
+
+/// The partitions found (`found`, sorted; named `{prefix}NN{suffix}`) are exactly 00..tp-1 of the
+/// tensor-parallel size the checkpoint's args give: a missing one is named, not left to surface
+/// as a shape mismatch.
+fn check_partitions(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+    found: &[PathBuf],
+    tp: Option<usize>,
+    origin: &str,
+) -> Result<()> {
+    let n = tp.unwrap_or(found.len()).max(found.len());
+    for r in 0..n {
+        let name = format!("{prefix}{r:02}{suffix}");
+        if !found
+            .iter()
+            .any(|p| p.file_name().and_then(|f| f.to_str()) == Some(name.as_str()))
+        {
+            bail!(
+                "{}: {name} is missing ({origin} says tensor_model_parallel_size {n}; found {})",
+                dir.display(),
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name()?.to_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    }
+    Ok(())
+}
+
 /// ZeRO's fp32 weights of model-parallel rank `mp`: the data-parallel partitions of each group
 /// concatenated and cut by `param_shapes` (DeepSpeed's zero_to_fp32). None without them.
-fn zero_fp32(tag: &Path, mp: usize, shapes: &Value) -> Result<Option<BTreeMap<String, Tensor>>> {
+fn zero_fp32(
+    tag: &Path,
+    mp: usize,
+    shapes: &Value,
+    dp_world_size: Option<usize>,
+) -> Result<Option<BTreeMap<String, Tensor>>> {
     let files = std::fs::read_dir(tag)
         .map_err(|e| msg(format!("cannot list {}: {e}", tag.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -328,6 +383,17 @@ fn zero_fp32(tag: &Path, mp: usize, shapes: &Value) -> Result<Option<BTreeMap<St
         .collect::<BTreeMap<usize, PathBuf>>();
     if files.is_empty() {
         return Ok(None);
+    }
+    let expected = dp_world_size
+        .unwrap_or(0)
+        .max(files.keys().max().map_or(0, |m| m + 1));
+    if let Some(d) = (0..expected).find(|d| !files.contains_key(d)) {
+        bail!(
+            "{}: zero_pp_rank_{d}_mp_rank_{mp:02}_optim_states.pt is missing (the model states \
+             say {expected} data-parallel ZeRO partitions; found {})",
+            tag.display(),
+            files.len()
+        )
     }
     let Value::List(groups) = shapes else {
         return Ok(None);
@@ -433,6 +499,12 @@ pub fn import_deepspeed(dir: &Path, vocab_size: usize) -> Result<Imported> {
                 .or_else(|| top.get("global_steps"))
                 .and_then(|v| v.as_i64())
                 .map(|v| v as u64);
+            let tp = top
+                .get("mp_world_size")
+                .and_then(|v| v.as_i64())
+                .map(|v| v as usize)
+                .or_else(|| tp_of(top.get("args")));
+            check_partitions(&tag, "mp_rank_", "_model_states.pt", &states, tp, &origin)?;
         }
         let mut part = BTreeMap::new();
         match top.get("module") {
@@ -443,7 +515,11 @@ pub fn import_deepspeed(dir: &Path, vocab_size: usize) -> Result<Imported> {
                     }
                 }
                 if let Some(shapes) = top.get("param_shapes") {
-                    if let Some(fp32) = zero_fp32(&tag, mp, shapes)? {
+                    let dp = top
+                        .get("dp_world_size")
+                        .and_then(|v| v.as_i64())
+                        .map(|v| v as usize);
+                    if let Some(fp32) = zero_fp32(&tag, mp, shapes, dp)? {
                         part.extend(fp32);
                         fp32_used = true;
                     }
