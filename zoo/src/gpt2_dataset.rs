@@ -146,27 +146,6 @@ impl GptDataset {
         );
         let files = ["doc_idx", "sample_idx", "shuffle_idx"]
             .map(|k| PathBuf::from(format!("{base}_{k}.npy")));
-        if files.iter().all(|f| f.is_file()) {
-            let doc_idx = npy::read_i64(&files[0])?;
-            let flat = npy::read_i64(&files[1])?;
-            let shuffle_idx = npy::read_i64(&files[2])?;
-            let sample_idx: Vec<(i64, i64)> = flat.chunks_exact(2).map(|c| (c[0], c[1])).collect();
-            let ok = doc_idx.iter().all(|d| documents.contains(&(*d as usize)))
-                && sample_idx.len() == shuffle_idx.len() + 1
-                && sample_idx
-                    .iter()
-                    .all(|(p, _)| (*p as usize) < doc_idx.len());
-            if ok {
-                return Ok(Self {
-                    data,
-                    seq_length,
-                    doc_idx,
-                    sample_idx,
-                    shuffle_idx,
-                });
-            }
-            eprintln!("warning: ignoring the stale index cache {base}_*.npy");
-        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut doc_idx: Vec<i64> = (0..epochs)
             .flat_map(|_| documents.clone().map(|d| d as i64))
@@ -196,10 +175,29 @@ impl GptDataset {
         }
         let mut shuffle_idx: Vec<i64> = (0..total as i64).collect();
         shuffle_idx.shuffle(&mut rng);
-        npy::write_i64(&files[0], &doc_idx, &[doc_idx.len()])?;
+        // The index is always built here (it is cheap next to training: two shuffles and one
+        // walk over the documents) and the cache files only mirror it, as Megatron writes them:
+        // a damaged or foreign cache can never change the samples. Files that differ are
+        // rewritten.
         let flat: Vec<i64> = sample_idx.iter().flat_map(|(a, b)| [*a, *b]).collect();
-        npy::write_i64(&files[1], &flat, &[sample_idx.len(), 2])?;
-        npy::write_i64(&files[2], &shuffle_idx, &[shuffle_idx.len()])?;
+        let arrays: [(&[i64], Vec<usize>); 3] = [
+            (&doc_idx, vec![doc_idx.len()]),
+            (&flat, vec![sample_idx.len(), 2]),
+            (&shuffle_idx, vec![shuffle_idx.len()]),
+        ];
+        for (file, (data, shape)) in files.iter().zip(arrays) {
+            match npy::read_i64(file) {
+                Ok(cached) if cached == data => {}
+                Ok(_) | Err(_) if file.is_file() => {
+                    eprintln!(
+                        "warning: rewriting the stale index cache {}",
+                        file.display()
+                    );
+                    npy::write_i64(file, data, &shape)?;
+                }
+                _ => npy::write_i64(file, data, &shape)?,
+            }
+        }
         Ok(Self {
             data,
             seq_length,

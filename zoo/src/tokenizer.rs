@@ -27,7 +27,19 @@ fn tk_err(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// From a `tokenizer.json`.
     pub fn from_json(path: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
+        let text =
+            std::fs::read_to_string(path).map_err(|e| tk_err("cannot read tokenizer", path, e))?;
+        // JSON syntax first: tokenizers 0.22 panics (an `expect` in its decoder's Deserialize)
+        // on a file that ends inside its `decoder` section.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| {
+            tk_err(
+                "cannot load tokenizer",
+                path,
+                format!("not valid JSON: {e}"),
+            )
+        })?;
+        let mut inner: tokenizers::Tokenizer = text
+            .parse()
             .map_err(|e| tk_err("cannot load tokenizer", path, e))?;
         // Sequences are padded, truncated and windowed by the caller, never silently here.
         inner.with_padding(None);

@@ -5,7 +5,7 @@
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Error, Result, Tensor};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::Path;
 
 /// A value of the pickled object tree.
@@ -129,6 +129,9 @@ fn read_pickle<R: BufRead>(r: &mut R, path: &Path) -> Result<Object> {
 
 fn load_zip(path: &Path) -> Result<Value> {
     let file = std::fs::File::open(path).map_err(|e| msg(path, e))?;
+    // Sizes in a damaged archive can claim anything; no entry of a stored torch zip is larger
+    // than the file.
+    let file_len = file.metadata().map_err(|e| msg(path, e))?.len();
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| msg(path, e))?;
     let pkl = zip
         .file_names()
@@ -152,8 +155,12 @@ fn load_zip(path: &Path) -> Result<Value> {
         let mut entry = zip
             .by_name(&name)
             .map_err(|e| msg(path, format!("storage {name}: {e}")))?;
-        let mut buf = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut buf).map_err(|e| msg(path, e))?;
+        let mut buf = Vec::with_capacity(entry.size().min(file_len) as usize);
+        entry
+            .by_ref()
+            .take(file_len.saturating_mul(64))
+            .read_to_end(&mut buf)
+            .map_err(|e| msg(path, e))?;
         Ok(buf)
     };
     convert(obj, &mut storage, path)
@@ -161,6 +168,7 @@ fn load_zip(path: &Path) -> Result<Value> {
 
 fn load_legacy(path: &Path) -> Result<Value> {
     let file = std::fs::File::open(path).map_err(|e| msg(path, e))?;
+    let file_len = file.metadata().map_err(|e| msg(path, e))?.len();
     let mut r = BufReader::new(file);
     let mut skip = [0u8; 15];
     r.read_exact(&mut skip).map_err(|e| msg(path, e))?;
@@ -196,7 +204,22 @@ fn load_legacy(path: &Path) -> Result<Value> {
             .get(&k)
             .copied()
             .ok_or_else(|| msg(path, format!("storage {k} is not referenced by any tensor")))?;
-        let mut buf = vec![0u8; numel * elem];
+        // The declared size must fit in what is left of the file (a damaged count would
+        // otherwise be a multi-GiB allocation).
+        let left = file_len.saturating_sub(r.stream_position().map_err(|e| msg(path, e))?);
+        let bytes = (numel as u64)
+            .checked_mul(elem as u64)
+            .filter(|b| *b <= left)
+            .ok_or_else(|| {
+                msg(
+                    path,
+                    format!(
+                        "storage {k} claims {numel} elements of {elem} bytes, more than the \
+                         {left} bytes left in the file (truncated or damaged)"
+                    ),
+                )
+            })?;
+        let mut buf = vec![0u8; bytes as usize];
         r.read_exact(&mut buf)
             .map_err(|e| msg(path, format!("storage {k}: {e} (truncated file?)")))?;
         data.insert(k, buf);

@@ -4,7 +4,7 @@
 use crate::{Context, DType, Error as E, Layout, Result, Tensor};
 use byteorder::{LittleEndian, ReadBytesExt};
 use std::collections::HashMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 const VERBOSE: bool = false;
 
@@ -481,8 +481,13 @@ impl Stack {
             }
             OpCode::BinUnicode => {
                 let len = r.read_u32::<LittleEndian>()?;
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // Read what is there instead of allocating the declared length up front: a
+                // damaged length would otherwise abort the process on a 4 GiB allocation.
+                let mut data = Vec::new();
+                r.by_ref().take(len as u64).read_to_end(&mut data)?;
+                if data.len() != len as usize {
+                    crate::bail!("pickle: a string of {len} bytes runs past the end of the data")
+                }
                 let data = String::from_utf8(data).map_err(E::wrap)?;
                 self.push(Object::Unicode(data))
             }
@@ -603,10 +608,13 @@ impl Stack {
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
+                if n_bytes > 8 {
+                    crate::bail!("pickle: a LONG1 of {n_bytes} bytes does not fit 64 bits")
+                }
                 let mut v = 0;
                 // Decode the next n bytes in little endian
                 for i in 0..n_bytes {
-                    v |= (r.read_u8()? as i64) << (i * 8);
+                    v |= (r.read_u8()? as i64) << (u32::from(i) * 8);
                 }
                 self.push(Object::Long(v))
             }
