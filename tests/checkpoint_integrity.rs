@@ -300,3 +300,35 @@ fn latest_and_the_tracker_must_agree_and_keep_last_prunes_partial_tags() {
     left.sort();
     assert_eq!(left, ["global_step6"]);
 }
+
+/// A save that cannot be written (here past `ulimit -f`; a full disk takes the same path) names
+/// the file, exits 1, and leaves `latest` on the last complete checkpoint, which still verifies.
+#[test]
+fn a_save_that_cannot_be_written_names_the_file_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = saved(tmp.path());
+    let mut args: Vec<String> = resume(&ck);
+    args.extend(["--save", ck.to_str().unwrap(), "--save-interval", "1"].map(String::from));
+    let cmd = format!(
+        "ulimit -f 4000 && exec {} {}",
+        env!("CARGO_BIN_EXE_deepscale"),
+        args.join(" ")
+    );
+    let out = Command::new("bash")
+        .args(["-c", &cmd])
+        .env("DEEPSCALE_ASSETS", ASSETS)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write")
+            && err.contains("global_step5/mp_rank_00_dp_rank_000.safetensors"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap(),
+        "global_step4"
+    );
+    ok(&["checkpoint", "verify", ck.to_str().unwrap()]);
+}

@@ -89,6 +89,13 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
+    // A write past `ulimit -f` then fails with "File too large", naming the file, instead of the
+    // process dying silently on SIGXFSZ mid-save (the disk-full path is the same error path).
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to ignore, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // DEEPSCALE_FUSED=0 runs candle's composed ops instead of the fused CPU kernels (to compare,
     // or to rule the kernels out when debugging).
     if std::env::var("DEEPSCALE_FUSED").as_deref() == Ok("0") {
