@@ -226,7 +226,7 @@ fn bad_inputs_give_clear_errors() {
     assert_error(&eval(&tok), &["no tokenizer", "vocab.json"]);
 
     let nodir = tmp.path().join("does-not-exist");
-    assert_error(&eval(&nodir), &["does-not-exist", "not a directory"]);
+    assert_error(&eval(&nodir), &["does-not-exist", "no such folder"]);
 
     let home = tmp.path().join("hf-home");
     std::fs::create_dir_all(&home).unwrap();

@@ -64,9 +64,13 @@ pub struct LayoutArgs {
     /// Tensor ("model") parallel size.
     #[arg(long, alias = "tensor-model-parallel-size", default_value_t = 1)]
     pub model_parallel_size: usize,
-    /// Pipeline parallel size.
-    #[arg(long, default_value_t = 1)]
+    /// Pipeline parallel size (Megatron-LM's --pipeline-model-parallel-size).
+    #[arg(long, alias = "pipeline-model-parallel-size", default_value_t = 1)]
     pub pipe_parallel_size: usize,
+    /// The local rank the `deepspeed` launcher appends for every process; LOCAL_RANK (or Open
+    /// MPI's local rank) must agree.
+    #[arg(long = "local_rank", alias = "local-rank")]
+    pub local_rank: Option<usize>,
     /// How layers are cut into pipeline stages: uniform, parameters or type:REGEX (default: the
     /// DeepSpeed config's pipeline.partition, else type:transformer as GPT2ModelPipe does).
     #[arg(long)]
@@ -146,6 +150,28 @@ impl LayoutArgs {
                 bail!("--world-size {w} disagrees with the {n} processes mpirun started")
             }
             w = n;
+        }
+        if let Some(l) = self.local_rank {
+            let env = env_usize("LOCAL_RANK")?.or(env_usize("OMPI_COMM_WORLD_LOCAL_RANK")?);
+            if let Some(e) = env.filter(|e| *e != l) {
+                bail!("--local_rank {l} disagrees with the environment's local rank {e}")
+            }
+        }
+        // A torchrun / deepspeed-launcher environment without MPI or a --comm-file: each process
+        // would otherwise train a world of its own.
+        if crate::launch::mpi_world_size().is_none() && self.comm_file.is_none() {
+            if let (Some(rank), Some(n)) = (env_usize("RANK")?, env_usize("WORLD_SIZE")?) {
+                if n > 1 {
+                    bail!(
+                        "RANK={rank} WORLD_SIZE={n} come from a torchrun-style launcher, but this \
+                         process would train alone: on CPUs DeepScale's ranks are in-process \
+                         threads (--world-size {n}) or MPI processes (mpirun -np {n} deepscale \
+                         ..., or `deepscale launch`, or the DeepSpeed launcher with --launcher \
+                         openmpi --no_python --no_local_rank); on GPUs add --device cuda \
+                         --comm-file PATH (a file every rank can read)"
+                    )
+                }
+            }
         }
         let comm_file = match &self.comm_file {
             None => None,

@@ -217,7 +217,15 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
     if let Some(p) = pipe {
         engine = engine.with_pipeline(p)?;
     }
-    if let Some(c) = &sh.ckpt {
+    // --finetune: the checkpoint's weights (the model was built from them) and nothing else.
+    if let (Some(c), true, true) = (&sh.ckpt, a.finetune, root) {
+        eprintln!(
+            "fine-tuning from the weights of {} (iteration {}); iteration, optimizer and schedule start afresh",
+            c.dir.display(),
+            c.manifest.iteration
+        );
+    }
+    if let Some(c) = sh.ckpt.as_ref().filter(|_| !a.finetune) {
         restore(c, &mut engine, a, root)?;
         if engine.iteration() >= a.train_iters {
             anyhow::bail!(

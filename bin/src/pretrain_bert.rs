@@ -4,7 +4,7 @@ use crate::args::{print_json, LayoutArgs};
 use crate::preprocess_data::split_sentences;
 use crate::pretrain::{pretrain, DataProvider, ModelProvider, Setup};
 use crate::pretrain_gpt2::assets_dir;
-use crate::training::{engine_config, TrainingArgs};
+use crate::training::{prepare, TrainingArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_deepscale::layers::loss::lm_cross_entropy;
@@ -92,10 +92,9 @@ fn documents(a: &PretrainBertArgs, tok: &Tokenizer) -> Result<Arc<dyn Documents>
     )
 }
 
-pub fn run(a: PretrainBertArgs) -> Result<()> {
+pub fn run(mut a: PretrainBertArgs) -> Result<()> {
     let layout = a.layout.layout()?;
-    let t = &a.train;
-    t.ds.refuse_unsupported()?;
+    a.train.ds.refuse_unsupported()?;
     crate::training::check_flag("mask-prob", a.mask_prob, 0.0, 1.0, false)?;
     crate::training::check_flag("short-seq-prob", a.short_seq_prob, 0.0, 1.0, false)?;
     if a.seq_length < 3 + usize::from(!a.bert_no_binary_head) {
@@ -105,8 +104,15 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
             if a.bert_no_binary_head { "" } else { " twice" }
         )
     }
-    let ds = t.ds.config()?;
-    let (engine, batch) = engine_config(t, ds.as_ref(), layout.dp)?;
+    let ds = a.train.ds.config()?;
+    let (engine, batch) = prepare(&mut a.train, ds.as_ref(), layout.dp)?;
+    let t = &a.train;
+    if t.finetune && a.load.is_none() {
+        bail!("--finetune starts from a checkpoint's weights: give --load DIR")
+    }
+    for n in t.megatron_notes() {
+        eprintln!("note: {n}");
+    }
     if t.ds.no_load_optim && a.load.is_none() {
         eprintln!("note: --no-load-optim: nothing is loaded without --load");
     }
@@ -231,6 +237,7 @@ pub fn run(a: PretrainBertArgs) -> Result<()> {
             add_pooler: !a.bert_no_binary_head,
             add_lm_head: true,
             add_binary_head: !a.bert_no_binary_head,
+            initializer_range: t.init_method_std,
             ..bert::Config::new(
                 a.num_layers,
                 a.hidden_size,

@@ -3,7 +3,7 @@
 use crate::args::{print_json, LayoutArgs, ModelArgs};
 use crate::launch::RankCtx;
 use crate::pretrain::{pretrain, DataProvider, ModelProvider, Setup};
-use crate::training::{engine_config, TrainingArgs};
+use crate::training::{prepare, TrainingArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::layers::module::{Activations, Layer, Sequential};
@@ -123,7 +123,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     v
 }
 
-pub fn run(a: PretrainGpt2Args) -> Result<()> {
+pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
     let layout = a.layout.layout()?;
     a.train.ds.refuse_unsupported()?;
     if let Some(t) = &a.train.ds.tokenizer_type {
@@ -134,7 +134,13 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
         }
     }
     let ds = a.train.ds.config()?;
-    let (engine_cfg, batch) = engine_config(&a.train, ds.as_ref(), layout.dp)?;
+    let (engine_cfg, batch) = prepare(&mut a.train, ds.as_ref(), layout.dp)?;
+    if a.train.finetune && a.model.load.is_none() {
+        bail!("--finetune starts from a checkpoint's weights: give --load DIR")
+    }
+    for n in a.train.megatron_notes() {
+        eprintln!("note: {n}");
+    }
     if a.save_hf.is_some() && layout.pp > 1 {
         bail!(
             "not supported: --save-hf with --pipe-parallel-size {}, because one rank would need \
@@ -243,7 +249,7 @@ pub fn run(a: PretrainGpt2Args) -> Result<()> {
             layernorm_epsilon: 1e-5,
             hidden_dropout: a.train.hidden_dropout,
             attention_dropout: a.train.attention_dropout,
-            init_method_std: 0.02,
+            init_method_std: a.train.init_method_std,
         },
     };
     if let Some(what) = match (&ckpt, &hf_dir) {

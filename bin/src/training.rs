@@ -20,8 +20,9 @@ use std::time::Instant;
 /// The Megatron training flags every pretrain command shares.
 #[derive(Args, Debug, Clone)]
 pub struct TrainingArgs {
-    /// Micro-batch size per data-parallel rank (default: the DeepSpeed config's, else 4).
-    #[arg(long)]
+    /// Micro-batch size per data-parallel rank (Megatron-LM's --micro-batch-size; default: the
+    /// DeepSpeed config's, else 4).
+    #[arg(long, alias = "micro-batch-size")]
     pub batch_size: Option<usize>,
     /// Gradient accumulation steps (default: the DeepSpeed config's, else 1).
     #[arg(long)]
@@ -37,9 +38,27 @@ pub struct TrainingArgs {
     /// Defaults to --train-iters.
     #[arg(long)]
     pub lr_decay_iters: Option<u64>,
-    /// Warmup as a fraction of the decay iterations (Megatron's --warmup).
-    #[arg(long, default_value_t = 0.05)]
+    /// Warmup as a fraction of the decay iterations (Megatron's --warmup, today's
+    /// --lr-warmup-fraction).
+    #[arg(long, alias = "lr-warmup-fraction", default_value_t = 0.05)]
     pub warmup: f64,
+    /// Warmup in iterations instead (Megatron-LM's --lr-warmup-iters).
+    #[arg(long)]
+    pub lr_warmup_iters: Option<u64>,
+    /// Warmup in samples instead (Megatron-LM's --lr-warmup-samples; fractional iterations count).
+    #[arg(long)]
+    pub lr_warmup_samples: Option<u64>,
+    /// Decay over this many samples (Megatron-LM's --lr-decay-samples).
+    #[arg(long)]
+    pub lr_decay_samples: Option<u64>,
+    /// Sample-based training (Megatron-LM's --train-samples): --train-iters becomes
+    /// ceil(N / global batch).
+    #[arg(long)]
+    pub train_samples: Option<u64>,
+    /// Megatron-LM's --global-batch-size: micro-batch x data-parallel size x accumulation steps;
+    /// sets the accumulation (the DeepSpeed config's train_batch_size, when it has one, must agree).
+    #[arg(long)]
+    pub global_batch_size: Option<usize>,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0.9)]
@@ -63,6 +82,52 @@ pub struct TrainingArgs {
     /// Layers per activation checkpoint (Megatron's --checkpoint-num-layers).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_num_layers: usize,
+    /// Megatron-LM's --recompute-activations, i.e. --recompute-granularity selective.
+    #[arg(long)]
+    pub recompute_activations: bool,
+    /// Megatron-LM's recompute: `full` checkpoints whole layers (--checkpoint-activations);
+    /// `selective` recomputes attention's core, which the fused attention always does (it keeps
+    /// no [t, t] matrix between forward and backward).
+    #[arg(long, value_enum)]
+    pub recompute_granularity: Option<RecomputeGranularity>,
+    /// With --recompute-granularity full: `uniform` (checkpoints of --recompute-num-layers
+    /// layers); `block` is not supported.
+    #[arg(long)]
+    pub recompute_method: Option<String>,
+    /// Layers per checkpoint with --recompute-method uniform (--checkpoint-num-layers).
+    #[arg(long)]
+    pub recompute_num_layers: Option<usize>,
+    /// Megatron-LM's flash attention: accepted, the fused attention is already flash-style (one
+    /// pass per block of query rows, only the rows' log-sum-exps kept for backward).
+    #[arg(long)]
+    pub use_flash_attn: bool,
+    /// Standard deviation of the normal weight init (Megatron's --init-method-std).
+    #[arg(long, default_value_t = 0.02)]
+    pub init_method_std: f64,
+    /// With --load: the model's weights only; iteration, optimizer and schedule start afresh
+    /// (Megatron's --finetune).
+    #[arg(long)]
+    pub finetune: bool,
+    /// With --load: accepted — dropout masks come from --seed and the iteration through a
+    /// counter-based generator, so there is no generator state to skip.
+    #[arg(long)]
+    pub no_load_rng: bool,
+    /// fp16 static loss scale (Megatron's --loss-scale; the config's fp16.loss_scale).
+    #[arg(long)]
+    pub loss_scale: Option<f64>,
+    /// fp16 dynamic scaling's first scale, a power of two (Megatron's --initial-loss-scale; the
+    /// config's fp16.initial_scale_power).
+    #[arg(long)]
+    pub initial_loss_scale: Option<f64>,
+    /// fp16 dynamic scaling's floor (fp16.min_loss_scale).
+    #[arg(long)]
+    pub min_loss_scale: Option<f64>,
+    /// fp16: steps without overflow before the scale doubles (fp16.loss_scale_window).
+    #[arg(long)]
+    pub loss_scale_window: Option<u64>,
+    /// fp16: overflows tolerated before the scale halves (fp16.hysteresis).
+    #[arg(long)]
+    pub hysteresis: Option<u32>,
     /// A .txt (blank-line separated documents) or .jsonl file tokenized on the fly, a Megatron
     /// dataset prefix (PREFIX.bin/.idx from preprocess-data), or `W1 PREFIX1 W2 PREFIX2 ...` to
     /// blend. Default: the shipped sample.
@@ -110,6 +175,103 @@ pub struct TrainingArgs {
     /// Print one JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecomputeGranularity {
+    Full,
+    Selective,
+}
+
+impl TrainingArgs {
+    /// Megatron-LM's current names, resolved onto the v1.1.5 ones the rest reads, once the
+    /// global batch is known: sample counts to iterations, warmup in iterations or samples to
+    /// --warmup's fraction, recompute to activation checkpointing. Conflicting pairs are errors.
+    pub fn resolve_megatron(&mut self, global_batch: usize) -> Result<()> {
+        let g = global_batch.max(1) as u64;
+        if let Some(s) = self.train_samples {
+            if crate::args::given("train_iters") {
+                bail!("give --train-iters or --train-samples, not both (Megatron-LM: iteration- or sample-based training)")
+            }
+            if s == 0 {
+                bail!("--train-samples 0: expected at least one global batch ({g} samples)")
+            }
+            self.train_iters = s.div_ceil(g);
+        }
+        if let Some(s) = self.lr_decay_samples {
+            if self.lr_decay_iters.is_some() {
+                bail!("give --lr-decay-iters or --lr-decay-samples, not both")
+            }
+            self.lr_decay_iters = Some(s.div_ceil(g).max(1));
+        }
+        let decay = self.lr_decay_iters.unwrap_or(self.train_iters).max(1) as f64;
+        let warmup_iters = match (self.lr_warmup_iters, self.lr_warmup_samples) {
+            (Some(_), Some(_)) => bail!("give --lr-warmup-iters or --lr-warmup-samples, not both"),
+            (Some(i), None) => Some(i as f64),
+            (None, Some(s)) => Some(s as f64 / g as f64),
+            (None, None) => None,
+        };
+        if let Some(w) = warmup_iters {
+            if crate::args::given("warmup") {
+                bail!("give one of --warmup (--lr-warmup-fraction), --lr-warmup-iters and --lr-warmup-samples")
+            }
+            if w > decay {
+                bail!("the warmup ({w} iterations) is longer than the decay ({decay} iterations)")
+            }
+            self.warmup = w / decay;
+        }
+        let granularity = match (self.recompute_granularity, self.recompute_activations) {
+            (Some(RecomputeGranularity::Full), true) => {
+                bail!("--recompute-activations means --recompute-granularity selective, not full")
+            }
+            (g, true) => g.or(Some(RecomputeGranularity::Selective)),
+            (g, false) => g,
+        };
+        match granularity {
+            Some(RecomputeGranularity::Full) => {
+                match self.recompute_method.as_deref() {
+                    None | Some("uniform") => {}
+                    Some("block") => bail!(
+                        "not supported: --recompute-method block, because checkpoints cover \
+                         every layer evenly here (use uniform with --recompute-num-layers)"
+                    ),
+                    Some(m) => bail!("--recompute-method {m}: expected uniform or block"),
+                }
+                self.checkpoint_activations = true;
+                if let Some(n) = self.recompute_num_layers {
+                    self.checkpoint_num_layers = n;
+                }
+            }
+            Some(RecomputeGranularity::Selective) => {
+                if self.recompute_method.is_some() || self.recompute_num_layers.is_some() {
+                    bail!("--recompute-method/--recompute-num-layers go with --recompute-granularity full")
+                }
+            }
+            None => {
+                if self.recompute_method.is_some() || self.recompute_num_layers.is_some() {
+                    bail!("--recompute-method/--recompute-num-layers need --recompute-granularity full")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lines saying what accepted Megatron-LM flags with a built-in effect did.
+    pub fn megatron_notes(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.recompute_activations
+            || self.recompute_granularity == Some(RecomputeGranularity::Selective)
+        {
+            v.push("--recompute-granularity selective: the fused attention never keeps [t, t] scores; it recomputes them in backward, as selective recompute does");
+        }
+        if self.use_flash_attn {
+            v.push("--use-flash-attn: the fused attention is flash-style already (blocks of query rows, log-sum-exps kept)");
+        }
+        if self.no_load_rng {
+            v.push("--no-load-rng: dropout masks derive from --seed and the iteration; there is no generator state in a checkpoint");
+        }
+        v
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -168,6 +330,15 @@ impl TrainingArgs {
                 bail!("--{flag} 0: expected at least 1")
             }
         }
+        if !(self.init_method_std.is_finite() && self.init_method_std > 0.0) {
+            bail!(
+                "--init-method-std {}: expected a positive number",
+                self.init_method_std
+            )
+        }
+        if self.global_batch_size == Some(0) {
+            bail!("--global-batch-size 0: expected at least 1")
+        }
         if self.exit_interval == Some(0) {
             bail!("--exit-interval 0: expected at least 1")
         }
@@ -207,6 +378,56 @@ pub fn param_dtype(engine: &EngineConfig, device: crate::args::DeviceKind) -> ca
     DType::F32
 }
 
+/// The batch sizes from the flags (--batch-size / --micro-batch-size, --gas,
+/// --global-batch-size) and the DeepSpeed config, DeepSpeed's rule: all given must agree.
+pub fn batch_sizes(
+    a: &TrainingArgs,
+    ds: Option<&DeepSpeedConfig>,
+    dp: usize,
+) -> Result<BatchSizes> {
+    let in_config = || {
+        a.ds.deepscale_config
+            .as_deref()
+            .unwrap_or(Path::new("?"))
+            .display()
+            .to_string()
+    };
+    Ok(match ds {
+        Some(d) => {
+            let mut d = d.clone();
+            match (a.global_batch_size, d.train_batch_size) {
+                (Some(g), Some(t)) if g != t => bail!(
+                    "--global-batch-size {g} disagrees with the DeepSpeed config's train_batch_size {t} (in {})",
+                    in_config()
+                ),
+                (Some(g), _) => d.train_batch_size = Some(g),
+                _ => {}
+            }
+            d.batch(dp, a.batch_size, a.gas)
+                .map_err(|e| anyhow::anyhow!("{e} (in {})", in_config()))?
+        }
+        None => BatchSizes::resolve(
+            a.global_batch_size,
+            Some(a.batch_size.unwrap_or(4)),
+            a.gas,
+            dp,
+        )?,
+    })
+}
+
+/// Checks the flags, resolves Megatron-LM's current names (which need the global batch) and
+/// builds the engine settings: what every pretrain command calls first.
+pub fn prepare(
+    a: &mut TrainingArgs,
+    ds: Option<&DeepSpeedConfig>,
+    dp: usize,
+) -> Result<(EngineConfig, BatchSizes)> {
+    a.check()?;
+    let batch = batch_sizes(a, ds, dp)?;
+    a.resolve_megatron(batch.train_batch_size)?;
+    engine_config(a, ds, dp)
+}
+
 /// The engine settings from the flags and the DeepSpeed config (flags that disagree with the
 /// config are errors; the config's optimizer and scheduler win where it has them, as in
 /// Megatron + DeepSpeed).
@@ -216,18 +437,7 @@ pub fn engine_config(
     dp: usize,
 ) -> Result<(EngineConfig, BatchSizes)> {
     a.check()?;
-    let batch = match ds {
-        Some(d) => d.batch(dp, a.batch_size, a.gas).map_err(|e| {
-            anyhow::anyhow!(
-                "{e} (in {})",
-                a.ds.deepscale_config
-                    .as_deref()
-                    .unwrap_or(Path::new("?"))
-                    .display()
-            )
-        })?,
-        None => BatchSizes::resolve(None, Some(a.batch_size.unwrap_or(4)), a.gas, dp)?,
-    };
+    let batch = batch_sizes(a, ds, dp)?;
     let mut c = match ds {
         Some(d) => {
             let mut d = d.clone();
@@ -288,6 +498,7 @@ pub fn engine_config(
             ..Default::default()
         });
     }
+    apply_loss_scale_flags(a, ds, &mut c)?;
     if a.bf16 && !c.bf16 {
         if ds.and_then(|d| d.bf16.as_ref()).is_some() {
             bail!("--bf16 disagrees with the DeepSpeed config's bf16.enabled false")
@@ -321,6 +532,93 @@ pub fn engine_config(
     a.ds.apply(ds, &mut c)?;
     c.seed = a.seed;
     Ok((c, batch))
+}
+
+/// Megatron's loss-scale flags onto the fp16 settings (each must agree with the config's key).
+fn apply_loss_scale_flags(
+    a: &TrainingArgs,
+    ds: Option<&DeepSpeedConfig>,
+    c: &mut EngineConfig,
+) -> Result<()> {
+    let any = a.loss_scale.is_some()
+        || a.initial_loss_scale.is_some()
+        || a.min_loss_scale.is_some()
+        || a.loss_scale_window.is_some()
+        || a.hysteresis.is_some();
+    if !any {
+        return Ok(());
+    }
+    let Some(f) = c.fp16.as_mut() else {
+        bail!("--loss-scale, --initial-loss-scale, --min-loss-scale, --loss-scale-window and --hysteresis are fp16 settings: add --fp16")
+    };
+    let cfg = ds.and_then(|d| d.fp16.as_ref());
+    let agree_f = |flag: &str, v: Option<f64>, key: &str, c: Option<f64>| -> Result<Option<f64>> {
+        match (v, c) {
+            (Some(v), Some(c)) if v != c => {
+                bail!("{flag} {v} disagrees with the DeepSpeed config's fp16.{key} {c}")
+            }
+            (v, c) => Ok(v.or(c)),
+        }
+    };
+    if let Some(s) = a.loss_scale {
+        check_flag("loss-scale", s, f64::MIN_POSITIVE, f64::INFINITY, false)?;
+    }
+    f.loss_scale = agree_f(
+        "--loss-scale",
+        a.loss_scale,
+        "loss_scale",
+        cfg.and_then(|c| c.loss_scale),
+    )?;
+    if let Some(s) = a.initial_loss_scale {
+        let p = s.log2();
+        if !(s.is_finite() && s >= 1.0 && p.fract() == 0.0 && p <= 64.0) {
+            bail!("--initial-loss-scale {s}: expected a power of two from 1 to 2^64 (DeepSpeed's fp16.initial_scale_power)")
+        }
+        let p = p as u32;
+        if let Some(c) = cfg.and_then(|c| c.initial_scale_power).filter(|c| *c != p) {
+            bail!("--initial-loss-scale {s} (2^{p}) disagrees with the DeepSpeed config's fp16.initial_scale_power {c}")
+        }
+        f.initial_scale_power = Some(p);
+    }
+    if let Some(m) = a.min_loss_scale {
+        check_flag("min-loss-scale", m, f64::MIN_POSITIVE, f64::INFINITY, false)?;
+    }
+    f.min_loss_scale = agree_f(
+        "--min-loss-scale",
+        a.min_loss_scale,
+        "min_loss_scale",
+        cfg.and_then(|c| c.min_loss_scale),
+    )?;
+    for (flag, v, key, cv) in [
+        (
+            "--loss-scale-window",
+            a.loss_scale_window,
+            "loss_scale_window",
+            cfg.and_then(|c| c.loss_scale_window),
+        ),
+        (
+            "--hysteresis",
+            a.hysteresis.map(u64::from),
+            "hysteresis",
+            cfg.and_then(|c| c.hysteresis).map(u64::from),
+        ),
+    ] {
+        if v == Some(0) {
+            bail!("{flag} 0: expected at least 1")
+        }
+        if let (Some(v), Some(c)) = (v, cv) {
+            if v != c {
+                bail!("{flag} {v} disagrees with the DeepSpeed config's fp16.{key} {c}")
+            }
+        }
+    }
+    if let Some(w) = a.loss_scale_window {
+        f.loss_scale_window = Some(w);
+    }
+    if let Some(h) = a.hysteresis {
+        f.hysteresis = Some(h);
+    }
+    Ok(())
 }
 
 /// What ZeRO-Infinity swaps to NVMe, for the log (None without offload).
