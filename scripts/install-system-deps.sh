@@ -9,6 +9,8 @@ command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin)
 # bindgen needs libclang itself (libclang-cpp is not it).
 ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v pip >/dev/null 2>&1 || command -v pip3 >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# The tensorboard reader the monitor tests check our event files with lives in a venv.
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 # A system BLAS for the f32 products (loaded at run time; candle-deepscale/src/blas.rs): BLIS,
 # whose single-threaded build is safe to call from several threads (OpenBLAS's is not).

@@ -307,6 +307,11 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         fp16: sh.engine.fp16.is_some(),
         exit: crate::training::ExitPolicy::of(a),
         saving: a.ds.save.is_some(),
+        tensorboard: crate::training::MegatronTensorBoard::of(
+            a,
+            "lm loss",
+            sh.engine.fp16.is_some(),
+        ),
     };
     let m = &*model;
     // This rank's slice of each global batch: the 1-rank order cut among the dp ranks.

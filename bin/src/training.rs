@@ -148,6 +148,29 @@ pub struct TrainingArgs {
     /// JSON lines of training metrics (rank 0).
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// TensorBoard event files of Megatron's training loop here (`learning_rate`, `lm loss`,
+    /// `loss_scale` with fp16, validation `lm loss value` / `lm loss ppl`; step = iteration).
+    /// DeepSpeed's own `Train/Samples/*` events come from the config's `tensorboard` section.
+    #[arg(long)]
+    pub tensorboard_dir: Option<PathBuf>,
+    /// Write the TensorBoard scalars every N iterations (Megatron's --tensorboard-log-interval).
+    #[arg(long, default_value_t = 1)]
+    pub tensorboard_log_interval: u64,
+    /// Accepted: events are flushed as they are written, no queue.
+    #[arg(long)]
+    pub tensorboard_queue_size: Option<usize>,
+    /// Also write `forward_time`, `backward_time`, `optimizer_time` (seconds per iteration).
+    #[arg(long)]
+    pub log_timers_to_tensorboard: bool,
+    /// Leave `learning_rate` out of the TensorBoard events.
+    #[arg(long)]
+    pub no_log_learning_rate_to_tensorboard: bool,
+    /// Leave `loss_scale` out of the TensorBoard events.
+    #[arg(long)]
+    pub no_log_loss_scale_to_tensorboard: bool,
+    /// Accepted: validation perplexity (`lm loss ppl`) is always written, as in Megatron v1.1.5.
+    #[arg(long)]
+    pub log_validation_ppl_to_tensorboard: bool,
     /// Train with fp16 parameters, fp32 master weights and dynamic loss scaling.
     #[arg(long)]
     pub fp16: bool,
@@ -351,6 +374,19 @@ impl TrainingArgs {
                 "--exit-signal {}: expected SIGTERM, SIGINT, SIGUSR1 or SIGUSR2",
                 self.exit_signal
             )
+        }
+        if self.tensorboard_log_interval == 0 {
+            bail!("--tensorboard-log-interval 0: expected at least 1")
+        }
+        if self.tensorboard_dir.is_none()
+            && (self.log_timers_to_tensorboard
+                || self.no_log_learning_rate_to_tensorboard
+                || self.no_log_loss_scale_to_tensorboard
+                || self.log_validation_ppl_to_tensorboard
+                || self.tensorboard_queue_size.is_some()
+                || crate::args::given("tensorboard_log_interval"))
+        {
+            bail!("the --*-tensorboard flags need --tensorboard-dir DIR")
         }
         if self.lr_decay_iters == Some(0) {
             bail!("--lr-decay-iters 0: expected at least 1 (or leave it out: --train-iters)")
@@ -675,6 +711,35 @@ pub struct LoopSpec<'a> {
     pub exit: ExitPolicy,
     /// --save is set (for the stop message).
     pub saving: bool,
+    /// Megatron's TensorBoard events (--tensorboard-dir and its flags).
+    pub tensorboard: Option<MegatronTensorBoard>,
+}
+
+/// Megatron's training-loop TensorBoard scalars (v1.1.5's `training_log` and
+/// `evaluate_and_print_results`): step = iteration.
+#[derive(Debug, Clone)]
+pub struct MegatronTensorBoard {
+    pub dir: PathBuf,
+    pub interval: u64,
+    pub learning_rate: bool,
+    pub loss_scale: bool,
+    pub timers: bool,
+    /// The loss's name (`lm loss`).
+    pub loss_key: String,
+}
+
+impl MegatronTensorBoard {
+    /// `fp16`: the run scales its loss (from --fp16 or the config).
+    pub fn of(a: &TrainingArgs, loss_key: &str, fp16: bool) -> Option<Self> {
+        Some(Self {
+            dir: a.tensorboard_dir.clone()?,
+            interval: a.tensorboard_log_interval.max(1),
+            learning_rate: !a.no_log_learning_rate_to_tensorboard,
+            loss_scale: fp16 && !a.no_log_loss_scale_to_tensorboard,
+            timers: a.log_timers_to_tensorboard,
+            loss_key: loss_key.into(),
+        })
+    }
 }
 
 /// When a run stops before --train-iters.
@@ -784,7 +849,7 @@ pub fn train_loop<F>(
 where
     F: FnOnce(&Activations) -> Result<Tensor, candle_core::Error>,
 {
-    let mut run = LoopState::new(spec, metrics);
+    let mut run = LoopState::new(spec, metrics)?;
     for iter in spec.start_iter + 1..=spec.train_iters {
         let r = engine.train_batch(micro_batches(iter)?)?;
         if !r.loss.is_finite() && !spec.fp16 {
@@ -794,6 +859,7 @@ where
             )
         }
         run.trained(iter, r.loss);
+        run.tensorboard_step(engine, iter, &r)?;
         if iter % spec.log_interval.max(1) == 0 || iter == spec.train_iters {
             run.log(engine, iter, &r)?;
         }
@@ -802,6 +868,17 @@ where
         if eval_now {
             if let Some(vl) = evaluate(engine)? {
                 run.validated(iter, vl)?;
+                if engine.pipe().is_some() {
+                    // The pipeline engine's eval_batch event.
+                    let samples = engine.global_samples();
+                    engine.write_monitor_events(&[
+                        candle_deepscale::runtime::monitor::Event::new(
+                            "Train/Samples/eval_loss",
+                            vl,
+                            samples,
+                        ),
+                    ])?;
+                }
             }
         }
         // Every rank asks the same question after the same iteration: they stop together.
@@ -823,6 +900,10 @@ where
 /// The loop's bookkeeping: the progress bar, the loss curves, the log window and the metrics.
 struct LoopState<'a> {
     spec: &'a LoopSpec<'a>,
+    /// Megatron's TensorBoard writer (rank 0 with --tensorboard-dir).
+    tb: Option<candle_deepscale::runtime::monitor::tensorboard::EventFileWriter>,
+    /// The wall clock at the last TensorBoard timer write.
+    tb_clock: candle_deepscale::runtime::meters::WallClock,
     bar: indicatif::ProgressBar,
     metrics: Option<MetricsWriter>,
     curve: Vec<(u64, f64)>,
@@ -837,7 +918,7 @@ struct LoopState<'a> {
 }
 
 impl<'a> LoopState<'a> {
-    fn new(spec: &'a LoopSpec<'a>, metrics: Option<MetricsWriter>) -> Self {
+    fn new(spec: &'a LoopSpec<'a>, metrics: Option<MetricsWriter>) -> Result<Self> {
         let bar = if spec.root {
             indicatif::ProgressBar::new(spec.train_iters)
         } else {
@@ -850,8 +931,20 @@ impl<'a> LoopState<'a> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_position(spec.start_iter);
-        Self {
+        let tb = match (&spec.tensorboard, spec.root) {
+            (Some(t), true) => {
+                let w = candle_deepscale::runtime::monitor::tensorboard::EventFileWriter::create(
+                    &t.dir,
+                )?;
+                eprintln!("tensorboard: Megatron's scalars in {}", w.path().display());
+                Some(w)
+            }
+            _ => None,
+        };
+        Ok(Self {
             spec,
+            tb,
+            tb_clock: Default::default(),
             bar,
             metrics,
             curve: Vec::new(),
@@ -863,7 +956,38 @@ impl<'a> LoopState<'a> {
             window_start: Instant::now(),
             window_loss: 0.0,
             window_n: 0,
+        })
+    }
+
+    /// Megatron's `training_log` scalars for iteration `iter`.
+    fn tensorboard_step(&mut self, engine: &Engine, iter: u64, r: &StepReport) -> Result<()> {
+        let (Some(w), Some(t)) = (self.tb.as_mut(), self.spec.tensorboard.as_ref()) else {
+            return Ok(());
+        };
+        let clock = engine.wall_clock();
+        let before = std::mem::replace(&mut self.tb_clock, clock);
+        if !iter.is_multiple_of(t.interval) {
+            return Ok(());
         }
+        if t.learning_rate {
+            w.add_scalar("learning_rate", r.lr, iter)?;
+        }
+        w.add_scalar(&t.loss_key, r.loss, iter)?;
+        if t.loss_scale {
+            w.add_scalar("loss_scale", r.loss_scale, iter)?;
+        }
+        if t.timers {
+            // Megatron's timers.write: `<name>_time` in seconds (this iteration's).
+            for (name, ms) in [
+                ("forward_time", clock.forward_ms - before.forward_ms),
+                ("backward_time", clock.backward_ms - before.backward_ms),
+                ("optimizer_time", clock.step_ms - before.step_ms),
+            ] {
+                w.add_scalar(name, ms / 1e3, iter)?;
+            }
+        }
+        w.flush()?;
+        Ok(())
     }
 
     fn trained(&mut self, iter: u64, loss: f64) {
@@ -887,6 +1011,8 @@ impl<'a> LoopState<'a> {
         let mfu = mfu(tps, a.flops_per_token, a.gemm_peak);
         let mem = engine.memory_report();
         let clock = engine.take_wall_clock();
+        // The engine's totals restart from zero: so do the TensorBoard timers' differences.
+        self.tb_clock = Default::default();
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         if a.root {
             self.bar.suspend(|| {
@@ -949,6 +1075,12 @@ impl<'a> LoopState<'a> {
     }
 
     fn validated(&mut self, iter: u64, vl: f64) -> Result<()> {
+        if let (Some(w), Some(t)) = (self.tb.as_mut(), self.spec.tensorboard.as_ref()) {
+            // evaluate_and_print_results: `<key> value` and `<key> ppl` (exp of at most 20).
+            w.add_scalar(&format!("{} value", t.loss_key), vl, iter)?;
+            w.add_scalar(&format!("{} ppl", t.loss_key), vl.min(20.0).exp(), iter)?;
+            w.flush()?;
+        }
         if self.spec.root {
             self.bar.suspend(|| {
                 eprintln!(

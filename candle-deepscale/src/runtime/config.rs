@@ -41,6 +41,82 @@ pub struct DeepSpeedConfig {
     pub wall_clock_breakdown: Option<bool>,
     pub memory_breakdown: Option<bool>,
     pub zero_allow_untested_optimizer: Option<bool>,
+    /// Monitors (DeepSpeed's `monitor/config.py`).
+    pub tensorboard: Option<TensorBoardConfig>,
+    pub csv_monitor: Option<CsvMonitorConfig>,
+    pub wandb: Option<WandbConfig>,
+    pub comet: Option<CometConfig>,
+    /// DeepSpeed's `comm/constants.py` section.
+    pub comms_logger: Option<CommsLoggerConfig>,
+    /// DeepSpeed's `profiling/constants.py` section.
+    pub flops_profiler: Option<FlopsProfilerConfig>,
+}
+
+/// `tensorboard`: event files in `output_path/job_name/`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorBoardConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    pub output_path: Option<String>,
+    pub job_name: Option<String>,
+}
+
+/// `csv_monitor`: one CSV per tag in `output_path/job_name/`.
+pub type CsvMonitorConfig = TensorBoardConfig;
+
+/// `wandb` (no Rust client: its events go to TensorBoard files that `wandb sync` uploads).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WandbConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    pub group: Option<String>,
+    pub team: Option<String>,
+    pub project: Option<String>,
+}
+
+/// `comet` (no Rust client: as `wandb`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CometConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    pub samples_log_interval: Option<u64>,
+    pub project: Option<String>,
+    pub workspace: Option<String>,
+    pub api_key: Option<String>,
+    pub experiment_name: Option<String>,
+    pub experiment_key: Option<String>,
+    pub online: Option<bool>,
+    pub mode: Option<String>,
+}
+
+/// `comms_logger`: per-collective counts, sizes, latency and bandwidth.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommsLoggerConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    pub verbose: Option<bool>,
+    pub prof_all: Option<bool>,
+    pub prof_ops: Option<Vec<String>>,
+    pub debug: Option<bool>,
+}
+
+/// `flops_profiler`: DeepSpeed's report at `profile_step`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FlopsProfilerConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    pub recompute_fwd_factor: Option<f64>,
+    #[serde(default, deserialize_with = "count")]
+    pub profile_step: Option<u64>,
+    pub module_depth: Option<i64>,
+    pub top_modules: Option<usize>,
+    pub detailed: Option<bool>,
+    pub output_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

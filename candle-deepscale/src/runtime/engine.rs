@@ -16,6 +16,7 @@ use crate::runtime::data_samplers::PretrainingSampler;
 use crate::runtime::layer_loop::{self, ZeroHooks};
 use crate::runtime::loss_scaler::LossScaler;
 use crate::runtime::meters::{MemoryMeter, WallClock};
+use crate::runtime::monitor::{Event, MonitorMaster};
 use crate::runtime::pipe::executor::{share_loss, StageExecutor, StageResources};
 use crate::runtime::pipe::PipeContext;
 use crate::runtime::zero::{AdamState, ZeroOptimizer};
@@ -79,6 +80,8 @@ pub struct Engine {
     graph: Option<ParamRegistry>,
     /// Whole-model mode: the first backward checked that every parameter got a gradient.
     grads_checked: bool,
+    /// The config's monitors, opened at the first event (on global rank 0 only).
+    monitor: Option<MonitorMaster>,
 }
 
 impl Engine {
@@ -123,6 +126,7 @@ impl Engine {
             clock: WallClock::default(),
             graph: None,
             grads_checked: false,
+            monitor: None,
         })
     }
 
@@ -172,6 +176,11 @@ impl Engine {
     /// Milliseconds per iteration in forward, backward and the optimizer step since the last
     /// call (DeepSpeed's `wall_clock_breakdown`), and resets them. Pipeline stages count their
     /// own forward and backward passes (not the waits between them).
+    /// The wall clock accumulated since the last [`Engine::take_wall_clock`] (totals, not reset).
+    pub fn wall_clock(&self) -> WallClock {
+        self.clock
+    }
+
     pub fn take_wall_clock(&mut self) -> WallClock {
         let c = std::mem::take(&mut self.clock);
         let n = c.iterations.max(1) as f64;
@@ -413,6 +422,7 @@ impl Engine {
     {
         self.layer_list_only("train_batch")?;
         self.check_micro_batches(micro_batches.len())?;
+        let clock = self.clock;
         let gas = micro_batches.len();
         let mean = if self.pipe.is_some() {
             self.train_batch_pipe(micro_batches)?
@@ -427,7 +437,84 @@ impl Engine {
         let loss = self.dp_mean(mean)?;
         let mut report = self.step()?;
         report.loss = loss;
+        self.after_train_batch(&report, clock)?;
         Ok(report)
+    }
+
+    /// Whether this is global rank 0 (rank 0 of every group it belongs to).
+    pub fn is_global_rank_0(&self) -> bool {
+        self.groups().all(|g| g.rank == 0)
+    }
+
+    /// Samples of global batches stepped so far (DeepSpeed's `global_samples`).
+    pub fn global_samples(&self) -> u64 {
+        self.iteration
+            * (self.config.train_micro_batch_size_per_gpu
+                * self.config.gradient_accumulation_steps
+                * self.dp_size()) as u64
+    }
+
+    /// Writes `events` to the config's monitors (DeepSpeed's `monitor.write_events`): on global
+    /// rank 0 only; elsewhere, and without monitors, nothing.
+    pub fn write_monitor_events(&mut self, events: &[Event]) -> Result<()> {
+        if !self.config.monitor.enabled() || !self.is_global_rank_0() {
+            return Ok(());
+        }
+        if self.monitor.is_none() {
+            self.monitor = Some(MonitorMaster::new(&self.config.monitor, true)?);
+        }
+        match self.monitor.as_mut() {
+            Some(m) => m.write_events(events),
+            None => Ok(()),
+        }
+    }
+
+    /// DeepSpeed's events after a step (`Train/Samples/train_loss` before the step's samples are
+    /// counted, `lr` and `loss_scale` after; a pipeline's train_loss after, as its engine writes
+    /// them; the wall-clock split with `wall_clock_breakdown`) and its `steps_per_print` line.
+    /// `before` is the wall clock as the iteration started.
+    fn after_train_batch(&mut self, r: &StepReport, before: WallClock) -> Result<()> {
+        if self.config.monitor.enabled() && self.is_global_rank_0() {
+            let after = self.global_samples();
+            let batch = after / self.iteration.max(1);
+            let loss_step = if self.pipe.is_some() {
+                after
+            } else {
+                after - batch
+            };
+            let mut events = vec![
+                Event::new("Train/Samples/train_loss", r.loss, loss_step),
+                Event::new("Train/Samples/lr", r.lr, after),
+            ];
+            if self.config.fp16.is_some() {
+                events.push(Event::new("Train/Samples/loss_scale", r.loss_scale, after));
+            }
+            if self.config.wall_clock_breakdown {
+                let c = self.clock;
+                for (what, ms) in [
+                    ("forward", c.forward_ms - before.forward_ms),
+                    ("backward", c.backward_ms - before.backward_ms),
+                    ("step", c.step_ms - before.step_ms),
+                ] {
+                    events.push(Event::new(
+                        format!("Train/Samples/elapsed_time_ms_{what}"),
+                        ms,
+                        after,
+                    ));
+                }
+            }
+            self.write_monitor_events(&events)?;
+        }
+        if let Some(n) = self.config.steps_per_print {
+            if self.iteration.is_multiple_of(n) && self.is_global_rank_0() {
+                let o = &self.config.optimizer;
+                eprintln!(
+                    "[Rank 0] step={}, skipped={}, lr=[{}], mom=[({}, {})]",
+                    self.iteration, self.skipped, r.lr, o.beta1, o.beta2
+                );
+            }
+        }
+        Ok(())
     }
 
     /// [`Engine::train_batch`] as one pipeline stage: this stage's 1F1B instruction stream. The

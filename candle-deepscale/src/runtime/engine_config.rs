@@ -40,6 +40,12 @@ pub struct EngineConfig {
     pub device_states: Option<bool>,
     /// DeepSpeed's `wall_clock_breakdown`: training loops print [`Engine::take_wall_clock`].
     pub wall_clock_breakdown: bool,
+    /// The monitors of the config's `tensorboard`, `csv_monitor`, `wandb` and `comet` sections:
+    /// the engine writes DeepSpeed's `Train/Samples/*` events to them from global rank 0.
+    pub monitor: crate::runtime::monitor::MonitorConfig,
+    /// DeepSpeed's `steps_per_print`: global rank 0 prints DeepSpeed's progress line every N
+    /// steps (None: not set in the config, no line).
+    pub steps_per_print: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +65,8 @@ impl Default for EngineConfig {
             partition_activations: false,
             cpu_checkpointing: false,
             wall_clock_breakdown: false,
+            monitor: Default::default(),
+            steps_per_print: None,
             seed: 1234,
             offload_optimizer_cpu: false,
             device_states: None,
@@ -182,6 +190,8 @@ impl EngineConfig {
             c.cpu_checkpointing = a.cpu_checkpointing.unwrap_or(false);
         }
         c.wall_clock_breakdown = ds.wall_clock_breakdown.unwrap_or(false);
+        c.monitor = crate::runtime::monitor::MonitorConfig::from_deepspeed(ds);
+        c.steps_per_print = ds.steps_per_print.filter(|n| *n > 0);
         Ok(c)
     }
 }

@@ -19,6 +19,7 @@ pub mod layer_loop;
 pub mod loss_scaler;
 pub mod lr_schedules;
 pub mod meters;
+pub mod monitor;
 pub mod pipe;
 pub mod topology;
 pub mod zero;

@@ -196,6 +196,7 @@ impl Engine {
     {
         self.check_micro_batches(micro_batches.len())?;
         let n = micro_batches.len();
+        let clock = self.clock;
         let mut sum = 0f64;
         for f in micro_batches {
             let t0 = Instant::now();
@@ -206,6 +207,7 @@ impl Engine {
         let loss = self.dp_mean(sum / n as f64)?;
         let mut report = self.step()?;
         report.loss = loss;
+        self.after_train_batch(&report, clock)?;
         Ok(report)
     }
 }
