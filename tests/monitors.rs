@@ -279,3 +279,73 @@ fn pipeline_events_and_every_section_key_accepted() {
         "pipe eval_loss",
     );
 }
+
+/// comms_logger: DeepSpeed's log_summary table on rank 0; `prof_ops` narrows it; `verbose` prints
+/// each op.
+#[test]
+fn comms_logger_summarises_the_collectives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut cfg = |name: &str, logger: Value| {
+        let p = d.join(name);
+        std::fs::write(
+            &p,
+            json!({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+                   "comms_logger": logger})
+            .to_string(),
+        )
+        .unwrap();
+        p
+    };
+    let all = cfg("all.json", json!({"enabled": true, "prof_all": true}));
+    let some = cfg(
+        "some.json",
+        json!({"enabled": true, "prof_all": false, "prof_ops": ["all_reduce"], "verbose": true}),
+    );
+    // Without validation (its collectives would mix in).
+    let mut args = TINY.to_vec();
+    let at = args.iter().position(|a| *a == "--eval-interval").unwrap();
+    args[at + 1] = "0";
+    let summary = |cfg: &Path| {
+        let mut a = args.clone();
+        a.extend(["--deepspeed_config", cfg.to_str().unwrap()]);
+        run(&a)
+    };
+    let err = summary(&all);
+    let table = err
+        .split("comms_logger (rank 0):")
+        .nth(1)
+        .expect("a summary");
+    assert!(
+        table.contains("Comm. Op            Message Size        Count"),
+        "{table}"
+    );
+    // ZeRO-2 over 2 ranks: gradients reduce-scattered and parameters all-gathered every step.
+    let rows: Vec<&str> = table.lines().collect();
+    for op in ["reduce_scatter", "all_gather", "all_reduce"] {
+        let at = rows
+            .iter()
+            .position(|l| *l == op)
+            .unwrap_or_else(|| panic!("{op}: {table}"));
+        let count: u64 = rows[at + 1]
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(count >= 4, "{op} ran every iteration: {table}");
+    }
+    let err = summary(&some);
+    let table = err
+        .split("comms_logger (rank 0):")
+        .nth(1)
+        .expect("a summary");
+    assert!(
+        table.contains("all_reduce") && !table.contains("reduce_scatter"),
+        "{table}"
+    );
+    assert!(
+        err.contains("comm op: all_reduce | time (ms):"),
+        "verbose: {err}"
+    );
+}

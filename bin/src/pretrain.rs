@@ -12,6 +12,8 @@ use crate::metrics::MetricsWriter;
 use crate::training::{train_loop, LoopSpec, Saver, TrainingArgs};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use candle_deepscale::comm::comms_logging::CommsLogger;
+use candle_deepscale::comm::Communicator;
 use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::{unique_parameters, Activations, Sequential};
 use candle_deepscale::layers::parameter::{ParamBuilder, ParamSource};
@@ -21,6 +23,7 @@ use candle_deepscale::runtime::data_samplers::PretrainingSampler;
 use candle_deepscale::runtime::engine::{Engine, EngineConfig};
 use candle_deepscale::runtime::meters::{gemm_peak_flops, gemm_peak_flops_of};
 use candle_deepscale::runtime::pipe::PartitionMethod;
+use candle_deepscale::runtime::topology::Grid;
 use serde_json::json;
 use std::ops::Range;
 use std::sync::Arc;
@@ -187,7 +190,20 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
     let a = sh.args;
     let device = ctx.device.clone();
     let root = ctx.is_root();
-    let (tp, dp, pipe) = (ctx.tp()?, ctx.dp()?, ctx.pipe()?);
+    // DeepSpeed's comms_logger: the rank's communicator, every collective timed.
+    let logger = match (&sh.engine.comms_logger, &ctx.grid.comm) {
+        (Some(c), Some(comm)) => Some(CommsLogger::wrap(comm.clone(), c)),
+        (Some(_), None) if root => {
+            eprintln!("comms_logger: a single rank runs no collectives");
+            None
+        }
+        _ => None,
+    };
+    let grid = match &logger {
+        Some(l) => Grid::new(ctx.topo, l.clone() as Arc<dyn Communicator>)?,
+        None => ctx.grid.clone(),
+    };
+    let (tp, dp, pipe) = (grid.tp()?, grid.dp()?, grid.pipe()?);
     let (dp_size, dp_rank) = dp.as_ref().map_or((1, 0), |g| (g.size(), g.rank));
     let init = RandomInit { seed: a.seed };
     let weights = provider.weights()?;
@@ -356,6 +372,9 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         evaluate,
         |e, i, stopping| saver.after(e, i, stopping),
     )?;
+    if let (Some(l), true) = (&logger, root) {
+        eprintln!("comms_logger (rank 0):\n{}", l.summary());
+    }
     // A stopped run exits promptly: no export, no sample.
     let after = match r.stopped {
         None => provider.after_training(m, &engine, ctx)?,

@@ -4,6 +4,7 @@
 //! with an element kind, so the trait stays object-safe; the typed helpers on `dyn Communicator`
 //! are what callers use. Every collective has a deadline: a dead or stuck peer becomes an error
 //! naming the collective and the peer on every other rank, never a hang.
+pub mod comms_logging;
 #[cfg(feature = "cuda")]
 mod device;
 mod in_process;

@@ -46,6 +46,9 @@ pub struct EngineConfig {
     /// DeepSpeed's `steps_per_print`: global rank 0 prints DeepSpeed's progress line every N
     /// steps (None: not set in the config, no line).
     pub steps_per_print: Option<u64>,
+    /// The config's `comms_logger` when enabled: wrap the communicator in
+    /// [`crate::comm::comms_logging::CommsLogger`] (the engine is handed groups, not the world).
+    pub comms_logger: Option<crate::runtime::config::CommsLoggerConfig>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +70,7 @@ impl Default for EngineConfig {
             wall_clock_breakdown: false,
             monitor: Default::default(),
             steps_per_print: None,
+            comms_logger: None,
             seed: 1234,
             offload_optimizer_cpu: false,
             device_states: None,
@@ -192,6 +196,7 @@ impl EngineConfig {
         c.wall_clock_breakdown = ds.wall_clock_breakdown.unwrap_or(false);
         c.monitor = crate::runtime::monitor::MonitorConfig::from_deepspeed(ds);
         c.steps_per_print = ds.steps_per_print.filter(|n| *n > 0);
+        c.comms_logger = ds.comms_logger.clone().filter(|c| c.enabled);
         Ok(c)
     }
 }
