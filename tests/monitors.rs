@@ -286,7 +286,7 @@ fn pipeline_events_and_every_section_key_accepted() {
 fn comms_logger_summarises_the_collectives() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let mut cfg = |name: &str, logger: Value| {
+    let cfg = |name: &str, logger: Value| {
         let p = d.join(name);
         std::fs::write(
             &p,
