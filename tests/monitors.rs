@@ -349,3 +349,57 @@ fn comms_logger_summarises_the_collectives() {
         "verbose: {err}"
     );
 }
+
+/// flops_profiler: DeepSpeed's report at profile_step, its MACs equal to the model's own count
+/// (GPT-2: 12 h^2 per token and layer, the full t x t attention square, the LM head), per layer.
+#[test]
+fn flops_profiler_reports_the_profile_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("profile.txt");
+    let cfg = tmp.path().join("fp.json");
+    std::fs::write(
+        &cfg,
+        json!({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+               "flops_profiler": {"enabled": true, "profile_step": 1, "detailed": true,
+                                  "output_file": out.to_str().unwrap()}})
+        .to_string(),
+    )
+    .unwrap();
+    run(&[
+        "pretrain-gpt2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "16",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "16",
+        "--train-iters",
+        "3",
+        "--eval-iters",
+        "1",
+        "--sample-length",
+        "0",
+        "--deepspeed",
+        "--deepspeed_config",
+        cfg.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("Profile Summary at step 1:"), "{text}");
+    // Per micro-batch: 32 tokens x (2 layers x 12 x 16^2 + 50304 x 16) + 2 x 2 x 2 x 16^2 x 16;
+    // two micro-batches.
+    let macs = 2 * (32 * (2 * 12 * 256 + 50304 * 16) + 2 * 2 * 2 * 256 * 16);
+    assert_eq!(macs, 51_970_048);
+    assert!(
+        text.contains("fwd MACs per GPU:                                             51.97 MMACs"),
+        "{text}"
+    );
+    for layer in ["(embedding):", "(layers.0):", "(layers.1):", "(final):"] {
+        assert!(text.contains(layer), "{layer}: {text}");
+    }
+    assert!(
+        text.contains("(layers.0): 3.28 K, 0.40% Params, 229.38 KMACs"),
+        "{text}"
+    );
+}

@@ -55,6 +55,9 @@ pub fn causal_attention_in_blocks(
     {
         return Ok(None);
     }
+    // Q K^T and P V over the whole square, as the profiler counts scaled_dot_product_attention.
+    let (b, t) = (qkv.dim(0)?, qkv.dim(1)?);
+    super::flops::add((2 * b * heads * t * t * head_dim) as u64);
     let op = Attention {
         heads,
         d: head_dim,

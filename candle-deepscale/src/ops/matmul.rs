@@ -50,6 +50,7 @@ pub fn float32_matmul_precision() -> Precision {
 /// `a @ b` over the last two dimensions, with equal leading (batch) dimensions. CPU fp32 products
 /// run this module's op (with its backward); anything else is candle's `matmul`.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    super::flops::add_matmul(a.dims(), b.dims());
     if !ours(a, b) {
         return a.matmul(b);
     }
@@ -90,10 +91,15 @@ struct Linear {
 /// `x @ w^T + bias` (PyTorch's `F.linear`) over the last two dimensions: `x [.., m, in]`,
 /// `w [.., out, in]`, `bias [out]`. One fused op on the CPU in fp32; elsewhere candle's ops.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    // x [.., m, in] @ w^T [in, out] (the unfused paths count through `matmul`).
     let fused = super::fused()
         && bias.is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32 && b.rank() == 1)
         && ours(x, &w.t()?);
     let precision = float32_matmul_precision();
+    if fused {
+        let d = w.dims();
+        super::flops::add_matmul(x.dims(), &[d[d.len() - 1], d[d.len() - 2]]);
+    }
     match (bias, fused) {
         (Some(b), true) => x.apply_op3(w, b, Linear { precision }),
         (None, true) => x.apply_op2(w, Linear { precision }),

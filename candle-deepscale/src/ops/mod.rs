@@ -20,6 +20,7 @@
 //! | `attention` | causal attention per head in causal row blocks | flash attention |
 //! | `cross_entropy` | softmax cross entropy over the padded vocabulary, fused with the LM head | `vocab_parallel_cross_entropy` |
 //! | `adam` | the fused AdamW pass over flat fp32 slices | `DeepSpeedCPUAdam` |
+//! | `flops` | multiply-accumulates counted by the product wrappers | the flops profiler's patched functionals |
 pub mod adam;
 pub mod attention;
 pub mod bf16_gemm;
@@ -28,6 +29,7 @@ pub mod blas;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod fast_math;
+pub mod flops;
 pub mod layer_norm;
 pub mod matmul;
 pub mod random;

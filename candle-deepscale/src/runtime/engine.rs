@@ -13,6 +13,7 @@ use crate::layers::parameter::Param;
 use crate::layers::parameter::ParamRegistry;
 use crate::runtime::activation_checkpointing::CheckpointPolicy;
 use crate::runtime::data_samplers::PretrainingSampler;
+use crate::runtime::flops_profiler::{self, ForwardProfile, StepFacts};
 use crate::runtime::layer_loop::{self, ZeroHooks};
 use crate::runtime::loss_scaler::LossScaler;
 use crate::runtime::meters::{MemoryMeter, WallClock};
@@ -82,6 +83,8 @@ pub struct Engine {
     grads_checked: bool,
     /// The config's monitors, opened at the first event (on global rank 0 only).
     monitor: Option<MonitorMaster>,
+    /// The flops profiler's record during its profile step.
+    profile: Option<ForwardProfile>,
 }
 
 impl Engine {
@@ -127,6 +130,7 @@ impl Engine {
             graph: None,
             grads_checked: false,
             monitor: None,
+            profile: None,
         })
     }
 
@@ -333,6 +337,7 @@ impl Engine {
                 zero: &mut self.zero,
                 last,
                 meter: &mut self.meter,
+                profile: self.profile.as_mut(),
             },
             &mut self.clock,
         )?;
@@ -423,6 +428,7 @@ impl Engine {
         self.layer_list_only("train_batch")?;
         self.check_micro_batches(micro_batches.len())?;
         let clock = self.clock;
+        self.start_profile(true);
         let gas = micro_batches.len();
         let mean = if self.pipe.is_some() {
             self.train_batch_pipe(micro_batches)?
@@ -439,6 +445,73 @@ impl Engine {
         report.loss = loss;
         self.after_train_batch(&report, clock)?;
         Ok(report)
+    }
+
+    /// The flops profiler: at its profile step (on global rank 0), count MACs and, with a layer
+    /// list (`layers`), time each layer's forward.
+    fn start_profile(&mut self, layers: bool) {
+        let Some(p) = &self.config.flops_profiler else {
+            return;
+        };
+        if self.iteration != p.profile_step || !self.is_global_rank_0() {
+            return;
+        }
+        if self.pipe.is_some() {
+            eprintln!("flops_profiler: not available with pipeline parallelism (as in DeepSpeed's pipeline engine); nothing profiled");
+            return;
+        }
+        let list = if layers {
+            // A tied parameter counts in the first layer that holds it (one module owns it).
+            let mut seen = std::collections::HashSet::new();
+            self.model
+                .layers()
+                .iter()
+                .map(|l| {
+                    let n: usize = l
+                        .parameters()
+                        .iter()
+                        .filter(|p| seen.insert(p.meta.name.clone()))
+                        .map(|p| p.meta.numel())
+                        .sum();
+                    (l.name(), n as u64)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.profile = Some(ForwardProfile::new(list));
+        crate::ops::flops::start();
+    }
+
+    /// After the profiled step: DeepSpeed's report, to stderr or `output_file`.
+    fn finish_profile(&mut self, before: WallClock) -> Result<()> {
+        let (Some(profile), Some(s)) = (self.profile.take(), self.config.flops_profiler.clone())
+        else {
+            return Ok(());
+        };
+        let total_macs = crate::ops::flops::stop();
+        let c = self.clock;
+        let params: usize = self.zero.params().iter().map(|p| p.meta.numel()).sum();
+        let facts = StepFacts {
+            step: s.profile_step,
+            world_size: self.dp_size() * self.tp.as_ref().map_or(1, |g| g.size()),
+            dp: self.dp_size(),
+            mp: self.tp.as_ref().map_or(1, |g| g.size()),
+            batch_per_rank: self.config.train_micro_batch_size_per_gpu
+                * self.config.gradient_accumulation_steps,
+            model_name: "Model".into(),
+            params: params as u64,
+            total_macs,
+            fwd_ms: c.forward_ms - before.forward_ms,
+            bwd_ms: c.backward_ms - before.backward_ms,
+            step_ms: c.step_ms - before.step_ms,
+        };
+        let text = flops_profiler::report(&s, &facts, &profile.layers);
+        match &s.output_file {
+            Some(path) => crate::fs::write_atomic(path, text.as_bytes())?,
+            None => eprintln!("{text}"),
+        }
+        Ok(())
     }
 
     /// Whether this is global rank 0 (rank 0 of every group it belongs to).
@@ -474,6 +547,7 @@ impl Engine {
     /// them; the wall-clock split with `wall_clock_breakdown`) and its `steps_per_print` line.
     /// `before` is the wall clock as the iteration started.
     fn after_train_batch(&mut self, r: &StepReport, before: WallClock) -> Result<()> {
+        self.finish_profile(before)?;
         if self.config.monitor.enabled() && self.is_global_rank_0() {
             let after = self.global_samples();
             let batch = after / self.iteration.max(1);

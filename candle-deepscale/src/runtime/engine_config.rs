@@ -49,6 +49,9 @@ pub struct EngineConfig {
     /// The config's `comms_logger` when enabled: wrap the communicator in
     /// [`crate::comm::comms_logging::CommsLogger`] (the engine is handed groups, not the world).
     pub comms_logger: Option<crate::runtime::config::CommsLoggerConfig>,
+    /// The config's `flops_profiler` when enabled: the engine profiles one step and prints
+    /// DeepSpeed's report.
+    pub flops_profiler: Option<crate::runtime::flops_profiler::FlopsProfilerSettings>,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +74,7 @@ impl Default for EngineConfig {
             monitor: Default::default(),
             steps_per_print: None,
             comms_logger: None,
+            flops_profiler: None,
             seed: 1234,
             offload_optimizer_cpu: false,
             device_states: None,
@@ -197,6 +201,10 @@ impl EngineConfig {
         c.monitor = crate::runtime::monitor::MonitorConfig::from_deepspeed(ds);
         c.steps_per_print = ds.steps_per_print.filter(|n| *n > 0);
         c.comms_logger = ds.comms_logger.clone().filter(|c| c.enabled);
+        c.flops_profiler = ds
+            .flops_profiler
+            .as_ref()
+            .and_then(crate::runtime::flops_profiler::FlopsProfilerSettings::from_config);
         Ok(c)
     }
 }

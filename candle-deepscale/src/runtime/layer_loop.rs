@@ -117,6 +117,8 @@ pub trait LoopHooks {
     fn activations(&mut self, _bytes: u64) {}
     /// The backward of a forward that kept `bytes` has started (they are freed as it goes).
     fn activations_done(&mut self, _bytes: u64) {}
+    /// Layer `layer`'s forward is done (the head's: with its loss), for the flops profiler.
+    fn forwarded(&mut self, _layer: usize) {}
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {
@@ -159,6 +161,8 @@ pub struct ZeroHooks<'a> {
     pub zero: &'a mut ZeroOptimizer,
     pub last: bool,
     pub meter: &'a mut MemoryMeter,
+    /// The flops profiler's per-layer record, at its profile step.
+    pub profile: Option<&'a mut crate::runtime::flops_profiler::ForwardProfile>,
 }
 
 impl LoopHooks for ZeroHooks<'_> {
@@ -169,13 +173,22 @@ impl LoopHooks for ZeroHooks<'_> {
         self.meter.kept(bytes);
     }
     fn fetch(&mut self, i: usize, backward: bool) -> Result<()> {
-        self.zero.fetch_layer(i, backward)
+        self.zero.fetch_layer(i, backward)?;
+        if let (Some(p), false) = (self.profile.as_mut(), backward) {
+            p.begin(i);
+        }
+        Ok(())
     }
     fn release(&mut self, i: usize, backward: bool) -> Result<()> {
         self.zero.release_layer(i, backward)
     }
     fn grads(&mut self, i: usize, l: &dyn Layer, store: Option<&GradStore>) -> Result<()> {
         into_zero(self.zero, self.last, i, l, store)
+    }
+    fn forwarded(&mut self, i: usize) {
+        if let Some(p) = self.profile.as_mut() {
+            p.end(i);
+        }
     }
 }
 
@@ -245,6 +258,7 @@ where
             x = detached(&y);
             kept.push(Kept::Graph(leaf, y));
         }
+        hooks.forwarded(i);
         hooks.release(i, false)?;
     }
     let mut state = PassState {
@@ -261,6 +275,7 @@ where
             hooks.fetch(body_len, false)?;
             let loss = loss_fn(&layers[body_len].forward(&last.act, ctx)?)?;
             let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            hooks.forwarded(body_len);
             let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
             state.head = Some((last, scaled));
             Ok((state, None, Some(value)))

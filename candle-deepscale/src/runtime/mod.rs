@@ -14,6 +14,7 @@ pub mod data_samplers;
 pub mod dist_signal_handler;
 pub mod engine;
 pub mod engine_config;
+pub mod flops_profiler;
 pub mod initialize;
 pub mod layer_loop;
 pub mod loss_scaler;

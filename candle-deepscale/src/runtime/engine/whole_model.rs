@@ -197,6 +197,7 @@ impl Engine {
         self.check_micro_batches(micro_batches.len())?;
         let n = micro_batches.len();
         let clock = self.clock;
+        self.start_profile(false);
         let mut sum = 0f64;
         for f in micro_batches {
             let t0 = Instant::now();

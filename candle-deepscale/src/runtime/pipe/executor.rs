@@ -213,6 +213,7 @@ where
                 zero: &mut *self.r.zero,
                 last: false,
                 meter: &mut *self.r.meter,
+                profile: None,
             },
         )?;
         if let Some(v) = value {
@@ -270,6 +271,7 @@ where
                 zero: &mut *self.r.zero,
                 last: boundary,
                 meter: &mut *self.r.meter,
+                profile: None,
             },
         )?;
         if let Some(e) = self.grads_in.get_mut(&m) {
