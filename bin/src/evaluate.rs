@@ -179,7 +179,21 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
     if a.json {
         print_json(v, &layout);
     } else {
-        println!("{v}");
+        // A plain line (the JSON object is --json's).
+        match task {
+            Task::Lambada => println!(
+                "lambada accuracy {:.4} ({} / {})",
+                v["accuracy"].as_f64().unwrap_or(f64::NAN),
+                v["correct"],
+                v["total"]
+            ),
+            _ => println!(
+                "wikitext103 loss {:.6} perplexity {:.4} adjusted perplexity {:.4}",
+                v["loss"].as_f64().unwrap_or(f64::NAN),
+                v["perplexity"].as_f64().unwrap_or(f64::NAN),
+                v["adjusted_perplexity"].as_f64().unwrap_or(f64::NAN)
+            ),
+        }
     }
     Ok(())
 }

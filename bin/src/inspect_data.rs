@@ -47,15 +47,20 @@ pub fn run(a: InspectDataArgs) -> Result<()> {
         a.document,
         tokens.len()
     );
-    if let Some(t) = &text {
-        eprintln!("{t}");
+    match &text {
+        Some(t) => eprintln!("{t}"),
+        None => eprintln!(
+            "(token ids only: give --vocab-file (with --merge-file for GPT-2's BPE) to see the text)"
+        ),
     }
     if a.json {
-        println!(
-            "{}",
-            json!({"items": ds.len(), "documents": ds.num_documents(), "dtype": ds.dtype.name(),
-                   "document": a.document, "tokens": tokens, "text": text})
-        );
+        let mut v = json!({"items": ds.len(), "documents": ds.num_documents(),
+                           "dtype": ds.dtype.name(), "document": a.document, "tokens": tokens});
+        // `text` only when there is one: a null would read as "the document is empty".
+        if let Some(t) = text {
+            v["text"] = json!(t);
+        }
+        println!("{v}");
     } else {
         println!("{tokens:?}");
     }

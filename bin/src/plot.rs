@@ -58,6 +58,14 @@ pub fn loss_curve(
             .map_err(|e| err(&e))?
             .label("validation")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        // Validation runs every --eval-interval: mark each point (a lone one has no line).
+        chart
+            .draw_series(
+                valid
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y), 3, RED.filled())),
+            )
+            .map_err(|e| err(&e))?;
     }
     chart
         .configure_series_labels()

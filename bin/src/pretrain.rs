@@ -290,6 +290,9 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         }
     }
     let metrics = match (&a.metrics_file, root) {
+        (Some(p), true) if sh.ckpt.is_some() && !a.finetune && !a.overwrite => {
+            Some(MetricsWriter::resume(p, engine.iteration())?)
+        }
         (Some(p), true) => Some(MetricsWriter::create(p)?),
         _ => None,
     };

@@ -107,6 +107,9 @@ pub fn run(mut a: PretrainBertArgs) -> Result<()> {
     let ds = a.train.ds.config()?;
     let (engine, batch) = prepare(&mut a.train, ds.as_ref(), layout.dp)?;
     let t = &a.train;
+    if let Some(m) = &t.metrics_file {
+        crate::metrics::check_target(m, t.overwrite, a.load.is_some() && !t.finetune)?;
+    }
     if t.finetune && a.load.is_none() {
         bail!("--finetune starts from a checkpoint's weights: give --load DIR")
     }

@@ -135,6 +135,13 @@ pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
     }
     let ds = a.train.ds.config()?;
     let (engine_cfg, batch) = prepare(&mut a.train, ds.as_ref(), layout.dp)?;
+    if let Some(m) = &a.train.metrics_file {
+        crate::metrics::check_target(
+            m,
+            a.train.overwrite,
+            a.model.load.is_some() && !a.train.finetune,
+        )?;
+    }
     if a.train.finetune && a.model.load.is_none() {
         bail!("--finetune starts from a checkpoint's weights: give --load DIR")
     }
@@ -588,9 +595,16 @@ impl ModelProvider for Gpt2Provider<'_> {
                 },
             )
         })?;
-        let text = format!("{}{}", a.sample_prompt, self.tok.decode(&out)?);
+        let continuation = self.tok.decode(&out)?;
+        let text = format!("{}{continuation}", a.sample_prompt);
         if root {
-            eprintln!("sample (greedy): {text}");
+            // Quoted, so a continuation of spaces or newlines (a barely trained model's) shows.
+            eprintln!(
+                "sample (greedy, {} tokens): {:?} + {:?}",
+                out.len(),
+                a.sample_prompt,
+                continuation
+            );
         }
         Ok(Some(text))
     }

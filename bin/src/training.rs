@@ -145,9 +145,13 @@ pub struct TrainingArgs {
     pub eval_interval: u64,
     #[arg(long, default_value_t = 4)]
     pub eval_iters: u64,
-    /// JSON lines of training metrics (rank 0).
+    /// JSON lines of training metrics (rank 0). An existing file is refused without --overwrite;
+    /// a run resumed with --load continues it (its lines past the checkpoint dropped).
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Replace an existing --metrics-file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// TensorBoard event files of Megatron's training loop here (`learning_rate`, `lm loss`,
     /// `loss_scale` with fp16, validation `lm loss value` / `lm loss ppl`; step = iteration).
     /// DeepSpeed's own `Train/Samples/*` events come from the config's `tensorboard` section.
@@ -904,6 +908,8 @@ struct LoopState<'a> {
     tb: Option<candle_deepscale::runtime::monitor::tensorboard::EventFileWriter>,
     /// The wall clock at the last TensorBoard timer write.
     tb_clock: candle_deepscale::runtime::meters::WallClock,
+    /// The last progress line (or log line) written to a non-terminal stderr.
+    heartbeat: Instant,
     bar: indicatif::ProgressBar,
     metrics: Option<MetricsWriter>,
     curve: Vec<(u64, f64)>,
@@ -945,6 +951,7 @@ impl<'a> LoopState<'a> {
             spec,
             tb,
             tb_clock: Default::default(),
+            heartbeat: Instant::now(),
             bar,
             metrics,
             curve: Vec::new(),
@@ -991,6 +998,21 @@ impl<'a> LoopState<'a> {
     }
 
     fn trained(&mut self, iter: u64, loss: f64) {
+        // In a log file (no progress bar) a line at least every 30 s between log lines.
+        if self.spec.root
+            && !std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && self.heartbeat.elapsed().as_secs() >= 30
+            && !iter.is_multiple_of(self.spec.log_interval.max(1))
+        {
+            let done = (iter - self.spec.start_iter) as f64;
+            let per = self.started.elapsed().as_secs_f64() / done.max(1.0);
+            eprintln!(
+                " progress: iteration {iter}/{}, {per:.2} s per iteration, about {:.0} s left, loss {loss:.4}",
+                self.spec.train_iters,
+                per * (self.spec.train_iters - iter) as f64
+            );
+            self.heartbeat = Instant::now();
+        }
         self.first_loss.get_or_insert(loss);
         self.last_loss = loss;
         self.window_loss += loss;
@@ -1009,6 +1031,7 @@ impl<'a> LoopState<'a> {
         let tps = a.tokens_per_iter / (ms / 1000.0);
         // Per-rank FLOP rate against this machine's GEMM peak (ranks share its cores).
         let mfu = mfu(tps, a.flops_per_token, a.gemm_peak);
+        self.heartbeat = Instant::now();
         let mem = engine.memory_report();
         let clock = engine.take_wall_clock();
         // The engine's totals restart from zero: so do the TensorBoard timers' differences.
