@@ -379,7 +379,9 @@ fn pretrain_gpt2_logs_metrics_lowers_loss_and_exports_hf() {
     ));
     assert_eq!(g["token_ids"].as_array().unwrap().len(), 4);
 
-    // Same seed, same run: deterministic.
+    // Same seed, same run: deterministic (the metrics file replaced, as asked).
+    let mut args = args.to_vec();
+    args.push("--overwrite");
     let again = last_json(&deepscale(
         &args,
         &[(

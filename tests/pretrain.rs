@@ -63,6 +63,8 @@ fn tiny(iters: &str, metrics: &Path) -> Vec<String> {
         "0",
         "--sample-length",
         "0",
+        // Scratch files are reused between runs here.
+        "--overwrite",
         "--metrics-file",
         metrics.to_str().unwrap(),
     ]

@@ -73,12 +73,16 @@ pub struct DeepSpeedArgs {
     /// Loose (one object per line) JSON data: how .jsonl is read.
     #[arg(long)]
     pub loose_json: bool,
+    /// Megatron/DeepSpeed ZeRO-3 example flag: embeddings built partitioned (what ZeRO-3 does here for every parameter).
     #[arg(long)]
     pub scattered_embeddings: bool,
+    /// Megatron/DeepSpeed ZeRO-3 example flag: gather parameters layer by layer (what ZeRO-3 does here).
     #[arg(long)]
     pub split_transformers: bool,
+    /// DeepSpeed TiledLinear (refused: pays off only with ZeRO-3 parameter offload to GPU memory).
     #[arg(long)]
     pub memory_centric_tiled_linear: bool,
+    /// TiledLinear tiles (refused with --memory-centric-tiled-linear).
     #[arg(long)]
     pub tile_factor: Option<usize>,
     /// Save native checkpoints here.

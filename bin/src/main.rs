@@ -9,6 +9,7 @@ mod deepspeed_args;
 mod estimate_memory;
 mod evaluate;
 mod generate;
+mod help_groups;
 mod inspect_data;
 mod launch;
 mod memory_preflight;
@@ -103,7 +104,7 @@ fn main() {
     }
     // As with argparse: `--lr -1` reaches the value check instead of "unexpected argument", and
     // the last of a repeated flag wins (launch scripts append overrides).
-    let matches = Cli::command()
+    let matches = help_groups::group(Cli::command())
         .mut_subcommands(|c| c.allow_negative_numbers(true).args_override_self(true))
         .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {

@@ -192,7 +192,11 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
     let root = ctx.is_root();
     // DeepSpeed's comms_logger: the rank's communicator, every collective timed.
     let logger = match (&sh.engine.comms_logger, &ctx.grid.comm) {
-        (Some(c), Some(comm)) => Some(CommsLogger::wrap(comm.clone(), c)),
+        (Some(c), Some(comm)) => Some(CommsLogger::wrap(
+            comm.clone(),
+            c.verbose.unwrap_or(false),
+            c.profiled_ops(),
+        )),
         (Some(_), None) if root => {
             eprintln!("comms_logger: a single rank runs no collectives");
             None

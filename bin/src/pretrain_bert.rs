@@ -28,17 +28,22 @@ use zoo::tokenizer::Tokenizer;
 pub struct PretrainBertArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
+    /// Transformer layers.
     #[arg(long, default_value_t = 2)]
     pub num_layers: usize,
+    /// Hidden size.
     #[arg(long, default_value_t = 128)]
     pub hidden_size: usize,
+    /// Attention heads.
     #[arg(long, default_value_t = 4)]
     pub num_attention_heads: usize,
     /// Sequence length of every sample ([CLS] A [SEP] B [SEP], padded).
     #[arg(long, default_value_t = 128)]
     pub seq_length: usize,
+    /// Position embeddings (default: --seq-length).
     #[arg(long, default_value_t = 512)]
     pub max_position_embeddings: usize,
+    /// Pad the vocabulary to a multiple of this times the tensor-parallel size.
     #[arg(long, default_value_t = 128)]
     pub make_vocab_size_divisible_by: usize,
     /// BERT vocab.txt. Default: assets/bert/bert-uncased-vocab.txt.

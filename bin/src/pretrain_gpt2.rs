@@ -28,17 +28,22 @@ pub struct PretrainGpt2Args {
     /// Start from these HF weights (and their config) instead of a random init.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Transformer layers.
     #[arg(long, default_value_t = 4)]
     pub num_layers: usize,
+    /// Hidden size.
     #[arg(long, default_value_t = 128)]
     pub hidden_size: usize,
+    /// Attention heads.
     #[arg(long, default_value_t = 4)]
     pub num_attention_heads: usize,
+    /// Tokens per training sample.
     #[arg(long, default_value_t = 128)]
     pub seq_length: usize,
     /// Defaults to --seq-length.
     #[arg(long)]
     pub max_position_embeddings: Option<usize>,
+    /// Pad the vocabulary to a multiple of this times the tensor-parallel size.
     #[arg(long, default_value_t = 128)]
     pub make_vocab_size_divisible_by: usize,
     /// GPT-2 vocab.json. Default: assets/gpt2/gpt2-vocab.json.
@@ -53,6 +58,7 @@ pub struct PretrainGpt2Args {
     /// Prompt of the greedy sample printed after training (empty = none).
     #[arg(long, default_value = "This License")]
     pub sample_prompt: String,
+    /// Tokens of the greedy sample printed after training (0: none).
     #[arg(long, default_value_t = 24)]
     pub sample_length: usize,
     #[command(flatten)]

@@ -27,12 +27,16 @@ pub struct TrainingArgs {
     /// Gradient accumulation steps (default: the DeepSpeed config's, else 1).
     #[arg(long)]
     pub gas: Option<usize>,
+    /// Iterations (optimizer steps on the global batch) to train.
     #[arg(long, default_value_t = 200)]
     pub train_iters: u64,
+    /// Peak learning rate (the DeepSpeed config's optimizer and scheduler win where it has them).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Learning rate at the end of the decay.
     #[arg(long, default_value_t = 1e-5)]
     pub min_lr: f64,
+    /// Decay after warmup: constant, linear or cosine (Megatron's AnnealingLR).
     #[arg(long, value_enum, default_value = "cosine")]
     pub lr_decay_style: DecayStyleArg,
     /// Defaults to --train-iters.
@@ -59,21 +63,28 @@ pub struct TrainingArgs {
     /// sets the accumulation (the DeepSpeed config's train_batch_size, when it has one, must agree).
     #[arg(long)]
     pub global_batch_size: Option<usize>,
+    /// AdamW weight decay (not on biases and LayerNorms, as Megatron groups them).
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// Adam's first-moment decay.
     #[arg(long, default_value_t = 0.9)]
     pub adam_beta1: f64,
+    /// Adam's second-moment decay.
     #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f64,
+    /// Adam's epsilon.
     #[arg(long, default_value_t = 1e-8)]
     pub adam_eps: f64,
     /// Global gradient-norm clip, 0 = off (default: the config's gradient_clipping, else 1.0).
     #[arg(long)]
     pub clip_grad: Option<f64>,
+    /// Dropout after attention and MLP outputs and embeddings.
     #[arg(long, default_value_t = 0.1)]
     pub hidden_dropout: f64,
+    /// Dropout on the attention probabilities.
     #[arg(long, default_value_t = 0.1)]
     pub attention_dropout: f64,
+    /// Seed of the initialisation, dropout and data order (the same result at any layout).
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
     /// Keep only each transformer layer's input in forward and recompute it in backward.
@@ -139,10 +150,13 @@ pub struct TrainingArgs {
     /// train,valid,test weights over documents.
     #[arg(long, default_value = "949,50,1")]
     pub split: String,
+    /// Iterations between Megatron's log lines (and metrics lines).
     #[arg(long, default_value_t = 10)]
     pub log_interval: u64,
+    /// Iterations between validations (0: only at the end).
     #[arg(long, default_value_t = 100)]
     pub eval_interval: u64,
+    /// Micro-batches per validation.
     #[arg(long, default_value_t = 4)]
     pub eval_iters: u64,
     /// JSON lines of training metrics (rank 0). An existing file is refused without --overwrite;
@@ -694,8 +708,11 @@ pub fn zero3_construction(
 pub struct LoopSpec<'a> {
     /// Iterations already done (a resumed run starts after them).
     pub start_iter: u64,
+    /// Iterations (optimizer steps on the global batch) to train.
     pub train_iters: u64,
+    /// Iterations between Megatron's log lines (and metrics lines).
     pub log_interval: u64,
+    /// Iterations between validations (0: only at the end).
     pub eval_interval: u64,
     /// Tokens of one global batch.
     pub tokens_per_iter: f64,

@@ -6,7 +6,6 @@
 //! Gbps), with `n` the size of the group the collective ran on (DeepSpeed uses the world size
 //! there, which overstates bus bandwidth on sub-groups).
 use super::{Communicator, ElemKind, ReduceOp};
-use crate::runtime::config::CommsLoggerConfig;
 use candle_core::Result;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -74,15 +73,13 @@ pub fn trim_mean(data: &[f64], proportion: f64) -> f64 {
 }
 
 impl CommsLogger {
-    /// `comm` with every profiled op recorded (`cfg.enabled` is the caller's decision).
-    pub fn wrap(comm: Arc<dyn Communicator>, cfg: &CommsLoggerConfig) -> Arc<Self> {
-        let ops = match (cfg.prof_all.unwrap_or(true), &cfg.prof_ops) {
-            (true, _) | (false, None) => None,
-            (false, Some(ops)) => Some(ops.clone()),
-        };
+    /// `comm` with the collectives named in `ops` recorded (None: all of them, DeepSpeed's
+    /// `prof_all`); `verbose` prints each as it completes. The config section's
+    /// `CommsLoggerConfig::profiled_ops` gives `ops`.
+    pub fn wrap(comm: Arc<dyn Communicator>, verbose: bool, ops: Option<Vec<String>>) -> Arc<Self> {
         Arc::new(Self {
             inner: comm,
-            verbose: cfg.verbose.unwrap_or(false),
+            verbose,
             ops,
             records: Mutex::new(BTreeMap::new()),
         })

@@ -104,6 +104,16 @@ pub struct CommsLoggerConfig {
     pub debug: Option<bool>,
 }
 
+impl CommsLoggerConfig {
+    /// The ops to record: None for all (`prof_all`, DeepSpeed's default), else `prof_ops`.
+    pub fn profiled_ops(&self) -> Option<Vec<String>> {
+        match (self.prof_all.unwrap_or(true), &self.prof_ops) {
+            (true, _) | (false, None) => None,
+            (false, Some(ops)) => Some(ops.clone()),
+        }
+    }
+}
+
 /// `flops_profiler`: DeepSpeed's report at `profile_step`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
