@@ -354,3 +354,54 @@ fn launcher_names_and_environments() {
         &["RANK=0 WORLD_SIZE=2", "mpirun -np 2"],
     );
 }
+
+/// `deepscale launch` reads a DeepSpeed hostfile with --num_nodes/--num_gpus/--include/--exclude
+/// and prints the mpirun command it runs (here only printed: the MPI suite runs one).
+#[test]
+fn launch_builds_the_mpirun_command_from_a_hostfile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hostfile");
+    std::fs::write(
+        &hf,
+        "worker-0 slots=4\nworker-1 slots=4 # second\n\nworker-2 slots=2\n",
+    )
+    .unwrap();
+    let launch = |extra: &[&str]| {
+        let mut args = vec!["launch", "--hostfile", hf.to_str().unwrap(), "--dry-run"];
+        args.extend(extra);
+        args.extend(["pretrain-gpt2", "--zero-stage", "2"]);
+        Command::new(env!("CARGO_BIN_EXE_deepscale"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let cmd = |extra: &[&str]| {
+        let out = launch(extra);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{extra:?}: {err}");
+        err.lines()
+            .find(|l| l.starts_with("launch: "))
+            .unwrap()
+            .to_string()
+    };
+    let all = cmd(&[]);
+    assert!(
+        all.contains("mpirun -np 10 -H worker-0:4,worker-1:4,worker-2:2"),
+        "{all}"
+    );
+    assert!(
+        all.contains("MASTER_ADDR=worker-0") && all.ends_with("pretrain-gpt2 --zero-stage 2"),
+        "{all}"
+    );
+    assert!(
+        cmd(&["--num_nodes", "2", "--num_gpus", "2"]).contains("-np 4 -H worker-0:2,worker-1:2")
+    );
+    assert!(cmd(&["--exclude", "worker-1"]).contains("-np 6 -H worker-0:4,worker-2:2"));
+    let inc = cmd(&["--include", "worker-0:1,3@worker-1:1,3"]);
+    assert!(
+        inc.contains("-np 4") && inc.contains("CUDA_VISIBLE_DEVICES=1,3"),
+        "{inc}"
+    );
+    let bad = launch(&["--include", "worker-9"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("host worker-9 is not in the hostfile"));
+}

@@ -403,6 +403,64 @@ fn pretrain_under_mpirun_equals_one_rank() {
     }
 }
 
+/// `deepscale launch --hostfile` (`localhost slots=2`) starts the job through mpirun, printing
+/// the command, and trains exactly as two in-process ranks.
+fn launch_with_a_hostfile_equals_in_process_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_deepscale"));
+    let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+    let hostfile = tmp.path().join("hostfile");
+    std::fs::write(&hostfile, "localhost slots=2\n").unwrap();
+    let train = [
+        "pretrain-gpt2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "32",
+        "--train-iters",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-iters",
+        "1",
+        "--sample-length",
+        "0",
+        "--zero-stage",
+        "2",
+        "--json",
+    ];
+    let launched = Command::new(bin)
+        .args(["launch", "--hostfile", hostfile.to_str().unwrap()])
+        .args(train)
+        .env("DEEPSCALE_ASSETS", assets)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    expect_ok(&launched, "deepscale launch");
+    let err = String::from_utf8_lossy(&launched.stderr);
+    assert!(err.contains("launch: mpirun -np 2 -H localhost:2"), "{err}");
+    let in_process = Command::new(bin)
+        .args(train)
+        .args(["--world-size", "2"])
+        .env("DEEPSCALE_ASSETS", assets)
+        .output()
+        .unwrap();
+    expect_ok(&in_process, "in-process ranks");
+    let last = |o: &Output| -> serde_json::Value {
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap()
+    };
+    let (a, b) = (last(&launched), last(&in_process));
+    assert_eq!(a["world_size"], 2);
+    for k in ["initial_loss", "final_loss", "valid_loss"] {
+        assert_eq!(a[k], b[k], "{k}: launched {a} vs in-process {b}");
+    }
+}
+
 fn main() {
     if let Ok(case) = std::env::var("DEEPSCALE_MPI_WORKER") {
         let out = std::env::var("DEEPSCALE_MPI_OUT").expect("DEEPSCALE_MPI_OUT");
@@ -411,6 +469,10 @@ fn main() {
     }
     type Case = (&'static str, Box<dyn Fn()>);
     let cases: Vec<Case> = vec![
+        (
+            "mpi_launch_with_a_hostfile_equals_in_process_ranks",
+            Box::new(launch_with_a_hostfile_equals_in_process_ranks),
+        ),
         (
             "mpi_llama_example_equals_in_process_ranks",
             Box::new(llama_example_under_mpirun),
@@ -442,8 +504,13 @@ fn main() {
             Box::new(pretrain_under_mpirun_equals_one_rank),
         ),
     ];
+    // `cargo test --test mpi -- NAME` runs the cases whose name contains NAME.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let (mut passed, mut failed) = (0, 0);
     for (name, case) in cases {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         let t = Instant::now();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(case)) {
             Ok(()) => {

@@ -12,6 +12,7 @@ mod generate;
 mod help_groups;
 mod inspect_data;
 mod launch;
+mod launcher;
 mod memory_preflight;
 mod metrics;
 mod models;
@@ -62,6 +63,10 @@ enum Command {
     /// Model-state memory per GPU/CPU as DeepSpeed estimates it, and this engine's per-rank bytes.
     #[command(name = "estimate-memory")]
     EstimateMemory(estimate_memory::EstimateMemoryArgs),
+    /// Start a job on the hosts of a DeepSpeed hostfile through mpirun (DeepSpeed's launcher:
+    /// --hostfile, --num_nodes, --num_gpus, --include, --exclude), e.g.
+    /// `deepscale launch --hostfile hosts pretrain-gpt2 --deepspeed ...`.
+    Launch(launcher::LaunchArgs),
     /// Native checkpoints: `checkpoint verify DIR` checks sizes, checksums and each file's save
     /// metadata as --load does, without loading.
     Checkpoint(checkpoint::CheckpointArgs),
@@ -134,6 +139,7 @@ fn main() {
         Command::InspectData(a) => inspect_data::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Checkpoint(a) => checkpoint::run(a),
+        Command::Launch(a) => launcher::run(a),
     };
     if let Err(e) = result {
         // A run stopped by a signal: its own status (128 + the signal), not a failure's 1.
