@@ -148,3 +148,83 @@ fn mismatched_collectives_are_an_error() {
         "{errs:?}"
     );
 }
+
+/// One process of a torchrun-style world: the environment is torchrun's; rank 0 brings a fresh
+/// id (on GPUs, NCCL's unique id) and every rank prints what the rendezvous gave it. Run only as
+/// a child of the test below.
+#[test]
+#[ignore = "a child process of torchrun_style_processes_exchange_the_id_over_loopback"]
+fn rendezvous_child() {
+    use candle_deepscale::comm::tcp_rendezvous;
+    let rank: usize = std::env::var("RANK").unwrap().parse().unwrap();
+    let n: usize = std::env::var("WORLD_SIZE").unwrap().parse().unwrap();
+    let (host, port) = tcp_rendezvous::address_from_env().unwrap();
+    let mine: Vec<u8> = (0..128u32)
+        .map(|i| (i * 31 + std::process::id()) as u8)
+        .collect();
+    let id = tcp_rendezvous::exchange(
+        &host,
+        port,
+        rank,
+        n,
+        (rank == 0).then_some(&mine[..]),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    println!("RENDEZVOUS rank={rank} port={port} id={hex}");
+}
+
+#[test]
+fn torchrun_style_processes_exchange_the_id_over_loopback() {
+    // Stand in for torchrun's agent, which listens on MASTER_PORT itself: the rendezvous must use
+    // MASTER_PORT + 1.
+    let (agent, master_port) = loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break (l, p);
+        }
+    };
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args(["--ignored", "--exact", "rendezvous_child", "--nocapture"])
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", master_port.to_string())
+                .env_remove("DEEPSCALE_RENDEZVOUS_PORT")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let lines: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "a rank failed");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines()
+                .find(|l| l.starts_with("RENDEZVOUS "))
+                .unwrap_or_else(|| panic!("no result in {text}"))
+                .to_string()
+        })
+        .collect();
+    drop(agent);
+    let field = |l: &str, k: &str| {
+        l.split(' ')
+            .find_map(|f| f.strip_prefix(k))
+            .unwrap()
+            .to_string()
+    };
+    for l in &lines {
+        assert_eq!(field(l, "port="), (master_port + 1).to_string(), "{l}");
+    }
+    let ids: Vec<String> = lines.iter().map(|l| field(l, "id=")).collect();
+    assert_eq!(ids[0].len(), 256);
+    assert_eq!(ids[0], ids[1], "rank 1 got another id than rank 0 made");
+}

@@ -351,7 +351,24 @@ fn launcher_names_and_environments() {
     refused(
         &["--train-iters", "1"],
         &[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],
-        &["RANK=0 WORLD_SIZE=2", "mpirun -np 2"],
+        &["RANK=0 WORLD_SIZE=2", "mpirun -np 2", "MASTER_PORT+1"],
+    );
+    // On GPUs the NCCL id travels over TCP at MASTER_PORT + 1, which must be known.
+    let gpu = ["--train-iters", "1", "--device", "cuda"];
+    refused(
+        &gpu,
+        &[("RANK", "1"), ("WORLD_SIZE", "2")],
+        &["MASTER_PORT", "DEEPSCALE_RENDEZVOUS_PORT"],
+    );
+    refused(
+        &gpu,
+        &[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "65535")],
+        &["MASTER_PORT=65535"],
+    );
+    refused(
+        &[&gpu[..], &["--comm-file", "/tmp/x"]].concat(),
+        &[],
+        &["RANK and WORLD_SIZE"],
     );
 }
 

@@ -459,6 +459,44 @@ fn launch_with_a_hostfile_equals_in_process_ranks() {
     for k in ["initial_loss", "final_loss", "valid_loss"] {
         assert_eq!(a[k], b[k], "{k}: launched {a} vs in-process {b}");
     }
+    // The DeepSpeed launcher's path: `deepspeed --force_multi --hostfile H --launcher openmpi
+    // --no_python --no_local_rank deepscale ...` runs the command its OpenMPIRunner.get_cmd
+    // (0.19.8) builds — this one, with the exports it always adds — and the binary is an MPI job.
+    // Where the machine's interface has another name than DeepSpeed's default eth0, name it as
+    // its --launcher_args would (DeepSpeed then leaves out its own btl_tcp_if_include).
+    let iface = if Path::new("/sys/class/net/eth0").exists() {
+        "eth0"
+    } else {
+        "lo"
+    };
+    let ds = Command::new("mpirun")
+        .args(["-n", "2", "-hostfile", hostfile.to_str().unwrap()])
+        .args([
+            "--mca",
+            "btl",
+            "^openib",
+            "--mca",
+            "btl_tcp_if_include",
+            iface,
+        ])
+        .args([
+            "-x",
+            "UCX_TLS=tcp",
+            "-x",
+            &format!("PYTHONPATH={}", tmp.path().display()),
+        ])
+        .arg(bin)
+        .args(train)
+        .env("DEEPSCALE_ASSETS", assets)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    expect_ok(&ds, "DeepSpeed launcher's openmpi command");
+    let c = last(&ds);
+    for k in ["world_size", "initial_loss", "final_loss", "valid_loss"] {
+        assert_eq!(c[k], b[k], "{k}: DeepSpeed's mpirun {c} vs in-process {b}");
+    }
 }
 
 fn main() {

@@ -2,7 +2,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The flags the user typed (as clap ids: `num_layers`), as opposed to defaults.
@@ -82,9 +82,10 @@ pub struct LayoutArgs {
     /// `--features nccl` (or `cuda` for one rank)). Ranks on GPUs talk over NCCL.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
-    /// NCCL bootstrap for processes started by a launcher other than mpirun (RANK and WORLD_SIZE
-    /// in the environment, as torchrun sets them): a path every rank can read, where rank 0 writes
-    /// the NCCL id.
+    /// NCCL bootstrap through a file instead of TCP, for processes started by a launcher other
+    /// than mpirun (RANK and WORLD_SIZE in the environment, as torchrun sets them): a path every
+    /// rank can read, where rank 0 writes the NCCL id. Without it such processes exchange the id
+    /// over TCP at MASTER_ADDR, port MASTER_PORT+1 (or $DEEPSCALE_RENDEZVOUS_PORT).
     #[arg(long)]
     pub comm_file: Option<PathBuf>,
 }
@@ -107,9 +108,20 @@ pub struct Layout {
     /// Deadline of every collective.
     pub timeout: std::time::Duration,
     pub device: DeviceKind,
-    /// This process is one rank of a `--comm-file` (NCCL) world: (rank, the file).
+    /// This process is one rank of a torchrun-style NCCL world: its rank and how the NCCL id
+    /// reaches it.
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
-    pub comm_file: Option<(usize, PathBuf)>,
+    pub bootstrap: Option<(usize, Bootstrap)>,
+}
+
+/// How the NCCL id of a torchrun-style world (RANK, WORLD_SIZE, no MPI) reaches every rank.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub enum Bootstrap {
+    /// `--comm-file`: rank 0 writes it, the others read it.
+    File(PathBuf),
+    /// The TCP rendezvous (host, port): MASTER_ADDR and MASTER_PORT + 1.
+    Tcp(String, u16),
 }
 
 impl Layout {
@@ -122,7 +134,7 @@ impl Layout {
             dp: world_size / (tp * pp).max(1),
             timeout: candle_deepscale::comm::default_timeout(),
             device: DeviceKind::Cpu,
-            comm_file: None,
+            bootstrap: None,
         }
     }
 }
@@ -157,34 +169,33 @@ impl LayoutArgs {
                 bail!("--local_rank {l} disagrees with the environment's local rank {e}")
             }
         }
-        // A torchrun / deepspeed-launcher environment without MPI or a --comm-file: each process
-        // would otherwise train a world of its own.
-        if crate::launch::mpi_world_size().is_none() && self.comm_file.is_none() {
-            if let (Some(rank), Some(n)) = (env_usize("RANK")?, env_usize("WORLD_SIZE")?) {
-                if n > 1 {
-                    bail!(
-                        "RANK={rank} WORLD_SIZE={n} come from a torchrun-style launcher, but this \
-                         process would train alone: on CPUs DeepScale's ranks are in-process \
-                         threads (--world-size {n}) or MPI processes (mpirun -np {n} deepscale \
-                         ..., or `deepscale launch`, or the DeepSpeed launcher with --launcher \
-                         openmpi --no_python --no_local_rank); on GPUs add --device cuda \
-                         --comm-file PATH (a file every rank can read)"
-                    )
-                }
-            }
+        // A torchrun / deepspeed-launcher environment without MPI: GPU ranks bootstrap NCCL
+        // themselves; CPU ranks would otherwise each train a world of their own.
+        let torchrun = match crate::launch::mpi_world_size() {
+            Some(_) => None,
+            None => match (env_usize("RANK")?, env_usize("WORLD_SIZE")?) {
+                (Some(rank), Some(n)) if n > 1 || self.comm_file.is_some() => Some((rank, n)),
+                _ => None,
+            },
+        };
+        if self.comm_file.is_some() && self.device != DeviceKind::Cuda {
+            bail!("--comm-file bootstraps NCCL: it needs --device cuda")
         }
-        let comm_file = match &self.comm_file {
+        let bootstrap = match torchrun {
+            None if self.comm_file.is_some() => bail!(
+                "--comm-file {}: each process needs RANK and WORLD_SIZE in its environment",
+                self.comm_file.as_deref().unwrap_or(Path::new("")).display()
+            ),
             None => None,
-            Some(path) => {
-                if self.device != DeviceKind::Cuda {
-                    bail!("--comm-file bootstraps NCCL: it needs --device cuda")
-                }
-                let (Some(rank), Some(n)) = (env_usize("RANK")?, env_usize("WORLD_SIZE")?) else {
-                    bail!(
-                        "--comm-file {}: each process needs RANK and WORLD_SIZE in its environment",
-                        path.display()
-                    )
-                };
+            Some((rank, n)) if self.device != DeviceKind::Cuda => bail!(
+                "RANK={rank} WORLD_SIZE={n} come from a torchrun-style launcher, but this \
+                 process would train alone: on CPUs DeepScale's ranks are in-process threads \
+                 (--world-size {n}) or MPI processes (mpirun -np {n} deepscale ..., or \
+                 `deepscale launch`, or the DeepSpeed launcher with --launcher openmpi \
+                 --no_python --no_local_rank); on GPUs add --device cuda (the NCCL id then \
+                 travels over TCP at MASTER_ADDR, port MASTER_PORT+1)"
+            ),
+            Some((rank, n)) => {
                 if w != 1 && w != n {
                     bail!("--world-size {w} disagrees with WORLD_SIZE={n}")
                 }
@@ -192,7 +203,15 @@ impl LayoutArgs {
                     bail!("RANK={rank} is not below WORLD_SIZE={n}")
                 }
                 w = n;
-                Some((rank, path.clone()))
+                let how = match &self.comm_file {
+                    Some(path) => Bootstrap::File(path.clone()),
+                    None => {
+                        let (host, port) =
+                            candle_deepscale::comm::tcp_rendezvous::address_from_env()?;
+                        Bootstrap::Tcp(host, port)
+                    }
+                };
+                Some((rank, how))
             }
         };
         if w == 0 || tp == 0 || pp == 0 {
@@ -214,7 +233,7 @@ impl LayoutArgs {
             dp: w / (tp * pp),
             timeout,
             device: self.device,
-            comm_file,
+            bootstrap,
         })
     }
 }

@@ -275,17 +275,23 @@ mod gpu {
         topo: Topology,
         f: impl Fn(RankCtx) -> Result<T> + Send + Sync,
     ) -> Result<Option<T>> {
+        use crate::args::Bootstrap;
         use candle_deepscale::comm::nccl::NcclComm;
         let one = |rank: usize, comm: NcclComm, device: Device| -> Result<Option<T>> {
             let comm: Arc<dyn Communicator> = Arc::new(comm);
             let v = f(RankCtx::new(topo, Some(comm), device)?)?;
             Ok((rank == 0).then_some(v))
         };
-        if let Some((rank, path)) = &layout.comm_file {
-            let device = rank_device(*rank)?;
-            let comm =
-                NcclComm::from_file(&device, *rank, layout.world_size, path, layout.timeout)?;
-            return one(*rank, comm, device);
+        if let Some((rank, how)) = &layout.bootstrap {
+            let (rank, n, t) = (*rank, layout.world_size, layout.timeout);
+            let device = rank_device(rank)?;
+            let comm = match how {
+                Bootstrap::File(path) => NcclComm::from_file(&device, rank, n, path, t)?,
+                Bootstrap::Tcp(host, port) => {
+                    NcclComm::from_tcp(&device, rank, n, (host.as_str(), *port), t)?
+                }
+            };
+            return one(rank, comm, device);
         }
         if mpi_world_size().is_some() {
             #[cfg(feature = "mpi")]

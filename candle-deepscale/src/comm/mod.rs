@@ -13,6 +13,7 @@ pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 mod shape_only;
+pub mod tcp_rendezvous;
 
 pub use in_process::{InProcessComm, InProcessWorld};
 pub use shape_only::ShapeOnly;

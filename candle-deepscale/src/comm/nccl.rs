@@ -2,8 +2,10 @@
 //!
 //! Bootstrap (the NCCL unique id reaching every rank): [`NcclComm::in_process`] for several GPUs
 //! driven by one process (`ncclCommInitAll`), [`NcclComm::from_mpi`] under `mpirun` (rank 0's id
-//! broadcast over MPI), or [`NcclComm::from_file`] (rank 0 writes the id to a file on a path every
-//! rank sees, as torch's `file://` init). The device of a rank is its local rank modulo the GPUs
+//! broadcast over MPI), [`NcclComm::from_tcp`] for torchrun-style environments (rank 0 hands the
+//! id over a TCP rendezvous on `MASTER_PORT + 1`, as torch's TCPStore does), or
+//! [`NcclComm::from_file`] (rank 0 writes the id to a file on a path every rank sees, as torch's
+//! `file://` init). The device of a rank is its local rank modulo the GPUs
 //! present ([`local_device_ordinal`]).
 //!
 //! Sub-groups get their own NCCL communicator on first use: the group's first member creates an
@@ -293,6 +295,38 @@ impl NcclComm {
         } else {
             read_id_file(path, size, timeout)?
         };
+        Self::from_unique_id(device, rank, size, &id, timeout)
+    }
+
+    /// Bootstrap for torchrun / `deepspeed`-launcher environments outside MPI: rank 0 makes the
+    /// id and hands it to the others over [`super::tcp_rendezvous`] at `host:port`
+    /// (`MASTER_ADDR`, `MASTER_PORT + 1`: see [`super::tcp_rendezvous::address_from_env`]).
+    pub fn from_tcp(
+        device: &Device,
+        rank: usize,
+        size: usize,
+        (host, port): (&str, u16),
+        timeout: Duration,
+    ) -> Result<Self> {
+        let mine = if rank == 0 {
+            Some(Self::unique_id()?)
+        } else {
+            None
+        };
+        let got = super::tcp_rendezvous::exchange(
+            host,
+            port,
+            rank,
+            size,
+            mine.as_ref().map(|m| &m[..]),
+            timeout,
+        )?;
+        let id: [u8; 128] = got.as_slice().try_into().map_err(|_| {
+            Error::Msg(format!(
+                "rendezvous at {host}:{port}: rank 0 sent {} bytes, not a 128-byte NCCL id",
+                got.len()
+            ))
+        })?;
         Self::from_unique_id(device, rank, size, &id, timeout)
     }
 
