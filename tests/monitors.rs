@@ -403,3 +403,122 @@ fn flops_profiler_reports_the_profile_step() {
         "{text}"
     );
 }
+
+/// BERT logs Megatron's loss dict: `lm loss` (masked LM) and `sop loss` (the binary head) apart,
+/// whose sum is the loss it trains on — in the log line, the metrics file (`lm_loss`,
+/// `sop_loss`, `valid_*`) and Megatron's TensorBoard tags; equal at pp 2 and dp 2 to one rank.
+#[test]
+fn bert_reports_lm_and_sop_loss_apart() {
+    let Some(py) = tb_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let fields = |m: &Path| -> Vec<Value> {
+        std::fs::read_to_string(m)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut runs = Vec::new();
+    for (name, layout) in [
+        ("one", &["--batch-size", "2"][..]),
+        (
+            "pp2",
+            &[
+                "--batch-size",
+                "2",
+                "--world-size",
+                "2",
+                "--pipe-parallel-size",
+                "2",
+            ],
+        ),
+        ("dp2", &["--batch-size", "1", "--world-size", "2"]),
+    ] {
+        let m = d.join(format!("{name}.jsonl"));
+        let tb = d.join(format!("tb-{name}"));
+        let mut args = vec![
+            "pretrain-bert",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "2",
+            "--seq-length",
+            "32",
+            "--train-iters",
+            "4",
+            "--log-interval",
+            "1",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+            "--hidden-dropout",
+            "0",
+            "--attention-dropout",
+            "0",
+            "--metrics-file",
+            m.to_str().unwrap(),
+            "--tensorboard-dir",
+            tb.to_str().unwrap(),
+        ];
+        args.extend(layout);
+        let err = run(&args);
+        assert!(
+            err.contains("| lm loss: ") && err.contains(" | sop loss: "),
+            "{err}"
+        );
+        assert!(err.contains("| sop loss PPL: "), "{err}");
+        runs.push((fields(&m), read_events(&py, &tb)));
+    }
+    let (one, events) = &runs[0];
+    for l in one {
+        if let Some(loss) = l["loss"].as_f64() {
+            let (lm, sop) = (
+                l["lm_loss"].as_f64().unwrap(),
+                l["sop_loss"].as_f64().unwrap(),
+            );
+            assert!((lm + sop - loss).abs() <= 1e-5 * loss, "{l}");
+            assert!(sop > 0.3 && sop < 1.5 && lm > 5.0, "{l}");
+        } else {
+            assert!(l["valid_lm_loss"].as_f64().is_some(), "{l}");
+            let (lm, sop) = (
+                l["valid_lm_loss"].as_f64().unwrap(),
+                l["valid_sop_loss"].as_f64().unwrap(),
+            );
+            assert!(
+                (lm + sop - l["valid_loss"].as_f64().unwrap()).abs() <= 1e-5 * lm,
+                "{l}"
+            );
+        }
+    }
+    // Megatron's TensorBoard tags carry the parts (step = iteration), never the sum as `lm loss`.
+    let pick = |key: &str, valid: bool| -> Vec<(u64, f64)> {
+        one.iter()
+            .filter(|l| l["loss"].is_null() == valid)
+            .map(|l| (l["iteration"].as_u64().unwrap(), l[key].as_f64().unwrap()))
+            .collect()
+    };
+    for (tag, key) in [("lm loss", "lm_loss"), ("sop loss", "sop_loss")] {
+        assert_series(&series(events, tag), &pick(key, false), tag);
+        let valid = pick(&format!("valid_{key}"), true);
+        assert_series(&series(events, &format!("{tag} value")), &valid, tag);
+        let ppl: Vec<_> = valid.iter().map(|v| (v.0, v.1.min(20.0).exp())).collect();
+        assert_series(&series(events, &format!("{tag} ppl")), &ppl, tag);
+    }
+    // Every layout reports the same parts as one rank.
+    for (other, _) in &runs[1..] {
+        assert_eq!(other.len(), one.len());
+        for (a, b) in one.iter().zip(other) {
+            for k in ["lm_loss", "sop_loss", "valid_lm_loss", "valid_sop_loss"] {
+                if let (Some(x), Some(y)) = (a[k].as_f64(), b[k].as_f64()) {
+                    assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{k}: {a} vs {b}");
+                } else {
+                    assert_eq!(a[k].is_null(), b[k].is_null(), "{k}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

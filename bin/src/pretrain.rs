@@ -57,6 +57,12 @@ pub trait ModelProvider: Sync {
     /// Model FLOPs per token of a training step (forward + backward; the MFU numerator).
     fn flops_per_token(&self) -> f64;
 
+    /// Names of the losses logged apart from the optimized one, as Megatron's loss dict (BERT
+    /// with its binary head: `lm loss`, `sop loss`); none when the loss is the `lm loss`.
+    fn reported_losses(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Runs on every rank after training (exports, a sample); the text goes into the summary.
     fn after_training(
         &self,
@@ -90,8 +96,10 @@ pub trait DataProvider: Sync {
     fn seq_length(&self) -> usize;
 }
 
-/// The loss of a micro-batch from the model's output (Megatron's `loss_func`).
-pub type LossFn<M, T> = fn(&M, &Activations, &T) -> candle_core::Result<Tensor>;
+/// The loss of a micro-batch from the model's output, and the parts logged apart from it
+/// ([`ModelProvider::reported_losses`], in that order; detached scalars): Megatron's
+/// `loss_func`, which returns the loss and its loss dict.
+pub type LossFn<M, T> = fn(&M, &Activations, &T) -> candle_core::Result<(Tensor, Vec<Tensor>)>;
 
 /// What every rank of a pretraining run shares, resolved before the ranks start.
 pub struct Setup<'a> {
@@ -301,6 +309,7 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         _ => None,
     };
     let seq = data.seq_length();
+    let parts = &crate::training::LossParts::new(provider.reported_losses());
     let spec = LoopSpec {
         start_iter: engine.iteration(),
         train_iters: a.train_iters,
@@ -335,6 +344,7 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
             "lm loss",
             sh.engine.fp16.is_some(),
         ),
+        loss_parts: parts,
     };
     let m = &*model;
     // This rank's slice of each global batch: the 1-rank order cut among the dp ranks.
@@ -346,7 +356,7 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
             .map(|k| {
                 let r = sampler.micro_batch(iter, k);
                 let (x, t) = data.batch(false, r.start, r.len(), &device)?;
-                Ok((x, move |o: &Activations| loss_fn(m, o, &t)))
+                Ok((x, move |o: &Activations| parts.add(loss_fn(m, o, &t)?)))
             })
             .collect()
     };
@@ -359,7 +369,7 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
         for i in 0..n {
             let r = sampler.eval_micro_batch(i);
             let (x, t) = data.batch(true, r.start, r.len(), &device)?;
-            sum += engine.eval_batch(x, |o| loss_fn(m, o, &t))? as f64;
+            sum += engine.eval_batch(x, |o| parts.add(loss_fn(m, o, &t)?))? as f64;
         }
         Ok(Some(engine.dp_mean(sum / n as f64)?))
     };

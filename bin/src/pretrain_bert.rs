@@ -368,15 +368,24 @@ fn batch(
 /// head's labels.
 type Targets = (Tensor, Tensor, Tensor);
 
-/// Masked-LM loss over the masked positions plus the binary head's loss.
-fn loss(model: &BertPipe, out: &Activations, targets: &Targets) -> candle_core::Result<Tensor> {
+/// Masked-LM loss over the masked positions plus the binary head's loss; with the binary head,
+/// both are reported apart (Megatron's `lm loss` and `sop loss`).
+fn loss(
+    model: &BertPipe,
+    out: &Activations,
+    targets: &Targets,
+) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
     let (labels, loss_mask, nsp) = targets;
     let per_token = model.lm_token_losses(&out.hidden, labels)?;
     let m = loss_mask.flatten_all()?;
     let lm = (per_token.mul(&m)?.sum_all()? / m.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?;
     match out.aux.first() {
-        Some(binary) => lm + lm_cross_entropy(binary, nsp, 2, None)?,
-        None => Ok(lm),
+        Some(binary) => {
+            let sop = lm_cross_entropy(binary, nsp, 2, None)?;
+            let parts = vec![lm.detach(), sop.detach()];
+            Ok(((lm + sop)?, parts))
+        }
+        None => Ok((lm, Vec::new())),
     }
 }
 
@@ -407,6 +416,13 @@ impl ModelProvider for BertProvider {
             "BERT {} layers, hidden {}, heads {}, vocab {}",
             c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.vocab_size
         )
+    }
+
+    fn reported_losses(&self) -> Vec<String> {
+        match self.cfg.add_binary_head {
+            true => vec!["lm loss".into(), "sop loss".into()],
+            false => Vec::new(),
+        }
     }
 
     fn title(&self) -> String {

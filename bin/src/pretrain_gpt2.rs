@@ -351,7 +351,7 @@ pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
         },
     };
     let Some(s) = pretrain(&setup, &provider, &data, |net: &Net, o, y| {
-        net.loss(&o.hidden, y)
+        Ok((net.loss(&o.hidden, y)?, Vec::new()))
     })?
     else {
         return Ok(());

@@ -734,6 +734,65 @@ pub struct LoopSpec<'a> {
     pub saving: bool,
     /// Megatron's TensorBoard events (--tensorboard-dir and its flags).
     pub tensorboard: Option<MegatronTensorBoard>,
+    /// The losses logged apart from the optimized one (BERT's `lm loss` and `sop loss`).
+    pub loss_parts: &'a LossParts,
+}
+
+/// Megatron's loss dict: losses logged apart from the optimized total (BERT's masked-LM
+/// `lm loss` and sentence-order `sop loss`, whose sum it trains on). The loss closures add each
+/// micro-batch's parts on this rank; after each batch every rank takes the batch's mean, shared
+/// over the pipeline's stages and averaged over data parallelism as the loss is.
+pub struct LossParts {
+    pub names: Vec<String>,
+    sums: std::cell::RefCell<(Vec<f64>, u64)>,
+}
+
+impl LossParts {
+    pub fn new(names: Vec<String>) -> Self {
+        let n = names.len();
+        Self {
+            names,
+            sums: std::cell::RefCell::new((vec![0.0; n], 0)),
+        }
+    }
+
+    /// Notes one micro-batch's parts; returns its loss (a loss closure's result).
+    pub fn add(&self, (loss, parts): (Tensor, Vec<Tensor>)) -> candle_core::Result<Tensor> {
+        if parts.len() != self.names.len() {
+            candle_core::bail!(
+                "the loss function gave {} parts for {:?}",
+                parts.len(),
+                self.names
+            )
+        }
+        let mut s = self.sums.borrow_mut();
+        for (acc, p) in s.0.iter_mut().zip(&parts) {
+            *acc += p.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        }
+        s.1 += 1;
+        Ok(loss)
+    }
+
+    /// The mean of each part over the batch just run, on every rank (a collective when there
+    /// are parts: every rank calls it at the same point); empty without parts.
+    fn take(&self, engine: &Engine) -> Result<Vec<f64>> {
+        if self.names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (sums, n) = std::mem::replace(
+            &mut *self.sums.borrow_mut(),
+            (vec![0.0; self.names.len()], 0),
+        );
+        // Ranks that ran no loss (earlier pipeline stages) contribute zeros.
+        let mut means: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
+        engine.reduce_reported(&mut means)?;
+        Ok(means)
+    }
+
+    /// The metrics field of part `i` (`lm loss` -> `lm_loss`).
+    fn field(&self, i: usize) -> String {
+        self.names[i].replace(' ', "_")
+    }
 }
 
 /// Megatron's training-loop TensorBoard scalars (v1.1.5's `training_log` and
@@ -879,16 +938,18 @@ where
                 r.loss
             )
         }
-        run.trained(iter, r.loss);
-        run.tensorboard_step(engine, iter, &r)?;
+        let parts = spec.loss_parts.take(engine)?;
+        run.trained(iter, r.loss, &parts);
+        run.tensorboard_step(engine, iter, &r, &parts)?;
         if iter % spec.log_interval.max(1) == 0 || iter == spec.train_iters {
-            run.log(engine, iter, &r)?;
+            run.log(engine, iter, &r, &parts)?;
         }
         let eval_now =
             (spec.eval_interval > 0 && iter % spec.eval_interval == 0) || iter == spec.train_iters;
         if eval_now {
             if let Some(vl) = evaluate(engine)? {
-                run.validated(iter, vl)?;
+                let parts = spec.loss_parts.take(engine)?;
+                run.validated(iter, vl, &parts)?;
                 if engine.pipe().is_some() {
                     // The pipeline engine's eval_batch event.
                     let samples = engine.global_samples();
@@ -937,6 +998,7 @@ struct LoopState<'a> {
     started: Instant,
     window_start: Instant,
     window_loss: f64,
+    window_parts: Vec<f64>,
     window_n: u64,
 }
 
@@ -979,12 +1041,19 @@ impl<'a> LoopState<'a> {
             started: Instant::now(),
             window_start: Instant::now(),
             window_loss: 0.0,
+            window_parts: vec![0.0; spec.loss_parts.names.len()],
             window_n: 0,
         })
     }
 
     /// Megatron's `training_log` scalars for iteration `iter`.
-    fn tensorboard_step(&mut self, engine: &Engine, iter: u64, r: &StepReport) -> Result<()> {
+    fn tensorboard_step(
+        &mut self,
+        engine: &Engine,
+        iter: u64,
+        r: &StepReport,
+        parts: &[f64],
+    ) -> Result<()> {
         let (Some(w), Some(t)) = (self.tb.as_mut(), self.spec.tensorboard.as_ref()) else {
             return Ok(());
         };
@@ -996,7 +1065,13 @@ impl<'a> LoopState<'a> {
         if t.learning_rate {
             w.add_scalar("learning_rate", r.lr, iter)?;
         }
-        w.add_scalar(&t.loss_key, r.loss, iter)?;
+        // training_log writes each key of the loss dict.
+        if parts.is_empty() {
+            w.add_scalar(&t.loss_key, r.loss, iter)?;
+        }
+        for (name, v) in self.spec.loss_parts.names.iter().zip(parts) {
+            w.add_scalar(name, *v, iter)?;
+        }
         if t.loss_scale {
             w.add_scalar("loss_scale", r.loss_scale, iter)?;
         }
@@ -1014,7 +1089,7 @@ impl<'a> LoopState<'a> {
         Ok(())
     }
 
-    fn trained(&mut self, iter: u64, loss: f64) {
+    fn trained(&mut self, iter: u64, loss: f64, parts: &[f64]) {
         // In a log file (no progress bar) a line at least every 30 s between log lines.
         if self.spec.root
             && !std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -1033,6 +1108,9 @@ impl<'a> LoopState<'a> {
         self.first_loss.get_or_insert(loss);
         self.last_loss = loss;
         self.window_loss += loss;
+        for (w, p) in self.window_parts.iter_mut().zip(parts) {
+            *w += p;
+        }
         self.window_n += 1;
         self.curve.push((iter, loss));
         self.bar.inc(1);
@@ -1041,9 +1119,19 @@ impl<'a> LoopState<'a> {
 
     /// Megatron's log line (and DeepSpeed's wall-clock line) for the window ending at `iter`,
     /// and its metrics line.
-    fn log(&mut self, engine: &mut Engine, iter: u64, r: &StepReport) -> Result<()> {
+    fn log(&mut self, engine: &mut Engine, iter: u64, r: &StepReport, parts: &[f64]) -> Result<()> {
         let a = self.spec;
         let n = self.window_n.max(1) as f64;
+        // Megatron's `<key>: <window mean>` for each key of the loss dict.
+        let losses = if parts.is_empty() {
+            format!("lm loss: {:.6E}", self.window_loss / n)
+        } else {
+            let names = &a.loss_parts.names;
+            let each = names.iter().zip(&self.window_parts);
+            each.map(|(k, v)| format!("{k}: {:.6E}", v / n))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
         let ms = self.window_start.elapsed().as_secs_f64() * 1000.0 / n;
         let tps = a.tokens_per_iter / (ms / 1000.0);
         // Per-rank FLOP rate against this machine's GEMM peak (ranks share its cores).
@@ -1057,10 +1145,9 @@ impl<'a> LoopState<'a> {
         if a.root {
             self.bar.suspend(|| {
                 eprintln!(
-                    " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | lm loss: {:.6E} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}% | memory (MiB): model state {:.1}, activations {:.1}, communication {:.1}, peak RSS {:.1}",
+                    " iteration {iter:>8}/{:>8} | elapsed time per iteration (ms): {ms:.1} | learning rate: {:.3E} | {losses} | loss scale: {:.1} | grad norm: {:.3} | number of skipped iterations: {:>3} | tokens/s: {tps:.0} | MFU: {:.1}% | memory (MiB): model state {:.1}, activations {:.1}, communication {:.1}, peak RSS {:.1}",
                     a.train_iters,
                     r.lr,
-                    self.window_loss / n,
                     r.loss_scale,
                     r.grad_norm,
                     engine.skipped_steps(),
@@ -1106,33 +1193,59 @@ impl<'a> LoopState<'a> {
                 o.insert("offload_bytes_read".into(), json!(read));
                 o.insert("offload_bytes_written".into(), json!(written));
             }
+            for (i, v) in parts.iter().enumerate() {
+                o.insert(a.loss_parts.field(i), json!(v));
+            }
             m.write(&line)?;
         }
         self.window_loss = 0.0;
+        self.window_parts.iter_mut().for_each(|w| *w = 0.0);
         self.window_n = 0;
         self.window_start = Instant::now();
         Ok(())
     }
 
-    fn validated(&mut self, iter: u64, vl: f64) -> Result<()> {
+    fn validated(&mut self, iter: u64, vl: f64, parts: &[f64]) -> Result<()> {
+        // evaluate_and_print_results: `<key> value` and `<key> ppl` (exp of at most 20) for each
+        // key of the loss dict.
+        let names = &self.spec.loss_parts.names;
+        let dict: Vec<(&str, f64)> = if parts.is_empty() {
+            vec![("lm loss", vl)]
+        } else {
+            names
+                .iter()
+                .map(String::as_str)
+                .zip(parts.iter().copied())
+                .collect()
+        };
         if let (Some(w), Some(t)) = (self.tb.as_mut(), self.spec.tensorboard.as_ref()) {
-            // evaluate_and_print_results: `<key> value` and `<key> ppl` (exp of at most 20).
-            w.add_scalar(&format!("{} value", t.loss_key), vl, iter)?;
-            w.add_scalar(&format!("{} ppl", t.loss_key), vl.min(20.0).exp(), iter)?;
+            for (k, v) in &dict {
+                let k = if parts.is_empty() {
+                    t.loss_key.as_str()
+                } else {
+                    k
+                };
+                w.add_scalar(&format!("{k} value"), *v, iter)?;
+                w.add_scalar(&format!("{k} ppl"), v.min(20.0).exp(), iter)?;
+            }
             w.flush()?;
         }
         if self.spec.root {
-            self.bar.suspend(|| {
-                eprintln!(
-                    " validation loss at iteration {iter} | lm loss: {vl:.6E} | lm loss PPL: {:.3E}",
-                    vl.exp()
-                )
-            });
+            let text = dict
+                .iter()
+                .map(|(k, v)| format!("{k}: {v:.6E} | {k} PPL: {:.3E}", v.exp()))
+                .collect::<Vec<_>>()
+                .join(" | ");
+            self.bar
+                .suspend(|| eprintln!(" validation loss at iteration {iter} | {text}"));
         }
         if let Some(m) = self.metrics.as_mut() {
             let mut line = self.spec.base.clone();
             line["iteration"] = json!(iter);
             line["valid_loss"] = json!(vl);
+            for (i, v) in parts.iter().enumerate() {
+                line[format!("valid_{}", self.spec.loss_parts.field(i))] = json!(v);
+            }
             m.write(&line)?;
         }
         self.valid_curve.push((iter, vl));

@@ -7,6 +7,20 @@ use crate::runtime::monitor::{Event, MonitorMaster};
 use candle_core::Result;
 
 impl Engine {
+    /// Megatron's `average_losses_across_data_parallel_group` for values logged beside the loss
+    /// (BERT's `lm loss` and `sop loss`): every rank of the grid calls it after the same batch;
+    /// only the pipeline's last stage computed them (the others pass zeros), so they are summed
+    /// over the stages, then averaged over the data-parallel group.
+    pub fn reduce_reported(&self, values: &mut [f64]) -> Result<()> {
+        if let Some(p) = &self.pipe {
+            p.stages.all_reduce(values, crate::comm::ReduceOp::Sum)?;
+        }
+        if let Some(dp) = &self.dp {
+            dp.all_reduce(values, crate::comm::ReduceOp::Avg)?;
+        }
+        Ok(())
+    }
+
     /// The flops profiler: at its profile step (on global rank 0), count MACs and, with a layer
     /// list (`layers`), time each layer's forward.
     pub(super) fn start_profile(&mut self, layers: bool) {
