@@ -25,10 +25,15 @@ case "$MODEL" in
                --max-position-embeddings 1024); ITERS=${ITERS:-100000}; stage_rbs=50000000 ;;
   *) echo "MODEL must be tiny, 345m, 1.5b or 8.3b" >&2; exit 1 ;;
 esac
-# The config's train_batch_size fixes the micro-batch: train_batch_size / (dp x accumulation).
+# The micro-batch: the config's train_micro_batch_size_per_gpu, else its train_batch_size /
+# (dp x accumulation), as DeepSpeed derives it.
 dp=$(( WORLD / MP_SIZE ))
-tbs=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['train_batch_size'])" "$config_json")
-batch=$(( tbs / dp ))
+batch=$(python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1]))
+micro = c.get("train_micro_batch_size_per_gpu")
+print(micro or c["train_batch_size"] // (int(sys.argv[2]) * c.get("gradient_accumulation_steps", 1)))
+' "$config_json" "$dp")
 
 gpt_options=(
   --model-parallel-size "$MP_SIZE"

@@ -45,6 +45,11 @@ pub fn causal_attention_in_blocks(
     dropout: Option<(f64, u64)>,
     block: usize,
 ) -> Result<Option<Tensor>> {
+    if let Some(dt) = super::matmul::half_on_cpu(&[qkv]) {
+        let wide = qkv.to_dtype(candle_core::DType::F32)?;
+        let out = causal_attention_in_blocks(&wide, heads, head_dim, dropout, block)?;
+        return out.map(|o| o.to_dtype(dt)).transpose();
+    }
     let dropout = dropout.filter(|(p, _)| *p > 0.0);
     if !super::fused()
         || !qkv.device().is_cpu()

@@ -144,6 +144,12 @@ impl CustomOp3 for BiasGeluGrad {
 /// `gelu(x + bias)` (tanh approximation) over the last dimension of `x`, differentiable in both.
 pub fn bias_gelu(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::DType::F32;
+    let mut all = vec![x];
+    all.extend(bias);
+    if let Some(dt) = super::matmul::half_on_cpu(&all) {
+        let b = bias.map(|b| b.to_dtype(F32)).transpose()?;
+        return bias_gelu(&x.to_dtype(F32)?, b.as_ref())?.to_dtype(dt);
+    }
     let fused = super::fused()
         && x.device().is_cpu()
         && x.dtype() == F32
