@@ -199,7 +199,7 @@ fn evaluate_prints_json_only_with_json_and_the_sample_is_quoted() {
     let out = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("sample (greedy, 4 tokens): \"This License\" + \""),
+        err.contains("sample (top-k 40, temperature 0.8, 4 tokens): \"This License\" + \""),
         "{err}"
     );
     let wiki = format!("{ASSETS}/eval/wikitext_sample.txt");

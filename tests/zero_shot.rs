@@ -226,3 +226,55 @@ fn evaluate_lambada_and_wikitext_agree_across_layouts() {
         "{text}"
     );
 }
+
+/// `--bf16` on evaluate and generate: PyTorch's CPU autocast (bf16 products, fp32 accumulation
+/// and weights) — the loss moves by bf16 rounding, not more; every layout agrees; GPUs refuse it.
+#[test]
+fn bf16_inference_is_cpu_autocast() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::random_gpt2(&common::tiny_gpt2_config(), 17);
+    common::write_hf_gpt2_dir(&model, tmp.path(), "", 1);
+    let d = tmp.path().to_str().unwrap();
+    let loss = |extra: &[&str]| {
+        let mut g = vec![
+            "evaluate",
+            "--task",
+            "loss",
+            "--hf-dir",
+            d,
+            "--text",
+            "Autocast rounds the operands of every product to bfloat16.",
+            "--json",
+        ];
+        g.extend_from_slice(extra);
+        deepscale(&g)["loss"].as_f64().unwrap()
+    };
+    let (fp32, bf16) = (loss(&[]), loss(&["--bf16"]));
+    assert!(fp32 != bf16, "--bf16 changed nothing: {fp32}");
+    assert!((fp32 - bf16).abs() <= 2e-2 * fp32, "{fp32} vs {bf16}");
+    let tp2 = loss(&["--bf16", "--world-size", "2", "--model-parallel-size", "2"]);
+    assert!((tp2 - bf16).abs() <= 1e-5 * bf16, "{tp2} vs {bf16}");
+    let g = deepscale(&[
+        "generate",
+        "--hf-dir",
+        d,
+        "--prompt",
+        "abc",
+        "--greedy",
+        "--out-seq-length",
+        "4",
+        "--bf16",
+        "--json",
+    ]);
+    assert_eq!(g["token_ids"].as_array().map(Vec::len), Some(4), "{g}");
+    let out = Command::new(env!("CARGO_BIN_EXE_deepscale"))
+        .args([
+            "evaluate", "--task", "loss", "--hf-dir", d, "--text", "x", "--bf16",
+        ])
+        .args(["--device", "cuda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--bf16"), "{err}");
+}

@@ -282,3 +282,20 @@ pub fn print_json(mut value: Value, layout: &Layout) {
     }
     println!("{value}");
 }
+
+/// `--bf16` of `evaluate` and `generate`: PyTorch's CPU autocast, every matrix product with bf16
+/// operands and fp32 accumulation (the fused kernels' precision switch), weights and the rest fp32.
+pub fn inference_bf16(on: bool, device: DeviceKind) -> Result<()> {
+    if !on {
+        return Ok(());
+    }
+    if device == DeviceKind::Cuda {
+        bail!(
+            "--bf16 on evaluate/generate is the CPU's autocast (bf16 products, fp32 weights); \
+             on GPUs these commands run fp32 for now: leave out --bf16"
+        )
+    }
+    use candle_deepscale::ops::matmul::{set_float32_matmul_precision, Precision};
+    set_float32_matmul_precision(Precision::Bf16);
+    Ok(())
+}

@@ -41,12 +41,17 @@ pub struct EvaluateArgs {
     /// Window length (default: the model's max positions).
     #[arg(long)]
     pub seq_length: Option<usize>,
+    /// bf16 products with fp32 accumulation (PyTorch's `torch.autocast(dtype=torch.bfloat16)`):
+    /// the weights stay fp32; on the CPU.
+    #[arg(long)]
+    pub bf16: bool,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: EvaluateArgs) -> Result<()> {
+    crate::args::inference_bf16(a.bf16, a.layout.device)?;
     for (flag, v) in [
         ("seq-length", a.seq_length),
         ("overlapping-eval", a.overlapping_eval),

@@ -38,12 +38,17 @@ pub struct GenerateArgs {
     /// Recompute the whole sequence at each step instead of using the KV cache.
     #[arg(long)]
     pub no_kv_cache: bool,
+    /// bf16 products with fp32 accumulation (PyTorch's `torch.autocast(dtype=torch.bfloat16)`):
+    /// the weights stay fp32; on the CPU.
+    #[arg(long)]
+    pub bf16: bool,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    crate::args::inference_bf16(a.bf16, a.layout.device)?;
     let layout = a.layout.layout()?;
     if a.prompt.is_some() && a.sample_input_file.is_some() {
         bail!("give either --prompt or --sample-input-file, not both")

@@ -55,10 +55,11 @@ pub struct PretrainGpt2Args {
     /// After training, write the model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer).
     #[arg(long)]
     pub save_hf: Option<PathBuf>,
-    /// Prompt of the greedy sample printed after training (empty = none).
+    /// Prompt of the sample printed after training (top-k 40, temperature 0.8, seeded by --seed;
+    /// empty = none). Greedy decoding of a barely trained model repeats whitespace.
     #[arg(long, default_value = "This License")]
     pub sample_prompt: String,
-    /// Tokens of the greedy sample printed after training (0: none).
+    /// Tokens of the sample printed after training (0: none).
     #[arg(long, default_value_t = 24)]
     pub sample_length: usize,
     #[command(flatten)]
@@ -594,7 +595,9 @@ impl ModelProvider for Gpt2Provider<'_> {
                 stage.as_ref(),
                 &ids,
                 &SamplingConfig {
-                    greedy: true,
+                    top_k: 40,
+                    temperature: 0.8,
+                    seed: a.train.seed,
                     max_new_tokens: a.sample_length,
                     stop_token: self.tok.eod_id,
                     ..Default::default()
@@ -606,7 +609,7 @@ impl ModelProvider for Gpt2Provider<'_> {
         if root {
             // Quoted, so a continuation of spaces or newlines (a barely trained model's) shows.
             eprintln!(
-                "sample (greedy, {} tokens): {:?} + {:?}",
+                "sample (top-k 40, temperature 0.8, {} tokens): {:?} + {:?}",
                 out.len(),
                 a.sample_prompt,
                 continuation

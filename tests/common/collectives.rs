@@ -70,6 +70,47 @@ pub fn check_collectives(c: &dyn Communicator, topo: &Topology) -> Result<()> {
         assert_eq!(b, input(root), "broadcast on {group:?}");
         c.barrier(&group)?;
     }
+    // Large buffers (backends may switch algorithm: MPI reduce-scatters and all-gathers them),
+    // of a length no group size divides, with values whose sum depends on the order: still the
+    // group-order sum, bit for bit; and a large reduce-scatter.
+    let world: Vec<usize> = (0..topo.world_size()).collect();
+    for group in [topo.data_group(r), world] {
+        let big = |rank: usize| -> Vec<f32> {
+            (0..100_003u64)
+                .map(|i| {
+                    let x = (i * 2654435761 + rank as u64 * 40503) % 1_000_003;
+                    (x as f32 * 1e-3).powi(3 - (i % 3) as i32)
+                        * if i % 2 == 0 { 1.0 } else { -1e-4 }
+                })
+                .collect()
+        };
+        for op in [ReduceOp::Sum, ReduceOp::Avg] {
+            let mut want = big(group[0]);
+            for &g in &group[1..] {
+                want.iter_mut().zip(big(g)).for_each(|(w, x)| *w += x);
+            }
+            if op == ReduceOp::Avg {
+                want.iter_mut().for_each(|w| *w /= group.len() as f32);
+            }
+            let mut v = big(r);
+            c.all_reduce(&group, &mut v, op)?;
+            assert!(v == want, "large all_reduce {op:?} on {group:?}");
+        }
+        let n = group.len();
+        let chunk = 100_003 / n;
+        let send = big(r)[..chunk * n].to_vec();
+        let mut part = vec![0f32; chunk];
+        c.reduce_scatter(&group, &send, &mut part, ReduceOp::Sum)?;
+        let me = group.iter().position(|&g| g == r).unwrap();
+        let mut want = big(group[0])[me * chunk..(me + 1) * chunk].to_vec();
+        for &g in &group[1..] {
+            let x = big(g);
+            want.iter_mut()
+                .zip(&x[me * chunk..(me + 1) * chunk])
+                .for_each(|(w, x)| *w += x);
+        }
+        assert!(part == want, "large reduce_scatter on {group:?}");
+    }
     // Other element types.
     let mut d = vec![r as f64; 3];
     c.all_reduce(&topo.data_group(r), &mut d, ReduceOp::Sum)?;

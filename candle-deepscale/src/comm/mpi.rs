@@ -4,8 +4,12 @@
 //! deadline; a rank that times out (or whose caller fails, see [`MpiComm::abort`]) ends the whole job
 //! with `MPI_Abort` and a message naming the collective: never a hang. Sub-group communicators are
 //! created on first use with `MPI_Comm_create_group`, which only the group's members call.
-//! Reductions gather every member's buffer and reduce in group order, so results are bit-identical
-//! on every rank and to the in-process backend (at the price of gather volume on large groups).
+//! Reductions sum in group order, so results are bit-identical on every rank and to the in-process
+//! backend, whatever MPI's own reduction tree would associate: reduce-scatter is direct (an
+//! all-to-all hands each rank the n pieces of its own chunk, which it sums in group order: (n-1)/n
+//! of the data per rank, as a ring moves, but a ring would sum in rotated order and change the
+//! rounding for n >= 3); all-reduce is that reduce-scatter followed by an all-gather of the
+//! reduced chunks (small buffers, where latency rules: one all-gather of the whole buffers).
 use super::{
     check_all_gather, check_reduce_scatter, group_index, reduce_bytes, Communicator, ElemKind,
     ReduceOp,
@@ -144,17 +148,50 @@ impl MpiComm {
     }
 
     fn gather_all(&self, op: &'static str, group: &[usize], send: &[u8]) -> Result<Vec<u8>> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut recv = vec![0u8; send.len() * group.len()];
-        self.with_group(group, op, |c| {
-            mpi::request::scope(|scope| {
-                let req = c.immediate_all_gather_into(scope, send, &mut recv[..]);
-                self.wait(op, group, req);
-            })
-        })?;
+        self.gather_into(op, group, send, &mut recv)?;
         Ok(recv)
     }
+
+    fn gather_into(&self, op: &str, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.with_group(group, op, |c| {
+            mpi::request::scope(|scope| {
+                let req = c.immediate_all_gather_into(scope, send, recv);
+                self.wait(op, group, req);
+            })
+        })
+    }
+
+    /// The direct reduce-scatter: `send` holds one chunk per member; each member receives its own
+    /// chunk's n pieces (an all-to-all) and reduces them in group order into `recv`.
+    fn direct_reduce_scatter(
+        &self,
+        group: &[usize],
+        send: &[u8],
+        recv: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = recv.len();
+        let mut pieces = vec![0u8; send.len()];
+        {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.with_group(group, "reduce_scatter", |c| {
+                mpi::request::scope(|scope| {
+                    let req = c.immediate_all_to_all_into(scope, send, &mut pieces[..]);
+                    self.wait("reduce_scatter", group, req);
+                })
+            })?;
+        }
+        let parts: Vec<&[u8]> = pieces.chunks(n).collect();
+        reduce_bytes(&parts, recv, kind, op)
+    }
 }
+
+/// Below this many bytes per rank an all-reduce is one all-gather of the whole buffers (one
+/// latency) rather than a reduce-scatter and an all-gather (two).
+const SMALL_ALL_REDUCE: usize = 64 << 10;
 
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
@@ -179,17 +216,29 @@ impl Communicator for MpiComm {
         if group.len() == 1 {
             return group_index(group, self.rank, "all_reduce").map(|_| ());
         }
-        // Gather, then reduce locally in group order: every rank gets bit-identical results, equal
-        // to the in-process backend's, whatever MPI's own reduction tree would associate.
-        let all = self.gather_all("all_reduce", group, buf)?;
-        let parts: Vec<&[u8]> = all.chunks(buf.len()).collect();
-        reduce_bytes(&parts, buf, kind, op)
+        let n = group.len();
+        let size = kind.size();
+        if buf.len() < SMALL_ALL_REDUCE || buf.len() < n * size {
+            // Gather, then reduce locally in group order.
+            let all = self.gather_all("all_reduce", group, buf)?;
+            let parts: Vec<&[u8]> = all.chunks(buf.len()).collect();
+            return reduce_bytes(&parts, buf, kind, op);
+        }
+        // Reduce-scatter, then all-gather; chunks whole elements, the last padded (its padding
+        // is reduced and dropped).
+        let chunk = buf.len().div_ceil(n * size) * size;
+        let mut padded = buf.to_vec();
+        padded.resize(chunk * n, 0);
+        let mut mine = vec![0u8; chunk];
+        self.direct_reduce_scatter(group, &padded, &mut mine, kind, op)?;
+        self.gather_into("all_reduce", group, &mine, &mut padded)?;
+        buf.copy_from_slice(&padded[..buf.len()]);
+        Ok(())
     }
 
     fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
         check_all_gather(group, send.len(), recv.len())?;
-        recv.copy_from_slice(&self.gather_all("all_gather", group, send)?);
-        Ok(())
+        self.gather_into("all_gather", group, send, recv)
     }
 
     fn reduce_scatter_bytes(
@@ -200,13 +249,12 @@ impl Communicator for MpiComm {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<()> {
-        let n = recv.len();
         check_reduce_scatter(group, send.len(), recv.len())?;
-        let me = group_index(group, self.rank, "reduce_scatter")?;
-        let mut all = send.to_vec();
-        self.all_reduce_bytes(group, &mut all, kind, op)?;
-        recv.copy_from_slice(&all[me * n..(me + 1) * n]);
-        Ok(())
+        if group.len() == 1 {
+            recv.copy_from_slice(send);
+            return Ok(());
+        }
+        self.direct_reduce_scatter(group, send, recv, kind, op)
     }
 
     fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
