@@ -40,6 +40,9 @@ pub struct MpiComm {
     groups: Mutex<HashMap<Vec<usize>, SimpleCommunicator>>,
     /// MPI runs at `MPI_THREAD_SERIALIZED`: one call at a time.
     lock: Mutex<()>,
+    /// Receive buffers of the direct reduce-scatter (the pieces, the reduced chunk), kept between
+    /// calls up to [`KEPT_SCRATCH`] bytes: a fresh large buffer costs a page fault per 4 KiB.
+    scratch: Mutex<(Vec<u8>, Vec<u8>)>,
     timeout: Duration,
     rank: usize,
     size: usize,
@@ -67,6 +70,7 @@ impl MpiComm {
             world,
             groups: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
+            scratch: Mutex::new((Vec::new(), Vec::new())),
             timeout,
             rank,
             size,
@@ -173,8 +177,8 @@ impl MpiComm {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<()> {
-        let n = recv.len();
-        let mut pieces = vec![0u8; send.len()];
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let pieces = sized(&mut scratch.0, send.len());
         {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.with_group(group, "reduce_scatter", |c| {
@@ -184,8 +188,49 @@ impl MpiComm {
                 })
             })?;
         }
-        let parts: Vec<&[u8]> = pieces.chunks(n).collect();
-        reduce_bytes(&parts, recv, kind, op)
+        let parts: Vec<&[u8]> = pieces.chunks(recv.len()).collect();
+        let r = reduce_bytes(&parts, recv, kind, op);
+        release(&mut scratch.0);
+        r
+    }
+
+    /// All-reduce as a direct reduce-scatter of `padded` (a whole number of elements per member)
+    /// and an all-gather of the reduced chunks back into it.
+    fn reduce_scatter_all_gather(
+        &self,
+        group: &[usize],
+        padded: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let chunk = padded.len() / group.len();
+        let mut mine = {
+            let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut s.1)
+        };
+        sized(&mut mine, chunk);
+        self.direct_reduce_scatter(group, padded, &mut mine[..chunk], kind, op)?;
+        self.gather_into("all_reduce", group, &mine[..chunk], padded)?;
+        release(&mut mine);
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner()).1 = mine;
+        Ok(())
+    }
+}
+
+/// Scratch buffers larger than this are freed after use.
+const KEPT_SCRATCH: usize = 64 << 20;
+
+/// `v` with at least `len` bytes (old contents kept: it is overwritten), as a slice of `len`.
+fn sized(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+    &mut v[..len]
+}
+
+fn release(v: &mut Vec<u8>) {
+    if v.len() > KEPT_SCRATCH {
+        *v = Vec::new();
     }
 }
 
@@ -224,14 +269,15 @@ impl Communicator for MpiComm {
             let parts: Vec<&[u8]> = all.chunks(buf.len()).collect();
             return reduce_bytes(&parts, buf, kind, op);
         }
-        // Reduce-scatter, then all-gather; chunks whole elements, the last padded (its padding
-        // is reduced and dropped).
+        // Reduce-scatter, then all-gather, in place when the buffer splits into whole elements
+        // per member; else through a copy padded to that (the padding is reduced and dropped).
         let chunk = buf.len().div_ceil(n * size) * size;
+        if chunk * n == buf.len() {
+            return self.reduce_scatter_all_gather(group, buf, kind, op);
+        }
         let mut padded = buf.to_vec();
         padded.resize(chunk * n, 0);
-        let mut mine = vec![0u8; chunk];
-        self.direct_reduce_scatter(group, &padded, &mut mine, kind, op)?;
-        self.gather_into("all_reduce", group, &mine, &mut padded)?;
+        self.reduce_scatter_all_gather(group, &mut padded, kind, op)?;
         buf.copy_from_slice(&padded[..buf.len()]);
         Ok(())
     }
