@@ -480,3 +480,66 @@ fn the_export_reloads_into_the_stock_model() -> Result<()> {
     );
     Ok(())
 }
+
+/// The DeepSpeed config's monitor sections in whole-model mode: DeepSpeed's CSV layout with the
+/// engine's train_loss at global-sample steps (values equal the losses), TensorBoard event files,
+/// and the flops profiler's summary at its step (totals: there is no module tree here).
+#[test]
+fn monitors_work_in_whole_model_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let report = d.join("flops.txt");
+    let cfg = DeepSpeedConfig::from_json_str(
+        &serde_json::json!({
+            "train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": GLOBAL / 2,
+            "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+            "zero_optimization": {"stage": 2},
+            "tensorboard": {"enabled": true, "output_path": d.join("tb"), "job_name": "job"},
+            "csv_monitor": {"enabled": true, "output_path": d.join("csv"), "job_name": "job"},
+            "flops_profiler": {"enabled": true, "profile_step": 2, "output_file": report},
+        })
+        .to_string(),
+        "monitors",
+    )
+    .unwrap();
+    let losses = InProcessWorld::run(2, Duration::from_secs(60), |comm| {
+        let (mut engine, vb) = initialize_with(&cfg, Some(comm), InitOptions::default())?;
+        let model = MlpTask.build(vb)?;
+        let mut losses = Vec::new();
+        for _ in 0..4 {
+            let r = engine.sampler().micro_batch(engine.iteration() + 1, 0);
+            losses.push(
+                engine
+                    .train_batch_with(vec![|| MlpTask.loss(&model, r)])?
+                    .loss,
+            );
+        }
+        Ok(losses)
+    })
+    .remove(0)
+    .unwrap();
+    let csv = std::fs::read_to_string(d.join("csv/job/Train_Samples_train_loss.csv")).unwrap();
+    let rows: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows[0], "step,train_loss");
+    assert_eq!(rows.len(), 5, "{csv}");
+    for (i, (row, loss)) in rows[1..].iter().zip(&losses).enumerate() {
+        let (step, v) = row.split_once(',').unwrap();
+        assert_eq!(step.parse::<usize>().unwrap(), i * GLOBAL, "{row}");
+        let v: f64 = v.parse().unwrap();
+        assert!(
+            (v - loss).abs() <= 1e-6 * loss.abs().max(1e-6),
+            "{v} vs {loss}"
+        );
+    }
+    let events: Vec<_> = std::fs::read_dir(d.join("tb/job"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        events.iter().any(|f| f.starts_with("events.out.tfevents.")),
+        "{events:?}"
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.contains("Profile Summary at step 2:"), "{text}");
+    assert!(text.contains("fwd MACs per GPU:"), "{text}");
+}
