@@ -5,13 +5,13 @@
 //! copies run, nor their backward (candle pads a narrow's gradient with zeros and adds the three).
 //! Like FlashAttention, only the rows' log-sum-exps are kept for backward, which recomputes each
 //! head's probabilities (one more `t x t x d` product): no `[b, heads, t, t]` tensor lives between
-//! forward and backward, and the score scratch (at most `t x t`) exists per thread, one head at a
-//! time. The products go through [`crate::ops::matmul`] at the process's matmul precision.
+//! forward and backward, and the score scratch exists per thread for one causal block of one
+//! head at a time (`ROW_BLOCK x t`: linear in the sequence length, never the `t x t` square). The products go through [`crate::ops::matmul`] at the process's matmul precision.
 //!
 //! Causal blocks: rows are taken `ROW_BLOCK` at a time and a block's products stop at its last
 //! row's column (the masked upper triangle is never computed), which at sequence length 1024
 //! skips about 45% of attention's flops (at 256, a third). Such a block's scores are stored
-//! packed, with its own row length (`Block::width`).
+//! with its own row length (`Block::width`).
 use crate::ops::bf16_gemm::{Mat, OutPtr as Ptr};
 use crate::ops::fast_math::{contiguous_f32, exp, max, sum_map, sum_map2, vectorized};
 use crate::ops::matmul::{float32_matmul_precision, gemm_into, Precision};
@@ -97,12 +97,11 @@ struct Geometry {
 }
 
 /// Query rows `[r0, r1)` of a causal block: they attend to keys `[0, r1)`, so the block's scores
-/// are `(r1 - r0) x r1`, stored row-major from `offset` of the packed score buffer.
+/// are `(r1 - r0) x r1`, stored row-major in a per-thread scratch of the largest block's size.
 #[derive(Clone, Copy)]
 struct Block {
     r0: usize,
     r1: usize,
-    offset: usize,
 }
 
 impl Block {
@@ -118,10 +117,10 @@ impl Block {
         self.rows() * self.r1
     }
 
-    /// Row `r` (absolute) of the block in the packed buffer `p`: live columns `[0, r]`, then the
-    /// masked rest of the block's width.
+    /// Row `r` (absolute) of the block's scores `p`: live columns `[0, r]`, then the masked
+    /// rest of the block's width.
     fn row<'a>(&self, p: &'a mut [f32], r: usize) -> &'a mut [f32] {
-        let at = self.offset + (r - self.r0) * self.r1;
+        let at = (r - self.r0) * self.r1;
         &mut p[at..at + self.r1]
     }
 }
@@ -137,17 +136,11 @@ fn from_row(m: Mat, r0: usize) -> Mat {
 impl Geometry {
     /// The causal blocks of a head, top to bottom.
     fn blocks(&self) -> Vec<Block> {
-        let mut offset = 0;
         (0..self.t)
             .step_by(self.block)
-            .map(|r0| {
-                let b = Block {
-                    r0,
-                    r1: (r0 + self.block).min(self.t),
-                    offset,
-                };
-                offset += b.len();
-                b
+            .map(|r0| Block {
+                r0,
+                r1: (r0 + self.block).min(self.t),
             })
             .collect()
     }
@@ -184,69 +177,55 @@ impl Geometry {
         }
     }
 
-    /// Length of a head's packed causal blocks (at most `t x t`).
-    fn packed_len(&self) -> usize {
-        self.blocks().last().map_or(0, |b| b.offset + b.len())
+    /// The largest block's scores (`block x t`): the per-thread scratch.
+    fn scratch_len(&self) -> usize {
+        self.block.min(self.t) * self.t
     }
 
-    /// The causal blocks of `S = Q K^T` of head `bh`, packed into `s` (`packed_len`).
-    fn scores(&self, qkv: &[f32], bh: usize, s: &mut [f32]) {
-        self.blocks_of(self.qkv(qkv, bh, 0), self.qkv(qkv, bh, 1), s)
+    /// Block `blk`'s `A B^T` (both `t x d`) into `out`: rows `[r0, r1)` of A against B's rows
+    /// `[0, r1)`, `rows x r1` row-major.
+    fn block_of(&self, a: Mat, b: Mat, blk: &Block, out: &mut [f32]) {
+        // SAFETY: callers pass t x d views; out holds the block.
+        unsafe {
+            gemm_into(
+                self.precision,
+                (blk.rows(), blk.width(), self.d),
+                out.as_mut_ptr(),
+                from_row(a, blk.r0),
+                b.t(),
+            )
+        };
     }
 
-    /// The causal blocks of `A B^T` (both `t x d`), packed into `out`: block rows `[r0, r1)` of
-    /// A against B's rows `[0, r1)`.
-    fn blocks_of(&self, a: Mat, b: Mat, out: &mut [f32]) {
-        for blk in self.blocks() {
-            let out = &mut out[blk.offset..blk.offset + blk.len()];
-            // SAFETY: callers pass t x d views; out holds the block.
-            unsafe {
-                gemm_into(
-                    self.precision,
-                    (blk.rows(), blk.width(), self.d),
-                    out.as_mut_ptr(),
-                    from_row(a, blk.r0),
-                    b.t(),
-                )
-            };
-        }
+    /// Rows `[r0, r1)` of `out` (`t x d`) = the block `m` times X's rows `[0, r1)`.
+    fn block_times(&self, m: &[f32], blk: &Block, x: Mat, out: &mut [f32]) {
+        // SAFETY: the block reads X's rows [0, r1) and writes out's rows [r0, r1).
+        unsafe {
+            gemm_into(
+                self.precision,
+                (blk.rows(), self.d, blk.width()),
+                out[blk.r0 * self.d..].as_mut_ptr(),
+                mat(m, blk.width()),
+                x,
+            )
+        };
     }
 
-    /// `out = M X` for packed causal blocks `M` and a `t x d` view `X`: each block gives its own
-    /// rows of `out` (`t x d`).
-    fn blocks_times(&self, m: &[f32], x: Mat, out: &mut [f32]) {
-        for b in self.blocks() {
-            // SAFETY: the block reads X's rows [0, r1) and writes out's rows [r0, r1).
-            unsafe {
-                gemm_into(
-                    self.precision,
-                    (b.rows(), self.d, b.width()),
-                    out[b.r0 * self.d..].as_mut_ptr(),
-                    mat(&m[b.offset..], b.width()),
-                    x,
-                )
-            };
-        }
-    }
-
-    /// `out = M^T Y` for packed causal blocks `M` and a `t x d` view `Y`: block rows `[r0, r1)`
-    /// add to `out`'s rows `[0, r1)`; the last block covers every row and goes first to write
-    /// them.
-    fn blocks_t_times(&self, m: &[f32], y: Mat, out: &mut [f32]) {
-        for (i, b) in self.blocks().iter().rev().enumerate() {
-            // SAFETY: the block reads Y's rows [r0, r1) and writes out's rows [0, r1).
-            unsafe {
-                crate::ops::matmul::gemm(
-                    self.precision,
-                    (b.width(), self.d, b.rows()),
-                    out.as_mut_ptr(),
-                    mat(&m[b.offset..], b.width()).t(),
-                    from_row(y, b.r0),
-                    false,
-                    i > 0,
-                )
-            };
-        }
+    /// Rows `[0, r1)` of `out` (`t x d`) = (or `+=` when `accumulate`) the block `m` transposed
+    /// times Y's rows `[r0, r1)`.
+    fn block_t_times(&self, m: &[f32], blk: &Block, y: Mat, out: &mut [f32], accumulate: bool) {
+        // SAFETY: the block reads Y's rows [r0, r1) and writes out's rows [0, r1).
+        unsafe {
+            crate::ops::matmul::gemm(
+                self.precision,
+                (blk.width(), self.d, blk.rows()),
+                out.as_mut_ptr(),
+                mat(m, blk.width()).t(),
+                from_row(y, blk.r0),
+                false,
+                accumulate,
+            )
+        };
     }
 }
 
@@ -290,36 +269,37 @@ impl CustomOp1 for Attention {
         let mut lse = vec![0f32; b * heads * t];
         let dst = Ptr(out.as_mut_ptr());
         lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse)| {
-            let mut p = vec![0f32; g.packed_len()];
-            g.scores(qkv, bh, &mut p);
-            let blocks = g.blocks();
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (b, r) in blocks
-                        .iter()
-                        .flat_map(|b| (b.r0..b.r1).map(move |r| (b, r)))
-                    {
-                        let (live, masked) = b.row(&mut p, r).split_at_mut(r + 1);
-                        // The scale is positive: max(scale * s) = scale * max(s).
-                        let m = max(live) * g.scale;
-                        live.iter_mut().for_each(|v| *v = exp(*v * g.scale - m));
-                        let sum = sum_map(live, |v| v);
-                        lse[r] = m + sum.ln();
-                        let inv = 1.0 / sum;
-                        if g.dropout.is_some() {
-                            for (c, v) in live.iter_mut().enumerate() {
-                                *v *= inv * g.keep(bh, r, c);
-                            }
-                        } else {
-                            live.iter_mut().for_each(|v| *v *= inv);
-                        }
-                        masked.fill(0.0);
-                    }
-                },
-            );
+            // One block's scores at a time: the scratch is `block x t`, never the square.
+            let mut scratch = vec![0f32; g.scratch_len()];
             let mut o = vec![0f32; t * d];
-            g.blocks_times(&p, g.qkv(qkv, bh, 2), &mut o);
+            let (q, k, v) = (g.qkv(qkv, bh, 0), g.qkv(qkv, bh, 1), g.qkv(qkv, bh, 2));
+            for blk in g.blocks() {
+                let p = &mut scratch[..blk.len()];
+                g.block_of(q, k, &blk, p);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (r, lse) in (blk.r0..blk.r1).zip(&mut lse[blk.r0..blk.r1]) {
+                            let (live, masked) = blk.row(p, r).split_at_mut(r + 1);
+                            // The scale is positive: max(scale * s) = scale * max(s).
+                            let m = max(live) * g.scale;
+                            live.iter_mut().for_each(|v| *v = exp(*v * g.scale - m));
+                            let sum = sum_map(live, |v| v);
+                            *lse = m + sum.ln();
+                            let inv = 1.0 / sum;
+                            if g.dropout.is_some() {
+                                for (c, v) in live.iter_mut().enumerate() {
+                                    *v *= inv * g.keep(bh, r, c);
+                                }
+                            } else {
+                                live.iter_mut().for_each(|v| *v *= inv);
+                            }
+                            masked.fill(0.0);
+                        }
+                    },
+                );
+                g.block_times(p, &blk, v, &mut o);
+            }
             scatter(dst, g.out_offset(bh), heads * d, &o, d);
         });
         *self
@@ -388,38 +368,6 @@ impl CustomOp2 for AttentionGrad {
         let dst = Ptr(dqkv.as_mut_ptr());
         (0..b * heads).into_par_iter().for_each(|bh| {
             let lse = &self.lse[bh * t..(bh + 1) * t];
-            // P (before dropout) recomputed from the saved log-sum-exps.
-            let mut p = vec![0f32; g.packed_len()];
-            g.scores(qkv, bh, &mut p);
-            let blocks = g.blocks();
-            let rows = || {
-                blocks
-                    .iter()
-                    .flat_map(|b| (b.r0..b.r1).map(move |r| (b, r)))
-            };
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (b, r) in rows() {
-                        let (live, masked) = b.row(&mut p, r).split_at_mut(r + 1);
-                        live.iter_mut()
-                            .for_each(|v| *v = exp(*v * g.scale - lse[r]));
-                        masked.fill(0.0);
-                    }
-                },
-            );
-            // The probabilities as used (dropped out), for dV.
-            let pd: Vec<f32> = if g.dropout.is_some() {
-                let mut pd = p.clone();
-                for (b, r) in rows() {
-                    for (c, v) in b.row(&mut pd, r).iter_mut().enumerate() {
-                        *v *= g.keep(bh, r, c);
-                    }
-                }
-                pd
-            } else {
-                p.clone()
-            };
             let o = g.out_offset(bh);
             let dout_h = Mat {
                 ptr: dout[o..].as_ptr(),
@@ -427,39 +375,70 @@ impl CustomOp2 for AttentionGrad {
                 cs: 1,
             };
             let (q, k, v) = (g.qkv(qkv, bh, 0), g.qkv(qkv, bh, 1), g.qkv(qkv, bh, 2));
-            let mut tmp = vec![0f32; t * d];
-            let row0 = (bh / heads) * t * w + (bh % heads) * 3 * d;
-            // dV = Pd^T dO
-            g.blocks_t_times(&pd, dout_h, &mut tmp);
-            scatter(dst, row0 + 2 * d, w, &tmp, d);
-            // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
-            let mut ds = vec![0f32; p.len()];
-            g.blocks_of(dout_h, v, &mut ds);
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (b, r) in rows() {
-                        let at = b.offset + (r - b.r0) * b.width();
-                        let prow = &p[at..at + b.width()];
-                        let (live, masked) = b.row(&mut ds, r).split_at_mut(r + 1);
-                        if g.dropout.is_some() {
-                            for (c, dv) in live.iter_mut().enumerate() {
-                                *dv *= g.keep(bh, r, c);
-                            }
+            let n = g.scratch_len();
+            let (mut p, mut pd, mut ds) = (vec![0f32; n], Vec::new(), vec![0f32; n]);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+            // Bottom block first: it covers every key row, so it writes dK and dV and the
+            // blocks above add to their rows.
+            for (i, blk) in g.blocks().iter().rev().enumerate() {
+                let p = &mut p[..blk.len()];
+                // P (before dropout) recomputed from the saved log-sum-exps.
+                g.block_of(q, k, blk, p);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (r, lse) in (blk.r0..blk.r1).zip(&lse[blk.r0..blk.r1]) {
+                            let (live, masked) = blk.row(p, r).split_at_mut(r + 1);
+                            live.iter_mut().for_each(|v| *v = exp(*v * g.scale - lse));
+                            masked.fill(0.0);
                         }
-                        let dot = sum_map2(live, prow, |d, p| d * p);
-                        for (dv, pv) in live.iter_mut().zip(prow) {
-                            *dv = pv * (*dv - dot) * g.scale;
+                    },
+                );
+                // dV += Pd^T dO, with Pd the probabilities as used (dropped out).
+                if g.dropout.is_some() {
+                    pd.clear();
+                    pd.extend_from_slice(p);
+                    for r in blk.r0..blk.r1 {
+                        for (c, x) in blk.row(&mut pd, r).iter_mut().enumerate() {
+                            *x *= g.keep(bh, r, c);
                         }
-                        masked.fill(0.0);
                     }
-                },
-            );
-            // dQ = dS K, dK = dS^T Q
-            g.blocks_times(&ds, k, &mut tmp);
-            scatter(dst, row0, w, &tmp, d);
-            g.blocks_t_times(&ds, q, &mut tmp);
-            scatter(dst, row0 + d, w, &tmp, d);
+                    g.block_t_times(&pd, blk, dout_h, &mut dv, i > 0);
+                } else {
+                    g.block_t_times(p, blk, dout_h, &mut dv, i > 0);
+                }
+                // dP = (dO V^T) * dropout mask, then dS = P (dP - rowsum(dP P)) * scale.
+                let ds = &mut ds[..blk.len()];
+                g.block_of(dout_h, v, blk, ds);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for r in blk.r0..blk.r1 {
+                            let at = (r - blk.r0) * blk.width();
+                            let prow = &p[at..at + blk.width()];
+                            let (live, masked) = blk.row(ds, r).split_at_mut(r + 1);
+                            if g.dropout.is_some() {
+                                for (c, x) in live.iter_mut().enumerate() {
+                                    *x *= g.keep(bh, r, c);
+                                }
+                            }
+                            let dot = sum_map2(live, prow, |d, p| d * p);
+                            for (x, pv) in live.iter_mut().zip(prow) {
+                                *x = pv * (*x - dot) * g.scale;
+                            }
+                            masked.fill(0.0);
+                        }
+                    },
+                );
+                // dQ (this block's rows) = dS K, dK += dS^T Q
+                g.block_times(ds, blk, k, &mut dq);
+                g.block_t_times(ds, blk, q, &mut dk, i > 0);
+            }
+            let row0 = (bh / heads) * t * w + (bh % heads) * 3 * d;
+            scatter(dst, row0, w, &dq, d);
+            scatter(dst, row0 + d, w, &dk, d);
+            scatter(dst, row0 + 2 * d, w, &dv, d);
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
