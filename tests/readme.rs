@@ -124,3 +124,48 @@ fn the_walk_is_parsed_as_written() {
         "x --train-iters 20 --save-interval 1 --train-iters 2"
     );
 }
+
+/// The run scripts in `assets/` (one per Megatron snapshot, the configs they advertise) start and
+/// train an iteration of their tiny default model.
+#[test]
+fn the_snapshot_run_scripts_train() {
+    let assets = Path::new(REPO).join("assets");
+    let cases: [(&str, &[(&str, &str)]); 5] = [
+        ("megatron-lm/ds_pretrain_gpt2.sh", &[]),
+        (
+            "megatron-lm/ds_pretrain_gpt2.sh",
+            &[("CONFIG", "ds_zero-offload_config.json")],
+        ),
+        (
+            "megatron-lm/ds_pretrain_gpt2.sh",
+            &[("CONFIG", "ds_zero-offload_10B_config.json")],
+        ),
+        ("megatron-lm-v1.1.5-3d/ds_pretrain_gpt2_pipe.sh", &[]),
+        ("megatron-lm-v1.1.5-zero3/ds_pretrain_gpt2-zero3.sh", &[]),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (script, env) in cases {
+        let t = Instant::now();
+        let out = Command::new("bash")
+            .arg(assets.join(script))
+            .args(["--eval-iters", "1", "--json"])
+            .envs(env.iter().copied())
+            .env("ITERS", "1")
+            .env("DEEPSCALE", env!("CARGO_BIN_EXE_deepscale"))
+            .env_remove("DEEPSCALE_ASSETS")
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{script} {env:?}: {err}");
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        let v: serde_json::Value =
+            serde_json::from_str(&last).unwrap_or_else(|e| panic!("{script}: {e}: {last}"));
+        assert_eq!(v["iterations"], 1, "{script} {env:?}: {v}");
+        eprintln!("{:6.1} s  {script} {env:?}", t.elapsed().as_secs_f64());
+    }
+}
