@@ -207,3 +207,73 @@ fn patched_backprop_accumulates_like_candle() {
         [-1.0, -1.0]
     );
 }
+
+/// Largest difference of `a` from `b` relative to `b`'s largest magnitude (at least 1).
+fn close_rel(a: &Tensor, b: &Tensor, tol: f32) -> candle_core::Result<()> {
+    let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(d <= tol * s.max(1.0), "max difference {d} (scale {s})");
+    Ok(())
+}
+
+/// fp16 / bf16 on the CPU: the fused kernels run widened to fp32 and give back the input's
+/// dtype — values and gradients equal candle's own half-precision ops to half rounding.
+#[test]
+fn half_precision_runs_widened_with_gradients() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for dt in [DType::F16, DType::BF16] {
+        let tol = if dt == DType::F16 { 4e-3 } else { 3e-2 };
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (12, 32), &dev)?.to_dtype(dt)?,
+        )?;
+        let w = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 0.2, (48, 32), &dev)?.to_dtype(dt)?,
+        )?;
+        let b = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, 48, &dev)?.to_dtype(dt)?)?;
+        let lnw = candle_core::Var::from_tensor(&Tensor::ones(48, dt, &dev)?)?;
+        let lnb = candle_core::Var::from_tensor(&Tensor::zeros(48, dt, &dev)?)?;
+        let y = candle_deepscale::ops::matmul::linear(&x, &w, Some(&b))?;
+        let y = candle_deepscale::ops::layer_norm::layer_norm(&y, &lnw, &lnb, 1e-5)?;
+        let y = candle_deepscale::ops::bias_gelu::bias_gelu(&y, Some(&b))?;
+        assert_eq!(y.dtype(), dt);
+        // The same in candle's half-precision ops (computed in f32 where candle has no half
+        // kernel), the reference.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let r = (f(&x)?
+            .broadcast_matmul(&f(&w)?.t()?)?
+            .broadcast_add(&f(&b)?))?;
+        let r = candle_deepscale::ops::layer_norm::layer_norm_reference(
+            &r,
+            &f(&lnw)?,
+            &f(&lnb)?,
+            1e-5,
+        )?;
+        let r = r.broadcast_add(&f(&b)?)?.gelu()?;
+        close_rel(&f(&y)?, &r, tol)?;
+        let g = y.sum_all()?.backward()?;
+        let gw = g.get(&w).expect("the weight's gradient");
+        assert_eq!(gw.dtype(), dt);
+        let (x32, w32) = (
+            candle_core::Var::from_tensor(&f(&x)?)?,
+            candle_core::Var::from_tensor(&f(&w)?)?,
+        );
+        let r = x32.broadcast_matmul(&w32.t()?)?.broadcast_add(&f(&b)?)?;
+        let r = candle_deepscale::ops::layer_norm::layer_norm_reference(
+            &r,
+            &f(&lnw)?,
+            &f(&lnb)?,
+            1e-5,
+        )?;
+        let g32 = r.broadcast_add(&f(&b)?)?.gelu()?.sum_all()?.backward()?;
+        close_rel(&f(gw)?, g32.get(&w32).expect("grad"), tol * 4.0)?;
+        // Attention widens the same way.
+        let qkv = Tensor::randn(0f32, 1.0, (1, 5, 2 * 3 * 8), &dev)?.to_dtype(dt)?;
+        let o =
+            candle_deepscale::ops::attention::causal_attention(&qkv, 2, 8, None)?.expect("fused");
+        assert_eq!(o.dtype(), dt);
+        let o32 = candle_deepscale::ops::attention::causal_attention(&f(&qkv)?, 2, 8, None)?
+            .expect("f32");
+        close_rel(&f(&o)?, &o32, tol)?;
+    }
+    Ok(())
+}

@@ -45,7 +45,7 @@ pub fn causal_attention_in_blocks(
     dropout: Option<(f64, u64)>,
     block: usize,
 ) -> Result<Option<Tensor>> {
-    if let Some(dt) = super::matmul::half_on_cpu(&[qkv]) {
+    if let Some(dt) = super::half_on_cpu(&[qkv]) {
         let wide = qkv.to_dtype(candle_core::DType::F32)?;
         let out = causal_attention_in_blocks(&wide, heads, head_dim, dropout, block)?;
         return out.map(|o| o.to_dtype(dt)).transpose();

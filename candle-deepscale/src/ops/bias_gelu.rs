@@ -146,7 +146,7 @@ pub fn bias_gelu(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::DType::F32;
     let mut all = vec![x];
     all.extend(bias);
-    if let Some(dt) = super::matmul::half_on_cpu(&all) {
+    if let Some(dt) = super::half_on_cpu(&all) {
         let b = bias.map(|b| b.to_dtype(F32)).transpose()?;
         return bias_gelu(&x.to_dtype(F32)?, b.as_ref())?.to_dtype(dt);
     }

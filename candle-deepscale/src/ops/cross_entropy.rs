@@ -27,7 +27,7 @@ pub fn lm_head_logits(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> 
 /// Per-position cross entropy, flattened to `[tokens]`, in f32. On the CPU with f32 logits one
 /// fused kernel (see [`fused`]); elsewhere [`token_losses_reference`].
 pub fn token_losses(logits: &Tensor, labels: &Tensor, vocab_size: usize) -> Result<Tensor> {
-    if crate::ops::matmul::half_on_cpu(&[logits]).is_some() {
+    if crate::ops::half_on_cpu(&[logits]).is_some() {
         return token_losses(&logits.to_dtype(DType::F32)?, labels, vocab_size);
     }
     if crate::ops::fused() && logits.device().is_cpu() && logits.dtype() == DType::F32 {

@@ -163,7 +163,7 @@ pub fn fused_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<
 /// Differentiable layer norm over the last dimension: the fused kernel on CPU f32, else
 /// [`layer_norm_reference`] (computed in f32 for half inputs).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if let Some(dt) = super::matmul::half_on_cpu(&[x, w, b]) {
+    if let Some(dt) = super::half_on_cpu(&[x, w, b]) {
         let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
         return layer_norm(&f(x)?, &f(w)?, &f(b)?, eps)?.to_dtype(dt);
     }

@@ -50,7 +50,7 @@ pub fn float32_matmul_precision() -> Precision {
 /// `a @ b` over the last two dimensions, with equal leading (batch) dimensions. CPU fp32 products
 /// run this module's op (with its backward); anything else is candle's `matmul`.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if let Some(dt) = half_on_cpu(&[a, b]) {
+    if let Some(dt) = super::half_on_cpu(&[a, b]) {
         return matmul(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?.to_dtype(dt);
     }
     super::flops::add_matmul(a.dims(), b.dims());
@@ -63,18 +63,6 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             precision: float32_matmul_precision(),
         },
     )
-}
-
-/// fp16 / bf16 tensors on the CPU (an fp16 config's model there): their dtype when the fused
-/// kernels run them in fp32 — operands widened, fp32 accumulation, the result rounded back, as
-/// half-precision GEMMs on GPUs accumulate — instead of candle's element-by-element half
-/// arithmetic (about 6x slower on an fp16 GPT-2 step).
-pub(crate) fn half_on_cpu(ts: &[&Tensor]) -> Option<DType> {
-    let dt = ts.first()?.dtype();
-    (super::fused()
-        && matches!(dt, DType::F16 | DType::BF16)
-        && ts.iter().all(|t| t.dtype() == dt && t.device().is_cpu()))
-    .then_some(dt)
 }
 
 /// Whether this module's op computes `a @ b`.
@@ -108,7 +96,7 @@ struct Linear {
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut all = vec![x, w];
     all.extend(bias);
-    if let Some(dt) = half_on_cpu(&all) {
+    if let Some(dt) = super::half_on_cpu(&all) {
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let b = bias.map(f).transpose()?;
         return linear(&f(x)?, &f(w)?, b.as_ref())?.to_dtype(dt);
@@ -724,49 +712,6 @@ mod tests {
         let a = Tensor::randn(0f32, 1., (2, 4, 6), &dev)?;
         let b = Tensor::randn(0f32, 1., (6, 3), &dev)?;
         assert!(matmul(&a, &b).is_err() == a.matmul(&b).is_err());
-        Ok(())
-    }
-
-    /// fp16 / bf16 on the CPU: the fused kernels run widened to fp32 and give back the input's
-    /// dtype — values and gradients equal candle's own half-precision ops to half rounding.
-    #[test]
-    fn half_precision_runs_widened_with_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        for dt in [DType::F16, DType::BF16] {
-            let tol = if dt == DType::F16 { 4e-3 } else { 3e-2 };
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (12, 32), &dev)?.to_dtype(dt)?)?;
-            let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (48, 32), &dev)?.to_dtype(dt)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 48, &dev)?.to_dtype(dt)?)?;
-            let lnw = Var::from_tensor(&Tensor::ones(48, dt, &dev)?)?;
-            let lnb = Var::from_tensor(&Tensor::zeros(48, dt, &dev)?)?;
-            let y = linear(&x, &w, Some(&b))?;
-            let y = crate::ops::layer_norm::layer_norm(&y, &lnw, &lnb, 1e-5)?;
-            let y = crate::ops::bias_gelu::bias_gelu(&y, Some(&b))?;
-            assert_eq!(y.dtype(), dt);
-            // The same in candle's half-precision ops (computed in f32 where candle has no half
-            // kernel), the reference.
-            let f = |t: &Tensor| t.to_dtype(DType::F32);
-            let r = (f(&x)?
-                .broadcast_matmul(&f(&w)?.t()?)?
-                .broadcast_add(&f(&b)?))?;
-            let r = crate::ops::layer_norm::layer_norm_reference(&r, &f(&lnw)?, &f(&lnb)?, 1e-5)?;
-            let r = r.broadcast_add(&f(&b)?)?.gelu()?;
-            close(&f(&y)?, &r, tol)?;
-            let g = y.sum_all()?.backward()?;
-            let gw = g.get(&w).expect("the weight's gradient");
-            assert_eq!(gw.dtype(), dt);
-            let (x32, w32) = (Var::from_tensor(&f(&x)?)?, Var::from_tensor(&f(&w)?)?);
-            let r = x32.broadcast_matmul(&w32.t()?)?.broadcast_add(&f(&b)?)?;
-            let r = crate::ops::layer_norm::layer_norm_reference(&r, &f(&lnw)?, &f(&lnb)?, 1e-5)?;
-            let g32 = r.broadcast_add(&f(&b)?)?.gelu()?.sum_all()?.backward()?;
-            close(&f(gw)?, g32.get(&w32).expect("grad"), tol * 4.0)?;
-            // Attention widens the same way.
-            let qkv = Tensor::randn(0f32, 1.0, (1, 5, 2 * 3 * 8), &dev)?.to_dtype(dt)?;
-            let o = crate::ops::attention::causal_attention(&qkv, 2, 8, None)?.expect("fused");
-            assert_eq!(o.dtype(), dt);
-            let o32 = crate::ops::attention::causal_attention(&f(&qkv)?, 2, 8, None)?.expect("f32");
-            close(&f(&o)?, &o32, tol)?;
-        }
         Ok(())
     }
 }
