@@ -26,8 +26,8 @@ use zoo::gpt2::{self, Gpt2};
 
 #[derive(Args, Debug, Clone)]
 pub struct SuiteArgs {
-    /// Configs: `small` (4 layers, hidden 256, 4 heads, vocab 50257, b8 x s128) and
-    /// `gpt2-125m` (b4 x s256).
+    /// Configs: `small` (4 layers, hidden 256, 4 heads, vocab 50257, b8 x s128), `gpt2-125m`
+    /// (b4 x s256), and `gpt2-125m-s1024` / `gpt2-125m-s2048` (b1, Megatron's sequence lengths).
     #[arg(long, value_delimiter = ',', default_values_t = ["small".to_string(), "gpt2-125m".to_string()])]
     pub config: Vec<String>,
     /// Timed training steps per config (after one warm-up step); the median is reported.
@@ -83,7 +83,29 @@ fn shape(name: &str) -> Result<(gpt2::Config, usize, usize, &'static str)> {
             256,
             "gpt2s",
         ),
-        other => bail!("bench: unknown config `{other}` (small, gpt2-125m)"),
+        // Megatron's sequence lengths at micro-batch 1 (the long-sequence goal of the perf work).
+        "gpt2-125m-s1024" | "gpt2-125m-s2048" => {
+            let (seq, torch) = if name.ends_with("1024") {
+                (1024, "gpt2s batch=1 seq=1024")
+            } else {
+                (2048, "gpt2s batch=1 seq=2048")
+            };
+            (
+                gpt2::Config {
+                    seq_length: seq,
+                    max_position_embeddings: seq,
+                    hidden_dropout: 0.0,
+                    attention_dropout: 0.0,
+                    ..gpt2::Config::preset("gpt2-125m")?
+                },
+                1,
+                seq,
+                torch,
+            )
+        }
+        other => bail!(
+            "bench: unknown config `{other}` (small, gpt2-125m, gpt2-125m-s1024, gpt2-125m-s2048)"
+        ),
     })
 }
 
@@ -292,7 +314,7 @@ fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
     }
     let out = std::process::Command::new(&a.torch_python)
         .arg(&script)
-        .arg(what)
+        .args(what.split_whitespace())
         .output()
         .with_context(|| format!("running {} {}", a.torch_python.display(), script.display()))?;
     if !out.status.success() {
