@@ -1,9 +1,11 @@
 //! Values no run can use are refused before any work, naming the flag, key or variable and what
 //! was expected: exit status 1 (an error, not a panic's 101 or an abort's 134), no iteration run.
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{deepscale_env as deepscale, ASSETS};
 
 const TINY: &[&str] = &[
     "--num-layers",
@@ -24,24 +26,9 @@ const TINY: &[&str] = &[
     "0",
 ];
 
-fn deepscale(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_deepscale"));
-    c.args(args).env("DEEPSCALE_ASSETS", ASSETS);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run deepscale")
-}
-
 /// `args` fail with exit status 1 before training, and stderr holds every one of `needles`.
 fn refused(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
-    let out = deepscale(args, env);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: the error lacks `{n}`: {err}");
-    }
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    let err = cli::refusal(&deepscale(args, env), args, needles);
     assert!(
         !err.contains(" iteration ") && !err.contains("iteration 1/"),
         "{args:?}: trained before refusing: {err}"

@@ -5,36 +5,15 @@
 //! readable as the folder is.
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
-
-fn deepscale(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deepscale"))
-        .args(args)
-        .env("DEEPSCALE_ASSETS", ASSETS)
-        .output()
-        .expect("run deepscale")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = deepscale(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{deepscale, ok, ASSETS};
 
 /// `args` exit with status 1 and an error holding every needle.
 fn refused(args: &[&str], needles: &[&str]) -> String {
-    let out = deepscale(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: lacks `{n}`: {err}");
-    }
+    let err = cli::refusal(&deepscale(args), args, needles);
     assert!(!err.contains("lm loss:"), "{args:?} trained: {err}");
     err
 }

@@ -149,11 +149,9 @@ fn mismatched_collectives_are_an_error() {
     );
 }
 
-/// One process of a torchrun-style world: the environment is torchrun's; rank 0 brings a fresh
-/// id (on GPUs, NCCL's unique id) and every rank prints what the rendezvous gave it. Run only as
-/// a child of the test below.
-#[test]
-#[ignore = "a child process of torchrun_style_processes_exchange_the_id_over_loopback"]
+/// One process of a torchrun-style world (the test below re-runs itself with
+/// DEEPSCALE_RENDEZVOUS_CHILD set): rank 0 brings a fresh id (on GPUs, NCCL's unique id) and every
+/// rank prints what the rendezvous gave it.
 fn rendezvous_child() {
     use candle_deepscale::comm::tcp_rendezvous;
     let rank: usize = std::env::var("RANK").unwrap().parse().unwrap();
@@ -177,6 +175,9 @@ fn rendezvous_child() {
 
 #[test]
 fn torchrun_style_processes_exchange_the_id_over_loopback() {
+    if std::env::var_os("DEEPSCALE_RENDEZVOUS_CHILD").is_some() {
+        return rendezvous_child();
+    }
     // Stand in for torchrun's agent, which listens on MASTER_PORT itself: the rendezvous must use
     // MASTER_PORT + 1.
     let (agent, master_port) = loop {
@@ -190,7 +191,12 @@ fn torchrun_style_processes_exchange_the_id_over_loopback() {
     let children: Vec<_> = (0..2)
         .map(|rank| {
             std::process::Command::new(&exe)
-                .args(["--ignored", "--exact", "rendezvous_child", "--nocapture"])
+                .args([
+                    "--exact",
+                    "torchrun_style_processes_exchange_the_id_over_loopback",
+                    "--nocapture",
+                ])
+                .env("DEEPSCALE_RENDEZVOUS_CHILD", "1")
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("WORLD_SIZE", "2")

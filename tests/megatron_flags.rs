@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+#[path = "common/cli.rs"]
+mod cli;
 
 const TINY: &[&str] = &[
     "pretrain-gpt2",
@@ -28,12 +29,7 @@ const TINY: &[&str] = &[
 ];
 
 fn run_env(extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_deepscale"));
-    c.args(TINY).args(extra).env("DEEPSCALE_ASSETS", ASSETS);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run deepscale")
+    cli::deepscale_env(&[TINY, extra].concat(), env)
 }
 
 fn ok(extra: &[&str]) -> (serde_json::Value, String) {
@@ -46,12 +42,7 @@ fn ok(extra: &[&str]) -> (serde_json::Value, String) {
 }
 
 fn refused(extra: &[&str], env: &[(&str, &str)], needles: &[&str]) {
-    let out = run_env(extra, env);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{extra:?}: lacks `{n}`: {err}");
-    }
+    cli::refusal(&run_env(extra, env), extra, needles);
 }
 
 /// (iteration, loss, lr, loss_scale) of every training line of a metrics file.

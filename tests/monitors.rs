@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
+use common::cli::{self, ASSETS};
 
 /// Every scalar under `dir` as {tag: [[step, value], ...]}, read by tensorboard's reader.
 fn read_events(python: &Path, dir: &Path) -> Value {
@@ -83,14 +83,7 @@ fn assert_series(got: &[(u64, f64)], want: &[(u64, f64)], what: &str) {
 }
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_deepscale"))
-        .args(args)
-        .env("DEEPSCALE_ASSETS", ASSETS)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{args:?}: {err}");
-    err
+    String::from_utf8_lossy(&cli::ok(args).stderr).into_owned()
 }
 
 fn config(dir: &Path, extra: Value) -> PathBuf {

@@ -2,27 +2,10 @@
 //! the loss plot, `inspect-data --json` without a vocabulary, `evaluate` printing JSON only with
 //! `--json`, the end-of-run sample readable even when it is whitespace.
 use std::path::Path;
-use std::process::{Command, Output};
 
-const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
-
-fn deepscale(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deepscale"))
-        .args(args)
-        .env("DEEPSCALE_ASSETS", ASSETS)
-        .output()
-        .expect("run deepscale")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = deepscale(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{deepscale, ok, ASSETS};
 
 const TINY: &[&str] = &[
     "pretrain-gpt2",

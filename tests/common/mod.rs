@@ -1,5 +1,6 @@
 //! Helpers shared by the cross-crate tests.
 #![allow(dead_code)]
+pub mod cli;
 pub mod tp;
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::layers::init::RandomInit;
