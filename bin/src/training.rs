@@ -1218,13 +1218,8 @@ impl<'a> LoopState<'a> {
                 .zip(parts.iter().copied())
                 .collect()
         };
-        if let (Some(w), Some(t)) = (self.tb.as_mut(), self.spec.tensorboard.as_ref()) {
+        if let Some(w) = self.tb.as_mut() {
             for (k, v) in &dict {
-                let k = if parts.is_empty() {
-                    t.loss_key.as_str()
-                } else {
-                    k
-                };
                 w.add_scalar(&format!("{k} value"), *v, iter)?;
                 w.add_scalar(&format!("{k} ppl"), v.min(20.0).exp(), iter)?;
             }
