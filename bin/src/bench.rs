@@ -134,6 +134,9 @@ pub struct AttentionArgs {
     pub head_dim: usize,
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Keys per tile of the tiled kernel (default: the kernel's own).
+    #[arg(long)]
+    pub key_block: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -197,43 +200,59 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 }
 
-/// Forward + backward of one attention call: the causal blocks against the whole square.
+/// Forward + backward of one attention call in the kernel's tiles (online softmax over key
+/// tiles), in row blocks of whole rows (the kernel before key tiles) and as the whole square.
 fn attention(a: AttentionArgs) -> Result<()> {
-    use candle_deepscale::ops::attention::{causal_attention_in_blocks, ROW_BLOCK};
+    use candle_deepscale::ops::attention::{causal_attention_in_tiles, Tile, TILE};
     let (heads, d) = (a.num_attention_heads, a.head_dim);
+    let tiled = Tile {
+        keys: a.key_block.unwrap_or(TILE.keys),
+        ..TILE
+    };
+    if tiled.keys == 0 {
+        bail!("bench attention: --key-block must be at least 1");
+    }
     let mut rows = Vec::new();
     for &t in &a.seq_lengths {
         let b = (a.tokens / t.max(1)).max(1);
         let qkv = candle_core::Var::randn(0f32, 1.0, (b, t, heads * 3 * d), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1.0, (b, t, heads * d), &Device::Cpu)?;
-        let time = |block: usize| -> Result<f64> {
+        let time = |tile: Tile| -> Result<f64> {
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let t0 = Instant::now();
-                let y = causal_attention_in_blocks(&qkv, heads, d, None, block)?
+                let y = causal_attention_in_tiles(&qkv, heads, d, None, tile)?
                     .ok_or_else(|| anyhow::anyhow!("bench attention: the fused kernel is off"))?;
                 drop((y * &w)?.sum_all()?.backward()?);
                 best = best.min(t0.elapsed().as_secs_f64());
             }
             Ok(best * 1e3)
         };
-        let (mut blocked, mut square) = (Vec::new(), Vec::new());
+        let whole_rows = Tile { keys: t, ..TILE };
+        let square = Tile { rows: t, keys: t };
+        let (mut tiled_ms, mut rows_ms, mut square_ms) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..a.rounds.max(1) {
-            square.push(time(t)?);
-            blocked.push(time(ROW_BLOCK)?);
+            square_ms.push(time(square)?);
+            rows_ms.push(time(whole_rows)?);
+            tiled_ms.push(time(tiled)?);
         }
-        let ratios = square.iter().zip(&blocked).map(|(s, b)| s / b).collect();
-        let ratio = median(ratios);
+        // Per-thread score scratch, f32.
+        let kib = |tile: Tile| (tile.rows.min(t) * tile.keys.min(t) * 4) as f64 / 1024.0;
         eprintln!(
-            "t {t} (batch {b}, {heads} heads of {d}): causal blocks of {ROW_BLOCK} rows {:.1} ms, whole square {:.1} ms (best of 3, medians): {ratio:.2}x",
-            median(blocked.clone()),
-            median(square.clone())
+            "t {t} (batch {b}, {heads} heads of {d}), ms (best of 3, medians) and per-thread score scratch: tiles of {}x{} {:.1} ms ({:.0} KiB), row blocks of whole rows {:.1} ms ({:.0} KiB), whole square {:.1} ms ({:.0} KiB)",
+            tiled.rows,
+            tiled.keys,
+            median(tiled_ms.clone()),
+            kib(tiled),
+            median(rows_ms.clone()),
+            kib(whole_rows),
+            median(square_ms.clone()),
+            kib(square)
         );
-        rows.push(
-            json!({"seq_length": t, "batch": b, "heads": heads, "head_dim": d,
-            "row_block": ROW_BLOCK, "blocked_ms": blocked, "square_ms": square,
-            "speedup_median": ratio}),
-        );
+        rows.push(json!({"seq_length": t, "batch": b, "heads": heads, "head_dim": d,
+            "row_block": tiled.rows, "key_block": tiled.keys, "tiled_ms": tiled_ms,
+            "whole_rows_ms": rows_ms, "square_ms": square_ms,
+            "scratch_kib": {"tiled": kib(tiled), "whole_rows": kib(whole_rows), "square": kib(square)}}));
     }
     if a.json {
         println!("{}", json!({"bench": "attention", "results": rows}));

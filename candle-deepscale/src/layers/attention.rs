@@ -100,7 +100,7 @@ fn masked(scores: &Tensor, t: usize, mask: Mask) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::attention::{causal_attention_in_blocks, ROW_BLOCK};
+    use crate::ops::attention::{causal_attention_in_tiles, Tile, TILE};
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -110,24 +110,30 @@ mod tests {
     }
 
     /// Output and gradient equal the composed attention (`self_attention` with the fused kernels
-    /// off), with and without dropout, odd sizes included, in one causal block and in several
-    /// (a last block shorter than the others included).
+    /// off), with and without dropout, odd sizes included: in one tile, in several row blocks
+    /// of whole rows, and in tiles of several keys (the online softmax; shorter last blocks
+    /// and tiles included).
     #[test]
     fn equals_the_composed_attention_forward_and_backward() -> Result<()> {
-        for (b, t, heads, d, p, block) in [
-            (2, 7, 3, 4, 0.0, ROW_BLOCK),
-            (1, 33, 2, 8, 0.0, ROW_BLOCK),
-            (2, 16, 2, 4, 0.3, ROW_BLOCK),
-            (1, 33, 2, 8, 0.0, 8),
-            (2, 16, 2, 4, 0.3, 5),
-            (1, 200, 2, 8, 0.1, ROW_BLOCK),
+        let tile = |rows, keys| Tile { rows, keys };
+        for (b, t, heads, d, p, tile) in [
+            (2, 7, 3, 4, 0.0, TILE),
+            (1, 33, 2, 8, 0.0, TILE),
+            (2, 16, 2, 4, 0.3, TILE),
+            (1, 33, 2, 8, 0.0, tile(8, 33)),
+            (2, 16, 2, 4, 0.3, tile(5, 16)),
+            (1, 33, 2, 8, 0.0, tile(8, 8)),
+            (1, 33, 2, 8, 0.0, tile(4, 12)),
+            (2, 16, 2, 4, 0.3, tile(5, 10)),
+            (1, 200, 2, 8, 0.1, TILE),
+            (1, 900, 1, 8, 0.1, TILE),
         ] {
             let qkv = Var::randn(0f32, 1., (b, t, heads * 3 * d), &Device::Cpu)?;
             let w = Tensor::randn(0f32, 1., (b, t, heads * d), &Device::Cpu)?;
             let ctx = ForwardCtx::train(5, 1, 0);
             let key = ctx.site_key("attention");
-            let fused = causal_attention_in_blocks(&qkv, heads, d, Some((p, key)), block)?
-                .expect("applies");
+            let fused =
+                causal_attention_in_tiles(&qkv, heads, d, Some((p, key)), tile)?.expect("applies");
             // The composed reference (its softmax kernel and products are tested on their own).
             let composed = self_attention(
                 &qkv,
@@ -141,15 +147,12 @@ mod tests {
             .0;
             assert!(
                 max_diff(&fused, &composed) < 1e-5,
-                "forward b{b} t{t} p{p} block {block}"
+                "forward b{b} t{t} p{p} {tile:?}"
             );
             let g1 = (fused * &w)?.sum_all()?.backward()?;
             let g2 = (composed * &w)?.sum_all()?.backward()?;
             let (g1, g2) = (g1.get(&qkv).expect("grad"), g2.get(&qkv).expect("grad"));
-            assert!(
-                max_diff(g1, g2) < 1e-4,
-                "backward b{b} t{t} p{p} block {block}"
-            );
+            assert!(max_diff(g1, g2) < 1e-4, "backward b{b} t{t} p{p} {tile:?}");
         }
         Ok(())
     }

@@ -274,21 +274,6 @@ pub(crate) unsafe fn gemm(
     }
 }
 
-/// One single-threaded product into a contiguous `m x n` `dst` at `precision` (for kernels that
-/// already run one item per thread).
-///
-/// # Safety
-/// As for `gemm`.
-pub(crate) unsafe fn gemm_into(
-    precision: Precision,
-    dims: (usize, usize, usize),
-    dst: *mut f32,
-    a: Mat,
-    b: Mat,
-) {
-    gemm(precision, dims, dst, a, b, false, false)
-}
-
 #[allow(clippy::too_many_arguments)]
 unsafe fn fp32(
     m: usize,
