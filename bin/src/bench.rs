@@ -40,9 +40,14 @@ pub enum BenchWhat {
     Gemm(GemmArgs),
     /// Training-step cost at several tensor-parallel sizes.
     Tp(TpArgs),
-    /// The fused causal attention's forward + backward (GPT-2 124M's heads), in causal row blocks
-    /// against the whole masked `t x t` square, alternating in one process, per sequence length.
+    /// The fused causal attention's forward + backward (GPT-2 124M's heads) per sequence length:
+    /// in its tiles (online softmax over key tiles), in row blocks of whole rows and as the whole
+    /// masked `t x t` square, alternating in one process.
     Attention(AttentionArgs),
+    /// Data parallelism on the same cores: the training step at dp N (ZeRO stage S, the global
+    /// batch split over the ranks; in-process, or the ranks of `mpirun -np N`) against one rank
+    /// with the whole batch, alternating.
+    Dp(crate::bench_dp::DpArgs),
     /// One AdamW step over a model's worth of parameters: the fused flat kernel against
     /// candle_nn::AdamW, and its bytes/s against the machine's measured memory bandwidth.
     Adam(AdamArgs),
@@ -197,6 +202,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Adam(a) => adam(a),
         BenchWhat::Gemm(g) => gemm(g),
         BenchWhat::Attention(a) => attention(a),
+        BenchWhat::Dp(d) => crate::bench_dp::run(d),
     }
 }
 
@@ -420,16 +426,21 @@ fn comm(a: CommArgs) -> Result<()> {
 }
 
 fn bench_config(a: &TpArgs) -> Result<gpt2::Config> {
-    Ok(match a.model.as_str() {
+    bench_model(&a.model, a.seq_length)
+}
+
+/// A GPT-2 preset, or `small` (4 layers, hidden 256, 4 heads, vocab 50257), without dropout.
+pub(crate) fn bench_model(model: &str, seq_length: usize) -> Result<gpt2::Config> {
+    Ok(match model {
         "small" => gpt2::Config {
-            seq_length: a.seq_length,
-            max_position_embeddings: a.seq_length.max(128),
+            seq_length,
+            max_position_embeddings: seq_length.max(128),
             hidden_dropout: 0.0,
             attention_dropout: 0.0,
             ..gpt2::Config::new(4, 256, 4, 50257)
         },
         p => gpt2::Config {
-            seq_length: a.seq_length,
+            seq_length,
             hidden_dropout: 0.0,
             attention_dropout: 0.0,
             ..gpt2::Config::preset(p)?

@@ -1,6 +1,7 @@
 //! `deepscale`: the Megatron/DeepSpeed example scripts as one binary.
 mod args;
 mod bench;
+mod bench_dp;
 mod bench_suite;
 mod bench_whole;
 mod checkpoint;
@@ -95,6 +96,8 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
+    // Several MPI ranks on one node share its cores instead of each taking all of them.
+    candle_deepscale::ops::threads::share_cores_with_local_ranks();
     // A write past `ulimit -f` then fails with "File too large", naming the file, instead of the
     // process dying silently on SIGXFSZ mid-save (the disk-full path is the same error path).
     #[cfg(unix)]

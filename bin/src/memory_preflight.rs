@@ -185,10 +185,7 @@ pub fn check(
     )
 }
 
-/// Ranks of this node under mpirun (Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE), else 1.
+/// Ranks of this node under mpirun, else 1.
 fn local_ranks() -> u64 {
-    std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+    candle_deepscale::ops::threads::local_mpi_ranks().unwrap_or(1) as u64
 }

@@ -98,8 +98,8 @@ impl InProcessWorld {
                         .name(format!("rank-{rank}"))
                         .spawn_scoped(s, move || {
                             let comm = Arc::new(w.comm(rank));
-                            let r =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
+                            let run = || on_rank_pool(rank, world, || f(comm));
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
                             let r = match r {
                                 Ok(r) => r,
                                 Err(p) => {
@@ -131,6 +131,25 @@ impl InProcessWorld {
                 })
                 .collect()
         })
+    }
+}
+
+/// Runs rank `rank`'s `f` on a rayon pool of its own, with its share of the process's threads
+/// (at least one), the rank itself on one of the pool's workers.
+///
+/// Sharing the global pool, every rank's parallel kernels were injected into the same two
+/// workers from outside: a wake-up and hand-back per op, and one rank's op waiting behind
+/// another's. On its own pool, a rank of one thread runs its kernels inline, and a rank blocked
+/// in a collective holds only its own workers. If no pool can be built, the global one serves.
+fn on_rank_pool<R: Send>(rank: usize, world: usize, f: impl FnOnce() -> R + Send) -> R {
+    let threads = (rayon::current_num_threads() / world.max(1)).max(1);
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("rank-{rank}-worker-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
     }
 }
 

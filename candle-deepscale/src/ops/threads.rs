@@ -19,6 +19,33 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Ranks of this node under an MPI launcher (Open MPI's `OMPI_COMM_WORLD_LOCAL_SIZE`, MPICH's
+/// `MPI_LOCALNRANKS`), if started by one.
+pub fn local_mpi_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// Sizes rayon's global pool to this process's share of the node's cores when an MPI launcher
+/// started several ranks on the node (`mpirun -np 2` on two cores: one thread each, not two
+/// each fighting over both cores, as torchrun's one thread per process). `RAYON_NUM_THREADS`
+/// wins; a pool already built (any parallel op ran before) is left as it is. Returns the
+/// threads set, if any. Call it first thing in `main`.
+pub fn share_cores_with_local_ranks() -> Option<usize> {
+    let local = local_mpi_ranks().filter(|&n| n > 1)?;
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / local).max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok()
+        .map(|_| threads)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,158 @@
+//! `deepscale bench dp`: what data parallelism costs on the cores one rank would have used — the
+//! training step at dp N (ZeRO stage S, the global batch split over the ranks, each its own
+//! tokens) against one rank stepping the whole batch, alternating in one run. Under
+//! `mpirun -np N` the ranks are the MPI processes and only dp N is measured (pair it with
+//! `bench dp --data-parallel 1` run on its own).
+use crate::args::Layout;
+use crate::launch::{launch, mpi_world_size};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_deepscale::layers::init::RandomInit;
+use candle_deepscale::layers::module::Activations;
+use candle_deepscale::layers::parameter::ParamBuilder;
+use candle_deepscale::runtime::engine::{Engine, EngineConfig};
+use candle_deepscale::runtime::meters::WallClock;
+use clap::Args;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+use zoo::gpt2::Gpt2;
+
+#[derive(Args, Debug)]
+pub struct DpArgs {
+    /// GPT-2 preset, or `small` (4 layers, hidden 256, 4 heads, vocab 50257).
+    #[arg(long, default_value = "small")]
+    pub model: String,
+    /// Data-parallel ranks (1: only the one-rank step). Under mpirun: the job's size.
+    #[arg(long, default_value_t = 2)]
+    pub data_parallel: usize,
+    #[arg(long, default_value_t = 2)]
+    pub zero_stage: u8,
+    /// Global batch (split over the ranks).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    pub seq_length: usize,
+    /// Timed steps per measurement (after one warm-up step); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Alternations of one rank and dp N.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Rank 0's median step and its engine's split of it.
+struct Step {
+    ms: f64,
+    split: WallClock,
+}
+
+/// The training step on `dp` ranks, the global batch split over them.
+fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
+    let cfg = crate::bench::bench_model(&a.model, a.seq_length)?;
+    let (b, s) = (a.batch_size / dp, a.seq_length);
+    launch(&Layout::in_process(dp, 1, 1), |ctx| {
+        let src = RandomInit { seed: 1 };
+        let model = Arc::new(Gpt2::new(
+            &cfg,
+            &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
+        )?);
+        let mut engine = Engine::new(
+            model.clone(),
+            EngineConfig {
+                train_micro_batch_size_per_gpu: b,
+                zero_stage: a.zero_stage,
+                ..Default::default()
+            },
+            ctx.dp()?,
+            None,
+        )?;
+        // Rank r's rows of one global batch.
+        let rank = ctx.dp()?.map_or(0, |g| g.rank);
+        let ids: Vec<u32> = (rank * b * (s + 1)..(rank + 1) * b * (s + 1))
+            .map(|i| (i * 7919 % 50257) as u32)
+            .collect();
+        let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
+        let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+        let mut times = Vec::new();
+        for i in 0..a.iters.max(1) + 1 {
+            if i == 1 {
+                engine.take_wall_clock();
+            }
+            let t0 = Instant::now();
+            engine.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
+                model.loss(&o.hidden, &y)
+            })])?;
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(Step {
+            ms: times[times.len() / 2],
+            split: engine.take_wall_clock(),
+        })
+    })
+}
+
+pub fn run(a: DpArgs) -> Result<()> {
+    let mpi = mpi_world_size();
+    let n = mpi.unwrap_or(a.data_parallel);
+    if n == 0 || a.batch_size % n != 0 {
+        bail!(
+            "bench dp: the global batch ({}) must split evenly over {n} data-parallel ranks",
+            a.batch_size
+        );
+    }
+    if a.zero_stage > 2 {
+        bail!("bench dp: --zero-stage {} (0, 1 or 2)", a.zero_stage);
+    }
+    let tokens = (a.batch_size * a.seq_length) as f64;
+    let line = |what: &str, s: &Step| {
+        eprintln!(
+            "{what}: {:.1} ms/step, {:.1} tokens/s (forward {:.1} | backward {:.1} | optimizer_step {:.1} ms)",
+            s.ms,
+            tokens / (s.ms / 1e3),
+            s.split.forward_ms,
+            s.split.backward_ms,
+            s.split.step_ms
+        )
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..a.rounds.max(1) {
+        let one = if mpi.is_none() && n > 1 {
+            measure(&a, 1)?
+        } else {
+            None
+        };
+        let Some(many) = measure(&a, n)? else {
+            // Another MPI process: rank 0 reports.
+            return Ok(());
+        };
+        if let Some(one) = &one {
+            line("1 rank", one);
+        }
+        line(&format!("dp {n}"), &many);
+        let ratio = one.as_ref().map(|o| o.ms / many.ms);
+        if let Some(r) = ratio {
+            eprintln!("dp {n} / 1 rank: {r:.2}x the tokens/s");
+        }
+        rounds.push(
+            json!({"one_rank_ms": one.as_ref().map(|o| o.ms), "dp_ms": many.ms,
+            "dp_split_ms": {"forward": many.split.forward_ms, "backward": many.split.backward_ms,
+                "optimizer_step": many.split.step_ms},
+            "ratio": ratio}),
+        );
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "dp", "model": a.model, "data_parallel": n, "mpi": mpi.is_some(),
+                "zero_stage": a.zero_stage, "batch": a.batch_size, "seq": a.seq_length,
+                "rounds": rounds})
+        );
+    }
+    Ok(())
+}
