@@ -261,6 +261,39 @@ fn cli_under_mpirun_equals_one_rank() {
     );
 }
 
+/// Two MPI ranks on one node split its cores (rayon sized by OMPI_COMM_WORLD_LOCAL_SIZE) unless
+/// RAYON_NUM_THREADS says otherwise; `bench dp` runs its dp-2 step under mpirun.
+fn mpi_ranks_share_the_cores() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_deepscale"));
+    let args = [
+        "bench",
+        "dp",
+        "--seq-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+    ];
+    let run = |env: &[(&str, &str)]| -> serde_json::Value {
+        let out = mpirun(2, bin, &args, env);
+        expect_ok(&out, "bench dp under mpirun");
+        let s = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(s.lines().last().expect("a JSON line")).expect("JSON")
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let v = run(&[]);
+    assert_eq!(v["mpi"], true);
+    assert_eq!(v["data_parallel"], 2);
+    assert_eq!(v["rounds"][0]["threads_per_rank"]["dp"], (cores / 2).max(1));
+    assert!(v["rounds"][0]["ratio"].is_null(), "{v}");
+    let v = run(&[("RAYON_NUM_THREADS", "3")]);
+    assert_eq!(v["rounds"][0]["threads_per_rank"]["dp"], 3);
+}
+
 /// `pretrain-gpt2` on 4 MPI processes (tp 2 x dp 2, ZeRO-2) logs the losses of the 1-rank run.
 fn pretrain_under_mpirun_equals_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -532,6 +565,10 @@ fn main() {
         (
             "mpi_stalled_rank_times_out",
             Box::new(stalled_rank_times_out),
+        ),
+        (
+            "mpi_ranks_share_the_cores",
+            Box::new(mpi_ranks_share_the_cores),
         ),
         (
             "mpi_cli_under_mpirun_equals_one_rank",

@@ -211,13 +211,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
 fn attention(a: AttentionArgs) -> Result<()> {
     use candle_deepscale::ops::attention::{causal_attention_in_tiles, Tile, TILE};
     let (heads, d) = (a.num_attention_heads, a.head_dim);
+    if a.key_block == Some(0) {
+        bail!("bench attention: --key-block must be at least 1");
+    }
     let tiled = Tile {
         keys: a.key_block.unwrap_or(TILE.keys),
         ..TILE
-    };
-    if tiled.keys == 0 {
-        bail!("bench attention: --key-block must be at least 1");
     }
+    .normalized();
     let mut rows = Vec::new();
     for &t in &a.seq_lengths {
         let b = (a.tokens / t.max(1)).max(1);
@@ -243,7 +244,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
             tiled_ms.push(time(tiled)?);
         }
         // Per-thread score scratch, f32.
-        let kib = |tile: Tile| (tile.rows.min(t) * tile.keys.min(t) * 4) as f64 / 1024.0;
+        let kib = |tile: Tile| (tile.scratch_len(t) * 4) as f64 / 1024.0;
         eprintln!(
             "t {t} (batch {b}, {heads} heads of {d}), ms (best of 3, medians) and per-thread score scratch: tiles of {}x{} {:.1} ms ({:.0} KiB), row blocks of whole rows {:.1} ms ({:.0} KiB), whole square {:.1} ms ({:.0} KiB)",
             tiled.rows,

@@ -47,6 +47,8 @@ pub struct DpArgs {
 struct Step {
     ms: f64,
     split: WallClock,
+    /// The threads each rank computes on.
+    threads: usize,
 }
 
 /// The training step on `dp` ranks, the global batch split over them.
@@ -93,6 +95,7 @@ fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
         Ok(Step {
             ms: times[times.len() / 2],
             split: engine.take_wall_clock(),
+            threads: rayon::current_num_threads(),
         })
     })
 }
@@ -141,6 +144,7 @@ pub fn run(a: DpArgs) -> Result<()> {
         }
         rounds.push(
             json!({"one_rank_ms": one.as_ref().map(|o| o.ms), "dp_ms": many.ms,
+            "threads_per_rank": {"one_rank": one.as_ref().map(|o| o.threads), "dp": many.threads},
             "dp_split_ms": {"forward": many.split.forward_ms, "backward": many.split.backward_ms,
                 "optimizer_step": many.split.step_ms},
             "ratio": ratio}),

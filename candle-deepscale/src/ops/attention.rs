@@ -56,6 +56,23 @@ pub struct Tile {
     pub keys: usize,
 }
 
+impl Tile {
+    /// The tile the kernel runs: at least one row, keys rounded up to whole row blocks.
+    pub fn normalized(self) -> Tile {
+        let rows = self.rows.max(1);
+        Tile {
+            rows,
+            keys: self.keys.max(1).div_ceil(rows) * rows,
+        }
+    }
+
+    /// Floats of the per-thread score scratch at sequence length `t`.
+    pub fn scratch_len(self, t: usize) -> usize {
+        let n = self.normalized();
+        n.rows.min(t) * n.keys.min(t)
+    }
+}
+
 /// [`causal_attention`] in tiles of `tile` — for `deepscale bench attention` and the tests.
 pub fn causal_attention_in_tiles(
     qkv: &Tensor,
@@ -82,7 +99,7 @@ pub fn causal_attention_in_tiles(
     // Q K^T and P V over the whole square, as the profiler counts scaled_dot_product_attention.
     let (b, t) = (qkv.dim(0)?, qkv.dim(1)?);
     super::flops::add((2 * b * heads * t * t * head_dim) as u64);
-    let rows = tile.rows.max(1);
+    let tile = tile.normalized();
     let op = Attention {
         g: Geometry {
             t,
@@ -91,8 +108,8 @@ pub fn causal_attention_in_tiles(
             scale: 1.0 / (head_dim as f32).sqrt(),
             dropout,
             precision: float32_matmul_precision(),
-            rows,
-            keys: tile.keys.max(1).div_ceil(rows) * rows,
+            rows: tile.rows,
+            keys: tile.keys,
         },
         lse: Mutex::new(Vec::new()),
     };
@@ -220,7 +237,11 @@ impl Geometry {
 
     /// The largest tile's scores: the per-thread scratch.
     fn scratch_len(&self) -> usize {
-        self.rows.min(self.t) * self.keys.min(self.t)
+        Tile {
+            rows: self.rows,
+            keys: self.keys,
+        }
+        .scratch_len(self.t)
     }
 
     /// The tile of `A B^T` (both `t x d`): A's rows `[r0, r1)` against B's rows `[c0, c1)`.

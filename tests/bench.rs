@@ -1,0 +1,80 @@
+//! `deepscale bench` subcommands run on tiny sizes and report what they measure (their speed is
+//! recorded in BENCHMARKS.md, never asserted here).
+mod common;
+use common::cli::{deepscale, ok, refusal};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    let s = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(s.lines().last().expect("a JSON line")).expect("JSON")
+}
+
+/// `bench dp`: one rank and dp 2 alternate; each in-process rank computes on its own share of
+/// the threads (the one-rank run on all of them).
+#[test]
+fn bench_dp_pairs_one_rank_with_dp2_on_shared_cores() {
+    let args = [
+        "bench",
+        "dp",
+        "--seq-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+    ];
+    let v = json(&ok(&args));
+    assert_eq!(v["bench"], "dp");
+    assert_eq!(v["data_parallel"], 2);
+    assert_eq!(v["mpi"], false);
+    let round = &v["rounds"][0];
+    assert!(round["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    let cores = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    assert_eq!(round["threads_per_rank"]["one_rank"], cores);
+    assert_eq!(round["threads_per_rank"]["dp"], (cores / 2).max(1));
+    let bad = ["bench", "dp", "--batch-size", "3"];
+    refusal(
+        &deepscale(&bad),
+        &bad,
+        &["global batch (3)", "2 data-parallel ranks"],
+    );
+}
+
+/// `bench attention`: the tiled kernel's scratch does not grow with the sequence, the others'
+/// do; `--key-block` is rounded up to whole row blocks as the kernel runs it.
+#[test]
+fn bench_attention_reports_each_kernels_scratch() {
+    let args = [
+        "bench",
+        "attention",
+        "--seq-lengths",
+        "100,300",
+        "--tokens",
+        "300",
+        "--num-attention-heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--key-block",
+        "100",
+        "--rounds",
+        "1",
+        "--json",
+    ];
+    let v = json(&ok(&args));
+    let r = v["results"].as_array().expect("results");
+    assert_eq!(r[0]["key_block"], 192);
+    let kib = |i: usize, k: &str| r[i]["scratch_kib"][k].as_f64().expect("scratch");
+    // 96 x 192 floats at t = 300; 96 x 100 at t = 100 (the tile is cut at t).
+    assert_eq!(kib(1, "tiled"), 96.0 * 192.0 * 4.0 / 1024.0);
+    assert_eq!(kib(1, "whole_rows"), 96.0 * 300.0 * 4.0 / 1024.0);
+    assert_eq!(kib(1, "square"), 300.0 * 300.0 * 4.0 / 1024.0);
+    assert!(kib(0, "tiled") < kib(1, "tiled"));
+    let bad = ["bench", "attention", "--key-block", "0"];
+    refusal(&deepscale(&bad), &bad, &["--key-block"]);
+}
