@@ -13,10 +13,34 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// A member's deposit: a copy of its bytes, or (reduce-scatter and all-gather, which read large
+/// buffers once) the address and length of its own buffer, which it keeps alive by not returning
+/// until every member has read it (see [`InProcessComm::exchange_borrowed`]).
+#[derive(Clone)]
+enum Part {
+    Owned(Arc<Vec<u8>>),
+    Borrowed(usize, usize),
+}
+
+impl Part {
+    /// The bytes.
+    ///
+    /// # Safety
+    /// A borrowed part is read only between the moment every part is present and the moment
+    /// this member marks its reading done (its owner waits for that before returning).
+    unsafe fn bytes(&self) -> &[u8] {
+        match self {
+            Part::Owned(v) => v,
+            Part::Borrowed(at, len) => std::slice::from_raw_parts(*at as *const u8, *len),
+        }
+    }
+}
+
 struct Slot {
     op: &'static str,
-    parts: Vec<Option<Arc<Vec<u8>>>>,
-    taken: usize,
+    parts: Vec<Option<Part>>,
+    /// Members that have read every part.
+    done: Vec<bool>,
 }
 
 #[derive(Default)]
@@ -202,6 +226,49 @@ impl InProcessComm {
         group: &[usize],
         data: Vec<u8>,
     ) -> Result<Vec<Arc<Vec<u8>>>> {
+        let (me, key, parts) = self.deposit(op, group, Part::Owned(Arc::new(data)))?;
+        let owned = parts
+            .into_iter()
+            .map(|p| match p {
+                Part::Owned(v) => Ok(v),
+                Part::Borrowed(..) => Err(Error::Msg(format!(
+                    "{op} on group {group:?}: members called it differently"
+                ))),
+            })
+            .collect();
+        // Owned parts live on in their Arcs: nobody waits for this member's reading.
+        self.mark_done(&key, me, false)?;
+        owned
+    }
+
+    /// Deposits the address of `data` instead of a copy, lets `read` see every member's bytes
+    /// in group order, and returns once every member has read this one's: no copy of `data`,
+    /// no allocation (a fresh buffer of tens of MB page-faults every 4 KiB).
+    fn exchange_borrowed<R>(
+        &self,
+        op: &'static str,
+        group: &[usize],
+        data: &[u8],
+        read: impl FnOnce(&[&[u8]]) -> Result<R>,
+    ) -> Result<R> {
+        let part = Part::Borrowed(data.as_ptr() as usize, data.len());
+        let (me, key, parts) = self.deposit(op, group, part)?;
+        // SAFETY: every part is present and no owner returns before this member is done.
+        let views: Vec<&[u8]> = parts.iter().map(|p| unsafe { p.bytes() }).collect();
+        let r = read(&views);
+        drop(views);
+        self.mark_done(&key, me, true)?;
+        r
+    }
+
+    /// Puts this member's part into the collective's slot and waits for every member's.
+    #[allow(clippy::type_complexity)]
+    fn deposit(
+        &self,
+        op: &'static str,
+        group: &[usize],
+        part: Part,
+    ) -> Result<(usize, (Vec<usize>, u64), Vec<Part>)> {
         let me = self.check_group(group, op)?;
         let key = (group.to_vec(), self.next_seq(group));
         let deadline = Instant::now() + self.shared.timeout;
@@ -210,7 +277,7 @@ impl InProcessComm {
             let slot = st.slots.entry(key.clone()).or_insert_with(|| Slot {
                 op,
                 parts: vec![None; group.len()],
-                taken: 0,
+                done: vec![false; group.len()],
             });
             if slot.op != op {
                 bail!(
@@ -219,7 +286,7 @@ impl InProcessComm {
                     slot.op
                 )
             }
-            slot.parts[me] = Some(Arc::new(data));
+            slot.parts[me] = Some(part);
         }
         self.shared.cv.notify_all();
         loop {
@@ -237,27 +304,84 @@ impl InProcessComm {
             if missing.is_empty() {
                 break;
             }
-            if let Some((r, why)) = missing
+            let failed = match missing
                 .iter()
                 .find_map(|r| st.gone.get(r).map(|w| (*r, w.clone())))
             {
-                bail!("rank {}: {op} on group {group:?} cannot complete: peer rank {r} is gone ({why})", self.rank)
+                Some((r, why)) => format!(
+                    "rank {}: {op} on group {group:?} cannot complete: peer rank {r} is gone ({why})",
+                    self.rank
+                ),
+                None => match self.wait(st, deadline, || {
+                    format!("{op} on group {group:?} timed out waiting for rank(s) {missing:?}")
+                }) {
+                    Ok(g) => {
+                        st = g;
+                        continue;
+                    }
+                    Err(e) => {
+                        st = self.shared.lock();
+                        // The last part may have come while the lock was free: a peer that saw
+                        // it complete is reading this member's part.
+                        if st
+                            .slots
+                            .get(&key)
+                            .is_some_and(|s| s.parts.iter().all(Option::is_some))
+                        {
+                            continue;
+                        }
+                        e.to_string()
+                    }
+                },
+            };
+            // Never complete: take this member's part back (a late peer must not read a
+            // buffer this member is about to release).
+            if let Some(slot) = st.slots.get_mut(&key) {
+                slot.parts[me] = None;
             }
-            st = self.wait(st, deadline, || {
-                format!("{op} on group {group:?} timed out waiting for rank(s) {missing:?}")
-            })?;
+            bail!("{failed}")
         }
-        let slot = st.slots.get_mut(&key).expect("slot present");
-        let parts: Vec<Arc<Vec<u8>>> = slot
+        let slot = st.slots.get(&key).expect("slot present");
+        let parts = slot
             .parts
             .iter()
             .map(|p| p.clone().expect("complete"))
             .collect();
-        slot.taken += 1;
-        if slot.taken == group.len() {
-            st.slots.remove(&key);
+        Ok((me, key, parts))
+    }
+
+    /// This member has read every part; with `wait`, also waits until every other member has
+    /// (or is gone: a member's thread is gone only after its collectives returned), so that its
+    /// borrowed buffer stays valid while read. Not bounded by the timeout: the members still
+    /// reading are past the rendezvous, only copying.
+    fn mark_done(&self, key: &(Vec<usize>, u64), me: usize, wait: bool) -> Result<()> {
+        let mut st = self.shared.lock();
+        let Some(slot) = st.slots.get_mut(key) else {
+            bail!("rank {}: collective slot vanished", self.rank)
+        };
+        slot.done[me] = true;
+        if slot.done.iter().all(|&d| d) {
+            st.slots.remove(key);
+            drop(st);
+            self.shared.cv.notify_all();
+            return Ok(());
         }
-        Ok(parts)
+        self.shared.cv.notify_all();
+        while wait {
+            let Some(slot) = st.slots.get(key) else {
+                return Ok(());
+            };
+            let reading = slot
+                .done
+                .iter()
+                .zip(&key.0)
+                .any(|(&d, r)| !d && !st.gone.contains_key(r));
+            if !reading {
+                return Ok(());
+            }
+            st = self.shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
     }
 }
 
@@ -292,19 +416,20 @@ impl Communicator for InProcessComm {
 
     fn all_gather_bytes(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
         check_all_gather(group, send.len(), recv.len())?;
-        let parts = self.exchange("all_gather", group, send.to_vec())?;
-        for (i, p) in parts.iter().enumerate() {
-            if p.len() != send.len() {
-                bail!(
-                    "all_gather on group {group:?}: rank {} sent {} bytes, this rank {}",
-                    group[i],
-                    p.len(),
-                    send.len()
-                )
+        self.exchange_borrowed("all_gather", group, send, |parts| {
+            for (i, p) in parts.iter().enumerate() {
+                if p.len() != send.len() {
+                    bail!(
+                        "all_gather on group {group:?}: rank {} sent {} bytes, this rank {}",
+                        group[i],
+                        p.len(),
+                        send.len()
+                    )
+                }
+                recv[i * send.len()..(i + 1) * send.len()].copy_from_slice(p);
             }
-            recv[i * send.len()..(i + 1) * send.len()].copy_from_slice(p);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn reduce_scatter_bytes(
@@ -318,9 +443,18 @@ impl Communicator for InProcessComm {
         let n = recv.len();
         check_reduce_scatter(group, send.len(), recv.len())?;
         let me = self.check_group(group, "reduce_scatter")?;
-        let parts = self.exchange("reduce_scatter", group, send.to_vec())?;
-        let views: Vec<&[u8]> = parts.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
-        reduce_bytes(&views, recv, kind, op)
+        self.exchange_borrowed("reduce_scatter", group, send, |parts| {
+            if let Some(i) = parts.iter().position(|p| p.len() != send.len()) {
+                bail!(
+                    "reduce_scatter on group {group:?}: rank {} sent {} bytes, this rank {}",
+                    group[i],
+                    parts[i].len(),
+                    send.len()
+                )
+            }
+            let views: Vec<&[u8]> = parts.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
+            reduce_bytes(&views, recv, kind, op)
+        })
     }
 
     fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
