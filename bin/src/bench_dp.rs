@@ -103,7 +103,7 @@ fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
 pub fn run(a: DpArgs) -> Result<()> {
     let mpi = mpi_world_size();
     let n = mpi.unwrap_or(a.data_parallel);
-    if n == 0 || a.batch_size % n != 0 {
+    if n == 0 || !a.batch_size.is_multiple_of(n) {
         bail!(
             "bench dp: the global batch ({}) must split evenly over {n} data-parallel ranks",
             a.batch_size

@@ -367,7 +367,10 @@ impl InProcessComm {
             return Ok(());
         }
         self.shared.cv.notify_all();
-        while wait {
+        if !wait {
+            return Ok(());
+        }
+        loop {
             let Some(slot) = st.slots.get(key) else {
                 return Ok(());
             };
@@ -381,7 +384,6 @@ impl InProcessComm {
             }
             st = self.shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        Ok(())
     }
 }
 

@@ -377,10 +377,10 @@ impl Geometry {
             vectorized(
                 #[inline(always)]
                 || {
-                    for r in tile.r0..tile.r1 {
+                    for (r, &lse) in (tile.r0..tile.r1).zip(&lse[tile.r0..tile.r1]) {
                         let (live, masked) = tile.row(p, r);
                         live.iter_mut()
-                            .for_each(|x| *x = exp(*x * self.scale - lse[r]));
+                            .for_each(|x| *x = exp(*x * self.scale - lse));
                         masked.fill(0.0);
                     }
                 },
@@ -404,7 +404,7 @@ impl Geometry {
             vectorized(
                 #[inline(always)]
                 || {
-                    for r in tile.r0..tile.r1 {
+                    for (r, &delta) in (tile.r0..tile.r1).zip(&delta[tile.r0..tile.r1]) {
                         let at = (r - tile.r0) * tile.width();
                         let prow = &p[at..at + tile.width()];
                         let (live, masked) = tile.row(ds, r);
@@ -414,7 +414,7 @@ impl Geometry {
                             }
                         }
                         for (x, pv) in live.iter_mut().zip(prow) {
-                            *x = pv * (*x - delta[r]) * self.scale;
+                            *x = pv * (*x - delta) * self.scale;
                         }
                         masked.fill(0.0);
                     }
