@@ -84,10 +84,13 @@ pub fn check_collectives(c: &dyn Communicator, topo: &Topology) -> Result<()> {
                 })
                 .collect()
         };
-        for op in [ReduceOp::Sum, ReduceOp::Avg] {
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
             let mut want = big(group[0]);
             for &g in &group[1..] {
-                want.iter_mut().zip(big(g)).for_each(|(w, x)| *w += x);
+                want.iter_mut().zip(big(g)).for_each(|(w, x)| match op {
+                    ReduceOp::Max => *w = w.max(x),
+                    _ => *w += x,
+                });
             }
             if op == ReduceOp::Avg {
                 want.iter_mut().for_each(|w| *w /= group.len() as f32);

@@ -137,17 +137,17 @@ struct Geometry {
     keys: usize,
 }
 
-/// Query rows `[r0, r1)` against keys `[c0, c1)`: `(r1 - r0) x (c1 - c0)` scores, row-major in
-/// a per-thread scratch of the largest tile's size.
+/// A tile in place: query rows `[r0, r1)` against keys `[c0, c1)`, `(r1 - r0) x (c1 - c0)`
+/// scores row-major in a per-thread scratch of the largest tile's size.
 #[derive(Clone, Copy)]
-struct Tile_ {
+struct TileAt {
     r0: usize,
     r1: usize,
     c0: usize,
     c1: usize,
 }
 
-impl Tile_ {
+impl TileAt {
     fn rows(&self) -> usize {
         self.r1 - self.r0
     }
@@ -179,12 +179,12 @@ fn from_row(m: Mat, r0: usize) -> Mat {
 
 impl Geometry {
     /// The row blocks of a head, top to bottom, each as its key tiles left to right.
-    fn row_blocks(&self) -> impl Iterator<Item = Vec<Tile_>> + '_ {
+    fn row_blocks(&self) -> impl Iterator<Item = Vec<TileAt>> + '_ {
         (0..self.t).step_by(self.rows).map(|r0| {
             let r1 = (r0 + self.rows).min(self.t);
             (0..r1)
                 .step_by(self.keys)
-                .map(|c0| Tile_ {
+                .map(|c0| TileAt {
                     r0,
                     r1,
                     c0,
@@ -245,7 +245,7 @@ impl Geometry {
     }
 
     /// The tile of `A B^T` (both `t x d`): A's rows `[r0, r1)` against B's rows `[c0, c1)`.
-    fn tile_of(&self, a: Mat, b: Mat, tile: &Tile_, out: &mut [f32]) {
+    fn tile_of(&self, a: Mat, b: Mat, tile: &TileAt, out: &mut [f32]) {
         // SAFETY: callers pass t x d views; out holds the tile.
         unsafe {
             gemm(
@@ -262,7 +262,7 @@ impl Geometry {
 
     /// Rows `[r0, r1)` of `out` (`t x d`) = (or `+=` when `add`) the tile `m` times X's rows
     /// `[c0, c1)`.
-    fn tile_times(&self, m: &[f32], tile: &Tile_, x: Mat, out: &mut [f32], add: bool) {
+    fn tile_times(&self, m: &[f32], tile: &TileAt, x: Mat, out: &mut [f32], add: bool) {
         // SAFETY: reads X's rows [c0, c1), writes out's rows [r0, r1).
         unsafe {
             gemm(
@@ -278,7 +278,7 @@ impl Geometry {
     }
 
     /// Rows `[c0, c1)` of `out` (`t x d`) `+=` the tile `m` transposed times Y's rows `[r0, r1)`.
-    fn tile_t_times(&self, m: &[f32], tile: &Tile_, y: Mat, out: &mut [f32]) {
+    fn tile_t_times(&self, m: &[f32], tile: &TileAt, y: Mat, out: &mut [f32]) {
         // SAFETY: reads Y's rows [r0, r1), writes out's rows [c0, c1).
         unsafe {
             gemm(
@@ -302,7 +302,7 @@ impl Geometry {
         &self,
         bh: usize,
         (q, k, v): (Mat, Mat, Mat),
-        tiles: &[Tile_],
+        tiles: &[TileAt],
         scratch: &mut [f32],
         (run_max, run_sum): (&mut [f32], &mut [f32]),
         o: &mut [f32],
@@ -366,7 +366,7 @@ impl Geometry {
         bh: usize,
         (q, k, v, dout): (Mat, Mat, Mat, Mat),
         (lse, delta): (&[f32], &[f32]),
-        tiles: &[Tile_],
+        tiles: &[TileAt],
         (p, pd, ds): (&mut [f32], &mut Vec<f32>, &mut [f32]),
         (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     ) {

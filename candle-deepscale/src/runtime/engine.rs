@@ -178,14 +178,14 @@ impl Engine {
         self.model.layers()
     }
 
-    /// Milliseconds per iteration in forward, backward and the optimizer step since the last
-    /// call (DeepSpeed's `wall_clock_breakdown`), and resets them. Pipeline stages count their
-    /// own forward and backward passes (not the waits between them).
     /// The wall clock accumulated since the last [`Engine::take_wall_clock`] (totals, not reset).
     pub fn wall_clock(&self) -> WallClock {
         self.clock
     }
 
+    /// Milliseconds per iteration in forward, backward and the optimizer step since the last
+    /// call (DeepSpeed's `wall_clock_breakdown`), and resets them. Pipeline stages count their
+    /// own forward and backward passes (not the waits between them).
     pub fn take_wall_clock(&mut self) -> WallClock {
         let c = std::mem::take(&mut self.clock);
         let n = c.iterations.max(1) as f64;
