@@ -1,5 +1,6 @@
 //! The MPI backend under `mpirun` (feature `mpi`): collectives at 2 and 4 processes, tensor
-//! parallelism equal to one rank, the CLI at tp=2, pretraining at tp 2 x dp 2 with ZeRO-2, and a failing or stalled rank ending the job.
+//! parallelism equal to one rank, the CLI at tp=2, pretraining at tp 2 x dp 2 with ZeRO-2, ranks
+//! splitting the node's cores, and a failing or stalled rank ending the job.
 //!
 //! A custom harness: run plainly, it drives `mpirun -np N <this binary>`; started by mpirun (with
 //! DEEPSCALE_MPI_WORKER set) it is a worker rank.

@@ -26,6 +26,7 @@ pub struct DpArgs {
     /// Data-parallel ranks (1: only the one-rank step). Under mpirun: the job's size.
     #[arg(long, default_value_t = 2)]
     pub data_parallel: usize,
+    /// ZeRO stage of the data-parallel run (0, 1 or 2).
     #[arg(long, default_value_t = 2)]
     pub zero_stage: u8,
     /// Global batch (split over the ranks).
