@@ -115,21 +115,32 @@ impl Staging {
     pub fn reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<Vec<f32>> {
         let parts = z.layout.parts;
         let pieces: usize = bs.iter().map(|&b| z.layout.buckets[b].piece).sum();
-        // Rank k's chunk: its piece of every bucket, in order.
-        let mut send = vec![0f32; pieces * parts];
-        z.note_comm(4 * (send.len() + pieces));
-        let mut at = 0;
-        for &b in bs {
-            let bk = &z.layout.buckets[b];
-            if let Some(local) = self.0.remove(&b) {
-                for k in 0..parts {
-                    let dst = k * pieces + at;
-                    send[dst..dst + bk.piece]
-                        .copy_from_slice(&local[k * bk.piece..(k + 1) * bk.piece]);
+        // Rank k's chunk: its piece of every bucket, in order. One bucket's staging buffer is
+        // already in that order: it is sent as it is (no copy of the bucket, no fresh buffer).
+        let single = match bs {
+            [b] if self.0.get(b).is_some_and(|v| v.len() == pieces * parts) => self.0.remove(b),
+            _ => None,
+        };
+        let send = match single {
+            Some(local) => local,
+            None => {
+                let mut send = vec![0f32; pieces * parts];
+                let mut at = 0;
+                for &b in bs {
+                    let bk = &z.layout.buckets[b];
+                    if let Some(local) = self.0.remove(&b) {
+                        for k in 0..parts {
+                            let dst = k * pieces + at;
+                            send[dst..dst + bk.piece]
+                                .copy_from_slice(&local[k * bk.piece..(k + 1) * bk.piece]);
+                        }
+                    }
+                    at += bk.piece;
                 }
+                send
             }
-            at += bk.piece;
-        }
+        };
+        z.note_comm(4 * (send.len() + pieces));
         Ok(match (&z.dp, parts > 1) {
             (Some(dp), true) => {
                 let mut piece = vec![0f32; pieces];
