@@ -1,31 +1,13 @@
 //! `deepscale bench` subcommands run on tiny sizes and report what they measure (their speed is
 //! recorded in BENCHMARKS.md, never asserted here).
 mod common;
-use common::cli::{deepscale, ok, refusal};
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    let s = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(s.lines().last().expect("a JSON line")).expect("JSON")
-}
+use common::cli::{deepscale, last_json, ok, refusal, BENCH_DP_TINY};
 
 /// `bench dp`: one rank and dp 2 alternate; each in-process rank computes on its own share of
 /// the threads (the one-rank run on all of them).
 #[test]
 fn bench_dp_pairs_one_rank_with_dp2_on_shared_cores() {
-    let args = [
-        "bench",
-        "dp",
-        "--seq-length",
-        "16",
-        "--batch-size",
-        "2",
-        "--iters",
-        "1",
-        "--rounds",
-        "1",
-        "--json",
-    ];
-    let v = json(&ok(&args));
+    let v = last_json(&ok(&BENCH_DP_TINY));
     assert_eq!(v["bench"], "dp");
     assert_eq!(v["data_parallel"], 2);
     assert_eq!(v["mpi"], false);
@@ -66,7 +48,7 @@ fn bench_attention_reports_each_kernels_scratch() {
         "1",
         "--json",
     ];
-    let v = json(&ok(&args));
+    let v = last_json(&ok(&args));
     let r = v["results"].as_array().expect("results");
     assert_eq!(r[0]["key_block"], 192);
     let kib = |i: usize, k: &str| r[i]["scratch_kib"][k].as_f64().expect("scratch");

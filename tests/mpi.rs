@@ -266,24 +266,10 @@ fn cli_under_mpirun_equals_one_rank() {
 /// RAYON_NUM_THREADS says otherwise; `bench dp` runs its dp-2 step under mpirun.
 fn mpi_ranks_share_the_cores() {
     let bin = Path::new(env!("CARGO_BIN_EXE_deepscale"));
-    let args = [
-        "bench",
-        "dp",
-        "--seq-length",
-        "16",
-        "--batch-size",
-        "2",
-        "--iters",
-        "1",
-        "--rounds",
-        "1",
-        "--json",
-    ];
     let run = |env: &[(&str, &str)]| -> serde_json::Value {
-        let out = mpirun(2, bin, &args, env);
+        let out = mpirun(2, bin, &common::cli::BENCH_DP_TINY, env);
         expect_ok(&out, "bench dp under mpirun");
-        let s = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(s.lines().last().expect("a JSON line")).expect("JSON")
+        common::cli::last_json(&out)
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let v = run(&[]);

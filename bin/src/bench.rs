@@ -430,6 +430,23 @@ fn bench_config(a: &TpArgs) -> Result<gpt2::Config> {
     bench_model(&a.model, a.seq_length)
 }
 
+/// The benchmarks' synthetic batch: `b` rows of `s + 1` token ids below `vocab`, rows
+/// `[row0, row0 + b)` of one fixed sequence (a data-parallel rank takes its own rows), as the
+/// inputs and their next-token labels.
+pub(crate) fn token_batch(
+    (b, s): (usize, usize),
+    row0: usize,
+    vocab: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let first = row0 * (s + 1);
+    let ids: Vec<u32> = (first..first + b * (s + 1))
+        .map(|i| (i * 7919 % vocab) as u32)
+        .collect();
+    let t = Tensor::from_vec(ids, (b, s + 1), device)?;
+    Ok((t.narrow(1, 0, s)?, t.narrow(1, 1, s)?))
+}
+
 /// A GPT-2 preset, or `small` (4 layers, hidden 256, 4 heads, vocab 50257), without dropout.
 pub(crate) fn bench_model(model: &str, seq_length: usize) -> Result<gpt2::Config> {
     Ok(match model {
@@ -463,11 +480,7 @@ fn tp(a: TpArgs) -> Result<()> {
             let model = Gpt2::new(&cfg, &pb)?;
             let params = model.parameters();
             let mut opt = AdamW::new(&params, AdamWConfig::default())?;
-            let ids: Vec<u32> = (0..b * (s + 1))
-                .map(|i| (i * 7919 % 50257) as u32)
-                .collect();
-            let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
-            let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+            let (x, y) = token_batch((b, s), 0, 50257, &Device::Cpu)?;
             let mut times = Vec::new();
             for i in 0..iters + 1 {
                 let t0 = Instant::now();
@@ -618,11 +631,7 @@ fn train(a: TpArgs) -> Result<()> {
     use candle_nn::Optimizer;
     let cfg = bench_config(&a)?;
     let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
-    let ids: Vec<u32> = (0..b * (s + 1))
-        .map(|i| (i * 7919 % 50257) as u32)
-        .collect();
-    let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
-    let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+    let (x, y) = token_batch((b, s), 0, 50257, &Device::Cpu)?;
     let src = RandomInit { seed: 1 };
     let build = || Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32));
     let opt = AdamWConfig::default();
@@ -771,9 +780,7 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
         if let Some(p) = pipe.clone() {
             engine = engine.with_pipeline(p)?;
         }
-        let ids: Vec<u32> = (0..b * (s + 1)).map(|i| (i * 7919 % 1000) as u32).collect();
-        let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
-        let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+        let (x, y) = token_batch((b, s), 0, 1000, &Device::Cpu)?;
         let (mut busy, mut wall) = (Vec::new(), Vec::new());
         for i in 0..iters + 1 {
             let t0 = Instant::now();
@@ -890,17 +897,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
             let model = std::sync::Arc::new(Gpt2::new(cfg, &pb)?);
             let mut engine = Engine::new(model.clone(), ec.clone(), dp, None)?;
             let state = engine.state_bytes();
-            let ids = Tensor::new(
-                (0..a.batch_size * (a.seq_length + 1))
-                    .map(|i| (i * 7919 % 50257) as u32)
-                    .collect::<Vec<_>>(),
-                &Device::Cpu,
-            )?
-            .reshape((a.batch_size, a.seq_length + 1))?;
-            let (x, y) = (
-                ids.narrow(1, 0, a.seq_length)?,
-                ids.narrow(1, 1, a.seq_length)?,
-            );
+            let (x, y) = token_batch((a.batch_size, a.seq_length), 0, 50257, &Device::Cpu)?;
             let mut times = Vec::new();
             let io0 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
             for i in 0..a.iters + 1 {

@@ -6,7 +6,7 @@
 use crate::args::Layout;
 use crate::launch::{launch, mpi_world_size};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::Activations;
 use candle_deepscale::layers::parameter::ParamBuilder;
@@ -74,11 +74,7 @@ fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
         )?;
         // Rank r's rows of one global batch.
         let rank = ctx.dp()?.map_or(0, |g| g.rank);
-        let ids: Vec<u32> = (rank * b * (s + 1)..(rank + 1) * b * (s + 1))
-            .map(|i| (i * 7919 % 50257) as u32)
-            .collect();
-        let t = Tensor::from_vec(ids, (b, s + 1), &Device::Cpu)?;
-        let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+        let (x, y) = crate::bench::token_batch((b, s), rank * b, 50257, &Device::Cpu)?;
         let mut times = Vec::new();
         for i in 0..a.iters.max(1) + 1 {
             if i == 1 {

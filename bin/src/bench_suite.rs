@@ -8,7 +8,7 @@
 //! ratios.
 use crate::args::DeviceKind;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_deepscale::layers::init::RandomInit;
 use candle_deepscale::layers::module::{Activations, ForwardCtx};
 use candle_deepscale::layers::parameter::ParamBuilder;
@@ -223,11 +223,7 @@ fn measure_on(
         None,
         None,
     )?;
-    let ids: Vec<u32> = (0..b * (s + 1))
-        .map(|i| (i * 7919 % 50257) as u32)
-        .collect();
-    let t = Tensor::from_vec(ids, (b, s + 1), device)?;
-    let (x, y) = (t.narrow(1, 0, s)?, t.narrow(1, 1, s)?);
+    let (x, y) = crate::bench::token_batch((b, s), 0, 50257, device)?;
     let mut step_ms = Vec::new();
     let mut step_peak_gflops = Vec::new();
     let mut faults = 0;

@@ -41,3 +41,24 @@ pub fn refusal(out: &Output, args: &[&str], needles: &[&str]) -> String {
     }
     err
 }
+
+/// The last line of a command's stdout as JSON (the `--json` summary).
+pub fn last_json(out: &Output) -> serde_json::Value {
+    let s = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(s.lines().last().expect("a JSON line")).expect("JSON")
+}
+
+/// `bench dp` on a few tokens, one step, one round, its JSON summary.
+pub const BENCH_DP_TINY: [&str; 11] = [
+    "bench",
+    "dp",
+    "--seq-length",
+    "16",
+    "--batch-size",
+    "2",
+    "--iters",
+    "1",
+    "--rounds",
+    "1",
+    "--json",
+];

@@ -36,6 +36,9 @@ impl Part {
     }
 }
 
+/// A collective's slot: its group and its sequence number on that group.
+type SlotKey = (Vec<usize>, u64);
+
 struct Slot {
     op: &'static str,
     parts: Vec<Option<Part>>,
@@ -45,7 +48,7 @@ struct Slot {
 
 #[derive(Default)]
 struct State {
-    slots: HashMap<(Vec<usize>, u64), Slot>,
+    slots: HashMap<SlotKey, Slot>,
     mail: HashMap<(usize, usize, u64), VecDeque<Vec<u8>>>,
     /// Why a rank stopped taking part (error, panic, or it finished).
     gone: HashMap<usize, String>,
@@ -269,13 +272,12 @@ impl InProcessComm {
     }
 
     /// Puts this member's part into the collective's slot and waits for every member's.
-    #[allow(clippy::type_complexity)]
     fn deposit(
         &self,
         op: &'static str,
         group: &[usize],
         part: Part,
-    ) -> Result<(usize, (Vec<usize>, u64), Vec<Part>)> {
+    ) -> Result<(usize, SlotKey, Vec<Part>)> {
         let me = self.check_group(group, op)?;
         let key = (group.to_vec(), self.next_seq(group));
         let deadline = Instant::now() + self.shared.timeout;
@@ -403,7 +405,7 @@ impl InProcessComm {
     /// (or is gone: a member's thread is gone only after its collectives returned), so that its
     /// borrowed buffer stays valid while read. Not bounded by the timeout: the members still
     /// reading are past the rendezvous, only copying.
-    fn mark_done(&self, key: &(Vec<usize>, u64), me: usize, wait: bool) -> Result<()> {
+    fn mark_done(&self, key: &SlotKey, me: usize, wait: bool) -> Result<()> {
         let mut st = self.shared.lock();
         let Some(slot) = st.slots.get_mut(key) else {
             bail!("rank {}: collective slot vanished", self.rank)
