@@ -61,6 +61,75 @@ fn assert_peers_fail(
     }
 }
 
+/// Started reduce-scatters (`overlap_comm`'s collectives) on a 2x2x2 grid: in flight two at a
+/// time around a blocking all-reduce, the blocking result bit for bit.
+#[test]
+fn started_reduce_scatters_equal_the_blocking_ones() {
+    let topo = Topology::new(2, 2, 2).unwrap();
+    let results = InProcessWorld::run(8, Duration::from_secs(30), |comm| {
+        collectives::check_started_reduce_scatter(comm, &topo)
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+    }
+}
+
+/// A started reduce-scatter does not wait for its peers: rank 0's is in flight, not complete,
+/// until the others start theirs (they start only once rank 0 has looked).
+#[test]
+fn a_started_reduce_scatter_returns_before_its_peers_join() {
+    use candle_deepscale::comm::ProcessGroup;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let looked = AtomicBool::new(false);
+    let results = InProcessWorld::run(3, Duration::from_secs(20), |comm| {
+        let g = ProcessGroup::new(comm.clone(), vec![0, 1, 2])?;
+        let send: Vec<f32> = (0..6).map(|i| (i + 10 * comm.rank()) as f32).collect();
+        if comm.rank() != 0 {
+            while !looked.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let mut work = g.reduce_scatter_start(send, ReduceOp::Sum)?;
+        if comm.rank() == 0 {
+            assert!(!work.is_completed()?, "complete before the peers started");
+            looked.store(true, Ordering::Release);
+        }
+        let mut got = vec![0f32; 2];
+        work.wait(&mut got)?;
+        Ok(got)
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        let got = res.unwrap();
+        let want: Vec<f32> = (0..2)
+            .map(|i| (0..3).map(|k| (2 * r + i + 10 * k) as f32).sum())
+            .collect();
+        assert_eq!(got, want, "rank {r}");
+    }
+}
+
+/// A peer that fails while a started reduce-scatter waits for it fails the wait, naming it.
+#[test]
+fn a_started_reduce_scatter_fails_when_a_peer_is_gone() {
+    use candle_deepscale::comm::ProcessGroup;
+    let t = Instant::now();
+    let results = InProcessWorld::run(2, Duration::from_secs(20), |comm: Arc<_>| {
+        if comm.rank() == 1 {
+            candle_core::bail!("simulated data error on rank 1");
+        }
+        let g = ProcessGroup::new(comm.clone(), vec![0, 1])?;
+        let work = g.reduce_scatter_start(vec![1f32; 8], ReduceOp::Sum)?;
+        let mut got = vec![0f32; 4];
+        work.wait(&mut got)
+    });
+    assert_peers_fail(
+        results,
+        1,
+        &["reduce_scatter", "peer rank 1", "simulated data error"],
+        t,
+        Duration::from_secs(10),
+    );
+}
+
 #[test]
 fn a_rank_that_errors_fails_its_peers() {
     let t = Instant::now();

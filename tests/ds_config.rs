@@ -155,3 +155,20 @@ fn missing_config_file_names_the_path() {
         .to_string();
     assert!(e.contains("/nonexistent/ds_config.json"), "{e}");
 }
+
+/// `zero_optimization.overlap_comm` reaches the engine, with DeepSpeed's default where it is
+/// absent: on at stage 3, off below.
+#[test]
+fn overlap_comm_follows_deepspeed_defaults() {
+    use candle_deepscale::runtime::engine_config::EngineConfig;
+    let overlap = |zero: &str| {
+        let text = format!(r#"{{"train_batch_size": 8, "zero_optimization": {zero}}}"#);
+        let ds = DeepSpeedConfig::from_json_str(&text, "cfg.json").unwrap();
+        EngineConfig::from_deepspeed(&ds, 2).unwrap().overlap_comm
+    };
+    assert!(!overlap(r#"{"stage": 2}"#));
+    assert!(!overlap(r#"{"stage": 1}"#));
+    assert!(overlap(r#"{"stage": 3}"#));
+    assert!(overlap(r#"{"stage": 2, "overlap_comm": true}"#));
+    assert!(!overlap(r#"{"stage": 3, "overlap_comm": false}"#));
+}

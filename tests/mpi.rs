@@ -61,6 +61,9 @@ fn worker(case: &str, out: &Path) {
         "collectives" => {
             let topo = Topology::from_world(size, 2, 1).unwrap();
             collectives::check_collectives(dyn_comm.as_ref(), &topo).unwrap();
+            collectives::check_started_reduce_scatter(dyn_comm.clone(), &topo).unwrap();
+            collectives::check_start_does_not_wait(dyn_comm.clone(), Duration::from_secs(2))
+                .unwrap();
             std::fs::write(out.join(format!("rank{rank}.ok")), "ok").unwrap();
         }
         "tp-gpt2" | "tp-bert" => {
@@ -383,6 +386,35 @@ fn pretrain_under_mpirun_equals_one_rank() {
             (a["world_size"].as_u64(), a["dp"].as_u64()),
             (Some(4), Some(2))
         );
+    }
+    // DeepSpeed's `overlap_comm` at stages 1 and 2 across 4 processes (dp 4): bucket reductions
+    // left in flight as nonblocking MPI collectives, polled between layers.
+    for stage in [1, 2] {
+        let cfg = tmp.path().join(format!("overlap{stage}.json"));
+        std::fs::write(
+            &cfg,
+            serde_json::json!({
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": stage, "overlap_comm": true,
+                    "reduce_bucket_size": 20000}
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let overlapped = run(
+            &tmp.path().join(format!("overlap{stage}.jsonl")),
+            &["--deepscale", "--deepscale-config", cfg.to_str().unwrap()],
+            Some(4),
+        );
+        assert_eq!(overlapped.len(), 4);
+        for (a, b) in overlapped.iter().zip(&one) {
+            let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!(
+                (la - lb).abs() <= 1e-5 * lb,
+                "ZeRO-{stage} overlap_comm under MPI: loss {la} vs {lb}"
+            );
+            assert_eq!(a["dp"].as_u64(), Some(4));
+        }
     }
     // ZeRO-3 across processes: tp 2 x dp 2, blocks partitioned too (a low persistence
     // threshold through a DeepSpeed config), with the parameter pieces and optimizer state

@@ -59,6 +59,8 @@ struct RankRun {
     stage3: Option<(usize, usize, u64)>,
     /// NVMe offload: bytes read and written by the swapper.
     offload_io: Option<(u64, u64)>,
+    /// The most gradient reductions in flight at once (`overlap_comm`).
+    in_flight: u64,
 }
 
 /// Trains the tiny GPT-2 for `steps` on `tp x dp` in-process ranks with `cfg` (the micro-batch and
@@ -153,6 +155,7 @@ fn train_with(
             formula: engine.formula_bytes(),
             stage3,
             offload_io: engine.optimizer().offload_io_bytes(),
+            in_flight: engine.optimizer().peak_reductions_in_flight(),
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -207,6 +210,72 @@ fn data_parallel_zero_0_1_2_equal_one_rank() {
     for s in [0, 1, 2] {
         let runs = train(1, 2, stage(s, 2, 1), STEPS, DType::F32);
         assert_runs_match(&runs, &reference, &format!("dp=2 ZeRO-{s}"));
+    }
+}
+
+/// DeepSpeed's `overlap_comm`: the reductions of complete buckets are left in flight while
+/// backward goes on (small buckets: several in flight at once; accumulation: a bucket's
+/// micro-batches in turn) and change no bit: losses, norms and parameters equal the run that
+/// waits for each, at every stage, with tensor parallelism and with activation checkpointing.
+#[test]
+fn overlap_comm_changes_no_bit() {
+    let exact = |a: &[RankRun], b: &[RankRun], what: &str| {
+        for (rank, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(x.losses, y.losses, "{what} rank {rank}: losses");
+            assert_eq!(x.norms, y.norms, "{what} rank {rank}: grad norms");
+            for (name, t) in &x.params {
+                let (u, v) = (
+                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    y.params[name]
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+                assert!(u == v, "{what} rank {rank}: parameter {name}");
+            }
+        }
+    };
+    let steps = 4;
+    for (what, tp, dp, cfg, init) in [
+        ("dp=2 ZeRO-0 accumulation 2", 1, 2, stage(0, 1, 2), false),
+        ("dp=2 ZeRO-1 accumulation 2", 1, 2, stage(1, 1, 2), false),
+        ("dp=2 ZeRO-2 accumulation 2", 1, 2, stage(2, 1, 2), false),
+        ("dp=4 ZeRO-2", 1, 4, stage(2, 1, 1), false),
+        ("tp=2 x dp=2 ZeRO-2", 2, 2, stage(2, 2, 1), false),
+        (
+            "dp=2 ZeRO-2 checkpoint every layer",
+            1,
+            2,
+            EngineConfig {
+                checkpoint_num_layers: 1,
+                ..stage(2, 2, 1)
+            },
+            false,
+        ),
+        (
+            "dp=2 ZeRO-3 (zero.Init) accumulation 2",
+            1,
+            2,
+            stage3(1, 2),
+            true,
+        ),
+    ] {
+        let off = train_with(tp, dp, cfg.clone(), steps, DType::F32, init);
+        let on_cfg = EngineConfig {
+            overlap_comm: true,
+            ..cfg
+        };
+        let on = train_with(tp, dp, on_cfg, steps, DType::F32, init);
+        exact(&on, &off, what);
+        assert_eq!(
+            off[0].in_flight, 0,
+            "{what}: nothing in flight without overlap_comm"
+        );
+        assert!(
+            on[0].in_flight >= 1,
+            "{what}: no reduction was left in flight"
+        );
     }
 }
 
@@ -759,6 +828,7 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             formula: engine.formula_bytes(),
             stage3: engine.optimizer().stage3_stats(),
             offload_io: None,
+            in_flight: engine.optimizer().peak_reductions_in_flight(),
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -890,8 +960,11 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
             resident_blocks: 1,
             ..Default::default()
         });
+        // DeepSpeed's stage-3 default `overlap_comm` on one of them: reductions in flight too.
+        cfg.overlap_comm = dp == 4;
         let swapped = train_with(tp, dp, cfg, STEPS, DType::F32, init);
         assert_runs_match(&swapped, &reference, &name);
+        assert_eq!(swapped[0].in_flight > 0, dp == 4, "{name}: overlap_comm");
         let in_ram = train_with(tp, dp, stage3(GLOBAL_BATCH / dp, 1), 1, DType::F32, init);
         for (rank, r) in swapped.iter().enumerate() {
             let (read, written) = r.offload_io.unwrap();

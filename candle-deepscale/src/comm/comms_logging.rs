@@ -5,7 +5,7 @@
 //! Bandwidths follow DeepSpeed's `calc_bw_log` (algorithmic throughput and bus bandwidth in
 //! Gbps), with `n` the size of the group the collective ran on (DeepSpeed uses the world size
 //! there, which overstates bus bandwidth on sub-groups).
-use super::{Communicator, ElemKind, ReduceOp};
+use super::{Communicator, ElemKind, ReduceOp, SendBuffer, Work};
 use candle_core::Result;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -102,7 +102,12 @@ impl CommsLogger {
         }
         let t0 = Instant::now();
         let out = f()?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.record(op, bytes, n, t0.elapsed().as_secs_f64() * 1e3);
+        Ok(out)
+    }
+
+    /// Records `op` moving `bytes` over `n` ranks in `ms`.
+    fn record(&self, op: &str, bytes: usize, n: usize, ms: f64) {
         let (algbw, busbw) = bandwidths(op, bytes as u64, ms, n);
         if self.verbose {
             eprintln!(
@@ -121,7 +126,6 @@ impl CommsLogger {
         rec.latencies_ms.push(ms);
         rec.algbw.push(algbw);
         rec.busbw.push(busbw);
-        Ok(out)
     }
 
     /// What was recorded so far.
@@ -204,6 +208,25 @@ impl Communicator for CommsLogger {
             self.inner.reduce_scatter_bytes(group, send, recv, kind, op)
         })
     }
+    fn reduce_scatter_start(
+        self: Arc<Self>,
+        group: &[usize],
+        send: Arc<dyn SendBuffer>,
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>> {
+        let t0 = Instant::now();
+        let work = self
+            .inner
+            .clone()
+            .reduce_scatter_start(group, send, kind, op)?;
+        Ok(Box::new(LoggedWork {
+            logger: self,
+            work,
+            n: group.len(),
+            t0,
+        }))
+    }
     fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
         let n = buf.len();
         self.timed("broadcast", n, group.len(), || {
@@ -248,5 +271,28 @@ mod tests {
             (t - 16.0).abs() < 1e-9 && (b - 12.0).abs() < 1e-9,
             "{t} {b}"
         );
+    }
+}
+
+/// A started reduce-scatter, recorded when waited for (its latency: from start to result).
+struct LoggedWork {
+    logger: Arc<CommsLogger>,
+    work: Box<dyn Work>,
+    n: usize,
+    t0: Instant,
+}
+
+impl Work for LoggedWork {
+    fn is_completed(&mut self) -> Result<bool> {
+        self.work.is_completed()
+    }
+    fn wait(self: Box<Self>, recv: &mut [u8]) -> Result<()> {
+        let bytes = recv.len();
+        self.work.wait(recv)?;
+        if self.logger.profiled("reduce_scatter") {
+            let ms = self.t0.elapsed().as_secs_f64() * 1e3;
+            self.logger.record("reduce_scatter", bytes, self.n, ms);
+        }
+        Ok(())
     }
 }

@@ -6,19 +6,20 @@
 //! leaves is marked failed and every rank waiting on it gets an error; a deadline bounds every wait.
 use super::{
     check_all_gather, check_reduce_scatter, group_index, reduce_bytes, Communicator, ElemKind,
-    ReduceOp,
+    ReduceOp, SendBuffer, Work,
 };
 use candle_core::{bail, Error, Result};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// A member's deposit: a copy of its bytes, or (reduce-scatter and all-gather, which read large
-/// buffers once) the address and length of its own buffer, which it keeps alive by not returning
-/// until every member has read it (see [`InProcessComm::exchange_borrowed`]).
+/// A member's deposit: bytes it handed over (a copy, or a started collective's buffer), or
+/// (reduce-scatter and all-gather, which read large buffers once) the address and length of its
+/// own buffer, which it keeps alive by not returning until every member has read it (see
+/// [`InProcessComm::exchange_borrowed`]).
 #[derive(Clone)]
 enum Part {
-    Owned(Arc<Vec<u8>>),
+    Owned(Arc<dyn SendBuffer>),
     Borrowed(usize, usize),
 }
 
@@ -30,7 +31,7 @@ impl Part {
     /// this member marks its reading done (its owner waits for that before returning).
     unsafe fn bytes(&self) -> &[u8] {
         match self {
-            Part::Owned(v) => v,
+            Part::Owned(v) => v.bytes(),
             Part::Borrowed(at, len) => std::slice::from_raw_parts(*at as *const u8, *len),
         }
     }
@@ -235,7 +236,7 @@ impl InProcessComm {
         op: &'static str,
         group: &[usize],
         data: Vec<u8>,
-    ) -> Result<Vec<Arc<Vec<u8>>>> {
+    ) -> Result<Vec<Arc<dyn SendBuffer>>> {
         let (me, key, parts) = self.deposit(op, group, Part::Owned(Arc::new(data)))?;
         let owned = parts
             .into_iter()
@@ -278,9 +279,15 @@ impl InProcessComm {
         group: &[usize],
         part: Part,
     ) -> Result<(usize, SlotKey, Vec<Part>)> {
+        let (me, key) = self.put(op, group, part)?;
+        let parts = self.await_parts(op, &key, me)?;
+        Ok((me, key, parts))
+    }
+
+    /// Puts this member's part into the next collective's slot on `group` without waiting.
+    fn put(&self, op: &'static str, group: &[usize], part: Part) -> Result<(usize, SlotKey)> {
         let me = self.check_group(group, op)?;
         let key = (group.to_vec(), self.next_seq(group));
-        let deadline = Instant::now() + self.shared.timeout;
         let mut st = self.shared.lock();
         {
             let slot = st.slots.entry(key.clone()).or_insert_with(|| Slot {
@@ -297,11 +304,29 @@ impl InProcessComm {
             }
             slot.parts[me] = Some(part);
         }
+        drop(st);
         self.shared.cv.notify_all();
+        Ok((me, key))
+    }
+
+    /// Whether every member's part of `key` is in.
+    fn complete(&self, key: &SlotKey) -> bool {
+        let st = self.shared.lock();
+        st.slots
+            .get(key)
+            .is_some_and(|s| s.parts.iter().all(Option::is_some))
+    }
+
+    /// Waits (bounded by the deadline) until every member's part of `key` is in, and returns them
+    /// in group order. On failure this member's part is taken back.
+    fn await_parts(&self, op: &'static str, key: &SlotKey, me: usize) -> Result<Vec<Part>> {
+        let group = &key.0;
+        let deadline = Instant::now() + self.shared.timeout;
+        let mut st = self.shared.lock();
         loop {
             let slot = st
                 .slots
-                .get(&key)
+                .get(key)
                 .expect("slot lives until every member took its result");
             let missing: Vec<usize> = slot
                 .parts
@@ -334,7 +359,7 @@ impl InProcessComm {
                         // it complete is reading this member's part.
                         if st
                             .slots
-                            .get(&key)
+                            .get(key)
                             .is_some_and(|s| s.parts.iter().all(Option::is_some))
                         {
                             continue;
@@ -345,18 +370,17 @@ impl InProcessComm {
             };
             // Never complete: take this member's part back (a late peer must not read a
             // buffer this member is about to release).
-            if let Some(slot) = st.slots.get_mut(&key) {
+            if let Some(slot) = st.slots.get_mut(key) {
                 slot.parts[me] = None;
             }
             bail!("{failed}")
         }
-        let slot = st.slots.get(&key).expect("slot present");
-        let parts = slot
+        let slot = st.slots.get(key).expect("slot present");
+        Ok(slot
             .parts
             .iter()
             .map(|p| p.clone().expect("complete"))
-            .collect();
-        Ok((me, key, parts))
+            .collect())
     }
 
     /// All-reduce as a reduce-scatter and an all-gather over the members' buffers in place: each
@@ -466,7 +490,7 @@ impl Communicator for InProcessComm {
             return self.all_reduce_in_place(group, buf, kind, op);
         }
         let parts = self.exchange("all_reduce", group, buf.to_vec())?;
-        let views: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        let views: Vec<&[u8]> = parts.iter().map(|p| p.bytes()).collect();
         reduce_bytes(&views, buf, kind, op)
     }
 
@@ -513,19 +537,41 @@ impl Communicator for InProcessComm {
         })
     }
 
+    fn reduce_scatter_start(
+        self: Arc<Self>,
+        group: &[usize],
+        send: Arc<dyn SendBuffer>,
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>> {
+        let len = send.bytes().len();
+        let n = len / group.len().max(1);
+        check_reduce_scatter(group, len, n)?;
+        let (me, key) = self.put("reduce_scatter", group, Part::Owned(send))?;
+        Ok(Box::new(InProcessWork {
+            comm: self,
+            key,
+            me,
+            len,
+            kind,
+            op,
+        }))
+    }
+
     fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
         let r = group_index(group, root, "broadcast root")?;
         let me = self.check_group(group, "broadcast")?;
         let data = if me == r { buf.to_vec() } else { Vec::new() };
         let parts = self.exchange("broadcast", group, data)?;
-        if parts[r].len() != buf.len() {
+        let root_bytes = parts[r].bytes();
+        if root_bytes.len() != buf.len() {
             bail!(
                 "broadcast on group {group:?}: root {root} sent {} bytes, this rank expects {}",
-                parts[r].len(),
+                root_bytes.len(),
                 buf.len()
             )
         }
-        buf.copy_from_slice(&parts[r]);
+        buf.copy_from_slice(root_bytes);
         Ok(())
     }
 
@@ -586,5 +632,47 @@ impl Communicator for InProcessComm {
 
     fn barrier(&self, group: &[usize]) -> Result<()> {
         self.exchange("barrier", group, Vec::new()).map(|_| ())
+    }
+}
+
+/// A started reduce-scatter: this member's buffer is in the slot (owned there, so no member
+/// waits for another's reading), and its chunk is reduced when it is waited for.
+struct InProcessWork {
+    comm: Arc<InProcessComm>,
+    key: SlotKey,
+    me: usize,
+    /// Bytes every member sends.
+    len: usize,
+    kind: ElemKind,
+    op: ReduceOp,
+}
+
+impl Work for InProcessWork {
+    fn is_completed(&mut self) -> Result<bool> {
+        Ok(self.comm.complete(&self.key))
+    }
+
+    fn wait(self: Box<Self>, recv: &mut [u8]) -> Result<()> {
+        let (group, me, n) = (&self.key.0, self.me, recv.len());
+        check_reduce_scatter(group, self.len, n)?;
+        let parts = self.comm.await_parts("reduce_scatter", &self.key, me)?;
+        // SAFETY: every part is present; a borrowed one (a peer in the blocking call) stays
+        // valid until this member marks its reading done.
+        let views: Vec<&[u8]> = parts.iter().map(|p| unsafe { p.bytes() }).collect();
+        let r = match views.iter().position(|p| p.len() != self.len) {
+            Some(i) => Err(Error::Msg(format!(
+                "reduce_scatter on group {group:?}: rank {} sent {} bytes, this rank {}",
+                group[i],
+                views[i].len(),
+                self.len
+            ))),
+            None => {
+                let chunks: Vec<&[u8]> = views.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
+                reduce_bytes(&chunks, recv, self.kind, self.op)
+            }
+        };
+        drop(views);
+        self.comm.mark_done(&self.key, me, false)?;
+        r
     }
 }

@@ -14,9 +14,11 @@ pub mod mpi;
 pub mod nccl;
 mod shape_only;
 pub mod tcp_rendezvous;
+mod work;
 
 pub use in_process::{InProcessComm, InProcessWorld};
 pub use shape_only::ShapeOnly;
+pub use work::{ReduceScatterWork, SendBuffer, Work};
 
 use candle_core::{bail, Result, Tensor};
 use std::time::Duration;
@@ -191,6 +193,20 @@ pub trait Communicator: Send + Sync {
     fn send_bytes(&self, dst: usize, tag: u64, buf: &[u8]) -> Result<()>;
     fn recv_bytes(&self, src: usize, tag: u64, buf: &mut [u8]) -> Result<()>;
     fn barrier(&self, group: &[usize]) -> Result<()>;
+
+    /// Starts [`Self::reduce_scatter_bytes`] of `send` (kept alive by the collective until it
+    /// completes) and returns without waiting for the peers; [`Work::wait`] gives this member's
+    /// chunk. The same bits as the blocking call. Backends without a nonblocking path do the
+    /// whole collective here.
+    fn reduce_scatter_start(
+        self: std::sync::Arc<Self>,
+        group: &[usize],
+        send: std::sync::Arc<dyn SendBuffer>,
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>> {
+        work::reduce_scatter_now(&*self, group, &*send, kind, op)
+    }
 
     /// The device-memory collectives of a backend that runs them on CUDA storage without host
     /// copies (NCCL). Others return None and tensors on a GPU cross through host memory.

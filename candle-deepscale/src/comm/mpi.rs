@@ -12,15 +12,15 @@
 //! reduced chunks (small buffers, where latency rules: one all-gather of the whole buffers).
 use super::{
     check_all_gather, check_reduce_scatter, group_index, reduce_bytes, Communicator, ElemKind,
-    ReduceOp,
+    ReduceOp, SendBuffer, Work,
 };
 use candle_core::{bail, Error, Result};
 use mpi::environment::{Threading, Universe};
-use mpi::request::{Request, Scope};
+use mpi::request::{Request, Scope, StaticScope};
 use mpi::topology::{Communicator as _, Group as _, SimpleCommunicator};
 use mpi::traits::*;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// True when this process was started by an MPI launcher.
@@ -296,11 +296,46 @@ impl Communicator for MpiComm {
         op: ReduceOp,
     ) -> Result<()> {
         check_reduce_scatter(group, send.len(), recv.len())?;
-        if group.len() == 1 {
+        if group.len() == 1 || recv.is_empty() {
             recv.copy_from_slice(send);
             return Ok(());
         }
         self.direct_reduce_scatter(group, send, recv, kind, op)
+    }
+
+    fn reduce_scatter_start(
+        self: Arc<Self>,
+        group: &[usize],
+        send: Arc<dyn SendBuffer>,
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<Box<dyn Work>> {
+        let len = send.bytes().len();
+        check_reduce_scatter(group, len, len / group.len().max(1))?;
+        let mut pieces = vec![0u8; len];
+        // SAFETY: both buffers are heap memory the work owns (moving the Vec or the Arc does not
+        // move it) and the request completes before they are freed (`MpiWork`'s drop waits).
+        let (s, r): (&'static [u8], &'static mut [u8]) = unsafe {
+            (
+                std::slice::from_raw_parts(send.bytes().as_ptr(), len),
+                std::slice::from_raw_parts_mut(pieces.as_mut_ptr(), len),
+            )
+        };
+        let req = {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.with_group(group, "reduce_scatter", |c| {
+                c.immediate_all_to_all_into(StaticScope, s, r)
+            })?
+        };
+        Ok(Box::new(MpiWork {
+            req: Some(req),
+            comm: self,
+            group: group.to_vec(),
+            pieces,
+            _send: send,
+            kind,
+            op,
+        }))
     }
 
     fn broadcast_bytes(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
@@ -364,5 +399,66 @@ impl Communicator for MpiComm {
             let req = c.immediate_barrier();
             self.wait("barrier", group, req);
         })
+    }
+}
+
+/// A started direct reduce-scatter: the all-to-all of the pieces in flight (MPI moves it when
+/// the process calls into MPI: `is_completed` is such a call), the sum in group order when
+/// waited for.
+struct MpiWork {
+    /// Declared first: completed before the buffers it reads and writes are freed.
+    req: Option<Request<'static, [u8], StaticScope>>,
+    comm: Arc<MpiComm>,
+    group: Vec<usize>,
+    pieces: Vec<u8>,
+    _send: Arc<dyn SendBuffer>,
+    kind: ElemKind,
+    op: ReduceOp,
+}
+
+// SAFETY: the request is a handle only touched under the communicator's lock (and through
+// `&mut self`).
+unsafe impl Send for MpiWork {}
+unsafe impl Sync for MpiWork {}
+
+impl MpiWork {
+    fn finish_request(&mut self) {
+        if let Some(req) = self.req.take() {
+            let _g = self.comm.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.comm.wait("reduce_scatter", &self.group, req);
+        }
+    }
+}
+
+impl Work for MpiWork {
+    fn is_completed(&mut self) -> Result<bool> {
+        let Some(req) = self.req.take() else {
+            return Ok(true);
+        };
+        let _g = self.comm.lock.lock().unwrap_or_else(|e| e.into_inner());
+        match req.test() {
+            Ok(_) => Ok(true),
+            Err(req) => {
+                self.req = Some(req);
+                Ok(false)
+            }
+        }
+    }
+
+    fn wait(mut self: Box<Self>, recv: &mut [u8]) -> Result<()> {
+        check_reduce_scatter(&self.group, self.pieces.len(), recv.len())?;
+        self.finish_request();
+        if recv.is_empty() {
+            return Ok(());
+        }
+        let parts: Vec<&[u8]> = self.pieces.chunks(recv.len()).collect();
+        reduce_bytes(&parts, recv, self.kind, self.op)
+    }
+}
+
+impl Drop for MpiWork {
+    fn drop(&mut self) {
+        // Never free a buffer MPI may still write: wait (a stalled peer aborts the job).
+        self.finish_request();
     }
 }

@@ -580,6 +580,7 @@ fn build_zero(
         tp.clone(),
         config.stage3.clone(),
     )?;
+    zero.set_overlap_comm(config.overlap_comm);
     let on_gpu = zero
         .params()
         .first()

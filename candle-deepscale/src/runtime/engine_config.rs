@@ -18,6 +18,9 @@ pub struct EngineConfig {
     pub zero_stage: u8,
     /// Elements per gradient bucket.
     pub reduce_bucket_size: usize,
+    /// DeepSpeed's `overlap_comm`: complete buckets are reduced while backward goes on
+    /// (DeepSpeed's default: on at stage 3, off below).
+    pub overlap_comm: bool,
     pub optimizer: AdamWConfig,
     pub lr_schedule: LrSchedule,
     /// Global gradient-norm clip (0 = off).
@@ -62,6 +65,7 @@ impl Default for EngineConfig {
             zero_stage: 0,
             stage3: Stage3Config::default(),
             reduce_bucket_size: 500_000_000,
+            overlap_comm: false,
             optimizer: AdamWConfig::default(),
             lr_schedule: LrSchedule::Constant(AdamWConfig::default().lr),
             gradient_clipping: 0.0,
@@ -189,6 +193,8 @@ impl EngineConfig {
                 });
             }
             c.zero_stage = z.stage;
+            // DeepSpeed's default: on at stage 3 only.
+            c.overlap_comm = z.overlap_comm.unwrap_or(z.stage == 3);
             if let Some(b) = z.reduce_bucket_size {
                 c.reduce_bucket_size = b.max(1) as usize;
             }

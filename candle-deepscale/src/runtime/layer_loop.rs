@@ -173,6 +173,8 @@ impl LoopHooks for ZeroHooks<'_> {
         self.meter.kept(bytes);
     }
     fn fetch(&mut self, i: usize, backward: bool) -> Result<()> {
+        // Between layers: gradient reductions in flight (`overlap_comm`) move on.
+        self.zero.progress()?;
         self.zero.fetch_layer(i, backward)?;
         if let (Some(p), false) = (self.profile.as_mut(), backward) {
             p.begin(i);

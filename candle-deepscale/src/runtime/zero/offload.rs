@@ -116,6 +116,22 @@ pub(crate) struct NvmeStates {
 }
 
 impl NvmeStates {
+    /// Adds this rank's reduced pieces `mine` of buckets `bs` (in order) into the swapped
+    /// gradient partition.
+    fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32]) -> Result<()> {
+        let mut at = 0;
+        for &b in bs {
+            let bk = &z.layout.buckets[b];
+            let piece = &mine[at..at + bk.piece];
+            self.grads
+                .update(bk.part_offset..bk.part_offset + bk.piece, |o, d| {
+                    d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s)
+                })?;
+            at += bk.piece;
+        }
+        Ok(())
+    }
+
     /// Buffers for this rank's partition (global rank `rank`: its own folder); `master` (the
     /// fp32 pieces) is written out when the parameters are offloaded.
     pub fn new(s: &OffloadSettings, z: &ZeroCore, rank: usize, master: Vec<f32>) -> Result<Self> {
@@ -200,16 +216,17 @@ impl ZeroStates for NvmeStates {
         if bs.is_empty() {
             return Ok(());
         }
+        if z.overlaps() {
+            self.staging.start_reduce_scatter(z, bs)?;
+            return self.settle(z, false);
+        }
         let mine = self.staging.reduce_scatter(z, bs)?;
-        let mut at = 0;
-        for &b in bs {
-            let bk = &z.layout.buckets[b];
-            let piece = &mine[at..at + bk.piece];
-            self.grads
-                .update(bk.part_offset..bk.part_offset + bk.piece, |o, d| {
-                    d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s)
-                })?;
-            at += bk.piece;
+        self.add_reduced(z, bs, &mine)
+    }
+
+    fn settle(&mut self, z: &ZeroCore, all: bool) -> Result<()> {
+        for r in self.staging.take_finished(z, all)? {
+            self.add_reduced(z, &r.buckets, &r.data)?;
         }
         Ok(())
     }

@@ -79,14 +79,29 @@ pub struct ZeroCore {
     pub(crate) dp: Option<ProcessGroup>,
     pub(crate) config: AdamWConfig,
     pub(crate) step: u64,
+    /// DeepSpeed's `overlap_comm`: gradient reductions are started and finished later (between
+    /// layers, and before the gradients are read) instead of waited for.
+    pub(crate) overlap_comm: bool,
     /// Peak bytes of communication staging since last read.
     peak_comm: AtomicU64,
+    /// The most gradient reductions in flight at once (`overlap_comm`).
+    peak_in_flight: AtomicU64,
 }
 
 impl ZeroCore {
     /// Records `bytes` of communication staging in use now.
     pub(crate) fn note_comm(&self, bytes: usize) {
         self.peak_comm.fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Records `n` gradient reductions in flight now.
+    pub(crate) fn note_in_flight(&self, n: usize) {
+        self.peak_in_flight.fetch_max(n as u64, Ordering::Relaxed);
+    }
+
+    /// Whether stage 2/3's reduce-scatters are started rather than waited for (there are peers).
+    pub(crate) fn overlaps(&self) -> bool {
+        self.overlap_comm && self.dp.is_some() && self.layout.parts > 1
     }
 
     /// Whether gradients are partitioned (stage 2 and 3) rather than kept whole.
@@ -254,7 +269,9 @@ impl ZeroOptimizer {
             dp,
             config,
             step: 0,
+            overlap_comm: false,
             peak_comm: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
         };
         let states: Box<dyn ZeroStates> = match offload {
             Some(_) if stage != 3 => bail!(
@@ -324,7 +341,36 @@ impl ZeroOptimizer {
         if self.core.partitioned_grads() {
             bail!("ZeRO-2 keeps only this rank's gradient partition")
         }
+        self.finish_reductions()?;
         self.states.all_reduce_param_grad(&self.core, i, group)
+    }
+
+    /// DeepSpeed's `overlap_comm`: reductions of complete gradient buckets are started and left
+    /// in flight while backward goes on ([`Self::progress`] between layers adds in what has
+    /// finished); off, each is waited for. The same sums either way.
+    pub fn set_overlap_comm(&mut self, on: bool) {
+        self.core.overlap_comm = on;
+    }
+
+    pub fn overlap_comm(&self) -> bool {
+        self.core.overlap_comm
+    }
+
+    /// The most gradient reductions that were in flight at once so far (0 without
+    /// `overlap_comm` or peers).
+    pub fn peak_reductions_in_flight(&self) -> u64 {
+        self.core.peak_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Moves the gradient reductions in flight on and adds in those that finished (the engine
+    /// calls it between layers).
+    pub fn progress(&mut self) -> Result<()> {
+        self.states.settle(&self.core, false)
+    }
+
+    /// Waits for every gradient reduction in flight and adds it in: the gradients are complete.
+    pub fn finish_reductions(&mut self) -> Result<()> {
+        self.states.settle(&self.core, true)
     }
 
     pub fn stage(&self) -> u8 {
@@ -391,6 +437,7 @@ impl ZeroOptimizer {
     /// Global L2 norm of the summed gradients times `scale`: tensor-parallel replicas count once,
     /// partitions are summed over the data-parallel group. Infinite or NaN on overflow.
     pub fn grad_norm(&mut self, scale: f64) -> Result<f64> {
+        self.finish_reductions()?;
         let mut buf = [self.states.grad_norm_sq(&self.core)?];
         if self.core.layout.parts > 1 {
             if let Some(dp) = &self.core.dp {
@@ -407,6 +454,7 @@ impl ZeroOptimizer {
     /// then the updated partitions all-gathered into every rank's parameters (stage 3: only the
     /// persistent ones; the rest are gathered around their next use).
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
+        self.finish_reductions()?;
         self.core.step += 1;
         let coordinator = self.stage3.as_ref();
         let write_back = |b: usize| match coordinator {
@@ -474,6 +522,9 @@ impl ZeroOptimizer {
 
     /// Clears the gradient buffers for the next accumulation.
     pub fn zero_grad(&mut self) -> Result<()> {
+        // Every started reduction completes, even when its result is dropped (a skipped step):
+        // the peers are in it too.
+        self.finish_reductions()?;
         self.states.zero_grad()
     }
 

@@ -8,13 +8,13 @@ use super::flat::{add_into, fill_zero, update_f32, with_f32};
 use super::partition::{FlatLayout, Run};
 use super::stage_1_and_2::{AdamState, ZeroCore};
 use super::swap_tensor::SwapIo;
-use crate::comm::{ProcessGroup, ReduceOp};
+use crate::comm::{ProcessGroup, ReduceOp, ReduceScatterWork};
 use crate::layers::parameter::Param;
 use crate::layers::storage::set_storage;
 use crate::ops::adam::adam_step;
 use candle_core::{DType, Result, Tensor};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// One run's Adam state (m, v) and fp32 master values, borrowed where they are in memory.
 pub(crate) type RunState<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>, Option<Cow<'a, [f32]>>);
@@ -78,6 +78,13 @@ pub(crate) trait ZeroStates: Send + Sync {
     /// Whether an fp32 master copy of the pieces is kept.
     fn has_master(&self) -> bool;
 
+    /// Adds in the reductions started with `overlap_comm` that have finished (oldest first;
+    /// with `all`, waits for every one). Called between layers, and before anything reads the
+    /// gradients.
+    fn settle(&mut self, _z: &ZeroCore, _all: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// The segments changed (a pipeline's duplicate tied weight no longer counts in the norm).
     fn segments_changed(&mut self, _z: &ZeroCore) -> Result<()> {
         Ok(())
@@ -90,58 +97,90 @@ pub(crate) trait ZeroStates: Send + Sync {
 }
 
 /// Stage 2 and 3's buckets of local gradients being filled by the running backward, and their
-/// reduce-scatter: shared by the host and NVMe backends.
+/// reduce-scatters (shared by the host and NVMe backends); with `overlap_comm`, the reductions
+/// in flight while backward goes on.
 #[derive(Default)]
-pub(crate) struct Staging(HashMap<usize, Vec<f32>>);
+pub(crate) struct Staging {
+    buffers: HashMap<usize, Vec<f32>>,
+    /// Started reductions, oldest first: finished in that order, so a bucket's pieces of
+    /// successive micro-batches are added in the order the blocking path adds them.
+    in_flight: VecDeque<InFlight>,
+    /// Elements of the send buffers held by `in_flight`.
+    in_flight_len: usize,
+}
+
+/// A reduction started with `overlap_comm`.
+struct InFlight {
+    buckets: Vec<usize>,
+    work: ReduceScatterWork<f32>,
+    send_len: usize,
+    /// Stages 0/1: an all-reduce of one bucket, whose reduced chunk is all-gathered back.
+    whole: bool,
+}
+
+/// A finished reduction: this rank's pieces of `buckets` (in order), or (`whole`, stages 0/1)
+/// the whole reduced bucket.
+pub(crate) struct Reduced {
+    pub buckets: Vec<usize>,
+    pub data: Vec<f32>,
+    pub whole: bool,
+}
 
 impl Staging {
     /// Adds parameter `i`'s local gradient into its bucket's staging buffer.
     pub fn add(&mut self, z: &ZeroCore, i: usize, grad: &Tensor) -> Result<()> {
         let fp = &z.layout.params[i];
         let b = &z.layout.buckets[fp.bucket];
-        if !self.0.contains_key(&fp.bucket) {
-            let staged: usize = self.0.values().map(|v| v.len()).sum();
-            z.note_comm(4 * (staged + b.padded));
+        if !self.buffers.contains_key(&fp.bucket) {
+            let staged: usize = self.buffers.values().map(|v| v.len()).sum();
+            z.note_comm(4 * (staged + self.in_flight_len + b.padded));
         }
         let buf = self
-            .0
+            .buffers
             .entry(fp.bucket)
             .or_insert_with(|| vec![0f32; b.padded]);
         add_into(grad, &mut buf[fp.offset..fp.offset + fp.numel])
     }
 
-    /// One reduce-scatter over the ranks' pieces of buckets `bs`: returns this rank's pieces of
-    /// all of them, in order (buckets nothing was staged for count as zeros).
-    pub fn reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<Vec<f32>> {
+    /// Rank k's chunk of buckets `bs`, for every k in turn: its piece of every bucket, in order
+    /// (buckets nothing was staged for count as zeros).
+    fn send_buffer(&mut self, z: &ZeroCore, bs: &[usize]) -> Vec<f32> {
         let parts = z.layout.parts;
         let pieces: usize = bs.iter().map(|&b| z.layout.buckets[b].piece).sum();
-        // Rank k's chunk: its piece of every bucket, in order. One bucket's staging buffer is
-        // already in that order: it is sent as it is (no copy of the bucket, no fresh buffer).
-        let single = match bs {
-            [b] if self.0.get(b).is_some_and(|v| v.len() == pieces * parts) => self.0.remove(b),
-            _ => None,
-        };
-        let send = match single {
-            Some(local) => local,
-            None => {
-                let mut send = vec![0f32; pieces * parts];
-                let mut at = 0;
-                for &b in bs {
-                    let bk = &z.layout.buckets[b];
-                    if let Some(local) = self.0.remove(&b) {
-                        for k in 0..parts {
-                            let dst = k * pieces + at;
-                            send[dst..dst + bk.piece]
-                                .copy_from_slice(&local[k * bk.piece..(k + 1) * bk.piece]);
-                        }
-                    }
-                    at += bk.piece;
-                }
-                send
+        // One bucket's staging buffer is already in that order: it is sent as it is (no copy of
+        // the bucket, no fresh buffer).
+        if let [b] = bs {
+            if self
+                .buffers
+                .get(b)
+                .is_some_and(|v| v.len() == pieces * parts)
+            {
+                return self.buffers.remove(b).unwrap_or_default();
             }
-        };
-        z.note_comm(4 * (send.len() + pieces));
-        Ok(match (&z.dp, parts > 1) {
+        }
+        let mut send = vec![0f32; pieces * parts];
+        let mut at = 0;
+        for &b in bs {
+            let bk = &z.layout.buckets[b];
+            if let Some(local) = self.buffers.remove(&b) {
+                for k in 0..parts {
+                    let dst = k * pieces + at;
+                    send[dst..dst + bk.piece]
+                        .copy_from_slice(&local[k * bk.piece..(k + 1) * bk.piece]);
+                }
+            }
+            at += bk.piece;
+        }
+        send
+    }
+
+    /// One reduce-scatter over the ranks' pieces of buckets `bs`: returns this rank's pieces of
+    /// all of them, in order.
+    pub fn reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<Vec<f32>> {
+        let send = self.send_buffer(z, bs);
+        let pieces = send.len() / z.layout.parts;
+        z.note_comm(4 * (send.len() + pieces + self.in_flight_len));
+        Ok(match (&z.dp, z.layout.parts > 1) {
             (Some(dp), true) => {
                 let mut piece = vec![0f32; pieces];
                 dp.comm
@@ -152,8 +191,84 @@ impl Staging {
         })
     }
 
+    /// [`Self::reduce_scatter`] started and queued, not waited for (`overlap_comm`).
+    pub fn start_reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<()> {
+        let send = self.send_buffer(z, bs);
+        let work = match (&z.dp, z.layout.parts > 1) {
+            (Some(dp), true) => dp.reduce_scatter_start(send, ReduceOp::Sum)?,
+            _ => ReduceScatterWork::done(send),
+        };
+        self.queue(z, bs.to_vec(), work, false);
+        Ok(())
+    }
+
+    /// Stages 0/1 (`overlap_comm`): starts the all-reduce of bucket `b`'s gradients `grads`
+    /// over the data-parallel group as a reduce-scatter; its reduced chunk is all-gathered when
+    /// it is finished. Element for element the same sums as the blocking all-reduce.
+    pub fn start_all_reduce(&mut self, z: &ZeroCore, b: usize, grads: &[f32]) -> Result<()> {
+        let Some(dp) = &z.dp else { return Ok(()) };
+        let mut send = Vec::with_capacity(grads.len().div_ceil(dp.size()) * dp.size());
+        send.extend_from_slice(grads);
+        send.resize(send.capacity(), 0.0);
+        let work = dp.reduce_scatter_start(send, ReduceOp::Sum)?;
+        self.queue(z, vec![b], work, true);
+        Ok(())
+    }
+
+    fn queue(
+        &mut self,
+        z: &ZeroCore,
+        buckets: Vec<usize>,
+        work: ReduceScatterWork<f32>,
+        whole: bool,
+    ) {
+        let send_len = work.len() * z.dp.as_ref().map_or(1, |g| g.size());
+        self.in_flight_len += send_len;
+        let staged: usize = self.buffers.values().map(|v| v.len()).sum();
+        z.note_comm(4 * (staged + self.in_flight_len + work.len()));
+        self.in_flight.push_back(InFlight {
+            buckets,
+            work,
+            send_len,
+            whole,
+        });
+        z.note_in_flight(self.in_flight.len());
+    }
+
+    /// The reductions that are finished, oldest first, stopping at the first that is not (with
+    /// `all`: every one, waiting for them). A stage 0/1 all-reduce's all-gather is a blocking
+    /// collective: it is done only with `all`, when every rank is past its backward.
+    pub fn take_finished(&mut self, z: &ZeroCore, all: bool) -> Result<Vec<Reduced>> {
+        let mut out = Vec::new();
+        while let Some(front) = self.in_flight.front_mut() {
+            if !all && (front.whole || !front.work.is_completed()?) {
+                break;
+            }
+            let Some(f) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.in_flight_len -= f.send_len;
+            let mut chunk = vec![0f32; f.work.len()];
+            f.work.wait(&mut chunk)?;
+            let data = match (&z.dp, f.whole) {
+                (Some(dp), true) => {
+                    let mut full = vec![0f32; chunk.len() * dp.size()];
+                    dp.comm.all_gather(&dp.group, &chunk, &mut full)?;
+                    full
+                }
+                _ => chunk,
+            };
+            out.push(Reduced {
+                buckets: f.buckets,
+                data,
+                whole: f.whole,
+            });
+        }
+        Ok(out)
+    }
+
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.buffers.clear();
     }
 }
 
@@ -257,6 +372,20 @@ impl HostStates {
         Ok(m)
     }
 
+    /// Adds this rank's reduced pieces `mine` of buckets `bs` (in order) into its partition.
+    fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32]) {
+        let mut at = 0;
+        for &b in bs {
+            let bk = &z.layout.buckets[b];
+            let range = bk.part_offset..bk.part_offset + bk.piece;
+            self.grads[range]
+                .iter_mut()
+                .zip(&mine[at..at + bk.piece])
+                .for_each(|(d, s)| *d += s);
+            at += bk.piece;
+        }
+    }
+
     /// This rank's piece of bucket `b`'s reduced gradients.
     fn grad_piece(&self, z: &ZeroCore, b: usize) -> &[f32] {
         let start = z.grad_piece_offset(b);
@@ -342,24 +471,35 @@ impl ZeroStates for HostStates {
                 for &b in bs {
                     let bucket = &z.layout.buckets[b];
                     let buf = &mut self.grads[bucket.offset..bucket.offset + bucket.padded];
-                    dp.comm.all_reduce(&dp.group, buf, ReduceOp::Sum)?;
+                    if z.overlap_comm {
+                        self.staging.start_all_reduce(z, b, buf)?;
+                    } else {
+                        dp.comm.all_reduce(&dp.group, buf, ReduceOp::Sum)?;
+                    }
                 }
             }
-            return Ok(());
+            return self.settle(z, false);
         }
         if bs.is_empty() {
             return Ok(());
         }
+        if z.overlaps() {
+            self.staging.start_reduce_scatter(z, bs)?;
+            return self.settle(z, false);
+        }
         let mine = self.staging.reduce_scatter(z, bs)?;
-        let mut at = 0;
-        for &b in bs {
-            let bk = &z.layout.buckets[b];
-            let range = bk.part_offset..bk.part_offset + bk.piece;
-            self.grads[range]
-                .iter_mut()
-                .zip(&mine[at..at + bk.piece])
-                .for_each(|(d, s)| *d += s);
-            at += bk.piece;
+        self.add_reduced(z, bs, &mine);
+        Ok(())
+    }
+
+    fn settle(&mut self, z: &ZeroCore, all: bool) -> Result<()> {
+        for r in self.staging.take_finished(z, all)? {
+            if r.whole {
+                let bk = &z.layout.buckets[r.buckets[0]];
+                self.grads[bk.offset..bk.offset + bk.padded].copy_from_slice(&r.data[..bk.padded]);
+            } else {
+                self.add_reduced(z, &r.buckets, &r.data);
+            }
         }
         Ok(())
     }
