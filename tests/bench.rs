@@ -27,6 +27,23 @@ fn bench_dp_pairs_one_rank_with_dp2_on_shared_cores() {
     );
 }
 
+/// `bench dp --overlap-comm`: dp 2 is timed with and without DeepSpeed's `overlap_comm` in each
+/// round (small buckets, so that there are several to overlap).
+#[test]
+fn bench_dp_times_overlap_comm_beside_waiting() {
+    let mut args = BENCH_DP_TINY.to_vec();
+    args.extend(["--overlap-comm", "--reduce-bucket-size", "200000", "--rounds", "2"]);
+    let v = last_json(&ok(&args));
+    assert_eq!(v["overlap_comm"], true);
+    assert_eq!(v["reduce_bucket_size"], 200000);
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(2), "{v}");
+    for round in v["rounds"].as_array().unwrap() {
+        for key in ["ratio", "overlap_ratio", "overlap_ms", "dp_ms"] {
+            assert!(round[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {v}");
+        }
+    }
+}
+
 /// `bench attention`: the tiled kernel's scratch does not grow with the sequence, the others'
 /// do; `--key-block` is rounded up to whole row blocks as the kernel runs it.
 #[test]

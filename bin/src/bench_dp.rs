@@ -2,7 +2,8 @@
 //! training step at dp N (ZeRO stage S, the global batch split over the ranks, each its own
 //! tokens) against one rank stepping the whole batch, alternating in one run. Under
 //! `mpirun -np N` the ranks are the MPI processes and only dp N is measured (pair it with
-//! `bench dp --data-parallel 1` run on its own).
+//! `bench dp --data-parallel 1` run on its own). With `--overlap-comm` each round also times
+//! dp N with DeepSpeed's `overlap_comm` (bucket reductions in flight during backward).
 use crate::args::Layout;
 use crate::launch::{launch, mpi_world_size};
 use anyhow::{bail, Result};
@@ -40,6 +41,13 @@ pub struct DpArgs {
     /// Alternations of one rank and dp N.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// Elements per gradient bucket (DeepSpeed's `reduce_bucket_size`; its default 5e8 makes
+    /// one bucket of a small model: nothing to overlap).
+    #[arg(long, default_value_t = 500_000_000)]
+    pub reduce_bucket_size: usize,
+    /// Also time dp N with `overlap_comm` in each round (after the run without it).
+    #[arg(long)]
+    pub overlap_comm: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -52,14 +60,31 @@ struct Step {
     threads: usize,
 }
 
-/// The training step on `dp` ranks, the global batch split over them.
-fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
+/// The training step on `dp` ranks, the global batch split over them: one measurement per
+/// `overlap_comm` setting, in one launch (MPI is initialised once per process).
+fn measure(a: &DpArgs, dp: usize, overlap: &[bool]) -> Result<Option<Vec<Step>>> {
     let cfg = crate::bench::bench_model(&a.model, a.seq_length)?;
     let (b, s) = (a.batch_size / dp, a.seq_length);
     launch(&Layout::in_process(dp, 1, 1), |ctx| {
+        overlap
+            .iter()
+            .map(|&o| step_on(a, &cfg, &ctx, (b, s), o))
+            .collect()
+    })
+}
+
+/// Rank `ctx`'s median step on its micro-batch `(b, s)`.
+fn step_on(
+    a: &DpArgs,
+    cfg: &zoo::gpt2::Config,
+    ctx: &crate::launch::RankCtx,
+    (b, s): (usize, usize),
+    overlap_comm: bool,
+) -> Result<Step> {
+    {
         let src = RandomInit { seed: 1 };
         let model = Arc::new(Gpt2::new(
-            &cfg,
+            cfg,
             &ParamBuilder::new(&src, &Device::Cpu, DType::F32),
         )?);
         let mut engine = Engine::new(
@@ -67,6 +92,8 @@ fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
             EngineConfig {
                 train_micro_batch_size_per_gpu: b,
                 zero_stage: a.zero_stage,
+                reduce_bucket_size: a.reduce_bucket_size.max(1),
+                overlap_comm,
                 ..Default::default()
             },
             ctx.dp()?,
@@ -94,7 +121,7 @@ fn measure(a: &DpArgs, dp: usize) -> Result<Option<Step>> {
             split: engine.take_wall_clock(),
             threads: rayon::current_num_threads(),
         })
-    })
+    }
 }
 
 pub fn run(a: DpArgs) -> Result<()> {
@@ -121,30 +148,55 @@ pub fn run(a: DpArgs) -> Result<()> {
         )
     };
     let mut rounds = Vec::new();
-    for _ in 0..a.rounds.max(1) {
+    for round in 0..a.rounds.max(1) {
         let one = if mpi.is_none() && n > 1 {
-            measure(&a, 1)?
+            measure(&a, 1, &[false])?.and_then(|mut v| v.pop())
         } else {
             None
         };
-        let Some(many) = measure(&a, n)? else {
+        // With overlap_comm, which of the two goes first alternates by round.
+        let settings: &[bool] = match (a.overlap_comm, round % 2) {
+            (false, _) => &[false],
+            (true, 0) => &[false, true],
+            (true, _) => &[true, false],
+        };
+        let Some(steps) = measure(&a, n, settings)? else {
             // Another MPI process: rank 0 reports.
             return Ok(());
+        };
+        let mut by_setting = settings.iter().zip(steps);
+        let (mut many, mut overlapped) = (None, None);
+        for (&o, step) in by_setting.by_ref() {
+            *(if o { &mut overlapped } else { &mut many }) = Some(step);
+        }
+        let Some(many) = many else {
+            bail!("bench dp: no measurement")
         };
         if let Some(one) = &one {
             line("1 rank", one);
         }
         line(&format!("dp {n}"), &many);
+        if let Some(o) = &overlapped {
+            line(&format!("dp {n} overlap_comm"), o);
+        }
         let ratio = one.as_ref().map(|o| o.ms / many.ms);
         if let Some(r) = ratio {
             eprintln!("dp {n} / 1 rank: {r:.2}x the tokens/s");
+        }
+        let overlap_ratio = one
+            .as_ref()
+            .zip(overlapped.as_ref())
+            .map(|(o, v)| o.ms / v.ms);
+        if let Some(r) = overlap_ratio {
+            eprintln!("dp {n} overlap_comm / 1 rank: {r:.2}x the tokens/s");
         }
         rounds.push(
             json!({"one_rank_ms": one.as_ref().map(|o| o.ms), "dp_ms": many.ms,
             "threads_per_rank": {"one_rank": one.as_ref().map(|o| o.threads), "dp": many.threads},
             "dp_split_ms": {"forward": many.split.forward_ms, "backward": many.split.backward_ms,
                 "optimizer_step": many.split.step_ms},
-            "ratio": ratio}),
+            "ratio": ratio, "overlap_ms": overlapped.as_ref().map(|o| o.ms),
+            "overlap_ratio": overlap_ratio}),
         );
     }
     if a.json {
@@ -152,6 +204,7 @@ pub fn run(a: DpArgs) -> Result<()> {
             "{}",
             json!({"bench": "dp", "model": a.model, "data_parallel": n, "mpi": mpi.is_some(),
                 "zero_stage": a.zero_stage, "batch": a.batch_size, "seq": a.seq_length,
+                "reduce_bucket_size": a.reduce_bucket_size, "overlap_comm": a.overlap_comm,
                 "rounds": rounds})
         );
     }
