@@ -37,6 +37,18 @@ struct Run {
 }
 
 fn train(pp: usize, dp: usize, tp: usize, zero: u8, device_states: bool) -> Vec<Run> {
+    train_overlap(pp, dp, tp, zero, device_states, false)
+}
+
+/// [`train`], with DeepSpeed's `overlap_comm` set to `overlap`.
+fn train_overlap(
+    pp: usize,
+    dp: usize,
+    tp: usize,
+    zero: u8,
+    device_states: bool,
+    overlap: bool,
+) -> Vec<Run> {
     let gas = GLOBAL / dp; // micro-batch 1 per pipeline micro-step
     let micro = if pp == 1 && dp == 1 { GLOBAL } else { 1 };
     let gas = if micro == GLOBAL { 1 } else { gas };
@@ -69,6 +81,7 @@ fn train(pp: usize, dp: usize, tp: usize, zero: u8, device_states: bool) -> Vec<
             lr_schedule: LrSchedule::Constant(2e-3),
             gradient_clipping: 1.0,
             device_states: Some(device_states),
+            overlap_comm: overlap,
             ..Default::default()
         };
         let tied =
@@ -149,6 +162,20 @@ fn pipelines_equal_one_rank() {
     check(4, 1, 1, 1, &reference);
     check(2, 1, 2, 0, &reference);
     check(2, 2, 2, 1, &reference);
+    // overlap_comm in a pipeline: the buckets of each micro-batch's backward in flight (ZeRO-1
+    // all-reduces them at the last micro-batch), the tied embedding summed after them.
+    let on = train_overlap(2, 2, 2, 1, false, true);
+    let off = train(2, 2, 2, 1, false);
+    for (rank, (a, b)) in on.iter().zip(&off).enumerate() {
+        assert_eq!(a.losses, b.losses, "overlap_comm rank {rank}: losses");
+        for (n, t) in &a.params {
+            assert_eq!(
+                common::max_abs_diff(t, &b.params[n]),
+                0.0,
+                "overlap_comm rank {rank}: {n}"
+            );
+        }
+    }
 }
 
 /// The GPU's code path (ZeRO buffers as device tensors, tied gradients summed as tensors), run
