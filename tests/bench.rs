@@ -32,7 +32,13 @@ fn bench_dp_pairs_one_rank_with_dp2_on_shared_cores() {
 #[test]
 fn bench_dp_times_overlap_comm_beside_waiting() {
     let mut args = BENCH_DP_TINY.to_vec();
-    args.extend(["--overlap-comm", "--reduce-bucket-size", "200000", "--rounds", "2"]);
+    args.extend([
+        "--overlap-comm",
+        "--reduce-bucket-size",
+        "200000",
+        "--rounds",
+        "2",
+    ]);
     let v = last_json(&ok(&args));
     assert_eq!(v["overlap_comm"], true);
     assert_eq!(v["reduce_bucket_size"], 200000);
