@@ -266,7 +266,8 @@ fn cli_under_mpirun_equals_one_rank() {
 }
 
 /// Two MPI ranks on one node split its cores (rayon sized by OMPI_COMM_WORLD_LOCAL_SIZE) unless
-/// RAYON_NUM_THREADS says otherwise; `bench dp` runs its dp-2 step under mpirun.
+/// RAYON_NUM_THREADS says otherwise; `bench dp` runs its dp-2 step under mpirun, every round
+/// in one job.
 fn mpi_ranks_share_the_cores() {
     let bin = Path::new(env!("CARGO_BIN_EXE_deepscale"));
     let run = |env: &[(&str, &str)]| -> serde_json::Value {
@@ -282,6 +283,22 @@ fn mpi_ranks_share_the_cores() {
     assert!(v["rounds"][0]["ratio"].is_null(), "{v}");
     let v = run(&[("RAYON_NUM_THREADS", "3")]);
     assert_eq!(v["rounds"][0]["threads_per_rank"]["dp"], 3);
+    // Several rounds, with and without overlap_comm, in one MPI job (MPI starts once).
+    let mut args = common::cli::BENCH_DP_TINY.to_vec();
+    args.extend([
+        "--rounds",
+        "2",
+        "--overlap-comm",
+        "--reduce-bucket-size",
+        "200000",
+    ]);
+    let out = mpirun(2, bin, &args, &[]);
+    expect_ok(&out, "bench dp --rounds 2 --overlap-comm under mpirun");
+    let v = common::cli::last_json(&out);
+    assert_eq!(v["rounds"].as_array().map(Vec::len), Some(2), "{v}");
+    for round in v["rounds"].as_array().unwrap() {
+        assert!(round["dp_ms"].as_f64().is_some() && round["overlap_ms"].as_f64().is_some());
+    }
 }
 
 /// `pretrain-gpt2` on 4 MPI processes (tp 2 x dp 2, ZeRO-2) logs the losses of the 1-rank run.

@@ -60,17 +60,32 @@ struct Step {
     threads: usize,
 }
 
-/// The training step on `dp` ranks, the global batch split over them: one measurement per
-/// `overlap_comm` setting, in one launch (MPI is initialised once per process).
-fn measure(a: &DpArgs, dp: usize, overlap: &[bool]) -> Result<Option<Vec<Step>>> {
+/// The training step on `dp` ranks, the global batch split over them: for each round of
+/// `plan`, one measurement per `overlap_comm` setting in it, all in one launch (MPI is
+/// initialised once per process).
+fn measure(a: &DpArgs, dp: usize, plan: &[&[bool]]) -> Result<Option<Vec<Vec<Step>>>> {
     let cfg = crate::bench::bench_model(&a.model, a.seq_length)?;
     let (b, s) = (a.batch_size / dp, a.seq_length);
     launch(&Layout::in_process(dp, 1, 1), |ctx| {
-        overlap
-            .iter()
-            .map(|&o| step_on(a, &cfg, &ctx, (b, s), o))
+        plan.iter()
+            .map(|round| {
+                round
+                    .iter()
+                    .map(|&o| step_on(a, &cfg, &ctx, (b, s), o))
+                    .collect()
+            })
             .collect()
     })
+}
+
+/// The `overlap_comm` settings dp N is timed with in round `round` (with both, which goes first
+/// alternates).
+fn settings(overlap_comm: bool, round: usize) -> &'static [bool] {
+    match (overlap_comm, round % 2) {
+        (false, _) => &[false],
+        (true, 0) => &[false, true],
+        (true, _) => &[true, false],
+    }
 }
 
 /// Rank `ctx`'s median step on its micro-batch `(b, s)`.
@@ -147,22 +162,31 @@ pub fn run(a: DpArgs) -> Result<()> {
             s.split.step_ms
         )
     };
+    let plan: Vec<&[bool]> = (0..a.rounds.max(1))
+        .map(|r| settings(a.overlap_comm, r))
+        .collect();
+    // Under MPI every round runs in one launch; in-process ones alternate with one rank.
+    let mut under_mpi = match mpi {
+        Some(_) => match measure(&a, n, &plan)? {
+            Some(all) => Some(all.into_iter()),
+            // Another MPI process: rank 0 reports.
+            None => return Ok(()),
+        },
+        None => None,
+    };
     let mut rounds = Vec::new();
-    for round in 0..a.rounds.max(1) {
+    for settings in plan {
         let one = if mpi.is_none() && n > 1 {
-            measure(&a, 1, &[false])?.and_then(|mut v| v.pop())
+            measure(&a, 1, &[&[false]])?.and_then(|mut v| v.pop()?.pop())
         } else {
             None
         };
-        // With overlap_comm, which of the two goes first alternates by round.
-        let settings: &[bool] = match (a.overlap_comm, round % 2) {
-            (false, _) => &[false],
-            (true, 0) => &[false, true],
-            (true, _) => &[true, false],
+        let steps = match under_mpi.as_mut() {
+            Some(all) => all.next(),
+            None => measure(&a, n, &[settings])?.and_then(|mut v| v.pop()),
         };
-        let Some(steps) = measure(&a, n, settings)? else {
-            // Another MPI process: rank 0 reports.
-            return Ok(());
+        let Some(steps) = steps else {
+            bail!("bench dp: no measurement")
         };
         let mut by_setting = settings.iter().zip(steps);
         let (mut many, mut overlapped) = (None, None);
