@@ -252,28 +252,6 @@ impl Communicator for CommsLogger {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deepspeed_helpers() {
-        assert_eq!(convert_size(4096), "4.0 KB");
-        assert_eq!(convert_size(1536 * 1024), "1.5 MB");
-        assert_eq!(convert_size(100), "100.0 B");
-        assert_eq!(
-            trim_mean(&[100.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, -50.0], 0.1),
-            4.5
-        );
-        // 1 MB all-reduce in 1 ms over 4 ranks: tput 16 Gbps, busbw 12 Gbps.
-        let (t, b) = bandwidths("all_reduce", 1_000_000, 1.0, 4);
-        assert!(
-            (t - 16.0).abs() < 1e-9 && (b - 12.0).abs() < 1e-9,
-            "{t} {b}"
-        );
-    }
-}
-
 /// A started reduce-scatter, recorded when waited for (its latency: from start to result).
 struct LoggedWork {
     logger: Arc<CommsLogger>,
@@ -294,5 +272,27 @@ impl Work for LoggedWork {
             self.logger.record("reduce_scatter", bytes, self.n, ms);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deepspeed_helpers() {
+        assert_eq!(convert_size(4096), "4.0 KB");
+        assert_eq!(convert_size(1536 * 1024), "1.5 MB");
+        assert_eq!(convert_size(100), "100.0 B");
+        assert_eq!(
+            trim_mean(&[100.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, -50.0], 0.1),
+            4.5
+        );
+        // 1 MB all-reduce in 1 ms over 4 ranks: tput 16 Gbps, busbw 12 Gbps.
+        let (t, b) = bandwidths("all_reduce", 1_000_000, 1.0, 4);
+        assert!(
+            (t - 16.0).abs() < 1e-9 && (b - 12.0).abs() < 1e-9,
+            "{t} {b}"
+        );
     }
 }
