@@ -61,6 +61,8 @@ struct RankRun {
     offload_io: Option<(u64, u64)>,
     /// The most gradient reductions in flight at once (`overlap_comm`).
     in_flight: u64,
+    /// NVMe offload: blocks read ahead of the gathers.
+    reads_ahead: u64,
 }
 
 /// Trains the tiny GPT-2 for `steps` on `tp x dp` in-process ranks with `cfg` (the micro-batch and
@@ -156,6 +158,7 @@ fn train_with(
             stage3,
             offload_io: engine.optimizer().offload_io_bytes(),
             in_flight: engine.optimizer().peak_reductions_in_flight(),
+            reads_ahead: engine.optimizer().offload_reads_ahead().unwrap_or(0),
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -829,6 +832,7 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             stage3: engine.optimizer().stage3_stats(),
             offload_io: None,
             in_flight: engine.optimizer().peak_reductions_in_flight(),
+            reads_ahead: 0,
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -962,9 +966,17 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
         });
         // DeepSpeed's stage-3 default `overlap_comm` on one of them: reductions in flight too.
         cfg.overlap_comm = dp == 4;
+        // Gathers layer by layer on another: the next layer's pieces are read ahead.
+        if dp == 2 && tp == 1 {
+            cfg.stage3.max_live_parameters = 30_000;
+            cfg.stage3.prefetch_bucket_size = 20_000;
+        }
         let swapped = train_with(tp, dp, cfg, STEPS, DType::F32, init);
         assert_runs_match(&swapped, &reference, &name);
         assert_eq!(swapped[0].in_flight > 0, dp == 4, "{name}: overlap_comm");
+        if dp == 2 && tp == 1 {
+            assert!(swapped[0].reads_ahead > 0, "{name}: nothing read ahead");
+        }
         let in_ram = train_with(tp, dp, stage3(GLOBAL_BATCH / dp, 1), 1, DType::F32, init);
         for (rank, r) in swapped.iter().enumerate() {
             let (read, written) = r.offload_io.unwrap();

@@ -90,6 +90,13 @@ pub struct OffloadArgs {
     pub nvme_path: std::path::PathBuf,
     #[arg(long, default_value_t = 1_000_000)]
     pub sub_group_size: usize,
+    /// `stage3_prefetch_bucket_size` (elements; DeepSpeed's default 5e7 gathers this model whole
+    /// at its first layer).
+    #[arg(long, default_value_t = 50_000_000)]
+    pub prefetch_bucket_size: usize,
+    /// `stage3_max_live_parameters` (elements).
+    #[arg(long, default_value_t = 1_000_000_000)]
+    pub max_live_parameters: usize,
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
     #[arg(long)]
@@ -879,6 +886,8 @@ fn offload(a: OffloadArgs) -> Result<()> {
             train_micro_batch_size_per_gpu: a.batch_size,
             ..EngineConfig::default()
         };
+        ec.stage3.prefetch_bucket_size = a.prefetch_bucket_size;
+        ec.stage3.max_live_parameters = a.max_live_parameters;
         if nvme {
             ec.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
                 optimizer_nvme: Some(a.nvme_path.clone()),
@@ -901,6 +910,9 @@ fn offload(a: OffloadArgs) -> Result<()> {
             let mut times = Vec::new();
             let io0 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
             for i in 0..a.iters + 1 {
+                if i == 1 {
+                    engine.take_wall_clock();
+                }
                 let t = Instant::now();
                 let m = &model;
                 let y = y.clone();
@@ -914,12 +926,17 @@ fn offload(a: OffloadArgs) -> Result<()> {
                 let _ = io0;
             }
             let io1 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
+            // Per-step means of the timed steps.
+            let split = engine.take_wall_clock();
             let step = median(times);
             Ok(json!({"nvme": nvme, "ms_per_step": step * 1e3,
                       "model_state_bytes": state.total(),
                       "formula_bytes": engine.formula_bytes().total(),
                       "swap_bytes_per_step": (io1.0 + io1.1 - io0.0 - io0.1) as f64 / (a.iters + 1) as f64,
-                      "direct_io": engine.optimizer().offload_direct()}))
+                      "direct_io": engine.optimizer().offload_direct(),
+                      "blocks_read_ahead": engine.optimizer().offload_reads_ahead(),
+                      "split_ms": {"forward": split.forward_ms, "backward": split.backward_ms,
+                                   "optimizer_step": split.step_ms}}))
         })?;
         if let Some(v) = r {
             rows.push(v);
@@ -967,6 +984,15 @@ fn offload(a: OffloadArgs) -> Result<()> {
         mib(disk_read),
         ram["model_state_bytes"].as_f64().unwrap_or(0.0) / est as f64
     );
+    for (what, row) in [("in memory", ram), ("NVMe", off)] {
+        let s = &row["split_ms"];
+        eprintln!(
+            "  {what}: forward {:.0} | backward {:.0} | optimizer_step {:.0} ms per step",
+            s["forward"].as_f64().unwrap_or(0.0),
+            s["backward"].as_f64().unwrap_or(0.0),
+            s["optimizer_step"].as_f64().unwrap_or(0.0)
+        );
+    }
     if a.json {
         println!("{v}");
     }

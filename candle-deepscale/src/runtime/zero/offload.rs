@@ -308,6 +308,17 @@ impl ZeroStates for NvmeStates {
         gather_host(z, todo, &|range, out| self.master.read(range, out))
     }
 
+    fn read_ahead(&self, z: &ZeroCore, params: &[usize]) -> Result<()> {
+        let Some(master) = self.master.swapped() else {
+            return Ok(());
+        };
+        for r in z.layout.runs.iter().filter(|r| params.contains(&r.param)) {
+            let at = z.layout.buckets[r.bucket].part_offset + r.piece_offset;
+            master.read_ahead(at..at + r.len)?;
+        }
+        Ok(())
+    }
+
     fn all_reduce_param_grad(&mut self, _: &ZeroCore, _: usize, _: &ProcessGroup) -> Result<()> {
         bail!("NVMe offload (stage 3) keeps only this rank's gradient partition")
     }

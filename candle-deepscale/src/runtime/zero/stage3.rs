@@ -245,6 +245,33 @@ impl ParamCoordinator {
         self.enforce_live_cap(params)
     }
 
+    /// The parameters the next gather of this pass will read after layer `l`'s fetch: those of
+    /// the first layer beyond `l` (towards layer 0 in `backward`) that are neither gathered nor
+    /// persistent. Offload reads their pieces ahead while the layers before them run.
+    pub fn next_gather(&self, l: usize, backward: bool) -> Result<Vec<usize>> {
+        let live = self.live()?;
+        let mut next = l;
+        loop {
+            let n = if backward {
+                next.checked_sub(1)
+            } else {
+                Some(next + 1)
+            };
+            let Some(n) = n.filter(|&n| n < self.layer_params.len()) else {
+                return Ok(Vec::new());
+            };
+            let todo: Vec<usize> = self.layer_params[n]
+                .iter()
+                .copied()
+                .filter(|&p| !self.persistent[p] && !live.gathered[p])
+                .collect();
+            if !todo.is_empty() {
+                return Ok(todo);
+            }
+            next = n;
+        }
+    }
+
     /// Layer `l` is done for now; its parameters are freed unless they are used again within
     /// `stage3_max_reuse_distance` elements.
     pub fn release_layer(&self, l: usize, backward: bool, params: &[Param]) -> Result<()> {

@@ -635,6 +635,11 @@ impl ZeroOptimizer {
         self.states.swap_io().map(|s| s.io_bytes())
     }
 
+    /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.
+    pub fn offload_reads_ahead(&self) -> Option<u64> {
+        self.states.swap_io().map(|s| s.reads_ahead())
+    }
+
     /// NVMe offload: the I/O engine and mode (`io_uring, O_DIRECT`, `threads, buffered`, ...).
     pub fn offload_io_path(&self) -> Option<String> {
         self.states.swap_io().map(|s| s.io_path())
@@ -648,12 +653,18 @@ impl ZeroOptimizer {
     /// Stage 3: makes layer `l`'s parameters whole (no-op at other stages), prefetching the next
     /// layers in the direction of the pass (`backward`: towards layer 0).
     pub fn fetch_layer(&self, l: usize, backward: bool) -> Result<()> {
-        match &self.stage3 {
-            Some(s3) => s3.fetch_layer(l, backward, &self.core.params, &|todo| {
-                self.states.gather(&self.core, todo)
-            }),
-            None => Ok(()),
+        let Some(s3) = &self.stage3 else {
+            return Ok(());
+        };
+        s3.fetch_layer(l, backward, &self.core.params, &|todo| {
+            self.states.gather(&self.core, todo)
+        })?;
+        // Offloaded pieces of the next gather are read while this layer runs.
+        if self.states.swap_io().is_some() {
+            let next = s3.next_gather(l, backward)?;
+            self.states.read_ahead(&self.core, &next)?;
         }
+        Ok(())
     }
 
     /// Stage 3: layer `l` is done for now; its parameters are freed unless they are used again

@@ -85,6 +85,12 @@ pub(crate) trait ZeroStates: Send + Sync {
         Ok(())
     }
 
+    /// Stage 3: starts reading the pieces of parameters `params` where they are swapped out
+    /// (the next gather's), without waiting.
+    fn read_ahead(&self, _z: &ZeroCore, _params: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
     /// The segments changed (a pipeline's duplicate tied weight no longer counts in the norm).
     fn segments_changed(&mut self, _z: &ZeroCore) -> Result<()> {
         Ok(())

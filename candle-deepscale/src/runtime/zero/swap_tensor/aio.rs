@@ -91,6 +91,8 @@ impl Drop for AlignedBuf {
 pub struct IoStats {
     pub read: std::sync::atomic::AtomicU64,
     pub written: std::sync::atomic::AtomicU64,
+    /// Blocks read ahead of a gather (ZeRO-3's next layers, while this one runs).
+    pub read_ahead: std::sync::atomic::AtomicU64,
 }
 
 /// The fixed pool of aligned buffers shared by a rank's swapped buffers.

@@ -235,6 +235,28 @@ impl SwappedBuffer {
         self.prefetch_locked(&mut inner, b)
     }
 
+    /// Reads ahead the first block of `range` that is neither resident nor coming, unless a read
+    /// is in flight already (one at a time: a read ahead holds a pool buffer until it is used).
+    pub fn read_ahead(&self, range: std::ops::Range<usize>) -> Result<()> {
+        let mut inner = self.lock()?;
+        if !inner.reading.is_empty() || range.is_empty() {
+            return Ok(());
+        }
+        let first = range.start / self.block_elems;
+        let last = (range.end - 1) / self.block_elems;
+        for b in first..=last {
+            if !inner.resident.iter().any(|(i, _)| *i == b) {
+                self.prefetch_locked(&mut inner, b)?;
+                if inner.reading.contains_key(&b) {
+                    let ahead = &self.io.stats.read_ahead;
+                    ahead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a dirty slot behind (the buffer returns to the pool when written).
     fn write_behind(&self, inner: &mut Inner, b: usize, mut slot: Slot) -> Result<()> {
         if !slot.dirty {
@@ -307,7 +329,8 @@ impl SwappedBuffer {
         Ok(())
     }
 
-    /// Calls `f` with elements `range` (within one block or across several).
+    /// Reads elements `range` (within one block or across several) into `out`. Across several,
+    /// the next block's read is in flight while this one is waited for and copied out.
     pub fn read_range(&self, range: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
         let mut inner = self.lock()?;
         let mut at = range.start;
@@ -315,6 +338,10 @@ impl SwappedBuffer {
             let b = at / self.block_elems;
             let br = self.block_range(b);
             let end = range.end.min(br.end);
+            if end < range.end && inner.reading.len() <= 1 {
+                self.prefetch_locked(&mut inner, b)?;
+                self.prefetch_locked(&mut inner, b + 1)?;
+            }
             self.load(&mut inner, b)?;
             let slot = &inner.resident.back().expect("loaded").1;
             out[at - range.start..end - range.start]
@@ -420,6 +447,14 @@ impl SwapIo {
 
     pub fn pool_bytes(&self) -> u64 {
         self.pool.bytes()
+    }
+
+    /// Blocks read ahead of the gathers so far.
+    pub fn reads_ahead(&self) -> u64 {
+        self.io
+            .stats
+            .read_ahead
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the files are opened with O_DIRECT.
