@@ -295,4 +295,26 @@ mod tests {
             "{t} {b}"
         );
     }
+
+    /// A started reduce-scatter goes through the logger: the same result, recorded once when
+    /// waited for, under DeepSpeed's op name and the chunk's size.
+    #[test]
+    fn started_reduce_scatters_are_recorded() {
+        use crate::comm::{InProcessWorld, ProcessGroup};
+        let results = InProcessWorld::run(2, std::time::Duration::from_secs(20), |comm| {
+            let logger = CommsLogger::wrap(comm, false, None);
+            let g = ProcessGroup::new(logger.clone(), vec![0, 1])?;
+            let r = logger.rank() as f32;
+            let work = g.reduce_scatter_start(vec![r, r + 1.0, r + 2.0, r + 3.0], ReduceOp::Sum)?;
+            let mut got = vec![0f32; 2];
+            work.wait(&mut got)?;
+            Ok((got, logger.records()))
+        });
+        for (rank, res) in results.into_iter().enumerate() {
+            let (got, records) = res.unwrap();
+            let want = if rank == 0 { [1.0, 3.0] } else { [5.0, 7.0] };
+            assert_eq!(got, want);
+            assert_eq!(records["reduce_scatter"][&8].count, 1, "{records:?}");
+        }
+    }
 }
