@@ -954,7 +954,10 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
     let dir = tempfile::tempdir().unwrap();
     for (tp, dp, init) in [(1, 2, true), (1, 4, true), (2, 2, false)] {
         let name = format!("tp={tp} x dp={dp} ZeRO-3 with optimizer and parameter NVMe offload");
-        let mut cfg = stage3(GLOBAL_BATCH / dp, 1);
+        // tp 2 x dp 2 accumulates two micro-batches (the norm is taken as the last one's
+        // gradients are written).
+        let gas = if tp == 2 { 2 } else { 1 };
+        let mut cfg = stage3(GLOBAL_BATCH / dp / gas, gas);
         cfg.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
             optimizer_nvme: Some(dir.path().join("optimizer")),
             param_nvme: Some(dir.path().join("params")),

@@ -113,20 +113,45 @@ pub(crate) struct NvmeStates {
     master: Flat,
     staging: Staging,
     io: SwapIo,
+    /// Each update segment's sum of squared gradients, taken as the accumulation's last
+    /// micro-batch writes them (None: not final yet): the norm without reading them back.
+    norm_sq: Vec<Option<f64>>,
 }
 
 impl NvmeStates {
     /// Adds this rank's reduced pieces `mine` of buckets `bs` (in order) into the swapped
-    /// gradient partition.
-    fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32]) -> Result<()> {
+    /// gradient partition; with `last` (the accumulation's last micro-batch: the sums are final)
+    /// the norm's squares of the segments that count in it are taken on the way.
+    fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32], last: bool) -> Result<()> {
+        use crate::ops::fast_math::sum_squares;
         let mut at = 0;
         for &b in bs {
             let bk = &z.layout.buckets[b];
             let piece = &mine[at..at + bk.piece];
+            let segs: Vec<(usize, Range<usize>)> = match last {
+                true => z
+                    .segments
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.bucket == b && s.counts_in_norm)
+                    .map(|(i, s)| (i, s.piece_offset..s.piece_offset + s.len))
+                    .collect(),
+                false => Vec::new(),
+            };
+            let mut sums = vec![0f64; segs.len()];
             self.grads
                 .update(bk.part_offset..bk.part_offset + bk.piece, |o, d| {
-                    d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s)
+                    d.iter_mut().zip(&piece[o..]).for_each(|(d, s)| *d += s);
+                    for ((_, r), sum) in segs.iter().zip(sums.iter_mut()) {
+                        let (lo, hi) = (r.start.max(o), r.end.min(o + d.len()));
+                        if lo < hi {
+                            *sum += sum_squares(&d[lo - o..hi - o]);
+                        }
+                    }
                 })?;
+            for ((i, _), sum) in segs.iter().zip(sums) {
+                self.norm_sq[*i] = Some(sum);
+            }
             at += bk.piece;
         }
         Ok(())
@@ -184,6 +209,7 @@ impl NvmeStates {
             master,
             staging: Staging::default(),
             io: SwapIo::new(pool, threads, direct),
+            norm_sq: vec![None; z.segments.len()],
         })
     }
 
@@ -212,26 +238,38 @@ impl ZeroStates for NvmeStates {
         self.staging.add(z, i, grad)
     }
 
-    fn reduce(&mut self, z: &ZeroCore, bs: &[usize], _last: bool) -> Result<()> {
+    fn reduce(&mut self, z: &ZeroCore, bs: &[usize], last: bool) -> Result<()> {
         if bs.is_empty() {
             return Ok(());
         }
         if z.overlaps() {
-            self.staging.start_reduce_scatter(z, bs)?;
+            self.staging.start_reduce_scatter(z, bs, last)?;
             return self.settle(z, false);
         }
         let mine = self.staging.reduce_scatter(z, bs)?;
-        self.add_reduced(z, bs, &mine)
+        self.add_reduced(z, bs, &mine, last)
     }
 
     fn settle(&mut self, z: &ZeroCore, all: bool) -> Result<()> {
         for r in self.staging.take_finished(z, all)? {
-            self.add_reduced(z, &r.buckets, &r.data)?;
+            self.add_reduced(z, &r.buckets, &r.data, r.last)?;
         }
         Ok(())
     }
 
     fn grad_norm_sq(&mut self, z: &ZeroCore) -> Result<f64> {
+        // Taken as the final gradients were written, where every counted segment has it.
+        let counted = z
+            .segments
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.counts_in_norm);
+        if let Some(sq) = counted
+            .map(|(i, _)| self.norm_sq.get(i).copied().flatten())
+            .sum::<Option<f64>>()
+        {
+            return Ok(sq);
+        }
         let mut sq = 0.0;
         let mut tmp = Vec::new();
         for s in z.segments.iter().filter(|s| s.counts_in_norm) {
@@ -345,8 +383,14 @@ impl ZeroStates for NvmeStates {
         })
     }
 
+    fn segments_changed(&mut self, z: &ZeroCore) -> Result<()> {
+        self.norm_sq = vec![None; z.segments.len()];
+        Ok(())
+    }
+
     fn zero_grad(&mut self) -> Result<()> {
         self.staging.clear();
+        self.norm_sq.iter_mut().for_each(|s| *s = None);
         match &mut self.grads {
             Flat::Memory(v) => super::flat::fill_zero(v),
             Flat::Swapped(b) => b.zero()?,

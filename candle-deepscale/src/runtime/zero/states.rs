@@ -122,6 +122,8 @@ struct InFlight {
     send_len: usize,
     /// Stages 0/1: an all-reduce of one bucket, whose reduced chunk is all-gathered back.
     whole: bool,
+    /// Of the accumulation's last micro-batch: adding it in makes the gradients final.
+    last: bool,
 }
 
 /// A finished reduction: this rank's pieces of `buckets` (in order), or (`whole`, stages 0/1)
@@ -130,6 +132,7 @@ pub(crate) struct Reduced {
     pub buckets: Vec<usize>,
     pub data: Vec<f32>,
     pub whole: bool,
+    pub last: bool,
 }
 
 impl Staging {
@@ -197,14 +200,15 @@ impl Staging {
         })
     }
 
-    /// [`Self::reduce_scatter`] started and queued, not waited for (`overlap_comm`).
-    pub fn start_reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<()> {
+    /// [`Self::reduce_scatter`] started and queued, not waited for (`overlap_comm`); `last`:
+    /// of the accumulation's last micro-batch.
+    pub fn start_reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize], last: bool) -> Result<()> {
         let send = self.send_buffer(z, bs);
         let work = match (&z.dp, z.layout.parts > 1) {
             (Some(dp), true) => dp.reduce_scatter_start(send, ReduceOp::Sum)?,
             _ => ReduceScatterWork::done(send),
         };
-        self.queue(z, bs.to_vec(), work, false);
+        self.queue(z, bs.to_vec(), work, false, last);
         Ok(())
     }
 
@@ -217,7 +221,7 @@ impl Staging {
         send.extend_from_slice(grads);
         send.resize(send.capacity(), 0.0);
         let work = dp.reduce_scatter_start(send, ReduceOp::Sum)?;
-        self.queue(z, vec![b], work, true);
+        self.queue(z, vec![b], work, true, true);
         Ok(())
     }
 
@@ -227,6 +231,7 @@ impl Staging {
         buckets: Vec<usize>,
         work: ReduceScatterWork<f32>,
         whole: bool,
+        last: bool,
     ) {
         let send_len = work.len() * z.dp.as_ref().map_or(1, |g| g.size());
         self.in_flight_len += send_len;
@@ -237,6 +242,7 @@ impl Staging {
             work,
             send_len,
             whole,
+            last,
         });
         z.note_in_flight(self.in_flight.len());
     }
@@ -268,6 +274,7 @@ impl Staging {
                 buckets: f.buckets,
                 data,
                 whole: f.whole,
+                last: f.last,
             });
         }
         Ok(out)
@@ -490,7 +497,7 @@ impl ZeroStates for HostStates {
             return Ok(());
         }
         if z.overlaps() {
-            self.staging.start_reduce_scatter(z, bs)?;
+            self.staging.start_reduce_scatter(z, bs, last)?;
             return self.settle(z, false);
         }
         let mine = self.staging.reduce_scatter(z, bs)?;
