@@ -212,12 +212,7 @@ impl ParamCoordinator {
         let mut budget = self.config.prefetch_bucket_size;
         let mut next = l;
         loop {
-            let n = if backward {
-                next.checked_sub(1)
-            } else {
-                Some(next + 1)
-            };
-            let Some(n) = n.filter(|&n| n < self.layer_params.len()) else {
+            let Some(n) = self.after(next, backward) else {
                 break;
             };
             let e = self.layer_elems(n);
@@ -245,6 +240,16 @@ impl ParamCoordinator {
         self.enforce_live_cap(params)
     }
 
+    /// The layer after `l` in the pass's direction (towards layer 0 in `backward`), if any.
+    fn after(&self, l: usize, backward: bool) -> Option<usize> {
+        let n = if backward {
+            l.checked_sub(1)
+        } else {
+            Some(l + 1)
+        };
+        n.filter(|&n| n < self.layer_params.len())
+    }
+
     /// The parameters the next gather of this pass will read after layer `l`'s fetch: those of
     /// the first layer beyond `l` (towards layer 0 in `backward`) that are neither gathered nor
     /// persistent. Offload reads their pieces ahead while the layers before them run.
@@ -252,12 +257,7 @@ impl ParamCoordinator {
         let live = self.live()?;
         let mut next = l;
         loop {
-            let n = if backward {
-                next.checked_sub(1)
-            } else {
-                Some(next + 1)
-            };
-            let Some(n) = n.filter(|&n| n < self.layer_params.len()) else {
+            let Some(n) = self.after(next, backward) else {
                 return Ok(Vec::new());
             };
             let todo: Vec<usize> = self.layer_params[n]
