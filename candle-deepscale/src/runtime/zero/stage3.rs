@@ -211,10 +211,7 @@ impl ParamCoordinator {
         // Prefetch: the next layers' parameters, up to the bucket size and the live cap.
         let mut budget = self.config.prefetch_bucket_size;
         let mut next = l;
-        loop {
-            let Some(n) = self.after(next, backward) else {
-                break;
-            };
+        while let Some(n) = self.after(next, backward) {
             let e = self.layer_elems(n);
             let needed: usize = todo.iter().map(|&p| self.numel[p]).sum();
             if e > budget || live.elems + needed + e > self.config.max_live_parameters {
