@@ -222,8 +222,12 @@ impl MpiComm {
         Ok(())
     }
 
-    /// All-reduce as a direct reduce-scatter of `padded` (a whole number of elements per member)
-    /// and an all-gather of the reduced chunks back into it.
+    /// All-reduce of `padded` (a whole number of elements per member) in place, as the direct
+    /// reduce-scatter and an all-gather pipelined a segment at a time: each member receives the
+    /// others' pieces of a segment of its chunk, reduces them with its own in group order, writes
+    /// the sum over its own piece and exchanges it with the others' sums of the same segment of
+    /// their chunks — the reduced segment goes out while still in cache, and no scratch the size
+    /// of the chunk is needed.
     fn reduce_scatter_all_gather(
         &self,
         group: &[usize],
@@ -231,17 +235,99 @@ impl MpiComm {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<()> {
-        let chunk = padded.len() / group.len();
-        let mut mine = {
-            let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut s.1)
-        };
-        sized(&mut mine, chunk);
-        self.direct_reduce_scatter(group, padded, &mut mine[..chunk], kind, op)?;
-        self.gather_into("all_reduce", group, &mine[..chunk], padded)?;
-        release(&mut mine);
-        self.scratch.lock().unwrap_or_else(|e| e.into_inner()).1 = mine;
+        let n = group.len();
+        let chunk = padded.len() / n;
+        let me = group_index(group, self.rank, "all_reduce")?;
+        let seg = (SEGMENT / kind.size()).max(1) * kind.size();
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let (pieces, reduced) = &mut *scratch;
+        let received = sized(pieces, (n - 1) * seg.min(chunk));
+        let sum = sized(reduced, seg.min(chunk));
+        let mut chunks: Vec<&mut [u8]> = padded.chunks_mut(chunk).collect();
+        let mut at = 0;
+        while at < chunk {
+            let len = seg.min(chunk - at);
+            let range = at..at + len;
+            // The others' pieces of this segment of my chunk; mine of theirs.
+            self.exchange_segments(
+                "all_reduce",
+                group,
+                me,
+                &mut chunks,
+                &range,
+                received,
+                false,
+            )?;
+            let mut from_peers = received.chunks(len);
+            let parts: Vec<&[u8]> = (0..n)
+                .map(|k| match k == me {
+                    true => &chunks[me][range.clone()],
+                    false => from_peers.next().unwrap_or_default(),
+                })
+                .collect();
+            reduce_bytes(&parts, &mut sum[..len], kind, op)?;
+            chunks[me][range.clone()].copy_from_slice(&sum[..len]);
+            // My sum of this segment to everyone; theirs into their chunks' segment.
+            self.exchange_segments("all_reduce", group, me, &mut chunks, &range, received, true)?;
+            at += len;
+        }
+        release(pieces);
+        release(reduced);
         Ok(())
+    }
+
+    /// One segment `range` of every member's chunk: without `gather`, this member's pieces of
+    /// the others' chunks are sent and the others' pieces of its own chunk received into
+    /// `received` (group order, one `range` each); with `gather`, its own chunk's segment is sent
+    /// and the others' received in place into their chunks.
+    #[allow(clippy::too_many_arguments)]
+    fn exchange_segments(
+        &self,
+        op: &str,
+        group: &[usize],
+        me: usize,
+        chunks: &mut [&mut [u8]],
+        range: &std::ops::Range<usize>,
+        received: &mut [u8],
+        gather: bool,
+    ) -> Result<()> {
+        let len = range.len();
+        let (before, rest) = chunks.split_at_mut(me);
+        let Some((mine, after)) = rest.split_first_mut() else {
+            bail!("{op}: member {me} has no chunk")
+        };
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.with_group(group, op, |c| {
+            mpi::request::scope(|scope| {
+                let mut reqs = Vec::with_capacity(2 * group.len());
+                let others = before.iter_mut().chain(after.iter_mut());
+                let peers = (0..group.len()).filter(|&k| k != me);
+                let mut slots = received.chunks_mut(len);
+                for (k, theirs) in peers.zip(others) {
+                    let peer = c.process_at_rank(k as i32);
+                    if gather {
+                        let into = &mut theirs[range.clone()];
+                        reqs.push(peer.immediate_receive_into_with_tag(scope, into, AR_TAG));
+                        reqs.push(peer.immediate_send_with_tag(
+                            scope,
+                            &mine[range.clone()],
+                            AR_TAG,
+                        ));
+                    } else {
+                        let Some(slot) = slots.next() else { break };
+                        reqs.push(peer.immediate_receive_into_with_tag(scope, slot, RS_TAG));
+                        reqs.push(peer.immediate_send_with_tag(
+                            scope,
+                            &theirs[range.clone()],
+                            RS_TAG,
+                        ));
+                    }
+                }
+                for req in reqs {
+                    self.wait(op, group, req);
+                }
+            })
+        })
     }
 }
 
@@ -254,6 +340,7 @@ const SEGMENT: usize = 512 << 10;
 /// the MPI standard's guaranteed 32767): blocking and started ones apart.
 const RS_TAG: i32 = 30001;
 const STARTED_RS_TAG: i32 = 30002;
+const AR_TAG: i32 = 30003;
 
 /// Scratch buffers larger than this are freed after use.
 const KEPT_SCRATCH: usize = 64 << 20;
