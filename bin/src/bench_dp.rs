@@ -188,9 +188,8 @@ pub fn run(a: DpArgs) -> Result<()> {
         let Some(steps) = steps else {
             bail!("bench dp: no measurement")
         };
-        let mut by_setting = settings.iter().zip(steps);
         let (mut many, mut overlapped) = (None, None);
-        for (&o, step) in by_setting.by_ref() {
+        for (&o, step) in settings.iter().zip(steps) {
             *(if o { &mut overlapped } else { &mut many }) = Some(step);
         }
         let Some(many) = many else {

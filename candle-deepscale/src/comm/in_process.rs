@@ -520,20 +520,10 @@ impl Communicator for InProcessComm {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<()> {
-        let n = recv.len();
         check_reduce_scatter(group, send.len(), recv.len())?;
         let me = self.check_group(group, "reduce_scatter")?;
         self.exchange_borrowed("reduce_scatter", group, send, |parts| {
-            if let Some(i) = parts.iter().position(|p| p.len() != send.len()) {
-                bail!(
-                    "reduce_scatter on group {group:?}: rank {} sent {} bytes, this rank {}",
-                    group[i],
-                    parts[i].len(),
-                    send.len()
-                )
-            }
-            let views: Vec<&[u8]> = parts.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
-            reduce_bytes(&views, recv, kind, op)
+            reduce_chunk(group, me, parts, send.len(), recv, kind, op)
         })
     }
 
@@ -635,6 +625,29 @@ impl Communicator for InProcessComm {
     }
 }
 
+/// Reduce-scatter's reduction on member `me`: its chunk of every member's `parts` (each `len`
+/// bytes, checked), in group order, into `recv`.
+fn reduce_chunk(
+    group: &[usize],
+    me: usize,
+    parts: &[&[u8]],
+    len: usize,
+    recv: &mut [u8],
+    kind: ElemKind,
+    op: ReduceOp,
+) -> Result<()> {
+    if let Some(i) = parts.iter().position(|p| p.len() != len) {
+        bail!(
+            "reduce_scatter on group {group:?}: rank {} sent {} bytes, this rank {len}",
+            group[i],
+            parts[i].len()
+        )
+    }
+    let n = recv.len();
+    let chunks: Vec<&[u8]> = parts.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
+    reduce_bytes(&chunks, recv, kind, op)
+}
+
 /// A started reduce-scatter: this member's buffer is in the slot (owned there, so no member
 /// waits for another's reading), and its chunk is reduced when it is waited for.
 struct InProcessWork {
@@ -659,18 +672,7 @@ impl Work for InProcessWork {
         // SAFETY: every part is present; a borrowed one (a peer in the blocking call) stays
         // valid until this member marks its reading done.
         let views: Vec<&[u8]> = parts.iter().map(|p| unsafe { p.bytes() }).collect();
-        let r = match views.iter().position(|p| p.len() != self.len) {
-            Some(i) => Err(Error::Msg(format!(
-                "reduce_scatter on group {group:?}: rank {} sent {} bytes, this rank {}",
-                group[i],
-                views[i].len(),
-                self.len
-            ))),
-            None => {
-                let chunks: Vec<&[u8]> = views.iter().map(|p| &p[me * n..(me + 1) * n]).collect();
-                reduce_bytes(&chunks, recv, self.kind, self.op)
-            }
-        };
+        let r = reduce_chunk(group, me, &views, self.len, recv, self.kind, self.op);
         drop(views);
         self.comm.mark_done(&self.key, me, false)?;
         r

@@ -208,14 +208,9 @@ impl MpiComm {
                     })
                 })?;
             }
-            let mut received = bufs.chunks(len);
-            let parts: Vec<&[u8]> = (0..n)
-                .map(|k| match k == me {
-                    true => &send[me * chunk + at..me * chunk + at + len],
-                    false => received.next().unwrap_or_default(),
-                })
-                .collect();
-            reduce_bytes(&parts, &mut recv[at..at + len], kind, op)?;
+            let own = &send[me * chunk + at..me * chunk + at + len];
+            let out = &mut recv[at..at + len];
+            reduce_own_and_received(n, me, own, &bufs[..(n - 1) * len], out, kind, op)?;
             at += len;
         }
         release(&mut scratch.0);
@@ -258,14 +253,8 @@ impl MpiComm {
                 received,
                 false,
             )?;
-            let mut from_peers = received.chunks(len);
-            let parts: Vec<&[u8]> = (0..n)
-                .map(|k| match k == me {
-                    true => &chunks[me][range.clone()],
-                    false => from_peers.next().unwrap_or_default(),
-                })
-                .collect();
-            reduce_bytes(&parts, &mut sum[..len], kind, op)?;
+            let (own, peers) = (&chunks[me][range.clone()], &received[..(n - 1) * len]);
+            reduce_own_and_received(n, me, own, peers, &mut sum[..len], kind, op)?;
             chunks[me][range.clone()].copy_from_slice(&sum[..len]);
             // My sum of this segment to everyone; theirs into their chunks' segment.
             self.exchange_segments("all_reduce", group, me, &mut chunks, &range, received, true)?;
@@ -341,6 +330,27 @@ const SEGMENT: usize = 512 << 10;
 const RS_TAG: i32 = 30001;
 const STARTED_RS_TAG: i32 = 30002;
 const AR_TAG: i32 = 30003;
+
+/// Reduces into `out`, in group order, member `me`'s own piece `own` (read where it is) and the
+/// other `n - 1` members' pieces, `received` back to back in group order.
+fn reduce_own_and_received(
+    n: usize,
+    me: usize,
+    own: &[u8],
+    received: &[u8],
+    out: &mut [u8],
+    kind: ElemKind,
+    op: ReduceOp,
+) -> Result<()> {
+    let mut peers = received.chunks(own.len().max(1));
+    let parts: Vec<&[u8]> = (0..n)
+        .map(|k| match k == me {
+            true => own,
+            false => peers.next().unwrap_or_default(),
+        })
+        .collect();
+    reduce_bytes(&parts, out, kind, op)
+}
 
 /// Scratch buffers larger than this are freed after use.
 const KEPT_SCRATCH: usize = 64 << 20;
@@ -605,15 +615,9 @@ impl Work for MpiWork {
         if chunk == 0 {
             return Ok(());
         }
-        let mut received = self.pieces.chunks(chunk);
         let own = &self.send.bytes()[self.me * chunk..(self.me + 1) * chunk];
-        let parts: Vec<&[u8]> = (0..self.group.len())
-            .map(|k| match k == self.me {
-                true => own,
-                false => received.next().unwrap_or_default(),
-            })
-            .collect();
-        reduce_bytes(&parts, recv, self.kind, self.op)
+        let n = self.group.len();
+        reduce_own_and_received(n, self.me, own, &self.pieces, recv, self.kind, self.op)
     }
 }
 
