@@ -83,3 +83,86 @@ fn bench_attention_reports_each_kernels_scratch() {
     let bad = ["bench", "attention", "--key-block", "0"];
     refusal(&deepscale(&bad), &bad, &["--key-block"]);
 }
+
+/// `bench --compare-torch --torch-bf16 on`: the bf16 mode is paired round by round with the
+/// peer's `prec=bf16` (autocast) figures, fp32 with its fp32 ones, and each ratio is the median
+/// of the per-round ratios. The peer here is a stand-in `torch_bench.py` (PyTorch is not in CI;
+/// BENCHMARKS.md has the real runs) that fails on any argument list but the two it expects, so
+/// what is checked is the invocation and the arithmetic, not PyTorch's speed.
+#[test]
+fn bench_pairs_the_bf16_mode_with_torch_autocast() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = dir.path().join("torch_bench.py");
+    std::fs::write(
+        &peer,
+        r#"import json, sys
+args = sys.argv[1:]
+if args == ["small"]:
+    print(json.dumps({"tokens_per_s": 100.0, "fwd_tokens_per_s": 400.0}))
+elif args == ["small", "prec=bf16"]:
+    print(json.dumps({"tokens_per_s": 20.0, "fwd_tokens_per_s": 50.0}))
+else:
+    sys.exit("unexpected arguments %r" % args)
+"#,
+    )
+    .unwrap();
+    let peer = peer.to_str().unwrap();
+    let args = [
+        "bench",
+        "--config",
+        "small",
+        "--iters",
+        "1",
+        "--compare-torch",
+        "--rounds",
+        "2",
+        "--torch-bf16",
+        "on",
+        "--torch-python",
+        "python3",
+        "--torch-bench",
+        peer,
+        "--json",
+    ];
+    let v = last_json(&ok(&args));
+    let row = &v["results"][0];
+    let f = |k: &str| -> Vec<f64> {
+        row[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("{k}: {row}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let median_ratio = |ours: Vec<f64>, theirs: f64| {
+        assert_eq!(ours.len(), 2, "{row}");
+        let mut r: Vec<f64> = ours.iter().map(|o| o / theirs).collect();
+        r.sort_by(f64::total_cmp);
+        r[1]
+    };
+    let close = |k: &str, want: f64| {
+        let got = row[k].as_f64().unwrap_or_else(|| panic!("{k}: {row}"));
+        assert!((got - want).abs() <= 1e-9 * want, "{k}: {got} != {want}");
+    };
+    close("vs_torch", median_ratio(f("rounds_tokens_per_s"), 100.0));
+    close("fwd_vs_torch", median_ratio(f("rounds_fwd_tokens_per_s"), 400.0));
+    close(
+        "bf16_vs_torch_bf16",
+        median_ratio(f("rounds_bf16_tokens_per_s"), 20.0),
+    );
+    close(
+        "bf16_fwd_vs_torch_bf16",
+        median_ratio(f("rounds_bf16_fwd_tokens_per_s"), 50.0),
+    );
+    assert_eq!(f("rounds_torch_bf16_tokens_per_s"), [20.0, 20.0]);
+    assert!(row["bf16_fwd_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0));
+
+    // `off`: fp32 is still paired, the bf16 mode is not, and the log says why.
+    let mut off = args;
+    off[9] = "off";
+    let out = ok(&off);
+    let row = &last_json(&out)["results"][0];
+    assert!(row["vs_torch"].as_f64().is_some(), "{row}");
+    assert!(row.get("bf16_vs_torch_bf16").is_none(), "{row}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not paired with PyTorch's autocast"));
+}

@@ -50,11 +50,26 @@ pub struct SuiteArgs {
     /// bf16 parameters).
     #[arg(long)]
     pub no_bf16: bool,
+    /// With `--compare-torch`: also pair the bf16 mode with PyTorch's `torch.autocast("cpu",
+    /// torch.bfloat16)` step and forward (`torch_bench.py ... prec=bf16`). `auto` does so where
+    /// this CPU has AVX512-BF16; elsewhere PyTorch has no bf16 kernel either and its autocast step
+    /// takes minutes (about a minute per step for `small` on an AVX2 core pair).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub torch_bf16: TorchBf16,
     /// Where the benchmark runs: the CPU, or GPU 0 (`cuda`, a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceKind,
     #[arg(long)]
     pub json: bool,
+}
+
+/// When `--compare-torch` also runs PyTorch's bf16 autocast.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TorchBf16 {
+    /// Where this CPU has AVX512-BF16.
+    Auto,
+    On,
+    Off,
 }
 
 /// (layers, hidden, heads, vocab, batch, seq) of a config name.
@@ -173,14 +188,15 @@ impl Measured {
     }
 }
 
-/// The engine's training step with every matrix product in bf16 (fp32 parameters as master
-/// weights, fp32 activations): tokens/s, median of `iters` steps after a warm-up.
-fn measure_bf16(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<f64> {
+/// The engine's training step and forward with every matrix product in bf16 (fp32 parameters
+/// as master weights, fp32 activations; the forward is what `evaluate --bf16` and `generate
+/// --bf16` run): medians of `iters` steps after a warm-up.
+fn measure_bf16(cfg: &gpt2::Config, b: usize, s: usize, iters: usize) -> Result<Measured> {
     let prev = matmul::float32_matmul_precision();
     matmul::set_float32_matmul_precision(Precision::Bf16);
-    let m = measure(cfg, b, s, iters, false);
+    let m = measure(cfg, b, s, iters, true);
     matmul::set_float32_matmul_precision(prev);
-    Ok(m?.tokens_per_s)
+    m
 }
 
 fn measure(
@@ -302,7 +318,8 @@ fn torch_bench_path(a: &SuiteArgs) -> Result<PathBuf> {
 
 fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
     let script = torch_bench_path(a)?;
-    if !a.torch_python.exists() {
+    // A bare name (`python3`) is looked up on PATH when it runs.
+    if a.torch_python.components().count() > 1 && !a.torch_python.exists() {
         bail!(
             "--compare-torch: {} is missing; set up the peer venv as ../shared/peers/README.md says",
             a.torch_python.display()
@@ -421,6 +438,19 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
         eprintln!("bf16 GEMM (2048^3, {bf16_kernel}): {g:.1} GFLOP/s");
         Some(g)
     };
+    let torch_bf16 = bf16_peak.is_some()
+        && a.compare_torch
+        && match a.torch_bf16 {
+            TorchBf16::Auto => bf16_gemm::available(),
+            TorchBf16::On => true,
+            TorchBf16::Off => false,
+        };
+    if a.compare_torch && bf16_peak.is_some() && !torch_bf16 {
+        eprintln!(
+            "the bf16 mode is not paired with PyTorch's autocast (--torch-bf16 {:?}; this CPU's bf16 products are {bf16_kernel})",
+            a.torch_bf16
+        );
+    }
     let mut rows = Vec::new();
     for name in &a.config {
         let (cfg, b, s, torch_name) = shape(name)?;
@@ -456,23 +486,29 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
             m.split.backward_ms,
             m.split.step_ms
         );
+        let mut bf16_rounds = Vec::new();
         if let Some(bf16_peak) = bf16_peak {
-            let t = measure_bf16(&cfg, b, s, a.iters.max(1))?;
+            let h = measure_bf16(&cfg, b, s, a.iters.max(1))?;
+            let t = h.tokens_per_s;
             // Against the bf16 GEMM's own peak: the products are what this mode speeds up.
             let bf16_mfu = meters::mfu(t, m.flops_per_token, bf16_peak * 1e9);
             row["bf16_tokens_per_s"] = json!(t);
+            row["bf16_fwd_tokens_per_s"] = json!(h.fwd_tokens_per_s);
             row["bf16_vs_fp32"] = json!(t / m.tokens_per_s);
             row["bf16_mfu"] = json!(bf16_mfu);
             line += &format!(
-                "; bf16 train {t:.1} tokens/s ({:.2}x fp32, MFU {:.0}% of the {bf16_peak:.0} GFLOP/s bf16 GEMM)",
+                "; bf16 train {t:.1} tokens/s ({:.2}x fp32, MFU {:.0}% of the {bf16_peak:.0} GFLOP/s bf16 GEMM), forward {:.1} tokens/s",
                 t / m.tokens_per_s,
-                100.0 * bf16_mfu
+                100.0 * bf16_mfu,
+                h.fwd_tokens_per_s
             );
+            bf16_rounds.push(h);
         }
         if a.compare_torch {
             // Round 1 pairs the measurement above with PyTorch; later rounds measure both again.
             let (mut ours, mut theirs) = (vec![m.tokens_per_s], Vec::new());
             let (mut ours_fwd, mut theirs_fwd) = (vec![m.fwd_tokens_per_s], Vec::new());
+            let mut torch_bf16_rounds = Vec::new();
             for round in 0..a.rounds.max(1) {
                 if round > 0 {
                     let m = measure(&cfg, b, s, a.iters.max(1), true)?;
@@ -482,6 +518,12 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
                 let t = torch(&a, torch_name)?;
                 theirs.push(t["tokens_per_s"].as_f64().unwrap_or(f64::NAN));
                 theirs_fwd.push(t["fwd_tokens_per_s"].as_f64().unwrap_or(f64::NAN));
+                if torch_bf16 {
+                    if round > 0 {
+                        bf16_rounds.push(measure_bf16(&cfg, b, s, a.iters.max(1))?);
+                    }
+                    torch_bf16_rounds.push(torch(&a, &format!("{torch_name} prec=bf16"))?);
+                }
             }
             let ratio =
                 |x: &[f64], y: &[f64]| median(x.iter().zip(y).map(|(a, b)| a / b).collect());
@@ -500,6 +542,29 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
                 median(theirs_fwd),
                 a.rounds.max(1)
             );
+            if torch_bf16 {
+                let pick = |v: &[Value], k: &str| -> Vec<f64> {
+                    v.iter().map(|t| t[k].as_f64().unwrap_or(f64::NAN)).collect()
+                };
+                let (theirs, theirs_fwd) = (
+                    pick(&torch_bf16_rounds, "tokens_per_s"),
+                    pick(&torch_bf16_rounds, "fwd_tokens_per_s"),
+                );
+                let ours: Vec<f64> = bf16_rounds.iter().map(|h| h.tokens_per_s).collect();
+                let ours_fwd: Vec<f64> = bf16_rounds.iter().map(|h| h.fwd_tokens_per_s).collect();
+                let (train, fwd) = (ratio(&ours, &theirs), ratio(&ours_fwd, &theirs_fwd));
+                row["rounds_bf16_tokens_per_s"] = json!(ours);
+                row["rounds_bf16_fwd_tokens_per_s"] = json!(ours_fwd);
+                row["rounds_torch_bf16_tokens_per_s"] = json!(theirs);
+                row["rounds_torch_bf16_fwd_tokens_per_s"] = json!(theirs_fwd);
+                row["bf16_vs_torch_bf16"] = json!(train);
+                row["bf16_fwd_vs_torch_bf16"] = json!(fwd);
+                line += &format!(
+                    "; against PyTorch's bf16 autocast (train {:.1}, forward {:.1} tokens/s): {train:.2}x train, {fwd:.2}x forward",
+                    median(theirs),
+                    median(theirs_fwd)
+                );
+            }
         }
         eprintln!("{line}");
         rows.push(row);
