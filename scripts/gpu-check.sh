@@ -11,7 +11,8 @@
 # of tests/gpu.rs (CUDA training equal to the CPU run, NCCL collectives, dp 2 with ZeRO 0/1/2, tp 2,
 # bf16; a test needing more GPUs than present is reported skipped, with why) -> pretrain-gpt2
 # --device cuda at dp 1 and, with two GPUs, dp 2 and tp 2 -> bench on GPU 0 (GPT-2 124M tokens/s
-# and MFU against the GPU's measured GEMM peak, fp32 and bf16).
+# and MFU against the GPU's measured GEMM peak, fp32 and bf16) -> evaluate and generate --bf16 on
+# the dp-1 run's checkpoint (bf16 parameters; the loss against fp32's).
 #
 # Environment: DEEPSCALE_GPU_TARGET_DIR (build folder, reused; default target-gpu/ here),
 # DEEPSCALE_BIN (--dry-run: the deepscale binary whose flags the dry run checks),
@@ -265,7 +266,7 @@ PY
 }
 
 # --- 4. pretraining on GPUs
-pretrain pretrain-dp1 1
+pretrain pretrain-dp1 1 --save "$OUT/ckpt-dp1"
 pretrain pretrain-dp2-zero2 2 --world-size 2 --zero-stage 2
 pretrain pretrain-tp2 2 --world-size 2 --model-parallel-size 2
 
@@ -299,6 +300,56 @@ PY
 )"
   else
     record bench fail "$SECS" "rc $RC: $(grep -m1 -E 'error|panicked' "$LOG/bench.log" | cut -c1-200)"
+  fi
+fi
+
+# --- 6. inference on GPU 0: `evaluate --task loss` of the dp-1 run's checkpoint in fp32 and with
+# --bf16 (bf16 parameters), which must agree to bf16 rounding; `generate --bf16` samples from it.
+TEXT="The quick brown fox jumps over the lazy dog, and the dog sleeps on in the afternoon sun."
+if [ -z "$BIN" ]; then
+  record infer-bf16 skipped 0 "no build"
+elif [ "$NGPU" -lt 1 ]; then
+  record infer-bf16 skipped 0 "no GPU"
+elif [ "$DRY" = 1 ]; then
+  # No checkpoint here: the flags must get past parsing (to the device or the missing --load).
+  ok=1
+  for cmd in "evaluate --task loss --text x --json --bf16" "generate --prompt x --greedy --out-seq-length 16 --json --bf16"; do
+    # shellcheck disable=SC2086
+    "$BIN" $cmd --device cuda --load "$OUT/ckpt-dp1" > "$LOG/infer-bf16.check" 2>&1
+    grep -qE -- '--device cuda|not a DeepScale checkpoint' "$LOG/infer-bf16.check" || ok=0
+  done
+  if [ "$ok" = 1 ]; then
+    record infer-bf16 dry-run 0 "evaluate and generate --bf16 --device cuda --load the dp-1 checkpoint"
+  else
+    record infer-bf16 fail 0 "flags refused: $(head -n 3 "$LOG/infer-bf16.check" | tr '\n' ' ')"
+  fi
+elif [ ! -d "$OUT/ckpt-dp1" ]; then
+  record infer-bf16 skipped 0 "pretrain-dp1 saved no checkpoint"
+else
+  start=$(date +%s)
+  for p in fp32 bf16; do
+    flag=""; [ "$p" = bf16 ] && flag="--bf16"
+    # shellcheck disable=SC2086
+    timeout --kill-after=10 120 "$BIN" evaluate --task loss --device cuda --load "$OUT/ckpt-dp1" \
+      --text "$TEXT" --json $flag > "$LOG/infer-$p.log" 2>&1
+  done
+  timeout --kill-after=10 120 "$BIN" generate --device cuda --load "$OUT/ckpt-dp1" --prompt "The" \
+    --greedy --out-seq-length 16 --json --bf16 > "$LOG/infer-generate.log" 2>&1
+  SECS=$(( $(date +%s) - start ))
+  figures="$(python3 - "$LOG/infer-fp32.log" "$LOG/infer-bf16.log" "$LOG/infer-generate.log" 2>&1 <<'PY'
+import json, sys
+last = lambda f: json.loads(open(f).read().strip().splitlines()[-1])
+fp32, bf16, gen = (last(f) for f in sys.argv[1:4])
+a, b = fp32["loss"], bf16["loss"]
+assert abs(a - b) <= 3e-2 * abs(a), "bf16 loss %.5f far from fp32 %.5f" % (b, a)
+assert len(gen["token_ids"]) > 0, "generate --bf16 produced no tokens"
+print("loss fp32 %.5f, bf16 %.5f; generate --bf16: %d tokens" % (a, b, len(gen["token_ids"])))
+PY
+)"
+  if [ $? = 0 ]; then
+    record infer-bf16 pass "$SECS" "$figures"
+  else
+    record infer-bf16 fail "$SECS" "$(echo "$figures" | tail -n 1 | cut -c1-200)"
   fi
 fi
 

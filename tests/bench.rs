@@ -145,7 +145,10 @@ else:
         assert!((got - want).abs() <= 1e-9 * want, "{k}: {got} != {want}");
     };
     close("vs_torch", median_ratio(f("rounds_tokens_per_s"), 100.0));
-    close("fwd_vs_torch", median_ratio(f("rounds_fwd_tokens_per_s"), 400.0));
+    close(
+        "fwd_vs_torch",
+        median_ratio(f("rounds_fwd_tokens_per_s"), 400.0),
+    );
     close(
         "bf16_vs_torch_bf16",
         median_ratio(f("rounds_bf16_tokens_per_s"), 20.0),
@@ -155,7 +158,9 @@ else:
         median_ratio(f("rounds_bf16_fwd_tokens_per_s"), 50.0),
     );
     assert_eq!(f("rounds_torch_bf16_tokens_per_s"), [20.0, 20.0]);
-    assert!(row["bf16_fwd_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0));
+    assert!(row["bf16_fwd_tokens_per_s"]
+        .as_f64()
+        .is_some_and(|t| t > 0.0));
 
     // `off`: fp32 is still paired, the bf16 mode is not, and the log says why.
     let mut off = args;

@@ -57,7 +57,7 @@ fn the_dry_run_covers_every_step_and_checks_the_flags() {
     for t in &tests {
         assert_eq!(status(&one, &format!("test-{t}")), "dry-run");
     }
-    for step in ["inventory", "build", "pretrain-dp1", "bench"] {
+    for step in ["inventory", "build", "pretrain-dp1", "bench", "infer-bf16"] {
         assert_eq!(status(&one, step), "dry-run", "{step}");
     }
     for step in ["pretrain-dp2-zero2", "pretrain-tp2"] {

@@ -1,5 +1,6 @@
 //! Argument groups shared by the subcommands (DESIGN.md, "Interfaces every command keeps").
 use anyhow::{bail, Result};
+use candle_core::DType;
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -283,19 +284,19 @@ pub fn print_json(mut value: Value, layout: &Layout) {
     println!("{value}");
 }
 
-/// `--bf16` of `evaluate` and `generate`: PyTorch's CPU autocast, every matrix product with bf16
-/// operands and fp32 accumulation (the fused kernels' precision switch), weights and the rest fp32.
-pub fn inference_bf16(on: bool, device: DeviceKind) -> Result<()> {
-    if !on {
-        return Ok(());
+/// `--bf16` of `evaluate` and `generate`, and the parameters' dtype it implies. On the CPU:
+/// PyTorch's CPU autocast, every matrix product with bf16 operands and fp32 accumulation (the
+/// fused kernels' precision switch), weights and the rest fp32. On GPUs: bf16 parameters and
+/// activations (`model.to(torch.bfloat16)`, as `--bf16` trains there), cuBLAS's bf16 products
+/// accumulating in fp32; losses and sampling read the logits in fp32.
+pub fn inference_dtype(bf16: bool, device: DeviceKind) -> DType {
+    match (bf16, device) {
+        (false, _) => DType::F32,
+        (true, DeviceKind::Cuda) => DType::BF16,
+        (true, DeviceKind::Cpu) => {
+            use candle_deepscale::ops::matmul::{set_float32_matmul_precision, Precision};
+            set_float32_matmul_precision(Precision::Bf16);
+            DType::F32
+        }
     }
-    if device == DeviceKind::Cuda {
-        bail!(
-            "--bf16 on evaluate/generate is the CPU's autocast (bf16 products, fp32 weights); \
-             on GPUs these commands run fp32 for now: leave out --bf16"
-        )
-    }
-    use candle_deepscale::ops::matmul::{set_float32_matmul_precision, Precision};
-    set_float32_matmul_precision(Precision::Bf16);
-    Ok(())
 }

@@ -544,7 +544,9 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
             );
             if torch_bf16 {
                 let pick = |v: &[Value], k: &str| -> Vec<f64> {
-                    v.iter().map(|t| t[k].as_f64().unwrap_or(f64::NAN)).collect()
+                    v.iter()
+                        .map(|t| t[k].as_f64().unwrap_or(f64::NAN))
+                        .collect()
                 };
                 let (theirs, theirs_fwd) = (
                     pick(&torch_bf16_rounds, "tokens_per_s"),

@@ -1,5 +1,6 @@
 use crate::args::{print_json, LayoutArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::path::PathBuf;
@@ -41,8 +42,8 @@ pub struct EvaluateArgs {
     /// Window length (default: the model's max positions).
     #[arg(long)]
     pub seq_length: Option<usize>,
-    /// bf16 products with fp32 accumulation (PyTorch's `torch.autocast(dtype=torch.bfloat16)`):
-    /// the weights stay fp32; on the CPU.
+    /// bf16: on the CPU, PyTorch's `torch.autocast(dtype=torch.bfloat16)` (bf16 products with
+    /// fp32 accumulation, the weights fp32); on GPUs, bf16 parameters (`model.to(torch.bfloat16)`).
     #[arg(long)]
     pub bf16: bool,
     /// Print one JSON object as the last line of stdout.
@@ -51,7 +52,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(a: EvaluateArgs) -> Result<()> {
-    crate::args::inference_bf16(a.bf16, a.layout.device)?;
+    let dtype = crate::args::inference_dtype(a.bf16, a.layout.device);
     for (flag, v) in [
         ("seq-length", a.seq_length),
         ("overlapping-eval", a.overlapping_eval),
@@ -70,8 +71,8 @@ pub fn run(a: EvaluateArgs) -> Result<()> {
         }
     }
     match a.task {
-        Task::Loss => loss(a),
-        Task::Lambada | Task::Wikitext103 => zero_shot(a),
+        Task::Loss => loss(a, dtype),
+        Task::Lambada | Task::Wikitext103 => zero_shot(a, dtype),
     }
 }
 
@@ -114,7 +115,7 @@ fn lambada_examples(
     Ok(out)
 }
 
-fn zero_shot(a: EvaluateArgs) -> Result<()> {
+fn zero_shot(a: EvaluateArgs, dtype: DType) -> Result<()> {
     let layout = a.layout.layout()?;
     let Some(path) = &a.valid_data else {
         bail!("--task {:?} needs --valid-data FILE", a.task)
@@ -125,7 +126,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
     let method = a.layout.partition_method(None)?;
     let task = a.task;
     let Some(v) = crate::launch::launch(&layout, |ctx| {
-        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method)?;
+        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method, dtype)?;
         let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let dp = ctx.dp()?;
         let stage = rank.stage();
@@ -203,7 +204,7 @@ fn zero_shot(a: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
-fn loss(a: EvaluateArgs) -> Result<()> {
+fn loss(a: EvaluateArgs, dtype: DType) -> Result<()> {
     let layout = a.layout.layout()?;
     let text = match (&a.text, &a.text_file) {
         (Some(t), None) => t.clone(),
@@ -215,7 +216,7 @@ fn loss(a: EvaluateArgs) -> Result<()> {
     let dir = crate::models::gpt2_dir(&a.model)?;
     let method = a.layout.partition_method(None)?;
     let Some(r) = crate::launch::launch(&layout, |ctx| {
-        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method)?;
+        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method, dtype)?;
         let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let ids = tok.encode(&text, false)?;
         let stage = rank.stage();

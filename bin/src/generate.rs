@@ -38,8 +38,8 @@ pub struct GenerateArgs {
     /// Recompute the whole sequence at each step instead of using the KV cache.
     #[arg(long)]
     pub no_kv_cache: bool,
-    /// bf16 products with fp32 accumulation (PyTorch's `torch.autocast(dtype=torch.bfloat16)`):
-    /// the weights stay fp32; on the CPU.
+    /// bf16: on the CPU, PyTorch's `torch.autocast(dtype=torch.bfloat16)` (bf16 products with
+    /// fp32 accumulation, the weights fp32); on GPUs, bf16 parameters (`model.to(torch.bfloat16)`).
     #[arg(long)]
     pub bf16: bool,
     /// Print one JSON object as the last line of stdout.
@@ -48,7 +48,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    crate::args::inference_bf16(a.bf16, a.layout.device)?;
+    let dtype = crate::args::inference_dtype(a.bf16, a.layout.device);
     let layout = a.layout.layout()?;
     if a.prompt.is_some() && a.sample_input_file.is_some() {
         bail!("give either --prompt or --sample-input-file, not both")
@@ -78,7 +78,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let method = a.layout.partition_method(None)?;
     // Every rank runs the same sampling on the same (gathered) logits, so all agree; rank 0 reports.
     let Some(results) = crate::launch::launch(&layout, |ctx| {
-        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method)?;
+        let rank = crate::models::RankGpt2::for_rank(&dir, &ctx, &method, dtype)?;
         let (model, tok) = (rank.model.as_ref(), &rank.tok);
         let stage = rank.stage();
         let cfg = SamplingConfig {

@@ -45,12 +45,13 @@ pub fn gpt2_dir(m: &ModelArgs) -> Result<PathBuf> {
 pub fn load_gpt2(
     dir: &Path,
     device: &Device,
+    dtype: DType,
     tp: Option<TensorParallel>,
 ) -> Result<(Gpt2, Tokenizer)> {
     let (model, tok) = if candle_deepscale::runtime::checkpoint::is_checkpoint(dir) {
-        load_native_gpt2(dir, device, tp)?
+        load_native_gpt2(dir, device, dtype, tp)?
     } else {
-        hub::load_gpt2_tp(dir, device, tp, |_| {})
+        hub::load_gpt2_as(dir, device, dtype, tp, |_| {})
             .with_context(|| format!("loading GPT-2 from {}", dir.display()))?
     };
     check_vocab(dir, &tok, &model.config)?;
@@ -73,15 +74,11 @@ fn check_vocab(dir: &Path, tok: &Tokenizer, cfg: &zoo::gpt2::Config) -> Result<(
 fn load_native_gpt2(
     dir: &Path,
     device: &Device,
+    dtype: DType,
     tp: Option<TensorParallel>,
 ) -> Result<(Gpt2, Tokenizer)> {
     let (ck, cfg, tok) = open_native_gpt2(dir)?;
-    let pb = candle_deepscale::layers::parameter::ParamBuilder::new(
-        &ck,
-        device,
-        candle_core::DType::F32,
-    )
-    .with_tp(tp);
+    let pb = ParamBuilder::new(&ck, device, dtype).with_tp(tp);
     Ok((Gpt2::new(&cfg, &pb)?, tok))
 }
 
@@ -114,13 +111,14 @@ impl RankGpt2 {
     pub fn load(
         dir: &Path,
         device: &Device,
+        dtype: DType,
         tp: Option<TensorParallel>,
         pipe: Option<PipeContext>,
         method: &PartitionMethod,
         root: bool,
     ) -> Result<Self> {
         let Some(p) = pipe.clone() else {
-            let (m, tok) = load_gpt2(dir, device, tp)?;
+            let (m, tok) = load_gpt2(dir, device, dtype, tp)?;
             return Ok(Self {
                 model: Box::new(m),
                 tok,
@@ -135,7 +133,7 @@ impl RankGpt2 {
                     p.stages.size()
                 );
             }
-            let pb = ParamBuilder::new(src, device, DType::F32).with_tp(tp.clone());
+            let pb = ParamBuilder::new(src, device, dtype).with_tp(tp.clone());
             Ok(Gpt2Pipe::new(
                 cfg,
                 &pb,
@@ -162,15 +160,17 @@ impl RankGpt2 {
         })
     }
 
-    /// [`RankGpt2::load`] on the device of the rank `ctx`.
+    /// [`RankGpt2::load`] on the device of the rank `ctx`, with parameters of `dtype`.
     pub fn for_rank(
         dir: &Path,
         ctx: &crate::launch::RankCtx,
         method: &PartitionMethod,
+        dtype: DType,
     ) -> Result<Self> {
         Self::load(
             dir,
             &ctx.device,
+            dtype,
             ctx.tp()?,
             ctx.pipe()?,
             method,

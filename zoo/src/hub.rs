@@ -188,11 +188,23 @@ pub fn load_gpt2_tp(
     tp: Option<TensorParallel>,
     adjust: impl FnOnce(&mut gpt2::Config),
 ) -> Result<(gpt2::Gpt2, Tokenizer)> {
+    load_gpt2_as(dir, device, DType::F32, tp, adjust)
+}
+
+/// As [`load_gpt2_tp`], with parameters of `dtype` (bf16 halves an inference model's memory;
+/// the checkpoint's values are rounded once, as `model.to(torch.bfloat16)` does).
+pub fn load_gpt2_as(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    tp: Option<TensorParallel>,
+    adjust: impl FnOnce(&mut gpt2::Config),
+) -> Result<(gpt2::Gpt2, Tokenizer)> {
     let mut config = gpt2::Config::from_hf_json(&dir.join("config.json"))?;
     adjust(&mut config);
     let tokenizer = Tokenizer::from_dir(dir)?;
     let source = gpt2::hf::HfSource::new(SafetensorsFiles::open_dir(dir)?, &config)?;
-    let pb = ParamBuilder::new(&source, device, DType::F32).with_tp(tp);
+    let pb = ParamBuilder::new(&source, device, dtype).with_tp(tp);
     let model = gpt2::Gpt2::new(&config, &pb)?;
     Ok((model, tokenizer))
 }
