@@ -258,17 +258,7 @@ pub(crate) unsafe fn gemm(
             bf16_gemm::gemm((m, n, k), dst, a, b, parallel, add, KernelKind::Avx512Bf16)
         }
         Precision::Bf16 => {
-            let (ar, br) = (rounded(a, m, k, parallel), rounded(b, k, n, parallel));
-            let a = Mat {
-                ptr: ar.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            let b = Mat {
-                ptr: br.as_ptr(),
-                rs: n as isize,
-                cs: 1,
-            };
+            let ((_ar, a), (_br, b)) = (rounded(a, m, k, parallel), rounded(b, k, n, parallel));
             fp32(m, n, k, dst, a, b, threads, add)
         }
     }
@@ -313,9 +303,37 @@ fn gemm_crate_is_faster((m, n, k): (usize, usize, usize), a: Mat, threads: usize
     (threads <= 1 && k.min(n) <= 64) || (threads > 1 && a.rs == 1 && a.cs != 1 && m <= 256)
 }
 
-/// A row-major copy of `x` (`rows x cols`) rounded to bf16 values.
-unsafe fn rounded(x: Mat, rows: usize, cols: usize, parallel: bool) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
+/// `x` (`rows x cols`) with every element rounded to bf16, and the matrix reading it: where `x`
+/// is one dense block (row- or column-major, as activations and weights are) a straight pass
+/// over its memory that keeps its strides (vectorised; attention's tiles and the LM head's blocks
+/// call this per product), else a row-major copy read element by element.
+unsafe fn rounded(x: Mat, rows: usize, cols: usize, parallel: bool) -> (Vec<f32>, Mat) {
+    let len = rows * cols;
+    let dense = (x.cs == 1 && (rows == 1 || x.rs == cols as isize))
+        || (x.rs == 1 && (cols == 1 || x.cs == rows as isize));
+    if dense {
+        // SAFETY: a dense operand spans exactly `len` elements from its pointer.
+        let src = unsafe { std::slice::from_raw_parts(x.ptr, len) };
+        let mut out = vec![0f32; len];
+        let round = |(d, s): (&mut [f32], &[f32])| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = bf16_gemm::round_bf16(*s);
+            }
+        };
+        if parallel && len >= 1 << 16 {
+            out.par_chunks_mut(1 << 14)
+                .zip(src.par_chunks(1 << 14))
+                .for_each(round);
+        } else {
+            round((&mut out, src));
+        }
+        let m = Mat {
+            ptr: out.as_ptr(),
+            ..x
+        };
+        return (out, m);
+    }
+    let mut out = vec![0f32; len];
     let row = |(i, dst): (usize, &mut [f32])| {
         for (j, d) in dst.iter_mut().enumerate() {
             // SAFETY: i < rows, j < cols.
@@ -327,7 +345,12 @@ unsafe fn rounded(x: Mat, rows: usize, cols: usize, parallel: bool) -> Vec<f32> 
     } else {
         out.chunks_mut(cols).enumerate().for_each(row);
     }
-    out
+    let m = Mat {
+        ptr: out.as_ptr(),
+        rs: cols as isize,
+        cs: 1,
+    };
+    (out, m)
 }
 
 /// The batched product of `a` and `b` (plus `bias` on every output row when given).
@@ -685,6 +708,37 @@ mod tests {
             1e-5,
         )?;
         Ok(())
+    }
+
+    /// The emulated bf16 path's operand copies: dense blocks (row- and column-major, one row)
+    /// keep their strides, a strided window (a head's columns of a wider matrix) is copied row by
+    /// row; either way element (i, j) reads as the source's, rounded.
+    #[test]
+    fn rounded_operands_read_as_the_rounded_source() {
+        let src: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin() * 3.3).collect();
+        let p = src.as_ptr();
+        let views = [
+            (Mat { ptr: p, rs: 12, cs: 1 }, 8, 12),
+            (Mat { ptr: p, rs: 1, cs: 8 }, 8, 12),
+            (Mat { ptr: p, rs: 99, cs: 1 }, 1, 30),
+            (Mat { ptr: p.wrapping_add(2), rs: 12, cs: 1 }, 7, 5),
+            (Mat { ptr: p.wrapping_add(1), rs: 2, cs: 24 }, 3, 4),
+        ];
+        for (x, rows, cols) in views {
+            for parallel in [false, true] {
+                // SAFETY: every view lies inside `src`.
+                let (_buf, r) = unsafe { rounded(x, rows, cols, parallel) };
+                let mut moved = 0;
+                for i in 0..rows {
+                    for j in 0..cols {
+                        let (got, want) = unsafe { (r.at(i, j), x.at(i, j)) };
+                        assert_eq!(got, bf16_gemm::round_bf16(want), "{x:?} ({i}, {j})");
+                        moved += usize::from(got != want);
+                    }
+                }
+                assert!(moved > rows * cols / 2, "{x:?}: rounding changed {moved} values");
+            }
+        }
     }
 
     #[test]
