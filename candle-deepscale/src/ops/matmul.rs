@@ -716,13 +716,17 @@ mod tests {
     #[test]
     fn rounded_operands_read_as_the_rounded_source() {
         let src: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin() * 3.3).collect();
-        let p = src.as_ptr();
+        let view = |offset: usize, rs: isize, cs: isize| Mat {
+            ptr: src.as_ptr().wrapping_add(offset),
+            rs,
+            cs,
+        };
         let views = [
-            (Mat { ptr: p, rs: 12, cs: 1 }, 8, 12),
-            (Mat { ptr: p, rs: 1, cs: 8 }, 8, 12),
-            (Mat { ptr: p, rs: 99, cs: 1 }, 1, 30),
-            (Mat { ptr: p.wrapping_add(2), rs: 12, cs: 1 }, 7, 5),
-            (Mat { ptr: p.wrapping_add(1), rs: 2, cs: 24 }, 3, 4),
+            (view(0, 12, 1), 8, 12),
+            (view(0, 1, 8), 8, 12),
+            (view(0, 99, 1), 1, 30),
+            (view(2, 12, 1), 7, 5),
+            (view(1, 2, 24), 3, 4),
         ];
         for (x, rows, cols) in views {
             for parallel in [false, true] {
@@ -736,7 +740,10 @@ mod tests {
                         moved += usize::from(got != want);
                     }
                 }
-                assert!(moved > rows * cols / 2, "{x:?}: rounding changed {moved} values");
+                assert!(
+                    moved > rows * cols / 2,
+                    "{x:?}: rounding changed {moved} values"
+                );
             }
         }
     }
