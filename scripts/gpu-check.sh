@@ -43,6 +43,10 @@ LOG="$OUT/logs"
 mkdir -p "$LOG"
 TARGET="${DEEPSCALE_GPU_TARGET_DIR:-$ROOT/target-gpu}"
 STEPS_JSON="$OUT/steps.jsonl"
+# The dp-1 run's checkpoint (read by the inference step) lives outside OUT: OUT is what comes back.
+CKPT_DIR="$(mktemp -d)"
+trap 'rm -rf "$CKPT_DIR"' EXIT
+CKPT="$CKPT_DIR/ckpt-dp1"
 : > "$STEPS_JSON"
 T0=$(date +%s)
 
@@ -266,7 +270,7 @@ PY
 }
 
 # --- 4. pretraining on GPUs
-pretrain pretrain-dp1 1 --save "$OUT/ckpt-dp1"
+pretrain pretrain-dp1 1 --save "$CKPT"
 pretrain pretrain-dp2-zero2 2 --world-size 2 --zero-stage 2
 pretrain pretrain-tp2 2 --world-size 2 --model-parallel-size 2
 
@@ -315,7 +319,7 @@ elif [ "$DRY" = 1 ]; then
   ok=1
   for cmd in "evaluate --task loss --text x --json --bf16" "generate --prompt x --greedy --out-seq-length 16 --json --bf16"; do
     # shellcheck disable=SC2086
-    "$BIN" $cmd --device cuda --load "$OUT/ckpt-dp1" > "$LOG/infer-bf16.check" 2>&1
+    "$BIN" $cmd --device cuda --load "$CKPT" > "$LOG/infer-bf16.check" 2>&1
     grep -qE -- '--device cuda|not a DeepScale checkpoint' "$LOG/infer-bf16.check" || ok=0
   done
   if [ "$ok" = 1 ]; then
@@ -323,17 +327,17 @@ elif [ "$DRY" = 1 ]; then
   else
     record infer-bf16 fail 0 "flags refused: $(head -n 3 "$LOG/infer-bf16.check" | tr '\n' ' ')"
   fi
-elif [ ! -d "$OUT/ckpt-dp1" ]; then
+elif [ ! -d "$CKPT" ]; then
   record infer-bf16 skipped 0 "pretrain-dp1 saved no checkpoint"
 else
   start=$(date +%s)
   for p in fp32 bf16; do
     flag=""; [ "$p" = bf16 ] && flag="--bf16"
     # shellcheck disable=SC2086
-    timeout --kill-after=10 120 "$BIN" evaluate --task loss --device cuda --load "$OUT/ckpt-dp1" \
+    timeout --kill-after=10 120 "$BIN" evaluate --task loss --device cuda --load "$CKPT" \
       --text "$TEXT" --json $flag > "$LOG/infer-$p.log" 2>&1
   done
-  timeout --kill-after=10 120 "$BIN" generate --device cuda --load "$OUT/ckpt-dp1" --prompt "The" \
+  timeout --kill-after=10 120 "$BIN" generate --device cuda --load "$CKPT" --prompt "The" \
     --greedy --out-seq-length 16 --json --bf16 > "$LOG/infer-generate.log" 2>&1
   SECS=$(( $(date +%s) - start ))
   figures="$(python3 - "$LOG/infer-fp32.log" "$LOG/infer-bf16.log" "$LOG/infer-generate.log" 2>&1 <<'PY'
