@@ -314,6 +314,9 @@ fn a_second_signal_exits_at_once_and_removes_swap_files() {
     let (child, rx) = spawn(&a, &[("DEEPSCALE_INJECT_STALL", "1:4")]);
     let mut seen = Vec::new();
     wait_for(&rx, "iteration        3/", &mut seen);
+    // Let the ranks pass iteration 3's stop check (every rank asks it after logging) and reach
+    // the stall: a signal landing before the check stops the run cleanly after iteration 3.
+    std::thread::sleep(Duration::from_millis(1500));
     let swaps = || -> usize {
         walk(&nvme)
             .into_iter()
