@@ -170,4 +170,20 @@ else:
     assert!(row["vs_torch"].as_f64().is_some(), "{row}");
     assert!(row.get("bf16_vs_torch_bf16").is_none(), "{row}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not paired with PyTorch's autocast"));
+
+    // Asking for the pairing where nothing can be paired is refused before any work.
+    let bad = ["bench", "--torch-bf16", "on"];
+    refusal(
+        &deepscale(&bad),
+        &bad,
+        &["--torch-bf16 on", "--compare-torch"],
+    );
+    let bad = [
+        "bench",
+        "--torch-bf16",
+        "on",
+        "--compare-torch",
+        "--no-bf16",
+    ];
+    refusal(&deepscale(&bad), &bad, &["--torch-bf16 on", "--no-bf16"]);
 }

@@ -343,6 +343,16 @@ fn torch(a: &SuiteArgs, what: &str) -> Result<Value> {
 
 /// One process, one rank: everything runs on a rayon worker, as `launch` runs a lone rank.
 pub fn run(a: SuiteArgs) -> Result<()> {
+    if a.torch_bf16 == TorchBf16::On {
+        if !a.compare_torch {
+            bail!(
+                "--torch-bf16 on pairs the bf16 mode with PyTorch's autocast: add --compare-torch"
+            )
+        }
+        if a.no_bf16 {
+            bail!("--torch-bf16 on with --no-bf16: there is no bf16 run to pair; drop one of them")
+        }
+    }
     if a.device == DeviceKind::Cuda {
         return run_gpu(a);
     }
