@@ -172,3 +172,22 @@ fn overlap_comm_follows_deepspeed_defaults() {
     assert!(overlap(r#"{"stage": 2, "overlap_comm": true}"#));
     assert!(!overlap(r#"{"stage": 3, "overlap_comm": false}"#));
 }
+
+/// `zero_optimization.allgather_bucket_size` reaches the engine (DeepSpeed's default 5e8 where
+/// it is absent).
+#[test]
+fn allgather_bucket_size_reaches_the_engine() {
+    use candle_deepscale::runtime::engine_config::EngineConfig;
+    let size = |zero: &str| {
+        let text = format!(r#"{{"train_batch_size": 8, "zero_optimization": {zero}}}"#);
+        let ds = DeepSpeedConfig::from_json_str(&text, "cfg.json").unwrap();
+        EngineConfig::from_deepspeed(&ds, 2)
+            .unwrap()
+            .allgather_bucket_size
+    };
+    assert_eq!(size(r#"{"stage": 2}"#), 500_000_000);
+    assert_eq!(
+        size(r#"{"stage": 2, "allgather_bucket_size": 2e7}"#),
+        20_000_000
+    );
+}

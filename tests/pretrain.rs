@@ -236,7 +236,6 @@ fn deepspeed_config_and_the_seed_scripts_flags_are_honoured() {
     for flag in [
         "--zero-contigious-gradients",
         "--zero-reduce-scatter",
-        "--zero-allgather-bucket-size",
         "--deepspeed-activation-checkpointing",
         "--contigious-checkpointing",
         "--synchronize-each-layer",

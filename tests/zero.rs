@@ -222,23 +222,7 @@ fn data_parallel_zero_0_1_2_equal_one_rank() {
 /// waits for each, at every stage, with tensor parallelism and with activation checkpointing.
 #[test]
 fn overlap_comm_changes_no_bit() {
-    let exact = |a: &[RankRun], b: &[RankRun], what: &str| {
-        for (rank, (x, y)) in a.iter().zip(b).enumerate() {
-            assert_eq!(x.losses, y.losses, "{what} rank {rank}: losses");
-            assert_eq!(x.norms, y.norms, "{what} rank {rank}: grad norms");
-            for (name, t) in &x.params {
-                let (u, v) = (
-                    t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    y.params[name]
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                );
-                assert!(u == v, "{what} rank {rank}: parameter {name}");
-            }
-        }
-    };
+    let exact = assert_runs_equal;
     let steps = 4;
     for (what, tp, dp, cfg, init) in [
         ("dp=2 ZeRO-0 accumulation 2", 1, 2, stage(0, 1, 2), false),
@@ -279,6 +263,52 @@ fn overlap_comm_changes_no_bit() {
             on[0].in_flight >= 1,
             "{what}: no reduction was left in flight"
         );
+    }
+}
+
+/// Two runs with the same bits: losses, gradient norms and every parameter.
+fn assert_runs_equal(a: &[RankRun], b: &[RankRun], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: ranks");
+    let values = |t: &Tensor| {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap()
+    };
+    for (rank, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.losses, y.losses, "{what} rank {rank}: losses");
+        assert_eq!(x.norms, y.norms, "{what} rank {rank}: grad norms");
+        for (name, t) in &x.params {
+            let same = values(t) == values(&y.params[name]);
+            assert!(same, "{what} rank {rank}: parameter {name}");
+        }
+    }
+}
+
+/// DeepSpeed's `allgather_bucket_size` bounds each all-gather of the updated parameters at
+/// stages 1 and 2. 700 elements make slices of 350 (dp 2) or 175 (dp 4) of pieces of ~3000, so
+/// parameters straddle slices: the same bits as one gather per bucket, fp32 and with bf16
+/// parameters (through their fp32 master copy), and fp32 equals one rank.
+#[test]
+fn allgather_bucket_size_slices_the_update_gather() {
+    let reference = one_rank();
+    let sliced = |cfg: EngineConfig| EngineConfig {
+        allgather_bucket_size: 700,
+        ..cfg
+    };
+    for (what, dp, cfg, dtype) in [
+        ("dp=2 ZeRO-1", 2, stage(1, 2, 1), DType::F32),
+        ("dp=2 ZeRO-2", 2, stage(2, 2, 1), DType::F32),
+        ("dp=4 ZeRO-2", 4, stage(2, 1, 1), DType::F32),
+        ("dp=2 ZeRO-2 bf16", 2, stage(2, 2, 1), DType::BF16),
+    ] {
+        let steps = if dtype == DType::F32 { STEPS } else { 4 };
+        let whole = train(1, dp, cfg.clone(), steps, dtype);
+        let runs = train(1, dp, sliced(cfg), steps, dtype);
+        assert_runs_equal(&runs, &whole, what);
+        if dtype == DType::F32 {
+            assert_runs_match(&runs, &reference, what);
+        }
     }
 }
 

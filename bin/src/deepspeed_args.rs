@@ -26,7 +26,8 @@ pub struct DeepSpeedArgs {
     /// Elements per gradient bucket (zero_optimization.reduce_bucket_size).
     #[arg(long)]
     pub zero_reduce_bucket_size: Option<u64>,
-    /// zero_optimization.allgather_bucket_size (the engine all-gathers per gradient bucket).
+    /// zero_optimization.allgather_bucket_size: elements per all-gather of the updated parameters
+    /// (stages 1 and 2; all ranks' together).
     #[arg(long)]
     pub zero_allgather_bucket_size: Option<u64>,
     /// zero_optimization.contiguous_gradients (the engine's gradient buffers are always flat).
@@ -175,12 +176,14 @@ impl DeepSpeedArgs {
         )? {
             c.reduce_bucket_size = b.max(1) as usize;
         }
-        agree(
+        if let Some(b) = agree(
             self.zero_allgather_bucket_size,
             z.and_then(|z| z.allgather_bucket_size),
             "--zero-allgather-bucket-size",
             "zero_optimization.allgather_bucket_size",
-        )?;
+        )? {
+            c.allgather_bucket_size = b.max(1) as usize;
+        }
         let a = ds.and_then(|d| d.activation_checkpointing.as_ref());
         c.partition_activations |= self.partition_activations;
         c.cpu_checkpointing |= self.checkpoint_in_cpu;
@@ -208,10 +211,6 @@ impl DeepSpeedArgs {
         note(
             self.zero_reduce_scatter,
             "--zero-reduce-scatter: ZeRO-2 reduce-scatters each bucket",
-        );
-        note(
-            self.zero_allgather_bucket_size.is_some(),
-            "--zero-allgather-bucket-size: parameters are all-gathered per gradient bucket",
         );
         note(
             self.deepspeed_activation_checkpointing,

@@ -581,6 +581,7 @@ fn build_zero(
         config.stage3.clone(),
     )?;
     zero.set_overlap_comm(config.overlap_comm);
+    zero.set_allgather_bucket_size(config.allgather_bucket_size);
     let on_gpu = zero
         .params()
         .first()

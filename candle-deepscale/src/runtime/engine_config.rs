@@ -21,6 +21,9 @@ pub struct EngineConfig {
     /// DeepSpeed's `overlap_comm`: complete buckets are reduced while backward goes on
     /// (DeepSpeed's default: on at stage 3, off below).
     pub overlap_comm: bool,
+    /// DeepSpeed's `allgather_bucket_size`: elements (all ranks' together) per all-gather of
+    /// the updated parameters at stages 1 and 2.
+    pub allgather_bucket_size: usize,
     pub optimizer: AdamWConfig,
     pub lr_schedule: LrSchedule,
     /// Global gradient-norm clip (0 = off).
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             stage3: Stage3Config::default(),
             reduce_bucket_size: 500_000_000,
             overlap_comm: false,
+            allgather_bucket_size: crate::runtime::zero::DEFAULT_ALLGATHER_BUCKET_SIZE,
             optimizer: AdamWConfig::default(),
             lr_schedule: LrSchedule::Constant(AdamWConfig::default().lr),
             gradient_clipping: 0.0,
@@ -197,6 +201,9 @@ impl EngineConfig {
             c.overlap_comm = z.overlap_comm.unwrap_or(z.stage == 3);
             if let Some(b) = z.reduce_bucket_size {
                 c.reduce_bucket_size = b.max(1) as usize;
+            }
+            if let Some(b) = z.allgather_bucket_size {
+                c.allgather_bucket_size = b.max(1) as usize;
             }
         }
         if let Some(a) = &ds.activation_checkpointing {

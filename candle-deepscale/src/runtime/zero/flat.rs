@@ -42,6 +42,10 @@ pub fn fill_zero(v: &mut [f32]) {
 
 struct Write<'a> {
     src: &'a [f32],
+    /// Where `src` starts among the tensor's elements.
+    offset: usize,
+    /// `src` must cover every element.
+    whole: bool,
 }
 
 impl candle_core::InplaceOp1 for Write<'_> {
@@ -53,13 +57,20 @@ impl candle_core::InplaceOp1 for Write<'_> {
         let Some((s, e)) = layout.contiguous_offsets() else {
             candle_core::bail!("zero-write: parameter storage is not contiguous")
         };
-        if e - s != self.src.len() {
+        let fits = if self.whole {
+            e - s == self.src.len()
+        } else {
+            self.offset + self.src.len() <= e - s
+        };
+        if !fits {
             candle_core::bail!(
-                "zero-write: {} values for {} elements",
+                "zero-write: {} values at {} for {} elements",
                 self.src.len(),
+                self.offset,
                 e - s
             )
         }
+        let (s, e) = (s + self.offset, s + self.offset + self.src.len());
         match storage {
             CpuStorage::F32(v) => v[s..e].copy_from_slice(self.src),
             CpuStorage::F16(v) => v[s..e]
@@ -107,11 +118,29 @@ pub fn update_f32(t: &Tensor, f: impl FnMut(&mut [f32])) -> Result<()> {
     })
 }
 
+/// Overwrites elements `offset..offset + src.len()` of the parameter `var` (flattened) with
+/// `src` (as f32, converted to the parameter's dtype). A contiguous CPU tensor only.
+pub fn write_var_range(var: &Var, offset: usize, src: &[f32]) -> Result<()> {
+    let t = var.as_tensor();
+    if !(t.device().is_cpu() && t.is_contiguous()) {
+        candle_core::bail!("zero-write: a range of a parameter that is not a contiguous CPU tensor")
+    }
+    t.inplace_op1(&Write {
+        src,
+        offset,
+        whole: false,
+    })
+}
+
 /// Overwrites the parameter `var` with `src` (its flattened elements, as f32).
 pub fn write_var(var: &Var, src: &[f32]) -> Result<()> {
     let t = var.as_tensor();
     if t.device().is_cpu() && t.is_contiguous() {
-        return t.inplace_op1(&Write { src });
+        return t.inplace_op1(&Write {
+            src,
+            offset: 0,
+            whole: true,
+        });
     }
     let new = Tensor::from_slice(src, t.shape(), t.device())?.to_dtype(t.dtype())?;
     var.set(&new)

@@ -21,4 +21,6 @@ pub mod swap_tensor;
 pub use offload::OffloadSettings;
 pub use partition::FlatLayout;
 pub use stage3::Stage3Config;
-pub use stage_1_and_2::{AdamState, OptimizerRun, StateBytes, ZeroOptimizer};
+pub use stage_1_and_2::{
+    AdamState, OptimizerRun, StateBytes, ZeroOptimizer, DEFAULT_ALLGATHER_BUCKET_SIZE,
+};
