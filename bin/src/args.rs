@@ -284,12 +284,12 @@ pub fn print_json(mut value: Value, layout: &Layout) {
     println!("{value}");
 }
 
-/// `--bf16` of `evaluate` and `generate`, and the parameters' dtype it implies. On the CPU:
+/// Applies `--bf16` of `evaluate` and `generate` and returns the parameters' dtype. On the CPU:
 /// PyTorch's CPU autocast, every matrix product with bf16 operands and fp32 accumulation (the
 /// fused kernels' precision switch), weights and the rest fp32. On GPUs: bf16 parameters and
 /// activations (`model.to(torch.bfloat16)`, as `--bf16` trains there), cuBLAS's bf16 products
 /// accumulating in fp32; losses and sampling read the logits in fp32.
-pub fn inference_dtype(bf16: bool, device: DeviceKind) -> DType {
+pub fn apply_inference_bf16(bf16: bool, device: DeviceKind) -> DType {
     match (bf16, device) {
         (false, _) => DType::F32,
         (true, DeviceKind::Cuda) => DType::BF16,

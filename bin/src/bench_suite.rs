@@ -448,14 +448,14 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
         eprintln!("bf16 GEMM (2048^3, {bf16_kernel}): {g:.1} GFLOP/s");
         Some(g)
     };
-    let torch_bf16 = bf16_peak.is_some()
-        && a.compare_torch
+    let pairable = a.compare_torch && bf16_peak.is_some();
+    let torch_bf16 = pairable
         && match a.torch_bf16 {
             TorchBf16::Auto => bf16_gemm::available(),
             TorchBf16::On => true,
             TorchBf16::Off => false,
         };
-    if a.compare_torch && bf16_peak.is_some() && !torch_bf16 {
+    if pairable && !torch_bf16 {
         eprintln!(
             "the bf16 mode is not paired with PyTorch's autocast (--torch-bf16 {:?}; this CPU's bf16 products are {bf16_kernel})",
             a.torch_bf16

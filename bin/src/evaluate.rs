@@ -52,7 +52,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(a: EvaluateArgs) -> Result<()> {
-    let dtype = crate::args::inference_dtype(a.bf16, a.layout.device);
+    let dtype = crate::args::apply_inference_bf16(a.bf16, a.layout.device);
     for (flag, v) in [
         ("seq-length", a.seq_length),
         ("overlapping-eval", a.overlapping_eval),

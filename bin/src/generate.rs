@@ -48,7 +48,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let dtype = crate::args::inference_dtype(a.bf16, a.layout.device);
+    let dtype = crate::args::apply_inference_bf16(a.bf16, a.layout.device);
     let layout = a.layout.layout()?;
     if a.prompt.is_some() && a.sample_input_file.is_some() {
         bail!("give either --prompt or --sample-input-file, not both")

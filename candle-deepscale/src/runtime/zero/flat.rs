@@ -44,8 +44,6 @@ struct Write<'a> {
     src: &'a [f32],
     /// Where `src` starts among the tensor's elements.
     offset: usize,
-    /// `src` must cover every element.
-    whole: bool,
 }
 
 impl candle_core::InplaceOp1 for Write<'_> {
@@ -57,12 +55,7 @@ impl candle_core::InplaceOp1 for Write<'_> {
         let Some((s, e)) = layout.contiguous_offsets() else {
             candle_core::bail!("zero-write: parameter storage is not contiguous")
         };
-        let fits = if self.whole {
-            e - s == self.src.len()
-        } else {
-            self.offset + self.src.len() <= e - s
-        };
-        if !fits {
+        if self.offset + self.src.len() > e - s {
             candle_core::bail!(
                 "zero-write: {} values at {} for {} elements",
                 self.src.len(),
@@ -125,22 +118,21 @@ pub fn write_var_range(var: &Var, offset: usize, src: &[f32]) -> Result<()> {
     if !(t.device().is_cpu() && t.is_contiguous()) {
         candle_core::bail!("zero-write: a range of a parameter that is not a contiguous CPU tensor")
     }
-    t.inplace_op1(&Write {
-        src,
-        offset,
-        whole: false,
-    })
+    t.inplace_op1(&Write { src, offset })
 }
 
 /// Overwrites the parameter `var` with `src` (its flattened elements, as f32).
 pub fn write_var(var: &Var, src: &[f32]) -> Result<()> {
     let t = var.as_tensor();
+    if t.elem_count() != src.len() {
+        candle_core::bail!(
+            "zero-write: {} values for {} elements",
+            src.len(),
+            t.elem_count()
+        )
+    }
     if t.device().is_cpu() && t.is_contiguous() {
-        return t.inplace_op1(&Write {
-            src,
-            offset: 0,
-            whole: true,
-        });
+        return write_var_range(var, 0, src);
     }
     let new = Tensor::from_slice(src, t.shape(), t.device())?.to_dtype(t.dtype())?;
     var.set(&new)
