@@ -64,6 +64,11 @@ fn worker(case: &str, out: &Path) {
             collectives::check_started_reduce_scatter(dyn_comm.clone(), &topo).unwrap();
             collectives::check_start_does_not_wait(dyn_comm.clone(), Duration::from_secs(2))
                 .unwrap();
+            // One node: the blocking collectives above went through shared memory unless
+            // DEEPSCALE_MPI_SHM=0 (then through MPI's messages): both paths are checked.
+            let world: Vec<usize> = (0..size).collect();
+            let off = std::env::var("DEEPSCALE_MPI_SHM").is_ok_and(|v| v == "0");
+            assert_eq!(comm.uses_shared_memory(&world).unwrap(), !off);
             std::fs::write(out.join(format!("rank{rank}.ok")), "ok").unwrap();
         }
         "tp-gpt2" | "tp-bert" => {
@@ -82,6 +87,14 @@ fn worker(case: &str, out: &Path) {
             let mut v = vec![1f32; 4];
             dyn_comm.all_reduce(&[0, 1], &mut v, ReduceOp::Sum).unwrap();
             // Unreachable: rank 1 never joins.
+            std::fs::write(out.join("completed"), "should not happen").unwrap();
+        }
+        "mismatch" => {
+            // Rank 1 gathers twice as much as rank 0: a bug in the caller, named, not misread.
+            let world = [0, 1];
+            let send = vec![1f32; 4 * (rank + 1)];
+            let mut recv = vec![0f32; 2 * send.len()];
+            dyn_comm.all_gather(&world, &send, &mut recv).unwrap();
             std::fs::write(out.join("completed"), "should not happen").unwrap();
         }
         "stall" => {
@@ -167,8 +180,8 @@ fn expect_ok(out: &Output, what: &str) {
     );
 }
 
-fn collectives(np: usize) {
-    let (out, dir) = run_worker(np, "collectives", &[]);
+fn collectives(np: usize, env: &[(&str, &str)]) {
+    let (out, dir) = run_worker(np, "collectives", env);
     expect_ok(&out, "collectives");
     for r in 0..np {
         assert!(
@@ -198,6 +211,28 @@ fn failing_rank_aborts_the_job() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the job must fail");
     assert!(stderr.contains("simulated failure on rank 1"), "{stderr}");
+    assert!(!dir.path().join("completed").exists());
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+/// Ranks calling different collectives on shared memory end the job with a message naming both
+/// calls (MPI's own messages would truncate or hang).
+fn mismatched_collectives_abort_naming_both() {
+    let t = Instant::now();
+    let (out, dir) = run_worker(2, "mismatch", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job must fail");
+    assert!(
+        stderr.contains("all_gather on group [0, 1]")
+            && stderr.contains(
+                "called all_gather of 32 bytes where this rank called all_gather of 16 bytes"
+            ),
+        "{stderr}"
+    );
     assert!(!dir.path().join("completed").exists());
     assert!(
         t.elapsed() < Duration::from_secs(60),
@@ -584,8 +619,25 @@ fn main() {
             "mpi_llama_example_equals_in_process_ranks",
             Box::new(llama_example_under_mpirun),
         ),
-        ("mpi_collectives_2_processes", Box::new(|| collectives(2))),
-        ("mpi_collectives_4_processes", Box::new(|| collectives(4))),
+        (
+            "mpi_collectives_2_processes",
+            Box::new(|| collectives(2, &[])),
+        ),
+        (
+            "mpi_collectives_4_processes",
+            Box::new(|| collectives(4, &[])),
+        ),
+        (
+            "mpi_collectives_2_and_4_processes_without_shared_memory",
+            Box::new(|| {
+                collectives(2, &[("DEEPSCALE_MPI_SHM", "0")]);
+                collectives(4, &[("DEEPSCALE_MPI_SHM", "0")]);
+            }),
+        ),
+        (
+            "mpi_mismatched_collectives_abort_naming_both",
+            Box::new(mismatched_collectives_abort_naming_both),
+        ),
         (
             "mpi_gpt2_tp2_equals_tp1",
             Box::new(|| tp_equivalence("tp-gpt2")),

@@ -1,0 +1,695 @@
+//! Collectives through a shared-memory segment: how the MPI backend's ranks on one node reduce
+//! and gather without Open MPI's point-to-point messages.
+//!
+//! Open MPI moves each large message with a rendezvous between the two processes (a request in
+//! the receiver's FIFO, a single-copy read, an acknowledgement), and a rank's sends advance only
+//! while it is inside MPI: at 4-16 MiB two ranks reached about half the in-process backend's
+//! bandwidth. Here the members of a group map one file: a collective is a sequence of steps; in
+//! each, a member writes its part into its own slot and publishes the step's number, and reads the
+//! others' slots once they have published theirs. Slots are reused step after step (two phases,
+//! so a member writes step t+1 while the others still read step t), so the copy into them stays in
+//! cache. Reductions sum the pieces in group order where they lie, as the in-process backend
+//! does: the results are bit-identical to it.
+//!
+//! Every member must call the same collectives on a group in the same order with the same sizes
+//! (as MPI requires); each step carries a signature of the call, and a member that reads a
+//! different one fails with a message naming both calls instead of misreading the data.
+use super::{reduce_bytes, ElemKind, ReduceOp};
+use candle_core::{bail, Result};
+use memmap2::MmapRaw;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bytes of header per member: the published step and two signatures on one cache line pair,
+/// the finished step on the next (written by the member, read by the others).
+const HEADER: usize = 256;
+const PUBLISHED: usize = 0;
+const SIGNATURE: usize = 8;
+const DONE: usize = 128;
+
+/// Bytes a member writes per step and phase: up to 1 MiB (the pieces of a step stay in the
+/// cores' L2), less for large groups so the segment stays within 16 MiB per phase.
+pub fn slot_bytes(members: usize) -> usize {
+    ((16usize << 20) / members.max(1)).clamp(64 << 10, 1 << 20) / 4096 * 4096
+}
+
+fn header_bytes(members: usize) -> usize {
+    (members * HEADER).div_ceil(4096) * 4096
+}
+
+/// The size of the file a group of `members` maps.
+pub fn segment_bytes(members: usize) -> usize {
+    header_bytes(members) + members * 2 * slot_bytes(members)
+}
+
+/// A group's segment as its first member made it: the file (kept open until every member has
+/// opened it) and the name the others open it by.
+pub struct Segment {
+    pub file: std::fs::File,
+    pub name: PathBuf,
+    /// A named file in `/dev/shm` (not Linux): removed when this is dropped.
+    named: bool,
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if self.named {
+            let _ = std::fs::remove_file(&self.name);
+        }
+    }
+}
+
+/// Creates the (zero-filled) memory of a group's segment. On Linux an anonymous memory file
+/// (`memfd_create`), which the others open through `/proc/<pid>/fd/<fd>` (the same permission
+/// Open MPI's single-copy transport already needs) and which the kernel frees when the last
+/// member exits, however the job ends: nothing is left behind in `/dev/shm` by a killed job.
+pub fn create_segment(members: usize) -> std::io::Result<Segment> {
+    let len = segment_bytes(members) as u64;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a NUL-terminated name and a flag; the descriptor is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"deepscale-shm".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len)?;
+        let name = PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()));
+        Ok(Segment {
+            file,
+            name,
+            named: false,
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        static SEGMENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEGMENTS.fetch_add(1, Ordering::Relaxed);
+        let name = std::env::temp_dir().join(format!("deepscale-{}-{seq}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&name)?;
+        let segment = Segment {
+            file,
+            name,
+            named: true,
+        };
+        segment.file.set_len(len)?;
+        Ok(segment)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    AllReduce = 1,
+    AllGather = 2,
+    ReduceScatter = 3,
+    Broadcast = 4,
+    Barrier = 5,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::AllGather => "all_gather",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::Broadcast => "broadcast",
+            Op::Barrier => "barrier",
+        }
+    }
+}
+
+/// What a step says about its call: the collective, its size in bytes and (broadcast) the root.
+fn signature(op: Op, bytes: usize, root: usize) -> u64 {
+    ((op as u64) << 56) | ((root as u64 & 0xff) << 48) | (bytes as u64 & ((1 << 48) - 1))
+}
+
+fn describe(sig: u64) -> String {
+    let op = match sig >> 56 {
+        1 => "all_reduce",
+        2 => "all_gather",
+        3 => "reduce_scatter",
+        4 => "broadcast",
+        5 => "barrier",
+        _ => "nothing",
+    };
+    format!("{op} of {} bytes", sig & ((1 << 48) - 1))
+}
+
+/// One member's view of a group's mapped segment.
+pub struct ShmGroup {
+    map: MmapRaw,
+    members: usize,
+    me: usize,
+    slot: usize,
+    timeout: Duration,
+    /// The number of the last step, and the all-reduce's scratch for its reduced piece.
+    state: Mutex<(u64, Vec<u8>)>,
+}
+
+// SAFETY: the mapping lives as long as the struct; which member writes which bytes when is
+// settled by the step protocol (a member writes only its own slot and header, readers read a
+// slot only between its publication and their `done` store).
+unsafe impl Send for ShmGroup {}
+unsafe impl Sync for ShmGroup {}
+
+impl ShmGroup {
+    /// Opens and maps the segment named `path` (made by [`create_segment`] for `members`) as
+    /// member `me`.
+    pub fn open(path: &Path, members: usize, me: usize, timeout: Duration) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        Self::map(&f, path, members, me, timeout)
+    }
+
+    /// Maps the open segment `f` (named `path` in messages).
+    pub fn map(
+        f: &std::fs::File,
+        path: &Path,
+        members: usize,
+        me: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+        if len != segment_bytes(members) || me >= members {
+            bail!(
+                "{}: {len} bytes, member {me} of {members} (expected {} bytes)",
+                path.display(),
+                segment_bytes(members)
+            )
+        }
+        let map = MmapRaw::map_raw(f)
+            .map_err(|e| candle_core::Error::Msg(format!("mapping {}: {e}", path.display())))?;
+        Ok(Self {
+            map,
+            members,
+            me,
+            slot: slot_bytes(members),
+            timeout,
+            state: Mutex::new((0, Vec::new())),
+        })
+    }
+
+    fn atomic(&self, member: usize, offset: usize) -> &AtomicU64 {
+        debug_assert!(member < self.members && offset + 8 <= HEADER);
+        // SAFETY: inside the mapping, 8-byte aligned (page-aligned base, offsets multiples of 8),
+        // and only ever accessed atomically.
+        unsafe { &*(self.map.as_mut_ptr().add(member * HEADER + offset) as *const AtomicU64) }
+    }
+
+    fn slot_ptr(&self, member: usize, phase: usize) -> *mut u8 {
+        let at = header_bytes(self.members) + (member * 2 + phase) * self.slot;
+        // SAFETY: `member < members`, `phase < 2`: inside the mapping.
+        unsafe { self.map.as_mut_ptr().add(at) }
+    }
+
+    /// Spins, then yields, then sleeps until `ready`; false once `deadline` passes.
+    fn wait_until(ready: impl Fn() -> bool, deadline: Instant) -> bool {
+        let mut spins = 0u32;
+        loop {
+            if ready() {
+                return true;
+            }
+            spins = spins.saturating_add(1);
+            if spins < 4000 {
+                std::hint::spin_loop();
+            } else if spins < 8000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            if spins % 256 == 0 && Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Step `t`: waits until the others have read this member's slot of the same phase two
+    /// steps ago, fills it with `write`, publishes, waits for the others' step `t`, and hands
+    /// every member's slot (group order) to `read`.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        t: u64,
+        op: Op,
+        sig: u64,
+        group: &[usize],
+        write: impl FnOnce(&mut [u8]),
+        read: impl FnOnce(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let phase = (t % 2) as usize;
+        let deadline = Instant::now() + self.timeout;
+        let others = || (0..self.members).filter(|&k| k != self.me);
+        let timed_out = || {
+            candle_core::Error::Msg(format!(
+                "{} on group {group:?} timed out after {:.1} s (a peer died or stalled)",
+                op.name(),
+                self.timeout.as_secs_f64()
+            ))
+        };
+        for k in others() {
+            let done = self.atomic(k, DONE);
+            if !Self::wait_until(|| done.load(Ordering::Acquire) + 2 >= t, deadline) {
+                return Err(timed_out());
+            }
+        }
+        // SAFETY: this member's slot of this phase: no one reads it until it is published below,
+        // and the others finished reading its previous contents (their `done`).
+        write(unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(self.me, phase), self.slot) });
+        self.atomic(self.me, SIGNATURE + 8 * phase)
+            .store(sig, Ordering::Relaxed);
+        self.atomic(self.me, PUBLISHED).store(t, Ordering::Release);
+        for k in others() {
+            let published = self.atomic(k, PUBLISHED);
+            if !Self::wait_until(|| published.load(Ordering::Acquire) >= t, deadline) {
+                return Err(timed_out());
+            }
+            let theirs = self
+                .atomic(k, SIGNATURE + 8 * phase)
+                .load(Ordering::Relaxed);
+            if theirs != sig {
+                bail!(
+                    "{} on group {group:?}: member {} (rank {}) called {} where this rank called {}; every member must call the same collectives with the same sizes in the same order",
+                    op.name(),
+                    k,
+                    group.get(k).copied().unwrap_or(k),
+                    describe(theirs),
+                    describe(sig)
+                )
+            }
+        }
+        let slots: Vec<&[u8]> = (0..self.members)
+            // SAFETY: published for step `t` (Acquire above); its writer will not touch it again
+            // before this member's `done` reaches `t`.
+            .map(|k| unsafe { std::slice::from_raw_parts(self.slot_ptr(k, phase), self.slot) })
+            .collect();
+        let r = read(&slots);
+        self.atomic(self.me, DONE).store(t, Ordering::Release);
+        r
+    }
+
+    fn check(&self, group: &[usize]) -> Result<()> {
+        if group.len() != self.members {
+            bail!(
+                "a shared-memory group of {} members used for group {group:?}",
+                self.members
+            )
+        }
+        Ok(())
+    }
+
+    /// `recv` = every member's `send`, in group order.
+    pub fn all_gather(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
+        self.check(group)?;
+        let (n, m) = (self.members, send.len());
+        if recv.len() != n * m {
+            bail!("all_gather: {} bytes sent, {} received", m, recv.len())
+        }
+        let sig = signature(Op::AllGather, m, 0);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut at = 0;
+        while at < m {
+            let len = self.slot.min(m - at);
+            st.0 += 1;
+            let piece = &send[at..at + len];
+            self.step(
+                st.0,
+                Op::AllGather,
+                sig,
+                group,
+                |slot| slot[..len].copy_from_slice(piece),
+                |slots| {
+                    for (k, s) in slots.iter().enumerate() {
+                        let from = if k == self.me { piece } else { &s[..len] };
+                        recv[k * m + at..k * m + at + len].copy_from_slice(from);
+                    }
+                    Ok(())
+                },
+            )?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// `recv` = this member's chunk of the group-order reduction of everyone's `send`.
+    pub fn reduce_scatter(
+        &self,
+        group: &[usize],
+        send: &[u8],
+        recv: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.check(group)?;
+        let (n, c, me) = (self.members, recv.len(), self.me);
+        if send.len() != n * c {
+            bail!("reduce_scatter: {} bytes sent, {} received", send.len(), c)
+        }
+        let piece = (self.slot / n / kind.size()).max(1) * kind.size();
+        let sig = signature(Op::ReduceScatter, send.len(), 0);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut at = 0;
+        while at < c {
+            let len = piece.min(c - at);
+            st.0 += 1;
+            let out = &mut recv[at..at + len];
+            self.step(
+                st.0,
+                Op::ReduceScatter,
+                sig,
+                group,
+                |slot| {
+                    for k in (0..n).filter(|&k| k != me) {
+                        slot[k * piece..k * piece + len]
+                            .copy_from_slice(&send[k * c + at..k * c + at + len]);
+                    }
+                },
+                |slots| {
+                    let parts: Vec<&[u8]> = (0..n)
+                        .map(|k| match k == me {
+                            true => &send[me * c + at..me * c + at + len],
+                            false => &slots[k][me * piece..me * piece + len],
+                        })
+                        .collect();
+                    reduce_bytes(&parts, out, kind, op)
+                },
+            )?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// In place, over the group: small buffers in one step (every member reduces the whole
+    /// buffer), large ones a segment at a time as a reduce-scatter of the segment's pieces and
+    /// an all-gather of the reduced ones.
+    pub fn all_reduce(
+        &self,
+        group: &[usize],
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.check(group)?;
+        let (n, me, size) = (self.members, self.me, kind.size());
+        if buf.len() % size != 0 {
+            bail!(
+                "all_reduce: {} bytes is not a whole number of elements",
+                buf.len()
+            )
+        }
+        let sig = signature(Op::AllReduce, buf.len(), 0);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (step, sum) = &mut *st;
+        if buf.len() <= (64 << 10).min(self.slot) {
+            let len = buf.len();
+            *step += 1;
+            let mine = buf.to_vec();
+            return self.step(
+                *step,
+                Op::AllReduce,
+                sig,
+                group,
+                |slot| slot[..len].copy_from_slice(&mine),
+                |slots| {
+                    let parts: Vec<&[u8]> = (0..n)
+                        .map(|k| if k == me { &mine[..] } else { &slots[k][..len] })
+                        .collect();
+                    reduce_bytes(&parts, buf, kind, op)
+                },
+            );
+        }
+        // A segment is n pieces of `q` bytes (the last ones shorter or empty).
+        let q = (self.slot / n / size).max(1) * size;
+        let piece = |k: usize, seg: usize| (k * q).min(seg)..((k + 1) * q).min(seg);
+        if sum.len() < q {
+            sum.resize(q, 0);
+        }
+        let mut at = 0;
+        while at < buf.len() {
+            let seg = (q * n).min(buf.len() - at);
+            let own = piece(me, seg);
+            let segment = &buf[at..at + seg];
+            *step += 1;
+            self.step(
+                *step,
+                Op::AllReduce,
+                sig,
+                group,
+                |slot| {
+                    for k in (0..n).filter(|&k| k != me) {
+                        let r = piece(k, seg);
+                        slot[r.clone()].copy_from_slice(&segment[r]);
+                    }
+                },
+                |slots| {
+                    let parts: Vec<&[u8]> = (0..n)
+                        .map(|k| match k == me {
+                            true => &segment[own.clone()],
+                            false => &slots[k][own.clone()],
+                        })
+                        .collect();
+                    reduce_bytes(&parts, &mut sum[..own.len()], kind, op)
+                },
+            )?;
+            buf[at + own.start..at + own.end].copy_from_slice(&sum[..own.len()]);
+            let segment = &mut buf[at..at + seg];
+            *step += 1;
+            let reduced = &sum[..own.len()];
+            self.step(
+                *step,
+                Op::AllReduce,
+                sig,
+                group,
+                |slot| slot[own.clone()].copy_from_slice(reduced),
+                |slots| {
+                    for k in (0..n).filter(|&k| k != me) {
+                        let r = piece(k, seg);
+                        segment[r.clone()].copy_from_slice(&slots[k][r]);
+                    }
+                    Ok(())
+                },
+            )?;
+            at += seg;
+        }
+        if sum.len() > 4 << 20 {
+            *sum = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// `buf` of member `root` (a group index) to every member.
+    pub fn broadcast(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
+        self.check(group)?;
+        let me = self.me;
+        let sig = signature(Op::Broadcast, buf.len(), root);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut at = 0;
+        while at < buf.len() {
+            let len = self.slot.min(buf.len() - at);
+            st.0 += 1;
+            if me == root {
+                let source = &buf[at..at + len];
+                let write = |slot: &mut [u8]| slot[..len].copy_from_slice(source);
+                self.step(st.0, Op::Broadcast, sig, group, write, |_| Ok(()))?;
+            } else {
+                let dest = &mut buf[at..at + len];
+                self.step(
+                    st.0,
+                    Op::Broadcast,
+                    sig,
+                    group,
+                    |_| {},
+                    |slots| {
+                        dest.copy_from_slice(&slots[root][..len]);
+                        Ok(())
+                    },
+                )?;
+            }
+            at += len;
+        }
+        Ok(())
+    }
+
+    pub fn barrier(&self, group: &[usize]) -> Result<()> {
+        self.check(group)?;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 += 1;
+        let sig = signature(Op::Barrier, 0, 0);
+        self.step(st.0, Op::Barrier, sig, group, |_| {}, |_| Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Values whose sum depends on the order they are added in.
+    fn values(member: usize, len: usize, salt: u64) -> Vec<f32> {
+        (0..len as u64)
+            .map(|i| {
+                let x = (i * 2654435761 + member as u64 * 40503 + salt) % 1_000_003;
+                (x as f32 * 1e-3).powi(3 - (i % 3) as i32) * if i % 2 == 0 { 1.0 } else { -1e-4 }
+            })
+            .collect()
+    }
+
+    fn bytes(v: &[f32]) -> &[u8] {
+        bytemuck::cast_slice(v)
+    }
+
+    /// The group-order reduction of every member's `values(.., salt)`.
+    fn reference(n: usize, len: usize, salt: u64, op: ReduceOp) -> Vec<f32> {
+        let all: Vec<Vec<f32>> = (0..n).map(|k| values(k, len, salt)).collect();
+        let parts: Vec<&[u8]> = all.iter().map(|v| bytes(v)).collect();
+        let mut out = vec![0f32; len];
+        reduce_bytes(
+            &parts,
+            bytemuck::cast_slice_mut(&mut out),
+            ElemKind::F32,
+            op,
+        )
+        .unwrap();
+        out
+    }
+
+    /// Runs `f(member, group)` on `n` threads sharing one segment.
+    fn on_members<R: Send + 'static>(
+        n: usize,
+        timeout: Duration,
+        f: impl Fn(usize, &ShmGroup) -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
+        let segment = create_segment(n).unwrap();
+        let groups: Vec<ShmGroup> = (0..n)
+            .map(|k| match k {
+                0 => ShmGroup::map(&segment.file, &segment.name, n, k, timeout).unwrap(),
+                _ => ShmGroup::open(&segment.name, n, k, timeout).unwrap(),
+            })
+            .collect();
+        drop(segment);
+        let f = Arc::new(f);
+        let handles: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(k, g)| {
+                let f = f.clone();
+                std::thread::spawn(move || f(k, &g))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn collectives_equal_the_group_order_reduction_bit_for_bit() {
+        for n in [2, 3, 4] {
+            on_members(n, Duration::from_secs(60), move |me, g| {
+                let group: Vec<usize> = (0..n).map(|k| 10 + k).collect();
+                // Small and several-segment sizes, none a multiple of the group size or a slot.
+                for (len, salt) in [(12, 1), (100_003, 2), (700_001, 3)] {
+                    for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+                        let mut v = values(me, len, salt);
+                        g.all_reduce(&group, bytemuck::cast_slice_mut(&mut v), ElemKind::F32, op)
+                            .unwrap();
+                        let want = reference(n, len, salt, op);
+                        assert!(v == want, "all_reduce {op:?} of {len} on {n} members");
+                    }
+                    let send = values(me, len, salt);
+                    let mut all = vec![0f32; len * n];
+                    g.all_gather(&group, bytes(&send), bytemuck::cast_slice_mut(&mut all))
+                        .unwrap();
+                    let want: Vec<f32> = (0..n).flat_map(|k| values(k, len, salt)).collect();
+                    assert!(all == want, "all_gather of {len} on {n} members");
+
+                    let chunk = len;
+                    let send = values(me, chunk * n, salt);
+                    let mut part = vec![0f32; chunk];
+                    let part_bytes = bytemuck::cast_slice_mut(&mut part);
+                    g.reduce_scatter(
+                        &group,
+                        bytes(&send),
+                        part_bytes,
+                        ElemKind::F32,
+                        ReduceOp::Sum,
+                    )
+                    .unwrap();
+                    let want = reference(n, chunk * n, salt, ReduceOp::Sum);
+                    assert!(
+                        part[..] == want[me * chunk..(me + 1) * chunk],
+                        "reduce_scatter of {chunk} per member on {n} members"
+                    );
+
+                    let root = n - 1;
+                    let mut b = if me == root {
+                        values(me, len, salt)
+                    } else {
+                        vec![0f32; len]
+                    };
+                    g.broadcast(&group, bytemuck::cast_slice_mut(&mut b), root)
+                        .unwrap();
+                    assert!(
+                        b == values(root, len, salt),
+                        "broadcast of {len} on {n} members"
+                    );
+                    g.barrier(&group).unwrap();
+                }
+                let mut h = vec![half::bf16::from_f32(1.5 + me as f32); 3];
+                g.all_reduce(
+                    &group,
+                    bytemuck::cast_slice_mut(&mut h),
+                    ElemKind::BF16,
+                    ReduceOp::Sum,
+                )
+                .unwrap();
+                let want: f32 = (0..n).map(|k| 1.5 + k as f32).sum();
+                assert_eq!(h[0].to_f32(), want);
+            });
+        }
+    }
+
+    #[test]
+    fn members_calling_different_collectives_fail_naming_both() {
+        let errs = on_members(2, Duration::from_secs(30), |me, g| {
+            let send = vec![1u8; 16 * (me + 1)];
+            let mut recv = vec![0u8; 2 * send.len()];
+            g.all_gather(&[0, 1], &send, &mut recv)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(
+            errs[0].contains(
+                "called all_gather of 32 bytes where this rank called all_gather of 16 bytes"
+            ),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].contains("(rank 0) called all_gather of 16 bytes"),
+            "{}",
+            errs[1]
+        );
+    }
+
+    #[test]
+    fn a_member_that_never_comes_times_out() {
+        let t = Instant::now();
+        let errs = on_members(2, Duration::from_millis(300), |me, g| {
+            (me == 0).then(|| g.barrier(&[4, 7]).unwrap_err().to_string())
+        });
+        let e = errs[0].as_deref().unwrap_or_default();
+        assert!(
+            e.contains("barrier on group [4, 7] timed out after 0.3 s"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+}
