@@ -284,7 +284,7 @@ impl ShmGroup {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 {
+            if !spins.is_multiple_of(64) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -301,7 +301,6 @@ impl ShmGroup {
     /// Step `t`: waits until the others have read this member's slot of the same phase two
     /// steps ago, fills it with `write`, publishes, waits for the others' step `t`, and hands
     /// every member's slot (group order) to `read`.
-    #[allow(clippy::too_many_arguments)]
     fn step(
         &self,
         t: u64,
@@ -467,7 +466,7 @@ impl ShmGroup {
     ) -> Result<()> {
         self.check(group)?;
         let (n, me, size) = (self.members, self.me, kind.size());
-        if buf.len() % size != 0 {
+        if !buf.len().is_multiple_of(size) {
             bail!(
                 "all_reduce: {} bytes is not a whole number of elements",
                 buf.len()
