@@ -146,9 +146,16 @@ fn describe(sig: u64) -> String {
 /// How long a waiting member spins before it sleeps: when every member has a core, a peer
 /// answers within microseconds and a futex's wake-up would cost more than the wait (two ranks
 /// on two cores: 2.6 GB/s with 50 us of spinning, 8 with 2 ms); with more members than cores a
-/// spinning member takes the core from the one it waits for.
+/// spinning member takes the core from the one it waits for. The node's cores count, not this
+/// process's share: `mpirun` binds each rank to its own core by default, and a rank spinning
+/// there takes nothing from the others.
 fn spin_for(members: usize) -> Duration {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a plain query.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cores = match online > 0 {
+        true => online as usize,
+        false => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     match members <= cores {
         true => Duration::from_millis(2),
         false => Duration::from_micros(20),
