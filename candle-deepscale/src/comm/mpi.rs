@@ -149,8 +149,8 @@ impl MpiComm {
 
     /// The shared-memory segment of `group`, mapped on its first collective (every member calls
     /// that at the same point of its program, so the setup's messages match): the first member
-    /// creates it and tells the others its name. None for groups spanning nodes, with `DEEPSCALE_MPI_SHM=0` on any member, or
-    /// where any member could not map it.
+    /// creates it and tells the others its name. None for groups spanning nodes, with
+    /// `DEEPSCALE_MPI_SHM=0` on any member, or where any member could not map it.
     fn shm_group(&self, group: &[usize], op: &str) -> Result<Option<Arc<ShmGroup>>> {
         let me = group_index(group, self.rank, op)?;
         if group.len() < 2 {

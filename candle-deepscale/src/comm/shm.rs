@@ -14,7 +14,7 @@
 //! Every member must call the same collectives on a group in the same order with the same sizes
 //! (as MPI requires); each step carries a signature of the call, and a member that reads a
 //! different one fails with a message naming both calls instead of misreading the data.
-use super::{reduce_bytes, ElemKind, ReduceOp};
+use super::{check_all_gather, check_reduce_scatter, reduce_bytes, ElemKind, ReduceOp};
 use candle_core::{bail, Result};
 use memmap2::MmapRaw;
 use std::path::{Path, PathBuf};
@@ -132,15 +132,16 @@ fn signature(op: Op, bytes: usize, root: usize) -> u64 {
 }
 
 fn describe(sig: u64) -> String {
-    let op = match sig >> 56 {
-        1 => "all_reduce",
-        2 => "all_gather",
-        3 => "reduce_scatter",
-        4 => "broadcast",
-        5 => "barrier",
-        _ => "nothing",
-    };
-    format!("{op} of {} bytes", sig & ((1 << 48) - 1))
+    let ops = [
+        Op::AllReduce,
+        Op::AllGather,
+        Op::ReduceScatter,
+        Op::Broadcast,
+        Op::Barrier,
+    ];
+    let op = ops.iter().find(|o| **o as u64 == sig >> 56);
+    let name = op.map_or("nothing", |o| o.name());
+    format!("{name} of {} bytes", sig & ((1 << 48) - 1))
 }
 
 /// How long a waiting member spins before it sleeps: when every member has a core, a peer
@@ -383,10 +384,8 @@ impl ShmGroup {
     /// `recv` = every member's `send`, in group order.
     pub fn all_gather(&self, group: &[usize], send: &[u8], recv: &mut [u8]) -> Result<()> {
         self.check(group)?;
-        let (n, m) = (self.members, send.len());
-        if recv.len() != n * m {
-            bail!("all_gather: {} bytes sent, {} received", m, recv.len())
-        }
+        check_all_gather(group, send.len(), recv.len())?;
+        let m = send.len();
         let sig = signature(Op::AllGather, m, 0);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut at = 0;
@@ -423,10 +422,8 @@ impl ShmGroup {
         op: ReduceOp,
     ) -> Result<()> {
         self.check(group)?;
+        check_reduce_scatter(group, send.len(), recv.len())?;
         let (n, c, me) = (self.members, recv.len(), self.me);
-        if send.len() != n * c {
-            bail!("reduce_scatter: {} bytes sent, {} received", send.len(), c)
-        }
         let piece = (self.slot / n / kind.size()).max(1) * kind.size();
         let sig = signature(Op::ReduceScatter, send.len(), 0);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -483,22 +480,26 @@ impl ShmGroup {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (step, sum) = &mut *st;
         if buf.len() <= (64 << 10).min(self.slot) {
+            // Every member reduces the whole buffer from the slots (its own included).
             let len = buf.len();
             *step += 1;
-            let mine = buf.to_vec();
-            return self.step(
+            if sum.len() < len {
+                sum.resize(len, 0);
+            }
+            let mine = &*buf;
+            self.step(
                 *step,
                 Op::AllReduce,
                 sig,
                 group,
-                |slot| slot[..len].copy_from_slice(&mine),
+                |slot| slot[..len].copy_from_slice(mine),
                 |slots| {
-                    let parts: Vec<&[u8]> = (0..n)
-                        .map(|k| if k == me { &mine[..] } else { &slots[k][..len] })
-                        .collect();
-                    reduce_bytes(&parts, buf, kind, op)
+                    let parts: Vec<&[u8]> = slots.iter().map(|s| &s[..len]).collect();
+                    reduce_bytes(&parts, &mut sum[..len], kind, op)
                 },
-            );
+            )?;
+            buf.copy_from_slice(&sum[..len]);
+            return Ok(());
         }
         // A segment is n pieces of `q` bytes (the last ones shorter or empty).
         let q = (self.slot / n / size).max(1) * size;
