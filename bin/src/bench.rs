@@ -909,6 +909,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
             let (x, y) = token_batch((a.batch_size, a.seq_length), 0, 50257, &Device::Cpu)?;
             let mut times = Vec::new();
             let io0 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
+            let by0 = engine.optimizer().offload_io_by_buffer();
             for i in 0..a.iters + 1 {
                 if i == 1 {
                     engine.take_wall_clock();
@@ -926,6 +927,17 @@ fn offload(a: OffloadArgs) -> Result<()> {
                 let _ = io0;
             }
             let io1 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
+            // Where the I/O goes (bytes per step, all steps including the warm-up).
+            let by_buffer: serde_json::Map<String, serde_json::Value> = engine
+                .optimizer()
+                .offload_io_by_buffer()
+                .into_iter()
+                .zip(&by0)
+                .map(|((name, r, w), (_, r0, w0))| {
+                    let per = |b: u64| b as f64 / (a.iters + 1) as f64;
+                    (name, json!({"read": per(r - r0), "written": per(w - w0)}))
+                })
+                .collect();
             // Per-step means of the timed steps.
             let split = engine.take_wall_clock();
             let step = median(times);
@@ -933,6 +945,9 @@ fn offload(a: OffloadArgs) -> Result<()> {
                       "model_state_bytes": state.total(),
                       "formula_bytes": engine.formula_bytes().total(),
                       "swap_bytes_per_step": (io1.0 + io1.1 - io0.0 - io0.1) as f64 / (a.iters + 1) as f64,
+                      "swap_read_bytes_per_step": (io1.0 - io0.0) as f64 / (a.iters + 1) as f64,
+                      "swap_written_bytes_per_step": (io1.1 - io0.1) as f64 / (a.iters + 1) as f64,
+                      "swap_bytes_per_step_by_buffer": by_buffer,
                       "direct_io": engine.optimizer().offload_direct(),
                       "blocks_read_ahead": engine.optimizer().offload_reads_ahead(),
                       "split_ms": {"forward": split.forward_ms, "backward": split.backward_ms,

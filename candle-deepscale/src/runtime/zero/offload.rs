@@ -116,6 +116,15 @@ pub(crate) struct NvmeStates {
     /// Each update segment's sum of squared gradients, taken as the accumulation's last
     /// micro-batch writes them (None: not final yet): the norm without reading them back.
     norm_sq: Vec<Option<f64>>,
+    /// The accumulation's final gradient pieces by bucket, kept in memory for the step instead
+    /// of written to the swap file and read back (two passes over the partition fewer per
+    /// step), up to `kept_cap` elements (`reduce_bucket_size` over the data-parallel size).
+    kept: Vec<Option<Vec<f32>>>,
+    kept_elems: usize,
+    kept_cap: usize,
+    /// Buckets whose gradients went to the swap file since they were zeroed (earlier
+    /// micro-batches): the final sum adds what is there.
+    accumulated: Vec<bool>,
 }
 
 impl NvmeStates {
@@ -124,10 +133,20 @@ impl NvmeStates {
     /// the norm's squares of the segments that count in it are taken on the way.
     fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32], last: bool) -> Result<()> {
         use crate::ops::fast_math::sum_squares;
+        let n = z.layout.buckets.len();
+        self.kept.resize(n, None);
+        self.accumulated.resize(n, false);
         let mut at = 0;
         for &b in bs {
             let bk = &z.layout.buckets[b];
             let piece = &mine[at..at + bk.piece];
+            at += bk.piece;
+            if last && self.grads.swapped().is_some() && self.kept_elems + bk.piece <= self.kept_cap
+            {
+                self.keep(z, b, piece)?;
+                continue;
+            }
+            self.accumulated[b] = true;
             let segs: Vec<(usize, Range<usize>)> = match last {
                 true => z
                     .segments
@@ -152,14 +171,81 @@ impl NvmeStates {
             for ((i, _), sum) in segs.iter().zip(sums) {
                 self.norm_sq[*i] = Some(sum);
             }
-            at += bk.piece;
+        }
+        Ok(())
+    }
+
+    /// Keeps bucket `b`'s final gradient piece (this micro-batch's `piece` plus what earlier
+    /// ones wrote) in memory, with the norm's squares of its counted segments.
+    fn keep(&mut self, z: &ZeroCore, b: usize, piece: &[f32]) -> Result<()> {
+        use crate::ops::fast_math::sum_squares;
+        let bk = &z.layout.buckets[b];
+        let mut sum = piece.to_vec();
+        if self.accumulated[b] {
+            let mut before = vec![0f32; bk.piece];
+            self.grads
+                .read(bk.part_offset..bk.part_offset + bk.piece, &mut before)?;
+            sum.iter_mut().zip(&before).for_each(|(s, d)| *s += d);
+        }
+        for (i, s) in z.segments.iter().enumerate() {
+            if s.bucket == b && s.counts_in_norm {
+                self.norm_sq[i] = Some(sum_squares(&sum[s.piece_offset..s.piece_offset + s.len]));
+            }
+        }
+        self.kept_elems += bk.piece;
+        self.kept[b] = Some(sum);
+        Ok(())
+    }
+
+    /// Whether the gradients of partition elements `r` are all kept in memory.
+    fn kept_covers(&self, z: &ZeroCore, r: &Range<usize>) -> bool {
+        let mut at = r.start;
+        for (bk, k) in z.layout.buckets.iter().zip(&self.kept) {
+            let end = bk.part_offset + bk.piece;
+            if k.is_some() && bk.part_offset <= at && at < end {
+                at = end;
+            }
+        }
+        at >= r.end
+    }
+
+    /// Final gradients of partition elements `r`: the kept pieces where there are, the swap
+    /// file elsewhere.
+    fn read_grads(&self, z: &ZeroCore, r: Range<usize>, out: &mut [f32]) -> Result<()> {
+        let mut at = r.start;
+        for (bk, k) in z.layout.buckets.iter().zip(&self.kept) {
+            let Some(k) = k else { continue };
+            let (lo, hi) = (
+                bk.part_offset.max(r.start),
+                (bk.part_offset + bk.piece).min(r.end),
+            );
+            if lo >= hi {
+                continue;
+            }
+            if at < lo {
+                self.grads
+                    .read(at..lo, &mut out[at - r.start..lo - r.start])?;
+            }
+            out[lo - r.start..hi - r.start]
+                .copy_from_slice(&k[lo - bk.part_offset..hi - bk.part_offset]);
+            at = hi;
+        }
+        if at < r.end {
+            self.grads.read(at..r.end, &mut out[at - r.start..])?;
         }
         Ok(())
     }
 
     /// Buffers for this rank's partition (global rank `rank`: its own folder); `master` (the
-    /// fp32 pieces) is written out when the parameters are offloaded.
-    pub fn new(s: &OffloadSettings, z: &ZeroCore, rank: usize, master: Vec<f32>) -> Result<Self> {
+    /// fp32 pieces) is written out when the parameters are offloaded. Up to `keep_grads`
+    /// elements of the accumulation's final gradients stay in memory for the step.
+    pub fn new(
+        s: &OffloadSettings,
+        z: &ZeroCore,
+        rank: usize,
+        master: Vec<f32>,
+        keep_grads: usize,
+    ) -> Result<Self> {
         let len = z.layout.partition_len;
         let block = s.sub_group_size.clamp(1, len.max(1));
         let kinds =
@@ -210,6 +296,10 @@ impl NvmeStates {
             staging: Staging::default(),
             io: SwapIo::new(pool, threads, direct),
             norm_sq: vec![None; z.segments.len()],
+            kept: vec![None; z.layout.buckets.len()],
+            kept_elems: 0,
+            kept_cap: keep_grads,
+            accumulated: vec![false; z.layout.buckets.len()],
         })
     }
 
@@ -275,7 +365,7 @@ impl ZeroStates for NvmeStates {
         for s in z.segments.iter().filter(|s| s.counts_in_norm) {
             let at = z.layout.buckets[s.bucket].part_offset + s.piece_offset;
             tmp.resize(s.len, 0.0);
-            self.grads.read(at..at + s.len, &mut tmp)?;
+            self.read_grads(z, at..at + s.len, &mut tmp)?;
             sq += crate::ops::fast_math::sum_squares(&tmp);
         }
         Ok(sq)
@@ -293,14 +383,28 @@ impl ZeroStates for NvmeStates {
         let consts = [false, true].map(|decay| z.adam_consts(lr, grad_scale, decay));
         // Partition ranges of the segments (weight decay differs between them).
         let segs = z.segments_ranges();
+        // The parameters that stay whole (stage 3's persistent ones) take the update: their
+        // pieces are copied out as the tiles pass, not read back one block each afterwards.
+        let mut whole: Vec<(usize, Vec<f32>)> = (0..z.layout.buckets.len())
+            .filter(|&b| write_back(b))
+            .map(|b| (b, vec![0f32; z.layout.buckets[b].piece]))
+            .collect();
         let (mut grads_tile, mut params_tile) = (Vec::new(), Vec::new());
         for b in 0..self.m.blocks() {
-            for buf in self.buffers() {
+            for buf in [Some(&self.m), Some(&self.v), self.master.swapped()]
+                .into_iter()
+                .flatten()
+            {
                 buf.prefetch(b + 1)?;
+            }
+            if let Some(g) = self.grads.swapped() {
+                if b + 1 < g.blocks() && !self.kept_covers(z, &g.block_range(b + 1)) {
+                    g.prefetch(b + 1)?;
+                }
             }
             let r = self.m.block_range(b);
             grads_tile.resize(r.len(), 0.0);
-            self.grads.read(r.clone(), &mut grads_tile)?;
+            self.read_grads(z, r.clone(), &mut grads_tile)?;
             params_tile.resize(r.len(), 0.0);
             self.master.read(r.clone(), &mut params_tile)?;
             let (mut m, mut v) = (vec![0f32; r.len()], vec![0f32; r.len()]);
@@ -328,16 +432,21 @@ impl ZeroStates for NvmeStates {
             self.master.update(r.clone(), |o, p| {
                 p.copy_from_slice(&params_tile[o..o + p.len()])
             })?;
+            for (wb, piece) in whole.iter_mut() {
+                let bk = &z.layout.buckets[*wb];
+                let (lo, hi) = (
+                    bk.part_offset.max(r.start),
+                    (bk.part_offset + bk.piece).min(r.end),
+                );
+                if lo < hi {
+                    piece[lo - bk.part_offset..hi - bk.part_offset]
+                        .copy_from_slice(&params_tile[lo - r.start..hi - r.start]);
+                }
+            }
         }
         self.flush()?;
-        // The parameters that stay whole (stage 3's persistent ones) take the update.
-        for (b, bk) in z.layout.buckets.iter().enumerate() {
-            if write_back(b) {
-                let mut piece = vec![0f32; bk.piece];
-                self.master
-                    .read(bk.part_offset..bk.part_offset + bk.piece, &mut piece)?;
-                z.write_bucket(bk, piece)?;
-            }
+        for (b, piece) in whole {
+            z.write_bucket(&z.layout.buckets[b], piece)?;
         }
         Ok(())
     }
@@ -391,6 +500,9 @@ impl ZeroStates for NvmeStates {
     fn zero_grad(&mut self) -> Result<()> {
         self.staging.clear();
         self.norm_sq.iter_mut().for_each(|s| *s = None);
+        self.kept.iter_mut().for_each(|k| *k = None);
+        self.kept_elems = 0;
+        self.accumulated.iter_mut().for_each(|a| *a = false);
         match &mut self.grads {
             Flat::Memory(v) => super::flat::fill_zero(v),
             Flat::Swapped(b) => b.zero()?,
@@ -401,7 +513,7 @@ impl ZeroStates for NvmeStates {
     /// The resident blocks live in the pool, which is counted once, as buffers.
     fn bytes(&self, _z: &ZeroCore) -> HeldBytes {
         HeldBytes {
-            gradients: 4 * self.grads.memory_len() as u64,
+            gradients: 4 * (self.grads.memory_len() + self.kept_elems) as u64,
             moments: 0,
             master: 4 * self.master.memory_len() as u64,
             buffers: self.io.pool_bytes(),
@@ -414,5 +526,14 @@ impl ZeroStates for NvmeStates {
 
     fn swap_io(&self) -> Option<&SwapIo> {
         Some(&self.io)
+    }
+
+    fn swap_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
+        self.buffers()
+            .map(|b| {
+                let (r, w) = b.io_bytes();
+                (b.name().to_string(), r, w)
+            })
+            .collect()
     }
 }

@@ -285,8 +285,8 @@ impl ZeroOptimizer {
             (Some(g), 1..=3) => (g.size(), g.rank),
             _ => (1, 0),
         };
-        let bucket_elems = if stage == 3 { 1 } else { bucket_elems };
-        let layout = FlatLayout::new(&layer_params, &numels, bucket_elems, parts, rank);
+        let layout_bucket = if stage == 3 { 1 } else { bucket_elems };
+        let layout = FlatLayout::new(&layer_params, &numels, layout_bucket, parts, rank);
         let tp_rank = tp.as_ref().map_or(0, |g| g.rank);
         // Split parameters count on every tensor-parallel rank; replicated ones once (rank 0).
         let segments = build_segments(&layout, &params, |p| {
@@ -335,11 +335,14 @@ impl ZeroOptimizer {
                     .as_ref()
                     .or(tp.as_ref())
                     .map_or(0, |g| g.comm.rank());
+                // DeepSpeed's stage 3 holds up to `reduce_bucket_size` gradient elements while
+                // reducing; the final ones stay in memory for the step within that (per piece).
                 Box::new(NvmeStates::new(
                     &o,
                     &core,
                     global,
                     master.unwrap_or_default(),
+                    bucket_elems.div_ceil(parts),
                 )?)
             }
             None => Box::new(HostStates::new(&core, master)),
@@ -690,6 +693,12 @@ impl ZeroOptimizer {
     /// NVMe offload: (bytes read, bytes written) by the swapper so far.
     pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
         self.states.swap_io().map(|s| s.io_bytes())
+    }
+
+    /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer so far
+    /// (empty without offload).
+    pub fn offload_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
+        self.states.swap_io_by_buffer()
     }
 
     /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.

@@ -100,6 +100,11 @@ pub(crate) trait ZeroStates: Send + Sync {
     fn swap_io(&self) -> Option<&SwapIo> {
         None
     }
+
+    /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer.
+    fn swap_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
+        Vec::new()
+    }
 }
 
 /// Stage 2 and 3's buckets of local gradients being filled by the running backward, and their
@@ -304,10 +309,19 @@ pub(crate) fn gather_host(z: &ZeroCore, todo: &[usize], read_master: &ReadMaster
         .collect();
     let send_len: usize = pieces.iter().map(|x| x.2).sum();
     let mut send = vec![0f32; send_len];
+    // Read in partition order (the layers come in forward order, the partition in backward
+    // order): a swapped partition then loads each block once, not again at every boundary.
     let mut at = 0;
-    for &(_, off, piece) in &pieces {
+    let mut order: Vec<(usize, usize, usize)> = pieces
+        .iter()
+        .map(|&(_, off, piece)| {
+            at += piece;
+            (off, piece, at - piece)
+        })
+        .collect();
+    order.sort_unstable();
+    for (off, piece, at) in order {
         read_master(off..off + piece, &mut send[at..at + piece])?;
-        at += piece;
     }
     let parts = layout.parts;
     z.note_comm(4 * send_len * (parts + 1));

@@ -74,6 +74,8 @@ pub struct SwappedBuffer {
     pool: Arc<BufferPool>,
     io: Arc<IoThreads>,
     inner: Mutex<Inner>,
+    /// Bytes of the reads and writes this buffer issued (where a step's I/O goes).
+    issued: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// Swap files of this process that are alive, so a second interrupt (which exits at once, without
@@ -138,7 +140,22 @@ impl SwappedBuffer {
                 writing: Vec::new(),
                 generation: vec![0; blocks],
             }),
+            issued: Default::default(),
         })
+    }
+
+    /// (bytes read, bytes written) through this buffer so far.
+    pub fn io_bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.issued[0].load(Relaxed), self.issued[1].load(Relaxed))
+    }
+
+    /// The swap file's name without `.swp` (`exp_avg`, `gradients`, ...).
+    pub fn name(&self) -> &str {
+        self.path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -218,6 +235,7 @@ impl SwappedBuffer {
                 .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
         }
         let (tx, rx) = channel();
+        self.issued[0].fetch_add(self.slot_bytes as u64, std::sync::atomic::Ordering::Relaxed);
         self.io.submit(Job::Read {
             file: self.file.clone(),
             path: self.path.clone(),
@@ -274,6 +292,7 @@ impl SwappedBuffer {
             h[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
         }
         let (tx, rx) = channel();
+        self.issued[1].fetch_add(self.slot_bytes as u64, std::sync::atomic::Ordering::Relaxed);
         self.io.submit(Job::Write {
             file: self.file.clone(),
             path: self.path.clone(),
