@@ -1044,6 +1044,21 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
                     "{name} rank {rank}: gradient I/O {g_read} / {g_written}"
                 );
             }
+            // Where the whole model is gathered at the first layer, the step hands its updated
+            // pieces to the next forward's gather: the parameter pieces are read once per step
+            // by the step and by each later micro-batch's gather, plus the first forward's and
+            // the final `gathered`'s reads (a pass: the written bytes over the initial write and
+            // one per step). Reading them back after the step would be STEPS passes more.
+            let &(_, p_read, p_written) = r
+                .offload_by_buffer
+                .iter()
+                .find(|b| b.0 == "fp32_params")
+                .expect("a parameter swap file");
+            let pass = p_written / (STEPS as u64 + 1);
+            if dp != 2 || tp != 1 {
+                let passes = (STEPS * gas + 2) as u64;
+                assert_eq!(p_read, passes * pass, "{name} rank {rank}: parameter reads");
+            }
             for m in ["exp_avg", "exp_avg_sq", "fp32_params"] {
                 assert!(
                     r.offload_by_buffer.iter().any(|b| b.0 == m && b.2 > 0),

@@ -380,13 +380,28 @@ impl ZeroStates for NvmeStates {
         grad_scale: f64,
         write_back: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
+        self.step_and_gather(z, lr, grad_scale, write_back, &[])
+    }
+
+    /// The step, keeping the updated pieces of `ahead`'s buckets as the tiles pass: the next
+    /// forward's first gather then reads nothing back from the swap file.
+    fn step_and_gather(
+        &mut self,
+        z: &ZeroCore,
+        lr: f64,
+        grad_scale: f64,
+        write_back: &dyn Fn(usize) -> bool,
+        ahead: &[usize],
+    ) -> Result<()> {
         let consts = [false, true].map(|decay| z.adam_consts(lr, grad_scale, decay));
         // Partition ranges of the segments (weight decay differs between them).
         let segs = z.segments_ranges();
-        // The parameters that stay whole (stage 3's persistent ones) take the update: their
-        // pieces are copied out as the tiles pass, not read back one block each afterwards.
+        // The parameters that stay whole (stage 3's persistent ones) take the update, and
+        // those gathered ahead: their pieces are copied out as the tiles pass, not read back
+        // from the swap file afterwards (stage 3: a bucket per parameter).
+        let ahead_buckets: Vec<usize> = ahead.iter().map(|&p| z.layout.params[p].bucket).collect();
         let mut whole: Vec<(usize, Vec<f32>)> = (0..z.layout.buckets.len())
-            .filter(|&b| write_back(b))
+            .filter(|&b| write_back(b) || ahead_buckets.contains(&b))
             .map(|b| (b, vec![0f32; z.layout.buckets[b].piece]))
             .collect();
         let (mut grads_tile, mut params_tile) = (Vec::new(), Vec::new());
@@ -445,10 +460,25 @@ impl ZeroStates for NvmeStates {
             }
         }
         self.flush()?;
+        let mut kept = Vec::new();
         for (b, piece) in whole {
-            z.write_bucket(&z.layout.buckets[b], piece)?;
+            if write_back(b) {
+                z.write_bucket(&z.layout.buckets[b], piece)?;
+            } else {
+                kept.push((z.layout.buckets[b].part_offset, piece));
+            }
         }
-        Ok(())
+        // `gather_host` asks for whole pieces, by partition range.
+        gather_host(z, ahead, &|range, out| {
+            let at = kept.partition_point(|k| k.0 < range.start);
+            match kept.get(at) {
+                Some((off, piece)) if *off == range.start && piece.len() == out.len() => {
+                    out.copy_from_slice(piece);
+                    Ok(())
+                }
+                _ => bail!("ZeRO-3 step: no updated piece at {range:?} to gather"),
+            }
+        })
     }
 
     fn gather(&self, z: &ZeroCore, todo: &[usize]) -> Result<()> {
@@ -526,6 +556,10 @@ impl ZeroStates for NvmeStates {
 
     fn swap_io(&self) -> Option<&SwapIo> {
         Some(&self.io)
+    }
+
+    fn pieces_swapped(&self) -> bool {
+        self.master.swapped().is_some()
     }
 
     fn swap_io_by_buffer(&self) -> Vec<(String, u64, u64)> {

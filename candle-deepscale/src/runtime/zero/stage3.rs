@@ -199,6 +199,19 @@ impl ParamCoordinator {
         gather: &Gather,
     ) -> Result<()> {
         let mut live = self.live()?;
+        let todo = self.plan(l, backward, &live);
+        gather(&todo)?;
+        Self::mark(&mut live, &todo, &self.numel);
+        for &p in self.layer_params.get(l).into_iter().flatten() {
+            live.in_use[p] += 1;
+        }
+        drop(live);
+        self.enforce_live_cap(params)
+    }
+
+    /// Parameters a fetch of layer `l` gathers now: its own and the next layers' in the pass's
+    /// direction, up to the prefetch bucket and the live cap.
+    fn plan(&self, l: usize, backward: bool, live: &Live) -> Vec<usize> {
         let mut todo: Vec<usize> = Vec::new();
         let want = |p: usize, live: &Live, todo: &mut Vec<usize>| {
             if !self.persistent[p] && !live.gathered[p] && !todo.contains(&p) {
@@ -219,22 +232,34 @@ impl ParamCoordinator {
             }
             budget -= e;
             for &p in &self.layer_params[n] {
-                want(p, &live, &mut todo);
+                want(p, live, &mut todo);
             }
             next = n;
         }
-        gather(&todo)?;
-        for &p in &todo {
+        todo
+    }
+
+    fn mark(live: &mut Live, todo: &[usize], numel: &[usize]) {
+        for &p in todo {
             live.gathered[p] = true;
-            live.elems += self.numel[p];
-            live.gathered_total += self.numel[p] as u64;
-        }
-        for &p in self.layer_params.get(l).into_iter().flatten() {
-            live.in_use[p] += 1;
+            live.elems += numel[p];
+            live.gathered_total += numel[p] as u64;
         }
         live.peak = live.peak.max(live.elems);
-        drop(live);
-        self.enforce_live_cap(params)
+    }
+
+    /// What the next forward's first fetch (layer 0) will gather, as things stand.
+    pub fn first_gather(&self) -> Result<Vec<usize>> {
+        let live = self.live()?;
+        Ok(self.plan(0, false, &live))
+    }
+
+    /// Parameters `todo` were made whole by someone else (the optimizer step, from its updated
+    /// pieces): the next fetch finds them gathered.
+    pub fn mark_gathered(&self, todo: &[usize]) -> Result<()> {
+        let mut live = self.live()?;
+        Self::mark(&mut live, todo, &self.numel);
+        Ok(())
     }
 
     /// The layer after `l` in the pass's direction (towards layer 0 in `backward`), if any.

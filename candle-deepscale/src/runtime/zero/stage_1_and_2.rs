@@ -524,7 +524,18 @@ impl ZeroOptimizer {
                 .any(|&p| s3.is_persistent(p)),
             None => true,
         };
-        self.states.step(&self.core, lr, grad_scale, &write_back)
+        // NVMe: the next forward's first gather is taken from the step's updated tiles rather
+        // than read back from the swap file right after they were written.
+        let ahead = match coordinator {
+            Some(s3) if self.states.pieces_swapped() => s3.first_gather()?,
+            _ => Vec::new(),
+        };
+        self.states
+            .step_and_gather(&self.core, lr, grad_scale, &write_back, &ahead)?;
+        if let Some(s3) = coordinator {
+            s3.mark_gathered(&ahead)?;
+        }
+        Ok(())
     }
 
     /// This rank's optimizer state, run by run: the parameter, the offset of the run within the

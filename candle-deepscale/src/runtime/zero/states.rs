@@ -58,6 +58,30 @@ pub(crate) trait ZeroStates: Send + Sync {
     /// Stage 3: all-gathers the pieces of parameters `todo` into their tensors.
     fn gather(&self, z: &ZeroCore, todo: &[usize]) -> Result<()>;
 
+    /// [`Self::step`], then parameters `ahead` (the next forward's first gather) gathered from
+    /// the updated pieces. Where reading the pieces back costs I/O, the step keeps them as its
+    /// tiles pass instead.
+    fn step_and_gather(
+        &mut self,
+        z: &ZeroCore,
+        lr: f64,
+        grad_scale: f64,
+        write_back: &dyn Fn(usize) -> bool,
+        ahead: &[usize],
+    ) -> Result<()> {
+        self.step(z, lr, grad_scale, write_back)?;
+        match ahead.is_empty() {
+            true => Ok(()),
+            false => self.gather(z, ahead),
+        }
+    }
+
+    /// Whether the parameter pieces are read back through I/O (NVMe): worth gathering the next
+    /// forward's first parameters from the step's updated tiles.
+    fn pieces_swapped(&self) -> bool {
+        false
+    }
+
     /// Sums parameter `i`'s reduced gradient over `group` (stages 0 and 1: tied weights).
     fn all_reduce_param_grad(&mut self, z: &ZeroCore, i: usize, group: &ProcessGroup)
         -> Result<()>;
