@@ -5,7 +5,7 @@
 //! and writing the last behind. `device: cpu` is where this engine keeps model states anyway
 //! (host memory), so it changes nothing here.
 use super::partition::Run;
-use super::stage_1_and_2::{AdamState, ZeroCore};
+use super::stage_1_and_2::{AdamState, ZeroCore, ZeroOptimizer};
 use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
 use super::swap_tensor::{slot_bytes, AioSettings, BufferPool, IoThreads, SwapIo, SwappedBuffer};
 use crate::comm::ProcessGroup;
@@ -569,5 +569,34 @@ impl ZeroStates for NvmeStates {
                 (b.name().to_string(), r, w)
             })
             .collect()
+    }
+}
+
+/// What the swapper did, for benchmarks and tests.
+impl ZeroOptimizer {
+    /// NVMe offload: (bytes read, bytes written) by the swapper so far.
+    pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
+        self.states.swap_io().map(|s| s.io_bytes())
+    }
+
+    /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer so far
+    /// (empty without offload).
+    pub fn offload_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
+        self.states.swap_io_by_buffer()
+    }
+
+    /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.
+    pub fn offload_reads_ahead(&self) -> Option<u64> {
+        self.states.swap_io().map(|s| s.reads_ahead())
+    }
+
+    /// NVMe offload: the I/O engine and mode (`io_uring, O_DIRECT`, `threads, buffered`, ...).
+    pub fn offload_io_path(&self) -> Option<String> {
+        self.states.swap_io().map(|s| s.io_path())
+    }
+
+    /// NVMe offload: whether swap files use O_DIRECT.
+    pub fn offload_direct(&self) -> Option<bool> {
+        self.states.swap_io().map(|s| s.direct())
     }
 }

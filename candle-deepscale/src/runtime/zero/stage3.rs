@@ -219,7 +219,7 @@ impl ParamCoordinator {
             }
         };
         for &p in self.layer_params.get(l).into_iter().flatten() {
-            want(p, &live, &mut todo);
+            want(p, live, &mut todo);
         }
         // Prefetch: the next layers' parameters, up to the bucket size and the live cap.
         let mut budget = self.config.prefetch_bucket_size;

@@ -231,7 +231,7 @@ pub const DEFAULT_ALLGATHER_BUCKET_SIZE: usize = 500_000_000;
 pub struct ZeroOptimizer {
     core: ZeroCore,
     index: HashMap<TensorId, usize>,
-    states: Box<dyn ZeroStates>,
+    pub(super) states: Box<dyn ZeroStates>,
     /// Stage 3: which parameters are gathered, and the knobs that decide it.
     stage3: Option<ParamCoordinator>,
     tp: Option<ProcessGroup>,
@@ -699,32 +699,6 @@ impl ZeroOptimizer {
             ),
             None => String::new(),
         }
-    }
-
-    /// NVMe offload: (bytes read, bytes written) by the swapper so far.
-    pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
-        self.states.swap_io().map(|s| s.io_bytes())
-    }
-
-    /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer so far
-    /// (empty without offload).
-    pub fn offload_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
-        self.states.swap_io_by_buffer()
-    }
-
-    /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.
-    pub fn offload_reads_ahead(&self) -> Option<u64> {
-        self.states.swap_io().map(|s| s.reads_ahead())
-    }
-
-    /// NVMe offload: the I/O engine and mode (`io_uring, O_DIRECT`, `threads, buffered`, ...).
-    pub fn offload_io_path(&self) -> Option<String> {
-        self.states.swap_io().map(|s| s.io_path())
-    }
-
-    /// NVMe offload: whether swap files use O_DIRECT.
-    pub fn offload_direct(&self) -> Option<bool> {
-        self.states.swap_io().map(|s| s.direct())
     }
 
     /// Stage 3: makes layer `l`'s parameters whole (no-op at other stages), prefetching the next
