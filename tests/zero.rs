@@ -61,6 +61,8 @@ struct RankRun {
     offload_io: Option<(u64, u64)>,
     /// NVMe offload: (swap file, bytes read, bytes written) by swapped buffer.
     offload_by_buffer: Vec<(String, u64, u64)>,
+    /// NVMe offload: partition elements updated during backward.
+    stepped_in_backward: u64,
     /// The most gradient reductions in flight at once (`overlap_comm`).
     in_flight: u64,
     /// NVMe offload: blocks read ahead of the gathers.
@@ -160,6 +162,7 @@ fn train_with(
             stage3,
             offload_io: engine.optimizer().offload_io_bytes(),
             offload_by_buffer: engine.optimizer().offload_io_by_buffer(),
+            stepped_in_backward: engine.optimizer().offload_stepped_in_backward(),
             in_flight: engine.optimizer().peak_reductions_in_flight(),
             reads_ahead: engine.optimizer().offload_reads_ahead().unwrap_or(0),
         })
@@ -865,6 +868,7 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             stage3: engine.optimizer().stage3_stats(),
             offload_io: None,
             offload_by_buffer: Vec::new(),
+            stepped_in_backward: 0,
             in_flight: engine.optimizer().peak_reductions_in_flight(),
             reads_ahead: 0,
         })
@@ -1059,6 +1063,8 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
                 let passes = (STEPS * gas + 2) as u64;
                 assert_eq!(p_read, passes * pass, "{name} rank {rank}: parameter reads");
             }
+            // Clipping needs the global norm first: the step waits for the whole backward.
+            assert_eq!(r.stepped_in_backward, 0, "{name} rank {rank}");
             for m in ["exp_avg", "exp_avg_sq", "fp32_params"] {
                 assert!(
                     r.offload_by_buffer.iter().any(|b| b.0 == m && b.2 > 0),
@@ -1076,6 +1082,38 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
     // The swap files are removed with the engine.
     let left: Vec<_> = walk(dir.path());
     assert!(left.is_empty(), "swap files left: {left:?}");
+}
+
+/// Without gradient clipping (or a loss scale) the update waits on no global norm: under NVMe
+/// offload each bucket is updated as its final gradients arrive during the last backward, and
+/// training still equals one rank — with one micro-batch or two, reductions in flight or not.
+#[test]
+fn zero_3_nvme_steps_during_backward_without_clipping() {
+    let no_clip = |c: EngineConfig| EngineConfig {
+        gradient_clipping: 0.0,
+        ..c
+    };
+    let reference = train(1, 1, no_clip(base_config()), STEPS, DType::F32).remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    for (gas, overlap) in [(1, false), (2, true)] {
+        let name = format!("dp=2 ZeRO-3 NVMe, no clipping, {gas} micro-batches");
+        let mut cfg = no_clip(stage3(GLOBAL_BATCH / 2 / gas, gas));
+        cfg.overlap_comm = overlap;
+        cfg.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
+            optimizer_nvme: Some(dir.path().join("optimizer")),
+            param_nvme: Some(dir.path().join("params")),
+            sub_group_size: 2048,
+            ..Default::default()
+        });
+        let runs = train_with(1, 2, cfg, STEPS, DType::F32, true);
+        assert_runs_match(&runs, &reference, &name);
+        for (rank, r) in runs.iter().enumerate() {
+            assert!(
+                r.stepped_in_backward > 0,
+                "{name} rank {rank}: nothing updated during backward"
+            );
+        }
+    }
 }
 
 fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -100,8 +100,7 @@ impl Engine {
         if config.gradient_accumulation_steps == 0 || config.train_micro_batch_size_per_gpu == 0 {
             bail!("micro-batch size and gradient_accumulation_steps must be positive")
         }
-        let dp = dp.filter(|g| g.size() > 1);
-        let tp = tp.filter(|g| g.size() > 1);
+        let (dp, tp) = (dp.filter(|g| g.size() > 1), tp.filter(|g| g.size() > 1));
         let zero = build_zero(model.as_ref(), &config, &dp, &tp)?;
         let scaler = match &config.fp16 {
             Some(f) => LossScaler::from_config(f),
@@ -176,31 +175,6 @@ impl Engine {
     /// The layers this engine (this pipeline stage) runs.
     pub fn layers(&self) -> Vec<&dyn Layer> {
         self.model.layers()
-    }
-
-    /// The wall clock accumulated since the last [`Engine::take_wall_clock`] (totals, not reset).
-    pub fn wall_clock(&self) -> WallClock {
-        self.clock
-    }
-
-    /// Milliseconds per iteration in forward, backward and the optimizer step since the last
-    /// call (DeepSpeed's `wall_clock_breakdown`), and resets them. Pipeline stages count their
-    /// own forward and backward passes (not the waits between them).
-    pub fn take_wall_clock(&mut self) -> WallClock {
-        let c = std::mem::take(&mut self.clock);
-        let n = c.iterations.max(1) as f64;
-        WallClock {
-            forward_ms: c.forward_ms / n,
-            backward_ms: c.backward_ms / n,
-            step_ms: c.step_ms / n,
-            iterations: c.iterations,
-        }
-    }
-
-    /// The last pipelined `train_batch`: (seconds computing forward/backward, seconds in total);
-    /// the difference is this stage's bubble and communication.
-    pub fn pipeline_timing(&self) -> Option<(f64, f64)> {
-        self.pipe_timing
     }
 
     /// Pipeline stage index and count (0 and 1 without a pipeline).
@@ -327,6 +301,10 @@ impl Engine {
     ) -> Result<f32> {
         self.layer_list_only("forward_backward")?;
         let last = self.micro_step + 1 >= self.config.gradient_accumulation_steps;
+        // No clipping or loss scale: no global norm to wait on (NVMe steps during backward).
+        if last && self.config.gradient_clipping <= 0.0 && self.config.fp16.is_none() {
+            self.zero.arm_step(self.lr(), self.unscale());
+        }
         let loss = layer_loop::micro_batch(
             &self.model.layers(),
             input,
@@ -357,9 +335,7 @@ impl Engine {
             )
         }
         let started = Instant::now();
-        let loss_scale = self.scaler.cur_scale;
-        let unscale = 1.0
-            / (self.config.gradient_accumulation_steps as f64 * self.dp_size() as f64 * loss_scale);
+        let (loss_scale, unscale) = (self.scaler.cur_scale, self.unscale());
         let grad_norm = self.zero.grad_norm(unscale)?;
         let overflow = !grad_norm.is_finite();
         self.iteration += 1;
@@ -399,6 +375,12 @@ impl Engine {
             grad_norm,
             skipped,
         })
+    }
+
+    /// Turns the summed gradients into the unscaled mean over micro-batches and ranks.
+    fn unscale(&self) -> f64 {
+        1.0 / ((self.config.gradient_accumulation_steps * self.dp_size()) as f64
+            * self.scaler.cur_scale)
     }
 
     /// The forward context (dropout streams) of this rank's micro-batch `m` of the next

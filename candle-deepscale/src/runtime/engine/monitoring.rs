@@ -7,6 +7,31 @@ use crate::runtime::monitor::{Event, MonitorMaster};
 use candle_core::Result;
 
 impl Engine {
+    /// The wall clock accumulated since the last [`Engine::take_wall_clock`] (totals, not reset).
+    pub fn wall_clock(&self) -> WallClock {
+        self.clock
+    }
+
+    /// Milliseconds per iteration in forward, backward and the optimizer step since the last
+    /// call (DeepSpeed's `wall_clock_breakdown`), and resets them. Pipeline stages count their
+    /// own forward and backward passes (not the waits between them).
+    pub fn take_wall_clock(&mut self) -> WallClock {
+        let c = std::mem::take(&mut self.clock);
+        let n = c.iterations.max(1) as f64;
+        WallClock {
+            forward_ms: c.forward_ms / n,
+            backward_ms: c.backward_ms / n,
+            step_ms: c.step_ms / n,
+            iterations: c.iterations,
+        }
+    }
+
+    /// The last pipelined `train_batch`: (seconds computing forward/backward, seconds in total);
+    /// the difference is this stage's bubble and communication.
+    pub fn pipeline_timing(&self) -> Option<(f64, f64)> {
+        self.pipe_timing
+    }
+
     /// Megatron's `average_losses_across_data_parallel_group` for values logged beside the loss
     /// (BERT's `lm loss` and `sop loss`): every rank of the grid calls it after the same batch;
     /// only the pipeline's last stage computed them (the others pass zeros), so they are summed

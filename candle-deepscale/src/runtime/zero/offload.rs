@@ -9,7 +9,7 @@ use super::stage_1_and_2::{AdamState, ZeroCore, ZeroOptimizer};
 use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
 use super::swap_tensor::{slot_bytes, AioSettings, BufferPool, IoThreads, SwapIo, SwappedBuffer};
 use crate::comm::ProcessGroup;
-use crate::ops::adam::adam_step;
+use crate::ops::adam::{adam_step, AdamStep};
 use candle_core::{bail, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -125,6 +125,17 @@ pub(crate) struct NvmeStates {
     /// Buckets whose gradients went to the swap file since they were zeroed (earlier
     /// micro-batches): the final sum adds what is there.
     accumulated: Vec<bool>,
+    /// The coming step's constants and the buckets whose updated pieces to keep, where the
+    /// step runs during the last backward (see `ZeroOptimizer::arm_step`).
+    armed: Option<([AdamStep; 2], Vec<bool>)>,
+    /// Buckets updated so far during this backward, and the kept updated pieces.
+    updated: Vec<bool>,
+    collected: Vec<(usize, Vec<f32>)>,
+    /// A bucket's final gradients waiting one layer for its update, while the first blocks of
+    /// its states are read ahead.
+    pending: Option<(usize, Vec<f32>)>,
+    /// Elements updated during backward so far.
+    stepped_in_backward: u64,
 }
 
 impl NvmeStates {
@@ -141,9 +152,22 @@ impl NvmeStates {
             let bk = &z.layout.buckets[b];
             let piece = &mine[at..at + bk.piece];
             at += bk.piece;
+            if last && self.armed.is_some() {
+                let sum = self.final_sum(z, b, piece)?;
+                self.step_pending(z)?;
+                let first = self.m.block_of(bk.part_offset);
+                self.prefetch_states(first)?;
+                if bk.piece > 0 && self.m.block_of(bk.part_offset + bk.piece - 1) > first {
+                    self.prefetch_states(first + 1)?;
+                }
+                self.pending = Some((b, sum));
+                continue;
+            }
             if last && self.grads.swapped().is_some() && self.kept_elems + bk.piece <= self.kept_cap
             {
-                self.keep(z, b, piece)?;
+                let sum = self.final_sum(z, b, piece)?;
+                self.kept_elems += bk.piece;
+                self.kept[b] = Some(sum);
                 continue;
             }
             self.accumulated[b] = true;
@@ -175,9 +199,9 @@ impl NvmeStates {
         Ok(())
     }
 
-    /// Keeps bucket `b`'s final gradient piece (this micro-batch's `piece` plus what earlier
-    /// ones wrote) in memory, with the norm's squares of its counted segments.
-    fn keep(&mut self, z: &ZeroCore, b: usize, piece: &[f32]) -> Result<()> {
+    /// Bucket `b`'s final gradient piece (this micro-batch's `piece` plus what earlier ones
+    /// wrote), with the norm's squares of its counted segments noted.
+    fn final_sum(&mut self, z: &ZeroCore, b: usize, piece: &[f32]) -> Result<Vec<f32>> {
         use crate::ops::fast_math::sum_squares;
         let bk = &z.layout.buckets[b];
         let mut sum = piece.to_vec();
@@ -192,9 +216,109 @@ impl NvmeStates {
                 self.norm_sq[i] = Some(sum_squares(&sum[s.piece_offset..s.piece_offset + s.len]));
             }
         }
-        self.kept_elems += bk.piece;
-        self.kept[b] = Some(sum);
+        Ok(sum)
+    }
+
+    /// The armed step's AdamW on bucket `b` with its final gradients `sum`, block by block
+    /// (the next block read ahead), during backward. A non-finite gradient leaves the bucket to
+    /// the step, which stops the run (fp32) before updating anything more.
+    fn step_bucket(&mut self, z: &ZeroCore, b: usize, sum: &[f32]) -> Result<()> {
+        let Some((consts, keep)) = &self.armed else {
+            return Ok(());
+        };
+        let (consts, keep) = (*consts, keep.get(b).copied().unwrap_or(false));
+        if !sum.iter().all(|g| g.is_finite()) {
+            return Ok(());
+        }
+        let bk = &z.layout.buckets[b];
+        let range = bk.part_offset..bk.part_offset + bk.piece;
+        let segs: Vec<(usize, usize, bool)> = z
+            .segments_of(b)
+            .map(|s| {
+                let at = range.start + s.piece_offset;
+                (at, at + s.len, s.decay)
+            })
+            .collect();
+        let mut out = vec![0f32; if keep { bk.piece } else { 0 }];
+        let mut params = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            let blk = self.m.block_of(at);
+            let end = self.m.block_range(blk).end.min(range.end);
+            if end < range.end {
+                self.prefetch_states(blk + 1)?;
+            }
+            let g = &sum[at - range.start..end - range.start];
+            self.adam_tile(at..end, g, &segs, &consts, &mut params)?;
+            if keep {
+                out[at - range.start..end - range.start].copy_from_slice(&params);
+            }
+            at = end;
+        }
+        self.updated[b] = true;
+        self.stepped_in_backward += bk.piece as u64;
+        if keep {
+            self.collected.push((b, out));
+        }
         Ok(())
+    }
+
+    /// Updates the bucket waiting for it, if any.
+    fn step_pending(&mut self, z: &ZeroCore) -> Result<()> {
+        match self.pending.take() {
+            Some((b, sum)) => self.step_bucket(z, b, &sum),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads block `b` of the moments and the parameter pieces ahead.
+    fn prefetch_states(&self, b: usize) -> Result<()> {
+        for buf in [Some(&self.m), Some(&self.v), self.master.swapped()]
+            .into_iter()
+            .flatten()
+        {
+            buf.prefetch(b)?;
+        }
+        Ok(())
+    }
+
+    /// AdamW on partition elements `r` (within one swap block) with gradients `grads`, on the
+    /// parts of segments `segs` (partition ranges, decay) inside it; `params` gets the updated
+    /// parameters of `r`.
+    fn adam_tile(
+        &mut self,
+        r: Range<usize>,
+        grads: &[f32],
+        segs: &[(usize, usize, bool)],
+        consts: &[AdamStep; 2],
+        params: &mut Vec<f32>,
+    ) -> Result<()> {
+        params.resize(r.len(), 0.0);
+        self.master.read(r.clone(), params)?;
+        let (mut m, mut v) = (vec![0f32; r.len()], vec![0f32; r.len()]);
+        self.m.read_range(r.clone(), &mut m)?;
+        self.v.read_range(r.clone(), &mut v)?;
+        for &(lo, hi, decay) in segs {
+            let (lo, hi) = (lo.max(r.start), hi.min(r.end));
+            if lo >= hi {
+                continue;
+            }
+            let (a, e) = (lo - r.start, hi - r.start);
+            adam_step(
+                &mut params[a..e],
+                &grads[a..e],
+                &mut m[a..e],
+                &mut v[a..e],
+                &consts[usize::from(decay)],
+            );
+        }
+        // The tiles are resident: these writes touch memory, written behind later.
+        self.m
+            .update_range(r.clone(), |o, t| t.copy_from_slice(&m[o..o + t.len()]))?;
+        self.v
+            .update_range(r.clone(), |o, t| t.copy_from_slice(&v[o..o + t.len()]))?;
+        self.master
+            .update(r, |o, p| p.copy_from_slice(&params[o..o + p.len()]))
     }
 
     /// Whether the gradients of partition elements `r` are all kept in memory.
@@ -300,6 +424,11 @@ impl NvmeStates {
             kept_elems: 0,
             kept_cap: keep_grads,
             accumulated: vec![false; z.layout.buckets.len()],
+            armed: None,
+            updated: vec![false; z.layout.buckets.len()],
+            collected: Vec::new(),
+            pending: None,
+            stepped_in_backward: 0,
         })
     }
 
@@ -394,24 +523,35 @@ impl ZeroStates for NvmeStates {
         ahead: &[usize],
     ) -> Result<()> {
         let consts = [false, true].map(|decay| z.adam_consts(lr, grad_scale, decay));
-        // Partition ranges of the segments (weight decay differs between them).
-        let segs = z.segments_ranges();
+        // Partition ranges of the segments (weight decay differs between them) not updated
+        // during backward already.
+        self.step_pending(z)?;
+        self.armed = None;
+        self.updated.resize(z.layout.buckets.len(), false);
+        let segs: Vec<(usize, usize, bool)> = z
+            .segments
+            .iter()
+            .zip(z.segments_ranges())
+            .filter(|(s, _)| !self.updated[s.bucket])
+            .map(|(_, r)| r)
+            .collect();
         // The parameters that stay whole (stage 3's persistent ones) take the update, and
-        // those gathered ahead: their pieces are copied out as the tiles pass, not read back
-        // from the swap file afterwards (stage 3: a bucket per parameter).
+        // those gathered ahead: their pieces are copied out as the tiles pass (or were, during
+        // backward), not read back from the swap file (stage 3: a bucket per parameter).
         let ahead_buckets: Vec<usize> = ahead.iter().map(|&p| z.layout.params[p].bucket).collect();
-        let mut whole: Vec<(usize, Vec<f32>)> = (0..z.layout.buckets.len())
+        let mut whole: Vec<(usize, Vec<f32>)> = std::mem::take(&mut self.collected);
+        let mut missing: Vec<(usize, Vec<f32>)> = (0..z.layout.buckets.len())
             .filter(|&b| write_back(b) || ahead_buckets.contains(&b))
+            .filter(|b| !whole.iter().any(|w| w.0 == *b))
             .map(|b| (b, vec![0f32; z.layout.buckets[b].piece]))
             .collect();
         let (mut grads_tile, mut params_tile) = (Vec::new(), Vec::new());
-        for b in 0..self.m.blocks() {
-            for buf in [Some(&self.m), Some(&self.v), self.master.swapped()]
-                .into_iter()
-                .flatten()
-            {
-                buf.prefetch(b + 1)?;
-            }
+        let blocks = match segs.is_empty() && missing.is_empty() {
+            true => 0,
+            false => self.m.blocks(),
+        };
+        for b in 0..blocks {
+            self.prefetch_states(b + 1)?;
             if let Some(g) = self.grads.swapped() {
                 if b + 1 < g.blocks() && !self.kept_covers(z, &g.block_range(b + 1)) {
                     g.prefetch(b + 1)?;
@@ -420,34 +560,8 @@ impl ZeroStates for NvmeStates {
             let r = self.m.block_range(b);
             grads_tile.resize(r.len(), 0.0);
             self.read_grads(z, r.clone(), &mut grads_tile)?;
-            params_tile.resize(r.len(), 0.0);
-            self.master.read(r.clone(), &mut params_tile)?;
-            let (mut m, mut v) = (vec![0f32; r.len()], vec![0f32; r.len()]);
-            self.m.read_range(r.clone(), &mut m)?;
-            self.v.read_range(r.clone(), &mut v)?;
-            for &(lo, hi, decay) in &segs {
-                let (lo, hi) = (lo.max(r.start), hi.min(r.end));
-                if lo >= hi {
-                    continue;
-                }
-                let (a, e) = (lo - r.start, hi - r.start);
-                adam_step(
-                    &mut params_tile[a..e],
-                    &grads_tile[a..e],
-                    &mut m[a..e],
-                    &mut v[a..e],
-                    &consts[usize::from(decay)],
-                );
-            }
-            // The tiles are resident: these writes touch memory, written behind later.
-            self.m
-                .update_range(r.clone(), |o, t| t.copy_from_slice(&m[o..o + t.len()]))?;
-            self.v
-                .update_range(r.clone(), |o, t| t.copy_from_slice(&v[o..o + t.len()]))?;
-            self.master.update(r.clone(), |o, p| {
-                p.copy_from_slice(&params_tile[o..o + p.len()])
-            })?;
-            for (wb, piece) in whole.iter_mut() {
+            self.adam_tile(r.clone(), &grads_tile, &segs, &consts, &mut params_tile)?;
+            for (wb, piece) in missing.iter_mut() {
                 let bk = &z.layout.buckets[*wb];
                 let (lo, hi) = (
                     bk.part_offset.max(r.start),
@@ -459,6 +573,8 @@ impl ZeroStates for NvmeStates {
                 }
             }
         }
+        whole.append(&mut missing);
+        whole.sort_unstable_by_key(|w| w.0);
         self.flush()?;
         let mut kept = Vec::new();
         for (b, piece) in whole {
@@ -533,6 +649,10 @@ impl ZeroStates for NvmeStates {
         self.kept.iter_mut().for_each(|k| *k = None);
         self.kept_elems = 0;
         self.accumulated.iter_mut().for_each(|a| *a = false);
+        self.armed = None;
+        self.updated.iter_mut().for_each(|u| *u = false);
+        self.collected.clear();
+        self.pending = None;
         match &mut self.grads {
             Flat::Memory(v) => super::flat::fill_zero(v),
             Flat::Swapped(b) => b.zero()?,
@@ -562,6 +682,15 @@ impl ZeroStates for NvmeStates {
         self.master.swapped().is_some()
     }
 
+    fn arm_step(&mut self, consts: [AdamStep; 2], keep: Vec<bool>) -> bool {
+        self.armed = Some((consts, keep));
+        true
+    }
+
+    fn stepped_in_backward(&self) -> u64 {
+        self.stepped_in_backward
+    }
+
     fn swap_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
         self.buffers()
             .map(|b| {
@@ -572,8 +701,55 @@ impl ZeroStates for NvmeStates {
     }
 }
 
-/// What the swapper did, for benchmarks and tests.
 impl ZeroOptimizer {
+    /// Stage 3: whether bucket `b`'s updated pieces are all-gathered into its parameters by the
+    /// step (a persistent parameter); other stages: every bucket.
+    pub(super) fn writes_back(&self, b: usize) -> bool {
+        match &self.stage3 {
+            Some(s3) => self.core.layout.buckets[b]
+                .params
+                .iter()
+                .any(|&p| s3.is_persistent(p)),
+            None => true,
+        }
+    }
+
+    /// NVMe: the parameters of the next forward's first gather, taken from the step's updated
+    /// pieces rather than read back from the swap file right after they were written.
+    pub(super) fn gather_ahead(&self) -> Vec<usize> {
+        match &self.stage3 {
+            Some(s3) if self.states.pieces_swapped() => s3.first_gather(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Before the accumulation's last backward, where the update needs no global gradient norm
+    /// (no clipping, no loss scale): with NVMe offload each bucket's pieces are then updated as
+    /// its final gradients arrive, while backward goes on, and [`Self::step`] does the rest. `lr`
+    /// and `grad_scale` must be what `step` will be given. Returns whether the backend does it.
+    pub fn arm_step(&mut self, lr: f64, grad_scale: f64) -> bool {
+        let consts = [false, true].map(|decay| AdamStep {
+            step: self.core.step + 1,
+            ..self.core.adam_consts(lr, grad_scale, decay)
+        });
+        let ahead: Vec<usize> = self
+            .gather_ahead()
+            .iter()
+            .map(|&p| self.core.layout.params[p].bucket)
+            .collect();
+        let keep = (0..self.core.layout.buckets.len())
+            .map(|b| self.writes_back(b) || ahead.contains(&b))
+            .collect();
+        self.states.arm_step(consts, keep)
+    }
+
+    // What the swapper did, for benchmarks and tests.
+
+    /// NVMe offload: partition elements updated during backward so far (see
+    /// [`Self::arm_step`]).
+    pub fn offload_stepped_in_backward(&self) -> u64 {
+        self.states.stepped_in_backward()
+    }
     /// NVMe offload: (bytes read, bytes written) by the swapper so far.
     pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
         self.states.swap_io().map(|s| s.io_bytes())

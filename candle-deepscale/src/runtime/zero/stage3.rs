@@ -248,10 +248,16 @@ impl ParamCoordinator {
         live.peak = live.peak.max(live.elems);
     }
 
-    /// What the next forward's first fetch (layer 0) will gather, as things stand.
-    pub fn first_gather(&self) -> Result<Vec<usize>> {
-        let live = self.live()?;
-        Ok(self.plan(0, false, &live))
+    /// What the next forward's first fetch (layer 0) gathers once everything is released
+    /// (after the optimizer step).
+    pub fn first_gather(&self) -> Vec<usize> {
+        let n = self.numel.len();
+        let none = Live {
+            gathered: vec![false; n],
+            in_use: vec![0; n],
+            ..Live::default()
+        };
+        self.plan(0, false, &none)
     }
 
     /// Parameters `todo` were made whole by someone else (the optimizer step, from its updated

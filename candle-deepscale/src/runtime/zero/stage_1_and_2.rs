@@ -229,11 +229,11 @@ pub const DEFAULT_ALLGATHER_BUCKET_SIZE: usize = 500_000_000;
 
 /// The ZeRO optimizer of one rank (see the module docs).
 pub struct ZeroOptimizer {
-    core: ZeroCore,
+    pub(super) core: ZeroCore,
     index: HashMap<TensorId, usize>,
     pub(super) states: Box<dyn ZeroStates>,
     /// Stage 3: which parameters are gathered, and the knobs that decide it.
-    stage3: Option<ParamCoordinator>,
+    pub(super) stage3: Option<ParamCoordinator>,
     tp: Option<ProcessGroup>,
     /// The pipeline group (stages of this data/tensor coordinate), for the gradient norm.
     pp: Option<ProcessGroup>,
@@ -516,23 +516,14 @@ impl ZeroOptimizer {
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
         self.finish_reductions()?;
         self.core.step += 1;
-        let coordinator = self.stage3.as_ref();
-        let write_back = |b: usize| match coordinator {
-            Some(s3) => self.core.layout.buckets[b]
-                .params
-                .iter()
-                .any(|&p| s3.is_persistent(p)),
-            None => true,
-        };
-        // NVMe: the next forward's first gather is taken from the step's updated tiles rather
-        // than read back from the swap file right after they were written.
-        let ahead = match coordinator {
-            Some(s3) if self.states.pieces_swapped() => s3.first_gather()?,
-            _ => Vec::new(),
-        };
+        let wb: Vec<bool> = (0..self.core.layout.buckets.len())
+            .map(|b| self.writes_back(b))
+            .collect();
+        let write_back = |b: usize| wb[b];
+        let ahead = self.gather_ahead();
         self.states
             .step_and_gather(&self.core, lr, grad_scale, &write_back, &ahead)?;
-        if let Some(s3) = coordinator {
+        if let Some(s3) = &self.stage3 {
             s3.mark_gathered(&ahead)?;
         }
         Ok(())

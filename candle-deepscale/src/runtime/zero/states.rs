@@ -11,7 +11,7 @@ use super::swap_tensor::SwapIo;
 use crate::comm::{ProcessGroup, ReduceOp, ReduceScatterWork};
 use crate::layers::parameter::Param;
 use crate::layers::storage::set_storage;
-use crate::ops::adam::adam_step;
+use crate::ops::adam::{adam_step, AdamStep};
 use candle_core::{DType, Result, Tensor};
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -80,6 +80,18 @@ pub(crate) trait ZeroStates: Send + Sync {
     /// forward's first parameters from the step's updated tiles.
     fn pieces_swapped(&self) -> bool {
         false
+    }
+
+    /// Takes the coming step's constants before the accumulation's last backward, to update
+    /// each bucket as its final gradients arrive (the pieces of buckets `keep[b]` are kept for
+    /// the step's write-back and gather). False where the backend does not.
+    fn arm_step(&mut self, _consts: [AdamStep; 2], _keep: Vec<bool>) -> bool {
+        false
+    }
+
+    /// Partition elements updated during backward so far (armed steps).
+    fn stepped_in_backward(&self) -> u64 {
+        0
     }
 
     /// Sums parameter `i`'s reduced gradient over `group` (stages 0 and 1: tied weights).

@@ -174,6 +174,11 @@ impl SwappedBuffer {
         self.len.div_ceil(self.block_elems)
     }
 
+    /// The block holding element `at`.
+    pub fn block_of(&self, at: usize) -> usize {
+        at / self.block_elems
+    }
+
     /// Elements of block `b`.
     pub fn block_range(&self, b: usize) -> std::ops::Range<usize> {
         let s = b * self.block_elems;
