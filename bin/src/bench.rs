@@ -950,6 +950,8 @@ fn offload(a: OffloadArgs) -> Result<()> {
                       "swap_bytes_per_step_by_buffer": by_buffer,
                       "direct_io": engine.optimizer().offload_direct(),
                       "blocks_read_ahead": engine.optimizer().offload_reads_ahead(),
+                      "elements_stepped_in_backward_per_step":
+                          engine.optimizer().offload_stepped_in_backward() as f64 / (a.iters + 1) as f64,
                       "split_ms": {"forward": split.forward_ms, "backward": split.backward_ms,
                                    "optimizer_step": split.step_ms}}))
         })?;
