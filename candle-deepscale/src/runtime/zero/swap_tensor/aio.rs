@@ -101,33 +101,56 @@ pub struct BufferPool {
     cond: Condvar,
     pub slot_bytes: usize,
     pub count: usize,
+    /// How long a swap waits for a free buffer before it is an error: writes return theirs in
+    /// milliseconds, so a long wait means every buffer is held by blocks nobody will release.
+    wait: std::time::Duration,
 }
 
 impl BufferPool {
     pub fn new(count: usize, slot_bytes: usize) -> Arc<Self> {
+        Self::with_wait(count, slot_bytes, std::time::Duration::from_secs(120))
+    }
+
+    pub fn with_wait(count: usize, slot_bytes: usize, wait: std::time::Duration) -> Arc<Self> {
         let count = count.max(2);
         Arc::new(Self {
             free: Mutex::new((0..count).map(|_| AlignedBuf::new(slot_bytes)).collect()),
             cond: Condvar::new(),
             slot_bytes,
             count,
+            wait,
         })
     }
 
+    /// A free buffer, waiting for one to come back (an error, not a hang, past `wait`).
     pub(super) fn take(&self) -> Result<AlignedBuf> {
-        let mut free = self
-            .free
-            .lock()
-            .map_err(|_| Error::Msg("swap buffer pool poisoned".into()))?;
+        let poisoned = || Error::Msg("swap buffer pool poisoned".into());
+        let mut free = self.free.lock().map_err(|_| poisoned())?;
+        let start = std::time::Instant::now();
         loop {
             if let Some(b) = free.pop() {
                 return Ok(b);
             }
+            let left = self.wait.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                candle_core::bail!(
+                    "NVMe offload: all {} swap buffers stayed in use for {:?}; raise \
+                     offload_optimizer.buffer_count (or lower sub_group_size)",
+                    self.count,
+                    self.wait
+                )
+            }
             free = self
                 .cond
-                .wait(free)
-                .map_err(|_| Error::Msg("swap buffer pool poisoned".into()))?;
+                .wait_timeout(free, left)
+                .map_err(|_| poisoned())?
+                .0;
         }
+    }
+
+    /// A free buffer if there is one now (reads ahead are optional: they never wait).
+    pub(super) fn try_take(&self) -> Option<AlignedBuf> {
+        self.free.lock().ok()?.pop()
     }
 
     pub(super) fn give(&self, b: AlignedBuf) {

@@ -225,8 +225,9 @@ impl SwappedBuffer {
     }
 
     /// Starts reading block `b` unless it is resident or already coming (after its write, if
-    /// one is in flight).
-    fn prefetch_locked(&self, inner: &mut Inner, b: usize) -> Result<()> {
+    /// one is in flight). A read ahead (`!needed`) is skipped when no buffer is free: waiting
+    /// for one could wait on the buffers of other reads ahead nobody consumes yet.
+    fn prefetch_locked(&self, inner: &mut Inner, b: usize, needed: bool) -> Result<()> {
         if b >= inner.generation.len()
             || inner.resident.iter().any(|(i, _)| *i == b)
             || inner.reading.contains_key(&b)
@@ -239,13 +240,20 @@ impl SwappedBuffer {
             w.recv()
                 .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
         }
+        let buf = match needed {
+            true => self.pool.take()?,
+            false => match self.pool.try_take() {
+                Some(b) => b,
+                None => return Ok(()),
+            },
+        };
         let (tx, rx) = channel();
         self.issued[0].fetch_add(self.slot_bytes as u64, std::sync::atomic::Ordering::Relaxed);
         self.io.submit(Job::Read {
             file: self.file.clone(),
             path: self.path.clone(),
             offset: self.offset(b),
-            buf: self.pool.take()?,
+            buf,
             done: tx,
         })?;
         inner.reading.insert(b, rx);
@@ -255,7 +263,7 @@ impl SwappedBuffer {
     /// Reads block `b` ahead, in the background.
     pub fn prefetch(&self, b: usize) -> Result<()> {
         let mut inner = self.lock()?;
-        self.prefetch_locked(&mut inner, b)
+        self.prefetch_locked(&mut inner, b, false)
     }
 
     /// Reads ahead the first block of `range` that is neither resident nor coming, unless a read
@@ -269,7 +277,7 @@ impl SwappedBuffer {
         let last = (range.end - 1) / self.block_elems;
         for b in first..=last {
             if !inner.resident.iter().any(|(i, _)| *i == b) {
-                self.prefetch_locked(&mut inner, b)?;
+                self.prefetch_locked(&mut inner, b, false)?;
                 if inner.reading.contains_key(&b) {
                     let ahead = &self.io.stats.read_ahead;
                     ahead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -338,7 +346,7 @@ impl SwappedBuffer {
             buf.payload_mut(n).iter_mut().for_each(|x| *x = 0.0);
             buf
         } else {
-            self.prefetch_locked(inner, b)?;
+            self.prefetch_locked(inner, b, true)?;
             let rx = inner.reading.remove(&b).expect("read issued");
             let buf = rx
                 .recv()
@@ -363,8 +371,8 @@ impl SwappedBuffer {
             let br = self.block_range(b);
             let end = range.end.min(br.end);
             if end < range.end && inner.reading.len() <= 1 {
-                self.prefetch_locked(&mut inner, b)?;
-                self.prefetch_locked(&mut inner, b + 1)?;
+                self.prefetch_locked(&mut inner, b, false)?;
+                self.prefetch_locked(&mut inner, b + 1, false)?;
             }
             self.load(&mut inner, b)?;
             let slot = &inner.resident.back().expect("loaded").1;
@@ -533,6 +541,49 @@ pub fn sequential_bandwidth(dir: &Path, bytes: usize) -> Result<(f64, f64, bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads ahead never wait for a buffer (they are skipped when none is free), and a swap
+    /// that needs one while every buffer stays held ends in an error naming the setting to
+    /// raise instead of hanging.
+    #[test]
+    fn an_exhausted_pool_skips_reads_ahead_and_errs_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let block = 1024;
+        let pool =
+            BufferPool::with_wait(2, slot_bytes(block), std::time::Duration::from_millis(50));
+        let mk = |name| {
+            SwappedBuffer::new(
+                dir.path(),
+                name,
+                4 * block,
+                block,
+                1,
+                pool.clone(),
+                IoThreads::new(1),
+            )
+            .unwrap()
+        };
+        let (a, b) = (mk("a"), mk("b"));
+        let ones = |_: usize, d: &mut [f32]| d.iter_mut().for_each(|x| *x = 1.0);
+        a.update_range(0..4 * block, ones).unwrap();
+        a.flush().unwrap();
+        // b holds one buffer resident, a's read ahead takes the other: the pool is empty.
+        b.update_range(0..block, ones).unwrap();
+        a.prefetch(1).unwrap();
+        assert!(pool.try_take().is_none());
+        a.prefetch(2).unwrap(); // skipped, not waiting
+                                // a needs block 3 (not read ahead) while its read ahead of block 1 and b's resident
+                                // block hold both buffers.
+        let mut out = vec![0f32; block];
+        let err = a
+            .read_range(3 * block..4 * block, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("buffer_count"), "{err}");
+        // Consuming the read ahead frees it again.
+        a.read_range(block..2 * block, &mut out).unwrap();
+        assert!(out.iter().all(|&x| x == 1.0));
+    }
 
     fn buffer(dir: &Path, len: usize, block: usize, resident: usize) -> SwappedBuffer {
         let pool = BufferPool::new(4, slot_bytes(block));
