@@ -57,13 +57,16 @@ fn need(
     let (mut parameters, mut gradients, mut optimizer) =
         (st.parameters, st.gradients, st.optimizer);
     if let Some(o) = e.stage3.offload.as_ref().filter(|_| stage == 3) {
-        // Swapped to NVMe: only the resident blocks and the pool stay.
+        // Swapped to NVMe: only the resident blocks and the pool stay, with the final
+        // gradients kept for the step (up to reduce_bucket_size / dp) and the updated fp32
+        // pieces of the next forward's first gather (up to the prefetch bucket / dp).
+        let per_rank = |elems: usize| 4 * (elems as u64).min(psi).div_ceil(dp.max(1));
         if o.optimizer_nvme.is_some() {
-            gradients = 0;
+            gradients = per_rank(e.reduce_bucket_size);
             optimizer = 0;
         }
         if o.param_nvme.is_some() {
-            parameters = live * dtype_bytes;
+            parameters = live * dtype_bytes + per_rank(e.stage3.prefetch_bucket_size);
         }
     }
     // Megatron's activation memory per layer, s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at 16-bit
@@ -188,4 +191,46 @@ pub fn check(
 /// Ranks of this node under mpirun, else 1.
 fn local_ranks() -> u64 {
     candle_deepscale::ops::threads::local_mpi_ranks().unwrap_or(1) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ZeRO-3 with everything on NVMe still counts what stays in memory: the final gradients
+    /// kept for the step (reduce_bucket_size / dp) and the next forward's first gather's
+    /// updated pieces (prefetch bucket / dp), both in fp32.
+    #[test]
+    fn nvme_offload_counts_the_kept_gradients_and_the_handed_off_pieces() {
+        let shape = Shape {
+            layers: 2,
+            hidden: 64,
+            heads: 4,
+            seq: 32,
+            vocab: 512,
+            params: 1_000_000,
+            largest: 100_000,
+        };
+        let layout = Layout::in_process(2, 1, 1);
+        let mut e = EngineConfig {
+            reduce_bucket_size: 200_000,
+            ..EngineConfig::default()
+        };
+        e.stage3.prefetch_bucket_size = 300_000;
+        e.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
+            optimizer_nvme: Some("/nvme".into()),
+            param_nvme: Some("/nvme".into()),
+            ..Default::default()
+        });
+        let n = need(&shape, &layout, &e, 3, 1, 4, None);
+        assert_eq!(n.optimizer, 0);
+        assert_eq!(n.gradients, 4 * 100_000);
+        assert_eq!(n.parameters, 4 * 100_000 + 4 * 150_000);
+        // Buckets larger than the model count the model.
+        e.reduce_bucket_size = 500_000_000;
+        assert_eq!(
+            need(&shape, &layout, &e, 3, 1, 4, None).gradients,
+            4 * 500_000
+        );
+    }
 }
