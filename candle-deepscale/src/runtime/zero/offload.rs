@@ -144,9 +144,6 @@ impl NvmeStates {
     /// the norm's squares of the segments that count in it are taken on the way.
     fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32], last: bool) -> Result<()> {
         use crate::ops::fast_math::sum_squares;
-        let n = z.layout.buckets.len();
-        self.kept.resize(n, None);
-        self.accumulated.resize(n, false);
         let mut at = 0;
         for &b in bs {
             let bk = &z.layout.buckets[b];
@@ -527,7 +524,6 @@ impl ZeroStates for NvmeStates {
         // during backward already.
         self.step_pending(z)?;
         self.armed = None;
-        self.updated.resize(z.layout.buckets.len(), false);
         let segs: Vec<(usize, usize, bool)> = z
             .segments
             .iter()
