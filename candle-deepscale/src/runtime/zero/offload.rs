@@ -4,6 +4,7 @@
 //! the optimizer step walks the partition in `sub_group_size` tiles, reading the next tile ahead
 //! and writing the last behind. `device: cpu` is where this engine keeps model states anyway
 //! (host memory), so it changes nothing here.
+use super::flat::UpdatedPiece;
 use super::partition::Run;
 use super::stage_1_and_2::{AdamState, ZeroCore, ZeroOptimizer};
 use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
@@ -575,7 +576,7 @@ impl ZeroStates for NvmeStates {
         let mut kept = Vec::new();
         for (b, piece) in whole {
             if write_back(b) {
-                z.write_bucket(&z.layout.buckets[b], piece)?;
+                z.write_bucket(&z.layout.buckets[b], UpdatedPiece::Values(piece))?;
             } else {
                 kept.push((z.layout.buckets[b].part_offset, piece));
             }

@@ -15,9 +15,8 @@
 //! files ([`NvmeStates`](super::offload::NvmeStates), ZeRO-Infinity) or the parameters' device
 //! ([`DeviceStates`](super::device::DeviceStates)). This file is the flow every backend shares.
 use super::device::DeviceStates;
-use super::flat::{write_var, write_var_range};
 use super::offload::NvmeStates;
-use super::partition::{Bucket, FlatLayout};
+use super::partition::FlatLayout;
 use super::stage3::{take_partitions, ParamCoordinator, Stage3Config};
 use super::states::{HostStates, ZeroStates};
 use crate::comm::{ProcessGroup, ReduceOp};
@@ -162,67 +161,7 @@ impl ZeroCore {
             })
             .collect()
     }
-
-    /// All-gathers bucket `bk`'s updated pieces (this rank's is `piece`) into its parameters.
-    pub(crate) fn write_bucket(&self, bk: &Bucket, piece: Vec<f32>) -> Result<()> {
-        let in_host_memory = bk.params.iter().all(|&p| {
-            let t = self.params[p].tensor();
-            t.device().is_cpu() && t.is_contiguous()
-        });
-        if let (Some(dp), true, true) = (&self.dp, self.layout.parts > 1, in_host_memory) {
-            // A slice of every piece at a time: each gathered slice goes into the parameters
-            // while in cache, and no buffer the size of the bucket is allocated and zeroed.
-            let parts = self.layout.parts;
-            let slice = GATHER_SLICE
-                .min(self.allgather_bucket_size / parts)
-                .min(bk.piece)
-                .max(1);
-            let mut recv = vec![0f32; slice * parts];
-            let mut at = 0;
-            while at < bk.piece {
-                let len = slice.min(bk.piece - at);
-                let recv = &mut recv[..len * parts];
-                dp.comm.all_gather(&dp.group, &piece[at..at + len], recv)?;
-                for (k, vals) in recv.chunks(len).enumerate() {
-                    self.write_flat(bk, k * bk.piece + at, vals)?;
-                }
-                at += len;
-            }
-            return Ok(());
-        }
-        let full = match (&self.dp, self.layout.parts > 1) {
-            (Some(dp), true) => {
-                let mut full = vec![0f32; bk.padded];
-                dp.comm.all_gather(&dp.group, &piece, &mut full)?;
-                full
-            }
-            _ => piece,
-        };
-        for &p in &bk.params {
-            let fp = &self.layout.params[p];
-            write_var(&self.params[p].var, &full[fp.offset..fp.offset + fp.numel])?;
-        }
-        Ok(())
-    }
-
-    /// Writes `vals`, elements `at..` of bucket `bk`'s flat (padded) order, into the parameters
-    /// they belong to; padding is skipped.
-    fn write_flat(&self, bk: &Bucket, at: usize, vals: &[f32]) -> Result<()> {
-        let end = at + vals.len();
-        for &p in &bk.params {
-            let fp = &self.layout.params[p];
-            let (lo, hi) = (fp.offset.max(at), (fp.offset + fp.numel).min(end));
-            if lo < hi {
-                write_var_range(&self.params[p].var, lo - fp.offset, &vals[lo - at..hi - at])?;
-            }
-        }
-        Ok(())
-    }
 }
-
-/// Elements of each rank's piece all-gathered at a time by the update's write-back (1 MiB of
-/// f32: the gathered slices of two to eight ranks stay in L2/L3 while they are written out).
-const GATHER_SLICE: usize = 256 << 10;
 
 /// DeepSpeed's default `allgather_bucket_size`.
 pub const DEFAULT_ALLGATHER_BUCKET_SIZE: usize = 500_000_000;

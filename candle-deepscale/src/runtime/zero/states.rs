@@ -4,7 +4,7 @@
 //! ([`DeviceStates`](super::device::DeviceStates)). The optimizer's flow
 //! ([`ZeroOptimizer`](super::ZeroOptimizer)) is the same for all three: it never asks which one
 //! it holds.
-use super::flat::{add_into, fill_zero, update_f32, with_f32};
+use super::flat::{add_into, fill_zero, update_f32, with_f32, UpdatedPiece};
 use super::partition::{FlatLayout, Run};
 use super::stage_1_and_2::{AdamState, ZeroCore};
 use super::swap_tensor::SwapIo;
@@ -455,9 +455,9 @@ impl HostStates {
         &self.grads[start..start + z.layout.buckets[b].piece]
     }
 
-    /// Bucket `b`'s AdamW step applied to its parameters' own storage (one partition, fp32 CPU
-    /// tensors, no master copy); false, with nothing done, where a parameter is not such a
-    /// tensor. Runs are whole parameters here, at their offsets in the bucket.
+    /// Bucket `b`'s AdamW step on this rank's piece, applied to its parameters' own storage
+    /// (fp32 CPU tensors, no master copy); false, with nothing done, where a parameter is not
+    /// such a tensor.
     fn step_bucket_in_place(
         &mut self,
         z: &ZeroCore,
@@ -466,7 +466,7 @@ impl HostStates {
         grad_scale: f64,
     ) -> Result<bool> {
         let bk = &z.layout.buckets[b];
-        let (gstart, mstart) = (bk.offset, bk.part_offset);
+        let (gstart, mstart) = (z.grad_piece_offset(b), bk.part_offset);
         let runs: Vec<_> = z.layout.runs.iter().filter(|r| r.bucket == b).collect();
         let fits = runs.iter().all(|r| {
             let t = z.params[r.param].tensor();
@@ -585,10 +585,14 @@ impl ZeroStates for HostStates {
         grad_scale: f64,
         write_back: &dyn Fn(usize) -> bool,
     ) -> Result<()> {
-        // Unpartitioned fp32 parameters are updated where they live: no copy out and back.
-        let in_place = self.master.is_none() && z.stage != 3 && z.layout.parts == 1;
+        // fp32 parameters are updated where they live: no copy of this rank's piece out and
+        // back (the write-back's all-gather reads it from the parameters).
+        let in_place = self.master.is_none() && z.stage != 3;
         for b in 0..z.layout.buckets.len() {
             if in_place && self.step_bucket_in_place(z, b, lr, grad_scale)? {
+                if write_back(b) {
+                    z.write_bucket(&z.layout.buckets[b], UpdatedPiece::InParams)?;
+                }
                 continue;
             }
             let bk = &z.layout.buckets[b];
@@ -622,7 +626,7 @@ impl ZeroStates for HostStates {
                 m[part].copy_from_slice(&piece);
             }
             if write_back(b) {
-                z.write_bucket(bk, piece)?;
+                z.write_bucket(bk, UpdatedPiece::Values(piece))?;
             }
         }
         Ok(())
