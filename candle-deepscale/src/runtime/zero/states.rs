@@ -226,6 +226,17 @@ impl Staging {
 
     /// One reduce-scatter over the ranks' pieces of buckets `bs`: returns this rank's pieces of
     /// all of them, in order.
+    /// [`Self::reduce_scatter`] into `out` (this rank's pieces of `bs`, in order), which must
+    /// have their length; there must be peers.
+    pub fn reduce_scatter_into(&mut self, z: &ZeroCore, bs: &[usize], out: &mut [f32]) -> Result<()> {
+        let send = self.send_buffer(z, bs);
+        z.note_comm(4 * (send.len() + self.in_flight_len));
+        match &z.dp {
+            Some(dp) => dp.comm.reduce_scatter(&dp.group, &send, out, ReduceOp::Sum),
+            None => candle_core::bail!("reduce_scatter_into without a data-parallel group"),
+        }
+    }
+
     pub fn reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<Vec<f32>> {
         let send = self.send_buffer(z, bs);
         let pieces = send.len() / z.layout.parts;
@@ -414,6 +425,10 @@ pub(crate) struct HostStates {
     /// fp32 copy of this rank's partition when parameters are fp16/bf16; at stage 3 the
     /// partitioned parameters themselves.
     master: Option<Vec<f32>>,
+    /// Stages 2/3, by bucket: its gradient piece is still zero since the last `zero_grad`, so
+    /// its first reduction is written there directly (no buffer for the reduced piece, no pass
+    /// adding it in: 0 + x is x).
+    zeroed: Vec<bool>,
 }
 
 impl HostStates {
@@ -421,6 +436,7 @@ impl HostStates {
         let n = z.layout.partition_len;
         Self {
             grads: vec![0f32; z.grad_len()],
+            zeroed: vec![true; z.layout.buckets.len()],
             staging: Staging::default(),
             exp_avg: vec![0f32; n],
             exp_avg_sq: vec![0f32; n],
@@ -436,7 +452,26 @@ impl HostStates {
     }
 
     /// Adds this rank's reduced pieces `mine` of buckets `bs` (in order) into its partition.
+    /// Where this rank's pieces of buckets `bs` lie in the partition when they can take a
+    /// reduction directly: peers to reduce with, every piece still zero, and the pieces
+    /// adjacent in `bs`'s order (as the reduce-scatter returns them).
+    fn zeroed_pieces(&self, z: &ZeroCore, bs: &[usize]) -> Option<std::ops::Range<usize>> {
+        let (&first, buckets) = (bs.first()?, &z.layout.buckets);
+        if z.dp.is_none() || z.layout.parts < 2 || !bs.iter().all(|&b| self.zeroed[b]) {
+            return None;
+        }
+        let mut end = buckets[first].part_offset;
+        for &b in bs {
+            if buckets[b].part_offset != end {
+                return None;
+            }
+            end += buckets[b].piece;
+        }
+        Some(buckets[first].part_offset..end)
+    }
+
     fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32]) {
+        bs.iter().for_each(|&b| self.zeroed[b] = false);
         let mut at = 0;
         for &b in bs {
             let bk = &z.layout.buckets[b];
@@ -549,6 +584,12 @@ impl ZeroStates for HostStates {
         if z.overlaps() {
             self.staging.start_reduce_scatter(z, bs, last)?;
             return self.settle(z, false);
+        }
+        if let Some(range) = self.zeroed_pieces(z, bs) {
+            self.staging
+                .reduce_scatter_into(z, bs, &mut self.grads[range])?;
+            bs.iter().for_each(|&b| self.zeroed[b] = false);
+            return Ok(());
         }
         let mine = self.staging.reduce_scatter(z, bs)?;
         self.add_reduced(z, bs, &mine);
@@ -680,6 +721,7 @@ impl ZeroStates for HostStates {
 
     fn zero_grad(&mut self) -> Result<()> {
         fill_zero(&mut self.grads);
+        self.zeroed.fill(true);
         self.staging.clear();
         Ok(())
     }
