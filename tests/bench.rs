@@ -43,10 +43,33 @@ fn bench_dp_times_overlap_comm_beside_waiting() {
     assert_eq!(v["overlap_comm"], true);
     assert_eq!(v["reduce_bucket_size"], 200000);
     assert_eq!(v["rounds"].as_array().map(Vec::len), Some(2), "{v}");
-    for round in v["rounds"].as_array().unwrap() {
+    let rounds = v["rounds"].as_array().unwrap();
+    for round in rounds {
         for key in ["ratio", "overlap_ratio", "overlap_ms", "dp_ms"] {
             assert!(round[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {v}");
         }
+        assert!(round["one_rank_split_ms"]["backward"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0));
+    }
+    // The summary over the rounds is of the rounds' own ratios.
+    for (key, summary) in [
+        ("ratio", "ratio_summary"),
+        ("overlap_ratio", "overlap_ratio_summary"),
+    ] {
+        let r: Vec<f64> = rounds.iter().map(|x| x[key].as_f64().unwrap()).collect();
+        let s = &v[summary];
+        let (lo, hi) = (r[0].min(r[1]), r[0].max(r[1]));
+        assert_eq!(s["min"].as_f64(), Some(lo), "{v}");
+        assert_eq!(s["max"].as_f64(), Some(hi), "{v}");
+        assert!(
+            (s["median"].as_f64().unwrap() - (lo + hi) / 2.0).abs() < 1e-9,
+            "{v}"
+        );
+        assert!(
+            (s["geomean"].as_f64().unwrap() - (lo * hi).sqrt()).abs() < 1e-9,
+            "{v}"
+        );
     }
 }
 

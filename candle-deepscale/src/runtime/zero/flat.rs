@@ -196,9 +196,7 @@ impl ZeroCore {
         }
         let piece = match piece {
             UpdatedPiece::Values(v) => v,
-            UpdatedPiece::InParams if self.layout.parts <= 1 || self.dp.is_none() => {
-                return Ok(())
-            }
+            UpdatedPiece::InParams if self.layout.parts <= 1 || self.dp.is_none() => return Ok(()),
             UpdatedPiece::InParams => {
                 let mut v = vec![0f32; bk.piece];
                 self.read_piece(bk, 0, &mut v)?;
@@ -231,8 +229,7 @@ impl ZeroCore {
             let (lo, hi) = (fp.offset.max(base), (fp.offset + fp.numel).min(end));
             if lo < hi {
                 with_f32(self.params[p].tensor(), |v| {
-                    out[lo - base..hi - base]
-                        .copy_from_slice(&v[lo - fp.offset..hi - fp.offset])
+                    out[lo - base..hi - base].copy_from_slice(&v[lo - fp.offset..hi - fp.offset])
                 })?;
             }
         }

@@ -228,7 +228,12 @@ impl Staging {
     /// all of them, in order.
     /// [`Self::reduce_scatter`] into `out` (this rank's pieces of `bs`, in order), which must
     /// have their length; there must be peers.
-    pub fn reduce_scatter_into(&mut self, z: &ZeroCore, bs: &[usize], out: &mut [f32]) -> Result<()> {
+    pub fn reduce_scatter_into(
+        &mut self,
+        z: &ZeroCore,
+        bs: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
         let send = self.send_buffer(z, bs);
         z.note_comm(4 * (send.len() + self.in_flight_len));
         match &z.dp {
