@@ -440,10 +440,6 @@ impl NvmeStates {
         .into_iter()
         .flatten()
     }
-
-    fn flush(&self) -> Result<()> {
-        self.buffers().try_for_each(|b| b.flush())
-    }
 }
 
 impl ZeroStates for NvmeStates {
@@ -572,7 +568,9 @@ impl ZeroStates for NvmeStates {
         }
         whole.append(&mut missing);
         whole.sort_unstable_by_key(|w| w.0);
-        self.flush()?;
+        // The last tiles' writes go on behind the write-back and the next forward (which
+        // reads no state; a gather that reads a piece waits for its block's write).
+        self.buffers().try_for_each(|b| b.write_out())?;
         let mut kept = Vec::new();
         for (b, piece) in whole {
             if write_back(b) {
@@ -749,7 +747,13 @@ impl ZeroOptimizer {
     }
     /// NVMe offload: (bytes read, bytes written) by the swapper so far.
     pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
-        self.states.swap_io().map(|s| s.io_bytes())
+        // Counted as issued, by swap file: writes still in flight count.
+        self.states.swap_io().map(|_| {
+            self.states
+                .swap_io_by_buffer()
+                .iter()
+                .fold((0, 0), |(r, w), b| (r + b.1, w + b.2))
+        })
     }
 
     /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer so far

@@ -418,6 +418,18 @@ impl SwappedBuffer {
         Ok(())
     }
 
+    /// Starts writing every dirty resident block (their buffers return to the pool as the writes
+    /// finish) without waiting: the optimizer step's last writes go on while the next forward
+    /// runs. A read of a block waits for its write; errors surface at the next write or flush.
+    pub fn write_out(&self) -> Result<()> {
+        let mut inner = self.lock()?;
+        let resident: Vec<(usize, Slot)> = inner.resident.drain(..).collect();
+        for (b, slot) in resident {
+            self.write_behind(&mut inner, b, slot)?;
+        }
+        Ok(())
+    }
+
     /// Writes every dirty resident block and waits for all writes.
     pub fn flush(&self) -> Result<()> {
         let mut inner = self.lock()?;
