@@ -210,3 +210,53 @@ else:
     ];
     refusal(&deepscale(&bad), &bad, &["--torch-bf16 on", "--no-bf16"]);
 }
+
+/// `bench offload` on a tiny model: the NVMe run stays within the RAM budget the in-memory
+/// one exceeds, moves bytes through every state's swap file, and steps during backward unless
+/// `--gradient-clipping` makes the step wait for the global norm.
+#[test]
+fn bench_offload_reports_the_swap_and_where_the_step_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let nvme = dir.path().to_str().unwrap();
+    let tiny = [
+        "bench",
+        "offload",
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "8",
+        "--iters",
+        "1",
+        "--ram-budget-mib",
+        "8",
+        "--sub-group-size",
+        "65536",
+        "--nvme-path",
+        nvme,
+        "--json",
+    ];
+    for clip in ["0", "1.0"] {
+        let mut args = tiny.to_vec();
+        args.extend(["--gradient-clipping", clip]);
+        let v = last_json(&ok(&args));
+        assert_eq!(v["in_memory_exceeds_budget"], true, "{v}");
+        assert_eq!(v["nvme_within_budget"], true, "{v}");
+        assert_eq!(v["gradient_clipping"].as_f64(), clip.parse().ok(), "{v}");
+        let nvme = &v["nvme"];
+        for file in ["exp_avg", "exp_avg_sq", "fp32_params"] {
+            let b = &nvme["swap_bytes_per_step_by_buffer"][file];
+            assert!(b["read"].as_f64().unwrap() > 0.0, "{file}: {v}");
+            assert!(b["written"].as_f64().unwrap() > 0.0, "{file}: {v}");
+        }
+        let in_backward = nvme["elements_stepped_in_backward_per_step"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(in_backward > 0.0, clip == "0", "{v}");
+    }
+    let bad = ["bench", "offload", "--gradient-clipping=-1"];
+    refusal(&deepscale(&bad), &bad, &["--gradient-clipping -1"]);
+}

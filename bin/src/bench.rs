@@ -90,6 +90,10 @@ pub struct OffloadArgs {
     pub nvme_path: std::path::PathBuf,
     #[arg(long, default_value_t = 1_000_000)]
     pub sub_group_size: usize,
+    /// `gradient_clipping` (0: none, so the NVMe step runs during backward; Megatron's
+    /// `--clip-grad 1.0` makes it wait for the global norm, after backward).
+    #[arg(long, default_value_t = 0.0)]
+    pub gradient_clipping: f64,
     /// `stage3_prefetch_bucket_size` (elements; DeepSpeed's default 5e7 gathers this model whole
     /// at its first layer).
     #[arg(long, default_value_t = 50_000_000)]
@@ -858,6 +862,12 @@ fn pipe(a: PipeArgs) -> Result<()> {
 }
 
 fn offload(a: OffloadArgs) -> Result<()> {
+    if !(a.gradient_clipping.is_finite() && a.gradient_clipping >= 0.0) {
+        bail!(
+            "bench offload: --gradient-clipping {} (a norm of 0 or more; 0: none)",
+            a.gradient_clipping
+        );
+    }
     use candle_deepscale::comm::ProcessGroup;
     use candle_deepscale::layers::module::Activations;
     use candle_deepscale::runtime::engine::{Engine, EngineConfig};
@@ -884,6 +894,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
         let mut ec = EngineConfig {
             zero_stage: 3,
             train_micro_batch_size_per_gpu: a.batch_size,
+            gradient_clipping: a.gradient_clipping,
             ..EngineConfig::default()
         };
         ec.stage3.prefetch_bucket_size = a.prefetch_bucket_size;
@@ -970,6 +981,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
     let v = json!({
         "model": {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "parameters": psi},
         "world_size": n,
+        "gradient_clipping": a.gradient_clipping,
         "ram_budget_bytes": budget,
         "in_memory": ram, "nvme": off,
         "in_memory_exceeds_budget": ram["model_state_bytes"].as_u64().unwrap_or(0) > budget,
