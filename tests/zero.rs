@@ -67,6 +67,8 @@ struct RankRun {
     in_flight: u64,
     /// NVMe offload: blocks read ahead of the gathers.
     reads_ahead: u64,
+    /// NVMe offload: blocks of the step's states read early into spare swap buffers.
+    reads_early: u64,
 }
 
 /// Trains the tiny GPT-2 for `steps` on `tp x dp` in-process ranks with `cfg` (the micro-batch and
@@ -165,6 +167,7 @@ fn train_with(
             stepped_in_backward: engine.optimizer().offload_stepped_in_backward(),
             in_flight: engine.optimizer().peak_reductions_in_flight(),
             reads_ahead: engine.optimizer().offload_reads_ahead().unwrap_or(0),
+            reads_early: engine.optimizer().offload_reads_early().unwrap_or(0),
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -871,6 +874,7 @@ fn train_bert(tp: usize, dp: usize, cfg: EngineConfig) -> Vec<RankRun> {
             stepped_in_backward: 0,
             in_flight: engine.optimizer().peak_reductions_in_flight(),
             reads_ahead: 0,
+            reads_early: 0,
         })
     });
     results.into_iter().map(|r| r.unwrap()).collect()
@@ -1001,7 +1005,8 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
             param_nvme: Some(dir.path().join("params")),
             // Tiles small against the tiny model's partition, so the buffer pool stays small too.
             sub_group_size: 4096 / (tp * dp),
-            buffer_count: 4,
+            // Spare buffers on one: the step's tiles are read early, while forward runs.
+            buffer_count: if dp == 2 && tp == 1 { 18 } else { 4 },
             resident_blocks: 1,
             ..Default::default()
         });
@@ -1023,6 +1028,9 @@ fn zero_3_with_nvme_offload_equals_one_rank_and_keeps_little_resident() {
         assert_eq!(swapped[0].in_flight > 0, dp == 4, "{name}: overlap_comm");
         if dp == 2 && tp == 1 {
             assert!(swapped[0].reads_ahead > 0, "{name}: nothing read ahead");
+        }
+        for (rank, r) in swapped.iter().enumerate() {
+            assert_eq!(r.reads_early > 0, dp == 2 && tp == 1, "{name} rank {rank}");
         }
         let in_ram = train_with(tp, dp, stage3(GLOBAL_BATCH / dp, 1), 1, DType::F32, init);
         for (rank, r) in swapped.iter().enumerate() {
@@ -1095,14 +1103,18 @@ fn zero_3_nvme_steps_during_backward_without_clipping() {
     };
     let reference = train(1, 1, no_clip(base_config()), STEPS, DType::F32).remove(0);
     let dir = tempfile::tempdir().unwrap();
-    for (gas, overlap) in [(1, false), (2, true)] {
-        let name = format!("dp=2 ZeRO-3 NVMe, no clipping, {gas} micro-batches");
+    // With spare swap buffers (`buffer_count` above the working set) the coming tiles are
+    // read early, from the end of each step on.
+    for (gas, overlap, buffers) in [(1, false, 4), (2, true, 4), (1, false, 64), (2, false, 64)] {
+        let name =
+            format!("dp=2 ZeRO-3 NVMe, no clipping, {gas} micro-batches, {buffers} swap buffers");
         let mut cfg = no_clip(stage3(GLOBAL_BATCH / 2 / gas, gas));
         cfg.overlap_comm = overlap;
         cfg.stage3.offload = Some(candle_deepscale::runtime::zero::OffloadSettings {
             optimizer_nvme: Some(dir.path().join("optimizer")),
             param_nvme: Some(dir.path().join("params")),
             sub_group_size: 2048,
+            buffer_count: buffers,
             ..Default::default()
         });
         let runs = train_with(1, 2, cfg, STEPS, DType::F32, true);
@@ -1112,6 +1124,7 @@ fn zero_3_nvme_steps_during_backward_without_clipping() {
                 r.stepped_in_backward > 0,
                 "{name} rank {rank}: nothing updated during backward"
             );
+            assert_eq!(r.reads_early > 0, buffers > 4, "{name} rank {rank}");
         }
     }
 }

@@ -90,6 +90,11 @@ pub struct OffloadArgs {
     pub nvme_path: std::path::PathBuf,
     #[arg(long, default_value_t = 1_000_000)]
     pub sub_group_size: usize,
+    /// `offload_optimizer.buffer_count`: swap buffers (`sub_group_size` elements each) per
+    /// rank; those beyond the working set read the next step's tiles early. The default keeps
+    /// the offloaded run within the default RAM budget.
+    #[arg(long, default_value_t = 28)]
+    pub buffer_count: usize,
     /// `gradient_clipping` (0: none, so the NVMe step runs during backward; Megatron's
     /// `--clip-grad 1.0` makes it wait for the global norm, after backward).
     #[arg(long, default_value_t = 0.0)]
@@ -904,6 +909,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
                 optimizer_nvme: Some(a.nvme_path.clone()),
                 param_nvme: Some(a.nvme_path.clone()),
                 sub_group_size: a.sub_group_size,
+                buffer_count: a.buffer_count,
                 aio_thread_count: 2,
                 ..Default::default()
             });
@@ -961,6 +967,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
                       "swap_bytes_per_step_by_buffer": by_buffer,
                       "direct_io": engine.optimizer().offload_direct(),
                       "blocks_read_ahead": engine.optimizer().offload_reads_ahead(),
+                      "blocks_read_early": engine.optimizer().offload_reads_early(),
                       "elements_stepped_in_backward_per_step":
                           engine.optimizer().offload_stepped_in_backward() as f64 / (a.iters + 1) as f64,
                       "split_ms": {"forward": split.forward_ms, "backward": split.backward_ms,

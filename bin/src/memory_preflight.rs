@@ -65,6 +65,9 @@ fn need(
             gradients = per_rank(e.reduce_bucket_size);
             optimizer = 0;
         }
+        // The swap buffers (`buffer_count` blocks of `sub_group_size`, at least the working
+        // set), counted with the optimizer state they hold.
+        optimizer += o.pool_bytes(psi.div_ceil(dp.max(1)) as usize);
         if o.param_nvme.is_some() {
             parameters = live * dtype_bytes + per_rank(e.stage3.prefetch_bucket_size);
         }
@@ -223,7 +226,27 @@ mod tests {
             ..Default::default()
         });
         let n = need(&shape, &layout, &e, 3, 1, 4, None);
-        assert_eq!(n.optimizer, 0);
+        // The default pool: 4 swapped kinds x (a resident block, a write behind, a read
+        // ahead) of the whole 500 000-element partition (one tile: no read ahead) = 8 buffers.
+        let slot = candle_deepscale::runtime::zero::swap_tensor::slot_bytes(500_000) as u64;
+        assert_eq!(n.optimizer, 8 * slot);
+        // `buffer_count` above the working set counts; sub_group_size sizes each buffer.
+        if let Some(o) = e.stage3.offload.as_mut() {
+            o.buffer_count = 20;
+            o.sub_group_size = 100_000;
+        }
+        let slot = candle_deepscale::runtime::zero::swap_tensor::slot_bytes(100_000) as u64;
+        assert_eq!(
+            need(&shape, &layout, &e, 3, 1, 4, None).optimizer,
+            20 * slot
+        );
+        if let Some(o) = e.stage3.offload.as_mut() {
+            o.buffer_count = 4;
+        }
+        assert_eq!(
+            need(&shape, &layout, &e, 3, 1, 4, None).optimizer,
+            12 * slot
+        );
         assert_eq!(n.gradients, 4 * 100_000);
         assert_eq!(n.parameters, 4 * 100_000 + 4 * 150_000);
         // Buckets larger than the model count the model.

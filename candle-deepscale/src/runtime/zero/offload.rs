@@ -51,6 +51,27 @@ impl Default for OffloadSettings {
     }
 }
 
+impl OffloadSettings {
+    /// The swap pool of a rank whose partition has `len` elements: (buffers, those of the
+    /// working set, elements per block). Each swapped kind keeps its resident blocks plus one
+    /// write behind and, when there is a next tile, one read ahead; `buffer_count` above that
+    /// reads the step's tiles early.
+    pub fn pool(&self, len: usize) -> (usize, usize, usize) {
+        let block = self.sub_group_size.clamp(1, len.max(1));
+        let kinds =
+            2 + usize::from(self.optimizer_nvme.is_some()) + usize::from(self.param_nvme.is_some());
+        let ahead = usize::from(len.div_ceil(block) > 1);
+        let working = kinds * (self.resident_blocks.max(1) + 1 + ahead);
+        (self.buffer_count.max(working), working, block)
+    }
+
+    /// Bytes of that pool.
+    pub fn pool_bytes(&self, len: usize) -> u64 {
+        let (count, _, block) = self.pool(len);
+        (count * slot_bytes(block)) as u64
+    }
+}
+
 /// A flat buffer of this rank's partition: in memory, or swapped to NVMe.
 enum Flat {
     Memory(Vec<f32>),
@@ -137,6 +158,13 @@ pub(crate) struct NvmeStates {
     pending: Option<(usize, Vec<f32>)>,
     /// Elements updated during backward so far.
     stepped_in_backward: u64,
+    /// Pool buffers beyond the working set (`buffer_count` above it): the next step's tiles
+    /// are read into them in the order the step takes them (the partition's, backward's), from
+    /// the end of a step on — while the next forward leaves the disk idle — topped up as
+    /// backward consumes them.
+    spare: usize,
+    /// The next block to read early in this step (each is read once per step).
+    stream: usize,
 }
 
 impl NvmeStates {
@@ -159,7 +187,11 @@ impl NvmeStates {
                     self.prefetch_states(first + 1)?;
                 }
                 self.pending = Some((b, sum));
+                self.read_early()?;
                 continue;
+            }
+            if last {
+                self.read_early()?;
             }
             if last && self.grads.swapped().is_some() && self.kept_elems + bk.piece <= self.kept_cap
             {
@@ -369,15 +401,7 @@ impl NvmeStates {
         keep_grads: usize,
     ) -> Result<Self> {
         let len = z.layout.partition_len;
-        let block = s.sub_group_size.clamp(1, len.max(1));
-        let kinds =
-            2 + usize::from(s.optimizer_nvme.is_some()) + usize::from(s.param_nvme.is_some());
-        // Each kind keeps its resident blocks plus one write behind and, when there is a next
-        // tile, one read ahead.
-        let ahead = usize::from(len.div_ceil(block) > 1);
-        let count = s
-            .buffer_count
-            .max(kinds * (s.resident_blocks.max(1) + 1 + ahead));
+        let (count, working, block) = s.pool(len);
         let pool = BufferPool::new(count, slot_bytes(block));
         let threads = IoThreads::with_aio(s.aio_queue_depth, s.aio_thread_count);
         let dir = |p: &PathBuf| p.join("zero_stage_3").join(format!("rank{rank}"));
@@ -427,7 +451,32 @@ impl NvmeStates {
             collected: Vec::new(),
             pending: None,
             stepped_in_backward: 0,
+            spare: count - working,
+            stream: 0,
         })
+    }
+
+    /// Reads the states of the step's next tiles early, as far as the spare buffers go.
+    fn read_early(&mut self) -> Result<()> {
+        if self.spare == 0 {
+            return Ok(());
+        }
+        let bufs: Vec<&SwappedBuffer> = [Some(&self.m), Some(&self.v), self.master.swapped()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let held = || bufs.iter().map(|b| b.early_reads()).sum::<usize>();
+        let mut next = self.stream;
+        while next < self.m.blocks() && held() + bufs.len() <= self.spare {
+            if !bufs.iter().try_fold(true, |ok, b| {
+                Ok::<_, candle_core::Error>(ok && b.read_early(next)?)
+            })? {
+                break;
+            }
+            next += 1;
+        }
+        self.stream = next;
+        Ok(())
     }
 
     fn buffers(&self) -> impl Iterator<Item = &SwappedBuffer> {
@@ -571,6 +620,9 @@ impl ZeroStates for NvmeStates {
         // The last tiles' writes go on behind the write-back and the next forward (which
         // reads no state; a gather that reads a piece waits for its block's write).
         self.buffers().try_for_each(|b| b.write_out())?;
+        // The next step's first tiles come in while the next forward runs.
+        self.stream = 0;
+        self.read_early()?;
         let mut kept = Vec::new();
         for (b, piece) in whole {
             if write_back(b) {
@@ -760,6 +812,12 @@ impl ZeroOptimizer {
     /// (empty without offload).
     pub fn offload_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
         self.states.swap_io_by_buffer()
+    }
+
+    /// NVMe offload: blocks of the step's states read early (into the buffers `buffer_count`
+    /// gives beyond the working set) so far.
+    pub fn offload_reads_early(&self) -> Option<u64> {
+        self.states.swap_io().map(|s| s.reads_early())
     }
 
     /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.

@@ -93,6 +93,8 @@ pub struct IoStats {
     pub written: std::sync::atomic::AtomicU64,
     /// Blocks read ahead of a gather (ZeRO-3's next layers, while this one runs).
     pub read_ahead: std::sync::atomic::AtomicU64,
+    /// Blocks of the step's states read early (into the pool's spare buffers).
+    pub read_early: std::sync::atomic::AtomicU64,
 }
 
 /// The fixed pool of aligned buffers shared by a rank's swapped buffers.

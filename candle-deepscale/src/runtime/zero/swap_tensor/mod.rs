@@ -53,7 +53,9 @@ struct Inner {
     resident: VecDeque<(usize, Slot)>,
     /// Reads in flight (read ahead).
     reading: HashMap<usize, Receiver<Result<AlignedBuf>>>,
-    /// Writes in flight (write behind).
+    /// Reads started long before their use ([`SwappedBuffer::read_early`]), kept apart so that
+    /// they do not hold back the reads ahead of the coming tile or gather (one at a time).
+    early: HashMap<usize, Receiver<Result<AlignedBuf>>>,
     /// Writes in flight (write behind), by block: a read of a block waits for its write (the
     /// I/O engine may reorder requests to one offset).
     writing: Vec<(usize, Receiver<Result<()>>)>,
@@ -137,6 +139,7 @@ impl SwappedBuffer {
             inner: Mutex::new(Inner {
                 resident: VecDeque::new(),
                 reading: HashMap::new(),
+                early: HashMap::new(),
                 writing: Vec::new(),
                 generation: vec![0; blocks],
             }),
@@ -231,6 +234,7 @@ impl SwappedBuffer {
         if b >= inner.generation.len()
             || inner.resident.iter().any(|(i, _)| *i == b)
             || inner.reading.contains_key(&b)
+            || inner.early.contains_key(&b)
             || inner.generation[b] == 0
         {
             return Ok(());
@@ -258,6 +262,47 @@ impl SwappedBuffer {
         })?;
         inner.reading.insert(b, rx);
         Ok(())
+    }
+
+    /// Starts reading block `b` long before its use (the next step's first tiles while the
+    /// forward runs), into a free pool buffer if there is one; false when none is free. A block
+    /// that is resident, coming or never written needs nothing.
+    pub fn read_early(&self, b: usize) -> Result<bool> {
+        let mut inner = self.lock()?;
+        if b >= inner.generation.len()
+            || inner.generation[b] == 0
+            || inner.resident.iter().any(|(i, _)| *i == b)
+            || inner.reading.contains_key(&b)
+            || inner.early.contains_key(&b)
+        {
+            return Ok(true);
+        }
+        while let Some(at) = inner.writing.iter().position(|(wb, _)| *wb == b) {
+            let (_, w) = inner.writing.remove(at);
+            w.recv()
+                .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
+        }
+        let Some(buf) = self.pool.try_take() else {
+            return Ok(false);
+        };
+        let (tx, rx) = channel();
+        self.issued[0].fetch_add(self.slot_bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        self.io.submit(Job::Read {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            offset: self.offset(b),
+            buf,
+            done: tx,
+        })?;
+        inner.early.insert(b, rx);
+        let early = &self.io.stats.read_early;
+        early.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Blocks read early and not used yet (each holds a pool buffer).
+    pub fn early_reads(&self) -> usize {
+        self.lock().map_or(0, |i| i.early.len())
     }
 
     /// Reads block `b` ahead, in the background.
@@ -347,7 +392,10 @@ impl SwappedBuffer {
             buf
         } else {
             self.prefetch_locked(inner, b, true)?;
-            let rx = inner.reading.remove(&b).expect("read issued");
+            let rx = match inner.early.remove(&b) {
+                Some(rx) => rx,
+                None => inner.reading.remove(&b).expect("read issued"),
+            };
             let buf = rx
                 .recv()
                 .map_err(|_| Error::Msg(format!("swap read of {} lost", self.path.display())))??;
@@ -442,7 +490,8 @@ impl SwappedBuffer {
                 .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
         }
         // Reads ahead that nobody consumed.
-        for (_, r) in std::mem::take(&mut inner.reading) {
+        let early = std::mem::take(&mut inner.early);
+        for (_, r) in std::mem::take(&mut inner.reading).into_iter().chain(early) {
             if let Ok(Ok(buf)) = r.recv() {
                 self.pool.give(buf);
             }
@@ -498,6 +547,14 @@ impl SwapIo {
         self.io
             .stats
             .read_ahead
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Blocks of the step's states read early so far.
+    pub fn reads_early(&self) -> u64 {
+        self.io
+            .stats
+            .read_early
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
