@@ -75,7 +75,8 @@ impl OffloadSettings {
 /// A flat buffer of this rank's partition: in memory, or swapped to NVMe.
 enum Flat {
     Memory(Vec<f32>),
-    Swapped(SwappedBuffer),
+    /// Boxed: a swapped buffer's bookkeeping is far larger than a Vec.
+    Swapped(Box<SwappedBuffer>),
 }
 
 impl Flat {
@@ -421,7 +422,7 @@ impl NvmeStates {
         };
         let (m, v) = (mk(opt_dir, "exp_avg")?, mk(opt_dir, "exp_avg_sq")?);
         let grads = match &s.optimizer_nvme {
-            Some(d) => Flat::Swapped(mk(d, "gradients")?),
+            Some(d) => Flat::Swapped(Box::new(mk(d, "gradients")?)),
             None => Flat::Memory(vec![0f32; len]),
         };
         let master = match &s.param_nvme {
@@ -429,7 +430,7 @@ impl NvmeStates {
                 let b = mk(d, "fp32_params")?;
                 b.update_range(0..len, |o, c| c.copy_from_slice(&master[o..o + c.len()]))?;
                 b.flush()?;
-                Flat::Swapped(b)
+                Flat::Swapped(Box::new(b))
             }
             None => Flat::Memory(master),
         };
