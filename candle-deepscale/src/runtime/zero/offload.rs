@@ -1,76 +1,21 @@
-//! ZeRO-3 offload to NVMe (ZeRO-Infinity, DeepSpeed's `offload_config.py` and the swappers of
-//! `runtime/swap_tensor/`): `offload_optimizer {device: nvme}` keeps Adam's moments and the
+//! ZeRO-3 offload to NVMe (ZeRO-Infinity, the swappers of DeepSpeed's `runtime/swap_tensor/`;
+//! the settings are [`offload_config`](super::offload_config)'s): `offload_optimizer {device: nvme}` keeps Adam's moments and the
 //! gradient partition in swap files, `offload_param {device: nvme}` the fp32 parameter pieces;
 //! the optimizer step walks the partition in `sub_group_size` tiles, reading the next tile ahead
 //! and writing the last behind. `device: cpu` is where this engine keeps model states anyway
 //! (host memory), so it changes nothing here.
 use super::flat::UpdatedPiece;
+use super::offload_config::OffloadSettings;
 use super::partition::Run;
 use super::stage_1_and_2::{AdamState, ZeroCore, ZeroOptimizer};
 use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
-use super::swap_tensor::{slot_bytes, AioSettings, BufferPool, IoThreads, SwapIo, SwappedBuffer};
+use super::swap_tensor::{slot_bytes, BufferPool, IoThreads, SwapIo, SwappedBuffer};
 use crate::comm::ProcessGroup;
 use crate::ops::adam::{adam_step, AdamStep};
 use candle_core::{bail, Result, Tensor};
-use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
-
-/// What to swap and how.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OffloadSettings {
-    /// `offload_optimizer.nvme_path`: Adam's moments and the gradients go to NVMe.
-    pub optimizer_nvme: Option<PathBuf>,
-    /// `offload_param.nvme_path`: the parameter pieces go to NVMe.
-    pub param_nvme: Option<PathBuf>,
-    /// Elements per swap block (`sub_group_size`).
-    pub sub_group_size: usize,
-    /// Aligned buffers in the pool (`buffer_count`, at least enough for the working set).
-    pub buffer_count: usize,
-    /// Blocks of each swapped buffer kept resident (from `max_in_cpu`, at least 1).
-    pub resident_blocks: usize,
-    pub aio_block_size: usize,
-    pub aio_queue_depth: usize,
-    pub aio_thread_count: usize,
-}
-
-impl Default for OffloadSettings {
-    fn default() -> Self {
-        let a = AioSettings::default();
-        Self {
-            optimizer_nvme: None,
-            param_nvme: None,
-            sub_group_size: 1_000_000_000,
-            buffer_count: 4,
-            resident_blocks: 1,
-            aio_block_size: a.block_size,
-            aio_queue_depth: a.queue_depth,
-            aio_thread_count: a.thread_count,
-        }
-    }
-}
-
-impl OffloadSettings {
-    /// The swap pool of a rank whose partition has `len` elements: (buffers, those of the
-    /// working set, elements per block). Each swapped kind keeps its resident blocks plus one
-    /// write behind and, when there is a next tile, one read ahead; `buffer_count` above that
-    /// reads the step's tiles early.
-    pub fn pool(&self, len: usize) -> (usize, usize, usize) {
-        let block = self.sub_group_size.clamp(1, len.max(1));
-        let kinds =
-            2 + usize::from(self.optimizer_nvme.is_some()) + usize::from(self.param_nvme.is_some());
-        let ahead = usize::from(len.div_ceil(block) > 1);
-        let working = kinds * (self.resident_blocks.max(1) + 1 + ahead);
-        (self.buffer_count.max(working), working, block)
-    }
-
-    /// Bytes of that pool.
-    pub fn pool_bytes(&self, len: usize) -> u64 {
-        let (count, _, block) = self.pool(len);
-        (count * slot_bytes(block)) as u64
-    }
-}
 
 /// A flat buffer of this rank's partition: in memory, or swapped to NVMe.
 enum Flat {

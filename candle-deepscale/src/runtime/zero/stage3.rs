@@ -31,7 +31,7 @@ pub struct Stage3Config {
     pub max_live_parameters: usize,
     pub max_reuse_distance: usize,
     pub param_persistence_threshold: usize,
-    pub offload: Option<super::offload::OffloadSettings>,
+    pub offload: Option<super::offload_config::OffloadSettings>,
 }
 
 impl Default for Stage3Config {
