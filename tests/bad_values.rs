@@ -425,6 +425,48 @@ fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
         assert!(err.contains(n), "lacks `{n}`: {err}");
     }
     assert!(!err.contains("memory allocation of"), "{err}");
+    // ZeRO-3 with NVMe offload swaps the states out, but DeepSpeed's default sub_group_size
+    // (1e9: each swap buffer one whole partition) makes the swap pool itself too large: the
+    // refusal counts it and says which knob shrinks it.
+    let dir = tempfile::tempdir().unwrap();
+    let nvme = dir.path().join("nvme");
+    let cfg = dir.path().join("ds.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "train_micro_batch_size_per_gpu": 4,
+            "zero_optimization": {
+                "stage": 3,
+                "reduce_bucket_size": 50_000_000,
+                "sub_group_size": 1_000_000_000u64,
+                "offload_optimizer": {"device": "nvme", "nvme_path": nvme},
+                "offload_param": {"device": "nvme", "nvme_path": nvme}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = run(&[
+        "--num-layers",
+        "24",
+        "--hidden-size",
+        "1024",
+        "--num-attention-heads",
+        "16",
+        "--deepspeed",
+        "--deepspeed_config",
+        cfg.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for n in [
+        "not enough memory",
+        "swap buffers",
+        "sub_group_size or buffer_count",
+    ] {
+        assert!(err.contains(n), "lacks `{n}`: {err}");
+    }
+    assert!(!nvme.exists(), "swap files made before the refusal");
     let out = run(&[
         "--num-layers",
         "1",

@@ -32,11 +32,18 @@ struct Need {
     optimizer: u64,
     activations: u64,
     buffers: u64,
+    /// NVMe offload's pool of swap buffers (`buffer_count` blocks of `sub_group_size`).
+    swap: u64,
 }
 
 impl Need {
     fn total(&self) -> u64 {
-        self.parameters + self.gradients + self.optimizer + self.activations + self.buffers
+        self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.buffers
+            + self.swap
     }
 }
 
@@ -56,6 +63,7 @@ fn need(
     let st = engine_bytes(stage, psi, dp, dtype_bytes, 0, live);
     let (mut parameters, mut gradients, mut optimizer) =
         (st.parameters, st.gradients, st.optimizer);
+    let mut swap = 0;
     if let Some(o) = e.stage3.offload.as_ref().filter(|_| stage == 3) {
         // Swapped to NVMe: only the resident blocks and the pool stay, with the final
         // gradients kept for the step (up to reduce_bucket_size / dp) and the updated fp32
@@ -65,9 +73,8 @@ fn need(
             gradients = per_rank(e.reduce_bucket_size);
             optimizer = 0;
         }
-        // The swap buffers (`buffer_count` blocks of `sub_group_size`, at least the working
-        // set), counted with the optimizer state they hold.
-        optimizer += o.pool_bytes(psi.div_ceil(dp.max(1)) as usize);
+        // The swap buffers: `buffer_count` blocks of `sub_group_size` (at least the working set).
+        swap = o.pool_bytes(psi.div_ceil(dp.max(1)) as usize);
         if o.param_nvme.is_some() {
             parameters = live * dtype_bytes + per_rank(e.stage3.prefetch_bucket_size);
         }
@@ -104,6 +111,7 @@ fn need(
         optimizer,
         activations,
         buffers,
+        swap,
     }
 }
 
@@ -162,13 +170,26 @@ pub fn check(
         }
         m /= 2;
     }
+    if n.swap > 0 && total - n.swap * ranks_here <= avail {
+        fits.push(format!(
+            "a smaller offload_optimizer.sub_group_size or buffer_count (the swap buffers take {} \
+             per rank: buffer_count of them, at least 3 per swapped state, of sub_group_size \
+             elements each)",
+            gib(n.swap)
+        ));
+    }
     if !checkpointing {
         let t = need(s, l, e, e.zero_stage, micro, dtype_bytes, Some(1)).total() * ranks_here;
         if t <= avail {
             fits.push(format!("--checkpoint-activations ({})", gib(t)));
         }
     }
-    let hint = if fits.is_empty() {
+    let offloaded = e.zero_stage == 3 && e.stage3.offload.is_some();
+    let hint = if fits.is_empty() && offloaded {
+        "nothing smaller fits here: lower reduce_bucket_size, stage3_prefetch_bucket_size, \
+         sub_group_size or the micro-batch, or spread the ranks over more machines (mpirun)"
+            .to_string()
+    } else if fits.is_empty() {
         "nothing smaller fits here: offload to NVMe (ZeRO-3 with offload_optimizer and \
          offload_param on nvme), or spread the ranks over more machines (mpirun)"
             .to_string()
@@ -177,15 +198,16 @@ pub fn check(
     };
     bail!(
         "not enough memory: this run needs about {} in this process (per rank: parameters {}, \
-         gradients {}, optimizer {}, activations {} at micro-batch {micro}, buffers {}; x {ranks_here} \
-         rank(s) here), but it may use {} more ({}); {hint}. (DEEPSCALE_NO_MEMORY_CHECK=1 skips \
-         this check.)",
+         gradients {}, optimizer {}, activations {} at micro-batch {micro}, buffers {}, swap \
+         buffers {}; x {ranks_here} rank(s) here), but it may use {} more ({}); {hint}. \
+         (DEEPSCALE_NO_MEMORY_CHECK=1 skips this check.)",
         gib(total),
         gib(n.parameters),
         gib(n.gradients),
         gib(n.optimizer),
         gib(n.activations),
         gib(n.buffers),
+        gib(n.swap),
         gib(avail),
         limit.source
     )
@@ -229,7 +251,7 @@ mod tests {
         // The default pool: 4 swapped kinds x (a resident block, a write behind, a read
         // ahead) of the whole 500 000-element partition (one tile: no read ahead) = 8 buffers.
         let slot = candle_deepscale::runtime::zero::swap_tensor::slot_bytes(500_000) as u64;
-        assert_eq!(n.optimizer, 8 * slot);
+        assert_eq!((n.optimizer, n.swap), (0, 8 * slot));
         // `buffer_count` above the working set counts; sub_group_size sizes each buffer.
         if let Some(o) = e.stage3.offload.as_mut() {
             o.buffer_count = 20;
