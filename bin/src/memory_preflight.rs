@@ -258,17 +258,11 @@ mod tests {
             o.sub_group_size = 100_000;
         }
         let slot = candle_deepscale::runtime::zero::swap_tensor::slot_bytes(100_000) as u64;
-        assert_eq!(
-            need(&shape, &layout, &e, 3, 1, 4, None).optimizer,
-            20 * slot
-        );
+        assert_eq!(need(&shape, &layout, &e, 3, 1, 4, None).swap, 20 * slot);
         if let Some(o) = e.stage3.offload.as_mut() {
             o.buffer_count = 4;
         }
-        assert_eq!(
-            need(&shape, &layout, &e, 3, 1, 4, None).optimizer,
-            12 * slot
-        );
+        assert_eq!(need(&shape, &layout, &e, 3, 1, 4, None).swap, 12 * slot);
         assert_eq!(n.gradients, 4 * 100_000);
         assert_eq!(n.parameters, 4 * 100_000 + 4 * 150_000);
         // Buckets larger than the model count the model.
