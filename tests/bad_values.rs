@@ -425,9 +425,9 @@ fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
         assert!(err.contains(n), "lacks `{n}`: {err}");
     }
     assert!(!err.contains("memory allocation of"), "{err}");
-    // ZeRO-3 with NVMe offload swaps the states out, but DeepSpeed's default sub_group_size
-    // (1e9: each swap buffer one whole partition) makes the swap pool itself too large: the
-    // refusal counts it and says which knob shrinks it.
+    // ZeRO-3 with NVMe offload swaps the states out, but 64 swap buffers of DeepSpeed's
+    // default sub_group_size (each one the largest block, 64 MiB) are too many: the refusal
+    // counts the pool and says which knobs shrink it.
     let dir = tempfile::tempdir().unwrap();
     let nvme = dir.path().join("nvme");
     let cfg = dir.path().join("ds.json");
@@ -438,8 +438,7 @@ fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
             "zero_optimization": {
                 "stage": 3,
                 "reduce_bucket_size": 50_000_000,
-                "sub_group_size": 1_000_000_000u64,
-                "offload_optimizer": {"device": "nvme", "nvme_path": nvme},
+                "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "buffer_count": 64},
                 "offload_param": {"device": "nvme", "nvme_path": nvme}
             }
         })
