@@ -411,14 +411,16 @@ fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
             .output()
             .expect("bash")
     };
-    let out = run(&[
+    // GPT-2 medium's shape: ~350M parameters.
+    let medium = [
         "--num-layers",
         "24",
         "--hidden-size",
         "1024",
         "--num-attention-heads",
         "16",
-    ]);
+    ];
+    let out = run(&medium);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     for n in ["not enough memory", "ulimit -v", "optimizer", "activations"] {
@@ -445,17 +447,8 @@ fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
         .to_string(),
     )
     .unwrap();
-    let out = run(&[
-        "--num-layers",
-        "24",
-        "--hidden-size",
-        "1024",
-        "--num-attention-heads",
-        "16",
-        "--deepspeed",
-        "--deepspeed_config",
-        cfg.to_str().unwrap(),
-    ]);
+    let config = ["--deepspeed", "--deepspeed_config", cfg.to_str().unwrap()];
+    let out = run(&[&medium[..], &config[..]].concat());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     for n in [

@@ -239,11 +239,7 @@ impl SwappedBuffer {
         {
             return Ok(());
         }
-        while let Some(at) = inner.writing.iter().position(|(wb, _)| *wb == b) {
-            let (_, w) = inner.writing.remove(at);
-            w.recv()
-                .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
-        }
+        self.wait_write(inner, b)?;
         let buf = match needed {
             true => self.pool.take()?,
             false => match self.pool.try_take() {
@@ -251,6 +247,24 @@ impl SwappedBuffer {
                 None => return Ok(()),
             },
         };
+        let rx = self.submit_read(b, buf)?;
+        inner.reading.insert(b, rx);
+        Ok(())
+    }
+
+    /// Waits for block `b`'s write in flight, if any: the I/O engine may reorder requests to
+    /// one offset, so a read must not pass it.
+    fn wait_write(&self, inner: &mut Inner, b: usize) -> Result<()> {
+        while let Some(at) = inner.writing.iter().position(|(wb, _)| *wb == b) {
+            let (_, w) = inner.writing.remove(at);
+            w.recv()
+                .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
+        }
+        Ok(())
+    }
+
+    /// Starts reading block `b` into `buf`.
+    fn submit_read(&self, b: usize, buf: AlignedBuf) -> Result<Receiver<Result<AlignedBuf>>> {
         let (tx, rx) = channel();
         self.issued[0].fetch_add(self.slot_bytes as u64, std::sync::atomic::Ordering::Relaxed);
         self.io.submit(Job::Read {
@@ -260,8 +274,7 @@ impl SwappedBuffer {
             buf,
             done: tx,
         })?;
-        inner.reading.insert(b, rx);
-        Ok(())
+        Ok(rx)
     }
 
     /// Starts reading block `b` long before its use (the next step's first tiles while the
@@ -277,23 +290,11 @@ impl SwappedBuffer {
         {
             return Ok(true);
         }
-        while let Some(at) = inner.writing.iter().position(|(wb, _)| *wb == b) {
-            let (_, w) = inner.writing.remove(at);
-            w.recv()
-                .map_err(|_| Error::Msg(format!("swap write of {} lost", self.path.display())))??;
-        }
+        self.wait_write(&mut inner, b)?;
         let Some(buf) = self.pool.try_take() else {
             return Ok(false);
         };
-        let (tx, rx) = channel();
-        self.issued[0].fetch_add(self.slot_bytes as u64, std::sync::atomic::Ordering::Relaxed);
-        self.io.submit(Job::Read {
-            file: self.file.clone(),
-            path: self.path.clone(),
-            offset: self.offset(b),
-            buf,
-            done: tx,
-        })?;
+        let rx = self.submit_read(b, buf)?;
         inner.early.insert(b, rx);
         let early = &self.io.stats.read_early;
         early.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
