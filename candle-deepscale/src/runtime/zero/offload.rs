@@ -224,6 +224,9 @@ impl NvmeStates {
             if end < range.end {
                 self.prefetch_states(blk + 1)?;
             }
+            // The early reads stay ahead of the update (the blocks behind it are done).
+            self.stream = self.stream.max(blk + 1);
+            self.read_early()?;
             let g = &sum[at - range.start..end - range.start];
             self.adam_tile(at..end, g, &segs, &consts, &mut params)?;
             if keep {
@@ -540,6 +543,8 @@ impl ZeroStates for NvmeStates {
         };
         for b in 0..blocks {
             self.prefetch_states(b + 1)?;
+            self.stream = self.stream.max(b + 1);
+            self.read_early()?;
             if let Some(g) = self.grads.swapped() {
                 if b + 1 < g.blocks() && !self.kept_covers(z, &g.block_range(b + 1)) {
                     g.prefetch(b + 1)?;
