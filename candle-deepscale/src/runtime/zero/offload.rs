@@ -1,6 +1,7 @@
 //! ZeRO-3 offload to NVMe (ZeRO-Infinity, the swappers of DeepSpeed's `runtime/swap_tensor/`;
-//! the settings are [`offload_config`](super::offload_config)'s): `offload_optimizer {device: nvme}` keeps Adam's moments and the
-//! gradient partition in swap files, `offload_param {device: nvme}` the fp32 parameter pieces;
+//! the settings are [`offload_config`](super::offload_config)'s): `offload_optimizer {device:
+//! nvme}` keeps Adam's moments and the gradient partition in swap files, `offload_param
+//! {device: nvme}` the fp32 parameter pieces;
 //! the optimizer step walks the partition in `sub_group_size` tiles, reading the next tile ahead
 //! and writing the last behind. `device: cpu` is where this engine keeps model states anyway
 //! (host memory), so it changes nothing here.
@@ -250,15 +251,16 @@ impl NvmeStates {
         }
     }
 
-    /// Reads block `b` of the moments and the parameter pieces ahead.
-    fn prefetch_states(&self, b: usize) -> Result<()> {
-        for buf in [Some(&self.m), Some(&self.v), self.master.swapped()]
+    /// The swapped buffers the update reads: the moments and, offloaded, the parameter pieces.
+    fn step_buffers(&self) -> impl Iterator<Item = &SwappedBuffer> {
+        [Some(&self.m), Some(&self.v), self.master.swapped()]
             .into_iter()
             .flatten()
-        {
-            buf.prefetch(b)?;
-        }
-        Ok(())
+    }
+
+    /// Reads block `b` of the moments and the parameter pieces ahead.
+    fn prefetch_states(&self, b: usize) -> Result<()> {
+        self.step_buffers().try_for_each(|buf| buf.prefetch(b))
     }
 
     /// AdamW on partition elements `r` (within one swap block) with gradients `grads`, on the
@@ -410,17 +412,14 @@ impl NvmeStates {
         if self.spare == 0 {
             return Ok(());
         }
-        let bufs: Vec<&SwappedBuffer> = [Some(&self.m), Some(&self.v), self.master.swapped()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let bufs: Vec<&SwappedBuffer> = self.step_buffers().collect();
         let held = || bufs.iter().map(|b| b.early_reads()).sum::<usize>();
         let mut next = self.stream;
-        while next < self.m.blocks() && held() + bufs.len() <= self.spare {
-            if !bufs.iter().try_fold(true, |ok, b| {
-                Ok::<_, candle_core::Error>(ok && b.read_early(next)?)
-            })? {
-                break;
+        'blocks: while next < self.m.blocks() && held() + bufs.len() <= self.spare {
+            for b in &bufs {
+                if !b.read_early(next)? {
+                    break 'blocks;
+                }
             }
             next += 1;
         }

@@ -224,10 +224,8 @@ impl Staging {
         send
     }
 
-    /// One reduce-scatter over the ranks' pieces of buckets `bs`: returns this rank's pieces of
-    /// all of them, in order.
-    /// [`Self::reduce_scatter`] into `out` (this rank's pieces of `bs`, in order), which must
-    /// have their length; there must be peers.
+    /// One reduce-scatter over the ranks' pieces of buckets `bs` into `out`: this rank's pieces
+    /// of all of them, in order (`out` has their length; there must be peers).
     pub fn reduce_scatter_into(
         &mut self,
         z: &ZeroCore,
@@ -242,19 +240,16 @@ impl Staging {
         }
     }
 
+    /// [`Self::reduce_scatter_into`] a new buffer (without peers: the staged gradients).
     pub fn reduce_scatter(&mut self, z: &ZeroCore, bs: &[usize]) -> Result<Vec<f32>> {
-        let send = self.send_buffer(z, bs);
-        let pieces = send.len() / z.layout.parts;
-        z.note_comm(4 * (send.len() + pieces + self.in_flight_len));
-        Ok(match (&z.dp, z.layout.parts > 1) {
-            (Some(dp), true) => {
-                let mut piece = vec![0f32; pieces];
-                dp.comm
-                    .reduce_scatter(&dp.group, &send, &mut piece, ReduceOp::Sum)?;
-                piece
-            }
-            _ => send,
-        })
+        if z.dp.is_none() || z.layout.parts < 2 {
+            return Ok(self.send_buffer(z, bs));
+        }
+        let pieces: usize = bs.iter().map(|&b| z.layout.buckets[b].piece).sum();
+        z.note_comm(4 * (pieces * (z.layout.parts + 1) + self.in_flight_len));
+        let mut piece = vec![0f32; pieces];
+        self.reduce_scatter_into(z, bs, &mut piece)?;
+        Ok(piece)
     }
 
     /// [`Self::reduce_scatter`] started and queued, not waited for (`overlap_comm`); `last`:
@@ -456,7 +451,6 @@ impl HostStates {
         Ok(m)
     }
 
-    /// Adds this rank's reduced pieces `mine` of buckets `bs` (in order) into its partition.
     /// Where this rank's pieces of buckets `bs` lie in the partition when they can take a
     /// reduction directly: peers to reduce with, every piece still zero, and the pieces
     /// adjacent in `bs`'s order (as the reduce-scatter returns them).
@@ -475,6 +469,7 @@ impl HostStates {
         Some(buckets[first].part_offset..end)
     }
 
+    /// Adds this rank's reduced pieces `mine` of buckets `bs` (in order) into its partition.
     fn add_reduced(&mut self, z: &ZeroCore, bs: &[usize], mine: &[f32]) {
         bs.iter().for_each(|&b| self.zeroed[b] = false);
         let mut at = 0;
