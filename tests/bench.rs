@@ -244,6 +244,9 @@ fn bench_offload_reports_the_swap_and_where_the_step_ran() {
         args.extend(["--gradient-clipping", clip]);
         let v = last_json(&ok(&args));
         assert_eq!(v["in_memory_exceeds_budget"], true, "{v}");
+        // The default buffer_count fills the budget: (8 MiB - 1/64) over 260 KiB slots (64 Ki
+        // elements and a header, 4 KiB-aligned) — and the run stays within it.
+        assert_eq!(v["buffer_count"].as_u64(), Some(31), "{v}");
         assert_eq!(v["nvme_within_budget"], true, "{v}");
         assert_eq!(v["gradient_clipping"].as_f64(), clip.parse().ok(), "{v}");
         let nvme = &v["nvme"];

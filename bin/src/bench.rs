@@ -91,10 +91,10 @@ pub struct OffloadArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub sub_group_size: usize,
     /// `offload_optimizer.buffer_count`: swap buffers (`sub_group_size` elements each) per
-    /// rank; those beyond the working set read the next step's tiles early. The default keeps
-    /// the offloaded run within the default RAM budget.
-    #[arg(long, default_value_t = 28)]
-    pub buffer_count: usize,
+    /// rank; those beyond the working set read the next step's tiles early. Default: as many
+    /// as the RAM budget holds, less 1/64 of it for the parameters kept whole.
+    #[arg(long)]
+    pub buffer_count: Option<usize>,
     /// `gradient_clipping` (0: none, so the NVMe step runs during backward; Megatron's
     /// `--clip-grad 1.0` makes it wait for the global norm, after backward).
     #[arg(long, default_value_t = 0.0)]
@@ -866,6 +866,16 @@ fn pipe(a: PipeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The most swap buffers of `sub_group_size` elements a RAM budget of `budget` bytes holds,
+/// 1/64 of it left to the parameters that stay whole (persistent) and the step's kept pieces.
+fn budget_buffer_count(budget: u64, sub_group_size: usize) -> usize {
+    use candle_deepscale::runtime::zero::offload_config::MAX_SWAP_BLOCK;
+    let slot = candle_deepscale::runtime::zero::swap_tensor::slot_bytes(
+        sub_group_size.clamp(1, MAX_SWAP_BLOCK),
+    ) as u64;
+    ((budget - budget / 64) / slot) as usize
+}
+
 fn offload(a: OffloadArgs) -> Result<()> {
     if !(a.gradient_clipping.is_finite() && a.gradient_clipping >= 0.0) {
         bail!(
@@ -894,6 +904,9 @@ fn offload(a: OffloadArgs) -> Result<()> {
         timeout: std::time::Duration::from_secs(600),
         ..crate::args::Layout::in_process(n, 1, 1)
     };
+    let buffer_count = a
+        .buffer_count
+        .unwrap_or_else(|| budget_buffer_count(a.ram_budget_mib << 20, a.sub_group_size));
     let mut rows = Vec::new();
     for nvme in [false, true] {
         let mut ec = EngineConfig {
@@ -909,7 +922,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
                 optimizer_nvme: Some(a.nvme_path.clone()),
                 param_nvme: Some(a.nvme_path.clone()),
                 sub_group_size: a.sub_group_size,
-                buffer_count: a.buffer_count,
+                buffer_count,
                 aio_thread_count: 2,
                 ..Default::default()
             });
@@ -987,6 +1000,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
         candle_deepscale::runtime::zero::estimate::engine_bytes(3, psi, n as u64, 4, 0, 0).total();
     let v = json!({
         "model": {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "parameters": psi},
+        "buffer_count": buffer_count,
         "world_size": n,
         "gradient_clipping": a.gradient_clipping,
         "ram_budget_bytes": budget,
