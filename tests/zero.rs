@@ -1125,6 +1125,23 @@ fn zero_3_nvme_steps_during_backward_without_clipping() {
                 "{name} rank {rank}: nothing updated during backward"
             );
             assert_eq!(r.reads_early > 0, buffers > 4, "{name} rank {rank}");
+            // Every piece gathered for the next forward from the step: the update takes the
+            // parameters' values from memory and writes their blocks whole, reading none —
+            // one pass over the pieces (the first forward's gather) against the moments' one
+            // per step after the first (a step after backward reads them every step).
+            let read = |file: &str| {
+                r.offload_by_buffer
+                    .iter()
+                    .find(|b| b.0 == file)
+                    .map_or(0, |b| b.1)
+            };
+            if gas == 1 {
+                assert!(
+                    read("fp32_params") * 2 <= read("exp_avg"),
+                    "{name} rank {rank}: {:?}",
+                    r.offload_by_buffer
+                );
+            }
         }
     }
 }

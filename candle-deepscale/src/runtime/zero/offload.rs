@@ -13,7 +13,7 @@ use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroSt
 use super::swap_tensor::{slot_bytes, BufferPool, IoThreads, SwapIo, SwappedBuffer};
 use crate::comm::ProcessGroup;
 use crate::ops::adam::{adam_step, AdamStep};
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -112,6 +112,17 @@ pub(crate) struct NvmeStates {
     spare: usize,
     /// The next block to read early in this step (each is read once per step).
     stream: usize,
+    /// The fp32 parameter pieces live in the swap file but are also whole in memory while the
+    /// armed step runs (every parameter fp32 and gathered for the next forward from the step's
+    /// kept pieces): the update then takes a piece's values from its gathered parameter, and
+    /// the swap file's blocks are written whole from the kept pieces at the step's end — no
+    /// block of them is read (a third of the step's reads). Kept from step to step: the early
+    /// reads after a step leave those blocks out while it holds.
+    pieces_in_memory: bool,
+    /// Whether every parameter is fp32 (its gathered values are its pieces' own).
+    fp32_params: bool,
+    /// Buckets updated with their pieces' swap-file write left to the step's end.
+    unwritten: Vec<usize>,
 }
 
 impl NvmeStates {
@@ -229,7 +240,12 @@ impl NvmeStates {
             self.stream = self.stream.max(blk + 1);
             self.read_early()?;
             let g = &sum[at - range.start..end - range.start];
-            self.adam_tile(at..end, g, &segs, &consts, &mut params)?;
+            let from = match self.pieces_in_memory {
+                true => gathered_piece(z, b, at - range.start..end - range.start)?,
+                false => None,
+            };
+            let write = !self.pieces_in_memory;
+            self.adam_tile(at..end, g, &segs, &consts, &mut params, from, write)?;
             if keep {
                 out[at - range.start..end - range.start].copy_from_slice(&params);
             }
@@ -237,6 +253,9 @@ impl NvmeStates {
         }
         self.updated[b] = true;
         self.stepped_in_backward += bk.piece as u64;
+        if self.pieces_in_memory {
+            self.unwritten.push(b);
+        }
         if keep {
             self.collected.push((b, out));
         }
@@ -253,9 +272,8 @@ impl NvmeStates {
 
     /// The swapped buffers the update reads: the moments and, offloaded, the parameter pieces.
     fn step_buffers(&self) -> impl Iterator<Item = &SwappedBuffer> {
-        [Some(&self.m), Some(&self.v), self.master.swapped()]
-            .into_iter()
-            .flatten()
+        let master = self.master.swapped().filter(|_| !self.pieces_in_memory);
+        [Some(&self.m), Some(&self.v), master].into_iter().flatten()
     }
 
     /// Reads block `b` of the moments and the parameter pieces ahead.
@@ -265,7 +283,9 @@ impl NvmeStates {
 
     /// AdamW on partition elements `r` (within one swap block) with gradients `grads`, on the
     /// parts of segments `segs` (partition ranges, decay) inside it; `params` gets the updated
-    /// parameters of `r`.
+    /// parameters of `r`. The parameters' values come `from` memory where given, else from
+    /// the pieces' buffer; with `write` the updated ones go back there.
+    #[allow(clippy::too_many_arguments)]
     fn adam_tile(
         &mut self,
         r: Range<usize>,
@@ -273,9 +293,16 @@ impl NvmeStates {
         segs: &[(usize, usize, bool)],
         consts: &[AdamStep; 2],
         params: &mut Vec<f32>,
+        from: Option<Vec<f32>>,
+        write: bool,
     ) -> Result<()> {
-        params.resize(r.len(), 0.0);
-        self.master.read(r.clone(), params)?;
+        match from {
+            Some(v) => *params = v,
+            None => {
+                params.resize(r.len(), 0.0);
+                self.master.read(r.clone(), params)?;
+            }
+        }
         let (mut m, mut v) = (vec![0f32; r.len()], vec![0f32; r.len()]);
         self.m.read_range(r.clone(), &mut m)?;
         self.v.read_range(r.clone(), &mut v)?;
@@ -298,8 +325,12 @@ impl NvmeStates {
             .update_range(r.clone(), |o, t| t.copy_from_slice(&m[o..o + t.len()]))?;
         self.v
             .update_range(r.clone(), |o, t| t.copy_from_slice(&v[o..o + t.len()]))?;
-        self.master
-            .update(r, |o, p| p.copy_from_slice(&params[o..o + p.len()]))
+        match write {
+            true => self
+                .master
+                .update(r, |o, p| p.copy_from_slice(&params[o..o + p.len()])),
+            false => Ok(()),
+        }
     }
 
     /// Whether the gradients of partition elements `r` are all kept in memory.
@@ -385,6 +416,7 @@ impl NvmeStates {
             None => Flat::Memory(master),
         };
         let direct = m.direct;
+        let fp32_params = z.params.iter().all(|p| p.tensor().dtype() == DType::F32);
         Ok(Self {
             m,
             v,
@@ -404,7 +436,59 @@ impl NvmeStates {
             stepped_in_backward: 0,
             spare: count - working,
             stream: 0,
+            pieces_in_memory: false,
+            fp32_params,
+            unwritten: Vec::new(),
         })
+    }
+
+    /// Writes the pieces of the buckets updated without their write (`unwritten`) from the
+    /// step's kept pieces `whole` (sorted by bucket): blocks they cover entirely are written
+    /// without being read.
+    fn write_unwritten(&mut self, z: &ZeroCore, whole: &[(usize, Vec<f32>)]) -> Result<()> {
+        let Some(master) = self.master.swapped() else {
+            self.unwritten.clear();
+            return Ok(());
+        };
+        let mut pieces: Vec<(Range<usize>, &[f32])> = Vec::new();
+        for &b in &self.unwritten {
+            let Ok(at) = whole.binary_search_by_key(&b, |w| w.0) else {
+                bail!("ZeRO-3 NVMe: bucket {b}'s updated piece was not kept for its write")
+            };
+            let bk = &z.layout.buckets[b];
+            pieces.push((bk.part_offset..bk.part_offset + bk.piece, &whole[at].1));
+        }
+        pieces.sort_unstable_by_key(|p| p.0.start);
+        let mut block = Vec::new();
+        for blk in 0..master.blocks() {
+            let br = master.block_range(blk);
+            let inside: Vec<&(Range<usize>, &[f32])> = pieces
+                .iter()
+                .filter(|p| p.0.start < br.end && br.start < p.0.end)
+                .collect();
+            let covered: usize = inside
+                .iter()
+                .map(|p| p.0.end.min(br.end) - p.0.start.max(br.start))
+                .sum();
+            if covered == br.len() {
+                block.resize(br.len(), 0.0);
+                for (r, v) in inside {
+                    let (lo, hi) = (r.start.max(br.start), r.end.min(br.end));
+                    block[lo - br.start..hi - br.start]
+                        .copy_from_slice(&v[lo - r.start..hi - r.start]);
+                }
+                master.overwrite_block(blk, &block)?;
+                continue;
+            }
+            for (r, v) in inside {
+                let (lo, hi) = (r.start.max(br.start), r.end.min(br.end));
+                master.update_range(lo..hi, |o, d| {
+                    d.copy_from_slice(&v[lo - r.start + o..lo - r.start + o + d.len()])
+                })?;
+            }
+        }
+        self.unwritten.clear();
+        Ok(())
     }
 
     /// Reads the states of the step's next tiles early, as far as the spare buffers go.
@@ -437,6 +521,31 @@ impl NvmeStates {
         .into_iter()
         .flatten()
     }
+}
+
+/// Elements `within` of this rank's piece of bucket `b` (stage 3: one parameter) from the
+/// parameter's gathered fp32 tensor, if it is gathered now (None: released, or not fp32).
+fn gathered_piece(z: &ZeroCore, b: usize, within: Range<usize>) -> Result<Option<Vec<f32>>> {
+    let bk = &z.layout.buckets[b];
+    let [p] = bk.params[..] else {
+        return Ok(None);
+    };
+    let t = z.params[p].tensor();
+    if t.dtype() != DType::F32 || crate::layers::storage::resident_len(t) != t.elem_count() {
+        return Ok(None);
+    }
+    // The piece's elements in the parameter; past its end, the bucket's padding (zeros).
+    let start = bk.piece * z.layout.rank + within.start - z.layout.params[p].offset;
+    let numel = t.elem_count();
+    super::flat::with_f32(t, |v| {
+        let mut out = vec![0f32; within.len()];
+        if start < numel {
+            let n = within.len().min(numel - start);
+            out[..n].copy_from_slice(&v[start..start + n]);
+        }
+        out
+    })
+    .map(Some)
 }
 
 impl ZeroStates for NvmeStates {
@@ -517,6 +626,10 @@ impl ZeroStates for NvmeStates {
         // Partition ranges of the segments (weight decay differs between them) not updated
         // during backward already.
         self.step_pending(z)?;
+        if self.armed.is_none() {
+            // A step after backward (clipping, a loss scale) reads the pieces from the file.
+            self.pieces_in_memory = false;
+        }
         self.armed = None;
         let segs: Vec<(usize, usize, bool)> = z
             .segments
@@ -552,7 +665,8 @@ impl ZeroStates for NvmeStates {
             let r = self.m.block_range(b);
             grads_tile.resize(r.len(), 0.0);
             self.read_grads(z, r.clone(), &mut grads_tile)?;
-            self.adam_tile(r.clone(), &grads_tile, &segs, &consts, &mut params_tile)?;
+            let tile = &mut params_tile;
+            self.adam_tile(r.clone(), &grads_tile, &segs, &consts, tile, None, true)?;
             for (wb, piece) in missing.iter_mut() {
                 let bk = &z.layout.buckets[*wb];
                 let (lo, hi) = (
@@ -567,6 +681,7 @@ impl ZeroStates for NvmeStates {
         }
         whole.append(&mut missing);
         whole.sort_unstable_by_key(|w| w.0);
+        self.write_unwritten(z, &whole)?;
         // The last tiles' writes go on behind the write-back and the next forward (which
         // reads no state; a gather that reads a piece waits for its block's write).
         self.buffers().try_for_each(|b| b.write_out())?;
@@ -650,6 +765,7 @@ impl ZeroStates for NvmeStates {
         self.updated.iter_mut().for_each(|u| *u = false);
         self.collected.clear();
         self.pending = None;
+        self.unwritten.clear();
         match &mut self.grads {
             Flat::Memory(v) => super::flat::fill_zero(v),
             Flat::Swapped(b) => b.zero()?,
@@ -680,6 +796,9 @@ impl ZeroStates for NvmeStates {
     }
 
     fn arm_step(&mut self, consts: [AdamStep; 2], keep: Vec<bool>) -> bool {
+        // Every piece kept for the next forward's gather: the step's end has them all.
+        self.pieces_in_memory =
+            self.fp32_params && self.master.swapped().is_some() && keep.iter().all(|&k| k);
         self.armed = Some((consts, keep));
         true
     }

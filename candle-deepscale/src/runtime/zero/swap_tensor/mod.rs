@@ -456,6 +456,44 @@ impl SwappedBuffer {
         Ok(())
     }
 
+    /// Replaces block `b`'s whole content with `values` without reading it (written behind
+    /// like an updated block). A read of it in flight is dropped; a write in flight finishes
+    /// first (two writes to one offset must not pass each other).
+    pub fn overwrite_block(&self, b: usize, values: &[f32]) -> Result<()> {
+        let br = self.block_range(b);
+        if values.len() != br.len() {
+            bail!(
+                "swap file {} block {b}: {} values for its {} elements",
+                self.path.display(),
+                values.len(),
+                br.len()
+            )
+        }
+        let mut inner = self.lock()?;
+        if let Some(at) = inner.resident.iter().position(|(i, _)| *i == b) {
+            let (_, mut slot) = inner.resident.remove(at).expect("present");
+            slot.buf.payload_mut(br.len()).copy_from_slice(values);
+            slot.dirty = true;
+            inner.resident.push_back((b, slot));
+            return Ok(());
+        }
+        let stale = [inner.early.remove(&b), inner.reading.remove(&b)];
+        for rx in stale.into_iter().flatten() {
+            if let Ok(Ok(buf)) = rx.recv() {
+                self.pool.give(buf);
+            }
+        }
+        self.wait_write(&mut inner, b)?;
+        while inner.resident.len() >= self.max_resident {
+            let (old, slot) = inner.resident.pop_front().expect("non-empty");
+            self.write_behind(&mut inner, old, slot)?;
+        }
+        let mut buf = self.pool.take()?;
+        buf.payload_mut(br.len()).copy_from_slice(values);
+        inner.resident.push_back((b, Slot { buf, dirty: true }));
+        Ok(())
+    }
+
     /// Forgets every block: the buffer reads as zeros again (no I/O).
     pub fn zero(&self) -> Result<()> {
         self.flush()?;
@@ -671,6 +709,41 @@ mod tests {
             use std::sync::atomic::Ordering::Relaxed;
             assert!(io.stats.written.load(Relaxed) > 0, "{}", io.backend);
         }
+    }
+
+    #[test]
+    fn an_overwritten_block_is_written_without_a_read_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = IoThreads::new(2);
+        let pool = BufferPool::new(4, slot_bytes(1000));
+        let b = SwappedBuffer::new(dir.path(), "t", 2500, 1000, 1, pool, io).unwrap();
+        b.update_range(0..2500, |o, c| {
+            c.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (o + i) as f32)
+        })
+        .unwrap();
+        b.flush().unwrap();
+        // Block 1 resident (read once), block 2 read ahead and dropped, block 0 on disk only.
+        let mut one = [0f32; 1];
+        b.read_range(1500..1501, &mut one).unwrap();
+        b.prefetch(2).unwrap();
+        let reads = b.io_bytes().0;
+        let fill = |blk: usize, n: usize| -> Vec<f32> {
+            (0..n).map(|i| -((blk * 1000 + i) as f32)).collect()
+        };
+        for (blk, n) in [(0, 1000), (1, 1000), (2, 500)] {
+            b.overwrite_block(blk, &fill(blk, n)).unwrap();
+        }
+        assert_eq!(b.io_bytes().0, reads, "an overwrite reads nothing");
+        assert!(
+            b.overwrite_block(0, &[1.0; 999]).is_err(),
+            "a short block is refused"
+        );
+        b.flush().unwrap();
+        let mut all = vec![0f32; 2500];
+        b.read_range(0..2500, &mut all).unwrap();
+        assert!(all.iter().enumerate().all(|(i, x)| *x == -(i as f32)));
     }
 
     fn round_trip(b: &SwappedBuffer) {
