@@ -5,8 +5,9 @@
 //!   norm, AdamW on this rank's partition, all-gather — shared by every stage.
 //! - [`stage3`]: the parameter coordinator (gather before use, release after, prefetch).
 //! - [`states`]: where the states live, behind one trait: host memory; [`offload`]: NVMe swap
-//!   files (ZeRO-Infinity, through [`swap_tensor`], set by [`offload_config`]); [`device`]: the
-//!   parameters' device.
+//!   files (ZeRO-Infinity, through [`swap_tensor`], set by [`offload_config`];
+//!   `partitioned_param_swapper`: the parameter pieces' file when they are whole in memory too);
+//!   [`device`]: the parameters' device.
 //! - [`partition`]: where each parameter sits in the flat buffers and which piece a rank owns;
 //!   [`flat`]: copies between tensors and flat buffers; [`estimate`]: DeepSpeed's memory estimators.
 mod device;
@@ -15,6 +16,7 @@ pub mod flat;
 pub mod offload;
 pub mod offload_config;
 pub mod partition;
+mod partitioned_param_swapper;
 pub mod stage3;
 pub mod stage_1_and_2;
 mod states;

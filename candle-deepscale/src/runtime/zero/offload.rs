@@ -8,6 +8,7 @@
 use super::flat::UpdatedPiece;
 use super::offload_config::OffloadSettings;
 use super::partition::Run;
+use super::partitioned_param_swapper::{gathered_piece, write_pieces};
 use super::stage_1_and_2::{AdamState, ZeroCore, ZeroOptimizer};
 use super::states::{gather_host, load_runs, HeldBytes, RunState, Staging, ZeroStates};
 use super::swap_tensor::{slot_bytes, BufferPool, IoThreads, SwapIo, SwappedBuffer};
@@ -19,7 +20,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 /// A flat buffer of this rank's partition: in memory, or swapped to NVMe.
-enum Flat {
+pub(super) enum Flat {
     Memory(Vec<f32>),
     /// Boxed: a swapped buffer's bookkeeping is far larger than a Vec.
     Swapped(Box<SwappedBuffer>),
@@ -65,7 +66,7 @@ impl Flat {
         }
     }
 
-    fn swapped(&self) -> Option<&SwappedBuffer> {
+    pub(super) fn swapped(&self) -> Option<&SwappedBuffer> {
         match self {
             Flat::Memory(_) => None,
             Flat::Swapped(b) => Some(b),
@@ -121,8 +122,10 @@ pub(crate) struct NvmeStates {
     pieces_in_memory: bool,
     /// Whether every parameter is fp32 (its gathered values are its pieces' own).
     fp32_params: bool,
-    /// Buckets updated with their pieces' swap-file write left to the step's end.
+    /// Buckets updated with their pieces' swap-file write left for later, and the blocks of
+    /// the pieces' file written whole from them this step.
     unwritten: Vec<usize>,
+    pieces_written: Vec<bool>,
 }
 
 impl NvmeStates {
@@ -258,6 +261,10 @@ impl NvmeStates {
         }
         if keep {
             self.collected.push((b, out));
+        }
+        if self.pieces_in_memory {
+            let (un, done) = (&mut self.unwritten, &mut self.pieces_written);
+            write_pieces(z, &self.master, un, done, &self.collected, false)?;
         }
         Ok(())
     }
@@ -439,56 +446,8 @@ impl NvmeStates {
             pieces_in_memory: false,
             fp32_params,
             unwritten: Vec::new(),
+            pieces_written: vec![false; len.div_ceil(block)],
         })
-    }
-
-    /// Writes the pieces of the buckets updated without their write (`unwritten`) from the
-    /// step's kept pieces `whole` (sorted by bucket): blocks they cover entirely are written
-    /// without being read.
-    fn write_unwritten(&mut self, z: &ZeroCore, whole: &[(usize, Vec<f32>)]) -> Result<()> {
-        let Some(master) = self.master.swapped() else {
-            self.unwritten.clear();
-            return Ok(());
-        };
-        let mut pieces: Vec<(Range<usize>, &[f32])> = Vec::new();
-        for &b in &self.unwritten {
-            let Ok(at) = whole.binary_search_by_key(&b, |w| w.0) else {
-                bail!("ZeRO-3 NVMe: bucket {b}'s updated piece was not kept for its write")
-            };
-            let bk = &z.layout.buckets[b];
-            pieces.push((bk.part_offset..bk.part_offset + bk.piece, &whole[at].1));
-        }
-        pieces.sort_unstable_by_key(|p| p.0.start);
-        let mut block = Vec::new();
-        for blk in 0..master.blocks() {
-            let br = master.block_range(blk);
-            let inside: Vec<&(Range<usize>, &[f32])> = pieces
-                .iter()
-                .filter(|p| p.0.start < br.end && br.start < p.0.end)
-                .collect();
-            let covered: usize = inside
-                .iter()
-                .map(|p| p.0.end.min(br.end) - p.0.start.max(br.start))
-                .sum();
-            if covered == br.len() {
-                block.resize(br.len(), 0.0);
-                for (r, v) in inside {
-                    let (lo, hi) = (r.start.max(br.start), r.end.min(br.end));
-                    block[lo - br.start..hi - br.start]
-                        .copy_from_slice(&v[lo - r.start..hi - r.start]);
-                }
-                master.overwrite_block(blk, &block)?;
-                continue;
-            }
-            for (r, v) in inside {
-                let (lo, hi) = (r.start.max(br.start), r.end.min(br.end));
-                master.update_range(lo..hi, |o, d| {
-                    d.copy_from_slice(&v[lo - r.start + o..lo - r.start + o + d.len()])
-                })?;
-            }
-        }
-        self.unwritten.clear();
-        Ok(())
     }
 
     /// Reads the states of the step's next tiles early, as far as the spare buffers go.
@@ -521,31 +480,6 @@ impl NvmeStates {
         .into_iter()
         .flatten()
     }
-}
-
-/// Elements `within` of this rank's piece of bucket `b` (stage 3: one parameter) from the
-/// parameter's gathered fp32 tensor, if it is gathered now (None: released, or not fp32).
-fn gathered_piece(z: &ZeroCore, b: usize, within: Range<usize>) -> Result<Option<Vec<f32>>> {
-    let bk = &z.layout.buckets[b];
-    let [p] = bk.params[..] else {
-        return Ok(None);
-    };
-    let t = z.params[p].tensor();
-    if t.dtype() != DType::F32 || crate::layers::storage::resident_len(t) != t.elem_count() {
-        return Ok(None);
-    }
-    // The piece's elements in the parameter; past its end, the bucket's padding (zeros).
-    let start = bk.piece * z.layout.rank + within.start - z.layout.params[p].offset;
-    let numel = t.elem_count();
-    super::flat::with_f32(t, |v| {
-        let mut out = vec![0f32; within.len()];
-        if start < numel {
-            let n = within.len().min(numel - start);
-            out[..n].copy_from_slice(&v[start..start + n]);
-        }
-        out
-    })
-    .map(Some)
 }
 
 impl ZeroStates for NvmeStates {
@@ -681,7 +615,14 @@ impl ZeroStates for NvmeStates {
         }
         whole.append(&mut missing);
         whole.sort_unstable_by_key(|w| w.0);
-        self.write_unwritten(z, &whole)?;
+        write_pieces(
+            z,
+            &self.master,
+            &mut self.unwritten,
+            &mut self.pieces_written,
+            &whole,
+            true,
+        )?;
         // The last tiles' writes go on behind the write-back and the next forward (which
         // reads no state; a gather that reads a piece waits for its block's write).
         self.buffers().try_for_each(|b| b.write_out())?;
@@ -766,6 +707,7 @@ impl ZeroStates for NvmeStates {
         self.collected.clear();
         self.pending = None;
         self.unwritten.clear();
+        self.pieces_written.iter_mut().for_each(|w| *w = false);
         match &mut self.grads {
             Flat::Memory(v) => super::flat::fill_zero(v),
             Flat::Swapped(b) => b.zero()?,
@@ -818,27 +760,6 @@ impl ZeroStates for NvmeStates {
 }
 
 impl ZeroOptimizer {
-    /// Stage 3: whether bucket `b`'s updated pieces are all-gathered into its parameters by the
-    /// step (a persistent parameter); other stages: every bucket.
-    pub(super) fn writes_back(&self, b: usize) -> bool {
-        match &self.stage3 {
-            Some(s3) => self.core.layout.buckets[b]
-                .params
-                .iter()
-                .any(|&p| s3.is_persistent(p)),
-            None => true,
-        }
-    }
-
-    /// NVMe: the parameters of the next forward's first gather, taken from the step's updated
-    /// pieces rather than read back from the swap file right after they were written.
-    pub(super) fn gather_ahead(&self) -> Vec<usize> {
-        match &self.stage3 {
-            Some(s3) if self.states.pieces_swapped() => s3.first_gather(),
-            _ => Vec::new(),
-        }
-    }
-
     /// Before the accumulation's last backward, where the update needs no global gradient norm
     /// (no clipping, no loss scale): with NVMe offload each bucket's pieces are then updated as
     /// its final gradients arrive, while backward goes on, and [`Self::step`] does the rest. `lr`
@@ -857,50 +778,5 @@ impl ZeroOptimizer {
             .map(|b| self.writes_back(b) || ahead.contains(&b))
             .collect();
         self.states.arm_step(consts, keep)
-    }
-
-    // What the swapper did, for benchmarks and tests.
-
-    /// NVMe offload: partition elements updated during backward so far (see
-    /// [`Self::arm_step`]).
-    pub fn offload_stepped_in_backward(&self) -> u64 {
-        self.states.stepped_in_backward()
-    }
-    /// NVMe offload: (bytes read, bytes written) by the swapper so far.
-    pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
-        // Counted as issued, by swap file: writes still in flight count.
-        self.states.swap_io().map(|_| {
-            self.states
-                .swap_io_by_buffer()
-                .iter()
-                .fold((0, 0), |(r, w), b| (r + b.1, w + b.2))
-        })
-    }
-
-    /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer so far
-    /// (empty without offload).
-    pub fn offload_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
-        self.states.swap_io_by_buffer()
-    }
-
-    /// NVMe offload: blocks of the step's states read early (into the buffers `buffer_count`
-    /// gives beyond the working set) so far.
-    pub fn offload_reads_early(&self) -> Option<u64> {
-        self.states.swap_io().map(|s| s.reads_early())
-    }
-
-    /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.
-    pub fn offload_reads_ahead(&self) -> Option<u64> {
-        self.states.swap_io().map(|s| s.reads_ahead())
-    }
-
-    /// NVMe offload: the I/O engine and mode (`io_uring, O_DIRECT`, `threads, buffered`, ...).
-    pub fn offload_io_path(&self) -> Option<String> {
-        self.states.swap_io().map(|s| s.io_path())
-    }
-
-    /// NVMe offload: whether swap files use O_DIRECT.
-    pub fn offload_direct(&self) -> Option<bool> {
-        self.states.swap_io().map(|s| s.direct())
     }
 }

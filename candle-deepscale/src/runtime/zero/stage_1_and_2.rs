@@ -715,3 +715,71 @@ fn build_segments(
     }
     segments
 }
+
+impl ZeroOptimizer {
+    /// Stage 3: whether bucket `b`'s updated pieces are all-gathered into its parameters by the
+    /// step (a persistent parameter); other stages: every bucket.
+    pub(super) fn writes_back(&self, b: usize) -> bool {
+        match &self.stage3 {
+            Some(s3) => self.core.layout.buckets[b]
+                .params
+                .iter()
+                .any(|&p| s3.is_persistent(p)),
+            None => true,
+        }
+    }
+
+    /// NVMe: the parameters of the next forward's first gather, taken from the step's updated
+    /// pieces rather than read back from the swap file right after they were written.
+    pub(super) fn gather_ahead(&self) -> Vec<usize> {
+        match &self.stage3 {
+            Some(s3) if self.states.pieces_swapped() => s3.first_gather(),
+            _ => Vec::new(),
+        }
+    }
+
+    // What the NVMe swapper did, for benchmarks and tests.
+
+    /// NVMe offload: partition elements updated during backward so far (see
+    /// [`Self::arm_step`]).
+    pub fn offload_stepped_in_backward(&self) -> u64 {
+        self.states.stepped_in_backward()
+    }
+    /// NVMe offload: (bytes read, bytes written) by the swapper so far.
+    pub fn offload_io_bytes(&self) -> Option<(u64, u64)> {
+        // Counted as issued, by swap file: writes still in flight count.
+        self.states.swap_io().map(|_| {
+            self.states
+                .swap_io_by_buffer()
+                .iter()
+                .fold((0, 0), |(r, w), b| (r + b.1, w + b.2))
+        })
+    }
+
+    /// NVMe offload: (swap file name, bytes read, bytes written) of each swapped buffer so far
+    /// (empty without offload).
+    pub fn offload_io_by_buffer(&self) -> Vec<(String, u64, u64)> {
+        self.states.swap_io_by_buffer()
+    }
+
+    /// NVMe offload: blocks of the step's states read early (into the buffers `buffer_count`
+    /// gives beyond the working set) so far.
+    pub fn offload_reads_early(&self) -> Option<u64> {
+        self.states.swap_io().map(|s| s.reads_early())
+    }
+
+    /// NVMe offload: blocks of parameter pieces read ahead of ZeRO-3's gathers so far.
+    pub fn offload_reads_ahead(&self) -> Option<u64> {
+        self.states.swap_io().map(|s| s.reads_ahead())
+    }
+
+    /// NVMe offload: the I/O engine and mode (`io_uring, O_DIRECT`, `threads, buffered`, ...).
+    pub fn offload_io_path(&self) -> Option<String> {
+        self.states.swap_io().map(|s| s.io_path())
+    }
+
+    /// NVMe offload: whether swap files use O_DIRECT.
+    pub fn offload_direct(&self) -> Option<bool> {
+        self.states.swap_io().map(|s| s.direct())
+    }
+}
