@@ -122,9 +122,8 @@ pub(crate) struct NvmeStates {
     pieces_in_memory: bool,
     /// Whether every parameter is fp32 (its gathered values are its pieces' own).
     fp32_params: bool,
-    /// Buckets updated with their pieces' swap-file write left for later, and the blocks of
-    /// the pieces' file written whole from them this step.
-    unwritten: Vec<usize>,
+    /// Blocks of the pieces' file written whole this step (with `pieces_in_memory` the
+    /// buckets `updated` during backward left their write for later).
     pieces_written: Vec<bool>,
 }
 
@@ -256,15 +255,22 @@ impl NvmeStates {
         }
         self.updated[b] = true;
         self.stepped_in_backward += bk.piece as u64;
-        if self.pieces_in_memory {
-            self.unwritten.push(b);
-        }
         if keep {
             self.collected.push((b, out));
         }
         if self.pieces_in_memory {
-            let (un, done) = (&mut self.unwritten, &mut self.pieces_written);
-            write_pieces(z, &self.master, un, done, &self.collected, false)?;
+            // Only the blocks of this bucket can have become whole.
+            let blocks = self.m.block_of(range.start)..self.m.block_of(range.end.max(1) - 1) + 1;
+            let (updated, done) = (&self.updated, &mut self.pieces_written);
+            write_pieces(
+                z,
+                &self.master,
+                updated,
+                done,
+                &self.collected,
+                blocks,
+                false,
+            )?;
         }
         Ok(())
     }
@@ -445,7 +451,6 @@ impl NvmeStates {
             stream: 0,
             pieces_in_memory: false,
             fp32_params,
-            unwritten: Vec::new(),
             pieces_written: vec![false; len.div_ceil(block)],
         })
     }
@@ -615,14 +620,11 @@ impl ZeroStates for NvmeStates {
         }
         whole.append(&mut missing);
         whole.sort_unstable_by_key(|w| w.0);
-        write_pieces(
-            z,
-            &self.master,
-            &mut self.unwritten,
-            &mut self.pieces_written,
-            &whole,
-            true,
-        )?;
+        if self.pieces_in_memory {
+            let all = 0..self.pieces_written.len();
+            let (updated, done) = (&self.updated, &mut self.pieces_written);
+            write_pieces(z, &self.master, updated, done, &whole, all, true)?;
+        }
         // The last tiles' writes go on behind the write-back and the next forward (which
         // reads no state; a gather that reads a piece waits for its block's write).
         self.buffers().try_for_each(|b| b.write_out())?;
@@ -706,7 +708,6 @@ impl ZeroStates for NvmeStates {
         self.updated.iter_mut().for_each(|u| *u = false);
         self.collected.clear();
         self.pending = None;
-        self.unwritten.clear();
         self.pieces_written.iter_mut().for_each(|w| *w = false);
         match &mut self.grads {
             Flat::Memory(v) => super::flat::fill_zero(v),

@@ -38,30 +38,32 @@ pub(super) fn gathered_piece(
     .map(Some)
 }
 
-/// Writes the pieces of buckets `unwritten` (updated without their write) into `master` from
-/// their updated values `pieces` (bucket, piece): each block they cover entirely, without
-/// reading it — during backward as soon as its buckets are all updated (the writes go on
-/// behind the layers still to come); `at_end` (the step's end), the rest too. `written` marks
-/// the blocks written this step.
+/// Writes the pieces of the buckets `unwritten` flags (updated without their write) that lie
+/// in `blocks` into `master` from their updated values `pieces` (bucket, piece): each block
+/// they cover entirely, without reading it — during backward as soon as its buckets are all
+/// updated (the writes go on behind the layers still to come); `at_end` (the step's end), the
+/// rest too. `written` marks the blocks written this step (cleared at the end).
 pub(super) fn write_pieces(
     z: &ZeroCore,
     master: &Flat,
-    unwritten: &mut Vec<usize>,
+    unwritten: &[bool],
     written: &mut [bool],
     pieces: &[(usize, Vec<f32>)],
+    blocks: Range<usize>,
     at_end: bool,
 ) -> Result<()> {
-    let Some(master) = master.swapped() else {
-        unwritten.clear();
+    let Some(master) = master.swapped().filter(|_| !blocks.is_empty()) else {
         return Ok(());
     };
+    let span = master.block_range(blocks.start).start..master.block_range(blocks.end - 1).end;
     let mut ranges: Vec<(Range<usize>, &[f32])> = Vec::new();
-    for &b in unwritten.iter() {
+    for (b, bk) in z.layout.buckets.iter().enumerate() {
+        let r = bk.part_offset..bk.part_offset + bk.piece;
+        if !unwritten[b] || r.end <= span.start || span.end <= r.start {
+            continue;
+        }
         match pieces.iter().find(|w| w.0 == b) {
-            Some((_, v)) => {
-                let bk = &z.layout.buckets[b];
-                ranges.push((bk.part_offset..bk.part_offset + bk.piece, v));
-            }
+            Some((_, v)) => ranges.push((r, v)),
             None if at_end => {
                 bail!("ZeRO-3 NVMe: bucket {b}'s updated piece was not kept for its write")
             }
@@ -69,8 +71,8 @@ pub(super) fn write_pieces(
         }
     }
     let mut block = Vec::new();
-    for (blk, done) in written.iter_mut().enumerate() {
-        if *done {
+    for blk in blocks {
+        if written[blk] {
             continue;
         }
         let br = master.block_range(blk);
@@ -91,7 +93,7 @@ pub(super) fn write_pieces(
             master.overwrite_block(blk, &block)?;
             // Done with: written behind now rather than left to evict another block.
             master.write_block(blk)?;
-            *done = true;
+            written[blk] = true;
         } else if at_end {
             for (r, v) in inside {
                 let (lo, hi) = (r.start.max(br.start), r.end.min(br.end));
@@ -102,7 +104,6 @@ pub(super) fn write_pieces(
         }
     }
     if at_end {
-        unwritten.clear();
         written.iter_mut().for_each(|w| *w = false);
     }
     debug_assert_eq!(written.len(), master.blocks());
