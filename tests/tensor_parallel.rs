@@ -2,7 +2,9 @@
 //! GPT-2 and BERT at tp = 2 and 4 (in-process ranks).
 mod common;
 
-use common::tp::{assert_rel_close, assert_trace_matches, run_bert, run_gpt2, Trace, STEPS};
+use common::tp::{
+    assert_rel_close, assert_trace_matches, run_bert, run_gpt2, run_gpt2_training, Trace, STEPS,
+};
 
 use candle_core::{Device, Tensor};
 use candle_deepscale::comm::{Communicator, InProcessWorld};
@@ -32,6 +34,15 @@ fn gpt2_tp2_equals_tp1() {
 #[test]
 fn gpt2_tp4_equals_tp1() {
     compare(run_gpt2, 4, "GPT-2");
+}
+
+/// Training forwards: the fused LM head on each rank's vocabulary block (257 real columns of 512:
+/// the last blocks hold one real column or none) against one rank's fused head over the whole
+/// vocabulary.
+#[test]
+fn gpt2_training_forward_tp2_and_tp4_equal_tp1() {
+    compare(run_gpt2_training, 2, "GPT-2 (training forward)");
+    compare(run_gpt2_training, 4, "GPT-2 (training forward)");
 }
 
 #[test]

@@ -85,6 +85,17 @@ fn snapshot(
 }
 
 pub fn run_gpt2(tp: Option<TensorParallel>, steps: usize) -> Trace {
+    run_gpt2_with(tp, steps, false)
+}
+
+/// [`run_gpt2`] with training forwards (no dropout in the tiny config: the same numbers): the
+/// logits are the fused LM head's, differentiated by the cross entropy straight into the head's
+/// input and weight.
+pub fn run_gpt2_training(tp: Option<TensorParallel>, steps: usize) -> Trace {
+    run_gpt2_with(tp, steps, true)
+}
+
+fn run_gpt2_with(tp: Option<TensorParallel>, steps: usize, train: bool) -> Trace {
     let cfg = tiny_gpt2_config();
     let src = RandomInit { seed: 99 };
     let model = Gpt2::new(
@@ -104,7 +115,11 @@ pub fn run_gpt2(tp: Option<TensorParallel>, steps: usize) -> Trace {
     let (mut losses, mut logits0, mut grads0) = (Vec::new(), None, None);
     for step in 0..steps {
         let (x, y) = batches(step);
-        let logits = model.forward(&x, &ForwardCtx::eval()).unwrap();
+        let ctx = match train {
+            true => ForwardCtx::train(7, step as u64, 0),
+            false => ForwardCtx::eval(),
+        };
+        let logits = model.forward(&x, &ctx).unwrap();
         let loss = model.loss(&logits, &y).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         let grads = loss.backward().unwrap();

@@ -128,10 +128,23 @@ pub mod fused {
         row_grad(d, x, lse, g)
     }
 
-    /// Losses of rows `[tokens, padded]` against labels; keeps each row's log-sum-exp.
+    /// Losses of rows `[tokens, padded]` against labels; keeps each row's log-sum-exp. With
+    /// `given` (a block of a vocabulary-parallel row: see [`block_token_losses`]) the losses
+    /// and log-sum-exps are the caller's, reduced over every rank's block.
     struct CrossEntropy {
         vocab: usize,
         lse: Mutex<Vec<f32>>,
+        given: Option<Vec<f32>>,
+    }
+
+    impl CrossEntropy {
+        fn new(vocab: usize) -> Self {
+            Self {
+                vocab,
+                lse: Mutex::new(Vec::new()),
+                given: None,
+            }
+        }
     }
 
     impl CustomOp2 for CrossEntropy {
@@ -149,6 +162,12 @@ pub mod fused {
             let (x, y) = slices(ls, ll, ys, yl)?;
             let padded = ll.dims()[1];
             let v = self.vocab;
+            if let Some(loss) = &self.given {
+                if loss.len() != y.len() || x.len() != y.len() * padded {
+                    bail!("vocabulary-parallel cross entropy: rows do not match")
+                }
+                return Ok((CpuStorage::F32(loss.clone()), Shape::from(y.len())));
+            }
             if let Some(bad) = y.iter().find(|&&l| l as usize >= v) {
                 bail!("cross entropy: label {bad} is outside the vocabulary of {v}")
             }
@@ -237,7 +256,10 @@ pub mod fused {
                 .for_each(|(i, (dr, xr))| {
                     let (dr, xr) = (&mut dr[..v], &xr[..v]);
                     softmax_row(dr, xr, self.lse[i], g[i], fast);
-                    dr[y[i] as usize] -= g[i];
+                    // A label of another rank's block (`u32::MAX`) has no column here.
+                    if let Some(d) = dr.get_mut(y[i] as usize) {
+                        *d -= g[i];
+                    }
                 });
             Ok((CpuStorage::F32(d), ll.shape().clone()))
         }
@@ -249,6 +271,101 @@ pub mod fused {
         if vocab_size > padded {
             bail!("cross entropy: vocab_size {vocab_size} exceeds logits width {padded}");
         }
+        apply(logits, labels, CrossEntropy::new(vocab_size))
+    }
+
+    /// Megatron's vocabulary-parallel cross entropy on this rank's block of the vocabulary:
+    /// `logits [.., local]`, of which the first `valid` columns are real (the rest padding);
+    /// `labels` index into the block (`u32::MAX`: the label is another rank's column); `lse`
+    /// and `loss` are each row's log-sum-exp and loss over the whole vocabulary (what
+    /// [`block_row_max`] and [`block_row_sums`] gave, reduced over the ranks). The losses are
+    /// `loss`; backward is `g (softmax - onehot)` on this block, zero in the padding (local, as
+    /// Megatron's is), through the LM head when these are its logits.
+    pub fn block_token_losses(
+        logits: &Tensor,
+        labels: &[u32],
+        valid: usize,
+        lse: Vec<f32>,
+        loss: Vec<f32>,
+    ) -> Result<Tensor> {
+        let local = logits.dim(D::Minus1)?;
+        if valid > local || lse.len() != labels.len() || loss.len() != labels.len() {
+            bail!(
+                "vocabulary-parallel cross entropy: {valid} real columns of {local}, {} labels, {} row statistics",
+                labels.len(),
+                lse.len().min(loss.len())
+            );
+        }
+        let labels = Tensor::from_slice(labels, labels.len(), logits.device())?;
+        let ce = CrossEntropy {
+            vocab: valid,
+            lse: Mutex::new(lse),
+            given: Some(loss),
+        };
+        apply(logits, &labels, ce)
+    }
+
+    /// Rows of `logits [.., local]` and their first `valid` columns as `f` sees them.
+    fn block_rows<R: Send>(
+        logits: &Tensor,
+        valid: usize,
+        f: impl Fn(usize, &[f32]) -> R + Sync + Send,
+    ) -> Result<Vec<R>> {
+        let local = logits.dim(D::Minus1)?;
+        let logits = logits.reshape(((), local))?.contiguous()?;
+        crate::ops::fast_math::with_f32_slices(&[&logits], OP_BLOCK, &["logits"], |x| {
+            x[0].par_chunks(local.max(1))
+                .enumerate()
+                .map(|(i, row)| f(i, &row[..valid.min(row.len())]))
+                .collect()
+        })
+    }
+
+    const OP_BLOCK: &str = "vocabulary-parallel cross entropy";
+
+    /// Each row's largest logit among the block's first `valid` columns (-inf where none).
+    pub fn block_row_max(logits: &Tensor, valid: usize) -> Result<Vec<f32>> {
+        block_rows(logits, valid, |_, row| {
+            crate::ops::fast_math::vectorized(
+                #[inline(always)]
+                || crate::ops::fast_math::max(row),
+            )
+        })
+    }
+
+    /// Each row's `sum exp(x - max)` over the block's first `valid` columns, and its label's
+    /// `x - max` (0 where the label, `u32::MAX`, is another rank's); `max` is the row maximum
+    /// over every block.
+    pub fn block_row_sums(
+        logits: &Tensor,
+        valid: usize,
+        max: &[f32],
+        labels: &[u32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = logits.elem_count() / logits.dim(D::Minus1)?.max(1);
+        if max.len() != rows || labels.len() != rows {
+            bail!(
+                "{OP_BLOCK}: {rows} rows, {} maxima, {} labels",
+                max.len(),
+                labels.len()
+            );
+        }
+        let pairs = block_rows(logits, valid, |i, row| {
+            let m = max[i];
+            let sum = crate::ops::fast_math::vectorized(
+                #[inline(always)]
+                || crate::ops::fast_math::sum_map(row, |v| exp(v - m)),
+            );
+            let target = row.get(labels[i] as usize).map_or(0.0, |&x| x - m);
+            (sum, target)
+        })?;
+        Ok(pairs.into_iter().unzip())
+    }
+
+    /// The fused cross entropy `ce` of `logits` (through the LM head when they are its last
+    /// remembered logits).
+    fn apply(logits: &Tensor, labels: &Tensor, ce: CrossEntropy) -> Result<Tensor> {
+        let padded = logits.dim(D::Minus1)?;
         let head = take_head(logits);
         let logits = logits.reshape(((), padded))?.contiguous()?;
         let labels = labels
@@ -269,22 +386,13 @@ pub mod fused {
                 &x,
                 &w,
                 LmHead {
-                    ce: CrossEntropy {
-                        vocab: vocab_size,
-                        lse: Mutex::new(Vec::new()),
-                    },
+                    ce,
                     labels: labels.clone(),
                     precision: crate::ops::matmul::float32_matmul_precision(),
                 },
             );
         }
-        logits.apply_op2(
-            &labels,
-            CrossEntropy {
-                vocab: vocab_size,
-                lse: Mutex::new(Vec::new()),
-            },
-        )
+        logits.apply_op2(&labels, ce)
     }
 
     thread_local! {
@@ -308,7 +416,7 @@ pub mod fused {
 
     thread_local! {
         /// Backwards of the fused LM head run on this thread (so tests can tell it ran).
-        pub(super) static HEAD_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        pub(crate) static HEAD_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     /// `x`, `w` of `logits` when they are the last remembered LM head's (taken: used once).

@@ -307,16 +307,13 @@ impl FinalHead {
         self.logits_for(x, false)
     }
 
-    /// In a training forward (one tensor-parallel rank) the logits are the cross entropy's
-    /// fused LM head (`cross_entropy::lm_head_logits`): their gradient is never materialised.
+    /// In a training forward the logits are the cross entropy's fused LM head
+    /// (`cross_entropy::lm_head_logits`; with tensor parallelism this rank's vocabulary block
+    /// and its gradient into `x`, which `copy_to_tp` all-reduces): their gradient is never
+    /// materialised.
     fn logits_for(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let x = copy_to_tp(&self.final_layernorm.forward(x)?, self.tp.as_ref())?;
-        let whole = self.tp.as_ref().is_none_or(|t| t.size() == 1);
-        candle_deepscale::layers::loss::lm_head_logits(
-            &x,
-            self.word_embeddings.tensor(),
-            training && whole,
-        )
+        candle_deepscale::layers::loss::lm_head_logits(&x, self.word_embeddings.tensor(), training)
     }
 }
 
