@@ -17,6 +17,11 @@ pub fn vocab_parallel_token_losses(
     let Some(tp) = tp.filter(|t| t.size() > 1) else {
         return crate::ops::cross_entropy::token_losses(logits, labels, vocab_size);
     };
+    if crate::ops::half_on_cpu(&[logits]).is_some() {
+        // As at tp 1: half-precision logits on the CPU enter the fused kernel widened.
+        let wide = logits.to_dtype(DType::F32)?;
+        return vocab_parallel_token_losses(&wide, labels, vocab_size, Some(tp));
+    }
     if crate::ops::fused() && logits.device().is_cpu() && logits.dtype() == DType::F32 {
         return fused_token_losses(logits, labels, vocab_size, tp);
     }
@@ -268,6 +273,33 @@ mod tests {
             assert!(max_diff(&fused.0, &composed.0) < 1e-5, "rank {rank} losses");
             assert!(max_diff(&fused.1, &composed.1) < 1e-5, "rank {rank} dx");
             assert!(max_diff(&fused.2, &composed.2) < 1e-5, "rank {rank} dw");
+        }
+    }
+
+    /// bf16 logits (a bf16 model on the CPU) enter the fused kernel widened to f32, as at tp 1:
+    /// the composed ops' losses and a bf16 gradient.
+    #[test]
+    fn half_precision_logits_give_the_composed_losses_and_a_half_gradient() {
+        let (tp, padded, vocab, rows) = (2usize, 16usize, 11usize, 6usize);
+        let (all, labels) = inputs(rows, padded, vocab);
+        let results = on_ranks(tp, move |g| {
+            let local = padded / tp;
+            let block: Vec<f32> = (0..rows)
+                .flat_map(|r| all[r * padded + g.rank * local..][..local].to_vec())
+                .collect();
+            let y = Tensor::from_slice(&labels, rows, &Device::Cpu)?;
+            let x = Var::from_tensor(
+                &Tensor::from_vec(block, (rows, local), &Device::Cpu)?.to_dtype(DType::BF16)?,
+            )?;
+            let fused = vocab_parallel_token_losses(x.as_tensor(), &y, vocab, Some(&g))?;
+            let composed = composed_token_losses(x.as_tensor(), &y, vocab, &g)?;
+            let grads = fused.sum_all()?.backward()?;
+            let dx = grads.get(x.as_tensor()).map(|t| t.dtype());
+            Ok((fused, composed, dx))
+        });
+        for (rank, (fused, composed, dx)) in results.iter().enumerate() {
+            assert!(max_diff(fused, composed) < 1e-5, "rank {rank}");
+            assert_eq!(*dx, Some(DType::BF16), "rank {rank}");
         }
     }
 
