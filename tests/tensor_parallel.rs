@@ -3,7 +3,8 @@
 mod common;
 
 use common::tp::{
-    assert_rel_close, assert_trace_matches, run_bert, run_gpt2, run_gpt2_training, Trace, STEPS,
+    assert_rel_close, assert_trace_matches, run_bert, run_bert_training, run_gpt2,
+    run_gpt2_training, Trace, STEPS,
 };
 
 use candle_core::{Device, Tensor};
@@ -48,6 +49,13 @@ fn gpt2_training_forward_tp2_and_tp4_equal_tp1() {
 #[test]
 fn bert_tp2_equals_tp1() {
     compare(run_bert, 2, "BERT");
+}
+
+/// Training forwards: BERT's masked-LM decoder (tied weight and bias) as the fused LM head.
+#[test]
+fn bert_training_forward_tp2_and_tp4_equal_tp1() {
+    compare(run_bert_training, 2, "BERT (training forward)");
+    compare(run_bert_training, 4, "BERT (training forward)");
 }
 
 #[test]

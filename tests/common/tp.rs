@@ -149,6 +149,16 @@ fn tiny_bert() -> bert::Config {
 }
 
 pub fn run_bert(tp: Option<TensorParallel>, steps: usize) -> Trace {
+    run_bert_with(tp, steps, false)
+}
+
+/// [`run_bert`] with training forwards (no dropout in the tiny config): the masked-LM logits
+/// are the fused LM head's, its bias's gradient included.
+pub fn run_bert_training(tp: Option<TensorParallel>, steps: usize) -> Trace {
+    run_bert_with(tp, steps, true)
+}
+
+fn run_bert_with(tp: Option<TensorParallel>, steps: usize, train: bool) -> Trace {
     let cfg = tiny_bert();
     let src = RandomInit { seed: 98 };
     let model = Bert::new(
@@ -170,9 +180,11 @@ pub fn run_bert(tp: Option<TensorParallel>, steps: usize) -> Trace {
     let nsp = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
     for step in 0..steps {
         let (x, y) = batches(step);
-        let out = model
-            .forward(&x, Some(&types), None, &ForwardCtx::eval())
-            .unwrap();
+        let ctx = match train {
+            true => ForwardCtx::train(7, step as u64, 0),
+            false => ForwardCtx::eval(),
+        };
+        let out = model.forward(&x, Some(&types), None, &ctx).unwrap();
         let lm = out.lm_logits.as_ref().unwrap();
         let mlm = model.lm_token_losses(lm, &y).unwrap().mean_all().unwrap();
         let sop = candle_deepscale::layers::loss::lm_cross_entropy(

@@ -1,6 +1,8 @@
 //! Language-model losses for model authors: cross entropy over the padded vocabulary (padding
 //! excluded) and the LM head whose logits the fused cross entropy differentiates itself.
-pub use crate::ops::cross_entropy::{lm_head_logits, token_losses, token_losses_reference};
+pub use crate::ops::cross_entropy::{
+    lm_head_logits, lm_head_logits_with_bias, token_losses, token_losses_reference,
+};
 use candle_core::{DType, Result, Tensor};
 
 /// Mean cross entropy of `logits [.., padded_vocab]` against `labels [..]` (u32), counting only

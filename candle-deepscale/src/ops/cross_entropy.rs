@@ -9,17 +9,28 @@ use candle_core::{DType, Result, Tensor, D};
 /// consumed by the two GEMMs while it is still in cache. For training forwards (the loss always
 /// follows); anything else is a plain linear.
 pub fn lm_head_logits(x: &Tensor, w: &Tensor, training: bool) -> Result<Tensor> {
+    lm_head_logits_with_bias(x, w, None, training)
+}
+
+/// [`lm_head_logits`] with a bias over the vocabulary (`x w^T + b`: BERT's masked-LM decoder);
+/// in training the cross entropy computes the bias's gradient with the others, block by block.
+pub fn lm_head_logits_with_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    training: bool,
+) -> Result<Tensor> {
     // x [.., hidden] as one 2-D product.
     let mut dims = x.dims().to_vec();
     let hidden = dims.last().copied().unwrap_or(1);
     let rows = x.elem_count() / hidden.max(1);
-    let logits = crate::ops::matmul::linear(&x.reshape((rows, hidden))?, w, None)?;
+    let logits = crate::ops::matmul::linear(&x.reshape((rows, hidden))?, w, bias)?;
     if let Some(last) = dims.last_mut() {
         *last = w.dim(0)?;
     }
     let logits = logits.reshape(dims)?;
-    if training && crate::ops::fused() && fused::head_applies(x, w) {
-        fused::remember_head(&logits, x, w);
+    if training && crate::ops::fused() && fused::head_applies(x, w, bias) {
+        fused::remember_head(&logits, x, w, bias);
     }
     Ok(logits)
 }
@@ -379,39 +390,50 @@ pub mod fused {
                 logits.dim(0)?
             );
         }
-        if let Some((x, w)) = head {
-            // The logits enter detached: their gradient goes straight to x and w (see LmHead).
+        if let Some((x, w, bias)) = head {
             let x = x.reshape(((), x.dim(D::Minus1)?))?;
-            return logits.detach().apply_op3(
-                &x,
-                &w,
-                LmHead {
-                    ce,
-                    labels: labels.clone(),
-                    precision: crate::ops::matmul::float32_matmul_precision(),
-                },
-            );
+            let mut op = LmHead {
+                ce,
+                labels: labels.clone(),
+                precision: crate::ops::matmul::float32_matmul_precision(),
+                biased: None,
+            };
+            return match bias {
+                // The logits enter detached: their gradient goes straight to x and w.
+                None => logits.detach().apply_op3(&x, &w, op),
+                // Three inputs at most: x, w and the bias; the op holds the logits.
+                Some(b) => {
+                    op.biased = Some(logits.detach());
+                    x.apply_op3(&w, &b, op)
+                }
+            };
         }
         logits.apply_op2(&labels, ce)
     }
 
     thread_local! {
         /// The last LM head's logits (by id) and their `x`, `w` (see `lm_head_logits`).
-        static HEAD: std::cell::RefCell<Option<(candle_core::TensorId, Tensor, Tensor)>> =
-            const { std::cell::RefCell::new(None) };
+        static HEAD: std::cell::RefCell<Option<Head>> = const { std::cell::RefCell::new(None) };
     }
 
-    /// CPU f32 operands with the hidden size as their last dimension.
-    pub(super) fn head_applies(x: &Tensor, w: &Tensor) -> bool {
+    /// A remembered LM head: its logits' id, `x`, `w` and the bias, if any.
+    type Head = (candle_core::TensorId, Tensor, Tensor, Option<Tensor>);
+
+    /// CPU f32 operands with the hidden size as their last dimension (a bias: one per row of
+    /// `w`).
+    pub(super) fn head_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
         x.device().is_cpu()
             && x.dtype() == candle_core::DType::F32
             && w.dtype() == candle_core::DType::F32
             && w.rank() == 2
             && x.dim(D::Minus1).ok() == Some(w.dims()[1])
+            && bias
+                .is_none_or(|b| b.dtype() == candle_core::DType::F32 && b.dims() == [w.dims()[0]])
     }
 
-    pub(super) fn remember_head(logits: &Tensor, x: &Tensor, w: &Tensor) {
-        HEAD.with(|h| *h.borrow_mut() = Some((logits.id(), x.clone(), w.clone())));
+    pub(super) fn remember_head(logits: &Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) {
+        let head = (logits.id(), x.clone(), w.clone(), bias.cloned());
+        HEAD.with(|h| *h.borrow_mut() = Some(head));
     }
 
     thread_local! {
@@ -419,12 +441,13 @@ pub mod fused {
         pub(crate) static HEAD_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
-    /// `x`, `w` of `logits` when they are the last remembered LM head's (taken: used once).
-    fn take_head(logits: &Tensor) -> Option<(Tensor, Tensor)> {
+    /// `x`, `w` and the bias of `logits` when they are the last remembered LM head's (taken:
+    /// used once).
+    fn take_head(logits: &Tensor) -> Option<(Tensor, Tensor, Option<Tensor>)> {
         HEAD.with(|h| {
             let mut h = h.borrow_mut();
             match h.take() {
-                Some((id, x, w)) if id == logits.id() => Some((x, w)),
+                Some((id, x, w, b)) if id == logits.id() => Some((x, w, b)),
                 other => {
                     *h = other;
                     None
@@ -443,6 +466,9 @@ pub mod fused {
         /// `[tokens]` u32 (checked against the vocabulary by the forward).
         labels: Tensor,
         precision: crate::ops::matmul::Precision,
+        /// With a bias the op's inputs are `x`, `w`, `b` and it holds the (detached) logits
+        /// here; without, its inputs are the logits, `x`, `w`.
+        biased: Option<Tensor>,
     }
 
     impl CustomOp3 for LmHead {
@@ -463,17 +489,49 @@ pub mod fused {
             let candle_core::Storage::Cpu(ys) = &*ys else {
                 bail!("fused LM head cross entropy: labels must be on the CPU")
             };
-            self.ce.cpu_fwd(ls, ll, ys, yl)
+            match &self.biased {
+                None => self.ce.cpu_fwd(ls, ll, ys, yl),
+                Some(logits) => {
+                    let (ls, ll) = logits.storage_and_layout();
+                    let candle_core::Storage::Cpu(ls) = &*ls else {
+                        bail!("fused LM head cross entropy: logits must be on the CPU")
+                    };
+                    self.ce.cpu_fwd(ls, ll, ys, yl)
+                }
+            }
         }
 
         fn bwd(
             &self,
-            logits: &Tensor,
-            x: &Tensor,
-            w: &Tensor,
+            a: &Tensor,
+            b: &Tensor,
+            c: &Tensor,
             _res: &Tensor,
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            match &self.biased {
+                None => {
+                    let (dx, dw, _) = self.grads(a, b, c, grad, false)?;
+                    Ok((None, Some(dx), Some(dw)))
+                }
+                Some(logits) => {
+                    let (dx, dw, db) = self.grads(logits, a, b, grad, true)?;
+                    Ok((Some(dx), Some(dw), db))
+                }
+            }
+        }
+    }
+
+    impl LmHead {
+        /// The gradients of `x`, `w` and (`bias`) the bias, from the logits.
+        fn grads(
+            &self,
+            logits: &Tensor,
+            x: &Tensor,
+            w: &Tensor,
+            grad: &Tensor,
+            bias: bool,
+        ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
             let lse = self
                 .ce
                 .lse
@@ -509,6 +567,7 @@ pub mod fused {
             let labels: Vec<u32> = self.labels.to_vec1()?;
             let mut dx = vec![0f32; n * h];
             let mut dw = vec![0f32; padded * h];
+            let mut db = vec![0f32; if bias { padded } else { 0 }];
             // About 16 MB of logits' gradient per block (in L3), at least 256 columns.
             let block = ((4usize << 20) / n.max(1))
                 .clamp(256, 8192)
@@ -554,15 +613,32 @@ pub mod fused {
                         false,
                     );
                 }
+                if bias {
+                    // The bias's gradient: the block's column sums, rows in order.
+                    let dl = &*dl;
+                    db[v0..v0 + vb]
+                        .par_chunks_mut(256)
+                        .enumerate()
+                        .for_each(|(c, out)| {
+                            for row in dl.chunks_exact(vb) {
+                                let row = &row[c * 256..c * 256 + out.len()];
+                                out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+                            }
+                        });
+                }
                 v0 += vb;
             }
             drop((ls, xs, ws, gs));
             HEAD_BACKWARDS.with(|c| c.set(c.get() + 1));
             let dev = x.device();
+            let db = match bias {
+                true => Some(Tensor::from_vec(db, padded, dev)?),
+                false => None,
+            };
             Ok((
-                None,
-                Some(Tensor::from_vec(dx, (n, h), dev)?),
-                Some(Tensor::from_vec(dw, (padded, h), dev)?),
+                Tensor::from_vec(dx, (n, h), dev)?,
+                Tensor::from_vec(dw, (padded, h), dev)?,
+                db,
             ))
         }
     }
@@ -664,38 +740,49 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let run = |fused: bool| {
-            let x = Var::from_vec(xv.clone(), (b, t, h), &Device::Cpu).unwrap();
-            let w = Var::from_vec(wv.clone(), (padded, h), &Device::Cpu).unwrap();
-            let logits = lm_head_logits(x.as_tensor(), w.as_tensor(), fused).unwrap();
-            let l = token_losses(&logits, &labels, vocab).unwrap();
-            let total = (&l * &mask).unwrap().sum_all().unwrap();
-            let g = total.backward().unwrap();
-            let gx = g.get(x.as_tensor()).unwrap().clone();
-            let gw = g.get(w.as_tensor()).unwrap().clone();
-            (l, gx, gw)
-        };
+        let mut bv = vec![0f32; padded];
+        crate::ops::random::fill_normal(&mut bv, 7, 0, 0.5);
+        // Without a bias (GPT-2's head) and with one (BERT's masked-LM decoder).
+        for with_bias in [false, true] {
+            let run = |fused: bool| {
+                let x = Var::from_vec(xv.clone(), (b, t, h), &Device::Cpu).unwrap();
+                let w = Var::from_vec(wv.clone(), (padded, h), &Device::Cpu).unwrap();
+                let bias = Var::from_vec(bv.clone(), padded, &Device::Cpu).unwrap();
+                let bias = with_bias.then_some(bias.as_tensor());
+                let logits =
+                    lm_head_logits_with_bias(x.as_tensor(), w.as_tensor(), bias, fused).unwrap();
+                let l = token_losses(&logits, &labels, vocab).unwrap();
+                let total = (&l * &mask).unwrap().sum_all().unwrap();
+                let g = total.backward().unwrap();
+                let gx = g.get(x.as_tensor()).unwrap().clone();
+                let gw = g.get(w.as_tensor()).unwrap().clone();
+                let gb = bias.map(|b| g.get(b).unwrap().clone());
+                (l, gx, gw, gb)
+            };
+            let d = |a: &Tensor, b: &Tensor| top(&(a - b).unwrap());
+            let count = || fused::HEAD_BACKWARDS.with(|c| c.get());
+            let before = count();
+            let (l1, gx1, gw1, gb1) = run(true);
+            assert_eq!(count(), before + 1, "the fused LM head did not run");
+            let (l0, gx0, gw0, gb0) = run(false);
+            assert_eq!(count(), before + 1, "the plain path ran the fused LM head");
+            assert!(d(&l1, &l0) < 1e-5, "losses {}", d(&l1, &l0));
+            for (what, g1, g0) in [("dx", &gx1, &gx0), ("dw", &gw1, &gw0)] {
+                let (diff, scale) = (d(g1, g0), top(g0));
+                assert!(
+                    diff < 1e-5 * scale,
+                    "{what} {diff} of {scale} (bias {with_bias})"
+                );
+            }
+            assert_eq!(top(&gw1.narrow(0, vocab, padded - vocab).unwrap()), 0.0);
+            if let (Some(gb1), Some(gb0)) = (&gb1, &gb0) {
+                let (diff, scale) = (d(gb1, gb0), top(gb0));
+                assert!(diff < 1e-5 * scale, "db {diff} of {scale}");
+                assert_eq!(top(&gb1.narrow(0, vocab, padded - vocab).unwrap()), 0.0);
+            }
+            assert_eq!(gb1.is_some(), with_bias);
+        }
         let d = |a: &Tensor, b: &Tensor| top(&(a - b).unwrap());
-        let count = || fused::HEAD_BACKWARDS.with(|c| c.get());
-        let before = count();
-        let (l1, gx1, gw1) = run(true);
-        assert_eq!(count(), before + 1, "the fused LM head did not run");
-        let (l0, gx0, gw0) = run(false);
-        assert_eq!(count(), before + 1, "the plain path ran the fused LM head");
-        assert!(d(&l1, &l0) < 1e-5, "losses {}", d(&l1, &l0));
-        assert!(
-            d(&gx1, &gx0) < 1e-5 * top(&gx0),
-            "dx {} of {}",
-            d(&gx1, &gx0),
-            top(&gx0)
-        );
-        assert!(
-            d(&gw1, &gw0) < 1e-5 * top(&gw0),
-            "dw {} of {}",
-            d(&gw1, &gw0),
-            top(&gw0)
-        );
-        assert_eq!(top(&gw1.narrow(0, vocab, padded - vocab).unwrap()), 0.0);
         // Used once: a second cross entropy of the same logits runs the plain kernel.
         let x = Var::from_vec(xv.clone(), (b, t, h), &Device::Cpu).unwrap();
         let w = Var::from_vec(wv.clone(), (padded, h), &Device::Cpu).unwrap();

@@ -3,7 +3,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_deepscale::layers::attention::{self_attention, AttentionDropout, Mask};
 use candle_deepscale::layers::dropout::dropout;
 use candle_deepscale::layers::embedding::Embedding;
-use candle_deepscale::layers::linear::{linear, Linear};
+use candle_deepscale::layers::linear::Linear;
 use candle_deepscale::layers::module::{Activations, ForwardCtx, Layer};
 use candle_deepscale::layers::norm::LayerNorm;
 use candle_deepscale::layers::parameter::Partition;
@@ -429,6 +429,14 @@ impl BertHead {
     }
 
     pub fn outputs(&self, x: &Tensor) -> Result<BertOutput> {
+        self.outputs_for(x, false)
+    }
+
+    /// [`BertHead::outputs`]; in a training forward the masked-LM logits are the cross
+    /// entropy's fused LM head (`lm_head_logits_with_bias`): the gradients of the decoder's
+    /// input, tied weight and bias are computed a block of vocabulary columns at a time and the
+    /// logits' gradient is never whole.
+    pub fn outputs_for(&self, x: &Tensor, training: bool) -> Result<BertOutput> {
         let seq = match &self.final_layernorm {
             Some(ln) => ln.forward(x)?,
             None => x.clone(),
@@ -442,10 +450,11 @@ impl BertHead {
                 let t = activation(&h.dense.forward(&seq)?, &self.act)?;
                 let t = h.layernorm.forward(&t)?;
                 let t = copy_to_tp(&t, self.tp.as_ref())?;
-                Some(linear(
+                Some(candle_deepscale::layers::loss::lm_head_logits_with_bias(
                     &t,
                     h.word_embeddings.tensor(),
                     Some(h.bias.tensor()),
+                    training,
                 )?)
             }
             None => None,
@@ -494,8 +503,8 @@ impl Layer for BertHead {
 
     /// Output: `hidden` = masked-LM logits (or the sequence output without an LM head),
     /// `aux[0]` = next-sentence logits when the binary head exists.
-    fn forward(&self, x: &Activations, _ctx: &ForwardCtx) -> Result<Activations> {
-        let o = self.outputs(&x.hidden)?;
+    fn forward(&self, x: &Activations, ctx: &ForwardCtx) -> Result<Activations> {
+        let o = self.outputs_for(&x.hidden, ctx.train)?;
         let hidden = o.lm_logits.unwrap_or(o.sequence_output);
         Ok(Activations::with_aux(
             hidden,
@@ -578,7 +587,7 @@ impl Bert {
         for l in &self.layers {
             x = l.forward(&x, ctx)?;
         }
-        self.head.outputs(&x.hidden)
+        self.head.outputs_for(&x.hidden, ctx.train)
     }
 }
 
