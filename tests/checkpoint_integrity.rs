@@ -171,6 +171,23 @@ fn a_rank_file_from_another_step_or_truncated_is_named() {
         ],
         &["mp_rank_00_dp_rank_001.safetensors", "truncated"],
     );
+    // A manifest value of the wrong type: the manifest and the key named.
+    let mpath = ck.join("global_step4/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["version"] = "two".into();
+    std::fs::write(&mpath, m.to_string()).unwrap();
+    refused(
+        &[
+            "checkpoint",
+            "verify",
+            ck.join("global_step4").to_str().unwrap(),
+        ],
+        &[
+            "corrupt manifest",
+            "manifest.json",
+            "`version`: invalid type",
+        ],
+    );
 }
 
 /// Rewrites the manifest's size and CRC-32 of `file` to the file's current bytes.

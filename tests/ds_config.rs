@@ -73,7 +73,7 @@ fn seed_mistakes_are_caught_with_a_suggestion() {
         r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3, "stage3_param_persitance_threshold": 1e5}}"#,
     );
     assert!(
-        e.contains("stage3_param_persitance_threshold")
+        e.contains("`zero_optimization.stage3_param_persitance_threshold`")
             && e.contains("did you mean `stage3_param_persistence_threshold`"),
         "{e}"
     );
@@ -88,7 +88,7 @@ fn seed_mistakes_are_caught_with_a_suggestion() {
         r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "cpu_offload": true, "comm_overlap": true}}"#,
     );
     assert!(
-        e.contains("`comm_overlap`") && e.contains("did you mean `overlap_comm`"),
+        e.contains("`zero_optimization.comm_overlap`") && e.contains("did you mean `overlap_comm`"),
         "{e}"
     );
     let e = err(r#"{"train_batch_size": 8, "gradient_clipings": 1.0}"#);
@@ -113,7 +113,17 @@ fn seed_mistakes_are_caught_with_a_suggestion() {
 fn wrong_types_and_bad_values_are_clear_errors() {
     let e = err(r#"{"train_batch_size": "sixteen"}"#);
     assert!(
-        e.contains("cfg.json") && e.contains("invalid type") && e.contains("line 1"),
+        e.contains("cfg.json")
+            && e.contains("`train_batch_size`: invalid type")
+            && e.contains("line 1"),
+        "{e}"
+    );
+    // A wrong type deep in the config names its whole key path.
+    let e = err(r#"{"fp16": {"enabled": true, "loss_scale_window": -5}}"#);
+    assert!(e.contains("`fp16.loss_scale_window`: invalid value"), "{e}");
+    let e = err(r#"{"optimizer": {"type": "Adam", "params": {"betas": [0.9, "x"]}}}"#);
+    assert!(
+        e.contains("`optimizer.params.betas[1]`: invalid type"),
         "{e}"
     );
     let e = err(r#"{"zero_optimization": {"stage": 4}}"#);

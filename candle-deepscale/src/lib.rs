@@ -94,6 +94,7 @@
 //! (`vendor/candle-nn`, a `[patch.crates-io]` entry; the README says how).
 pub mod comm;
 pub mod fs;
+pub mod json;
 pub mod layers;
 pub mod ops;
 pub mod runtime;

@@ -232,7 +232,7 @@ pub fn save(engine: &Engine, spec: &SaveSpec) -> Result<PathBuf> {
                 let text =
                     std::fs::read_to_string(&path).map_err(|e| err("cannot read", &path, e))?;
                 let part: StagePart =
-                    serde_json::from_str(&text).map_err(|e| err("corrupt", &path, e))?;
+                    crate::json::from_str(&text).map_err(|e| err("corrupt", &path, e))?;
                 for m in part.params {
                     if !metas.iter().any(|x| x.name == m.name) {
                         metas.push(m);
@@ -329,7 +329,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let mpath = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&mpath).map_err(|e| err("cannot read", &mpath, e))?;
     let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| err("corrupt manifest", &mpath, e))?;
+        crate::json::from_str(&text).map_err(|e| err("corrupt manifest", &mpath, e))?;
     if manifest.format != FORMAT || !(1..=VERSION).contains(&manifest.version) {
         bail!(
             "{}: format {} version {}, expected {FORMAT} version 1 to {VERSION}",

@@ -327,30 +327,13 @@ pub struct PipelineConfig {
     pub activation_checkpoint_interval: Option<usize>,
 }
 
-/// Levenshtein distance (for "did you mean").
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 /// Keys DeepSpeed's examples use that are not DeepSpeed keys, with what they meant.
 const KNOWN_MISTAKES: &[(&str, &str)] = &[("comm_overlap", "overlap_comm")];
 
-/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" into a message with a suggestion.
-fn explain(origin: &str, e: serde_json::Error) -> Error {
-    let msg = e.to_string();
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" into a message with a suggestion;
+/// every error names its key path.
+fn explain(origin: &str, e: crate::json::KeyError) -> Error {
+    let msg = e.inner.to_string();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let key = rest.split('`').next().unwrap_or("");
         let expected: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
@@ -358,23 +341,18 @@ fn explain(origin: &str, e: serde_json::Error) -> Error {
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| *v)
-            .or_else(|| {
-                expected
-                    .iter()
-                    .min_by_key(|c| edit_distance(key, c))
-                    .filter(|c| edit_distance(key, c) <= key.len().max(4) / 2)
-                    .copied()
-            });
+            .or_else(|| crate::json::nearest(key, expected.iter().copied()));
         let hint = match suggestion {
             Some(s) => format!("; did you mean `{s}`?"),
             None => format!("; known keys here: {}", expected.join(", ")),
         };
+        let path = if e.path.is_empty() { key } else { &e.path };
         return Error::Msg(format!(
-            "{origin}: unknown DeepSpeed config key `{key}` (line {}){hint}",
-            e.line()
+            "{origin}: unknown DeepSpeed config key `{path}` (line {}){hint}",
+            e.inner.line()
         ));
     }
-    Error::Msg(format!("{origin}: {msg}"))
+    Error::Msg(format!("{origin}: {e}"))
 }
 
 /// `key`'s value, when set, is a finite number in `lo..=hi`.
@@ -398,7 +376,7 @@ fn check_range(key: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<()> {
 
 impl DeepSpeedConfig {
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| explain(origin, e))?;
+        let cfg: Self = crate::json::from_str(text).map_err(|e| explain(origin, e))?;
         cfg.validate()
             .map_err(|e| Error::Msg(format!("{origin}: {e}")))?;
         Ok(cfg)
@@ -645,17 +623,5 @@ mod tests {
         assert!(BatchSizes::resolve(Some(30), Some(4), Some(3), 2).is_err());
         assert!(BatchSizes::resolve(Some(10), Some(4), None, 2).is_err());
         assert!(BatchSizes::resolve(None, None, Some(2), 2).is_err());
-    }
-
-    #[test]
-    fn edit_distance_works() {
-        assert_eq!(
-            edit_distance(
-                "stage3_param_persitance_threshold",
-                "stage3_param_persistence_threshold"
-            ),
-            2
-        );
-        assert_eq!(edit_distance("", "abc"), 3);
     }
 }

@@ -123,7 +123,7 @@ impl Config {
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
+        let cfg: Self = candle_deepscale::json::from_str(&text).map_err(|e| {
             Error::Msg(format!(
                 "{}: not a valid BERT config.json: {e}",
                 path.display()
@@ -132,5 +132,22 @@ impl Config {
         cfg.validate()
             .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_type_in_an_hf_config_names_the_key() {
+        let path = std::env::temp_dir().join(format!("bert-config-{}.json", std::process::id()));
+        std::fs::write(&path, r#"{"hidden_size": 64, "num_attention_heads": [4]}"#).unwrap();
+        let e = Config::from_hf_json(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.contains("not a valid BERT config.json: `num_attention_heads`: invalid type"),
+            "{e}"
+        );
     }
 }

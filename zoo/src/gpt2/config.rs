@@ -155,7 +155,7 @@ impl Config {
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
-        let hf: HfGpt2Config = serde_json::from_str(&text).map_err(|e| {
+        let hf: HfGpt2Config = candle_deepscale::json::from_str(&text).map_err(|e| {
             Error::Msg(format!(
                 "{}: not a valid GPT-2 config.json: {e}",
                 path.display()
@@ -232,6 +232,18 @@ struct HfGpt2Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrong_type_in_an_hf_config_names_the_key() {
+        let path = std::env::temp_dir().join(format!("gpt2-config-{}.json", std::process::id()));
+        std::fs::write(&path, r#"{"n_layer": 2, "n_embd": "768", "n_head": 12}"#).unwrap();
+        let e = Config::from_hf_json(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.contains("not a valid GPT-2 config.json: `n_embd`: invalid type"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn vocab_padding() {
