@@ -190,6 +190,51 @@ fn a_rank_file_from_another_step_or_truncated_is_named() {
     );
 }
 
+/// A manifest whose model config holds a value of the wrong type: resuming, evaluating and
+/// converting name the manifest and the key, before any weight is read.
+#[test]
+fn a_wrong_type_in_the_manifests_model_config_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = saved(tmp.path());
+    for tag in ["global_step2", "global_step4"] {
+        let mpath = ck.join(tag).join("manifest.json");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+        m["model"]["config"]["hidden_size"] = "sixteen".into();
+        std::fs::write(&mpath, m.to_string()).unwrap();
+    }
+    let needles = &[
+        "manifest.json's model.config",
+        "`hidden_size`: invalid type: string \"sixteen\"",
+    ];
+    let args = resume(&ck);
+    refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        needles,
+    );
+    let load = ck.to_str().unwrap();
+    refused(
+        &[
+            "evaluate", "--task", "loss", "--load", load, "--text", "a text",
+        ],
+        needles,
+    );
+    let out = tmp.path().join("model.safetensors");
+    refused(
+        &[
+            "convert",
+            "--load",
+            load,
+            "--to",
+            "safetensors",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        needles,
+    );
+    assert!(!out.exists());
+}
+
 /// Rewrites the manifest's size and CRC-32 of `file` to the file's current bytes.
 fn resum_manifest(tag: &Path, file: &str) {
     let mpath = tag.join("manifest.json");

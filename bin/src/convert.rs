@@ -179,6 +179,12 @@ enum Arch {
     Bert(bert::Config),
 }
 
+/// The model config a native checkpoint's manifest holds (`model.config`).
+fn model_config<T: serde::de::DeserializeOwned>(dir: &Path, m: &serde_json::Value) -> Result<T> {
+    candle_deepscale::json::from_value(m["config"].clone())
+        .with_context(|| format!("{}: manifest.json's model.config", dir.display()))
+}
+
 /// Calls `f` with the source's architecture, a [`ParamSource`] over its weights and its tokenizer.
 fn with_source<R>(
     src: &Source,
@@ -189,8 +195,8 @@ fn with_source<R>(
             let m = &ck.manifest.model;
             let tok = Tokenizer::from_json(&ck.dir.join("tokenizer.json"))?;
             let arch = match m["type"].as_str() {
-                Some("gpt2") => Arch::Gpt2(serde_json::from_value(m["config"].clone())?),
-                Some("bert") => Arch::Bert(serde_json::from_value(m["config"].clone())?),
+                Some("gpt2") => Arch::Gpt2(model_config(&ck.dir, m)?),
+                Some("bert") => Arch::Bert(model_config(&ck.dir, m)?),
                 other => bail!("{}: unknown model type {other:?}", ck.dir.display()),
             };
             f(&arch, ck.as_ref(), &tok)

@@ -93,8 +93,8 @@ fn open_native_gpt2(dir: &Path) -> Result<(Checkpoint, zoo::gpt2::Config, Tokeni
             m["type"]
         )
     }
-    let cfg: zoo::gpt2::Config = serde_json::from_value(m["config"].clone())
-        .with_context(|| format!("--load {}: model config", ck.dir.display()))?;
+    let cfg: zoo::gpt2::Config = candle_deepscale::json::from_value(m["config"].clone())
+        .with_context(|| format!("--load {}: manifest.json's model.config", ck.dir.display()))?;
     let tok = Tokenizer::from_json(&ck.dir.join("tokenizer.json"))?;
     Ok((ck, cfg, tok))
 }

@@ -208,8 +208,11 @@ pub fn run(mut a: PretrainBertArgs) -> Result<()> {
                     c.manifest.model["type"]
                 )
             }
-            let mut cfg: bert::Config = serde_json::from_value(c.manifest.model["config"].clone())
-                .with_context(|| format!("--load {}: model config", c.dir.display()))?;
+            let mut cfg: bert::Config =
+                candle_deepscale::json::from_value(c.manifest.model["config"].clone())
+                    .with_context(|| {
+                        format!("--load {}: manifest.json's model.config", c.dir.display())
+                    })?;
             crate::args::check_shape_flags(
                 &format!("--load {}", c.dir.display()),
                 &[

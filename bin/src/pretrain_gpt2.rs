@@ -239,8 +239,10 @@ pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
                     m["type"]
                 )
             }
-            let mut cfg: gpt2::Config = serde_json::from_value(m["config"].clone())
-                .with_context(|| format!("--load {}: model config", c.dir.display()))?;
+            let mut cfg: gpt2::Config = candle_deepscale::json::from_value(m["config"].clone())
+                .with_context(|| {
+                    format!("--load {}: manifest.json's model.config", c.dir.display())
+                })?;
             cfg.hidden_dropout = a.train.hidden_dropout;
             cfg.attention_dropout = a.train.attention_dropout;
             cfg

@@ -27,23 +27,32 @@ impl std::error::Error for KeyError {}
 /// itself (`zero_optimization.stge`).
 pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, KeyError> {
     let de = &mut serde_json::Deserializer::from_str(text);
-    let v = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let path = e.path().to_string();
-        KeyError {
-            path: if path == "." || path == "?" {
-                String::new()
-            } else {
-                path
-            },
-            inner: e.into_inner(),
-        }
-    })?;
+    let v = serde_path_to_error::deserialize(&mut *de).map_err(key_error)?;
     // Trailing characters after the value are an error too, as in `serde_json::from_str`.
     de.end().map_err(|inner| KeyError {
         path: String::new(),
         inner,
     })?;
     Ok(v)
+}
+
+/// `T` from a parsed JSON value (a section of a larger file), keeping the key path of an error
+/// (relative to the value).
+pub fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, KeyError> {
+    serde_path_to_error::deserialize(v).map_err(key_error)
+}
+
+fn key_error(e: serde_path_to_error::Error<serde_json::Error>) -> KeyError {
+    let path = e.path().to_string();
+    KeyError {
+        // serde_path_to_error's "." is the top level, "?" where no key was being read.
+        path: if path == "." || path == "?" {
+            String::new()
+        } else {
+            path
+        },
+        inner: e.into_inner(),
+    }
 }
 
 /// The candidate nearest to `key` by edit distance when close enough to be a likely typo
@@ -107,6 +116,12 @@ mod tests {
             err("{} x")
         );
         assert!(from_str::<Outer>(r#"{"zero_optimization": {"stage": 2}}"#).is_ok());
+        let v = serde_json::json!({"zero_optimization": {"stage": -1}});
+        let e = from_value::<Outer>(v).unwrap_err().to_string();
+        assert!(
+            e.starts_with("`zero_optimization.stage`: invalid value"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -114,6 +114,7 @@ fn load() -> std::result::Result<Option<Blas>, String> {
 fn open(name: &str) -> std::result::Result<Blas, String> {
     // SAFETY: loading a BLAS runs its initialisers, which have no preconditions.
     let lib = unsafe { libloading::Library::new(name) }.map_err(|e| e.to_string())?;
+    blis_skx(&lib)?;
     // SAFETY: the symbols are declared with CBLAS's / the libraries' C signatures.
     unsafe {
         let sgemm = *lib
@@ -171,6 +172,104 @@ fn open(name: &str) -> std::result::Result<Blas, String> {
             _lib: lib,
         })
     }
+}
+
+/// BLIS 0.9 runs its AVX-512 kernels (sub-config `skx`) only where it can tell from the CPU's
+/// brand string that the cores have two FMA units; a cloud VM's generic "Intel(R) Xeon(R)
+/// Processor" leaves the count unknown and BLIS on its AVX2 kernels (`haswell`), at ~55% of the
+/// speed (`deepscale bench gemm`: ~160 against ~290 GFLOP/s on such a VM, BENCHMARKS.md
+/// session 21). Where the CPU has the AVX-512 subsets skx needs, its brand string names no tier
+/// BLIS counts units by, the library has the skx sub-config (its own "FMA units unknown" message
+/// is compiled in only then) and its first arch id is skx, BLIS is initialised with
+/// `BLIS_ARCH_TYPE` naming it. BLIS sets its sub-config once, at its initialisation (which loading
+/// does not do); a `BLIS_ARCH_TYPE` of the user's is left alone, and a BLIS that something else
+/// initialised first keeps its choice.
+fn blis_skx(lib: &libloading::Library) -> std::result::Result<(), String> {
+    if std::env::var_os("BLIS_ARCH_TYPE").is_some() || !avx512_without_fma_count() {
+        return Ok(());
+    }
+    // SAFETY: BLIS's `const char* bli_arch_string(arch_t)` (a table lookup, no initialisation;
+    // id 0 is always in the table) and `void bli_init(void)`.
+    let (first, init) = unsafe {
+        let Ok(name) = lib.get::<unsafe extern "C" fn(i32) -> *const c_char>(b"bli_arch_string\0")
+        else {
+            return Ok(());
+        };
+        let Ok(init) = lib.get::<unsafe extern "C" fn()>(b"bli_init\0") else {
+            return Ok(());
+        };
+        let p = name(0);
+        (
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes() == b"skx"),
+            init,
+        )
+    };
+    if first != Some(true) {
+        return Ok(());
+    }
+    let Some(path) = library_path(*init as *const std::ffi::c_void) else {
+        return Ok(());
+    };
+    let has_skx = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if memchr::memmem::find(&has_skx, b"Number of FMA units unknown; using 'haswell'").is_none() {
+        return Ok(());
+    }
+    // Set while no other thread reads the environment (the binary loads the BLAS first thing)
+    // and removed once BLIS has read it.
+    std::env::set_var("BLIS_ARCH_TYPE", "0");
+    // SAFETY: bli_init has no preconditions.
+    unsafe { init() };
+    std::env::remove_var("BLIS_ARCH_TYPE");
+    Ok(())
+}
+
+/// The file of the loaded library holding `symbol`.
+fn library_path(symbol: *const std::ffi::c_void) -> Option<std::path::PathBuf> {
+    // SAFETY: `dladdr` only reads the loader's tables; `info` is plain data it fills in.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    if unsafe { libc::dladdr(symbol, &mut info) } == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a C string owned by the loader while the library stays loaded.
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    Some(std::path::PathBuf::from(
+        name.to_string_lossy().into_owned(),
+    ))
+}
+
+/// An Intel CPU with AVX-512 F, DQ, BW and VL (what BLIS's skx kernels use) whose brand string
+/// names no tier BLIS counts the FMA units by (Xeon Bronze/Silver/Gold/Platinum/W; Core parts,
+/// where one unit is common, are left to BLIS too).
+fn avx512_without_fma_count() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl");
+        // (cpuid is safe on x86_64; a leaf past the maximum returns zeros or the last one.)
+        let leaf = |l: u32| __cpuid(l);
+        let v = leaf(0);
+        let vendor: Vec<u8> = [v.ebx, v.edx, v.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        if !avx512 || vendor != b"GenuineIntel" || leaf(0x8000_0000).eax < 0x8000_0004 {
+            return false;
+        }
+        let brand: Vec<u8> = (0x8000_0002..=0x8000_0004)
+            .map(leaf)
+            .flat_map(|r| [r.eax, r.ebx, r.ecx, r.edx])
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        let brand = String::from_utf8_lossy(&brand);
+        !["Bronze", "Silver", "Gold", "Platinum", "W-", "Core"]
+            .iter()
+            .any(|t| brand.contains(t))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `(transpose, leading dimension)` of a `rows x cols` operand for row-major CBLAS, `None` where
@@ -257,6 +356,23 @@ impl Blas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On an Intel CPU with AVX-512 whose brand string BLIS cannot count FMA units from (a cloud
+    /// VM's), a BLIS with the skx sub-config runs it, not the AVX2 `haswell` one.
+    #[test]
+    fn blis_runs_its_avx512_kernels_where_it_cannot_count_fma_units() {
+        let Ok(Some(b)) = backend() else { return };
+        let lib_has_skx = b.name.starts_with("BLIS")
+            && std::fs::read("/usr/lib/x86_64-linux-gnu/blis-serial/libblis.so.4").is_ok_and(|f| {
+                memchr::memmem::find(&f, b"Number of FMA units unknown; using 'haswell'").is_some()
+            });
+        if lib_has_skx && avx512_without_fma_count() && std::env::var_os("BLIS_ARCH_TYPE").is_none()
+        {
+            assert!(b.name.contains(" skx "), "{}", b.name);
+        } else {
+            eprintln!("not such a CPU and BLIS: {}", b.name);
+        }
+    }
 
     /// The BLAS against the definition (read through `Mat::at`) on every operand layout the
     /// products use (plain, transposed, row-strided; written or accumulated), on one thread and
