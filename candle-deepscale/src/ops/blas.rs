@@ -54,6 +54,10 @@ pub struct Blas {
     sgemm: Sgemm,
     /// What was loaded, e.g. `OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Zen (libopenblas.so.0)`.
     pub name: String,
+    /// Whether its f32 kernels are AVX-512 ones (BLIS's skx/knl/zen4/zen5 sub-configs, OpenBLAS's
+    /// SkylakeX/Cooperlake/SapphireRapids cores): then bf16 products are faster rounded and run
+    /// here than on `ops::bf16_gemm`'s AVX512-BF16 kernel (BENCHMARKS.md, session 21).
+    pub avx512: bool,
     // Keeps the symbols valid.
     _lib: libloading::Library,
 }
@@ -166,9 +170,21 @@ fn open(name: &str) -> std::result::Result<Blas, String> {
             Some(v) => format!("BLIS {v} ({name})"),
             None => name.to_string(),
         };
+        let avx512 = [
+            " skx ",
+            " knl ",
+            " zen4 ",
+            " zen5 ",
+            "SkylakeX",
+            "Cooperlake",
+            "SapphireRapids",
+        ]
+        .iter()
+        .any(|k| name.contains(k));
         Ok(Blas {
             sgemm,
             name,
+            avx512,
             _lib: lib,
         })
     }

@@ -254,7 +254,7 @@ pub(crate) unsafe fn gemm(
     };
     match precision {
         Precision::Highest => fp32(m, n, k, dst, a, b, threads, add),
-        Precision::Bf16 if bf16_gemm::available() => {
+        Precision::Bf16 if bf16_gemm::in_use() => {
             bf16_gemm::gemm((m, n, k), dst, a, b, parallel, add, KernelKind::Avx512Bf16)
         }
         Precision::Bf16 => {
@@ -275,8 +275,8 @@ unsafe fn fp32(
     threads: usize,
     add: bool,
 ) {
-    if let Some(blas) =
-        crate::ops::blas::active().filter(|_| !gemm_crate_is_faster((m, n, k), a, threads))
+    if let Some(blas) = crate::ops::blas::active()
+        .filter(|b| b.avx512 || !gemm_crate_is_faster((m, n, k), a, threads))
     {
         if blas.sgemm((m, n, k), dst, a, b, add, threads) {
             return;
@@ -298,7 +298,9 @@ unsafe fn fp32(
 /// shapes, hot caches, best of 25): single-threaded products over attention's head size (per
 /// head `q k^T`, k = 64, and `p v`, n = 64: 58-97 GFLOP/s against 34-84), and weight gradients
 /// `G^T x` whose transposed `G` has at most 256 rows (BLIS's small-matrix path: 69-107 against
-/// 106-131 on two threads).
+/// 106-131 on two threads). Against a BLAS with AVX-512 kernels (the `gemm` crate runs AVX2 ones)
+/// none is: GPT-2 124M at s2048 trains 4-6% faster with every product on BLIS's skx kernels
+/// (BENCHMARKS.md, session 21).
 fn gemm_crate_is_faster((m, n, k): (usize, usize, usize), a: Mat, threads: usize) -> bool {
     (threads <= 1 && k.min(n) <= 64) || (threads > 1 && a.rs == 1 && a.cs != 1 && m <= 256)
 }
@@ -674,6 +676,40 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Where the AVX512-BF16 kernel is not in use (no such CPU, or an f32 BLAS with AVX-512
+    /// kernels, which are faster), a bf16 product is the f32 product of the rounded operands bit
+    /// for bit: the same GEMM ran.
+    #[test]
+    fn bf16_products_take_the_f32_gemm_where_the_kernel_is_not_in_use() -> Result<()> {
+        let avx512_blas = crate::ops::blas::active().is_some_and(|b| b.avx512);
+        if std::env::var_os("DEEPSCALE_BF16_KERNEL").is_none() {
+            assert_eq!(bf16_gemm::in_use(), bf16_gemm::available() && !avx512_blas);
+        }
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1., (64, 300), &dev)?;
+        let b = Tensor::randn(0f32, 1., (300, 96), &dev)?;
+        let r = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let bf16 = MatMul {
+            precision: Precision::Bf16,
+        };
+        let fp32 = MatMul {
+            precision: Precision::Highest,
+        };
+        let y = a.apply_op2(&b, bf16)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = r(&a)?
+            .apply_op2(&r(&b)?, fp32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let same = y.iter().zip(&want).all(|(x, w)| x.to_bits() == w.to_bits());
+        assert_eq!(
+            same,
+            !bf16_gemm::in_use(),
+            "kernel in use: {}",
+            bf16_gemm::in_use()
+        );
         Ok(())
     }
 
