@@ -436,7 +436,10 @@ fn run_on_worker(a: SuiteArgs) -> Result<()> {
     // minutes on CPUs where torch has no bf16 kernel.
     let backend = candle_deepscale::ops::blas::describe();
     eprintln!("f32 GEMM peak (2048^3, best of 5, the MFU denominator): {peak:.1} GFLOP/s; f32 products on {backend}");
-    let bf16_kernel = match (bf16_gemm::in_use(), bf16_gemm::available()) {
+    let bf16_kernel = match (
+        candle_deepscale::ops::matmul::bf16_kernel_in_use(),
+        bf16_gemm::available(),
+    ) {
         (true, _) => "avx512bf16",
         (false, true) => "rounded operands on the AVX-512 f32 BLAS (faster than avx512bf16 here)",
         (false, false) => "emulated (no AVX512-BF16)",

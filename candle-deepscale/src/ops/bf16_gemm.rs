@@ -93,19 +93,6 @@ pub enum KernelKind {
     Portable,
 }
 
-/// Whether bf16 products run on this module's AVX512-BF16 kernel: where the CPU has it, unless
-/// the fp32 BLAS runs AVX-512 kernels — rounding the operands to bf16 and running them there is
-/// then faster (~290 against ~160 GFLOP/s on an AVX512-BF16 Xeon with BLIS's skx kernels,
-/// BENCHMARKS.md session 21) with the same numerics (exact bf16 products summed in fp32).
-/// `DEEPSCALE_BF16_KERNEL=on` takes the kernel wherever the CPU has it, `off` never.
-pub fn in_use() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let forced = std::env::var("DEEPSCALE_BF16_KERNEL").is_ok_and(|v| v == "on");
-        available() && (forced || !crate::ops::blas::active().is_some_and(|b| b.avx512))
-    })
-}
-
 /// Whether this CPU has AVX512-BF16 (checked once). `DEEPSCALE_BF16_KERNEL=off` turns the kernel
 /// off, so that bf16 GEMMs take the emulated path.
 pub fn available() -> bool {

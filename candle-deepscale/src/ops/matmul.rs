@@ -40,6 +40,19 @@ pub fn set_float32_matmul_precision(p: Precision) {
     }
 }
 
+/// Whether bf16 products run on [`bf16_gemm`]'s AVX512-BF16 kernel: where the CPU has it, unless
+/// the fp32 BLAS runs AVX-512 kernels — rounding the operands to bf16 and running them there is
+/// then faster (~290 against ~160 GFLOP/s on an AVX512-BF16 Xeon with BLIS's skx kernels,
+/// BENCHMARKS.md session 21) with the same numerics (exact bf16 products summed in fp32).
+/// `DEEPSCALE_BF16_KERNEL=on` takes the kernel wherever the CPU has it, `off` never.
+pub fn bf16_kernel_in_use() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let forced = std::env::var("DEEPSCALE_BF16_KERNEL").is_ok_and(|v| v == "on");
+        bf16_gemm::available() && (forced || !crate::ops::blas::active().is_some_and(|b| b.avx512))
+    })
+}
+
 pub fn float32_matmul_precision() -> Precision {
     match PRECISION.load(Ordering::Relaxed) {
         0 => Precision::Highest,
@@ -254,7 +267,7 @@ pub(crate) unsafe fn gemm(
     };
     match precision {
         Precision::Highest => fp32(m, n, k, dst, a, b, threads, add),
-        Precision::Bf16 if bf16_gemm::in_use() => {
+        Precision::Bf16 if bf16_kernel_in_use() => {
             bf16_gemm::gemm((m, n, k), dst, a, b, parallel, add, KernelKind::Avx512Bf16)
         }
         Precision::Bf16 => {
@@ -686,7 +699,7 @@ mod tests {
     fn bf16_products_take_the_f32_gemm_where_the_kernel_is_not_in_use() -> Result<()> {
         let avx512_blas = crate::ops::blas::active().is_some_and(|b| b.avx512);
         if std::env::var_os("DEEPSCALE_BF16_KERNEL").is_none() {
-            assert_eq!(bf16_gemm::in_use(), bf16_gemm::available() && !avx512_blas);
+            assert_eq!(bf16_kernel_in_use(), bf16_gemm::available() && !avx512_blas);
         }
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1., (64, 300), &dev)?;
@@ -706,9 +719,9 @@ mod tests {
         let same = y.iter().zip(&want).all(|(x, w)| x.to_bits() == w.to_bits());
         assert_eq!(
             same,
-            !bf16_gemm::in_use(),
+            !bf16_kernel_in_use(),
             "kernel in use: {}",
-            bf16_gemm::in_use()
+            bf16_kernel_in_use()
         );
         Ok(())
     }
