@@ -148,21 +148,60 @@ pub fn has_avx2_fma() -> bool {
     false
 }
 
-/// Runs `f` compiled for AVX2 + FMA when the CPU has them, as is otherwise. The closure must be
-/// marked `#[inline(always)]` (`vectorized(#[inline(always)] || ..)`): only when it is inlined
-/// into the `target_feature` function is its code compiled with those features (a large closure
-/// left to the inliner stays a separate baseline-x86-64 function, calling libm for `floor`).
+/// Whether the CPU has AVX-512 F/DQ/BW/VL besides AVX2 and FMA (checked once), unless
+/// `DEEPSCALE_AVX512=off`: [`vectorized`] then compiles its closure for 512-bit vectors.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            !std::env::var("DEEPSCALE_AVX512").is_ok_and(|v| v == "off")
+                && has_avx2_fma()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `f` compiled for AVX2 + FMA. Safety: the CPU has them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `f` compiled for AVX-512 (the lanes below fill one 512-bit register). Safety: the CPU has
+/// [`has_avx512`]'s features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Runs `f` compiled for AVX-512 or AVX2 + FMA when the CPU has them, as is otherwise — the same
+/// results bit for bit (the kernels' arithmetic is per lane and in a fixed order, and Rust never
+/// fuses a multiply and an add on its own). The closure must be marked `#[inline(always)]`
+/// (`vectorized(#[inline(always)] || ..)`): only when it is inlined into the `target_feature`
+/// function is its code compiled with those features (a large closure left to the inliner stays
+/// a separate baseline-x86-64 function, calling libm for `floor`).
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        #[target_feature(enable = "avx2,fma")]
-        #[inline]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+    {
+        if has_avx512() {
+            // SAFETY: the CPU has the features (checked at run time).
+            return unsafe { on_avx512(f) };
         }
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { avx2(f) };
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { on_avx2(f) };
+        }
     }
     f()
 }
@@ -242,6 +281,41 @@ mod tests {
         assert!(sum_squares(&[1.0, f32::INFINITY]).is_infinite());
         assert!(sum_squares(&[f32::NAN, 1.0]).is_nan());
         assert_eq!(sum_squares(&[]), 0.0);
+    }
+
+    /// The AVX-512 and AVX2 copies of a kernel give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_and_avx2_copies_agree_bit_for_bit() {
+        if !has_avx512() {
+            eprintln!("no AVX-512 here: not compared");
+            return;
+        }
+        let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+        #[inline(always)]
+        fn kernel(x: &[f32], y: &mut [f32]) -> (f32, f32, f32, f64) {
+            let s = map_sum(y, x, |v| exp(v - 30.0));
+            let t = sum_map2(y, x, |a, b| tanh(a * b));
+            (s, t, max(x), sum_f64(x, |v| v * v))
+        }
+        let (mut y1, mut y2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        // SAFETY: has_avx512 covers both feature sets.
+        let a = unsafe {
+            on_avx512(
+                #[inline(always)]
+                || kernel(&x, &mut y1),
+            )
+        };
+        let b = unsafe {
+            on_avx2(
+                #[inline(always)]
+                || kernel(&x, &mut y2),
+            )
+        };
+        assert_eq!(a.0.to_bits(), b.0.to_bits());
+        assert_eq!(a.1.to_bits(), b.1.to_bits());
+        assert_eq!((a.2, a.3.to_bits()), (b.2, b.3.to_bits()));
+        assert!(y1.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 
     #[test]
