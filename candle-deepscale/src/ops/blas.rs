@@ -190,6 +190,9 @@ fn open(name: &str) -> std::result::Result<Blas, String> {
     }
 }
 
+/// BLIS's own message where it cannot count FMA units, compiled in only with its skx sub-config.
+const BLIS_HAS_SKX: &[u8] = b"Number of FMA units unknown; using 'haswell'";
+
 /// BLIS 0.9 runs its AVX-512 kernels (sub-config `skx`) only where it can tell from the CPU's
 /// brand string that the cores have two FMA units; a cloud VM's generic "Intel(R) Xeon(R)
 /// Processor" leaves the count unknown and BLIS on its AVX2 kernels (`haswell`), at ~55% of the
@@ -227,7 +230,7 @@ fn blis_skx(lib: &libloading::Library) -> std::result::Result<(), String> {
         return Ok(());
     };
     let has_skx = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if memchr::memmem::find(&has_skx, b"Number of FMA units unknown; using 'haswell'").is_none() {
+    if memchr::memmem::find(&has_skx, BLIS_HAS_SKX).is_none() {
         return Ok(());
     }
     // Set while no other thread reads the environment (the binary loads the BLAS first thing)
@@ -260,10 +263,7 @@ fn avx512_without_fma_count() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::__cpuid;
-        let avx512 = is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512dq")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl");
+        let avx512 = crate::ops::fast_math::cpu_has_avx512();
         // (cpuid is safe on x86_64; a leaf past the maximum returns zeros or the last one.)
         let leaf = |l: u32| __cpuid(l);
         let v = leaf(0);
@@ -379,9 +379,8 @@ mod tests {
     fn blis_runs_its_avx512_kernels_where_it_cannot_count_fma_units() {
         let Ok(Some(b)) = backend() else { return };
         let lib_has_skx = b.name.starts_with("BLIS")
-            && std::fs::read("/usr/lib/x86_64-linux-gnu/blis-serial/libblis.so.4").is_ok_and(|f| {
-                memchr::memmem::find(&f, b"Number of FMA units unknown; using 'haswell'").is_some()
-            });
+            && std::fs::read("/usr/lib/x86_64-linux-gnu/blis-serial/libblis.so.4")
+                .is_ok_and(|f| memchr::memmem::find(&f, BLIS_HAS_SKX).is_some());
         if lib_has_skx && avx512_without_fma_count() && std::env::var_os("BLIS_ARCH_TYPE").is_none()
         {
             assert!(b.name.contains(" skx "), "{}", b.name);

@@ -157,11 +157,22 @@ pub fn has_avx512() -> bool {
         *ON.get_or_init(|| {
             !std::env::var("DEEPSCALE_AVX512").is_ok_and(|v| v == "off")
                 && has_avx2_fma()
-                && std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
+                && cpu_has_avx512()
         })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the CPU has AVX-512 F, DQ, BW and VL (what [`vectorized`]'s AVX-512 copy and BLIS's
+/// skx kernels use), whatever `DEEPSCALE_AVX512` says.
+pub fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
