@@ -46,9 +46,76 @@ pub fn share_cores_with_local_ranks() -> Option<usize> {
         .map(|_| threads)
 }
 
+/// Makes candle's own parallel element-wise ops (its unary and binary maps over 64K elements or
+/// more: residual adds, scaling) run on the calling thread, unless `CANDLE_NUM_THREADS` is set.
+/// candle 0.11 runs them on a barrier pool of its own, one per process, sized to every core: a
+/// second set of spinning threads beside rayon's, on the same cores. In-process ranks then queue
+/// for that one pool behind its lock, and MPI ranks on one node each spin a pool over all of
+/// the node's cores. Our kernels (GEMMs, fused ops, AdamW) run on rayon, which is sized per rank.
+/// Measured on two cores (BENCHMARKS.md, session 22): one rank the same speed either way; dp 2
+/// 0.93x -> 0.97x one rank's tokens/s in-process, 5-7% faster under `mpirun -np 2`.
+///
+/// Sets an environment variable read when candle first builds its pool: call it first thing in
+/// `main`, before any other thread starts. Returns whether it set it.
+pub fn keep_candle_elementwise_on_caller() -> bool {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_some() {
+        return false;
+    }
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs this test binary's `child` test in a fresh process (candle's pool is built once per
+    /// process), with `CANDLE_NUM_THREADS` as given; the child asserts the pool's worker count.
+    fn in_child(candle_threads: Option<&str>, workers: usize) {
+        let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+        cmd.args(["--exact", "ops::threads::tests::child", "--nocapture"])
+            .env("DEEPSCALE_THREADS_CHILD_WORKERS", workers.to_string())
+            .env_remove("CANDLE_NUM_THREADS")
+            .env("RAYON_NUM_THREADS", "2");
+        if let Some(n) = candle_threads {
+            cmd.env("CANDLE_NUM_THREADS", n);
+        }
+        let out = cmd.output().expect("run the test binary");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    /// The child half of the tests below (does nothing when not started by them).
+    #[test]
+    fn child() {
+        let Some(workers) = std::env::var("DEEPSCALE_THREADS_CHILD_WORKERS").ok() else {
+            return;
+        };
+        let preset = std::env::var_os("CANDLE_NUM_THREADS").is_some();
+        assert_eq!(keep_candle_elementwise_on_caller(), !preset);
+        // An element-wise op large enough for candle's parallel path still computes right.
+        let x = candle_core::Tensor::ones(100_000, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .expect("tensor");
+        let s: f32 = (&x + &x).and_then(|y| y.sum_all()?.to_scalar()).expect("sum");
+        assert_eq!(s, 200_000.0);
+        assert_eq!(
+            candle_core::utils::barrier_pool().n_workers().to_string(),
+            workers
+        );
+    }
+
+    #[test]
+    fn candles_elementwise_ops_run_on_the_caller() {
+        // Without the call, RAYON_NUM_THREADS=2 would give candle's pool one worker.
+        in_child(None, 0);
+    }
+
+    #[test]
+    fn a_users_candle_num_threads_wins() {
+        in_child(Some("2"), 1);
+    }
 
     #[test]
     fn runs_on_a_worker_and_returns_its_value() {
