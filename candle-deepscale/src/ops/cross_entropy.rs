@@ -81,7 +81,7 @@ pub fn token_losses_reference(
 /// composed ops make about fifteen passes over the `[tokens x vocab]` logits, the largest tensor
 /// of a step.
 pub mod fused {
-    use crate::ops::fast_math::{contiguous_f32, exp};
+    use crate::ops::fast_math::{contiguous_f32, exp, vectorized};
     use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
     use rayon::prelude::*;
     use std::sync::Mutex;
@@ -116,27 +116,31 @@ pub mod fused {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_lse_avx2(x: &[f32]) -> f32 {
-        row_lse(x)
+    /// `d = g softmax(x)` given the row's log-sum-exp, compiled for the CPU's vector extensions.
+    fn softmax_row(d: &mut [f32], x: &[f32], lse: f32, g: f32) {
+        vectorized(
+            #[inline(always)]
+            || row_grad(d, x, lse, g),
+        )
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_grad_avx2(d: &mut [f32], x: &[f32], lse: f32, g: f32) {
-        row_grad(d, x, lse, g)
-    }
-
-    /// `d = g softmax(x)` given the row's log-sum-exp, compiled for AVX2 + FMA when `fast`.
-    fn softmax_row(d: &mut [f32], x: &[f32], lse: f32, g: f32, fast: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: callers pass `fast` only where the CPU has AVX2 and FMA.
-            return unsafe { row_grad_avx2(d, x, lse, g) };
-        }
-        let _ = fast;
-        row_grad(d, x, lse, g)
+    /// The baseline, AVX2 and AVX-512 copies of the row passes give the same bits.
+    #[test]
+    fn every_vector_copy_gives_the_same_bits() {
+        let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 60.0).collect();
+        let runs = crate::ops::fast_math::on_each_copy(
+            #[inline(always)]
+            || {
+                let lse = row_lse(&x);
+                let mut d = vec![0f32; x.len()];
+                row_grad(&mut d, &x, lse, 0.25);
+                (
+                    lse.to_bits(),
+                    d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                )
+            },
+        );
+        assert!(runs.iter().all(|r| *r == runs[0]), "{} copies", runs.len());
     }
 
     /// Losses of rows `[tokens, padded]` against labels; keeps each row's log-sum-exp. With
@@ -182,18 +186,13 @@ pub mod fused {
             if let Some(bad) = y.iter().find(|&&l| l as usize >= v) {
                 bail!("cross entropy: label {bad} is outside the vocabulary of {v}")
             }
-            let fast = crate::ops::fast_math::has_avx2_fma();
             let lse: Vec<f32> = x
                 .par_chunks(padded)
                 .map(|row| {
-                    let row = &row[..v];
-                    #[cfg(target_arch = "x86_64")]
-                    if fast {
-                        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                        return unsafe { row_lse_avx2(row) };
-                    }
-                    let _ = fast;
-                    row_lse(row)
+                    vectorized(
+                        #[inline(always)]
+                        || row_lse(&row[..v]),
+                    )
                 })
                 .collect();
             let loss: Vec<f32> = lse
@@ -259,14 +258,13 @@ pub mod fused {
                 bail!("fused cross entropy backward: rows do not match")
             }
             let v = self.vocab;
-            let fast = crate::ops::fast_math::has_avx2_fma();
             let mut d = vec![0f32; x.len()];
             d.par_chunks_mut(padded)
                 .zip(x.par_chunks(padded))
                 .enumerate()
                 .for_each(|(i, (dr, xr))| {
                     let (dr, xr) = (&mut dr[..v], &xr[..v]);
-                    softmax_row(dr, xr, self.lse[i], g[i], fast);
+                    softmax_row(dr, xr, self.lse[i], g[i]);
                     // A label of another rank's block (`u32::MAX`) has no column here.
                     if let Some(d) = dr.get_mut(y[i] as usize) {
                         *d -= g[i];
@@ -337,7 +335,7 @@ pub mod fused {
     /// Each row's largest logit among the block's first `valid` columns (-inf where none).
     pub fn block_row_max(logits: &Tensor, valid: usize) -> Result<Vec<f32>> {
         block_rows(logits, valid, |_, row| {
-            crate::ops::fast_math::vectorized(
+            vectorized(
                 #[inline(always)]
                 || crate::ops::fast_math::max(row),
             )
@@ -363,7 +361,7 @@ pub mod fused {
         }
         let pairs = block_rows(logits, valid, |i, row| {
             let m = max[i];
-            let sum = crate::ops::fast_math::vectorized(
+            let sum = vectorized(
                 #[inline(always)]
                 || crate::ops::fast_math::sum_map(row, |v| exp(v - m)),
             );
@@ -573,14 +571,13 @@ pub mod fused {
                 .clamp(256, 8192)
                 .next_multiple_of(16);
             let mut dl = vec![0f32; n * block.min(vocab)];
-            let fast = crate::ops::fast_math::has_avx2_fma();
             let mut v0 = 0;
             while v0 < vocab {
                 let vb = block.min(vocab - v0);
                 let dl = &mut dl[..n * vb];
                 dl.par_chunks_mut(vb).enumerate().for_each(|(i, d)| {
                     let row = &lv[i * padded + v0..i * padded + v0 + vb];
-                    softmax_row(d, row, lse[i], gv[i], fast);
+                    softmax_row(d, row, lse[i], gv[i]);
                     let t = labels[i] as usize;
                     if (v0..v0 + vb).contains(&t) {
                         d[t - v0] -= gv[i];

@@ -217,6 +217,27 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `f` run as each copy [`vectorized`] can choose on this CPU (baseline, then AVX2 + FMA and
+/// AVX-512 where the CPU has them), for tests that the copies give the same bits. Mark the
+/// closure `#[inline(always)]`, as for [`vectorized`].
+#[cfg(test)]
+pub(crate) fn on_each_copy<R>(f: impl Fn() -> R) -> Vec<R> {
+    #[allow(unused_mut)]
+    let mut out = vec![f()];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU has the features (checked at run time).
+            out.push(unsafe { on_avx2(&f) });
+        }
+        if has_avx512() {
+            // SAFETY: as above.
+            out.push(unsafe { on_avx512(&f) });
+        }
+    }
+    out
+}
+
 /// The f32 elements a contiguous CPU storage holds under `l`, or an error naming `op` and `what`.
 pub fn contiguous_f32<'a>(
     s: &'a candle_core::CpuStorage,

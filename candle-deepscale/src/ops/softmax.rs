@@ -2,7 +2,7 @@
 //! scaled, causally masked and softmaxed in one pass per row (where candle's ops scale, add a mask
 //! tensor and take five passes for the softmax), and the backward `scale * y * (g - sum(g * y))`
 //! in one pass from the saved probabilities. Masked entries are exactly zero, as with -inf.
-use crate::ops::fast_math::{contiguous_f32, exp};
+use crate::ops::fast_math::{contiguous_f32, exp, vectorized};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -27,18 +27,6 @@ fn bwd_row(d: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fwd_row_avx2(y: &mut [f32], x: &[f32], last: usize, scale: f32) {
-    fwd_row(y, x, last, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bwd_row_avx2(d: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
-    bwd_row(d, y, g, scale)
-}
-
 /// Scores `[.., t, total]` for queries at positions `total - t ..`.
 struct UpperTriang {
     scale: f32,
@@ -61,20 +49,16 @@ impl CustomOp1 for UpperTriang {
         }
         let offset = total - t;
         let mut y = vec![0f32; x.len()];
-        let (fast, scale) = (crate::ops::fast_math::has_avx2_fma(), self.scale);
+        let scale = self.scale;
         y.par_chunks_mut(total)
             .zip(x.par_chunks(total))
             .enumerate()
             .for_each(|(r, (yr, xr))| {
                 let last = offset + r % t;
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                    unsafe { fwd_row_avx2(yr, xr, last, scale) };
-                    return;
-                }
-                let _ = fast;
-                fwd_row(yr, xr, last, scale)
+                vectorized(
+                    #[inline(always)]
+                    || fwd_row(yr, xr, last, scale),
+                )
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -111,18 +95,14 @@ impl CustomOp2 for SoftmaxGrad {
             bail!("fused softmax backward: shapes do not match")
         }
         let mut d = vec![0f32; y.len()];
-        let (fast, scale) = (crate::ops::fast_math::has_avx2_fma(), self.scale);
+        let scale = self.scale;
         d.par_chunks_mut(n)
             .zip(y.par_chunks(n).zip(g.par_chunks(n)))
             .for_each(|(dr, (yr, gr))| {
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: as in the forward.
-                    unsafe { bwd_row_avx2(dr, yr, gr, scale) };
-                    return;
-                }
-                let _ = fast;
-                bwd_row(dr, yr, gr, scale)
+                vectorized(
+                    #[inline(always)]
+                    || bwd_row(dr, yr, gr, scale),
+                )
             });
         Ok((CpuStorage::F32(d), yl.shape().clone()))
     }
@@ -176,6 +156,33 @@ pub fn causal_mask(
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    /// Rows of awkward length (1003: every copy's tail) with values from -60 to 60.
+    fn bits_rows() -> (Vec<f32>, Vec<f32>) {
+        let x = (0..1003).map(|i| (i as f32 * 0.37).sin() * 60.0).collect();
+        let g = (0..1003).map(|i| (i as f32 * 0.11).cos()).collect();
+        (x, g)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The baseline, AVX2 and AVX-512 copies give the same bits, both ways.
+    #[test]
+    fn every_vector_copy_gives_the_same_bits() {
+        let (x, g) = bits_rows();
+        let runs = crate::ops::fast_math::on_each_copy(
+            #[inline(always)]
+            || {
+                let (mut y, mut d) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+                fwd_row(&mut y, &x, 1000, 0.125);
+                bwd_row(&mut d, &y, &g, 0.125);
+                (bits(&y), bits(&d))
+            },
+        );
+        assert!(runs.iter().all(|r| *r == runs[0]), "{} copies", runs.len());
+    }
 
     /// Probabilities and gradients equal scale, mask and softmax composed, for a fresh sequence
     /// and for queries continuing a cache (t < total).

@@ -96,9 +96,12 @@ mod tests {
         let preset = std::env::var_os("CANDLE_NUM_THREADS").is_some();
         assert_eq!(keep_candle_elementwise_on_caller(), !preset);
         // An element-wise op large enough for candle's parallel path still computes right.
-        let x = candle_core::Tensor::ones(100_000, candle_core::DType::F32, &candle_core::Device::Cpu)
-            .expect("tensor");
-        let s: f32 = (&x + &x).and_then(|y| y.sum_all()?.to_scalar()).expect("sum");
+        let x =
+            candle_core::Tensor::ones(100_000, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .expect("tensor");
+        let s: f32 = (&x + &x)
+            .and_then(|y| y.sum_all()?.to_scalar())
+            .expect("sum");
         assert_eq!(s, 200_000.0);
         assert_eq!(
             candle_core::utils::barrier_pool().n_workers().to_string(),
