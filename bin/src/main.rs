@@ -98,7 +98,6 @@ fn main() {
     tune_allocator();
     // Several MPI ranks on one node share its cores instead of each taking all of them.
     candle_deepscale::ops::threads::share_cores_with_local_ranks();
-    candle_deepscale::ops::threads::keep_candle_elementwise_on_caller();
     // A write past `ulimit -f` then fails with "File too large", naming the file, instead of the
     // process dying silently on SIGXFSZ mid-save (the disk-full path is the same error path).
     #[cfg(unix)]

@@ -29,9 +29,13 @@ pub fn local_mpi_ranks() -> Option<usize> {
 
 /// Sizes rayon's global pool to this process's share of the node's cores when an MPI launcher
 /// started several ranks on the node (`mpirun -np 2` on two cores: one thread each, not two
-/// each fighting over both cores, as torchrun's one thread per process). `RAYON_NUM_THREADS`
-/// wins; a pool already built (any parallel op ran before) is left as it is. Returns the
-/// threads set, if any. Call it first thing in `main`.
+/// each fighting over both cores, as torchrun's one thread per process), and candle's own pool
+/// for its element-wise ops (`CANDLE_NUM_THREADS`, read when candle first builds it) to the same
+/// share: sized to every core, each rank's pool spun on the others' cores (5-7% of a dp 2 step
+/// under `mpirun -np 2` here, BENCHMARKS.md session 22). `RAYON_NUM_THREADS` wins (candle reads
+/// it too), as does a `CANDLE_NUM_THREADS` of the user's; a pool already built (any parallel op
+/// ran before) is left as it is. Returns the threads set, if any. Call it first thing in `main`,
+/// before any other thread starts (it sets an environment variable).
 pub fn share_cores_with_local_ranks() -> Option<usize> {
     let local = local_mpi_ranks().filter(|&n| n > 1)?;
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
@@ -39,6 +43,9 @@ pub fn share_cores_with_local_ranks() -> Option<usize> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / local).max(1);
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -46,37 +53,20 @@ pub fn share_cores_with_local_ranks() -> Option<usize> {
         .map(|_| threads)
 }
 
-/// Makes candle's own parallel element-wise ops (its unary and binary maps over 64K elements or
-/// more: residual adds, scaling) run on the calling thread, unless `CANDLE_NUM_THREADS` is set.
-/// candle 0.11 runs them on a barrier pool of its own, one per process, sized to every core: a
-/// second set of spinning threads beside rayon's, on the same cores. In-process ranks then queue
-/// for that one pool behind its lock, and MPI ranks on one node each spin a pool over all of
-/// the node's cores. Our kernels (GEMMs, fused ops, AdamW) run on rayon, which is sized per rank.
-/// Measured on two cores (BENCHMARKS.md, session 22): one rank the same speed either way; dp 2
-/// 0.93x -> 0.97x one rank's tokens/s in-process, 5-7% faster under `mpirun -np 2`.
-///
-/// Sets an environment variable read when candle first builds its pool: call it first thing in
-/// `main`, before any other thread starts. Returns whether it set it.
-pub fn keep_candle_elementwise_on_caller() -> bool {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_some() {
-        return false;
-    }
-    std::env::set_var("CANDLE_NUM_THREADS", "1");
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Runs this test binary's `child` test in a fresh process (candle's pool is built once per
-    /// process), with `CANDLE_NUM_THREADS` as given; the child asserts the pool's worker count.
+    /// process) as one of two MPI ranks on the node, with `CANDLE_NUM_THREADS` as given; the
+    /// child asserts candle's pool's worker count.
     fn in_child(candle_threads: Option<&str>, workers: usize) {
         let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
         cmd.args(["--exact", "ops::threads::tests::child", "--nocapture"])
             .env("DEEPSCALE_THREADS_CHILD_WORKERS", workers.to_string())
+            .env("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
             .env_remove("CANDLE_NUM_THREADS")
-            .env("RAYON_NUM_THREADS", "2");
+            .env_remove("RAYON_NUM_THREADS");
         if let Some(n) = candle_threads {
             cmd.env("CANDLE_NUM_THREADS", n);
         }
@@ -93,31 +83,52 @@ mod tests {
         let Some(workers) = std::env::var("DEEPSCALE_THREADS_CHILD_WORKERS").ok() else {
             return;
         };
-        let preset = std::env::var_os("CANDLE_NUM_THREADS").is_some();
-        assert_eq!(keep_candle_elementwise_on_caller(), !preset);
-        // An element-wise op large enough for candle's parallel path still computes right.
-        let x =
-            candle_core::Tensor::ones(100_000, candle_core::DType::F32, &candle_core::Device::Cpu)
-                .expect("tensor");
-        let s: f32 = (&x + &x)
-            .and_then(|y| y.sum_all()?.to_scalar())
-            .expect("sum");
-        assert_eq!(s, 200_000.0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(share_cores_with_local_ranks(), Some((cores / 2).max(1)));
+        assert_eq!(sum_of_twos(100_000), 200_000.0);
         assert_eq!(
             candle_core::utils::barrier_pool().n_workers().to_string(),
             workers
         );
     }
 
+    /// `x + x` over `n` ones, summed: an element-wise op large enough for candle's parallel path.
+    fn sum_of_twos(n: usize) -> f32 {
+        let x = candle_core::Tensor::ones(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .expect("tensor");
+        (&x + &x)
+            .and_then(|y| y.sum_all()?.to_scalar())
+            .expect("sum")
+    }
+
     #[test]
-    fn candles_elementwise_ops_run_on_the_caller() {
-        // Without the call, RAYON_NUM_THREADS=2 would give candle's pool one worker.
-        in_child(None, 0);
+    fn mpi_ranks_size_candles_pool_to_their_share_of_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Without it, candle's pool would take every core: `cores - 1` workers.
+        in_child(None, (cores / 2).max(1) - 1);
     }
 
     #[test]
     fn a_users_candle_num_threads_wins() {
-        in_child(Some("2"), 1);
+        in_child(Some("3"), 2);
+    }
+
+    /// In-process ranks (rayon pools smaller than candle's) run candle's element-wise ops on
+    /// their own pool (the vendored candle's patch), with the same results; a rank with every
+    /// core, and a thread outside rayon, use candle's pool.
+    #[test]
+    fn in_process_ranks_keep_candles_ops_on_their_own_pool() {
+        use candle_core::utils::rayon_share;
+        assert_eq!(rayon_share(2), None);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let (share, sum) = pool.install(|| (rayon_share(2), sum_of_twos(300_001)));
+            assert_eq!(share, (threads < 2).then_some(threads));
+            assert_eq!(sum, 600_002.0);
+        }
     }
 
     #[test]

@@ -305,6 +305,10 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        if let Some(threads) = rayon_share(self.threads.len() + 1) {
+            on_rayon_share(n_items, n_items.div_ceil(threads), f);
+            return;
+        }
         let chunk = n_items.div_ceil(self.threads.len() + 1);
         self.execute(|tid| {
             let start = tid * chunk;
@@ -326,6 +330,10 @@ impl BarrierPool {
             return;
         }
         let n_threads = self.threads.len() + 1;
+        if let Some(threads) = rayon_share(n_threads) {
+            on_rayon_share(n_items, n_items.div_ceil(threads * 8).max(1), f);
+            return;
+        }
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
         let cursor = AtomicUsize::new(0);
@@ -358,6 +366,26 @@ impl Drop for BarrierPool {
             let _ = t.join();
         }
     }
+}
+
+/// DeepScale patch (PATCHES.md): the threads of the caller's rayon pool where the caller runs on
+/// a rayon pool with fewer threads than `pool_threads` (this process-wide pool's): an in-process
+/// rank computing on its share of the cores. Its work then stays on its own pool instead of
+/// queueing behind the other ranks for this one and spinning on their cores.
+pub fn rayon_share(pool_threads: usize) -> Option<usize> {
+    rayon::current_thread_index()?;
+    let threads = rayon::current_num_threads();
+    (threads < pool_threads).then_some(threads)
+}
+
+/// `f` over `0..n_items` in ranges of `chunk` on the caller's rayon pool (inline on a pool of one
+/// thread).
+fn on_rayon_share<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, chunk: usize, f: F) {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    (0..n_items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
 }
 
 static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
