@@ -238,6 +238,21 @@ pub(crate) fn on_each_copy<R>(f: impl Fn() -> R) -> Vec<R> {
     out
 }
 
+/// Test rows for [`on_each_copy`]: an awkward length (1003: every copy's tail), values from -60
+/// to 60, and a second row of gradients.
+#[cfg(test)]
+pub(crate) fn bits_rows() -> (Vec<f32>, Vec<f32>) {
+    let x = (0..1003).map(|i| (i as f32 * 0.37).sin() * 60.0).collect();
+    let g = (0..1003).map(|i| (i as f32 * 0.11).cos()).collect();
+    (x, g)
+}
+
+/// The bit patterns of `v`, to compare results exactly.
+#[cfg(test)]
+pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// The f32 elements a contiguous CPU storage holds under `l`, or an error naming `op` and `what`.
 pub fn contiguous_f32<'a>(
     s: &'a candle_core::CpuStorage,

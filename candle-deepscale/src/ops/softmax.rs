@@ -157,16 +157,7 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    /// Rows of awkward length (1003: every copy's tail) with values from -60 to 60.
-    fn bits_rows() -> (Vec<f32>, Vec<f32>) {
-        let x = (0..1003).map(|i| (i as f32 * 0.37).sin() * 60.0).collect();
-        let g = (0..1003).map(|i| (i as f32 * 0.11).cos()).collect();
-        (x, g)
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|x| x.to_bits()).collect()
-    }
+    use crate::ops::fast_math::{bits, bits_rows};
 
     /// The baseline, AVX2 and AVX-512 copies give the same bits, both ways.
     #[test]
