@@ -1,5 +1,6 @@
 //! Collectives against a one-rank reference on the sub-groups of a 2x2x2 grid, and failure
 //! handling: a rank that errors, panics or stalls turns into an error on its peers, never a hang.
+use candle_core::{DType, Device, Tensor};
 use candle_deepscale::comm::{Communicator, InProcessWorld, ReduceOp};
 use candle_deepscale::runtime::topology::Topology;
 use std::sync::Arc;
@@ -7,6 +8,26 @@ use std::time::{Duration, Instant};
 
 #[path = "common/collectives.rs"]
 mod collectives;
+
+/// Ranks of `InProcessWorld::run` with fewer threads than candle's process-wide pool run
+/// candle's element-wise ops on their own rayon pools (the vendored candle-core's patch), with
+/// the same results; where a rank has as many threads as candle's pool, candle's pool serves.
+#[test]
+fn in_process_ranks_run_candles_element_wise_ops_on_their_own_pools() {
+    let candle_threads = candle_core::utils::barrier_pool().n_workers() + 1;
+    let per_rank = (rayon::current_num_threads() / 2).max(1);
+    let outs = InProcessWorld::run(2, Duration::from_secs(60), |_| {
+        let share = candle_core::utils::rayon_share(candle_threads);
+        let x = Tensor::ones(300_001, DType::F32, &Device::Cpu)?;
+        let sum: f32 = (&x + &x)?.sum_all()?.to_scalar()?;
+        Ok((share, sum))
+    });
+    for out in outs {
+        let (share, sum) = out.expect("rank");
+        assert_eq!(share, (per_rank < candle_threads).then_some(per_rank));
+        assert_eq!(sum, 600_002.0);
+    }
+}
 
 #[test]
 fn collectives_on_grid_subgroups_match_reference() {

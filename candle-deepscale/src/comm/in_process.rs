@@ -175,7 +175,9 @@ impl InProcessWorld {
 /// Sharing the global pool, every rank's parallel kernels were injected into the same two
 /// workers from outside: a wake-up and hand-back per op, and one rank's op waiting behind
 /// another's. On its own pool, a rank of one thread runs its kernels inline, and a rank blocked
-/// in a collective holds only its own workers. If no pool can be built, the global one serves.
+/// in a collective holds only its own workers. candle's own element-wise ops follow the rank onto
+/// this pool (the vendored candle-core's `utils::rayon_share`) instead of candle's process-wide
+/// pool. If no pool can be built, the global one serves.
 fn on_rank_pool<R: Send>(rank: usize, world: usize, f: impl FnOnce() -> R + Send) -> R {
     let threads = (rayon::current_num_threads() / world.max(1)).max(1);
     match rayon::ThreadPoolBuilder::new()
