@@ -134,8 +134,8 @@ pub fn sum_squares(x: &[f32]) -> f64 {
     partials.iter().sum()
 }
 
-/// Whether the CPU has AVX2 and FMA (checked once): the fused kernels then run their
-/// `target_feature` copies.
+/// Whether the CPU has AVX2 and FMA (checked once): [`vectorized`] then compiles its closure for
+/// them (where it has no AVX-512).
 pub fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -330,39 +330,22 @@ mod tests {
         assert_eq!(sum_squares(&[]), 0.0);
     }
 
-    /// The AVX-512 and AVX2 copies of a kernel give the same bits.
-    #[cfg(target_arch = "x86_64")]
+    /// Every copy of a kernel [`vectorized`] can choose here (baseline, AVX2, AVX-512) gives the
+    /// same bits.
     #[test]
-    fn avx512_and_avx2_copies_agree_bit_for_bit() {
-        if !has_avx512() {
-            eprintln!("no AVX-512 here: not compared");
-            return;
-        }
+    fn every_vector_copy_gives_the_same_bits() {
         let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
-        #[inline(always)]
-        fn kernel(x: &[f32], y: &mut [f32]) -> (f32, f32, f32, f64) {
-            let s = map_sum(y, x, |v| exp(v - 30.0));
-            let t = sum_map2(y, x, |a, b| tanh(a * b));
-            (s, t, max(x), sum_f64(x, |v| v * v))
-        }
-        let (mut y1, mut y2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-        // SAFETY: has_avx512 covers both feature sets.
-        let a = unsafe {
-            on_avx512(
-                #[inline(always)]
-                || kernel(&x, &mut y1),
-            )
-        };
-        let b = unsafe {
-            on_avx2(
-                #[inline(always)]
-                || kernel(&x, &mut y2),
-            )
-        };
-        assert_eq!(a.0.to_bits(), b.0.to_bits());
-        assert_eq!(a.1.to_bits(), b.1.to_bits());
-        assert_eq!((a.2, a.3.to_bits()), (b.2, b.3.to_bits()));
-        assert!(y1.iter().zip(&y2).all(|(p, q)| p.to_bits() == q.to_bits()));
+        let runs = on_each_copy(
+            #[inline(always)]
+            || {
+                let mut y = vec![0f32; x.len()];
+                let s = map_sum(&mut y, &x, |v| exp(v - 30.0));
+                let t = sum_map2(&y, &x, |a, b| tanh(a * b));
+                let scalars = [s.to_bits(), t.to_bits(), max(&x).to_bits()];
+                (scalars, sum_f64(&x, |v| v * v).to_bits(), bits(&y))
+            },
+        );
+        assert!(runs.iter().all(|r| *r == runs[0]), "{} copies", runs.len());
     }
 
     #[test]

@@ -288,8 +288,8 @@ unsafe fn fp32(
     threads: usize,
     add: bool,
 ) {
-    if let Some(blas) = crate::ops::blas::active()
-        .filter(|b| b.avx512 || !gemm_crate_is_faster((m, n, k), a, threads))
+    if let Some(blas) =
+        crate::ops::blas::active().filter(|b| !gemm_crate_is_faster(b, (m, n, k), a, threads))
     {
         if blas.sgemm((m, n, k), dst, a, b, add, threads) {
             return;
@@ -314,8 +314,14 @@ unsafe fn fp32(
 /// 106-131 on two threads). Against a BLAS with AVX-512 kernels (the `gemm` crate runs AVX2 ones)
 /// none is: GPT-2 124M at s2048 trains 4-6% faster with every product on BLIS's skx kernels
 /// (BENCHMARKS.md, session 21).
-fn gemm_crate_is_faster((m, n, k): (usize, usize, usize), a: Mat, threads: usize) -> bool {
-    (threads <= 1 && k.min(n) <= 64) || (threads > 1 && a.rs == 1 && a.cs != 1 && m <= 256)
+fn gemm_crate_is_faster(
+    blas: &crate::ops::blas::Blas,
+    (m, n, k): (usize, usize, usize),
+    a: Mat,
+    threads: usize,
+) -> bool {
+    !blas.avx512
+        && ((threads <= 1 && k.min(n) <= 64) || (threads > 1 && a.rs == 1 && a.cs != 1 && m <= 256))
 }
 
 /// `x` (`rows x cols`) with every element rounded to bf16, and the matrix reading it: where `x`

@@ -331,7 +331,7 @@ impl BarrierPool {
         }
         let n_threads = self.threads.len() + 1;
         if let Some(threads) = rayon_share(n_threads) {
-            on_rayon_share(n_items, n_items.div_ceil(threads * 8).max(1), f);
+            on_rayon_share(n_items, n_items.div_ceil(threads * 8), f);
             return;
         }
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
