@@ -74,14 +74,16 @@ fn bench_dp_times_overlap_comm_beside_waiting() {
 }
 
 /// `bench attention`: the tiled kernel's scratch does not grow with the sequence, the others'
-/// do; `--key-block` is rounded up to whole row blocks as the kernel runs it.
+/// do; `--key-block` is rounded up to whole row blocks as the kernel runs it. A list flag takes
+/// its values apart (as `--help` shows the default) or joined by commas.
 #[test]
 fn bench_attention_reports_each_kernels_scratch() {
     let args = [
         "bench",
         "attention",
         "--seq-lengths",
-        "100,300",
+        "100",
+        "300",
         "--tokens",
         "300",
         "--num-attention-heads",
@@ -103,6 +105,11 @@ fn bench_attention_reports_each_kernels_scratch() {
     assert_eq!(kib(1, "whole_rows"), 96.0 * 300.0 * 4.0 / 1024.0);
     assert_eq!(kib(1, "square"), 300.0 * 300.0 * 4.0 / 1024.0);
     assert!(kib(0, "tiled") < kib(1, "tiled"));
+    let mut joined: Vec<&str> = args.to_vec();
+    joined.splice(2..5, ["--seq-lengths", "100,300"]);
+    let w = last_json(&ok(&joined));
+    assert_eq!(w["results"][1]["scratch_kib"], r[1]["scratch_kib"]);
+    assert_eq!(w["results"].as_array().map(Vec::len), Some(2));
     let bad = ["bench", "attention", "--key-block", "0"];
     refusal(&deepscale(&bad), &bad, &["--key-block"]);
 }

@@ -65,10 +65,19 @@ fn worker(case: &str, out: &Path) {
             collectives::check_start_does_not_wait(dyn_comm.clone(), Duration::from_secs(2))
                 .unwrap();
             // One node: the blocking collectives above went through shared memory unless
-            // DEEPSCALE_MPI_SHM=0 (then through MPI's messages): both paths are checked.
+            // DEEPSCALE_MPI_SHM=0 (then through MPI's messages), the large ones reading the
+            // other processes' buffers directly unless DEEPSCALE_MPI_SINGLE_COPY=0 (then
+            // through the segment's slots): every path is checked.
             let world: Vec<usize> = (0..size).collect();
-            let off = std::env::var("DEEPSCALE_MPI_SHM").is_ok_and(|v| v == "0");
-            assert_eq!(comm.uses_shared_memory(&world).unwrap(), !off);
+            let off = |v: &str| std::env::var(v).is_ok_and(|v| v == "0");
+            let shm = !off("DEEPSCALE_MPI_SHM");
+            assert_eq!(comm.uses_shared_memory(&world).unwrap(), shm);
+            let single_copy = shm && !off("DEEPSCALE_MPI_SINGLE_COPY") && cfg!(target_os = "linux");
+            assert_eq!(
+                comm.uses_single_copy(&world).unwrap(),
+                single_copy,
+                "single-copy reads between the ranks (process_vm_readv needs ptrace's permission)"
+            );
             std::fs::write(out.join(format!("rank{rank}.ok")), "ok").unwrap();
         }
         "tp-gpt2" | "tp-bert" => {
@@ -633,6 +642,13 @@ fn main() {
             Box::new(|| {
                 collectives(2, &[("DEEPSCALE_MPI_SHM", "0")]);
                 collectives(4, &[("DEEPSCALE_MPI_SHM", "0")]);
+            }),
+        ),
+        (
+            "mpi_collectives_2_and_4_processes_through_the_shared_slots",
+            Box::new(|| {
+                collectives(2, &[("DEEPSCALE_MPI_SINGLE_COPY", "0")]);
+                collectives(4, &[("DEEPSCALE_MPI_SINGLE_COPY", "0")]);
             }),
         ),
         (

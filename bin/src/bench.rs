@@ -114,9 +114,9 @@ pub struct OffloadArgs {
 
 #[derive(Args, Debug)]
 pub struct PipeArgs {
-    #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [2usize, 4])]
     pub stages: Vec<usize>,
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4, 8, 16])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 2, 4, 8, 16])]
     pub micro_batches: Vec<usize>,
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
@@ -144,7 +144,7 @@ pub struct GemmArgs {
 
 #[derive(Args, Debug)]
 pub struct AttentionArgs {
-    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [256usize, 1024])]
     pub seq_lengths: Vec<usize>,
     /// Tokens per call (batch x sequence).
     #[arg(long, default_value_t = 4096)]
@@ -179,7 +179,7 @@ pub struct CommArgs {
     #[arg(long, default_value_t = 2)]
     pub world_size: usize,
     /// Message sizes in MiB.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 64])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 4, 16, 64])]
     pub sizes_mib: Vec<usize>,
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
@@ -192,7 +192,7 @@ pub struct TpArgs {
     /// GPT-2 preset, or `small` (4 layers, hidden 256, 4 heads, vocab 50257).
     #[arg(long, default_value = "small")]
     pub model: String,
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [1usize, 2, 4])]
     pub tp: Vec<usize>,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,

@@ -28,7 +28,7 @@ use zoo::gpt2::{self, Gpt2};
 pub struct SuiteArgs {
     /// Configs: `small` (4 layers, hidden 256, 4 heads, vocab 50257, b8 x s128), `gpt2-125m`
     /// (b4 x s256), and `gpt2-125m-s1024` / `gpt2-125m-s2048` (b1, Megatron's sequence lengths).
-    #[arg(long, value_delimiter = ',', default_values_t = ["small".to_string(), "gpt2-125m".to_string()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = ["small".to_string(), "gpt2-125m".to_string()])]
     pub config: Vec<String>,
     /// Timed training steps per config (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 3)]

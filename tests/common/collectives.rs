@@ -120,6 +120,14 @@ pub fn check_collectives(c: &dyn Communicator, topo: &Topology) -> Result<()> {
                 .for_each(|(w, x)| *w += x);
         }
         assert!(part == want, "large reduce_scatter on {group:?}");
+        // A large all-gather (MPI reads the others' buffers directly at this size).
+        let mut all = vec![0f32; 100_003 * n];
+        c.all_gather(&group, &big(r)[..100_003], &mut all)?;
+        let want: Vec<f32> = group
+            .iter()
+            .flat_map(|&g| big(g)[..100_003].to_vec())
+            .collect();
+        assert!(all == want, "large all_gather on {group:?}");
     }
     // Other element types.
     let mut d = vec![r as f64; 3];

@@ -16,6 +16,8 @@ mod shape_only;
 // Used by the MPI backend; built without it too, for its tests.
 #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 mod shm;
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+mod single_copy;
 pub mod tcp_rendezvous;
 mod work;
 

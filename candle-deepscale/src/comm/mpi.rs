@@ -14,7 +14,9 @@
 //! Groups whose members all run on one node (the common case: `mpirun -np N` on a machine) skip
 //! MPI's messages for their blocking collectives and use a mapped shared-memory segment instead
 //! ([`super::shm`]: the same group-order sums, about twice the bandwidth at 4-16 MiB);
-//! `DEEPSCALE_MPI_SHM=0` turns that off. Point-to-point sends and started reduce-scatters (which
+//! `DEEPSCALE_MPI_SHM=0` turns that off. Large ones read the other processes' buffers directly
+//! where the kernel allows it ([`super::single_copy`]; `DEEPSCALE_MPI_SINGLE_COPY=0` turns that
+//! off). Point-to-point sends and started reduce-scatters (which
 //! must not wait for the peers) stay on MPI.
 use super::shm::{self, ShmGroup};
 use super::{
@@ -204,6 +206,17 @@ impl MpiComm {
                     let req = c.immediate_all_gather_into(scope, &ok[..], &mut oks[..]);
                     self.wait(op, group, req);
                 });
+                // Every member has mapped it and written its process id: each probes whether
+                // it may read the others' memory; single-copy only where all may.
+                if let (true, Some(g)) = (oks.iter().all(|&ok| ok == 1), &mapped) {
+                    let can = [g.probe_single_copy() as u8];
+                    let mut cans = vec![0u8; group.len()];
+                    mpi::request::scope(|scope| {
+                        let req = c.immediate_all_gather_into(scope, &can[..], &mut cans[..]);
+                        self.wait(op, group, req);
+                    });
+                    g.set_single_copy(cans.iter().all(|&v| v == 1));
+                }
             })?;
         }
         // Every member has opened it (or failed to): the first member's handle is not needed.
@@ -220,6 +233,13 @@ impl MpiComm {
     /// a collective call, like the others).
     pub fn uses_shared_memory(&self, group: &[usize]) -> Result<bool> {
         Ok(self.shm_group(group, "shared-memory setup")?.is_some())
+    }
+
+    /// Whether `group`'s large blocking collectives read the other processes' buffers directly
+    /// (shared memory with single-copy reads; sets it up if needed, a collective call).
+    pub fn uses_single_copy(&self, group: &[usize]) -> Result<bool> {
+        let g = self.shm_group(group, "shared-memory setup")?;
+        Ok(g.is_some_and(|g| g.uses_single_copy()))
     }
 
     /// A shared-memory collective's result; its failure (a timeout, members calling different

@@ -11,14 +11,20 @@
 //! cache. Reductions sum the pieces in group order where they lie, as the in-process backend
 //! does: the results are bit-identical to it.
 //!
+//! Large all-gathers, reduce-scatters and all-reduces skip the slots where the processes may read
+//! each other's memory ([`super::single_copy`]): a step publishes the address of each member's
+//! buffer, the others read what they need from it directly (one copy instead of two, as the
+//! in-process ranks do), and the member returns only once they all have.
+//!
 //! Every member must call the same collectives on a group in the same order with the same sizes
 //! (as MPI requires); each step carries a signature of the call, and a member that reads a
 //! different one fails with a message naming both calls instead of misreading the data.
+use super::single_copy;
 use super::{check_all_gather, check_reduce_scatter, reduce_bytes, ElemKind, ReduceOp};
 use candle_core::{bail, Result};
 use memmap2::MmapRaw;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,6 +34,19 @@ const HEADER: usize = 256;
 const PUBLISHED: usize = 0;
 const SIGNATURE: usize = 8;
 const DONE: usize = 128;
+/// The member's process id and the address of its own mapping of the segment (for the probe).
+const PID: usize = 32;
+const BASE: usize = 40;
+
+/// Bytes per member for which the large collectives read the others' buffers directly. Below
+/// the range the two copies through a slot cost less than the extra step that waits for the
+/// readers; above it the buffers outgrow the caches, the copy through a slot (which stays in
+/// L2) is nearly free, and the kernel's page-by-page copy falls behind it (two processes on the
+/// AVX-512 Xeon of BENCHMARKS' session 23: reduce-scatter busbw 4.8-5.3 GB/s single-copy
+/// against 4.0-4.6 through the slots at 8-16 MiB per member, 2.3-2.6 against 3.1-3.9 at 32).
+const SINGLE_COPY: std::ops::RangeInclusive<usize> = (256 << 10)..=(16 << 20);
+/// Bytes a reduction reads from each member before summing them (the pieces stay in L2).
+const READ_PIECE: usize = 256 << 10;
 
 /// Bytes a member writes per step and phase: up to 1 MiB (the pieces of a step stay in the
 /// cores' L2), less for large groups so the segment stays within 16 MiB per phase.
@@ -144,6 +163,17 @@ fn describe(sig: u64) -> String {
     format!("{name} of {} bytes", sig & ((1 << 48) - 1))
 }
 
+/// A single-copy step's slot carries the address of its member's buffer.
+fn put_addr(slot: &mut [u8], addr: usize) {
+    slot[..8].copy_from_slice(&(addr as u64).to_ne_bytes());
+}
+
+fn addr_in(slot: &[u8]) -> usize {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&slot[..8]);
+    u64::from_ne_bytes(a) as usize
+}
+
 /// How long a waiting member spins before it sleeps: when every member has a core, a peer
 /// answers within microseconds and a futex's wake-up would cost more than the wait (two ranks
 /// on two cores: 2.6 GB/s with 50 us of spinning, 8 with 2 ms); with more members than cores a
@@ -216,8 +246,13 @@ pub struct ShmGroup {
     slot: usize,
     timeout: Duration,
     spin: Duration,
-    /// The number of the last step, and the all-reduce's scratch for its reduced piece.
+    /// The number of the last step, and the reductions' scratch.
     state: Mutex<(u64, Vec<u8>)>,
+    /// Whether every member may read the others' memory ([`Self::probe_single_copy`]).
+    single_copy: AtomicBool,
+    /// Collectives that took the single-copy path (the tests check which path ran).
+    #[cfg(test)]
+    single_copy_calls: AtomicU64,
 }
 
 // SAFETY: the mapping lives as long as the struct; which member writes which bytes when is
@@ -256,7 +291,7 @@ impl ShmGroup {
         }
         let map = MmapRaw::map_raw(f)
             .map_err(|e| candle_core::Error::Msg(format!("mapping {}: {e}", path.display())))?;
-        Ok(Self {
+        let g = Self {
             map,
             members,
             me,
@@ -264,7 +299,85 @@ impl ShmGroup {
             timeout,
             spin: spin_for(members),
             state: Mutex::new((0, Vec::new())),
+            single_copy: AtomicBool::new(false),
+            #[cfg(test)]
+            single_copy_calls: AtomicU64::new(0),
+        };
+        g.atomic(me, PID)
+            .store(std::process::id() as u64, Ordering::Release);
+        g.atomic(me, BASE)
+            .store(g.map.as_mut_ptr() as u64, Ordering::Release);
+        Ok(g)
+    }
+
+    /// Whether this member can read every other member's memory (each reads the others' process
+    /// ids from their own mappings). Call it once every member has mapped the segment, agree on
+    /// the answer, then [`Self::set_single_copy`]. False with `DEEPSCALE_MPI_SINGLE_COPY=0`.
+    pub fn probe_single_copy(&self) -> bool {
+        if !single_copy::enabled() {
+            return false;
+        }
+        (0..self.members).filter(|&k| k != self.me).all(|k| {
+            let pid = self.atomic(k, PID).load(Ordering::Acquire);
+            let base = self.atomic(k, BASE).load(Ordering::Acquire) as usize;
+            let mut word = [0u8; 8];
+            let at = base + k * HEADER + PID;
+            single_copy::read(pid as i32, at, &mut word).is_ok() && u64::from_ne_bytes(word) == pid
         })
+    }
+
+    /// Turns the single-copy collectives on or off (every member the same).
+    pub fn set_single_copy(&self, on: bool) {
+        self.single_copy.store(on, Ordering::Relaxed);
+    }
+
+    pub fn uses_single_copy(&self) -> bool {
+        self.single_copy.load(Ordering::Relaxed)
+    }
+
+    /// Whether a collective moving `bytes` per member reads the others' buffers directly.
+    fn single_copy_for(&self, bytes: usize) -> bool {
+        let on = SINGLE_COPY.contains(&bytes) && self.uses_single_copy();
+        #[cfg(test)]
+        self.single_copy_calls
+            .fetch_add(on as u64, Ordering::Relaxed);
+        on
+    }
+
+    /// Member `k`'s `dst.len()` bytes at `addr` (an address it published), for `op`.
+    fn read_peer(
+        &self,
+        k: usize,
+        addr: usize,
+        dst: &mut [u8],
+        op: Op,
+        group: &[usize],
+    ) -> Result<()> {
+        let pid = self.atomic(k, PID).load(Ordering::Relaxed) as i32;
+        single_copy::read(pid, addr, dst).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{} on group {group:?}: reading {} bytes of member {k}'s (rank {}, process {pid}) buffer: {e}",
+                op.name(),
+                dst.len(),
+                group.get(k).copied().unwrap_or(k)
+            ))
+        })
+    }
+
+    /// Waits until every other member has finished step `t` (read this member's buffer).
+    fn await_readers(&self, t: u64, op: Op, group: &[usize]) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        for k in (0..self.members).filter(|&k| k != self.me) {
+            if !self.wait_for(self.atomic(k, DONE), t, deadline) {
+                bail!(
+                    "{} on group {group:?} timed out after {:.1} s waiting for member {k} (rank {}) to read this rank's buffer (a peer died or stalled)",
+                    op.name(),
+                    self.timeout.as_secs_f64(),
+                    group.get(k).copied().unwrap_or(k)
+                )
+            }
+        }
+        Ok(())
     }
 
     fn atomic(&self, member: usize, offset: usize) -> &AtomicU64 {
@@ -388,6 +501,22 @@ impl ShmGroup {
         let m = send.len();
         let sig = signature(Op::AllGather, m, 0);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.single_copy_for(m) {
+            st.0 += 1;
+            let (t, me, addr) = (st.0, self.me, send.as_ptr() as usize);
+            let write = |slot: &mut [u8]| put_addr(slot, addr);
+            self.step(t, Op::AllGather, sig, group, write, |slots| {
+                for (k, s) in slots.iter().enumerate() {
+                    let dst = &mut recv[k * m..(k + 1) * m];
+                    match k == me {
+                        true => dst.copy_from_slice(send),
+                        false => self.read_peer(k, addr_in(s), dst, Op::AllGather, group)?,
+                    }
+                }
+                Ok(())
+            })?;
+            return self.await_readers(t, Op::AllGather, group);
+        }
         let mut at = 0;
         while at < m {
             let len = self.slot.min(m - at);
@@ -427,6 +556,37 @@ impl ShmGroup {
         let piece = (self.slot / n / kind.size()).max(1) * kind.size();
         let sig = signature(Op::ReduceScatter, send.len(), 0);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.single_copy_for(c) {
+            st.0 += 1;
+            let (t, addr) = (st.0, send.as_ptr() as usize);
+            let (_, scratch) = &mut *st;
+            let p = (READ_PIECE / kind.size()).max(1) * kind.size();
+            if scratch.len() < n * p {
+                scratch.resize(n * p, 0);
+            }
+            let write = |slot: &mut [u8]| put_addr(slot, addr);
+            self.step(t, Op::ReduceScatter, sig, group, write, |slots| {
+                let mut at = 0;
+                while at < c {
+                    let len = p.min(c - at);
+                    for k in (0..n).filter(|&k| k != me) {
+                        let from = addr_in(slots[k]) + me * c + at;
+                        let dst = &mut scratch[k * p..k * p + len];
+                        self.read_peer(k, from, dst, Op::ReduceScatter, group)?;
+                    }
+                    let parts: Vec<&[u8]> = (0..n)
+                        .map(|k| match k == me {
+                            true => &send[me * c + at..me * c + at + len],
+                            false => &scratch[k * p..k * p + len],
+                        })
+                        .collect();
+                    reduce_bytes(&parts, &mut recv[at..at + len], kind, op)?;
+                    at += len;
+                }
+                Ok(())
+            })?;
+            return self.await_readers(t, Op::ReduceScatter, group);
+        }
         let mut at = 0;
         while at < c {
             let len = piece.min(c - at);
@@ -479,6 +639,9 @@ impl ShmGroup {
         let sig = signature(Op::AllReduce, buf.len(), 0);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (step, sum) = &mut *st;
+        if self.single_copy_for(buf.len() / n) {
+            return self.all_reduce_single_copy(step, sum, sig, group, buf, kind, op);
+        }
         if buf.len() <= (64 << 10).min(self.slot) {
             // Every member reduces the whole buffer from the slots (its own included).
             let len = buf.len();
@@ -560,6 +723,69 @@ impl ShmGroup {
         Ok(())
     }
 
+    /// A large all-reduce reading the others' buffers: each member reduces its piece of the
+    /// buffer from everyone's (group order, in place in its own buffer: the others read only
+    /// their own pieces of it), then reads the others' reduced pieces.
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce_single_copy(
+        &self,
+        step: &mut u64,
+        scratch: &mut Vec<u8>,
+        sig: u64,
+        group: &[usize],
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (n, me, size, len) = (self.members, self.me, kind.size(), buf.len());
+        let q = (len / size).div_ceil(n) * size;
+        let piece = |k: usize| (k * q).min(len)..((k + 1) * q).min(len);
+        let p = (READ_PIECE / size).max(1) * size;
+        if scratch.len() < (n + 1) * p {
+            scratch.resize((n + 1) * p, 0);
+        }
+        let addr = buf.as_ptr() as usize;
+        let write = |slot: &mut [u8]| put_addr(slot, addr);
+        *step += 1;
+        self.step(*step, Op::AllReduce, sig, group, write, |slots| {
+            let (reads, sum) = scratch.split_at_mut(n * p);
+            let own = piece(me);
+            let mut at = own.start;
+            while at < own.end {
+                let l = p.min(own.end - at);
+                for k in (0..n).filter(|&k| k != me) {
+                    let dst = &mut reads[k * p..k * p + l];
+                    self.read_peer(k, addr_in(slots[k]) + at, dst, Op::AllReduce, group)?;
+                }
+                let parts: Vec<&[u8]> = (0..n)
+                    .map(|k| match k == me {
+                        true => &buf[at..at + l],
+                        false => &reads[k * p..k * p + l],
+                    })
+                    .collect();
+                reduce_bytes(&parts, &mut sum[..l], kind, op)?;
+                buf[at..at + l].copy_from_slice(&sum[..l]);
+                at += l;
+            }
+            Ok(())
+        })?;
+        // Every member publishes this step after reducing its piece: once all have, the
+        // reduced pieces are complete.
+        *step += 1;
+        self.step(*step, Op::AllReduce, sig, group, write, |slots| {
+            for k in (0..n).filter(|&k| k != me) {
+                let r = piece(k);
+                let from = addr_in(slots[k]) + r.start;
+                self.read_peer(k, from, &mut buf[r], Op::AllReduce, group)?;
+            }
+            Ok(())
+        })?;
+        if scratch.len() > 4 << 20 {
+            *scratch = Vec::new();
+        }
+        self.await_readers(*step, Op::AllReduce, group)
+    }
+
     /// `buf` of member `root` (a group index) to every member.
     pub fn broadcast(&self, group: &[usize], buf: &mut [u8], root: usize) -> Result<()> {
         self.check(group)?;
@@ -636,10 +862,12 @@ mod tests {
         out
     }
 
-    /// Runs `f(member, group)` on `n` threads sharing one segment.
+    /// Runs `f(member, group)` on `n` threads sharing one segment, the large collectives
+    /// reading each other's buffers directly where `single_copy`.
     fn on_members<R: Send + 'static>(
         n: usize,
         timeout: Duration,
+        single_copy: bool,
         f: impl Fn(usize, &ShmGroup) -> R + Send + Sync + 'static,
     ) -> Vec<R> {
         let segment = create_segment(n).unwrap();
@@ -650,6 +878,11 @@ mod tests {
             })
             .collect();
         drop(segment);
+        for g in &groups {
+            // Threads of one process may always read its memory.
+            assert_eq!(g.probe_single_copy(), cfg!(target_os = "linux"));
+            g.set_single_copy(single_copy);
+        }
         let f = Arc::new(f);
         let handles: Vec<_> = groups
             .into_iter()
@@ -664,8 +897,12 @@ mod tests {
 
     #[test]
     fn collectives_equal_the_group_order_reduction_bit_for_bit() {
-        for n in [2, 3, 4] {
-            on_members(n, Duration::from_secs(60), move |me, g| {
+        let single_copy = [false, cfg!(target_os = "linux")];
+        for (n, single_copy) in [2, 3, 4]
+            .into_iter()
+            .flat_map(|n| single_copy.map(|s| (n, s)))
+        {
+            let calls = on_members(n, Duration::from_secs(60), single_copy, move |me, g| {
                 let group: Vec<usize> = (0..n).map(|k| 10 + k).collect();
                 // Small and several-segment sizes, none a multiple of the group size or a slot.
                 for (len, salt) in [(12, 1), (100_003, 2), (700_001, 3)] {
@@ -725,13 +962,21 @@ mod tests {
                 .unwrap();
                 let want: f32 = (0..n).map(|k| 1.5 + k as f32).sum();
                 assert_eq!(h[0].to_f32(), want);
+                g.single_copy_calls.load(Ordering::Relaxed)
             });
+            // Both large sizes' all-gathers and reduce-scatters and the largest one's three
+            // all-reduces (100_003 elements all-reduced are under the range per member).
+            let want = if single_copy { 2 + 2 + 3 } else { 0 };
+            assert!(
+                calls.iter().all(|&c| c == want),
+                "{n} members: {calls:?} single-copy calls"
+            );
         }
     }
 
     #[test]
     fn members_calling_different_collectives_fail_naming_both() {
-        let errs = on_members(2, Duration::from_secs(30), |me, g| {
+        let errs = on_members(2, Duration::from_secs(30), false, |me, g| {
             let send = vec![1u8; 16 * (me + 1)];
             let mut recv = vec![0u8; 2 * send.len()];
             g.all_gather(&[0, 1], &send, &mut recv)
@@ -755,7 +1000,7 @@ mod tests {
     #[test]
     fn a_member_that_never_comes_times_out() {
         let t = Instant::now();
-        let errs = on_members(2, Duration::from_millis(300), |me, g| {
+        let errs = on_members(2, Duration::from_millis(300), false, |me, g| {
             (me == 0).then(|| g.barrier(&[4, 7]).unwrap_err().to_string())
         });
         let e = errs[0].as_deref().unwrap_or_default();
