@@ -585,6 +585,9 @@ impl ShmGroup {
                 }
                 Ok(())
             })?;
+            if scratch.len() > 4 << 20 {
+                *scratch = Vec::new();
+            }
             return self.await_readers(t, Op::ReduceScatter, group);
         }
         let mut at = 0;
