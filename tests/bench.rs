@@ -270,3 +270,91 @@ fn bench_offload_reports_the_swap_and_where_the_step_ran() {
     let bad = ["bench", "offload", "--gradient-clipping=-1"];
     refusal(&deepscale(&bad), &bad, &["--gradient-clipping -1"]);
 }
+
+/// Every `bench` refuses sizes it cannot run before any work: a zero where at least one is
+/// needed (naming the flag), and buffers beyond what the process may use (here a 3 GB
+/// `ulimit -v`) with the flags that size them and the limit — an error, never a panic, an
+/// allocator abort or the OOM killer minutes in.
+#[test]
+fn bench_refuses_impossible_sizes_before_any_work() {
+    let zeros: [(&[&str], &str); 8] = [
+        (&["bench", "comm", "--sizes-mib", "0"], "--sizes-mib"),
+        (
+            &["bench", "attention", "--seq-lengths", "0"],
+            "--seq-lengths",
+        ),
+        (&["bench", "attention", "--head-dim", "0"], "--head-dim"),
+        (
+            &["bench", "attention", "--num-attention-heads", "0"],
+            "--num-attention-heads",
+        ),
+        (&["bench", "gemm", "--hidden-size", "0"], "--hidden-size"),
+        (&["bench", "gemm", "--tokens", "0"], "--tokens"),
+        (
+            &["bench", "offload", "--ram-budget-mib", "0"],
+            "--ram-budget-mib",
+        ),
+        (&["bench", "whole", "--batch-size", "0"], "--batch-size"),
+    ];
+    for (args, flag) in zeros {
+        refusal(&deepscale(args), args, &[flag]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nvme = dir.path().join("nvme");
+    let too_big: [(Vec<&str>, &[&str]); 9] = [
+        (vec!["comm", "--sizes-mib", "1,4096"], &["--sizes-mib 4096"]),
+        (
+            vec!["attention", "--tokens", "100000000"],
+            &["--tokens 100000000"],
+        ),
+        (vec!["gemm", "--tokens", "10000000"], &["--tokens 10000000"]),
+        (vec!["adam", "--model", "gpt2-1.3b"], &["--model gpt2-1.3b"]),
+        (
+            vec!["tp", "--batch-size", "100000", "--tp", "1"],
+            &["--batch-size 100000", "activations"],
+        ),
+        (
+            vec!["dp", "--batch-size", "100000", "--data-parallel", "1"],
+            &["--batch-size 100000", "activations"],
+        ),
+        (
+            vec!["train", "--batch-size", "100000"],
+            &["--batch-size 100000", "4 model(s)"],
+        ),
+        (
+            vec![
+                "offload",
+                "--hidden-size",
+                "100000",
+                "--nvme-path",
+                nvme.to_str().unwrap(),
+            ],
+            &["--hidden-size 100000"],
+        ),
+        (
+            vec!["whole", "--hidden-size", "1000000"],
+            &["--hidden-size 1000000"],
+        ),
+    ];
+    for (args, needles) in too_big {
+        let cmd = format!(
+            "ulimit -v 3000000 && exec {} bench {}",
+            env!("CARGO_BIN_EXE_deepscale"),
+            args.join(" ")
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &cmd])
+            .output()
+            .expect("bash");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        for n in [&["not enough memory", "ulimit -v"][..], needles].concat() {
+            assert!(err.contains(n), "{args:?}: lacks `{n}`: {err}");
+        }
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(
+        !nvme.exists(),
+        "bench offload probed the disk before refusing"
+    );
+}

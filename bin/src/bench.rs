@@ -10,6 +10,7 @@
 //!   sizes on in-process ranks, as ratios to tp=1.
 use crate::args::Layout;
 use crate::launch::launch;
+use crate::memory_preflight::{check_bench, check_bytes, Shape};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_deepscale::comm::{Communicator, ReduceOp};
@@ -230,6 +231,33 @@ fn attention(a: AttentionArgs) -> Result<()> {
     if a.key_block == Some(0) {
         bail!("bench attention: --key-block must be at least 1");
     }
+    for (flag, v) in [
+        ("--num-attention-heads", heads),
+        ("--head-dim", d),
+        ("--tokens", a.tokens),
+        (
+            "--seq-lengths",
+            a.seq_lengths.iter().copied().min().unwrap_or(0),
+        ),
+    ] {
+        if v == 0 {
+            bail!("bench attention: {flag} must be at least 1");
+        }
+    }
+    for &t in &a.seq_lengths {
+        // Q, K, V, the output, the weights and their gradients (about twelve of the output's
+        // size), and the square variant's t x t scores per thread.
+        let elems = (a.tokens / t).max(1) as u64 * (t * heads * d) as u64;
+        let threads = rayon::current_num_threads() as u64;
+        let bytes = 4 * (12 * elems + 2 * threads * (t as u64).pow(2));
+        check_bytes(
+            &format!(
+                "bench attention at --seq-lengths {t} --tokens {} --num-attention-heads {heads} --head-dim {d}",
+                a.tokens
+            ),
+            bytes,
+        )?;
+    }
     let tiled = Tile {
         keys: a.key_block.unwrap_or(TILE.keys),
         ..TILE
@@ -293,6 +321,15 @@ fn gemm(a: GemmArgs) -> Result<()> {
         )
     };
     let (t, h) = (a.tokens, a.hidden_size);
+    if t == 0 || h == 0 {
+        bail!("bench gemm: --tokens and --hidden-size must be at least 1 (got {t} and {h})");
+    }
+    // The largest product (the logits'): its operands and result on both backends.
+    let (t64, h64) = (t as u64, h as u64);
+    check_bytes(
+        &format!("bench gemm --tokens {t} --hidden-size {h}"),
+        2 * 4 * (t64 * h64 + 50304 * h64 + t64 * 50304),
+    )?;
     // (what, rows of x, inputs k, outputs n, which product)
     let shapes: [(&str, usize, usize, usize, u8); 9] = [
         ("QKV x w^T", t, h, 3 * h, 0),
@@ -370,6 +407,20 @@ fn comm(a: CommArgs) -> Result<()> {
     if world < 2 {
         bail!("bench comm needs at least 2 ranks")
     }
+    if a.sizes_mib.contains(&0) {
+        bail!("bench comm: --sizes-mib 0: every message size is at least 1 MiB")
+    }
+    // Each rank holds a message, its gathered copy and two chunks of it; in-process ranks
+    // share this process.
+    let largest = a.sizes_mib.iter().copied().max().unwrap_or(1) as u64;
+    let ranks_here = match crate::launch::mpi_world_size() {
+        Some(_) => 1,
+        None => world as u64,
+    };
+    check_bytes(
+        &format!("bench comm --sizes-mib {largest} ({ranks_here} rank(s) in this process)"),
+        ranks_here * (2 * (largest << 20) + 2 * (largest << 20) / world as u64),
+    )?;
     let layout = Layout {
         timeout: candle_deepscale::comm::default_timeout(),
         ..crate::args::Layout::in_process(world, 1, 1)
@@ -489,6 +540,20 @@ fn tp(a: TpArgs) -> Result<()> {
     for &tp in &a.tp {
         let layout = Layout::in_process(tp, tp, 1);
         let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
+        let engine = candle_deepscale::runtime::engine::EngineConfig {
+            train_micro_batch_size_per_gpu: b,
+            ..Default::default()
+        };
+        check_bench(
+            &format!(
+                "bench tp --model {} --batch-size {b} --seq-length {s} at tp {tp}",
+                a.model
+            ),
+            &Shape::gpt2(&cfg, s, tp),
+            &layout,
+            &engine,
+            1,
+        )?;
         let cfg = cfg.clone();
         let Some(ms) = launch(&layout, |ctx| {
             let src = RandomInit { seed: 1 };
@@ -557,6 +622,10 @@ fn adam(a: AdamArgs) -> Result<()> {
     use candle_deepscale::ops::adam::{adam_step, AdamStep};
     use candle_nn::Optimizer;
     let cfg = gpt2::Config::preset(&a.model)?;
+    // The model, the flat parameters, gradients and moments, then candle_nn's moments and
+    // gradients: about six copies of the parameters at the peak.
+    let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
+    check_bytes(&format!("bench adam --model {}", a.model), 6 * 4 * psi)?;
     let src = RandomInit { seed: 1 };
     let model = Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
     let params = model.parameters();
@@ -647,6 +716,20 @@ fn train(a: TpArgs) -> Result<()> {
     use candle_nn::Optimizer;
     let cfg = bench_config(&a)?;
     let (b, s, iters) = (a.batch_size, a.seq_length, a.iters.max(1));
+    // Four models with their optimizers, as four ranks would hold them.
+    check_bench(
+        &format!(
+            "bench train --model {} --batch-size {b} --seq-length {s}",
+            a.model
+        ),
+        &Shape::gpt2(&cfg, s, 1),
+        &Layout::in_process(1, 1, 1),
+        &EngineConfig {
+            train_micro_batch_size_per_gpu: b,
+            ..Default::default()
+        },
+        4,
+    )?;
     let (x, y) = token_batch((b, s), 0, 50257, &Device::Cpu)?;
     let src = RandomInit { seed: 1 };
     let build = || Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32));
@@ -762,6 +845,18 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
         ..crate::args::Layout::in_process(stages, 1, stages)
     };
     let (b, s) = (2usize, 64usize);
+    let engine = EngineConfig {
+        train_micro_batch_size_per_gpu: b,
+        gradient_accumulation_steps: m,
+        ..Default::default()
+    };
+    check_bench(
+        &format!("bench pipe at {stages} stage(s), {m} micro-batches"),
+        &Shape::gpt2(&cfg, s, 1),
+        &layout,
+        &engine,
+        1,
+    )?;
     let res = launch(&layout, |ctx| {
         let src = RandomInit { seed: 1 };
         let model = std::sync::Arc::new(Gpt2::new(
@@ -783,16 +878,7 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
             }
             None => model.clone(),
         };
-        let mut engine = Engine::new(
-            stage,
-            EngineConfig {
-                train_micro_batch_size_per_gpu: b,
-                gradient_accumulation_steps: m,
-                ..Default::default()
-            },
-            None,
-            None,
-        )?;
+        let mut engine = Engine::new(stage, engine.clone(), None, None)?;
         if let Some(p) = pipe.clone() {
             engine = engine.with_pipeline(p)?;
         }
@@ -893,8 +979,26 @@ fn offload(a: OffloadArgs) -> Result<()> {
         attention_dropout: 0.0,
         ..gpt2::Config::new(a.num_layers, a.hidden_size, a.num_attention_heads, 50257)
     };
+    if a.ram_budget_mib == 0 {
+        bail!("bench offload: --ram-budget-mib must be at least 1");
+    }
     let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
     let n = a.world_size.max(1);
+    // The in-memory run (ZeRO-3 without offload) must fit in this process's memory.
+    check_bench(
+        &format!(
+            "bench offload's in-memory run (--num-layers {} --hidden-size {} --batch-size {} --seq-length {})",
+            a.num_layers, a.hidden_size, a.batch_size, a.seq_length
+        ),
+        &Shape::gpt2(&cfg, a.seq_length, 1),
+        &Layout::in_process(n, 1, 1),
+        &EngineConfig {
+            zero_stage: 3,
+            train_micro_batch_size_per_gpu: a.batch_size,
+            ..EngineConfig::default()
+        },
+        1,
+    )?;
     let (disk_write, disk_read, disk_direct) =
         candle_deepscale::runtime::zero::swap_tensor::sequential_bandwidth(
             &a.nvme_path,

@@ -66,7 +66,24 @@ struct Step {
 fn measure(a: &DpArgs, dp: usize, plan: &[&[bool]]) -> Result<Option<Vec<Vec<Step>>>> {
     let cfg = crate::bench::bench_model(&a.model, a.seq_length)?;
     let (b, s) = (a.batch_size / dp, a.seq_length);
-    launch(&Layout::in_process(dp, 1, 1), |ctx| {
+    let layout = Layout::in_process(dp, 1, 1);
+    let engine = EngineConfig {
+        train_micro_batch_size_per_gpu: b,
+        zero_stage: a.zero_stage,
+        reduce_bucket_size: a.reduce_bucket_size.max(1),
+        ..Default::default()
+    };
+    crate::memory_preflight::check_bench(
+        &format!(
+            "bench dp --model {} --batch-size {} --seq-length {s} at dp {dp}",
+            a.model, a.batch_size
+        ),
+        &crate::memory_preflight::Shape::gpt2(&cfg, s, 1),
+        &layout,
+        &engine,
+        1,
+    )?;
+    launch(&layout, |ctx| {
         plan.iter()
             .map(|round| {
                 round

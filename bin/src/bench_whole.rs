@@ -67,6 +67,26 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(a: WholeArgs) -> Result<()> {
     let h = a.hidden_size;
+    for (flag, v) in [
+        ("--num-layers", a.num_layers),
+        ("--hidden-size", h),
+        ("--batch-size", a.batch_size),
+    ] {
+        if v == 0 {
+            anyhow::bail!("bench whole: {flag} must be at least 1");
+        }
+    }
+    // Two models (ours and stock candle's), each with gradients and two moments, and their
+    // activations (about six per block and row).
+    let (l, h64, b) = (a.num_layers as u64, h as u64, a.batch_size as u64);
+    let params = l * (h64 * h64 + 3 * h64) + h64 + 1;
+    crate::memory_preflight::check_bytes(
+        &format!(
+            "bench whole --num-layers {l} --hidden-size {h} --batch-size {}",
+            a.batch_size
+        ),
+        2 * 4 * (4 * params + 6 * l * b * h64),
+    )?;
     let x = Tensor::randn(0f32, 1.0, (a.batch_size, h), &Device::Cpu)?;
     let y = Tensor::randn(0f32, 1.0, (a.batch_size, 1), &Device::Cpu)?;
     let config = DeepSpeedConfig::from_json_str(

@@ -24,6 +24,21 @@ pub struct Shape {
     pub largest: u64,
 }
 
+impl Shape {
+    /// A GPT-2 configuration's shape at sequence length `seq`, tensor-parallel size `tp`.
+    pub fn gpt2(cfg: &zoo::gpt2::Config, seq: usize, tp: usize) -> Self {
+        Shape {
+            layers: cfg.num_layers,
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            seq,
+            vocab: cfg.padded_vocab_size(tp),
+            params: cfg.parameter_counts().iter().map(|c| c.1 as u64).sum(),
+            largest: cfg.largest_module_params() as u64,
+        }
+    }
+}
+
 /// One rank's estimate, by category.
 #[derive(Debug, Clone, Copy)]
 struct Need {
@@ -210,6 +225,55 @@ pub fn check(
         gib(n.swap),
         gib(avail),
         limit.source
+    )
+}
+
+/// Refuses work that needs about `bytes` in this process (every in-process rank's share
+/// together) for `what` (the flags that size it) where that exceeds what the process may use:
+/// the benchmarks' buffers, sized by their flags, before any of them is allocated.
+pub fn check_bytes(what: &str, bytes: u64) -> Result<()> {
+    if std::env::var("DEEPSCALE_NO_MEMORY_CHECK").as_deref() == Ok("1") {
+        return Ok(());
+    }
+    let Some(limit) = memory_limit() else {
+        return Ok(());
+    };
+    let share = match crate::launch::mpi_world_size() {
+        Some(_) => local_ranks(),
+        None => 1,
+    };
+    let avail = limit.bytes / share.max(1);
+    if bytes <= avail {
+        return Ok(());
+    }
+    bail!(
+        "not enough memory: {what} needs about {} in this process, but it may use {} more ({}). \
+         (DEEPSCALE_NO_MEMORY_CHECK=1 skips this check.)",
+        gib(bytes),
+        gib(avail),
+        limit.source
+    )
+}
+
+/// A benchmark's training run (`what`: the command and its sizing flags) against what this
+/// process may use: [`check`]'s estimate, without its hints (a benchmark has its own flags).
+/// `copies`: models each rank holds (a benchmark comparing several loops).
+pub fn check_bench(what: &str, s: &Shape, l: &Layout, e: &EngineConfig, copies: u64) -> Result<()> {
+    let models = copies
+        * match crate::launch::mpi_world_size() {
+            Some(_) => 1,
+            None => l.world_size as u64,
+        };
+    let micro = e.train_micro_batch_size_per_gpu;
+    let n = need(s, l, e, e.zero_stage, micro, 4, None);
+    check_bytes(
+        &format!(
+            "{what} ({models} model(s) in this process, each: model states {}, activations {} \
+             at micro-batch {micro})",
+            gib(n.total() - n.activations),
+            gib(n.activations)
+        ),
+        n.total() * models,
     )
 }
 

@@ -311,15 +311,7 @@ pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
     }
     if layout.device == crate::args::DeviceKind::Cpu {
         crate::memory_preflight::check(
-            &crate::memory_preflight::Shape {
-                layers: cfg.num_layers,
-                hidden: cfg.hidden_size,
-                heads: cfg.num_attention_heads,
-                seq: a.seq_length,
-                vocab: cfg.padded_vocab_size(layout.tp),
-                params: cfg.parameter_counts().iter().map(|c| c.1 as u64).sum(),
-                largest: cfg.largest_module_params() as u64,
-            },
+            &crate::memory_preflight::Shape::gpt2(&cfg, a.seq_length, layout.tp),
             &layout,
             &engine_cfg,
             dtype.size_in_bytes() as u64,

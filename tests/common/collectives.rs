@@ -129,6 +129,17 @@ pub fn check_collectives(c: &dyn Communicator, topo: &Topology) -> Result<()> {
             .collect();
         assert!(all == want, "large all_gather on {group:?}");
     }
+    // Empty buffers (a rank whose partition is empty): nothing moves, nothing fails.
+    let world: Vec<usize> = (0..topo.world_size()).collect();
+    for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+        let mut e: Vec<f32> = Vec::new();
+        c.all_reduce(&world, &mut e, op)?;
+    }
+    let mut none: Vec<f32> = Vec::new();
+    c.all_gather(&world, &[], &mut none)?;
+    c.reduce_scatter(&world, &[], &mut none, ReduceOp::Sum)?;
+    c.broadcast(&world, &mut none, 0)?;
+    assert!(none.is_empty());
     // Other element types.
     let mut d = vec![r as f64; 3];
     c.all_reduce(&topo.data_group(r), &mut d, ReduceOp::Sum)?;

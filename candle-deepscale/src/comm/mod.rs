@@ -124,6 +124,11 @@ pub fn reduce_bytes(parts: &[&[u8]], out: &mut [u8], kind: ElemKind, op: ReduceO
     if parts.is_empty() || parts.iter().any(|p| p.len() != out.len()) {
         bail!("reduction over buffers of different sizes")
     }
+    if out.is_empty() {
+        // Nothing to reduce; an empty scratch buffer's pointer need not be aligned for the
+        // element type (bytemuck refuses to cast it).
+        return Ok(());
+    }
     match kind {
         ElemKind::F32 => go::<f32>(parts, out, op, |a, b| a + b, |a, n| a / n as f32),
         ElemKind::F64 => go::<f64>(parts, out, op, |a, b| a + b, |a, n| a / n as f64),
