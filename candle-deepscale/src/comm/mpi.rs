@@ -528,6 +528,11 @@ impl Communicator for MpiComm {
         if let Some(g) = self.shm_group(group, "all_reduce")? {
             return self.shm_done(g.all_reduce(group, buf, kind, op));
         }
+        if buf.is_empty() {
+            // Every member's is empty (the sizes must agree): nothing to move. (Two empty
+            // buffers share one dangling address, which MPI takes for aliased arguments.)
+            return Ok(());
+        }
         let n = group.len();
         let size = kind.size();
         if buf.len() < SMALL_ALL_REDUCE || buf.len() < n * size {
@@ -553,6 +558,9 @@ impl Communicator for MpiComm {
         check_all_gather(group, send.len(), recv.len())?;
         if let Some(g) = self.shm_group(group, "all_gather")? {
             return self.shm_done(g.all_gather(group, send, recv));
+        }
+        if send.is_empty() {
+            return Ok(());
         }
         self.gather_into("all_gather", group, send, recv)
     }
@@ -637,6 +645,9 @@ impl Communicator for MpiComm {
         let r = group_index(group, root, "broadcast root")?;
         if let Some(g) = self.shm_group(group, "broadcast")? {
             return self.shm_done(g.broadcast(group, buf, r));
+        }
+        if buf.is_empty() {
+            return Ok(());
         }
         let r = r as i32;
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
