@@ -175,8 +175,8 @@ pub fn check_collectives(c: &dyn Communicator, topo: &Topology) -> Result<()> {
 
 /// Started reduce-scatters (`ProcessGroup::reduce_scatter_start`) on every rank of `topo`: two
 /// in flight at once with a blocking all-reduce on the same group between their starts and their
-/// waits, waited for in the reverse order, equal the blocking reduce-scatter bit for bit (small
-/// and large buffers, on the data-parallel group and the world).
+/// waits, waited for in the reverse order, equal the blocking reduce-scatter bit for bit (empty,
+/// small and large buffers, on the data-parallel group and the world).
 pub fn check_started_reduce_scatter(
     comm: std::sync::Arc<dyn Communicator>,
     topo: &Topology,
@@ -196,7 +196,8 @@ pub fn check_started_reduce_scatter(
                 })
                 .collect()
         };
-        for len in [12 * n, 100_000 * n] {
+        // Empty buffers too (a rank whose gradient piece is empty).
+        for len in [0, 12 * n, 100_000 * n] {
             let mut a = g.reduce_scatter_start(values(r, len, 1), ReduceOp::Sum)?;
             let b = g.reduce_scatter_start(values(r, len, 2), ReduceOp::Sum)?;
             let mut between = values(r, 1000, 3);
