@@ -473,3 +473,100 @@ fn a_model_too_large_for_the_memory_limit_is_refused_before_allocating() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Sizes at the edge of the integers (what clap accepts as a usize) are refused naming the
+/// sizes, or estimated in floating point: never an overflow (a panic in this debug build, a
+/// wrapped size in a release one).
+#[test]
+fn sizes_at_the_edge_of_the_integers_are_refused_not_overflowed() {
+    const MAX: &str = "18446744073709551615";
+    let count = "more parameters than this machine can count";
+    for (extra, needles) in [
+        (
+            &[
+                "--hidden-size",
+                "4611686018427387904",
+                "--num-attention-heads",
+                "1",
+            ][..],
+            &[count][..],
+        ),
+        (&["--num-layers", MAX], &[count]),
+        (&["--max-position-embeddings", MAX], &[count]),
+        (&["--world-size", MAX], &["batch sizes too large"]),
+        (
+            &["--world-size", "2", "--gas", MAX],
+            &["batch sizes too large"],
+        ),
+        (
+            &["--seq-length", MAX, "--max-position-embeddings", MAX],
+            &["seq_length 18446744073709551615"],
+        ),
+    ] {
+        refused_gpt2(extra, &[], needles);
+    }
+    for (args, needles) in [
+        (
+            &[
+                "pretrain-bert",
+                "--hidden-size",
+                "4611686018427387904",
+                "--num-attention-heads",
+                "1",
+            ][..],
+            &[count][..],
+        ),
+        (&["pretrain-bert", "--num-layers", MAX], &[count]),
+        (
+            &["pretrain-bert", "--micro-batch-size", MAX],
+            &["overflows"],
+        ),
+        (
+            &[
+                "estimate-memory",
+                "--num-layers",
+                "2",
+                "--hidden-size",
+                MAX,
+                "--num-attention-heads",
+                "1",
+            ],
+            &[count],
+        ),
+        (&["bench", "tp", "--seq-length", MAX], &[count]),
+        (
+            &["bench", "whole", "--hidden-size", MAX],
+            &["not enough memory"],
+        ),
+        (
+            &["bench", "comm", "--sizes-mib", MAX],
+            &["not enough memory"],
+        ),
+        (
+            &["bench", "attention", "--seq-lengths", "100000000000"],
+            &["not enough memory"],
+        ),
+        (
+            &["bench", "pipe", "--micro-batches", MAX],
+            &["not enough memory"],
+        ),
+    ] {
+        refused(args, &[], needles);
+    }
+    // Estimated in floating point: an answer, not a panic.
+    let huge = [
+        "estimate-memory",
+        "--model",
+        "gpt2-125m",
+        "--num-nodes",
+        MAX,
+        "--num-gpus",
+        MAX,
+    ];
+    let out = deepscale(&huge, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

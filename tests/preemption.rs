@@ -347,3 +347,46 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A signal during a long evaluation cuts it short, every rank after the same batch: the run
+/// saves and exits as between iterations (not after hours of evaluation), with no validation loss
+/// from the partial pass.
+#[test]
+fn a_signal_during_evaluation_cuts_it_short_and_saves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    // The last of a repeated flag wins: an evaluation of 10^8 batches after iteration 3.
+    let (child, rx) = spawn(
+        &args(&[
+            "--train-iters",
+            "50",
+            "--eval-iters",
+            "100000000",
+            "--eval-interval",
+            "3",
+            "--save",
+            ck.to_str().unwrap(),
+        ]),
+        &[],
+    );
+    let mut seen = Vec::new();
+    wait_for(&rx, "iteration        3/", &mut seen);
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = std::time::Instant::now();
+    signal(&child, libc::SIGTERM);
+    let (code, err, out) = finish(child, rx, seen);
+    assert_eq!(code, 128 + libc::SIGTERM, "{err}");
+    assert!(
+        err.contains("SIGTERM received: evaluation cut short after"),
+        "{err}"
+    );
+    assert!(sent.elapsed() < Duration::from_secs(60), "{err}");
+    let v = last_json(&out);
+    assert_eq!(v["stopped"], "SIGTERM");
+    assert_eq!(v["iterations"], 3, "{err}");
+    assert!(err.contains("saved checkpoint at iteration 3 "), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap(),
+        "global_step3"
+    );
+}

@@ -247,9 +247,15 @@ fn attention(a: AttentionArgs) -> Result<()> {
     for &t in &a.seq_lengths {
         // Q, K, V, the output, the weights and their gradients (about twelve of the output's
         // size), and the square variant's t x t scores per thread.
-        let elems = (a.tokens / t).max(1) as u64 * (t * heads * d) as u64;
+        let elems = [(a.tokens / t).max(1), t, heads, d]
+            .iter()
+            .fold(1u64, |p, &x| p.saturating_mul(x as u64));
         let threads = rayon::current_num_threads() as u64;
-        let bytes = 4 * (12 * elems + 2 * threads * (t as u64).pow(2));
+        let square = (t as u64).saturating_pow(2).saturating_mul(2 * threads);
+        let bytes = elems
+            .saturating_mul(12)
+            .saturating_add(square)
+            .saturating_mul(4);
         check_bytes(
             &format!(
                 "bench attention at --seq-lengths {t} --tokens {} --num-attention-heads {heads} --head-dim {d}",
@@ -326,9 +332,13 @@ fn gemm(a: GemmArgs) -> Result<()> {
     }
     // The largest product (the logits'): its operands and result on both backends.
     let (t64, h64) = (t as u64, h as u64);
+    let elems = t64
+        .saturating_mul(h64)
+        .saturating_add(h64.saturating_mul(50304))
+        .saturating_add(t64.saturating_mul(50304));
     check_bytes(
         &format!("bench gemm --tokens {t} --hidden-size {h}"),
-        2 * 4 * (t64 * h64 + 50304 * h64 + t64 * 50304),
+        elems.saturating_mul(2 * 4),
     )?;
     // (what, rows of x, inputs k, outputs n, which product)
     let shapes: [(&str, usize, usize, usize, u8); 9] = [
@@ -419,7 +429,9 @@ fn comm(a: CommArgs) -> Result<()> {
     };
     check_bytes(
         &format!("bench comm --sizes-mib {largest} ({ranks_here} rank(s) in this process)"),
-        ranks_here * (2 * (largest << 20) + 2 * (largest << 20) / world as u64),
+        (largest.saturating_mul(1 << 20) / world as u64)
+            .saturating_mul(2 * world as u64 + 2)
+            .saturating_mul(ranks_here),
     )?;
     let layout = Layout {
         timeout: candle_deepscale::comm::default_timeout(),
@@ -442,7 +454,7 @@ fn comm(a: CommArgs) -> Result<()> {
             let mut part = vec![0f32; per];
             for op in ["all_reduce", "all_gather", "reduce_scatter", "broadcast"] {
                 let mut times = Vec::new();
-                for i in 0..iters + 1 {
+                for i in 0..=iters {
                     c.barrier(&group)?;
                     let t = Instant::now();
                     match op {
@@ -516,7 +528,10 @@ pub(crate) fn token_batch(
 
 /// A GPT-2 preset, or `small` (4 layers, hidden 256, 4 heads, vocab 50257), without dropout.
 pub(crate) fn bench_model(model: &str, seq_length: usize) -> Result<gpt2::Config> {
-    Ok(match model {
+    if seq_length == 0 {
+        bail!("bench: --seq-length must be at least 1");
+    }
+    let cfg = match model {
         "small" => gpt2::Config {
             seq_length,
             max_position_embeddings: seq_length.max(128),
@@ -530,7 +545,10 @@ pub(crate) fn bench_model(model: &str, seq_length: usize) -> Result<gpt2::Config
             attention_dropout: 0.0,
             ..gpt2::Config::preset(p)?
         },
-    })
+    };
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("bench --model {model} --seq-length {seq_length}: {e}"))?;
+    Ok(cfg)
 }
 
 fn tp(a: TpArgs) -> Result<()> {
@@ -549,7 +567,7 @@ fn tp(a: TpArgs) -> Result<()> {
                 "bench tp --model {} --batch-size {b} --seq-length {s} at tp {tp}",
                 a.model
             ),
-            &Shape::gpt2(&cfg, s, tp),
+            &Shape::gpt2(&cfg, s, tp)?,
             &layout,
             &engine,
             1,
@@ -563,7 +581,7 @@ fn tp(a: TpArgs) -> Result<()> {
             let mut opt = AdamW::new(&params, AdamWConfig::default())?;
             let (x, y) = token_batch((b, s), 0, 50257, &Device::Cpu)?;
             let mut times = Vec::new();
-            for i in 0..iters + 1 {
+            for i in 0..=iters {
                 let t0 = Instant::now();
                 let logits = model.forward(&x, &ForwardCtx::eval())?;
                 let loss = model.loss(&logits, &y)?;
@@ -624,8 +642,11 @@ fn adam(a: AdamArgs) -> Result<()> {
     let cfg = gpt2::Config::preset(&a.model)?;
     // The model, the flat parameters, gradients and moments, then candle_nn's moments and
     // gradients: about six copies of the parameters at the peak.
-    let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
-    check_bytes(&format!("bench adam --model {}", a.model), 6 * 4 * psi)?;
+    let psi = cfg.parameter_total().unwrap_or(usize::MAX) as u64;
+    check_bytes(
+        &format!("bench adam --model {}", a.model),
+        psi.saturating_mul(6 * 4),
+    )?;
     let src = RandomInit { seed: 1 };
     let model = Gpt2::new(&cfg, &ParamBuilder::new(&src, &Device::Cpu, DType::F32))?;
     let params = model.parameters();
@@ -681,7 +702,7 @@ fn adam(a: AdamArgs) -> Result<()> {
     }
     let grads = total.backward()?;
     let mut stock = Vec::new();
-    for i in 0..iters + 1 {
+    for i in 0..=iters {
         let t = Instant::now();
         opt.step(&grads)?;
         if i > 0 {
@@ -722,7 +743,7 @@ fn train(a: TpArgs) -> Result<()> {
             "bench train --model {} --batch-size {b} --seq-length {s}",
             a.model
         ),
-        &Shape::gpt2(&cfg, s, 1),
+        &Shape::gpt2(&cfg, s, 1)?,
         &Layout::in_process(1, 1, 1),
         &EngineConfig {
             train_micro_batch_size_per_gpu: b,
@@ -777,7 +798,7 @@ fn train(a: TpArgs) -> Result<()> {
     let fused = candle_deepscale::set_cpu_kernels;
     let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let all_composed = std::env::var_os("DEEPSCALE_BENCH_COMPOSED_ONLY").is_some();
-    for round in 0..iters + 1 {
+    for round in 0..=iters {
         fused(!all_composed);
         let t0 = Instant::now();
         engine.train_batch(vec![(Activations::new(x.clone()), |o: &Activations| {
@@ -850,9 +871,14 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
         gradient_accumulation_steps: m,
         ..Default::default()
     };
+    // Every micro-batch's tokens and labels (and their tensors) are made up front.
+    check_bytes(
+        &format!("bench pipe --micro-batches {m} (each micro-batch's inputs)"),
+        (m as u64).saturating_mul((b * s * 8 + 1024) as u64),
+    )?;
     check_bench(
         &format!("bench pipe at {stages} stage(s), {m} micro-batches"),
-        &Shape::gpt2(&cfg, s, 1),
+        &Shape::gpt2(&cfg, s, 1)?,
         &layout,
         &engine,
         1,
@@ -884,7 +910,7 @@ fn pipe_run(stages: usize, m: usize, iters: usize) -> Result<(Vec<(f64, f64)>, f
         }
         let (x, y) = token_batch((b, s), 0, 1000, &Device::Cpu)?;
         let (mut busy, mut wall) = (Vec::new(), Vec::new());
-        for i in 0..iters + 1 {
+        for i in 0..=iters {
             let t0 = Instant::now();
             let mbs = (0..m)
                 .map(|_| {
@@ -982,6 +1008,8 @@ fn offload(a: OffloadArgs) -> Result<()> {
     if a.ram_budget_mib == 0 {
         bail!("bench offload: --ram-budget-mib must be at least 1");
     }
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("bench offload: {e}"))?;
     let psi: u64 = cfg.parameter_counts().iter().map(|c| c.1 as u64).sum();
     let n = a.world_size.max(1);
     // The in-memory run (ZeRO-3 without offload) must fit in this process's memory.
@@ -990,7 +1018,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
             "bench offload's in-memory run (--num-layers {} --hidden-size {} --batch-size {} --seq-length {})",
             a.num_layers, a.hidden_size, a.batch_size, a.seq_length
         ),
-        &Shape::gpt2(&cfg, a.seq_length, 1),
+        &Shape::gpt2(&cfg, a.seq_length, 1)?,
         &Layout::in_process(n, 1, 1),
         &EngineConfig {
             zero_stage: 3,
@@ -1044,7 +1072,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
             let mut times = Vec::new();
             let io0 = engine.optimizer().offload_io_bytes().unwrap_or((0, 0));
             let by0 = engine.optimizer().offload_io_by_buffer();
-            for i in 0..a.iters + 1 {
+            for i in 0..=a.iters {
                 if i == 1 {
                     engine.take_wall_clock();
                 }
@@ -1068,7 +1096,7 @@ fn offload(a: OffloadArgs) -> Result<()> {
                 .into_iter()
                 .zip(&by0)
                 .map(|((name, r, w), (_, r0, w0))| {
-                    let per = |b: u64| b as f64 / (a.iters + 1) as f64;
+                    let per = |b: u64| b as f64 / (a.iters as f64 + 1.0);
                     (name, json!({"read": per(r - r0), "written": per(w - w0)}))
                 })
                 .collect();
@@ -1078,15 +1106,15 @@ fn offload(a: OffloadArgs) -> Result<()> {
             Ok(json!({"nvme": nvme, "ms_per_step": step * 1e3,
                       "model_state_bytes": state.total(),
                       "formula_bytes": engine.formula_bytes().total(),
-                      "swap_bytes_per_step": (io1.0 + io1.1 - io0.0 - io0.1) as f64 / (a.iters + 1) as f64,
-                      "swap_read_bytes_per_step": (io1.0 - io0.0) as f64 / (a.iters + 1) as f64,
-                      "swap_written_bytes_per_step": (io1.1 - io0.1) as f64 / (a.iters + 1) as f64,
+                      "swap_bytes_per_step": (io1.0 + io1.1 - io0.0 - io0.1) as f64 / (a.iters as f64 + 1.0),
+                      "swap_read_bytes_per_step": (io1.0 - io0.0) as f64 / (a.iters as f64 + 1.0),
+                      "swap_written_bytes_per_step": (io1.1 - io0.1) as f64 / (a.iters as f64 + 1.0),
                       "swap_bytes_per_step_by_buffer": by_buffer,
                       "direct_io": engine.optimizer().offload_direct(),
                       "blocks_read_ahead": engine.optimizer().offload_reads_ahead(),
                       "blocks_read_early": engine.optimizer().offload_reads_early(),
                       "elements_stepped_in_backward_per_step":
-                          engine.optimizer().offload_stepped_in_backward() as f64 / (a.iters + 1) as f64,
+                          engine.optimizer().offload_stepped_in_backward() as f64 / (a.iters as f64 + 1.0),
                       "split_ms": {"forward": split.forward_ms, "backward": split.backward_ms,
                                    "optimizer_step": split.step_ms}}))
         })?;

@@ -78,7 +78,7 @@ fn measure(a: &DpArgs, dp: usize, plan: &[&[bool]]) -> Result<Option<Vec<Vec<Ste
             "bench dp --model {} --batch-size {} --seq-length {s} at dp {dp}",
             a.model, a.batch_size
         ),
-        &crate::memory_preflight::Shape::gpt2(&cfg, s, 1),
+        &crate::memory_preflight::Shape::gpt2(&cfg, s, 1)?,
         &layout,
         &engine,
         1,
@@ -168,7 +168,7 @@ pub fn run(a: DpArgs) -> Result<()> {
     if a.zero_stage > 2 {
         bail!("bench dp: --zero-stage {} (0, 1 or 2)", a.zero_stage);
     }
-    let tokens = (a.batch_size * a.seq_length) as f64;
+    let tokens = a.batch_size as f64 * a.seq_length as f64;
     let line = |what: &str, s: &Step| {
         eprintln!(
             "{what}: {:.1} ms/step, {:.1} tokens/s (forward {:.1} | backward {:.1} | optimizer_step {:.1} ms)",

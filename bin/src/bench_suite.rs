@@ -244,7 +244,7 @@ fn measure_on(
     let mut step_peak_gflops = Vec::new();
     let mut faults = 0;
     let mut gemm_faults = 0;
-    for i in 0..iters + 1 {
+    for i in 0..=iters {
         if i > 0 && cpu {
             let f = minor_faults();
             step_peak_gflops.push(peak_gflops(2)?);

@@ -79,13 +79,21 @@ pub fn run(a: WholeArgs) -> Result<()> {
     // Two models (ours and stock candle's), each with gradients and two moments, and their
     // activations (about six per block and row).
     let (l, h64, b) = (a.num_layers as u64, h as u64, a.batch_size as u64);
-    let params = l * (h64 * h64 + 3 * h64) + h64 + 1;
+    let params = h64
+        .saturating_mul(h64)
+        .saturating_add(h64.saturating_mul(3))
+        .saturating_mul(l)
+        .saturating_add(h64.saturating_add(1));
+    let activations = l.saturating_mul(b).saturating_mul(h64).saturating_mul(6);
     crate::memory_preflight::check_bytes(
         &format!(
             "bench whole --num-layers {l} --hidden-size {h} --batch-size {}",
             a.batch_size
         ),
-        2 * 4 * (4 * params + 6 * l * b * h64),
+        params
+            .saturating_mul(4)
+            .saturating_add(activations)
+            .saturating_mul(2 * 4),
     )?;
     let x = Tensor::randn(0f32, 1.0, (a.batch_size, h), &Device::Cpu)?;
     let y = Tensor::randn(0f32, 1.0, (a.batch_size, 1), &Device::Cpu)?;
@@ -112,7 +120,7 @@ pub fn run(a: WholeArgs) -> Result<()> {
     let params: usize = map.all_vars().iter().map(|v| v.elem_count()).sum();
     let (mut t_ours, mut t_stock, mut t_opt_stock) = (Vec::new(), Vec::new(), Vec::new());
     let mut split = WallClock::default();
-    for round in 0..a.iters + 1 {
+    for round in 0..=a.iters {
         if round == 1 {
             engine.take_wall_clock();
         }

@@ -102,7 +102,7 @@ pub fn run(a: EstimateMemoryArgs) -> Result<()> {
         }
     }
     // This engine: one rank per GPU slot, model states in host memory.
-    let n = g * m;
+    let n = g.saturating_mul(m);
     let mut engine = Vec::new();
     for (dtype, pb) in [("fp32", 4u64), ("fp16", 2)] {
         for stage in 0..=3u8 {

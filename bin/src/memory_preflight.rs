@@ -25,17 +25,19 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// A GPT-2 configuration's shape at sequence length `seq`, tensor-parallel size `tp`.
-    pub fn gpt2(cfg: &zoo::gpt2::Config, seq: usize, tp: usize) -> Self {
-        Shape {
+    /// A GPT-2 configuration's shape at sequence length `seq`, tensor-parallel size `tp` (the
+    /// configuration validated first: its counts must not overflow).
+    pub fn gpt2(cfg: &zoo::gpt2::Config, seq: usize, tp: usize) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Shape {
             layers: cfg.num_layers,
             hidden: cfg.hidden_size,
             heads: cfg.num_attention_heads,
             seq,
             vocab: cfg.padded_vocab_size(tp),
-            params: cfg.parameter_counts().iter().map(|c| c.1 as u64).sum(),
+            params: cfg.parameter_total().unwrap_or(usize::MAX) as u64,
             largest: cfg.largest_module_params() as u64,
-        }
+        })
     }
 }
 
@@ -53,12 +55,17 @@ struct Need {
 
 impl Need {
     fn total(&self) -> u64 {
-        self.parameters
-            + self.gradients
-            + self.optimizer
-            + self.activations
-            + self.buffers
-            + self.swap
+        // Saturating: absurd flags make absurd estimates, refused, never an overflow.
+        [
+            self.parameters,
+            self.gradients,
+            self.optimizer,
+            self.activations,
+            self.buffers,
+            self.swap,
+        ]
+        .iter()
+        .fold(0u64, |t, &b| t.saturating_add(b))
     }
 }
 
@@ -160,13 +167,15 @@ pub fn check(
     let avail = limit.bytes / share.max(1);
     let micro = e.train_micro_batch_size_per_gpu;
     let n = need(s, l, e, e.zero_stage, micro, dtype_bytes, ckpt);
-    let total = n.total() * ranks_here;
+    let total = n.total().saturating_mul(ranks_here);
     if total <= avail {
         return Ok(());
     }
     let mut fits = Vec::new();
     for stage in e.zero_stage + 1..=3 {
-        let t = need(s, l, e, stage, micro, dtype_bytes, ckpt).total() * ranks_here;
+        let t = need(s, l, e, stage, micro, dtype_bytes, ckpt)
+            .total()
+            .saturating_mul(ranks_here);
         if t <= avail {
             fits.push(format!("ZeRO stage {stage} ({} in this process)", gib(t)));
             break;
@@ -174,7 +183,9 @@ pub fn check(
     }
     let mut m = micro / 2;
     while m >= 1 {
-        let t = need(s, l, e, e.zero_stage, m, dtype_bytes, ckpt).total() * ranks_here;
+        let t = need(s, l, e, e.zero_stage, m, dtype_bytes, ckpt)
+            .total()
+            .saturating_mul(ranks_here);
         if t <= avail {
             fits.push(format!(
                 "--batch-size {m} with --gas {} for the same global batch ({})",
@@ -185,7 +196,7 @@ pub fn check(
         }
         m /= 2;
     }
-    if n.swap > 0 && total - n.swap * ranks_here <= avail {
+    if n.swap > 0 && total.saturating_sub(n.swap.saturating_mul(ranks_here)) <= avail {
         fits.push(format!(
             "a smaller offload_optimizer.sub_group_size or buffer_count (the swap buffers take {} \
              per rank: buffer_count of them, at least 3 per swapped state, of sub_group_size \
@@ -194,7 +205,9 @@ pub fn check(
         ));
     }
     if !checkpointing {
-        let t = need(s, l, e, e.zero_stage, micro, dtype_bytes, Some(1)).total() * ranks_here;
+        let t = need(s, l, e, e.zero_stage, micro, dtype_bytes, Some(1))
+            .total()
+            .saturating_mul(ranks_here);
         if t <= avail {
             fits.push(format!("--checkpoint-activations ({})", gib(t)));
         }
@@ -273,7 +286,7 @@ pub fn check_bench(what: &str, s: &Shape, l: &Layout, e: &EngineConfig, copies: 
             gib(n.total() - n.activations),
             gib(n.activations)
         ),
-        n.total() * models,
+        n.total().saturating_mul(models),
     )
 }
 

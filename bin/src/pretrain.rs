@@ -370,6 +370,18 @@ fn train_rank<M: ModelProvider, D: DataProvider>(
             let r = sampler.eval_micro_batch(i);
             let (x, t) = data.batch(true, r.start, r.len(), &device)?;
             sum += engine.eval_batch(x, |o| parts.add(loss_fn(m, o, &t)?))? as f64;
+            // A stop signal cuts a long evaluation short (every rank after the same batch), so
+            // the run saves and exits as promptly as between iterations; no partial loss.
+            if let Some(sig) = crate::training::signal_on_any_rank(engine)? {
+                if root {
+                    eprintln!(
+                        "{} received: evaluation cut short after {} of {n} batches",
+                        candle_deepscale::runtime::dist_signal_handler::signal_name(sig),
+                        i + 1
+                    );
+                }
+                return Ok(None);
+            }
         }
         Ok(Some(engine.dp_mean(sum / n as f64)?))
     };

@@ -178,7 +178,12 @@ pub fn run(mut a: PretrainBertArgs) -> Result<()> {
     let train = BertDataset::new(
         docs.clone(),
         train_r,
-        t.train_iters as usize * gb,
+        (t.train_iters as usize).checked_mul(gb).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--train-iters {} x the global batch {gb} overflows",
+                t.train_iters
+            )
+        })?,
         dcfg.clone(),
         special,
     )?;
@@ -265,6 +270,7 @@ pub fn run(mut a: PretrainBertArgs) -> Result<()> {
         )
     }
     let dtype = crate::training::param_dtype(&engine, layout.device);
+    cfg.validate()?;
     if layout.device == crate::args::DeviceKind::Cpu {
         let (h, f, v) = (
             cfg.hidden_size as u64,
@@ -272,12 +278,27 @@ pub fn run(mut a: PretrainBertArgs) -> Result<()> {
             cfg.padded_vocab_size(layout.tp) as u64,
         );
         // Embeddings, layers (attention, MLP, two LayerNorms) and the LM head's transform.
-        let layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h;
-        let params = (v + cfg.max_position_embeddings as u64 + cfg.type_vocab_size as u64) * h
-            + 2 * h
-            + cfg.num_hidden_layers as u64 * layer
-            + 2 * (h * h + h)
-            + v;
+        // Saturating (validated above, so only sizes at the edge of counting come near it).
+        let sum = |xs: &[u64]| xs.iter().fold(0u64, |t, &x| t.saturating_add(x));
+        let hh = h.saturating_mul(h);
+        let layer = sum(&[
+            hh.saturating_mul(4),
+            9 * h,
+            h.saturating_mul(f).saturating_mul(2),
+            f,
+        ]);
+        let tables = sum(&[
+            v,
+            cfg.max_position_embeddings as u64,
+            cfg.type_vocab_size as u64,
+        ]);
+        let params = sum(&[
+            tables.saturating_mul(h),
+            2 * h,
+            layer.saturating_mul(cfg.num_hidden_layers as u64),
+            hh.saturating_add(h).saturating_mul(2),
+            v,
+        ]);
         crate::memory_preflight::check(
             &crate::memory_preflight::Shape {
                 layers: cfg.num_hidden_layers,
@@ -286,7 +307,9 @@ pub fn run(mut a: PretrainBertArgs) -> Result<()> {
                 seq: a.seq_length,
                 vocab: v as usize,
                 params,
-                largest: (v * h).max(h * f + f),
+                largest: v
+                    .saturating_mul(h)
+                    .max(h.saturating_mul(f).saturating_add(f)),
             },
             &layout,
             &engine,

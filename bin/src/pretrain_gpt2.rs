@@ -257,7 +257,7 @@ pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
             num_layers: a.num_layers,
             hidden_size: a.hidden_size,
             num_attention_heads: a.num_attention_heads,
-            ffn_hidden_size: 4 * a.hidden_size,
+            ffn_hidden_size: a.hidden_size.saturating_mul(4),
             seq_length: a.seq_length,
             max_position_embeddings: a.max_position_embeddings.unwrap_or(a.seq_length),
             vocab_size: tok.vocab_size(),
@@ -311,7 +311,7 @@ pub fn run(mut a: PretrainGpt2Args) -> Result<()> {
     }
     if layout.device == crate::args::DeviceKind::Cpu {
         crate::memory_preflight::check(
-            &crate::memory_preflight::Shape::gpt2(&cfg, a.seq_length, layout.tp),
+            &crate::memory_preflight::Shape::gpt2(&cfg, a.seq_length, layout.tp)?,
             &layout,
             &engine_cfg,
             dtype.size_in_bytes() as u64,

@@ -857,9 +857,7 @@ impl ExitPolicy {
     /// Whether to stop after `iter` (every rank gets the same answer: the signal and the deadline
     /// are agreed through a collective).
     fn stop_after(&self, engine: &Engine, iter: u64, started: Instant) -> Result<Option<Stop>> {
-        let sig = candle_deepscale::runtime::dist_signal_handler::received().unwrap_or(0);
-        let sig = engine.max_over_ranks(sig as f64)? as i32;
-        if sig != 0 {
+        if let Some(sig) = signal_on_any_rank(engine)? {
             return Ok(Some(Stop::Signal(sig)));
         }
         if let Some(d) = self.duration {
@@ -881,6 +879,14 @@ impl ExitPolicy {
             _ => 0,
         }
     }
+}
+
+/// The stop signal any rank has received (a collective: every rank asks at the same point and
+/// gets the same answer).
+pub fn signal_on_any_rank(engine: &Engine) -> Result<Option<i32>> {
+    let sig = candle_deepscale::runtime::dist_signal_handler::received().unwrap_or(0);
+    let sig = engine.max_over_ranks(sig as f64)? as i32;
+    Ok((sig != 0).then_some(sig))
 }
 
 /// Why a run stopped before --train-iters.

@@ -70,7 +70,7 @@ pub struct TokenSamples {
 
 impl TokenSamples {
     pub fn new(tokens: Vec<u32>, seq_len: usize) -> Result<Self> {
-        if tokens.len() < seq_len + 1 {
+        if tokens.len() <= seq_len {
             bail!(
                 "the data has {} tokens, fewer than one sample of seq_length {} + 1",
                 tokens.len(),

@@ -582,17 +582,25 @@ impl BatchSizes {
         if [train, micro, gas].contains(&Some(0)) || dp == 0 {
             bail!("batch sizes and the data-parallel size must be positive")
         }
+        // Checked: sizes whose product overflows are refused, not wrapped.
+        let overflow = || {
+            candle_core::Error::Msg(format!(
+                "batch sizes too large: train_batch_size {train:?}, micro batch {micro:?}, \
+                 gradient_accumulation_steps {gas:?} and data-parallel size {dp} overflow"
+            ))
+        };
+        let prod = |a: usize, b: usize| a.checked_mul(b).ok_or_else(overflow);
         let (t, m, g) = match (train, micro, gas) {
             (Some(t), Some(m), Some(g)) => (t, m, g),
-            (Some(t), Some(m), None) => (t, m, t / (m * dp)),
-            (Some(t), None, Some(g)) => (t, t / (g * dp), g),
-            (None, Some(m), g) => (m * g.unwrap_or(1) * dp, m, g.unwrap_or(1)),
+            (Some(t), Some(m), None) => (t, m, t / prod(m, dp)?),
+            (Some(t), None, Some(g)) => (t, t / prod(g, dp)?, g),
+            (None, Some(m), g) => (prod(prod(m, g.unwrap_or(1))?, dp)?, m, g.unwrap_or(1)),
             (Some(t), None, None) => (t, t / dp, 1),
             (None, None, _) => {
                 bail!("set train_batch_size or train_micro_batch_size_per_gpu (or --batch-size)")
             }
         };
-        if m == 0 || g == 0 || m * g * dp != t {
+        if m == 0 || g == 0 || prod(prod(m, g)?, dp)? != t {
             bail!(
                 "inconsistent batch sizes: train_batch_size {} != micro batch {} x gradient_accumulation_steps {} x data-parallel size {dp}",
                 train.unwrap_or(t),

@@ -69,7 +69,8 @@ impl Config {
             hidden_size: hidden,
             num_hidden_layers: layers,
             num_attention_heads: heads,
-            intermediate_size: 4 * hidden,
+            // Saturating: an absurd hidden size is refused by `validate`, not overflowed here.
+            intermediate_size: hidden.saturating_mul(4),
             hidden_act: default_act(),
             hidden_dropout_prob: 0.1,
             attention_probs_dropout_prob: 0.1,
@@ -116,7 +117,44 @@ impl Config {
         if self.add_binary_head && !self.add_pooler {
             bail!("the binary (next-sentence) head needs the pooler")
         }
+        if self.parameter_total().is_none() {
+            bail!(
+                "a model of {} layers, hidden size {}, intermediate_size {}, vocabulary {} and \
+                 {} positions has more parameters than this machine can count",
+                self.num_hidden_layers,
+                self.hidden_size,
+                self.intermediate_size,
+                self.vocab_size,
+                self.max_position_embeddings
+            )
+        }
         Ok(())
+    }
+
+    /// About every parameter (the embeddings, each layer's attention, MLP and LayerNorms, the
+    /// pooler and heads), or None where a count overflows: sizes no machine holds, refused by
+    /// [`Self::validate`] before anything multiplies them.
+    pub fn parameter_total(&self) -> Option<usize> {
+        let (h, f) = (self.hidden_size, self.intermediate_size);
+        let tables = self
+            .vocab_size
+            .checked_add(self.max_position_embeddings)?
+            .checked_add(self.type_vocab_size)?
+            .checked_mul(h)?;
+        let per_layer = h
+            .checked_mul(h)?
+            .checked_mul(4)?
+            .checked_add(h.checked_mul(f)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(9)?)?
+            .checked_add(f)?;
+        // The pooler and the masked-LM transform: two more h x h products and their biases.
+        let heads = h
+            .checked_mul(h)?
+            .checked_mul(2)?
+            .checked_add(self.vocab_size)?;
+        tables
+            .checked_add(per_layer.checked_mul(self.num_hidden_layers)?)?
+            .checked_add(heads)
     }
 
     /// Reads an HF BERT `config.json` (unknown HF keys are ignored; ours keep their defaults).
@@ -138,6 +176,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_whose_parameters_overflow_are_refused() {
+        let base = Config::new(12, 768, 12, 30522);
+        base.validate().unwrap();
+        // BERT-base: about 110M parameters.
+        let n = base.parameter_total().unwrap();
+        assert!((105_000_000..115_000_000).contains(&n), "{n}");
+        for c in [
+            Config::new(2, 1 << 40, 1, 30522),
+            Config::new(usize::MAX, 64, 1, 30522),
+            Config {
+                max_position_embeddings: usize::MAX,
+                ..Config::new(2, 64, 1, 30522)
+            },
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("more parameters than this machine can count"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn a_wrong_type_in_an_hf_config_names_the_key() {

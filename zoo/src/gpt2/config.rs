@@ -85,7 +85,8 @@ impl Config {
             num_layers,
             hidden_size,
             num_attention_heads: heads,
-            ffn_hidden_size: 4 * hidden_size,
+            // Saturating: an absurd hidden size is refused by `validate`, not overflowed here.
+            ffn_hidden_size: hidden_size.saturating_mul(4),
             seq_length: 1024,
             max_position_embeddings: 1024,
             vocab_size,
@@ -148,7 +149,39 @@ impl Config {
                 self.max_position_embeddings
             )
         }
+        if self.parameter_total().is_none() {
+            bail!(
+                "a model of {} layers, hidden size {}, ffn_hidden_size {}, vocabulary {} and {} \
+                 positions has more parameters than this machine can count",
+                self.num_layers,
+                self.hidden_size,
+                self.ffn_hidden_size,
+                self.vocab_size,
+                self.max_position_embeddings
+            )
+        }
         Ok(())
+    }
+
+    /// Every parameter at tensor-parallel size 1 (what [`Self::parameter_counts`] sums), or
+    /// None where a count overflows (sizes no machine holds, refused by [`Self::validate`]
+    /// before anything multiplies them).
+    pub fn parameter_total(&self) -> Option<usize> {
+        let (h, f) = (self.hidden_size, self.ffn_hidden_size);
+        let m = self.make_vocab_size_divisible_by.max(1);
+        let vocab = self.vocab_size.checked_next_multiple_of(m)?;
+        // Per layer: QKV and the dense (4h^2 + 4h), two LayerNorms (4h), the MLP (2hf + f + h).
+        let per_layer = h
+            .checked_mul(h)?
+            .checked_mul(4)?
+            .checked_add(h.checked_mul(f)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(9)?)?
+            .checked_add(f)?;
+        vocab
+            .checked_add(self.max_position_embeddings)?
+            .checked_mul(h)?
+            .checked_add(per_layer.checked_mul(self.num_layers)?)?
+            .checked_add(h.checked_mul(2)?)
     }
 
     /// Reads a Hugging Face GPT-2 `config.json` (n_layer, n_embd, n_head, n_positions, ...).
@@ -232,6 +265,42 @@ struct HfGpt2Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `parameter_total` is `parameter_counts`' sum, and None (refused by `validate`) where a
+    /// count would overflow instead of wrapping.
+    #[test]
+    fn the_parameter_total_is_the_counts_sum_or_refused() {
+        for p in [
+            "gpt2-tiny",
+            "gpt2-125m",
+            "gpt2-345m",
+            "gpt2-1.3b",
+            "gpt2-10b",
+            "gpt2-40b",
+        ] {
+            let c = Config::preset(p).unwrap();
+            let sum: usize = c.parameter_counts().iter().map(|x| x.1).sum();
+            assert_eq!(c.parameter_total(), Some(sum), "{p}");
+            c.validate().unwrap();
+        }
+        for c in [
+            Config::new(2, 1 << 40, 1, 50257),
+            Config::new(usize::MAX, 64, 1, 50257),
+            Config::new(2, usize::MAX, 1, 50257),
+            Config {
+                max_position_embeddings: usize::MAX,
+                ..Config::new(2, 64, 1, 50257)
+            },
+            Config::new(2, 64, 1, usize::MAX),
+        ] {
+            assert_eq!(c.parameter_total(), None, "{c:?}");
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("more parameters than this machine can count"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn a_wrong_type_in_an_hf_config_names_the_key() {

@@ -10,17 +10,18 @@ pub fn deepspeed_zero2(
     cpu_offload: bool,
     additional_buffer_factor: f64,
 ) -> (u64, u64) {
-    let total_gpus = nodes * gpus_per_node;
+    // In f64: any node and GPU counts give an estimate, never an integer overflow.
+    let total_gpus = nodes as f64 * gpus_per_node as f64;
     let t = total_params as f64;
     let (cpu, gpu) = if cpu_offload {
         (
-            t * (4 * total_gpus).max(16) as f64 * additional_buffer_factor,
+            t * (4.0 * total_gpus).max(16.0) * additional_buffer_factor,
             2.0 * t,
         )
     } else {
         (
             t * 4.0 * gpus_per_node as f64 * additional_buffer_factor,
-            2.0 * t + (18.0 * t / total_gpus as f64).trunc(),
+            2.0 * t + (18.0 * t / total_gpus).trunc(),
         )
     };
     (cpu as u64, gpu as u64)
@@ -38,9 +39,9 @@ pub fn deepspeed_zero3(
     zero_init: bool,
     additional_buffer_factor: f64,
 ) -> (u64, u64, u64) {
-    let total_gpus = (nodes * gpus_per_node) as f64;
+    let total_gpus = nodes as f64 * gpus_per_node as f64;
     let gpus_factor = 1.0 / nodes as f64;
-    let largest = 4 * largest_layer_params;
+    let largest = largest_layer_params.saturating_mul(4);
     let (t, b) = (total_params as f64, additional_buffer_factor);
     let per_node = gpus_per_node as f64;
     let (cpu, gpu) = if cpu_offload {
@@ -89,7 +90,7 @@ pub fn engine_bytes(
         1 => (param_bytes as f64 * p, 4.0 * p, (8.0 + master) * p / n),
         2 => (param_bytes as f64 * p, 4.0 * p / n, (8.0 + master) * p / n),
         _ => (
-            4.0 * p / n + (param_bytes * (persistent_params + live_params)) as f64,
+            4.0 * p / n + param_bytes as f64 * (persistent_params as f64 + live_params as f64),
             4.0 * p / n,
             8.0 * p / n,
         ),
