@@ -141,12 +141,7 @@ impl Config {
             .checked_add(self.max_position_embeddings)?
             .checked_add(self.type_vocab_size)?
             .checked_mul(h)?;
-        let per_layer = h
-            .checked_mul(h)?
-            .checked_mul(4)?
-            .checked_add(h.checked_mul(f)?.checked_mul(2)?)?
-            .checked_add(h.checked_mul(9)?)?
-            .checked_add(f)?;
+        let per_layer = crate::checked_layer_params(h, f)?;
         // The pooler and the masked-LM transform: two more h x h products and their biases.
         let heads = h
             .checked_mul(h)?
