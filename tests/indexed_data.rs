@@ -341,6 +341,35 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
     assert_eq!(v["documents"], 3);
     assert_eq!(v["dtype"], "uint16");
     let doc = format!("{}_text_document", prefix.display());
+    // More workers than cores run on the cores (10^5 threads took minutes to start), writing the
+    // same files.
+    let many = tmp.path().join("many");
+    let out = deepscale(&[
+        "preprocess-data",
+        "--input",
+        input.to_str().unwrap(),
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        &vocab,
+        "--merge-file",
+        &merges,
+        "--output-prefix",
+        many.to_str().unwrap(),
+        "--append-eod",
+        "--workers",
+        "100000",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers 100000: using "), "{err}");
+    assert_eq!(json_of(&out)["documents"], 3);
+    for ext in ["bin", "idx"] {
+        assert_eq!(
+            std::fs::read(format!("{doc}.{ext}")).unwrap(),
+            std::fs::read(format!("{}_text_document.{ext}", many.display())).unwrap()
+        );
+    }
     let i = json_of(&deepscale(&[
         "inspect-data",
         &doc,

@@ -36,7 +36,7 @@ pub struct PreprocessDataArgs {
     /// Megatron's dataset implementation: only mmap is written.
     #[arg(long, default_value = "mmap")]
     pub dataset_impl: String,
-    /// Tokenizing threads.
+    /// Tokenizing threads (at most this machine's cores).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Documents between progress updates (Megatron's --log-interval).
@@ -165,8 +165,18 @@ pub fn run(a: PreprocessDataArgs) -> Result<()> {
             )
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
+    // Tokenizing is CPU-bound: threads beyond the cores add nothing but their start-up (10^5 of
+    // them took minutes), so --workers is capped there.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = a.workers.clamp(1, cores);
+    if a.workers > cores {
+        eprintln!(
+            "--workers {}: using {workers} threads (this machine's cores)",
+            a.workers
+        );
+    }
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(a.workers.max(1))
+        .num_threads(workers)
         .build()?;
     let bar = indicatif::ProgressBar::new(lines.len() as u64);
     let start = std::time::Instant::now();
