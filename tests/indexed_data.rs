@@ -319,48 +319,36 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
     let prefix = tmp.path().join("out/corpus");
     let vocab = format!("{ASSETS}/gpt2/gpt2-vocab.json");
     let merges = format!("{ASSETS}/gpt2/gpt2-merges.txt");
-    let v = json_of(&deepscale(&[
-        "preprocess-data",
-        "--input",
-        input.to_str().unwrap(),
-        "--json-keys",
-        "text",
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-file",
-        &vocab,
-        "--merge-file",
-        &merges,
-        "--output-prefix",
-        prefix.to_str().unwrap(),
-        "--append-eod",
-        "--workers",
-        "2",
-        "--json",
-    ]));
+    // `preprocess-data` of `input` with GPT-2's tokenizer into `out`, plus `extra`.
+    let preprocess = |out: &Path, extra: &[&str]| -> Output {
+        let mut args = vec![
+            "preprocess-data",
+            "--input",
+            input.to_str().unwrap(),
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-file",
+            &vocab,
+            "--merge-file",
+            &merges,
+            "--output-prefix",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        deepscale(&args)
+    };
+    let v = json_of(&preprocess(
+        &prefix,
+        &["--json-keys", "text", "--append-eod", "--workers", "2"],
+    ));
     assert_eq!(v["documents"], 3);
     assert_eq!(v["dtype"], "uint16");
     let doc = format!("{}_text_document", prefix.display());
     // More workers than cores run on the cores (10^5 threads took minutes to start), writing the
     // same files.
     let many = tmp.path().join("many");
-    let out = deepscale(&[
-        "preprocess-data",
-        "--input",
-        input.to_str().unwrap(),
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-file",
-        &vocab,
-        "--merge-file",
-        &merges,
-        "--output-prefix",
-        many.to_str().unwrap(),
-        "--append-eod",
-        "--workers",
-        "100000",
-        "--json",
-    ]);
+    let out = preprocess(&many, &["--append-eod", "--workers", "100000"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--workers 100000: using "), "{err}");
     assert_eq!(json_of(&out)["documents"], 3);
@@ -391,21 +379,7 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
     assert_eq!(&toks[..6], &[15496, 11, 616, 3290, 318, 13779]);
     assert_eq!(*toks.last().unwrap(), 50256);
     // Sentence split: one item per sentence.
-    let v = json_of(&deepscale(&[
-        "preprocess-data",
-        "--input",
-        input.to_str().unwrap(),
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-file",
-        &vocab,
-        "--merge-file",
-        &merges,
-        "--output-prefix",
-        prefix.to_str().unwrap(),
-        "--split-sentences",
-        "--json",
-    ]));
+    let v = json_of(&preprocess(&prefix, &["--split-sentences"]));
     assert_eq!(v["documents"], 3);
     let s = json_of(&deepscale(&[
         "inspect-data",

@@ -423,20 +423,17 @@ fn comm(a: CommArgs) -> Result<()> {
     // Each rank holds a message, its gathered copy and two chunks of it; in-process ranks
     // share this process.
     let largest = a.sizes_mib.iter().copied().max().unwrap_or(1) as u64;
-    let ranks_here = match crate::launch::mpi_world_size() {
-        Some(_) => 1,
-        None => world as u64,
+    let layout = Layout {
+        timeout: candle_deepscale::comm::default_timeout(),
+        ..crate::args::Layout::in_process(world, 1, 1)
     };
+    let ranks_here = crate::memory_preflight::ranks_here(&layout);
     check_bytes(
         &format!("bench comm --sizes-mib {largest} ({ranks_here} rank(s) in this process)"),
         (largest.saturating_mul(1 << 20) / world as u64)
             .saturating_mul(2 * world as u64 + 2)
             .saturating_mul(ranks_here),
     )?;
-    let layout = Layout {
-        timeout: candle_deepscale::comm::default_timeout(),
-        ..crate::args::Layout::in_process(world, 1, 1)
-    };
     let sizes = a.sizes_mib.clone();
     let iters = a.iters.max(1);
     let rows = launch(&layout, |ctx| {

@@ -6,7 +6,7 @@
 use crate::args::Layout;
 use anyhow::{bail, Result};
 use candle_deepscale::runtime::engine::EngineConfig;
-use candle_deepscale::runtime::meters::memory_limit;
+use candle_deepscale::runtime::meters::{memory_limit, MemoryLimit};
 use candle_deepscale::runtime::zero::estimate::engine_bytes;
 
 /// A transformer's shape, as the estimate needs it.
@@ -151,20 +151,11 @@ pub fn check(
     dtype_bytes: u64,
     checkpointing: bool,
 ) -> Result<()> {
-    if std::env::var("DEEPSCALE_NO_MEMORY_CHECK").as_deref() == Ok("1") {
-        return Ok(());
-    }
-    let Some(limit) = memory_limit() else {
+    let Some((avail, limit)) = available() else {
         return Ok(());
     };
     let ckpt = checkpointing.then_some(e.checkpoint_num_layers);
-    // In-process ranks share this process; under mpirun each process is one rank (and the ranks
-    // of a node share its MemAvailable).
-    let (ranks_here, share) = match crate::launch::mpi_world_size() {
-        Some(_) => (1u64, local_ranks()),
-        None => (l.world_size as u64, 1),
-    };
-    let avail = limit.bytes / share.max(1);
+    let ranks_here = ranks_here(l);
     let micro = e.train_micro_batch_size_per_gpu;
     let n = need(s, l, e, e.zero_stage, micro, dtype_bytes, ckpt);
     let total = n.total().saturating_mul(ranks_here);
@@ -245,17 +236,9 @@ pub fn check(
 /// together) for `what` (the flags that size it) where that exceeds what the process may use:
 /// the benchmarks' buffers, sized by their flags, before any of them is allocated.
 pub fn check_bytes(what: &str, bytes: u64) -> Result<()> {
-    if std::env::var("DEEPSCALE_NO_MEMORY_CHECK").as_deref() == Ok("1") {
-        return Ok(());
-    }
-    let Some(limit) = memory_limit() else {
+    let Some((avail, limit)) = available() else {
         return Ok(());
     };
-    let share = match crate::launch::mpi_world_size() {
-        Some(_) => local_ranks(),
-        None => 1,
-    };
-    let avail = limit.bytes / share.max(1);
     if bytes <= avail {
         return Ok(());
     }
@@ -272,11 +255,7 @@ pub fn check_bytes(what: &str, bytes: u64) -> Result<()> {
 /// process may use: [`check`]'s estimate, without its hints (a benchmark has its own flags).
 /// `copies`: models each rank holds (a benchmark comparing several loops).
 pub fn check_bench(what: &str, s: &Shape, l: &Layout, e: &EngineConfig, copies: u64) -> Result<()> {
-    let models = copies
-        * match crate::launch::mpi_world_size() {
-            Some(_) => 1,
-            None => l.world_size as u64,
-        };
+    let models = copies.saturating_mul(ranks_here(l));
     let micro = e.train_micro_batch_size_per_gpu;
     let n = need(s, l, e, e.zero_stage, micro, 4, None);
     check_bytes(
@@ -288,6 +267,29 @@ pub fn check_bench(what: &str, s: &Shape, l: &Layout, e: &EngineConfig, copies: 
         ),
         n.total().saturating_mul(models),
     )
+}
+
+/// The bytes this process may still allocate (under mpirun its share of the node, whose ranks
+/// share its MemAvailable) and the limit that says so; None with `DEEPSCALE_NO_MEMORY_CHECK=1`
+/// or where no limit can be read.
+fn available() -> Option<(u64, MemoryLimit)> {
+    if std::env::var("DEEPSCALE_NO_MEMORY_CHECK").as_deref() == Ok("1") {
+        return None;
+    }
+    let limit = memory_limit()?;
+    let share = match crate::launch::mpi_world_size() {
+        Some(_) => local_ranks(),
+        None => 1,
+    };
+    Some((limit.bytes / share.max(1), limit))
+}
+
+/// The ranks of `l` this process holds: every in-process rank, one under mpirun.
+pub fn ranks_here(l: &Layout) -> u64 {
+    match crate::launch::mpi_world_size() {
+        Some(_) => 1,
+        None => l.world_size as u64,
+    }
 }
 
 /// Ranks of this node under mpirun, else 1.
