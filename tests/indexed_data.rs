@@ -320,7 +320,7 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
     let vocab = format!("{ASSETS}/gpt2/gpt2-vocab.json");
     let merges = format!("{ASSETS}/gpt2/gpt2-merges.txt");
     // `preprocess-data` of `input` with GPT-2's tokenizer into `out`, plus `extra`.
-    let preprocess = |out: &Path, extra: &[&str]| -> Output {
+    let preprocess = |input: &Path, out: &Path, extra: &[&str]| -> Output {
         let mut args = vec![
             "preprocess-data",
             "--input",
@@ -339,6 +339,7 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
         deepscale(&args)
     };
     let v = json_of(&preprocess(
+        &input,
         &prefix,
         &["--json-keys", "text", "--append-eod", "--workers", "2"],
     ));
@@ -348,7 +349,7 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
     // More workers than cores run on the cores (10^5 threads took minutes to start), writing the
     // same files.
     let many = tmp.path().join("many");
-    let out = preprocess(&many, &["--append-eod", "--workers", "100000"]);
+    let out = preprocess(&input, &many, &["--append-eod", "--workers", "100000"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--workers 100000: using "), "{err}");
     assert_eq!(json_of(&out)["documents"], 3);
@@ -379,7 +380,7 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
     assert_eq!(&toks[..6], &[15496, 11, 616, 3290, 318, 13779]);
     assert_eq!(*toks.last().unwrap(), 50256);
     // Sentence split: one item per sentence.
-    let v = json_of(&preprocess(&prefix, &["--split-sentences"]));
+    let v = json_of(&preprocess(&input, &prefix, &["--split-sentences"]));
     assert_eq!(v["documents"], 3);
     let s = json_of(&deepscale(&[
         "inspect-data",
@@ -395,21 +396,11 @@ fn preprocess_inspect_and_pretrain_on_a_prefix() {
 
     // pretrain-gpt2 on the shipped corpus preprocessed: the loss falls.
     let sample = tmp.path().join("sample");
-    json_of(&deepscale(&[
-        "preprocess-data",
-        "--input",
-        &format!("{ASSETS}/data/sample.jsonl"),
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-file",
-        &vocab,
-        "--merge-file",
-        &merges,
-        "--output-prefix",
-        sample.to_str().unwrap(),
-        "--append-eod",
-        "--json",
-    ]));
+    json_of(&preprocess(
+        Path::new(&format!("{ASSETS}/data/sample.jsonl")),
+        &sample,
+        &["--append-eod"],
+    ));
     let data = format!("{}_text_document", sample.display());
     let run = json_of(&deepscale(&[
         "pretrain-gpt2",
